@@ -1,0 +1,5 @@
+import sys
+
+from relinker.cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""Command-line, environment and config-file settings (ConfigArgParse).
+
+Precedence is command line, then environment (``RELINKER_*``), then the
+config file (``--config FILE`` or ``RELINKER_CONFIG``), then defaults. Global
+options may be written before or after the command name. Every long option is
+also a config-file key (``db-url = ...``, ``workers = 4``); keys that belong to
+another command are ignored, so one file serves every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Sequence
+
+import configargparse
+
+from relinker.errors import UserError
+
+CONFIG_ENV = "RELINKER_CONFIG"
+
+#: (flags, kwargs, environment variable) of the options every command accepts.
+GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict, str | None]] = [
+    (("--config",), dict(metavar="FILE", help=f"config file (also ${CONFIG_ENV})"), None),
+    (
+        ("--db-url",),
+        dict(
+            metavar="DSN",
+            help="catalogue database, a libpq URL or key=value string; "
+            "empty means libpq's PG* variables",
+        ),
+        "RELINKER_DB_URL",
+    ),
+    (("--by-hash-root",), dict(metavar="DIR", help="root of the content-addressed store"), "RELINKER_BY_HASH_ROOT"),
+    (("--archive-root",), dict(metavar="DIR", help="root under which archive hardlinks live"), "RELINKER_ARCHIVE_ROOT"),
+    (("-v", "--verbose"), dict(action="count", help="more log output (-vv for debug)"), "RELINKER_VERBOSE"),
+    (("--log-file",), dict(metavar="FILE", help="also write log lines to FILE"), "RELINKER_LOG_FILE"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The global settings every command works with; roots are bytes."""
+
+    db_url: str
+    by_hash_root: bytes | None
+    archive_root: bytes | None
+    verbose: int = 0
+    log_file: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Settings":
+        return cls(
+            db_url=args.db_url or "",
+            by_hash_root=_root(args.by_hash_root),
+            archive_root=_root(args.archive_root),
+            verbose=args.verbose or 0,
+            log_file=args.log_file,
+        )
+
+
+def _root(value: str | None) -> bytes | None:
+    # argparse hands us str decoded with surrogateescape; fsencode restores
+    # the exact bytes the user typed.
+    return os.fsencode(value) if value else None
+
+
+class _CommandParser(configargparse.ArgumentParser):
+    """A subcommand parser that reads its own keys from the shared config file.
+
+    The copies of the global options it carries (so ``relinker relink
+    --db-url X`` works) are not config keys here: the top-level parser already
+    resolved them from environment and file, and reading them twice would let
+    the file override the environment.
+    """
+
+    def get_possible_config_keys(self, action):
+        if getattr(action, "relinker_global", False):
+            return []
+        return super().get_possible_config_keys(action)
+
+
+def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
+    """Find ``--config FILE`` on the command line (anywhere) or in the environment."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    path = path or environ.get(CONFIG_ENV)
+    if not path:
+        return []
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    return [path]
+
+
+def new_parser(config_files: list[str], **kwargs) -> configargparse.ArgumentParser:
+    """The top-level parser, before any commands are added."""
+    parser = configargparse.ArgumentParser(
+        prog="relinker",
+        default_config_files=config_files,
+        ignore_unknown_config_file_keys=True,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+    for flags, options, env_var in GLOBAL_OPTIONS:
+        parser.add_argument(*flags, env_var=env_var, **options)
+    return parser
+
+
+def add_command(subparsers, name: str, config_files: list[str], **kwargs) -> configargparse.ArgumentParser:
+    """Add a command parser that also accepts the global options."""
+    command = subparsers.add_parser(
+        name,
+        default_config_files=config_files,
+        ignore_unknown_config_file_keys=True,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+    group = command.add_argument_group("global options (also accepted before the command)")
+    for flags, options, _env_var in GLOBAL_OPTIONS:
+        action = group.add_argument(*flags, default=argparse.SUPPRESS, **options)
+        action.relinker_global = True
+    return command
+
+
+def new_subparsers(parser: configargparse.ArgumentParser):
+    return parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)

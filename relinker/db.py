@@ -1,0 +1,124 @@
+"""Connections to the catalogue, and which database errors are worth retrying."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import os
+
+import psycopg
+import tenacity
+
+from relinker.errors import UserError
+
+log = logging.getLogger(__name__)
+
+NTT_TABLES = ("medium", "inode", "path", "blobs")
+
+#: How long a worker keeps retrying a transient error before giving up (s).
+DEFAULT_RETRY_TIMEOUT = 300.0
+
+SQL_MISSING_TABLES = """
+SELECT t.name
+FROM unnest(%(names)s::text[]) AS t(name)
+WHERE to_regclass(t.name) IS NULL
+"""
+
+
+def worker_name() -> str:
+    """Identify this process in claims and in ``relinker_range.worker``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
+    """Open a connection; psycopg errors propagate (workers retry them)."""
+    return psycopg.connect(
+        dsn, autocommit=autocommit, application_name="relinker", connect_timeout=10
+    )
+
+
+def connect_for_user(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
+    """Open a connection for a CLI command; failure becomes one clear line."""
+    try:
+        return connect(dsn, autocommit=autocommit)
+    except psycopg.Error as exc:
+        raise UserError(
+            f"cannot connect to the catalogue database: {first_line(exc)} "
+            "(set --db-url, RELINKER_DB_URL or the PG* variables)"
+        ) from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that go away if the same work is tried again later.
+
+    Lost connections, server shutdown or restart, serialization failures and
+    deadlocks are all ``OperationalError`` in psycopg (class 08, 57P0x, 40xxx).
+    A cancelled query (statement_timeout, pg_cancel_backend) is not: retrying
+    it would repeat the same timeout forever.
+    """
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+def retrying(timeout: float = DEFAULT_RETRY_TIMEOUT) -> tenacity.Retrying:
+    """A tenacity policy for transient database errors.
+
+    Exponential backoff with full jitter (so a pool of workers does not
+    reconnect in lockstep after a server restart), bounded by ``timeout``.
+    """
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        wait=tenacity.wait_random_exponential(multiplier=0.1, max=5),
+        stop=tenacity.stop_after_delay(timeout),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "database error, retrying (attempt %d): %s",
+        state.attempt_number,
+        first_line(exc) if exc else "?",
+    )
+
+
+def missing_ntt_tables(conn: psycopg.Connection) -> list[str]:
+    """Names of the NTT base tables this database lacks."""
+    rows = conn.execute(SQL_MISSING_TABLES, {"names": list(NTT_TABLES)}).fetchall()
+    return [name for (name,) in rows]
+
+
+def require_catalogue(conn: psycopg.Connection) -> None:
+    """Refuse to work on a database that is not an NTT catalogue."""
+    missing = missing_ntt_tables(conn)
+    if missing:
+        raise UserError(
+            f"this database is not an NTT catalogue (missing tables: {', '.join(missing)}); "
+            "point --db-url at the catalogue, or run `relinker migrate --base` to create one"
+        )
+
+
+def relkind(conn: psycopg.Connection, table: str) -> str | None:
+    """pg_class.relkind of ``table`` ('r' plain, 'p' partitioned), None if absent."""
+    row = conn.execute(
+        "SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass(%s)", (table,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def column_type(conn: psycopg.Connection, table: str, column: str) -> str | None:
+    """information_schema data type of ``table.column`` in the current schema."""
+    row = conn.execute(
+        """SELECT data_type FROM information_schema.columns
+           WHERE table_schema = current_schema() AND table_name = %s AND column_name = %s""",
+        (table, column),
+    ).fetchone()
+    return row[0] if row else None

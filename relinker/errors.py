@@ -1,0 +1,22 @@
+"""Exit codes and the exceptions that map onto them.
+
+Every error a user can cause ends in one line on stderr and one of these exit
+codes, never a traceback (see README "Exit codes").
+"""
+
+EXIT_OK = 0
+#: The run completed, but problems were recorded (or verify found failures).
+EXIT_PROBLEMS = 1
+#: Usage, configuration or preflight error; nothing was done.
+EXIT_USAGE = 2
+#: Interrupted by SIGINT/SIGTERM; the run can be resumed.
+EXIT_INTERRUPTED = 3
+
+
+class UserError(Exception):
+    """Something the user can fix: bad DSN, missing root, unmigrated catalogue.
+
+    The CLI prints the message as one line and exits with ``exit_code``.
+    """
+
+    exit_code = EXIT_USAGE

@@ -1,0 +1,207 @@
+"""Apply relinker's SQL (``sql/`` in the repository, ``relinker.sql`` when installed).
+
+Numbered files ``NNNN_name.sql`` run once each, in order, each in its own
+transaction together with its row in ``relinker_schema_migration`` (so users
+can see the schema version). Every file is also idempotent on its own, so a
+catalogue that already has, say, the seed's columns is migrated without
+complaint. A file whose first line is ``-- relinker: online`` runs outside a
+transaction: it holds ``CREATE INDEX CONCURRENTLY`` statements, which this
+module also knows how to build on partitioned tables. ``views.sql`` is
+re-applied on every migrate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import logging
+import re
+
+import psycopg
+from psycopg import sql
+
+from relinker import db
+from relinker.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SQL_PACKAGE = "relinker.sql"
+BASE_FILE = "ntt_base.sql"
+VIEWS_FILE = "views.sql"
+ONLINE_MARKER = "-- relinker: online"
+MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+ONLINE_INDEX = re.compile(
+    r"CREATE INDEX CONCURRENTLY IF NOT EXISTS (\w+) ON (\w+) \(([\w, ]+)\)", re.IGNORECASE
+)
+#: Serialises concurrent `relinker migrate` runs against one catalogue.
+MIGRATE_LOCK_KEY = 0x72656C69  # "reli"
+
+SQL_CREATE_MIGRATION_TABLE = """
+CREATE TABLE IF NOT EXISTS relinker_schema_migration (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+SQL_APPLIED_VERSIONS = "SELECT version FROM relinker_schema_migration ORDER BY version"
+SQL_RECORD_MIGRATION = "INSERT INTO relinker_schema_migration (version, name) VALUES (%s, %s)"
+
+# An index whose key starts with the wanted columns, in order, with no
+# predicate or expression, serves our lookups as well as our own would.
+SQL_EQUIVALENT_INDEX = """
+SELECT i.indexrelid::regclass::text, i.indisvalid
+FROM pg_index i
+WHERE i.indrelid = to_regclass(%(table)s)
+  AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND (SELECT array_agg(a.attname::text ORDER BY k.n)
+       FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+       WHERE k.n <= cardinality(%(columns)s::text[])) = %(columns)s::text[]
+ORDER BY i.indisvalid DESC
+LIMIT 1
+"""
+SQL_PARTITIONS = """
+SELECT c.oid, c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+WHERE h.inhparent = to_regclass(%s) ORDER BY c.relname
+"""
+SQL_INDEX_STATE = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)"
+SQL_INDEX_ATTACHED = """
+SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%(child)s) AND inhparent = to_regclass(%(parent)s)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    text: str
+
+    @property
+    def online(self) -> bool:
+        return self.text.lstrip().startswith(ONLINE_MARKER)
+
+
+def _read(name: str) -> str:
+    return importlib.resources.files(SQL_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+
+
+def available() -> list[Migration]:
+    """Every numbered migration shipped with this version, in order."""
+    found = []
+    for entry in importlib.resources.files(SQL_PACKAGE).iterdir():
+        match = MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def latest_version() -> int:
+    return available()[-1].version
+
+
+def applied_versions(conn: psycopg.Connection) -> list[int]:
+    """Versions recorded in the catalogue ([] when never migrated)."""
+    if db.relkind(conn, "relinker_schema_migration") is None:
+        return []
+    return [v for (v,) in conn.execute(SQL_APPLIED_VERSIONS)]
+
+
+def require_migrated(conn: psycopg.Connection) -> None:
+    """Refuse to run against a catalogue that lacks relinker's schema."""
+    db.require_catalogue(conn)
+    applied = set(applied_versions(conn))
+    missing = [m.version for m in available() if m.version not in applied]
+    if missing:
+        raise UserError(
+            "the catalogue is not migrated for this relinker version "
+            f"(missing migrations {', '.join(map(str, missing))}): run `relinker migrate`"
+        )
+
+
+def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
+    """Bring the catalogue up to date; return the names of what was applied.
+
+    ``conn`` must be in autocommit mode (online index builds need it); each
+    ordinary migration gets its own transaction.
+    """
+    applied_now: list[str] = []
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK_KEY,))
+    try:
+        if base:
+            with conn.transaction():
+                conn.execute(_read(BASE_FILE))
+            applied_now.append(BASE_FILE)
+        db.require_catalogue(conn)
+        conn.execute(SQL_CREATE_MIGRATION_TABLE)
+        done = set(applied_versions(conn))
+        for migration in available():
+            if migration.version in done:
+                continue
+            log.info("applying migration %04d_%s", migration.version, migration.name)
+            if migration.online:
+                _apply_online(conn, migration.text)
+                conn.execute(SQL_RECORD_MIGRATION, (migration.version, migration.name))
+            else:
+                with conn.transaction():
+                    conn.execute(migration.text)
+                    conn.execute(SQL_RECORD_MIGRATION, (migration.version, migration.name))
+            applied_now.append(f"{migration.version:04d}_{migration.name}")
+        with conn.transaction():
+            conn.execute(_read(VIEWS_FILE))
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
+    return applied_now
+
+
+def _apply_online(conn: psycopg.Connection, text: str) -> None:
+    for match in ONLINE_INDEX.finditer(text):
+        name, table, columns = match[1], match[2], [c.strip() for c in match[3].split(",")]
+        build_index_online(conn, name, table, columns)
+
+
+def build_index_online(conn: psycopg.Connection, name: str, table: str, columns: list[str]) -> None:
+    """Create an index without blocking writes, unless an equivalent one exists.
+
+    On a partitioned table: an invalid index ON ONLY the parent, then each
+    partition's index built concurrently and attached; the parent index
+    becomes valid once every partition has one.
+    """
+    existing = conn.execute(SQL_EQUIVALENT_INDEX, {"table": table, "columns": columns}).fetchone()
+    if existing and existing[1]:
+        log.info("index on %s (%s) already exists: %s", table, ", ".join(columns), existing[0])
+        return
+    cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+    if db.relkind(conn, table) != "p":
+        _build_concurrently(conn, name, table, cols)
+        return
+    conn.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} ({})").format(
+            sql.Identifier(name), sql.Identifier(table), cols
+        )
+    )
+    for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
+        child = conn.execute(SQL_EQUIVALENT_INDEX, {"table": partition, "columns": columns}).fetchone()
+        if child and child[1]:
+            child_name = child[0]
+        else:
+            child_name = f"{name[:40]}_{_oid}"
+            _build_concurrently(conn, child_name, partition, cols)
+        if not conn.execute(SQL_INDEX_ATTACHED, {"child": child_name, "parent": name}).fetchone():
+            conn.execute(
+                sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                    sql.Identifier(name), sql.Identifier(child_name)
+                )
+            )
+
+
+def _build_concurrently(conn: psycopg.Connection, name: str, table: str, cols: sql.Composable) -> None:
+    # An interrupted CONCURRENTLY build leaves an INVALID index behind that
+    # IF NOT EXISTS would happily keep: drop it and build again.
+    state = conn.execute(SQL_INDEX_STATE, (name,)).fetchone()
+    if state and not state[0]:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+    conn.execute(
+        sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
+            sql.Identifier(name), sql.Identifier(table), cols
+        )
+    )

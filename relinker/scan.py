@@ -1,0 +1,162 @@
+"""Catalogue a real directory tree as one medium (``relinker scan``).
+
+Only metadata is read: regular files keep ``blobid`` NULL until ``relinker
+copy`` hashes them. Paths are stored as the absolute bytes the filesystem
+returned. The walk stays on the tree's own filesystem (like ``find -xdev``),
+never follows symlinks, and counts and skips what it cannot read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+
+import blake3
+import psycopg
+from psycopg import sql
+
+from relinker import db
+from relinker.errors import UserError
+from relinker.paths import display
+
+log = logging.getLogger(__name__)
+
+FS_TYPES = {
+    stat.S_IFREG: "f",
+    stat.S_IFDIR: "d",
+    stat.S_IFLNK: "l",
+    stat.S_IFBLK: "b",
+    stat.S_IFCHR: "c",
+    stat.S_IFIFO: "p",
+    stat.S_IFSOCK: "s",
+}
+
+SQL_UPSERT_MEDIUM = """
+INSERT INTO medium (medium_hash, medium_human) VALUES (%s, %s)
+ON CONFLICT (medium_hash) DO UPDATE SET medium_human = EXCLUDED.medium_human
+"""
+SQL_DELETE_PATHS = "DELETE FROM path WHERE medium_hash = %s"
+SQL_DELETE_INODES = "DELETE FROM inode WHERE medium_hash = %s"
+SQL_COPY_INODES = """
+COPY inode (medium_hash, dev, ino, nlink, size, mtime, fs_type, copied)
+FROM STDIN
+"""
+SQL_COPY_PATHS = "COPY path (medium_hash, dev, ino, path) FROM STDIN"
+
+
+@dataclasses.dataclass
+class ScanResult:
+    """What a scan catalogued and what it skipped."""
+
+    medium_hash: str
+    paths: int = 0
+    inodes: int = 0
+    files: int = 0
+    unreadable: int = 0
+    other_filesystem: int = 0
+    unrepresentable: int = 0
+
+
+def medium_hash_for(name: str) -> str:
+    """A stable medium hash for a medium name (the same name, the same hash)."""
+    return blake3.blake3(b"relinker medium\0" + name.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def scan_tree(conn: psycopg.Connection, name: str, root: bytes) -> ScanResult:
+    """Replace medium ``name``'s rows with a fresh catalogue of ``root``."""
+    db.require_catalogue(conn)
+    root = os.path.abspath(root)
+    try:
+        root_stat = os.lstat(root)
+    except OSError as exc:
+        raise UserError(f"cannot scan {display(root)}: {exc.strerror}") from None
+    if not stat.S_ISDIR(root_stat.st_mode):
+        raise UserError(f"cannot scan {display(root)}: not a directory")
+    text_paths = db.column_type(conn, "path", "path") != "bytea"
+
+    result = ScanResult(medium_hash_for(name))
+    inodes: dict[int, tuple] = {}
+    with conn.transaction():
+        conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
+        ensure_medium_partitions(conn, result.medium_hash)
+        conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
+        conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
+        with conn.cursor().copy(SQL_COPY_PATHS) as copy:
+            for path, st in _walk(root, root_stat.st_dev, result):
+                stored: bytes | str = path
+                if text_paths:
+                    # Older catalogues keep paths as text; a name that is not
+                    # valid UTF-8 cannot be stored there faithfully.
+                    try:
+                        stored = path.decode("utf-8")
+                    except UnicodeDecodeError:
+                        result.unrepresentable += 1
+                        log.warning("skipped %s: not valid UTF-8 (path column is text)", display(path))
+                        continue
+                copy.write_row((result.medium_hash, st.st_dev, st.st_ino, stored))
+                result.paths += 1
+                if st.st_ino not in inodes:
+                    fs_type = FS_TYPES.get(stat.S_IFMT(st.st_mode), "?")
+                    inodes[st.st_ino] = (
+                        result.medium_hash, st.st_dev, st.st_ino, st.st_nlink,
+                        st.st_size, int(st.st_mtime), fs_type, False,
+                    )
+                    result.files += fs_type == "f"
+        with conn.cursor().copy(SQL_COPY_INODES) as copy:
+            for row in inodes.values():
+                copy.write_row(row)
+        result.inodes = len(inodes)
+    return result
+
+
+def _walk(root: bytes, device: int, result: ScanResult):
+    """Yield (path, lstat) for root and everything below it on its filesystem."""
+    yield root, os.lstat(root)
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            result.unreadable += 1
+            log.warning("skipped unreadable directory %s: %s", display(directory), exc.strerror)
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                result.unreadable += 1
+                log.warning("skipped %s: %s", display(entry.path), exc.strerror)
+                continue
+            if st.st_dev != device:
+                result.other_filesystem += 1
+                log.info("skipped %s: on another filesystem", display(entry.path))
+                continue
+            if stat.S_ISREG(st.st_mode) and not os.access(entry.path, os.R_OK, effective_ids=True):
+                result.unreadable += 1
+                log.warning("skipped unreadable file %s", display(entry.path))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(entry.path)
+            yield entry.path, st
+
+
+def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None:
+    """Give a new medium its own partition of inode and path, as NTT does.
+
+    Only for partitioned catalogues; a partition some other tool created for
+    this medium under another name is fine too.
+    """
+    for table in ("inode", "path"):
+        if db.relkind(conn, table) != "p":
+            continue
+        statement = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})").format(
+            sql.Identifier(f"{table}_{medium_hash}"), sql.Identifier(table), sql.Literal(medium_hash)
+        )
+        try:
+            with conn.transaction():
+                conn.execute(statement)
+        except psycopg.errors.InvalidObjectDefinition:
+            pass  # "would overlap partition ...": the medium already has one

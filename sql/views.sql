@@ -1,0 +1,82 @@
+-- Views for psql users and for relinker itself. Re-created on every
+-- `relinker migrate`, so they always match the current tables.
+
+DROP VIEW IF EXISTS relinker_run_progress, relinker_open_ranges,
+    relinker_problem_kinds, relinker_incomplete_blobs, relinker_path CASCADE;
+
+-- relinker_path: path rows with `path` as bytea whatever the catalogue's
+-- shape. Older catalogues store path.path as text; convert_to() into the
+-- database's own encoding returns the stored bytes unchanged.
+DO $$
+BEGIN
+    IF (SELECT data_type FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'path'
+          AND column_name = 'path') = 'bytea' THEN
+        EXECUTE 'CREATE VIEW relinker_path AS
+                 SELECT medium_hash, ino, path, exclude_reason FROM path';
+    ELSE
+        EXECUTE 'CREATE VIEW relinker_path AS
+                 SELECT medium_hash, ino, convert_to(path, getdatabaseencoding()) AS path,
+                        exclude_reason FROM path';
+    END IF;
+END
+$$;
+
+-- How far is a run: ranges by status, counters summed over its ranges
+-- (running ranges report their partial counters), rate and ETA.
+CREATE VIEW relinker_run_progress AS
+SELECT r.run_id,
+       r.mode,
+       r.status,
+       r.started_at,
+       r.finished_at,
+       count(g.range_no)                                   AS ranges_total,
+       count(g.range_no) FILTER (WHERE g.status = 'done')    AS ranges_done,
+       count(g.range_no) FILTER (WHERE g.status = 'running') AS ranges_running,
+       count(g.range_no) FILTER (WHERE g.status = 'pending') AS ranges_pending,
+       count(g.range_no) FILTER (WHERE g.status = 'failed')  AS ranges_failed,
+       coalesce(sum(g.blobs), 0)::bigint          AS blobs,
+       coalesce(sum(g.links_created), 0)::bigint  AS links_created,
+       coalesce(sum(g.links_present), 0)::bigint  AS links_present,
+       coalesce(sum(g.links_replaced), 0)::bigint AS links_replaced,
+       coalesce(sum(g.problems), 0)::bigint       AS problems,
+       round(100.0 * count(g.range_no) FILTER (WHERE g.status = 'done')
+             / greatest(count(g.range_no), 1), 1) AS percent_done,
+       coalesce(r.finished_at, now()) - r.started_at AS elapsed,
+       round(coalesce(sum(g.links_created + g.links_present + g.links_replaced), 0)
+             / greatest(extract(epoch FROM coalesce(r.finished_at, now()) - r.started_at), 0.001)::numeric,
+             1) AS links_per_second,
+       CASE WHEN r.status = 'done' THEN interval '0'
+            WHEN count(g.range_no) FILTER (WHERE g.status = 'done') = 0 THEN NULL
+            ELSE (coalesce(r.finished_at, now()) - r.started_at)
+                 * (count(g.range_no) FILTER (WHERE g.status <> 'done'))
+                 / count(g.range_no) FILTER (WHERE g.status = 'done')
+       END AS eta,
+       encode(r.by_hash_root, 'escape') AS by_hash_root,
+       encode(r.archive_root, 'escape') AS archive_root,
+       r.options
+FROM relinker_run r
+LEFT JOIN relinker_range g USING (run_id)
+GROUP BY r.run_id;
+
+-- Which ranges of a run are not done yet, who holds them, what went wrong.
+CREATE VIEW relinker_open_ranges AS
+SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.ino_hi,
+       g.worker, g.attempts, g.claimed_at, g.heartbeat_at,
+       now() - g.heartbeat_at AS heartbeat_age,
+       g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
+       g.last_error
+FROM relinker_range g
+WHERE g.status <> 'done';
+
+-- What broke, by kind, per run.
+CREATE VIEW relinker_problem_kinds AS
+SELECT run_id, kind, count(*) AS problems, min(noted_at) AS first_noted, max(noted_at) AS last_noted
+FROM relinker_problem
+GROUP BY run_id, kind;
+
+-- Blobs whose archive links are known to be incomplete.
+CREATE VIEW relinker_incomplete_blobs AS
+SELECT blobid, n_hardlinks, expected_hardlinks, expected_hardlinks - coalesce(n_hardlinks, 0) AS missing
+FROM blobs
+WHERE coalesce(n_hardlinks, 0) < expected_hardlinks;

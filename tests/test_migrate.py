@@ -1,0 +1,162 @@
+"""`relinker migrate` on both catalogue shapes, twice, and its errors."""
+
+import psycopg
+import pytest
+
+from relinker import migrations
+from relinker.cli import main
+
+# An older NTT catalogue: no partitions, path.path as text, none of the seed's columns.
+OLD_SHAPE = """
+CREATE TABLE medium (medium_hash text PRIMARY KEY, medium_human text, added_at timestamptz);
+CREATE TABLE inode (medium_hash text, dev bigint, ino bigint, nlink int, size bigint, mtime bigint,
+    blobid text, copied bool, copied_to text, errors text[], fs_type char(1), mime_type varchar,
+    processed_at timestamptz, claimed_by text, claimed_at timestamptz, PRIMARY KEY (medium_hash, ino));
+CREATE TABLE path (medium_hash text, dev bigint, ino bigint, path text, broken bool DEFAULT false,
+    blobid text, exclude_reason text, PRIMARY KEY (medium_hash, path));
+CREATE TABLE blobs (blobid text PRIMARY KEY, last_checked timestamptz, created_at timestamptz DEFAULT now());
+INSERT INTO medium VALUES ('m1', 'old disk', now());
+INSERT INTO path (medium_hash, dev, ino, path) VALUES ('m1', 1, 10, '/mnt/ntt/m1/Icon' || chr(13));
+"""
+
+# The production shape as it was before the seed's change: partitioned, bytea paths.
+PRODUCTION_SHAPE = """
+CREATE TABLE medium (medium_hash text PRIMARY KEY, medium_human text, added_at timestamptz,
+    health text, image_path text, enum_done timestamptz, copy_done timestamptz);
+CREATE TABLE inode (medium_hash text, dev bigint, ino bigint, nlink int, size bigint, mtime bigint,
+    blobid text, copied bool, copied_to text, errors text[], fs_type char(1), mime_type varchar,
+    processed_at timestamptz, claimed_by text, claimed_at timestamptz, PRIMARY KEY (medium_hash, ino))
+    PARTITION BY LIST (medium_hash);
+CREATE TABLE path (medium_hash text, dev bigint, ino bigint, path bytea, broken bool DEFAULT false,
+    blobid text, exclude_reason text, PRIMARY KEY (medium_hash, path)) PARTITION BY LIST (medium_hash);
+CREATE TABLE blobs (blobid text PRIMARY KEY, last_checked timestamptz, created_at timestamptz DEFAULT now());
+CREATE TABLE inode_m1 PARTITION OF inode FOR VALUES IN ('m1');
+CREATE TABLE inode_m2 PARTITION OF inode FOR VALUES IN ('m2');
+CREATE TABLE path_m1 PARTITION OF path FOR VALUES IN ('m1');
+CREATE TABLE path_m2 PARTITION OF path FOR VALUES IN ('m2');
+-- an index the operators built by hand on one partition: reused, not duplicated
+CREATE INDEX path_m2_by_inode ON path_m2 (medium_hash, ino);
+INSERT INTO inode (medium_hash, ino, fs_type, blobid) VALUES ('m1', 10, 'f', 'ab'), ('m2', 20, 'f', 'cd');
+INSERT INTO path (medium_hash, ino, path) VALUES ('m1', 10, '\\x2f612f5c72'::bytea), ('m2', 20, '\\x2fff'::bytea);
+"""
+
+SCHEMA_FINGERPRINT = """
+SELECT string_agg(format('%s.%s:%s:%s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+                         pg_get_expr(d.adbin, d.adrelid)), ' ' ORDER BY c.relname, a.attnum)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+WHERE n.nspname = 'public'
+"""
+INDEXES = """
+SELECT string_agg(format('%s:%s', c.relname, i.indisvalid), ' ' ORDER BY c.relname)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public'
+"""
+
+
+def fingerprint(dsn):
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(SCHEMA_FINGERPRINT).fetchone()[0], conn.execute(INDEXES).fetchone()[0]
+
+
+def columns(conn, table):
+    return {name for (name,) in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = %s", (table,))}
+
+
+def test_base_creates_production_shape_and_second_run_changes_nothing(db_url, capsys):
+    assert main(["--db-url", db_url, "migrate", "--base"]) == 0
+    first = fingerprint(db_url)
+    assert main(["--db-url", db_url, "migrate", "--base"]) == 0
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    assert fingerprint(db_url) == first
+    out = capsys.readouterr().out
+    assert f"schema is at version {migrations.latest_version()}" in out
+    with psycopg.connect(db_url) as conn:
+        kinds = dict(conn.execute(
+            "SELECT relname, relkind FROM pg_class WHERE relname IN ('inode', 'path', 'blobs', 'medium')"))
+        assert kinds == {"inode": "p", "path": "p", "blobs": "r", "medium": "r"}
+        assert conn.execute("SELECT data_type FROM information_schema.columns "
+                            "WHERE table_name = 'path' AND column_name = 'path'").fetchone() == ("bytea",)
+        versions = [v for (v,) in conn.execute("SELECT version FROM relinker_schema_migration ORDER BY 1")]
+        assert versions == [m.version for m in migrations.available()]
+
+
+@pytest.mark.parametrize("shape", ["production", "old"])
+def test_migrate_existing_catalogue_twice(db_url, shape):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE if shape == "production" else OLD_SHAPE)
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    first = fingerprint(db_url)
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    assert fingerprint(db_url) == first
+    with psycopg.connect(db_url) as conn:
+        assert {"by_hash_created"} <= columns(conn, "inode")
+        assert {"n_hardlinks", "expected_hardlinks"} <= columns(conn, "blobs")
+        for table in ("relinker_run", "relinker_range", "relinker_problem"):
+            assert columns(conn, table)
+        for view in ("relinker_run_progress", "relinker_open_ranges", "relinker_problem_kinds",
+                     "relinker_incomplete_blobs"):
+            conn.execute(f"SELECT * FROM {view}").fetchall()
+        # the view relinker reads paths through always yields bytes
+        paths = sorted(p for (p,) in conn.execute("SELECT path FROM relinker_path"))
+        invalid = [name for name, valid in (x.split(":") for x in fingerprint(db_url)[1].split()) if valid != "t"]
+        assert invalid == []
+    if shape == "production":
+        assert paths == [b"/a/\\r", b"/\xff"]
+        indexes = fingerprint(db_url)[1]
+        assert "relinker_path_inode_idx" in indexes and "relinker_inode_blobid_idx" in indexes
+        assert "path_m2_by_inode" in indexes  # reused for partition m2 ...
+        assert indexes.count("relinker_path_inode_idx_") == 1  # ... so only m1 got a new one
+    else:
+        assert paths == [b"/mnt/ntt/m1/Icon\r"]
+
+
+def test_migrate_resumes_after_an_interrupted_concurrent_index_build(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        # what a CONCURRENTLY build cancelled half-way leaves behind
+        conn.execute("CREATE INDEX relinker_inode_blobid_idx ON ONLY inode (blobid)")
+        conn.execute("CREATE INDEX relinker_inode_blobid_idx_x ON inode_m1 (blobid)")
+        conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'relinker_inode_blobid_idx_x'::regclass")
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    with psycopg.connect(db_url) as conn:
+        valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                             "'relinker_inode_blobid_idx'::regclass").fetchone()
+        assert valid == (True,)
+
+
+def test_migrate_without_ntt_tables_says_what_to_do(db_url, capsys):
+    assert main(["--db-url", db_url, "migrate"]) == 2
+    err = capsys.readouterr().err
+    assert "not an NTT catalogue" in err and "migrate --base" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unreachable_database_is_one_line_exit_2(tmp_path, capsys):
+    dsn = f"host={tmp_path} port=1 dbname=nothing connect_timeout=2"
+    assert main(["--db-url", dsn, "migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: error: cannot connect to the catalogue database")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_wrong_credentials_are_one_line_exit_2(db_url, capsys):
+    dsn = psycopg.conninfo.make_conninfo(db_url, user="no_such_role")
+    assert main(["--db-url", dsn, "migrate"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "no_such_role" in err and len(err.strip().splitlines()) == 1
+
+
+def test_commands_refuse_an_unmigrated_catalogue(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        with pytest.raises(Exception, match="run `relinker migrate`"):
+            migrations.require_migrated(conn)
+
+
+def test_migrations_load_from_the_installed_package():
+    found = migrations.available()
+    assert [m.version for m in found] == sorted({m.version for m in found})
+    assert found[0].version == 1 and any(m.online for m in found)

@@ -1,0 +1,98 @@
+"""`relinker scan`: a real tree with hardlinks, symlinks, odd names and unreadable entries."""
+
+import os
+
+import psycopg
+import pytest
+
+from relinker import scan
+from relinker.cli import main
+from support import obeying_file_permissions
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "disk"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_bytes(b"hello")
+    os.link(root / "a.txt", root / "sub" / "b.txt")
+    (root / "sub" / "c.txt").write_bytes(b"other")
+    (root / "link").symlink_to("a.txt")
+    (root / "dirlink").symlink_to("sub")
+    broot = os.fsencode(root)
+    with open(broot + b"/caf\xe9", "wb") as f:
+        f.write(b"latin-1 name")
+    with open(broot + b"/Icon\r", "wb"):
+        pass
+    return broot
+
+
+def rows(conn, medium_hash):
+    paths = dict(conn.execute("SELECT path, ino FROM path WHERE medium_hash = %s", (medium_hash,)).fetchall())
+    inodes = {ino: (fs_type, nlink, size) for ino, fs_type, nlink, size in conn.execute(
+        "SELECT ino, fs_type, nlink, size FROM inode WHERE medium_hash = %s", (medium_hash,))}
+    return paths, inodes
+
+
+def test_scan_catalogues_a_real_tree(conn, catalogue_url, tree, capsys):
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "disk-1", os.fsdecode(tree)]) == 0
+    medium_hash = scan.medium_hash_for("disk-1")
+    assert f"({medium_hash}): 9 paths" in capsys.readouterr().out
+    paths, inodes = rows(conn, medium_hash)
+    assert set(paths) == {tree + p for p in (b"", b"/sub", b"/a.txt", b"/sub/b.txt", b"/sub/c.txt", b"/link",
+                                             b"/dirlink", b"/caf\xe9", b"/Icon\r")}
+    # hardlinks: two paths, one inode row with nlink 2
+    assert paths[tree + b"/a.txt"] == paths[tree + b"/sub/b.txt"]
+    assert inodes[paths[tree + b"/a.txt"]] == ("f", 2, 5)
+    assert inodes[paths[tree + b"/link"]][0] == "l"
+    assert inodes[paths[tree + b"/dirlink"]][0] == "l"  # not followed
+    assert inodes[paths[tree + b"/sub"]][0] == "d"
+    assert len(inodes) == 8
+    assert conn.execute("SELECT count(*) FROM inode WHERE blobid IS NOT NULL OR by_hash_created").fetchone() == (0,)
+    # production shape: the medium got its own partitions
+    assert conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'path'::regclass").fetchone() == (1,)
+
+
+def test_rescan_replaces_the_medium_rows(conn, tree):
+    scan.scan_tree(conn, "disk-1", tree)
+    os.unlink(tree + b"/sub/c.txt")
+    result = scan.scan_tree(conn, "disk-1", tree)
+    paths, inodes = rows(conn, result.medium_hash)
+    assert tree + b"/sub/c.txt" not in paths and len(paths) == result.paths == 8
+    assert len(inodes) == result.inodes == 7
+    assert scan.scan_tree(conn, "disk-2", tree).medium_hash != result.medium_hash
+    assert conn.execute("SELECT count(*) FROM medium").fetchone() == (2,)
+
+
+def test_unreadable_entries_are_counted_and_skipped(conn, tree):
+    os.mkdir(tree + b"/secret")
+    open(tree + b"/secret/inside", "wb").close()
+    with open(tree + b"/locked.txt", "wb") as f:
+        f.write(b"x")
+    os.chmod(tree + b"/secret", 0)
+    os.chmod(tree + b"/locked.txt", 0)
+    try:
+        with obeying_file_permissions():
+            result = scan.scan_tree(conn, "disk-1", tree)
+    finally:
+        os.chmod(tree + b"/secret", 0o755)
+    assert result.unreadable == 2
+    paths, _ = rows(conn, result.medium_hash)
+    assert tree + b"/locked.txt" not in paths and tree + b"/secret/inside" not in paths
+    assert tree + b"/secret" in paths  # the directory itself is known, its listing is not
+
+
+def test_scan_missing_directory_is_a_clear_error(catalogue_url, tmp_path, capsys):
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "x", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot scan" in err and "No such file" in err and "Traceback" not in err
+
+
+def test_scan_into_old_text_catalogue_skips_unstorable_names(db_url, tree):
+    from test_migrate import OLD_SHAPE
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(OLD_SHAPE)
+        result = scan.scan_tree(conn, "disk-1", tree)
+        assert result.unrepresentable == 1
+        stored = {p for (p,) in conn.execute("SELECT path FROM path WHERE medium_hash = %s", (result.medium_hash,))}
+        assert os.fsdecode(tree) + "/Icon\r" in stored
