@@ -89,3 +89,13 @@ def _reset_logging():
 
     for handler in logging.root.handlers[:]:
         logging.root.removeHandler(handler)
+
+
+@pytest.fixture
+def world(catalogue_url, tmp_path):
+    """A migrated catalogue with its by-hash store and archive under tmp_path."""
+    from support import ArchiveWorld
+
+    w = ArchiveWorld(catalogue_url, tmp_path / "world")
+    yield w
+    w.close()

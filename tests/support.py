@@ -49,3 +49,142 @@ def obeying_file_permissions():
     finally:
         data[0].effective = saved
         _capabilities(libc, header, data, setting=True)
+
+
+import itertools
+import stat
+from pathlib import Path
+
+import blake3
+import psycopg
+
+from relinker import scan
+from relinker.paths import archive_components, by_hash_path
+
+
+class ArchiveWorld:
+    """A catalogue plus the by-hash store and archive it describes, on a real filesystem.
+
+    Builds catalogue rows directly (production shape) and by-hash files with
+    real content, so relink tests control every detail: excluded paths,
+    non-file inodes, missing by-hash files, hostile path bytes.
+    """
+
+    def __init__(self, dsn: str, root: Path):
+        self.dsn = dsn
+        self.root = root
+        self.by_hash = root / "by-hash"
+        self.archive = root / "archive"
+        self.by_hash.mkdir(parents=True, exist_ok=True)
+        self.archive.mkdir(parents=True, exist_ok=True)
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self._inodes = itertools.count(1000)
+
+    def close(self):
+        self.conn.close()
+
+    @property
+    def by_hash_root(self) -> bytes:
+        return os.fsencode(self.by_hash)
+
+    @property
+    def archive_root(self) -> bytes:
+        return os.fsencode(self.archive)
+
+    def argv(self, *args: str) -> list[str]:
+        """Global options pointing at this world, then ``args``."""
+        return ["--db-url", self.dsn, "--by-hash-root", str(self.by_hash), "--archive-root", str(self.archive),
+                *args]
+
+    def medium(self, name: str) -> str:
+        medium_hash = scan.medium_hash_for(name)
+        self.conn.execute("INSERT INTO medium (medium_hash, medium_human) VALUES (%s, %s) "
+                          "ON CONFLICT DO NOTHING", (medium_hash, name))
+        scan.ensure_medium_partitions(self.conn, medium_hash)
+        return medium_hash
+
+    def blob(self, content: bytes, *, store: bool = True) -> str:
+        """A blob row for ``content``, with its by-hash file unless ``store`` is False."""
+        blobid = blake3.blake3(content).hexdigest()
+        if store:
+            path = by_hash_path(self.by_hash_root, blobid)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.exists(path):
+                with open(path, "wb") as f:
+                    f.write(content)
+                os.chmod(path, 0o444)
+        self.conn.execute("INSERT INTO blobs (blobid) VALUES (%s) ON CONFLICT DO NOTHING", (blobid,))
+        return blobid
+
+    def inode(self, medium_hash: str, paths: list[bytes], blobid: str | None, *, fs_type: str = "f",
+              excluded: dict[bytes, str] | None = None) -> int:
+        """An inode of ``medium_hash`` with ``paths`` (some maybe excluded)."""
+        ino = next(self._inodes)
+        self.conn.execute(
+            "INSERT INTO inode (medium_hash, dev, ino, nlink, size, fs_type, blobid, copied, by_hash_created) "
+            "VALUES (%s, 1, %s, %s, 0, %s, %s, %s, %s)",
+            (medium_hash, ino, len(paths), fs_type, blobid, blobid is not None, blobid is not None))
+        with self.conn.cursor().copy(
+                "COPY path (medium_hash, dev, ino, path, blobid, exclude_reason) FROM STDIN") as copy:
+            for p in paths:
+                copy.write_row((medium_hash, 1, ino, p, blobid, (excluded or {}).get(p)))
+        return ino
+
+    def archive_path(self, stored: bytes) -> bytes:
+        return self.archive_root + b"/" + b"/".join(archive_components(stored))
+
+    def expected(self) -> dict[str, set[bytes]]:
+        """blobid -> stored paths that must be linked (the catalogue's truth)."""
+        out: dict[str, set[bytes]] = {}
+        for blobid, path in self.conn.execute(
+                "SELECT i.blobid, p.path FROM inode i JOIN path p USING (medium_hash, ino) "
+                "WHERE i.fs_type = 'f' AND p.exclude_reason IS NULL AND i.blobid IS NOT NULL"):
+            out.setdefault(blobid, set()).add(bytes(path))
+        return out
+
+    def linked(self, blobid: str, stored: bytes) -> bool:
+        try:
+            target = os.lstat(by_hash_path(self.by_hash_root, blobid))
+            st = os.lstat(self.archive_path(stored))
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+
+    def n_hardlinks(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT blobid, n_hardlinks FROM blobs"))
+
+    def assert_complete(self, run_id: int | None = None) -> None:
+        """Every expected link present, n_hardlinks exact, every range done, no temporaries."""
+        expected = self.expected()
+        for blobid, paths in expected.items():
+            for p in paths:
+                assert self.linked(blobid, p), f"{p!r} is not linked to {blobid}"
+        counts = self.n_hardlinks()
+        for blobid, paths in expected.items():
+            assert counts[blobid] == len(paths), (blobid, counts[blobid], len(paths))
+        if run_id is not None:
+            states = self.conn.execute("SELECT status, count(*) FROM relinker_range WHERE run_id = %s "
+                                       "GROUP BY status", (run_id,)).fetchall()
+            assert dict(states).keys() == {"done"}, states
+            assert self.conn.execute("SELECT status FROM relinker_run WHERE run_id = %s",
+                                     (run_id,)).fetchone() == ("done",)
+        assert self.temporaries() == []
+
+    def temporaries(self) -> list[bytes]:
+        found = []
+        for directory, _dirs, files in os.walk(self.archive_root):
+            found += [os.path.join(directory, f) for f in files if f.startswith(b".relinker-")]
+        return found
+
+    def tree(self) -> dict[bytes, tuple]:
+        """Every entry under the world's root: (type, inode, size) for change detection."""
+        out = {}
+        for directory, dirs, files in os.walk(os.fsencode(self.root)):
+            for name in dirs + files:
+                path = os.path.join(directory, name)
+                st = os.lstat(path)
+                out[path] = (stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, st.st_nlink)
+        return out
+
+    def last_run(self) -> int:
+        return self.conn.execute("SELECT max(run_id) FROM relinker_run").fetchone()[0]

@@ -1,0 +1,449 @@
+"""Runs, ranges and claims: the checkpoint tables and who may work on what.
+
+A run's work is split into ranges (``relinker_range``). Any worker of any
+coordinator on any host claims the next open range with ``FOR UPDATE SKIP
+LOCKED`` and holds a session advisory lock on it while it works, so:
+
+- a worker that dies (SIGKILL, host crash, lost connection) frees its range
+  the moment PostgreSQL notices the dropped session, and the next claim takes
+  it over without waiting for a lease;
+- a worker that hangs while its session stays open stops sending heartbeats;
+  once ``heartbeat_at`` is older than the lease, a claimer terminates the
+  stalled session and takes the range over;
+- every write a worker makes for a range checks that it still owns the claim
+  (same ``worker`` and ``attempts``), so a worker that lost its range can
+  never mark it done or overwrite the new owner's counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Callable, Iterable
+
+import psycopg
+
+from relinker import db
+
+log = logging.getLogger(__name__)
+
+#: Seconds without a heartbeat after which a range held by a live session is taken over.
+DEFAULT_LEASE = 120.0
+#: Work planned per range by default: memory and redo time after a crash stay small.
+BLOBS_PER_RANGE = 2000
+MAX_RANGES = 1 << 20
+#: Blob-ID prefixes used as range bounds: 8 hex digits split the space 2^32 ways.
+PREFIX_DIGITS = 8
+
+
+class LostRange(Exception):
+    """The range was taken over by another worker; drop this attempt's results."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """One claimed (or, in a dry run, assigned) unit of work."""
+
+    run_id: int | None
+    range_no: int
+    lo: str
+    hi: str | None
+    medium_hash: str | None = None
+    ino_lo: int | None = None
+    ino_hi: int | None = None
+    attempt: int = 0
+
+
+@dataclasses.dataclass
+class Counters:
+    """What a range (or a whole run) did; mirrors relinker_range's counter columns."""
+
+    blobs: int = 0
+    links_created: int = 0
+    links_present: int = 0
+    links_replaced: int = 0
+    problems: int = 0
+
+    @property
+    def links(self) -> int:
+        """Paths now correctly linked (created, already there, or replaced)."""
+        return self.links_created + self.links_present + self.links_replaced
+
+    @property
+    def paths(self) -> int:
+        """Paths looked at, problems included."""
+        return self.links + self.problems
+
+    def add(self, other: "Counters") -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A path (or blob, or inode) that could not be handled; a relinker_problem row."""
+
+    kind: str
+    detail: str
+    blobid: str | None = None
+    path: bytes | None = None
+
+
+# --- planning ---------------------------------------------------------------
+
+def default_range_count(n_blobs: int, workers: int) -> int:
+    """Enough ranges to bound the work per range, and to keep every worker busy."""
+    by_size = -(-n_blobs // BLOBS_PER_RANGE)
+    by_workers = min(4 * workers, -(-n_blobs // 100))
+    return max(1, min(MAX_RANGES, max(by_size, by_workers)))
+
+
+def split_blob_space(n_ranges: int, upper: str | None = None) -> list[tuple[str, str | None]]:
+    """Split the blob-ID space into ``n_ranges`` half-open ``[lo, hi)`` ranges.
+
+    Blob IDs are uniformly distributed hex digests, so equal slices of the
+    prefix space hold equal expected work. ``lo`` of the first range is ''
+    (below every ID) and ``hi`` of the last is ``upper`` (None: unbounded), so
+    the ranges cover every ID exactly once, well-formed or not.
+    """
+    space = 16**PREFIX_DIGITS
+    if upper is not None:
+        try:
+            space = min(space, int(upper[:PREFIX_DIGITS].ljust(PREFIX_DIGITS, "0"), 16) + 1)
+        except ValueError:
+            space = 1  # not hex: one range up to upper
+    bounds = sorted({f"{i * space // n_ranges:0{PREFIX_DIGITS}x}" for i in range(1, n_ranges)})
+    if upper is not None:
+        bounds = [b for b in bounds if b < upper]
+    edges = [""] + [b for b in bounds if b] + [upper]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+SQL_CREATE_RUN = """
+INSERT INTO relinker_run (mode, by_hash_root, archive_root, options, created_by)
+VALUES (%(mode)s, %(by_hash_root)s, %(archive_root)s, %(options)s, %(created_by)s)
+RETURNING run_id
+"""
+SQL_COPY_RANGES = "COPY relinker_range (run_id, range_no, lo, hi, medium_hash, ino_lo, ino_hi) FROM STDIN"
+
+
+def create_run(
+    conn: psycopg.Connection,
+    mode: str,
+    by_hash_root: bytes,
+    archive_root: bytes,
+    options: dict,
+    ranges: Iterable[tuple],
+) -> int:
+    """Insert a run and its pending ranges in one transaction; return run_id.
+
+    Each item of ``ranges`` is ``(lo, hi)`` or ``(lo, hi, medium_hash, ino_lo, ino_hi)``.
+    """
+    with conn.transaction():
+        run_id = conn.execute(SQL_CREATE_RUN, dict(
+            mode=mode, by_hash_root=by_hash_root, archive_root=archive_root,
+            options=json.dumps(options), created_by=db.worker_name(),
+        )).fetchone()[0]
+        with conn.cursor().copy(SQL_COPY_RANGES) as copy:
+            for range_no, bounds in enumerate(ranges):
+                lo, hi, *inode_bounds = bounds
+                copy.write_row((run_id, range_no, lo, hi, *(inode_bounds or (None, None, None))))
+    return run_id
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    run_id: int
+    mode: str
+    status: str
+    by_hash_root: bytes
+    archive_root: bytes
+    options: dict
+
+
+SQL_RUN = """
+SELECT run_id, mode, status, by_hash_root, archive_root, options FROM relinker_run WHERE run_id = %s
+"""
+SQL_NEWEST_OPEN_RUN = """
+SELECT run_id, mode, status, by_hash_root, archive_root, options FROM relinker_run
+WHERE mode = %s AND status = 'open' AND by_hash_root = %s AND archive_root = %s
+ORDER BY run_id DESC LIMIT 1
+"""
+SQL_NEWEST_RUN = """
+SELECT run_id, mode, status, by_hash_root, archive_root, options FROM relinker_run
+ORDER BY run_id DESC LIMIT 1
+"""
+
+
+def _run_info(row) -> RunInfo | None:
+    if row is None:
+        return None
+    run_id, mode, status, by_hash_root, archive_root, options = row
+    return RunInfo(run_id, mode, status, bytes(by_hash_root or b""), bytes(archive_root or b""), options or {})
+
+
+def get_run(conn: psycopg.Connection, run_id: int) -> RunInfo | None:
+    return _run_info(conn.execute(SQL_RUN, (run_id,)).fetchone())
+
+
+def newest_run(conn: psycopg.Connection) -> RunInfo | None:
+    return _run_info(conn.execute(SQL_NEWEST_RUN).fetchone())
+
+
+def newest_open_run(conn: psycopg.Connection, mode: str, by_hash_root: bytes, archive_root: bytes) -> RunInfo | None:
+    """The run a plain ``relinker <mode>`` resumes: newest unfinished, same roots."""
+    return _run_info(conn.execute(SQL_NEWEST_OPEN_RUN, (mode, by_hash_root, archive_root)).fetchone())
+
+
+SQL_FINISH_RUN = """
+UPDATE relinker_run SET status = 'done', finished_at = now()
+WHERE run_id = %(run_id)s AND status = 'open'
+  AND NOT EXISTS (SELECT 1 FROM relinker_range WHERE run_id = %(run_id)s AND status <> 'done')
+"""
+
+
+def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> None:
+    """Mark the run done once every one of its ranges is done."""
+    conn.execute(SQL_FINISH_RUN, {"run_id": run_id})
+
+
+# --- claims (worker side) ---------------------------------------------------
+
+# Advisory lock keys: (run_id, range_no) as the two-int4 form, visible in
+# pg_locks as classid = run_id, objid = range_no, objsubid = 2.
+SQL_CLAIM_CANDIDATE = """
+SELECT r.range_no, r.lo, r.hi, r.medium_hash, r.ino_lo, r.ino_hi, r.status,
+       r.heartbeat_at < now() - make_interval(secs => %(lease)s) AS stale
+FROM relinker_range r
+WHERE r.run_id = %(run_id)s AND r.status <> 'done'
+  AND (r.status = 'pending'
+       OR (r.status = 'failed' AND r.finished_at < %(since)s)
+       OR (r.status = 'running'
+           AND (r.heartbeat_at < now() - make_interval(secs => %(lease)s)
+                OR NOT EXISTS (
+                    SELECT 1 FROM pg_locks l
+                    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                      AND l.classid = r.run_id::oid AND l.objid = r.range_no::oid))))
+ORDER BY r.range_no
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+"""
+SQL_TRY_LOCK = "SELECT pg_try_advisory_lock(%s::int, %s::int)"
+SQL_UNLOCK = "SELECT pg_advisory_unlock(%s::int, %s::int)"
+SQL_LOCK_HOLDERS = """
+SELECT l.pid FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %s::bigint::oid AND l.objid = %s::oid AND l.pid <> pg_backend_pid()
+"""
+SQL_TERMINATE = "SELECT pg_terminate_backend(%s)"
+SQL_TAKE_RANGE = """
+UPDATE relinker_range
+SET status = 'running', worker = %(worker)s, attempts = attempts + 1,
+    claimed_at = now(), heartbeat_at = now(), finished_at = NULL,
+    blobs = 0, links_created = 0, links_present = 0, links_replaced = 0, problems = 0
+WHERE run_id = %(run_id)s AND range_no = %(range_no)s
+RETURNING attempts
+"""
+SQL_CLEAR_PROBLEMS = "DELETE FROM relinker_problem WHERE run_id = %s AND range_no = %s"
+SQL_OWNED = """
+SELECT 1 FROM relinker_range
+WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
+  AND worker = %(worker)s AND attempts = %(attempt)s
+"""
+_OWNED_WHERE = """
+WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
+  AND worker = %(worker)s AND attempts = %(attempt)s
+"""
+SQL_HEARTBEAT = """
+UPDATE relinker_range
+SET heartbeat_at = now(), blobs = %(blobs)s, links_created = %(links_created)s,
+    links_present = %(links_present)s, links_replaced = %(links_replaced)s, problems = %(problems)s
+""" + _OWNED_WHERE
+SQL_RANGE_DONE = """
+UPDATE relinker_range
+SET status = 'done', finished_at = now(), heartbeat_at = now(), last_error = NULL,
+    blobs = %(blobs)s, links_created = %(links_created)s, links_present = %(links_present)s,
+    links_replaced = %(links_replaced)s, problems = %(problems)s
+""" + _OWNED_WHERE
+SQL_RANGE_GIVE_BACK = """
+UPDATE relinker_range SET status = 'pending', worker = NULL, heartbeat_at = NULL
+""" + _OWNED_WHERE
+SQL_RANGE_FAILED = """
+UPDATE relinker_range SET status = 'failed', finished_at = now(), last_error = %(error)s
+""" + _OWNED_WHERE
+SQL_COPY_PROBLEMS = "COPY relinker_problem (run_id, range_no, blobid, path, kind, detail) FROM STDIN"
+SQL_OPEN_RANGES = """
+SELECT count(*) FROM relinker_range
+WHERE run_id = %(run_id)s AND status <> 'done'
+  AND (status IN ('pending', 'running') OR (status = 'failed' AND finished_at < %(since)s))
+"""
+
+
+class CheckpointStore:
+    """One worker's view of a run's ranges, over its own control connection.
+
+    Every method retries transient database errors (reconnecting, and
+    re-taking the advisory lock of the range it holds). ``since`` is when this
+    coordinator started: ranges that failed before it are retried once by it.
+    """
+
+    def __init__(self, dsn: str, run_id: int, *, worker: str, lease: float, retry_timeout: float, since):
+        self.dsn = dsn
+        self.run_id = run_id
+        self.worker = worker
+        self.lease = lease
+        self.retry_timeout = retry_timeout
+        self.since = since
+        self._conn: psycopg.Connection | None = None
+        self._held: Range | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # connection management -------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self.close()
+            self._conn = db.connect(self.dsn, autocommit=True)
+            if self._held is not None:
+                self._relock(self._held)
+        return self._conn
+
+    def _relock(self, held: Range) -> None:
+        # A new session holds no advisory locks: take ours back, or learn we lost the range.
+        conn = self._conn
+        if not conn.execute(SQL_TRY_LOCK, (held.run_id, held.range_no)).fetchone()[0]:
+            self._held = None
+            raise LostRange(f"range {held.range_no} is locked by another worker")
+        if conn.execute(SQL_OWNED, self._owned_params(held)).fetchone() is None:
+            conn.execute(SQL_UNLOCK, (held.run_id, held.range_no))
+            self._held = None
+            raise LostRange(f"range {held.range_no} was taken over")
+
+    def _call(self, operation: Callable[[psycopg.Connection], object]):
+        for attempt in db.retrying(self.retry_timeout):
+            with attempt:
+                try:
+                    return operation(self._connection())
+                except Exception as exc:
+                    if db.is_transient(exc):
+                        self.close()
+                    raise
+        raise AssertionError("unreachable")
+
+    def _owned_params(self, r: Range, **extra) -> dict:
+        return dict(run_id=r.run_id, range_no=r.range_no, worker=self.worker, attempt=r.attempt, **extra)
+
+    # the claim protocol ------------------------------------------------------
+
+    def claim(self) -> Range | None:
+        """Claim the next open range of the run, or None if none is free now."""
+        claimed = self._call(self._claim_once)
+        self._held = claimed
+        return claimed
+
+    def _claim_once(self, conn: psycopg.Connection) -> Range | None:
+        locked = None
+        try:
+            with conn.transaction():
+                row = conn.execute(SQL_CLAIM_CANDIDATE, dict(
+                    run_id=self.run_id, lease=self.lease, since=self.since)).fetchone()
+                if row is None:
+                    return None
+                range_no, lo, hi, medium_hash, ino_lo, ino_hi, status, stale = row
+                if not conn.execute(SQL_TRY_LOCK, (self.run_id, range_no)).fetchone()[0]:
+                    # Held by a session that stopped heartbeating: end it; the
+                    # range is free for the next claim once it is gone.
+                    if stale:
+                        self._terminate_holders(conn, range_no)
+                    return None
+                locked = range_no
+                if status == "running":
+                    log.warning("taking over range %d of run %d (its worker is gone)", range_no, self.run_id)
+                attempt = conn.execute(SQL_TAKE_RANGE, dict(
+                    worker=self.worker, run_id=self.run_id, range_no=range_no)).fetchone()[0]
+                conn.execute(SQL_CLEAR_PROBLEMS, (self.run_id, range_no))
+        except BaseException:
+            # Session advisory locks survive a rollback: release ours.
+            if locked is not None and not conn.broken:
+                conn.execute(SQL_UNLOCK, (self.run_id, locked))
+            raise
+        return Range(self.run_id, range_no, lo, hi, medium_hash, ino_lo, ino_hi, attempt)
+
+    def _terminate_holders(self, conn: psycopg.Connection, range_no: int) -> None:
+        for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (self.run_id, range_no)).fetchall():
+            log.warning("range %d: heartbeat older than %.0fs, terminating stalled session %d",
+                        range_no, self.lease, pid)
+            try:
+                with conn.transaction():
+                    conn.execute(SQL_TERMINATE, (pid,))
+            except psycopg.Error as exc:
+                log.warning("cannot terminate session %d: %s", pid, db.first_line(exc))
+
+    def reassert(self, r: Range) -> None:
+        """After a transient error: make sure we still own ``r`` (raises LostRange)."""
+        self._call(lambda conn: None)
+        if self._held is None or self._held.range_no != r.range_no:
+            raise LostRange(f"range {r.range_no} was taken over")
+
+    def heartbeat(self, r: Range, counters: Counters, problems: list[Problem]) -> None:
+        """Record liveness and partial counters; flush buffered problems."""
+        def beat(conn):
+            with conn.transaction():
+                self._write_problems(conn, r, problems)
+                if conn.execute(SQL_HEARTBEAT, self._owned_params(r, **counters.as_dict())).rowcount != 1:
+                    raise LostRange(f"range {r.range_no} was taken over")
+        self._call(beat)
+        problems.clear()
+
+    def finish(self, r: Range, counters: Counters, problems: list[Problem],
+               finalize: Callable[[psycopg.Connection], None]) -> None:
+        """Commit a range: its problems, the mode's catalogue updates and status done, atomically."""
+        def commit(conn):
+            with conn.transaction():
+                self._write_problems(conn, r, problems)
+                finalize(conn)
+                if conn.execute(SQL_RANGE_DONE, self._owned_params(r, **counters.as_dict())).rowcount != 1:
+                    raise LostRange(f"range {r.range_no} was taken over")
+        self._call(commit)
+        problems.clear()
+        self._release(r)
+
+    def give_back(self, r: Range) -> None:
+        """Return a range to pending (interrupted): the next claim redoes it."""
+        self._call(lambda conn: conn.execute(SQL_RANGE_GIVE_BACK, self._owned_params(r)))
+        self._release(r)
+
+    def fail(self, r: Range, error: str) -> None:
+        """Mark a range failed with ``last_error``; the run goes on without it."""
+        self._call(lambda conn: conn.execute(SQL_RANGE_FAILED, self._owned_params(r, error=error)))
+        self._release(r)
+
+    def open_ranges(self) -> int:
+        """Ranges of the run still to be done by someone (pending, running, retryable)."""
+        return self._call(lambda conn: conn.execute(
+            SQL_OPEN_RANGES, dict(run_id=self.run_id, since=self.since)).fetchone()[0])
+
+    def _release(self, r: Range) -> None:
+        self._held = None
+        try:
+            self._call(lambda conn: conn.execute(SQL_UNLOCK, (r.run_id, r.range_no)))
+        except LostRange:
+            pass
+
+    def _write_problems(self, conn: psycopg.Connection, r: Range, problems: list[Problem]) -> None:
+        if not problems:
+            return
+        with conn.cursor().copy(SQL_COPY_PROBLEMS) as copy:
+            for p in problems:
+                copy.write_row((r.run_id, r.range_no, p.blobid, p.path, p.kind, p.detail))

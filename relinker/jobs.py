@@ -1,0 +1,177 @@
+"""The coordinator: preflight, pick or plan a run, run the pool, summarise.
+
+Shared by every checkpointed mode (relink, copy, count). A mode provides its
+name, its ``RangeWork`` class and a planner that splits its work into ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+import time
+from typing import Callable
+
+import psycopg
+
+from relinker import checkpoint, db, migrations
+from relinker.checkpoint import Range, RunInfo
+from relinker.config import Settings
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, UserError
+from relinker.paths import display
+from relinker.pool import WorkSpec, run_pool
+from relinker.report import ProgressBar, Summary
+
+log = logging.getLogger(__name__)
+
+SQL_DONE_SO_FAR = """
+SELECT count(*), coalesce(sum(links_created + links_present + links_replaced), 0)::bigint,
+       coalesce(sum(problems), 0)::bigint
+FROM relinker_range WHERE run_id = %s AND status = 'done'
+"""
+
+
+@dataclasses.dataclass
+class Mode:
+    """What a checkpointed mode plugs into the coordinator."""
+
+    name: str
+    work: Callable[[WorkSpec], object]
+    #: plan(conn, options, workers, n_ranges) -> [(lo, hi) | (lo, hi, medium, ino_lo, ino_hi)];
+    #: may add to ``options`` what a resumed run must know.
+    plan: Callable[[psycopg.Connection, dict, int, int | None], list[tuple]]
+
+
+@dataclasses.dataclass
+class JobRequest:
+    """One invocation of a checkpointed command, as the CLI parsed it."""
+
+    settings: Settings
+    options: dict
+    workers: int = os.cpu_count() or 1
+    run_id: int | None = None
+    new: bool = False
+    dry_run: bool = False
+    ranges: int | None = None
+    progress: bool = False
+    lease: float = checkpoint.DEFAULT_LEASE
+    retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
+
+
+def check_roots(settings: Settings) -> tuple[bytes, bytes]:
+    """Both roots set, existing directories, on one filesystem, archive writable."""
+    found = []
+    for label, root in (("--by-hash-root", settings.by_hash_root), ("--archive-root", settings.archive_root)):
+        if not root:
+            raise UserError(f"{label} is not set (option, RELINKER_{label[2:].upper().replace('-', '_')} "
+                            "or config file)")
+        root = os.path.abspath(root)
+        try:
+            st = os.stat(root)
+        except OSError as exc:
+            raise UserError(f"{label} {display(root)}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UserError(f"{label} {display(root)} is not a directory")
+        found.append((root, st))
+    (by_hash_root, by_hash_stat), (archive_root, archive_stat) = found
+    if by_hash_stat.st_dev != archive_stat.st_dev:
+        raise UserError(
+            f"{display(by_hash_root)} and {display(archive_root)} are on different filesystems: "
+            "hardlinks cannot cross filesystems")
+    if not os.access(archive_root, os.W_OK | os.X_OK, effective_ids=True):
+        raise UserError(f"--archive-root {display(archive_root)} is not writable")
+    return by_hash_root, archive_root
+
+
+def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
+    """Run (or resume) a checkpointed job; return its summary and exit code."""
+    settings = request.settings
+    by_hash_root, archive_root = check_roots(settings)
+    started = time.monotonic()
+    with db.connect_for_user(settings.db_url, autocommit=True) as conn:
+        migrations.require_migrated(conn)
+        spec = WorkSpec(
+            work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
+            options=dict(request.options), lease=request.lease, retry_timeout=request.retry_timeout,
+            verbose=settings.verbose, log_file=settings.log_file,
+        )
+        if request.dry_run:
+            bounds = mode.plan(conn, spec.options, request.workers, request.ranges)
+            spec.dry_ranges = [Range(None, n, *b) for n, b in enumerate(bounds)]
+            ranges_total, done_before, links_before, problems_before = len(bounds), 0, 0, 0
+        else:
+            run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
+            spec.run_id = run.run_id
+            spec.options = run.options
+            spec.since = conn.execute("SELECT now()").fetchone()[0]
+            ranges_total = conn.execute(
+                "SELECT count(*) FROM relinker_range WHERE run_id = %s", (run.run_id,)).fetchone()[0]
+            done_before, links_before, problems_before = conn.execute(
+                SQL_DONE_SO_FAR, (run.run_id,)).fetchone()
+            if run.status == "done":
+                summary = Summary.from_run(conn, run.run_id)
+                return summary, _exit_code(summary)
+    bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress)
+    try:
+        outcome = run_pool(spec, request.workers, bar)
+    finally:
+        bar.close()
+    elapsed = time.monotonic() - started
+
+    if request.dry_run:
+        summary = Summary(
+            mode=mode.name, dry_run=True, interrupted=outcome.interrupted, counters=outcome.counters,
+            problems_by_kind=dict(outcome.problem_kinds.most_common()), problem_samples=outcome.samples,
+            ranges_total=ranges_total, ranges_done=ranges_total if not outcome.interrupted else 0,
+            options=spec.options,
+        )
+        summary.links_this_session = outcome.counters.links
+    else:
+        with db.connect_for_user(settings.db_url, autocommit=True) as conn:
+            checkpoint.finish_run_if_complete(conn, spec.run_id)
+            summary = Summary.from_run(conn, spec.run_id, open_ranges=True)
+        summary.interrupted = outcome.interrupted and not summary.complete
+        summary.links_this_session = summary.counters.links - links_before
+    summary.elapsed_seconds = elapsed
+    return summary, _exit_code(summary)
+
+
+def _exit_code(summary: Summary) -> int:
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    if summary.counters.problems or summary.ranges_failed or not summary.complete:
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
+                by_hash_root: bytes, archive_root: bytes) -> RunInfo:
+    if request.run_id is not None:
+        run = checkpoint.get_run(conn, request.run_id)
+        if run is None:
+            raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
+        if run.mode != mode.name:
+            raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
+        if (run.by_hash_root, run.archive_root) != (by_hash_root, archive_root):
+            log.warning("run %d was planned with roots %s and %s; working with %s and %s",
+                        run.run_id, display(run.by_hash_root), display(run.archive_root),
+                        display(by_hash_root), display(archive_root))
+        return run
+    if not request.new:
+        run = checkpoint.newest_open_run(conn, mode.name, by_hash_root, archive_root)
+        if run is not None:
+            log.warning("resuming run %d (started earlier, same roots); use --new for a fresh run", run.run_id)
+            _warn_changed_options(run, request.options)
+            return run
+    bounds = mode.plan(conn, spec.options, request.workers, request.ranges)
+    run_id = checkpoint.create_run(conn, mode.name, by_hash_root, archive_root, spec.options, bounds)
+    log.info("planned run %d: %d ranges", run_id, len(bounds))
+    return checkpoint.get_run(conn, run_id)
+
+
+def _warn_changed_options(run: RunInfo, requested: dict) -> None:
+    changed = {k: v for k, v in requested.items() if run.options.get(k) != v}
+    if changed:
+        log.warning("run %d keeps the options it was planned with (%s); ignoring %s",
+                    run.run_id, run.options, changed)

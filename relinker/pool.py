@@ -1,0 +1,345 @@
+"""The coordinator's process pool: workers that claim ranges until none is left.
+
+Mode-agnostic: a mode (relink, copy, count) supplies a ``RangeWork`` class
+that processes one range; this module runs it in ``--workers`` processes,
+each with its own database connections, feeds the parent's progress bar,
+replaces workers that die, and turns SIGINT/SIGTERM into a clean stop (the
+first signal: stop claiming, give unfinished ranges back; the second: stop at
+once, the next run still resumes correctly).
+
+Workers talk to the parent over one pipe each, never a shared queue: a
+worker killed in the middle of a write can corrupt only its own pipe, and
+every message is far below PIPE_BUF, so writes are atomic anyway.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Protocol
+
+import psycopg
+
+from relinker import db
+from relinker.checkpoint import CheckpointStore, Counters, LostRange, Problem, Range
+from relinker.errors import EXIT_INTERRUPTED
+
+log = logging.getLogger(__name__)
+
+#: How often a worker with nothing to claim looks again (s).
+POLL_INTERVAL = 0.5
+#: How often a worker reports progress to the parent (s).
+PROGRESS_INTERVAL = 0.25
+#: Problems shown in a dry run's summary.
+DRY_RUN_SAMPLES = 20
+
+
+class Interrupted(Exception):
+    """The coordinator asked this worker to stop; give the range back."""
+
+
+@dataclasses.dataclass
+class WorkSpec:
+    """Everything a worker process needs; pickled into each spawned process."""
+
+    work: Callable[["WorkSpec"], "RangeWork"]
+    dsn: str
+    by_hash_root: bytes
+    archive_root: bytes
+    options: dict
+    run_id: int | None = None
+    since: datetime.datetime | None = None
+    dry_ranges: list[Range] | None = None
+    lease: float = 120.0
+    retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
+    verbose: int = 0
+    log_file: str | None = None
+
+    @property
+    def dry_run(self) -> bool:
+        return self.run_id is None
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.2, min(10.0, self.lease / 4))
+
+
+class RangeWork(Protocol):
+    """What a mode implements: process one range, then commit its catalogue changes."""
+
+    def process(self, r: Range, ctx: "RangeContext") -> Callable[[psycopg.Connection], None]:
+        """Do the range's filesystem work; return the finalize step that
+        writes the range's catalogue updates inside the commit transaction."""
+
+    def reset(self) -> None:
+        """Drop database connections after a transient error."""
+
+    def close(self) -> None:
+        """Release everything."""
+
+
+class RangeContext:
+    """Per-range bookkeeping handed to ``RangeWork.process``.
+
+    Counts outcomes, buffers problems (flushed with heartbeats), reports
+    progress to the parent and notices stop requests and lost claims.
+    """
+
+    def __init__(self, worker: "_Worker", r: Range):
+        self._worker = worker
+        self.range = r
+        self.counters = Counters()
+        self.problems: list[Problem] = []
+        self.problem_kinds: collections.Counter[str] = collections.Counter()
+        self._next_check = 0.0
+
+    def problem(self, kind: str, detail: str, *, blobid: str | None = None, path: bytes | None = None) -> None:
+        """Record a per-path (or per-blob) problem: counted, never fatal."""
+        self.counters.problems += 1
+        self.problem_kinds[kind] += 1
+        if self._worker.spec.dry_run:
+            if len(self._worker.samples) < DRY_RUN_SAMPLES:
+                self._worker.samples.append(Problem(kind, detail, blobid, path))
+        else:
+            self.problems.append(Problem(kind, detail, blobid, path))
+
+    def tick(self) -> None:
+        """Call often (every few hundred paths): stop, progress and heartbeat checks."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + PROGRESS_INTERVAL
+        self._worker.check_stop()
+        self._worker.send("progress", self.range.range_no, self.counters.paths)
+        self._worker.maybe_heartbeat(self, now)
+
+
+# --- the worker process -------------------------------------------------------
+
+_signals_received = 0
+
+
+def _on_worker_signal(signum, frame) -> None:
+    global _signals_received
+    _signals_received += 1
+    if _signals_received > 1:
+        os._exit(EXIT_INTERRUPTED)  # second signal: stop at once
+
+
+class _Worker:
+    def __init__(self, spec: WorkSpec, pipe, stop_event, dry_next):
+        self.spec = spec
+        self.pipe = pipe
+        self.stop_event = stop_event
+        self.dry_next = dry_next
+        self.parent = os.getppid()
+        self.samples: list[Problem] = []
+        self.name = db.worker_name()
+        self.store = None if spec.dry_run else CheckpointStore(
+            spec.dsn, spec.run_id, worker=self.name, lease=spec.lease,
+            retry_timeout=spec.retry_timeout, since=spec.since,
+        )
+        self.work = spec.work(spec)
+        self._last_heartbeat = time.monotonic()
+
+    def send(self, *message: Any) -> None:
+        try:
+            self.pipe.send(message)
+        except (BrokenPipeError, OSError):
+            pass  # the parent is gone; check_stop() will notice
+
+    def check_stop(self) -> None:
+        if _signals_received or self.stop_event.is_set() or os.getppid() != self.parent:
+            raise Interrupted()
+
+    def maybe_heartbeat(self, ctx: RangeContext, now: float) -> None:
+        if self.store is not None and now - self._last_heartbeat >= self.spec.heartbeat_interval:
+            self.store.heartbeat(ctx.range, ctx.counters, ctx.problems)
+            self._last_heartbeat = now
+
+    def claim(self) -> Range | None:
+        if self.store is not None:
+            return self.store.claim()
+        with self.dry_next.get_lock():
+            index = self.dry_next.value
+            self.dry_next.value += 1
+        return self.spec.dry_ranges[index] if index < len(self.spec.dry_ranges) else None
+
+    def nothing_left(self) -> bool:
+        return self.store is None or self.store.open_ranges() == 0
+
+    def run(self) -> None:
+        try:
+            while True:
+                self.check_stop()
+                r = self.claim()
+                if r is None:
+                    if self.nothing_left():
+                        return
+                    time.sleep(POLL_INTERVAL)
+                    continue
+                self.run_range(r)
+        except Interrupted:
+            return
+        finally:
+            self.work.close()
+            if self.store is not None:
+                self.store.close()
+
+    def run_range(self, r: Range) -> None:
+        self._last_heartbeat = time.monotonic()
+        try:
+            for attempt in db.retrying(self.spec.retry_timeout):
+                with attempt:
+                    ctx = RangeContext(self, r)
+                    try:
+                        finalize = self.work.process(r, ctx)
+                        if self.store is not None:
+                            self.store.finish(r, ctx.counters, ctx.problems, finalize)
+                    except Exception as exc:
+                        if db.is_transient(exc):
+                            # Redo the whole range on fresh connections, if it is still ours.
+                            self.work.reset()
+                            if self.store is not None:
+                                self.store.reassert(r)
+                        raise
+        except Interrupted:
+            if self.store is not None:
+                self.store.give_back(r)
+            self.send("progress", r.range_no, 0)
+            raise
+        except LostRange as exc:
+            log.warning("range %d: %s; leaving it to its new owner", r.range_no, exc)
+            self.send("progress", r.range_no, 0)
+            return
+        except Exception as exc:
+            log.error("range %d failed: %s", r.range_no, db.first_line(exc), exc_info=self.spec.verbose > 1)
+            if self.store is not None:
+                self.store.fail(r, f"{type(exc).__name__}: {db.first_line(exc)}")
+            self.send("failed", r.range_no, db.first_line(exc))
+            return
+        self.send("done", r.range_no, ctx.counters.as_dict(), dict(ctx.problem_kinds),
+                  [dataclasses.astuple(p) for p in self.samples] if self.spec.dry_run else [])
+        self.samples.clear()
+
+
+def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
+    signal.signal(signal.SIGINT, _on_worker_signal)
+    signal.signal(signal.SIGTERM, _on_worker_signal)
+    from relinker.cli import setup_logging
+
+    setup_logging(spec.verbose, spec.log_file)
+    try:
+        _Worker(spec, pipe, stop_event, dry_next).run()
+    except Exception as exc:  # a worker must never die silently
+        log.error("worker failed: %s", db.first_line(exc), exc_info=spec.verbose > 1)
+        sys.exit(1)
+
+
+# --- the parent ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class PoolOutcome:
+    """What the pool saw: whether it was interrupted, and what workers reported."""
+
+    interrupted: bool = False
+    counters: Counters = dataclasses.field(default_factory=Counters)
+    problem_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    samples: list[Problem] = dataclasses.field(default_factory=list)
+    failed_ranges: int = 0
+    worker_deaths: int = 0
+
+
+class _ForcedStop(Exception):
+    pass
+
+
+class Progress(Protocol):
+    def update(self, paths_done: int, ranges_done: int) -> None: ...
+
+
+def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> PoolOutcome:
+    """Run ``workers`` processes until the run has no open range, or a signal stops it."""
+    context = multiprocessing.get_context("spawn")
+    stop_event = context.Event()
+    dry_next = context.Value("i", 0)
+    outcome = PoolOutcome()
+    live: dict[Any, multiprocessing.Process] = {}  # pipe reader -> process
+    in_flight: dict[int, int] = {}  # range_no -> paths so far (this coordinator)
+    finished_paths = 0
+    ranges_done = 0
+    respawns_left = 2 * workers + 5
+    stopping = False
+
+    def start_worker() -> None:
+        reader, writer = context.Pipe(duplex=False)
+        process = context.Process(target=_worker_main, args=(spec, writer, stop_event, dry_next),
+                                  name=f"relinker-worker", daemon=False)
+        process.start()
+        writer.close()
+        live[reader] = process
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        if stopping:
+            raise _ForcedStop()
+        stopping = True
+        stop_event.set()
+        print(f"\nrelinker: {signal.Signals(signum).name} received: finishing up and giving unfinished "
+              "ranges back (send it again to stop at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for _ in range(max(1, workers)):
+            start_worker()
+        while live:
+            for reader in multiprocessing.connection.wait(list(live), timeout=0.5):
+                try:
+                    message = reader.recv()
+                except (EOFError, OSError, ValueError):
+                    process = live.pop(reader)
+                    process.join()
+                    reader.close()
+                    if process.exitcode != 0 and not stopping:
+                        outcome.worker_deaths += 1
+                        log.warning("worker %d exited with %s", process.pid, process.exitcode)
+                        if respawns_left > 0:
+                            respawns_left -= 1
+                            start_worker()
+                    continue
+                kind, range_no, *rest = message
+                if kind == "progress":
+                    in_flight[range_no] = rest[0]
+                elif kind == "done":
+                    counters, kinds, samples = rest
+                    in_flight.pop(range_no, None)
+                    done = Counters(**counters)
+                    finished_paths += done.paths
+                    ranges_done += 1
+                    outcome.counters.add(done)
+                    outcome.problem_kinds.update(kinds)
+                    outcome.samples.extend(Problem(*s) for s in samples)
+                elif kind == "failed":
+                    in_flight.pop(range_no, None)
+                    outcome.failed_ranges += 1
+            if progress is not None:
+                progress.update(finished_paths + sum(in_flight.values()), ranges_done)
+    except _ForcedStop:
+        for process in live.values():
+            process.kill()
+        for process in live.values():
+            process.join()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    outcome.interrupted = stopping
+    del outcome.samples[DRY_RUN_SAMPLES:]
+    return outcome

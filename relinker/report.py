@@ -1,0 +1,190 @@
+"""What a run did, for humans (summary, progress bar) and scripts (``--json``)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import sys
+import time
+
+import psycopg
+import tqdm
+
+from relinker.checkpoint import Counters, Problem
+from relinker.paths import display
+
+SQL_RUN_PROGRESS = """
+SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_pending, ranges_failed,
+       blobs, links_created, links_present, links_replaced, problems,
+       extract(epoch FROM elapsed)::float8, extract(epoch FROM eta)::float8,
+       by_hash_root, archive_root, options
+FROM relinker_run_progress WHERE run_id = %s
+"""
+SQL_PROBLEM_KINDS = "SELECT kind, problems FROM relinker_problem_kinds WHERE run_id = %s ORDER BY problems DESC, kind"
+SQL_PROBLEM_SAMPLES = """
+SELECT kind, detail, blobid, path FROM relinker_problem WHERE run_id = %s ORDER BY problem_id LIMIT %s
+"""
+SQL_OPEN_RANGES = """
+SELECT range_no, status, lo, hi, worker, attempts, extract(epoch FROM heartbeat_age)::float8, last_error
+FROM relinker_open_ranges WHERE run_id = %s ORDER BY range_no LIMIT %s
+"""
+SAMPLE_LIMIT = 20
+
+
+@dataclasses.dataclass
+class Summary:
+    """A run's figures: the same for the end of a run, ``relinker status`` and ``--json``."""
+
+    mode: str
+    run_id: int | None = None
+    status: str = "open"
+    dry_run: bool = False
+    interrupted: bool = False
+    counters: Counters = dataclasses.field(default_factory=Counters)
+    problems_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
+    problem_samples: list[Problem] = dataclasses.field(default_factory=list)
+    ranges_total: int = 0
+    ranges_done: int = 0
+    ranges_running: int = 0
+    ranges_pending: int = 0
+    ranges_failed: int = 0
+    elapsed_seconds: float = 0.0
+    links_this_session: int = 0
+    eta_seconds: float | None = None
+    open_ranges: list[dict] = dataclasses.field(default_factory=list)
+    by_hash_root: str | None = None
+    archive_root: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "done" or (self.dry_run and not self.interrupted)
+
+    @property
+    def links_per_second(self) -> float:
+        return self.links_this_session / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    @classmethod
+    def from_run(cls, conn: psycopg.Connection, run_id: int, *, open_ranges: bool = False) -> "Summary":
+        """Read a run's figures from the checkpoint views."""
+        row = conn.execute(SQL_RUN_PROGRESS, (run_id,)).fetchone()
+        if row is None:
+            raise LookupError(run_id)
+        (run_id, mode, status, total, done, running, pending, failed, blobs, created, present, replaced,
+         problems, elapsed, eta, by_hash_root, archive_root, options) = row
+        summary = cls(
+            mode=mode, run_id=run_id, status=status,
+            counters=Counters(blobs, created, present, replaced, problems),
+            problems_by_kind=dict(conn.execute(SQL_PROBLEM_KINDS, (run_id,)).fetchall()),
+            problem_samples=[Problem(kind, detail, blobid, bytes(path) if path is not None else None)
+                             for kind, detail, blobid, path in conn.execute(SQL_PROBLEM_SAMPLES, (run_id, SAMPLE_LIMIT))],
+            ranges_total=total, ranges_done=done, ranges_running=running, ranges_pending=pending,
+            ranges_failed=failed, elapsed_seconds=elapsed or 0.0, eta_seconds=eta,
+            by_hash_root=by_hash_root, archive_root=archive_root, options=options or {},
+        )
+        summary.links_this_session = summary.counters.links
+        if open_ranges:
+            summary.open_ranges = [
+                dict(range_no=n, status=s, lo=lo, hi=hi, worker=w, attempts=a, heartbeat_age_seconds=age,
+                     last_error=err)
+                for n, s, lo, hi, w, a, age, err in conn.execute(SQL_OPEN_RANGES, (run_id, SAMPLE_LIMIT))
+            ]
+        return summary
+
+    def as_json(self) -> str:
+        data = {
+            "mode": self.mode,
+            "run_id": self.run_id,
+            "status": self.status,
+            "complete": self.complete,
+            "dry_run": self.dry_run,
+            "interrupted": self.interrupted,
+            **self.counters.as_dict(),
+            "links": self.counters.links,
+            "problems_by_kind": self.problems_by_kind,
+            "problem_samples": [
+                {"kind": p.kind, "detail": p.detail, "blobid": p.blobid,
+                 "path": display(p.path) if p.path is not None else None}
+                for p in self.problem_samples
+            ],
+            "ranges_total": self.ranges_total,
+            "ranges_done": self.ranges_done,
+            "ranges_running": self.ranges_running,
+            "ranges_pending": self.ranges_pending,
+            "ranges_failed": self.ranges_failed,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "links_per_second": round(self.links_per_second, 1),
+            "eta_seconds": self.eta_seconds,
+            "open_ranges": self.open_ranges,
+            "options": self.options,
+        }
+        return json.dumps(data, sort_keys=False)
+
+    def as_text(self) -> str:
+        c = self.counters
+        if self.dry_run:
+            title = f"{self.mode} (dry run, nothing written)"
+        else:
+            title = f"run {self.run_id} ({self.mode})"
+        state = "complete" if self.complete else "interrupted" if self.interrupted else "not complete"
+        lines = [f"{title}: {state}"]
+        verb = "would be " if self.dry_run else ""
+        kinds = ", ".join(f"{kind} {n:,}" for kind, n in self.problems_by_kind.items())
+        rows = [] if self.dry_run else [(
+            "ranges",
+            f"{self.ranges_done:,} of {self.ranges_total:,} done"
+            + (f", {self.ranges_failed:,} failed" if self.ranges_failed else "")
+            + (f", {self.ranges_running:,} running" if self.ranges_running else ""),
+        )]
+        rows += [
+            ("blobs", f"{c.blobs:,}"),
+            (f"links {verb}created", f"{c.links_created:,}"),
+            ("links present", f"{c.links_present:,}"),
+            (f"links {verb}replaced", f"{c.links_replaced:,}"),
+            ("problems", f"{c.problems:,}" + (f" ({kinds})" if kinds else "")),
+            ("elapsed", f"{self.elapsed_seconds:,.1f} s ({self.links_per_second:,.0f} links/s)"),
+        ]
+        width = max(len(label) for label, _ in rows) + 2
+        lines += [f"  {label:<{width}}{value}" for label, value in rows]
+        if self.eta_seconds and not self.complete:
+            lines.append(f"  eta              {self.eta_seconds:,.0f} s")
+        for p in self.problem_samples[:10]:
+            where = display(p.path) if p.path is not None else p.blobid or ""
+            lines.append(f"  ! {p.kind}: {where}: {p.detail}")
+        for r in self.open_ranges:
+            lines.append(f"  range {r['range_no']} {r['status']}"
+                         + (f" by {r['worker']}" if r["worker"] else "")
+                         + (f" (attempts {r['attempts']})" if r["attempts"] else "")
+                         + (f": {r['last_error']}" if r["last_error"] else ""))
+        return "\n".join(lines)
+
+
+class ProgressBar:
+    """The parent's tqdm bar: paths handled, rate and ETA.
+
+    The total is unknown until ranges finish; it is extrapolated from the
+    paths per finished range (ranges hold equal expected work).
+    """
+
+    def __init__(self, ranges_total: int, ranges_done_before: int, paths_done_before: int, *, enabled: bool):
+        self.ranges_total = ranges_total
+        self.ranges_before = ranges_done_before
+        self.paths_before = paths_done_before
+        self.done_paths = 0
+        self._bar = tqdm.tqdm(
+            total=None, initial=paths_done_before, unit="path", unit_scale=True, dynamic_ncols=True,
+            disable=not enabled, file=sys.stderr, smoothing=0.05, mininterval=0.5,
+        )
+
+    def update(self, paths_done: int, ranges_done: int) -> None:
+        current = self.paths_before + paths_done
+        finished = self.ranges_before + ranges_done
+        if finished and self.ranges_total:
+            # paths_done includes in-flight ranges; their share is small
+            estimate = int(current / finished * self.ranges_total) if finished < self.ranges_total else current
+            self._bar.total = max(estimate, current)
+        self._bar.update(current - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()

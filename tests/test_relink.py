@@ -1,0 +1,193 @@
+"""`relinker relink`: the checkpointed re-hardlink job on a real catalogue and filesystem."""
+
+import json
+import os
+
+import pytest
+
+from relinker.cli import main
+
+
+def relink(world, capsys, *args):
+    """Run `relinker relink --json` in-process; return (exit code, summary)."""
+    code = main(world.argv("relink", "--json", "--workers", "2", *args))
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+@pytest.fixture
+def small(world):
+    """Two media, shared contents, an excluded path, non-file inodes."""
+    m1, m2 = world.medium("disk-1"), world.medium("disk-2")
+    hello, other, solo = world.blob(b"hello"), world.blob(b"other"), world.blob(b"solo")
+    world.inode(m1, [b"/mnt/ntt/%s/a.txt" % m1.encode(), b"/mnt/ntt/%s/dir/b.txt" % m1.encode()], hello)
+    world.inode(m2, [b"/mnt/ntt/%s/copy-of-a.txt" % m2.encode()], hello)
+    world.inode(m1, [b"/mnt/ntt/%s/dir/other" % m1.encode(), b"/mnt/ntt/%s/skip-me" % m1.encode()], other,
+                excluded={b"/mnt/ntt/%s/skip-me" % m1.encode(): "excluded by rule"})
+    world.inode(m2, [b"/file-relative-form"], solo)
+    world.inode(m1, [b"/mnt/ntt/%s/dir" % m1.encode()], None, fs_type="d")
+    world.inode(m1, [b"/mnt/ntt/%s/a-symlink" % m1.encode()], None, fs_type="l")
+    return world
+
+
+def test_complete_run_from_an_empty_archive(small, capsys):
+    code, summary = relink(small, capsys)
+    assert code == 0
+    assert summary["links_created"] == 5 and summary["links_present"] == 0 and summary["problems"] == 0
+    assert summary["blobs"] == 3 and summary["complete"] and summary["status"] == "done"
+    small.assert_complete(summary["run_id"])
+    assert not os.path.lexists(small.archive_path(b"/mnt/ntt/%s/skip-me" % small.medium("disk-1").encode()))
+    assert not os.path.lexists(small.archive_path(b"/mnt/ntt/%s/a-symlink" % small.medium("disk-1").encode()))
+    assert small.n_hardlinks()[small.blob(b"hello")] == 3
+    # archive directories are rwxr-xr-x whatever the umask
+    assert os.stat(small.archive_path(b"/mnt/ntt")).st_mode & 0o777 == 0o755
+
+
+def test_second_run_creates_nothing_and_finds_everything_present(small, capsys):
+    relink(small, capsys)
+    before = small.tree()
+    code, summary = relink(small, capsys, "--new")
+    assert code == 0
+    assert summary["links_created"] == 0 and summary["links_present"] == 5
+    assert small.tree() == before
+
+
+def test_stale_file_is_replaced_atomically(small, capsys):
+    relink(small, capsys)
+    stale = small.archive_path(b"/file-relative-form")
+    os.unlink(stale)
+    with open(stale, "wb") as f:
+        f.write(b"stale copy")
+    code, summary = relink(small, capsys, "--new")
+    assert code == 0 and summary["links_replaced"] == 1
+    small.assert_complete(summary["run_id"])
+
+
+def test_keep_leaves_a_stale_file_and_records_it(small, capsys):
+    relink(small, capsys)
+    stale = small.archive_path(b"/file-relative-form")
+    os.unlink(stale)
+    with open(stale, "wb") as f:
+        f.write(b"stale copy")
+    code, summary = relink(small, capsys, "--new", "--on-conflict", "keep")
+    assert code == 1
+    assert summary["problems_by_kind"] == {"existing-file": 1}
+    assert open(stale, "rb").read() == b"stale copy"
+    assert small.n_hardlinks()[small.blob(b"solo")] == 0
+    row = small.conn.execute("SELECT path, kind FROM relinker_problem WHERE run_id = %s",
+                             (summary["run_id"],)).fetchone()
+    assert row == (b"/file-relative-form", "existing-file")
+
+
+def test_missing_by_hash_counts_zero_links(world, capsys):
+    m = world.medium("disk")
+    gone = world.blob(b"lost content", store=False)
+    world.inode(m, [b"/x/lost"], gone)
+    code, summary = relink(world, capsys)
+    assert code == 1 and summary["problems_by_kind"] == {"missing-by-hash": 1}
+    assert world.n_hardlinks()[gone] == 0
+    assert not os.path.lexists(world.archive_path(b"/x/lost"))
+
+
+def test_non_utf8_and_shell_hostile_names_are_linked_byte_for_byte(world, capsys):
+    m = world.medium("disk")
+    names = [b"/caf\xe9/Icon\r", b"/a b/$(touch pwned); rm -rf ~", b"/new\nline/*?[x]", b"/\xff\xfe/'\"`"]
+    blob = world.blob(b"odd names")
+    world.inode(m, names, blob)
+    code, summary = relink(world, capsys)
+    assert code == 0 and summary["links_created"] == 4
+    for name in names:
+        assert world.linked(blob, name)
+    assert os.listdir(world.archive_root + b"/caf\xe9") == [b"Icon\r"]
+
+
+def test_n_hardlinks_exact_after_a_redo(small, capsys):
+    code, summary = relink(small, capsys)
+    truth = small.n_hardlinks()
+    run_id = summary["run_id"]
+    # as if the run had crashed before committing every range
+    small.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'gone:1' WHERE run_id = %s",
+                       (run_id,))
+    small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
+    small.conn.execute("UPDATE blobs SET n_hardlinks = 99")
+    code, summary = relink(small, capsys, "--run", str(run_id))
+    assert code == 0 and summary["run_id"] == run_id
+    assert small.n_hardlinks() == truth
+    small.assert_complete(run_id)
+
+
+def test_dry_run_writes_nothing(small, capsys):
+    tables = "SELECT (SELECT count(*) FROM relinker_run), (SELECT count(*) FROM relinker_problem), " \
+             "(SELECT string_agg(blobid || n_hardlinks || coalesce(expected_hardlinks, -1), ',') FROM blobs)"
+    before_db = small.conn.execute(tables).fetchone()
+    before_disk = small.tree()
+    code, summary = relink(small, capsys, "--dry-run")
+    assert code == 0 and summary["dry_run"]
+    assert summary["links_created"] == 5
+    assert small.conn.execute(tables).fetchone() == before_db
+    assert small.tree() == before_disk
+
+
+def test_limit_takes_the_first_blobs_by_inode(world, capsys):
+    m = world.medium("disk")
+    blobs = sorted(world.blob(b"content %d" % i) for i in range(10))
+    for i, b in enumerate(blobs):
+        world.inode(m, [b"/f/%d-a" % i, b"/f/%d-b" % i], b)
+    code, summary = relink(world, capsys, "--limit", "3")
+    assert code == 0 and summary["blobs"] == 3 and summary["links_created"] == 6
+    counts = world.n_hardlinks()
+    assert [counts[b] for b in blobs] == [2, 2, 2] + [0] * 7
+
+
+def test_only_incomplete_skips_complete_blobs(small, capsys):
+    relink(small, capsys)
+    os.unlink(small.archive_path(b"/file-relative-form"))
+    small.conn.execute("UPDATE blobs SET n_hardlinks = 0 WHERE blobid = %s", (small.blob(b"solo"),))
+    code, summary = relink(small, capsys, "--new", "--only-incomplete")
+    assert code == 0 and summary["blobs"] == 1 and summary["links_created"] == 1
+    small.assert_complete(summary["run_id"])
+
+
+def test_status_shows_a_run(small, capsys):
+    code, summary = relink(small, capsys)
+    assert main(small.argv("status", str(summary["run_id"]), "--json")) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["links_created"] == 5 and status["complete"]
+    assert main(small.argv("status")) == 0
+    assert f"run {summary['run_id']} (relink): complete" in capsys.readouterr().out
+
+
+def test_missing_root_is_a_preflight_error(small, capsys, tmp_path):
+    argv = ["--db-url", small.dsn, "--by-hash-root", str(tmp_path / "nope"), "--archive-root", str(small.archive),
+            "relink"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--by-hash-root" in err and "No such file" in err
+
+
+def test_roots_on_different_filesystems_are_a_preflight_error(small, capsys, tmp_path):
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem")
+    import tempfile
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        argv = ["--db-url", small.dsn, "--by-hash-root", other, "--archive-root", str(small.archive), "relink"]
+        assert main(argv) == 2
+    assert "different filesystems" in capsys.readouterr().err
+    assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (0,)
+
+
+def test_unknown_run_is_a_usage_error(small, capsys):
+    assert main(small.argv("relink", "--run", "12345")) == 2
+    assert "unknown run 12345" in capsys.readouterr().err
+
+
+def test_unmigrated_catalogue_is_a_preflight_error(db_url, tmp_path, capsys):
+    from test_migrate import PRODUCTION_SHAPE
+    import psycopg
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    assert main(["--db-url", db_url, "--by-hash-root", str(tmp_path / "b"), "--archive-root",
+                 str(tmp_path / "a"), "relink"]) == 2
+    assert "run `relinker migrate`" in capsys.readouterr().err
