@@ -188,3 +188,57 @@ class ArchiveWorld:
 
     def last_run(self) -> int:
         return self.conn.execute("SELECT max(run_id) FROM relinker_run").fetchone()[0]
+
+    def bulk(self, n_blobs: int, paths_per_blob: int = 2, media: int = 2, directories: int = 200) -> None:
+        """Many blobs at once (COPY): each with one inode per medium and
+        ``paths_per_blob`` paths spread over ``directories`` directories."""
+        medium_hashes = [self.medium(f"bulk-{i}") for i in range(media)]
+        inode_rows, path_rows = [], []
+        made = set()
+        for n in range(n_blobs):
+            content = b"bulk content %d" % n
+            blobid = blake3.blake3(content).hexdigest()
+            path = by_hash_path(self.by_hash_root, blobid)
+            if path[:-65] not in made:
+                os.makedirs(path[:-65], exist_ok=True)
+                made.add(path[:-65])
+            with open(path, "wb") as f:
+                f.write(content)
+            medium_hash = medium_hashes[n % media]
+            ino = next(self._inodes)
+            inode_rows.append((medium_hash, 1, ino, paths_per_blob, len(content), "f", blobid, True, True))
+            for k in range(paths_per_blob):
+                stored = b"/mnt/ntt/%s/d%03d/f%07d-%d" % (medium_hash.encode(), (n * 7 + k) % directories, n, k)
+                path_rows.append((medium_hash, 1, ino, stored, blobid))
+        with self.conn.cursor().copy("COPY blobs (blobid) FROM STDIN") as copy:
+            for row in inode_rows:
+                copy.write_row((row[6],))
+        with self.conn.cursor().copy("COPY inode (medium_hash, dev, ino, nlink, size, fs_type, blobid, copied, "
+                                     "by_hash_created) FROM STDIN") as copy:
+            for row in inode_rows:
+                copy.write_row(row)
+        with self.conn.cursor().copy("COPY path (medium_hash, dev, ino, path, blobid) FROM STDIN") as copy:
+            for row in path_rows:
+                copy.write_row(row)
+        self.conn.execute("ANALYZE")
+
+
+@contextlib.contextmanager
+def read_only_directory(path):
+    """A directory nobody (root included) can create entries in, for the test's duration.
+
+    Mode 0555 stops ordinary users; root ignores it, so as root the directory
+    is made immutable (chattr +i) instead.
+    """
+    import subprocess
+
+    os.chmod(path, 0o555)
+    immutable = os.geteuid() == 0
+    if immutable:
+        subprocess.run(["chattr", "+i", os.fsdecode(path)], check=True)
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", os.fsdecode(path)], check=True)
+        os.chmod(path, 0o755)

@@ -1,0 +1,58 @@
+"""Run relinker as real processes, and find and signal its workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+
+def start(argv: list[str], **kwargs) -> subprocess.Popen:
+    """`python -m relinker ARGV` in its own process group (so the group can be killed)."""
+    return subprocess.Popen([sys.executable, "-m", "relinker", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out.decode(), err.decode()
+
+
+def wait_for(condition, timeout: float = 60, interval: float = 0.01, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def range_states(conn, run_id: int | None = None) -> dict[str, int]:
+    if run_id is None:
+        run_id = conn.execute("SELECT max(run_id) FROM relinker_run").fetchone()[0]
+        if run_id is None:
+            return {}
+    return dict(conn.execute("SELECT status, count(*) FROM relinker_range WHERE run_id = %s GROUP BY status",
+                             (run_id,)).fetchall())
+
+
+def running_worker_pids(conn) -> list[int]:
+    """PIDs of the worker processes holding running ranges on this host."""
+    rows = conn.execute("SELECT worker FROM relinker_range WHERE status = 'running' AND worker IS NOT NULL")
+    return [int(w.rsplit(":", 1)[1]) for (w,) in rows]
+
+
+def kill_group(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    os.killpg(process.pid, sig)
+
+
+def children(process: subprocess.Popen) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []

@@ -1,0 +1,104 @@
+"""Kill and resume: workers and whole jobs killed mid-run, two coordinators on one run."""
+
+import json
+import os
+import random
+import signal
+
+import pytest
+
+from processes import finish, kill_group, range_states, running_worker_pids, start, wait_for
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture
+def busy(world):
+    """Enough work (about 60k links) that a run lasts long enough to be hit mid-range."""
+    world.bulk(6000, paths_per_blob=10)
+    return world
+
+
+def relink_argv(world, *args):
+    return world.argv("relink", "--no-progress", "--json", "--workers", "2", *args)
+
+
+def test_worker_killed_mid_range_is_replaced_and_its_range_redone(busy):
+    job = start(relink_argv(busy, "--ranges", "6", "--lease", "2"))
+    victim = wait_for(lambda: running_worker_pids(busy.conn), what="a running range")[0]
+    os.kill(victim, signal.SIGKILL)
+    code, out, err = finish(job)
+    assert code == 0, err
+    summary = json.loads(out)
+    busy.assert_complete(summary["run_id"])
+    assert summary["links_created"] + summary["links_present"] == 60000
+    retried = busy.conn.execute("SELECT count(*) FROM relinker_range WHERE run_id = %s AND attempts > 1",
+                                (summary["run_id"],)).fetchone()[0]
+    assert retried >= 1
+    assert "exited with -9" in err
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_whole_job_killed_at_random_moments_then_resumed(busy, seed):
+    rng = random.Random(seed)
+    for _ in range(2):
+        job = start(relink_argv(busy, "--ranges", "30"))
+        # somewhere between "a range is running" and "most ranges are done"
+        wait_for(lambda: range_states(busy.conn).get("running"), what="a running range")
+        target = rng.randint(0, 20)
+        wait_for(lambda: range_states(busy.conn).get("done", 0) >= target, what=f"{target} ranges done")
+        kill_group(job)
+        job.wait()
+    assert range_states(busy.conn).get("done", 0) < 30
+    code, out, err = finish(start(relink_argv(busy)))  # plain `relink` resumes the unfinished run
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["run_id"] == 1
+    busy.assert_complete(1)
+    # every path counted exactly once across the attempts
+    assert summary["links_created"] + summary["links_present"] == 60000
+
+
+def test_two_coordinators_share_one_run(busy):
+    first = start(relink_argv(busy, "--ranges", "40"))
+    wait_for(lambda: range_states(busy.conn).get("running"), what="the run to start")
+    second = start(relink_argv(busy, "--run", "1"))
+    results = [finish(first), finish(second)]
+    for code, _out, err in results:
+        assert code == 0, err
+    busy.assert_complete(1)
+    rows = busy.conn.execute("SELECT attempts, worker FROM relinker_range WHERE run_id = 1").fetchall()
+    assert all(attempts == 1 for attempts, _ in rows), "a range was worked twice"
+    assert len({worker for _, worker in rows}) >= 3, "the second coordinator did not take part"
+    # both report the whole run, counted once
+    for _code, out, _err in results:
+        assert json.loads(out)["links_created"] == 60000
+
+
+def test_survivor_takes_over_from_a_killed_coordinator(busy):
+    first = start(relink_argv(busy, "--ranges", "40", "--lease", "2"))
+    wait_for(lambda: range_states(busy.conn).get("running"), what="the run to start")
+    second = start(relink_argv(busy, "--run", "1", "--lease", "2"))
+    wait_for(lambda: range_states(busy.conn).get("done", 0) >= 5, what="some ranges done")
+    kill_group(first)
+    first.wait()
+    code, out, err = finish(second)
+    assert code == 0, err
+    busy.assert_complete(1)
+
+
+def test_stalled_worker_loses_its_range_after_the_lease(busy):
+    first = start(relink_argv(busy, "--ranges", "12", "--lease", "1.5", "--workers", "1"))
+    victim = wait_for(lambda: running_worker_pids(busy.conn), what="a running range")[0]
+    os.kill(victim, signal.SIGSTOP)  # alive, connected, silent
+    try:
+        second = start(relink_argv(busy, "--run", "1", "--lease", "1.5"))
+        code, out, err = finish(second)
+        assert code == 0, err
+        assert "terminating stalled session" in err
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    code, out, err = finish(first)
+    assert code == 0, err
+    busy.assert_complete(1)
+    assert "taken over" in err or "locked by another worker" in err

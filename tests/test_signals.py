@@ -1,0 +1,56 @@
+"""SIGINT and SIGTERM: a clean stop with exit 3, and a resume that ends correct."""
+
+import signal
+import time
+
+import pytest
+
+from processes import finish, kill_group, range_states, start, wait_for
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture
+def busy(world):
+    world.bulk(6000, paths_per_blob=10)
+    return world
+
+
+def relink_argv(world, *args):
+    return world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "40", *args)
+
+
+def resume_and_check(world):
+    code, _out, err = finish(start(relink_argv(world)))
+    assert code == 0, err
+    world.assert_complete(1)
+
+
+@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM to the coordinator", "SIGTERM to the group"])
+def test_one_signal_stops_cleanly_and_gives_ranges_back(busy, how):
+    job = start(relink_argv(busy))
+    wait_for(lambda: range_states(busy.conn).get("done", 0) >= 3, what="some ranges done")
+    if how == "SIGINT to the group":
+        kill_group(job, signal.SIGINT)
+    elif how == "SIGTERM to the group":
+        kill_group(job, signal.SIGTERM)
+    else:
+        job.send_signal(signal.SIGTERM)
+    code, _out, err = finish(job, timeout=30)
+    assert code == 3, err
+    assert "resume with: relinker relink --run 1" in err
+    states = range_states(busy.conn)
+    assert "running" not in states, states  # every unfinished range was given back
+    assert states.get("done", 0) < 40
+    resume_and_check(busy)
+
+
+def test_second_signal_stops_at_once_and_the_next_run_still_ends_correct(busy):
+    job = start(relink_argv(busy))
+    wait_for(lambda: range_states(busy.conn).get("done", 0) >= 3, what="some ranges done")
+    kill_group(job, signal.SIGINT)
+    time.sleep(0.01)
+    kill_group(job, signal.SIGINT)
+    code, _out, err = finish(job, timeout=30)
+    assert code == 3, err
+    resume_and_check(busy)
