@@ -65,6 +65,11 @@ class Counters:
     links_present: int = 0
     links_replaced: int = 0
     problems: int = 0
+    #: count/verify: catalogued paths not (correctly) linked
+    links_missing: int = 0
+    #: copy: by-hash files written, and their bytes
+    files_copied: int = 0
+    bytes_copied: int = 0
 
     @property
     def links(self) -> int:
@@ -247,7 +252,8 @@ SQL_TAKE_RANGE = """
 UPDATE relinker_range
 SET status = 'running', worker = %(worker)s, attempts = attempts + 1,
     claimed_at = now(), heartbeat_at = now(), finished_at = NULL,
-    blobs = 0, links_created = 0, links_present = 0, links_replaced = 0, problems = 0
+    blobs = 0, links_created = 0, links_present = 0, links_replaced = 0, problems = 0,
+    links_missing = 0, files_copied = 0, bytes_copied = 0
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s
 RETURNING attempts
 """
@@ -257,20 +263,19 @@ SELECT 1 FROM relinker_range
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
   AND worker = %(worker)s AND attempts = %(attempt)s
 """
+_COUNTER_ASSIGNMENTS = ", ".join(f"{f.name} = %({f.name})s" for f in dataclasses.fields(Counters))
 _OWNED_WHERE = """
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
   AND worker = %(worker)s AND attempts = %(attempt)s
 """
 SQL_HEARTBEAT = """
 UPDATE relinker_range
-SET heartbeat_at = now(), blobs = %(blobs)s, links_created = %(links_created)s,
-    links_present = %(links_present)s, links_replaced = %(links_replaced)s, problems = %(problems)s
+SET heartbeat_at = now(), """ + _COUNTER_ASSIGNMENTS + """
 """ + _OWNED_WHERE
 SQL_RANGE_DONE = """
 UPDATE relinker_range
 SET status = 'done', finished_at = now(), heartbeat_at = now(), last_error = NULL,
-    blobs = %(blobs)s, links_created = %(links_created)s, links_present = %(links_present)s,
-    links_replaced = %(links_replaced)s, problems = %(problems)s
+    """ + _COUNTER_ASSIGNMENTS + """
 """ + _OWNED_WHERE
 SQL_RANGE_GIVE_BACK = """
 UPDATE relinker_range SET status = 'pending', worker = NULL, heartbeat_at = NULL

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import psycopg
 
-from relinker import __version__, checkpoint, db, jobs, migrations, relink, scan
+from relinker import __version__, checkpoint, copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import Settings, add_command, config_files_from, new_parser, new_subparsers
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
 from relinker.report import Summary
@@ -79,6 +79,57 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
                             help="a different regular file at an archive path: replace it atomically "
                             "(default) or keep it and record a problem")
     relink_cmd.set_defaults(handler=cmd_relink)
+
+    copy_cmd = add_command(
+        commands, "copy", config_files,
+        help="normal mode: content into by-hash, then every archive link of the inode",
+        description="The seed's normal mode: for every regular-file inode not yet in by-hash "
+        "(by_hash_created false), read its content once, store it under by-hash/ab/cd/<blake3> "
+        "(deduplicated), link all its paths into the archive, and record blobid, by_hash_created "
+        "and n_hardlinks in batched statements. Checkpointed and resumable like relink.",
+        epilog="""examples:
+  relinker copy --dry-run                           what would be copied (reads only the catalogue)
+  relinker copy --medium photos-2019
+  relinker copy --source-prefix /mnt/ntt/abc=/media/usb1   the medium is mounted elsewhere now""",
+    )
+    add_job_options(copy_cmd)
+    copy_cmd.add_argument("--medium", metavar="NAME_OR_HASH", help="only this medium")
+    copy_cmd.add_argument("--source-prefix", action="append", default=[], metavar="OLD=NEW",
+                          help="read paths under OLD from NEW instead (repeatable)")
+    copy_cmd.set_defaults(handler=cmd_copy)
+
+    count = add_command(
+        commands, "count", config_files,
+        help="count the archive links of each blob by stat alone; fix n_hardlinks",
+        description="The seed's hardlink counter: for each blob (or the first N) count, by lstat alone, "
+        "the archive paths that are hardlinks of its by-hash file, and compare with n_hardlinks. "
+        "Blobs that disagree are reported (count-mismatch); without --dry-run the true counts are "
+        "written to n_hardlinks and expected_hardlinks. Reads no file content.",
+        epilog="examples:\n  relinker count --limit 100 --dry-run\n  relinker count --workers 4",
+    )
+    add_job_options(count)
+    count.set_defaults(handler=cmd_count)
+
+    verify_cmd = add_command(
+        commands, "verify", config_files, help="check a sample of blobs end to end",
+        description="The seed's verifier: for N blobs check the by-hash file (exists, regular, size, "
+        "and with --hash its content), every archive link (same inode) and n_hardlinks. Passing blobs "
+        "get last_checked = now(); failures are problems of a verify run.",
+        epilog="""examples:
+  relinker verify --count 100 --mode never
+  relinker verify --count 1000 --mode random --hash
+  relinker status --json | jq -r '.problem_samples[].blobid' | relinker verify --from-file -
+
+exit codes: 0 every blob passed; 1 some failed; 2 usage or preflight error.""",
+    )
+    verify_cmd.add_argument("--count", type=positive_int, default=100, metavar="N",
+                            help="how many blobs (default %(default)s)")
+    verify_cmd.add_argument("--mode", choices=verify.MODES, default="never",
+                            help="never checked (default), least recently checked, or a random sample")
+    verify_cmd.add_argument("--from-file", metavar="FILE", help="check the blob IDs listed in FILE ('-': stdin)")
+    verify_cmd.add_argument("--hash", action="store_true", help="also re-hash the content (reads every byte)")
+    verify_cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    verify_cmd.set_defaults(handler=cmd_verify)
 
     status = add_command(
         commands, "status", config_files, help="show a run's progress, open ranges and problems",
@@ -209,6 +260,45 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
     options = {"on_conflict": args.on_conflict, "only_incomplete": args.only_incomplete, "limit": args.limit}
     summary, code = jobs.run_job(relink.MODE_SPEC, job_request(args, settings, options))
     return report(summary, code, args.json, f"relinker relink --run {summary.run_id}")
+
+
+def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
+    from relinker.paths import parse_source_prefix
+
+    try:
+        remaps = [parse_source_prefix(option) for option in args.source_prefix]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    options = {"medium": args.medium, "limit": args.limit}
+    local = {"source_prefix": [(os.fsdecode(old), os.fsdecode(new)) for old, new in remaps]}
+    request = job_request(args, settings, options)
+    request.local = local
+    summary, code = jobs.run_job(copy.MODE_SPEC, request)
+    return report(summary, code, args.json, f"relinker copy --run {summary.run_id}")
+
+
+def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
+    summary, code = jobs.run_job(relink.COUNT_MODE_SPEC, job_request(args, settings, {"limit": args.limit}))
+    return report(summary, code, args.json, f"relinker count --run {summary.run_id}")
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    by_hash_root, archive_root = jobs.check_roots(settings)
+    with db.connect_for_user(settings.db_url, autocommit=True) as conn:
+        migrations.require_migrated(conn)
+        if args.from_file:
+            try:
+                blobids = verify.blob_ids_from(args.from_file)
+            except OSError as exc:
+                raise UserError(f"--from-file {args.from_file}: {exc.strerror}") from None
+            selection = "from-file"
+        else:
+            blobids = verify.select_blobs(conn, args.mode, args.count)
+            selection = args.mode
+        result = verify.verify(conn, blobids, selection=selection, by_hash_root=by_hash_root,
+                               archive_root=archive_root, rehash=args.hash)
+    print(result.as_json() if args.json else result.as_text())
+    return EXIT_OK if result.failed == 0 else EXIT_PROBLEMS
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

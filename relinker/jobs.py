@@ -49,6 +49,7 @@ class JobRequest:
 
     settings: Settings
     options: dict
+    local: dict = dataclasses.field(default_factory=dict)
     workers: int = os.cpu_count() or 1
     run_id: int | None = None
     new: bool = False
@@ -93,7 +94,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         migrations.require_migrated(conn)
         spec = WorkSpec(
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
-            options=dict(request.options), lease=request.lease, retry_timeout=request.retry_timeout,
+            options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
             verbose=settings.verbose, log_file=settings.log_file,
         )
         if request.dry_run:

@@ -65,3 +65,44 @@ def archive_components(stored: bytes) -> list[bytes]:
     if not components:
         raise UnsafePath("path names no file")
     return components
+
+
+#: Where NTT mounts a medium while it is enumerated and copied.
+NTT_MOUNT_BASE = b"/mnt/ntt"
+_LEGACY_PARTITION_PREFIX = re.compile(rb"^p\d+:(?=/)")
+
+
+def parse_source_prefix(option: str) -> tuple[bytes, bytes]:
+    """``OLD=NEW`` (as given to ``--source-prefix``) as a pair of bytes prefixes."""
+    import os
+
+    old, sep, new = option.partition("=")
+    if not sep or not old or not new:
+        raise ValueError(f"--source-prefix wants OLD=NEW, not {option!r}")
+    return os.fsencode(old).rstrip(b"/"), os.fsencode(new).rstrip(b"/")
+
+
+def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, bytes]] = ()) -> list[bytes]:
+    """Where the content of a catalogued path may be read now, most likely first.
+
+    Stored paths come in three forms: the full mount path
+    (``/mnt/ntt/<medium>/file``), a path relative to the medium's mount with a
+    leading slash (``/file``), and a legacy form with a partition prefix
+    (``p5:/mnt/ntt/<medium>/p5/file``). The path as stored (prefix removed)
+    comes first, then the same path under the medium's mount. ``remaps``
+    (``--source-prefix OLD=NEW``) move a prefix to where the medium is mounted
+    now; the first matching one applies.
+    """
+    path = _LEGACY_PARTITION_PREFIX.sub(b"", stored)
+    mount = NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace")
+    candidates = [path]
+    if path != mount and not path.startswith(mount + b"/"):
+        candidates.append(mount + path)
+    return list(dict.fromkeys(_remap(c, remaps) for c in candidates))
+
+
+def _remap(path: bytes, remaps) -> bytes:
+    for old, new in remaps:
+        if path == old or path.startswith(old + b"/"):
+            return new + path[len(old):]
+    return path

@@ -55,6 +55,8 @@ class WorkSpec:
     by_hash_root: bytes
     archive_root: bytes
     options: dict
+    #: settings of this invocation only, never stored with the run (e.g. where media are mounted here)
+    local: dict = dataclasses.field(default_factory=dict)
     run_id: int | None = None
     since: datetime.datetime | None = None
     dry_ranges: list[Range] | None = None

@@ -116,8 +116,7 @@ class RelinkWork:
         sources: dict[str, tuple[bytes, tuple[int, int]] | _Unusable] = {}
         expected: collections.Counter[str] = collections.Counter()
         linked: collections.Counter[str] = collections.Counter()
-        counters = ctx.counters
-        link = self.linker.link
+        visit = self.visit
         params = {"lo": r.lo, "hi": r.hi}
         previous_path = previous_blob = None
         tick = 0
@@ -142,21 +141,17 @@ class RelinkWork:
                 if source is UNUSABLE:
                     continue
                 try:
-                    outcome = link(source[0], source[1], archive_components(path))
+                    components = archive_components(path)
                 except UnsafePath as exc:
                     ctx.problem("unsafe-path", str(exc), blobid=blobid, path=path)
                     continue
+                try:
+                    if visit(source[0], source[1], components, ctx.counters):
+                        linked[blobid] += 1
                 except LinkProblem as exc:
                     ctx.problem(exc.kind, exc.detail, blobid=blobid, path=path)
-                    continue
-                linked[blobid] += 1
-                if outcome is Outcome.CREATED:
-                    counters.links_created += 1
-                elif outcome is Outcome.PRESENT:
-                    counters.links_present += 1
-                else:
-                    counters.links_replaced += 1
-        counters.blobs = len(sources)
+        ctx.counters.blobs = len(sources)
+        self.after_range(r, ctx, linked, expected)
         blobids = list(expected)
         arrays = {
             "blobids": blobids,
@@ -175,6 +170,20 @@ class RelinkWork:
                 conn.execute(statement, arrays)
 
         return finalize
+
+    def visit(self, source: bytes, source_id: tuple[int, int], components: list[bytes], counters) -> bool:
+        """Link one archive path; True when it is now correctly linked."""
+        outcome = self.linker.link(source, source_id, components)
+        if outcome is Outcome.CREATED:
+            counters.links_created += 1
+        elif outcome is Outcome.PRESENT:
+            counters.links_present += 1
+        else:
+            counters.links_replaced += 1
+        return True
+
+    def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
+        """Hook for modes that compare the range's findings with the catalogue."""
 
     def _source(self, blobid: str, ctx: RangeContext):
         """The blob's by-hash path and (st_dev, st_ino), or UNUSABLE."""
@@ -224,4 +233,40 @@ def plan(conn: psycopg.Connection, options: dict, workers: int, n_ranges: int | 
     return split_blob_space(n_ranges or default_range_count(n_blobs, workers), upper)
 
 
+class CountWork(RelinkWork):
+    """The seed's hardlink counter: count correct links by lstat alone, create nothing.
+
+    Blobs whose ``n_hardlinks`` disagrees with the count are reported as
+    ``count-mismatch`` problems; outside a dry run the true counts are
+    written (by the same statement relink uses).
+    """
+
+    def __init__(self, spec: WorkSpec):
+        super().__init__(spec)
+        self.linker.dry_run = True  # belt and braces: probe() never creates anyway
+
+    def visit(self, source, source_id, components, counters) -> bool:
+        st = self.linker.probe(components)
+        if st is not None and (st.st_dev, st.st_ino) == source_id:
+            counters.links_present += 1
+            return True
+        counters.links_missing += 1
+        return False
+
+    def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
+        statement = sql.SQL(SQL_RECORDED_COUNTS).format(upper=sql.SQL(UPPER_BOUND_B if r.hi is not None else ""))
+        for blobid, recorded, recorded_expected in self._connection().execute(statement, {"lo": r.lo, "hi": r.hi}):
+            actual = linked.get(blobid, 0)
+            if recorded != actual:
+                ctx.problem("count-mismatch",
+                            f"n_hardlinks was {recorded}, {actual} of {expected.get(blobid, 0)} paths are linked",
+                            blobid=blobid)
+
+
+SQL_RECORDED_COUNTS = """
+SELECT b.blobid, coalesce(b.n_hardlinks, 0), b.expected_hardlinks FROM blobs AS b
+WHERE b.blobid >= %(lo)s {upper}
+"""
+
 MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan)
+COUNT_MODE_SPEC = Mode(name="count", work=CountWork, plan=plan)

@@ -16,8 +16,8 @@ from relinker.paths import display
 
 SQL_RUN_PROGRESS = """
 SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_pending, ranges_failed,
-       blobs, links_created, links_present, links_replaced, problems,
-       extract(epoch FROM elapsed)::float8, extract(epoch FROM eta)::float8,
+       blobs, links_created, links_present, links_replaced, problems, links_missing, files_copied,
+       bytes_copied, extract(epoch FROM elapsed)::float8, extract(epoch FROM eta)::float8,
        by_hash_root, archive_root, options
 FROM relinker_run_progress WHERE run_id = %s
 """
@@ -71,11 +71,11 @@ class Summary:
         row = conn.execute(SQL_RUN_PROGRESS, (run_id,)).fetchone()
         if row is None:
             raise LookupError(run_id)
-        (run_id, mode, status, total, done, running, pending, failed, blobs, created, present, replaced,
-         problems, elapsed, eta, by_hash_root, archive_root, options) = row
+        (run_id, mode, status, total, done, running, pending, failed, *counters,
+         elapsed, eta, by_hash_root, archive_root, options) = row
         summary = cls(
             mode=mode, run_id=run_id, status=status,
-            counters=Counters(blobs, created, present, replaced, problems),
+            counters=Counters(*counters),
             problems_by_kind=dict(conn.execute(SQL_PROBLEM_KINDS, (run_id,)).fetchall()),
             problem_samples=[Problem(kind, detail, blobid, bytes(path) if path is not None else None)
                              for kind, detail, blobid, path in conn.execute(SQL_PROBLEM_SAMPLES, (run_id, SAMPLE_LIMIT))],
@@ -138,11 +138,17 @@ class Summary:
             + (f", {self.ranges_running:,} running" if self.ranges_running else ""),
         )]
         rows += [
-            ("blobs", f"{c.blobs:,}"),
+            ("inodes" if self.mode == "copy" else "blobs", f"{c.blobs:,}"),
             (f"links {verb}created", f"{c.links_created:,}"),
             ("links present", f"{c.links_present:,}"),
             (f"links {verb}replaced", f"{c.links_replaced:,}"),
             ("problems", f"{c.problems:,}" + (f" ({kinds})" if kinds else "")),
+        ]
+        if self.mode in ("count", "verify") or c.links_missing:
+            rows.append(("links missing", f"{c.links_missing:,}"))
+        if self.mode == "copy":
+            rows.append((f"by-hash files {verb}written", f"{c.files_copied:,} ({c.bytes_copied:,} bytes)"))
+        rows += [
             ("elapsed", f"{self.elapsed_seconds:,.1f} s ({self.links_per_second:,.0f} links/s)"),
         ]
         width = max(len(label) for label, _ in rows) + 2

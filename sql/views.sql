@@ -40,6 +40,9 @@ SELECT r.run_id,
        coalesce(sum(g.links_present), 0)::bigint  AS links_present,
        coalesce(sum(g.links_replaced), 0)::bigint AS links_replaced,
        coalesce(sum(g.problems), 0)::bigint       AS problems,
+       coalesce(sum(g.links_missing), 0)::bigint  AS links_missing,
+       coalesce(sum(g.files_copied), 0)::bigint   AS files_copied,
+       coalesce(sum(g.bytes_copied), 0)::bigint   AS bytes_copied,
        round(100.0 * count(g.range_no) FILTER (WHERE g.status = 'done')
              / greatest(count(g.range_no), 1), 1) AS percent_done,
        coalesce(r.finished_at, now()) - r.started_at AS elapsed,
@@ -65,7 +68,7 @@ SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.in
        g.worker, g.attempts, g.claimed_at, g.heartbeat_at,
        now() - g.heartbeat_at AS heartbeat_age,
        g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
-       g.last_error
+       g.links_missing, g.files_copied, g.bytes_copied, g.last_error
 FROM relinker_range g
 WHERE g.status <> 'done';
 

@@ -79,6 +79,7 @@ class ArchiveWorld:
         self.archive.mkdir(parents=True, exist_ok=True)
         self.conn = psycopg.connect(dsn, autocommit=True)
         self._inodes = itertools.count(1000)
+        self._sizes: dict[str, int] = {}
 
     def close(self):
         self.conn.close()
@@ -106,6 +107,7 @@ class ArchiveWorld:
     def blob(self, content: bytes, *, store: bool = True) -> str:
         """A blob row for ``content``, with its by-hash file unless ``store`` is False."""
         blobid = blake3.blake3(content).hexdigest()
+        self._sizes[blobid] = len(content)
         if store:
             path = by_hash_path(self.by_hash_root, blobid)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -122,8 +124,9 @@ class ArchiveWorld:
         ino = next(self._inodes)
         self.conn.execute(
             "INSERT INTO inode (medium_hash, dev, ino, nlink, size, fs_type, blobid, copied, by_hash_created) "
-            "VALUES (%s, 1, %s, %s, 0, %s, %s, %s, %s)",
-            (medium_hash, ino, len(paths), fs_type, blobid, blobid is not None, blobid is not None))
+            "VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s)",
+            (medium_hash, ino, len(paths), self._sizes.get(blobid, 0), fs_type, blobid, blobid is not None,
+             blobid is not None))
         with self.conn.cursor().copy(
                 "COPY path (medium_hash, dev, ino, path, blobid, exclude_reason) FROM STDIN") as copy:
             for p in paths:

@@ -1,0 +1,400 @@
+"""Copy mode (the seed's normal mode): content into by-hash, then the archive links.
+
+For every regular-file inode whose content is not in by-hash yet
+(``by_hash_created`` false), in checkpointed ranges of inodes:
+
+1. read the content once from a source path, hashing with BLAKE3 while
+   writing an unnamed temporary file (``O_TMPFILE``) in the by-hash root;
+   fsync; link it in as ``ab/cd/<hex>`` unless that exists (deduplication).
+   A kill at any moment leaves no partial file under a by-hash name: the
+   temporary has no name until it is complete, and vanishes with the process;
+2. link every path of the inode into the archive (the linker relink uses);
+3. at the end of the range, in one transaction: ``inode.blobid``,
+   ``by_hash_created``, ``copied``, the ``blobs`` rows, ``path.blobid``, the
+   errors of inodes that could not be read, and ``blobs.n_hardlinks`` of
+   every blob the range touched, each as one batched statement.
+
+``n_hardlinks`` here is the by-hash file's link count minus one, capped at the
+blob's catalogued path count: exact while no links exist outside the
+catalogue (``relinker count`` recounts path by path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import stat
+
+import blake3
+import psycopg
+
+from relinker import db
+from relinker.checkpoint import Range
+from relinker.errors import UserError
+from relinker.jobs import Mode
+from relinker.linker import ArchiveLinker, LinkProblem, Outcome
+from relinker.paths import UnsafePath, archive_components, by_hash_relpath, display, source_candidates
+from relinker.pool import RangeContext, WorkSpec
+
+log = logging.getLogger(__name__)
+
+MODE = "copy"
+INODES_PER_RANGE = 500
+READ_CHUNK = 1 << 20
+FILE_MODE = 0o444
+DIRECTORY_MODE = 0o755
+#: Named temporaries, where O_TMPFILE is unavailable, live here (same filesystem).
+TEMP_DIRECTORY = b".relinker-tmp"
+
+SQL_RANGE_WORK = """
+COPY (
+    SELECT i.ino, i.size, p.path
+    FROM inode AS i
+    JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
+    WHERE i.medium_hash = %(medium)s AND i.ino >= %(ino_lo)s AND i.ino < %(ino_hi)s
+      AND i.fs_type = 'f' AND NOT coalesce(i.by_hash_created, false) AND p.exclude_reason IS NULL
+    ORDER BY i.ino, p.path
+) TO STDOUT (FORMAT BINARY)
+"""
+SQL_NEW_BLOBS = """
+INSERT INTO blobs (blobid) SELECT DISTINCT unnest(%(blobids)s::text[]) ON CONFLICT (blobid) DO NOTHING
+"""
+SQL_MARK_INODES = """
+UPDATE inode AS i
+SET blobid = c.blobid, by_hash_created = true, copied = true, processed_at = now()
+FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
+WHERE i.medium_hash = %(medium)s AND i.ino = c.ino
+"""
+SQL_MARK_PATHS = """
+UPDATE path AS p SET blobid = c.blobid
+FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
+WHERE p.medium_hash = %(medium)s AND p.ino = c.ino AND p.blobid IS DISTINCT FROM c.blobid
+"""
+SQL_INODE_ERRORS = """
+UPDATE inode AS i SET errors = array_append(coalesce(i.errors, '{}'), c.error), processed_at = now()
+FROM unnest(%(error_inos)s::bigint[], %(errors)s::text[]) AS c(ino, error)
+WHERE i.medium_hash = %(medium)s AND i.ino = c.ino
+"""
+SQL_BLOB_COUNTS = """
+UPDATE blobs AS b
+SET n_hardlinks = least(c.links, e.expected), expected_hardlinks = e.expected
+FROM unnest(%(count_blobids)s::text[], %(links)s::int[]) AS c(blobid, links)
+CROSS JOIN LATERAL (
+    SELECT count(DISTINCT p.path)::int AS expected
+    FROM inode AS i JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
+    WHERE i.blobid = c.blobid AND i.fs_type = 'f' AND p.exclude_reason IS NULL
+) AS e
+WHERE b.blobid = c.blobid
+"""
+
+
+class SourceProblem(Exception):
+    """The inode's content could not be read as catalogued."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclasses.dataclass
+class Stored:
+    blobid: str
+    path: bytes
+    written: bool
+    size: int
+
+
+class ByHashStore:
+    """Writes content into the by-hash store, never a partial file under a by-hash name."""
+
+    def __init__(self, root: bytes):
+        self.root = root
+        self._made: set[bytes] = set()
+        self._temp_counter = itertools.count()
+        self.use_tmpfile = self._tmpfile_works()
+        self.touched_directories: set[bytes] = set()
+
+    def _tmpfile_works(self) -> bool:
+        try:
+            fd = os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
+        except OSError:
+            return False
+        os.close(fd)
+        return os.path.isdir("/proc/self/fd")
+
+    def store(self, source_fd: int, expected_size: int | None) -> Stored:
+        """Copy an open source into by-hash; return where its content lives.
+
+        Trouble with the source is a :class:`SourceProblem`; any other
+        ``OSError`` is trouble with the store itself and propagates.
+        """
+        before = os.fstat(source_fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise SourceProblem("source-unreadable", "not a regular file")
+        if expected_size is not None and before.st_size != expected_size:
+            raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}")
+        temp_fd, temp_name = self._temporary()
+        try:
+            hasher = blake3.blake3()
+            size = 0
+            while True:
+                try:
+                    chunk = os.read(source_fd, READ_CHUNK)
+                except OSError as exc:
+                    raise SourceProblem("source-unreadable", exc.strerror) from None
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(temp_fd, view):]
+                size += len(chunk)
+            after = os.fstat(source_fd)
+            if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise SourceProblem("source-changed", "changed while being read")
+            os.fchmod(temp_fd, FILE_MODE)
+            os.fsync(temp_fd)
+            blobid = hasher.hexdigest()
+            final = self.root + b"/" + by_hash_relpath(blobid)
+            written = self._link_into_place(temp_fd, temp_name, final)
+            return Stored(blobid, final, written, size)
+        finally:
+            os.close(temp_fd)
+            if temp_name is not None:
+                try:
+                    os.unlink(temp_name)
+                except FileNotFoundError:
+                    pass
+
+    def _link_into_place(self, temp_fd: int, temp_name: bytes | None, final: bytes) -> bool:
+        """Give the complete temporary its by-hash name; False if the name exists (dedup)."""
+        directory = os.path.dirname(final)
+        self._directories_for(directory)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if temp_name is None:
+                # linkat(AT_SYMLINK_FOLLOW) on the /proc magic link names the
+                # unnamed file; a dir_fd makes os.link use linkat, not link().
+                os.link(f"/proc/self/fd/{temp_fd}", os.path.basename(final), dst_dir_fd=dir_fd,
+                        follow_symlinks=True)
+            else:
+                os.link(temp_name, os.path.basename(final), dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        finally:
+            os.close(dir_fd)
+        self.touched_directories.add(directory)
+        return True
+
+    def _temporary(self) -> tuple[int, bytes | None]:
+        if self.use_tmpfile:
+            return os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), None
+        directory = self.root + b"/" + TEMP_DIRECTORY
+        self._mkdir(directory)
+        name = b"%s/%d-%d" % (directory, os.getpid(), next(self._temp_counter))
+        return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), name
+
+    def _directories_for(self, level2: bytes) -> None:
+        if level2 not in self._made:
+            self._mkdir(os.path.dirname(level2))
+            self._mkdir(level2)
+            self._made.add(level2)
+
+    @staticmethod
+    def _mkdir(path: bytes) -> None:
+        try:
+            os.mkdir(path, DIRECTORY_MODE)
+            os.chmod(path, DIRECTORY_MODE)  # whatever the umask
+        except FileExistsError:
+            pass
+
+    def sync_directories(self) -> None:
+        """Make new by-hash names durable before the catalogue says they exist."""
+        for directory in self.touched_directories:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.touched_directories.clear()
+
+
+class CopyWork:
+    """Processes copy ranges (inodes of one medium) in one worker process."""
+
+    def __init__(self, spec: WorkSpec):
+        self.spec = spec
+        self.remaps = [(os.fsencode(old), os.fsencode(new)) for old, new in spec.local.get("source_prefix", [])]
+        self.store = None if spec.dry_run else ByHashStore(spec.by_hash_root)
+        self.linker = None if spec.dry_run else ArchiveLinker(spec.archive_root)
+        self._conn: psycopg.Connection | None = None
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self.spec.dsn, autocommit=True)
+        return self._conn
+
+    def reset(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self.reset()
+        if self.linker is not None:
+            self.linker.close()
+
+    def _inodes(self, r: Range):
+        """(ino, size, [paths]) of the range, streamed."""
+        params = {"medium": r.medium_hash, "ino_lo": r.ino_lo, "ino_hi": r.ino_hi}
+        with self._connection().cursor().copy(SQL_RANGE_WORK, params) as copy:
+            copy.set_types(["int8", "int8", "bytea"])
+            for ino, group in itertools.groupby(copy.rows(), key=lambda row: row[0]):
+                rows = list(group)
+                yield ino, rows[0][1], [path for _, _, path in rows]
+
+    def process(self, r: Range, ctx: RangeContext):
+        counters = ctx.counters
+        inos, inode_blobids, error_inos, errors = [], [], [], []
+        touched: dict[str, bytes] = {}
+        for ino, size, paths in self._inodes(r):
+            ctx.tick()
+            if self.spec.dry_run:
+                counters.blobs += 1
+                counters.links_created += len(paths)
+                counters.files_copied += 1
+                counters.bytes_copied += size or 0
+                continue
+            try:
+                stored = self._copy(r.medium_hash, paths, size)
+            except SourceProblem as exc:
+                ctx.problem(exc.kind, exc.detail, path=paths[0])
+                error_inos.append(ino)
+                errors.append(f"relinker copy: {exc.kind}: {exc.detail}")
+                continue
+            counters.blobs += 1
+            if stored.written:
+                counters.files_copied += 1
+                counters.bytes_copied += stored.size
+            inos.append(ino)
+            inode_blobids.append(stored.blobid)
+            touched[stored.blobid] = stored.path
+            self._link_all(stored, paths, ctx)
+        if self.spec.dry_run:
+            return lambda conn: None
+        self.store.sync_directories()
+        links = [os.stat(path).st_nlink - 1 for path in touched.values()]
+        params = dict(medium=r.medium_hash, blobids=inode_blobids, inos=inos, inode_blobids=inode_blobids,
+                      error_inos=error_inos, errors=errors, count_blobids=list(touched), links=links)
+
+        def finalize(conn: psycopg.Connection) -> None:
+            conn.execute(SQL_NEW_BLOBS, params)
+            conn.execute(SQL_MARK_INODES, params)
+            conn.execute(SQL_MARK_PATHS, params)
+            if error_inos:
+                conn.execute(SQL_INODE_ERRORS, params)
+            conn.execute(SQL_BLOB_COUNTS, params)
+
+        return finalize
+
+    def _copy(self, medium_hash: str, paths: list[bytes], size: int | None) -> Stored:
+        """Read the inode's content from the first source that opens."""
+        failures = []
+        for stored_path in paths:
+            for candidate in source_candidates(stored_path, medium_hash, self.remaps):
+                try:
+                    fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                except OSError as exc:
+                    failures.append(f"{display(candidate)}: {exc.strerror}")
+                    continue
+                try:
+                    return self.store.store(fd, size)
+                except SourceProblem as exc:
+                    if exc.kind == "source-changed":
+                        raise
+                    failures.append(f"{display(candidate)}: {exc.detail}")
+                finally:
+                    os.close(fd)
+        raise SourceProblem("source-unreadable", "; ".join(failures[:3]) or "no source path")
+
+    def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> None:
+        st = os.stat(stored.path)
+        source_id = (st.st_dev, st.st_ino)
+        counters = ctx.counters
+        for path in paths:
+            try:
+                outcome = self.linker.link(stored.path, source_id, archive_components(path))
+            except UnsafePath as exc:
+                ctx.problem("unsafe-path", str(exc), blobid=stored.blobid, path=path)
+                continue
+            except LinkProblem as exc:
+                ctx.problem(exc.kind, exc.detail, blobid=stored.blobid, path=path)
+                continue
+            if outcome is Outcome.CREATED:
+                counters.links_created += 1
+            elif outcome is Outcome.PRESENT:
+                counters.links_present += 1
+            else:
+                counters.links_replaced += 1
+
+
+# --- planning -----------------------------------------------------------------
+
+SQL_MEDIUM = "SELECT medium_hash FROM medium WHERE medium_hash = %(m)s OR medium_human = %(m)s"
+_INODES_TO_COPY = """
+    SELECT i.medium_hash, i.ino
+    FROM inode AS i
+    WHERE i.fs_type = 'f' AND NOT coalesce(i.by_hash_created, false)
+      AND (%(medium)s::text IS NULL OR i.medium_hash = %(medium)s)
+      AND EXISTS (SELECT 1 FROM relinker_path AS p
+                  WHERE p.medium_hash = i.medium_hash AND p.ino = i.ino AND p.exclude_reason IS NULL)
+    ORDER BY i.medium_hash, i.ino
+    LIMIT %(limit)s
+"""
+SQL_PLAN = "COPY (" + _INODES_TO_COPY + ") TO STDOUT (FORMAT BINARY)"
+SQL_PLAN_COUNT = "SELECT count(*) FROM (" + _INODES_TO_COPY + ") AS todo"
+
+
+def resolve_medium(conn: psycopg.Connection, name_or_hash: str) -> str:
+    """A medium's hash from its hash or human name (UserError if unknown or ambiguous)."""
+    rows = conn.execute(SQL_MEDIUM, {"m": name_or_hash}).fetchall()
+    if len(rows) != 1:
+        raise UserError(f"{'unknown' if not rows else 'ambiguous'} medium {name_or_hash!r}")
+    return rows[0][0]
+
+
+def plan(conn: psycopg.Connection, options: dict, workers: int, n_ranges: int | None) -> list[tuple]:
+    """Ranges of inodes to copy: ``('', None, medium_hash, ino_lo, ino_hi)``, ino_hi exclusive.
+
+    Inode numbers are not uniform, so the bounds come from the inodes
+    themselves, streamed in key order: every range holds the same number of
+    inodes (``INODES_PER_RANGE``, or an equal share of ``n_ranges``).
+    """
+    medium = resolve_medium(conn, options["medium"]) if options.get("medium") else None
+    options["medium"] = medium
+    params = {"medium": medium, "limit": options.get("limit")}
+    per_range = INODES_PER_RANGE
+    if n_ranges:
+        total = conn.execute(SQL_PLAN_COUNT, params).fetchone()[0]
+        per_range = max(1, -(-total // n_ranges))
+    ranges: list[tuple] = []
+    current: list = []  # [medium_hash, first ino, last ino, count]
+    with conn.cursor().copy(SQL_PLAN, params) as copy:
+        copy.set_types(["text", "int8"])
+        for medium_hash, ino in copy.rows():
+            if current and (current[0] != medium_hash or current[3] == per_range):
+                ranges.append(("", None, current[0], current[1], current[2] + 1))
+                current = []
+            if not current:
+                current = [medium_hash, ino, ino, 0]
+            current[2] = ino
+            current[3] += 1
+    if current:
+        ranges.append(("", None, current[0], current[1], current[2] + 1))
+    return ranges
+
+
+MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan)

@@ -1,0 +1,172 @@
+"""`relinker copy` (the seed's normal mode) on real trees, including a kill and a resume."""
+
+import json
+import os
+import threading
+import time
+
+import blake3
+import pytest
+
+from relinker import scan
+from relinker.cli import main
+from relinker.copy import ByHashStore, SourceProblem
+from processes import finish, kill_group, range_states, start, wait_for
+
+
+def copy(world, capsys, *args):
+    code = main(world.argv("copy", "--json", "--workers", "2", "--no-progress", *args))
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """Duplicate contents, hardlinks, a symlink, an empty file, odd names."""
+    root = tmp_path / "disk"
+    (root / "docs").mkdir(parents=True)
+    (root / "copies").mkdir()
+    (root / "docs" / "licence.txt").write_bytes(b"MIT licence text\n" * 100)
+    (root / "copies" / "LICENSE").write_bytes(b"MIT licence text\n" * 100)   # same content, other inode
+    (root / "docs" / "notes.txt").write_bytes(b"notes")
+    os.link(root / "docs" / "notes.txt", root / "copies" / "notes-hardlink")  # same inode
+    (root / "empty").write_bytes(b"")
+    (root / "link-to-notes").symlink_to("docs/notes.txt")
+    with open(os.fsencode(root) + b"/caf\xe9\r", "wb") as f:
+        f.write(b"odd name")
+    return root
+
+
+def by_hash_files(world):
+    found = {}
+    for directory, _dirs, files in os.walk(world.by_hash_root):
+        for name in files:
+            path = os.path.join(directory, name)
+            found[name.decode()] = path
+    return found
+
+
+def test_scan_then_copy_stores_each_content_once_and_links_every_path(world, capsys, tree):
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    code, summary = copy(world, capsys)
+    assert code == 0, summary
+    assert summary["blobs"] == 5  # regular-file inodes: licence x2, notes, empty, odd name
+    assert summary["files_copied"] == 4  # the two licence inodes share one by-hash file
+    assert summary["links_created"] == 6
+    stored = by_hash_files(world)
+    assert len(stored) == 4
+    for name, path in stored.items():
+        assert blake3.blake3(open(path, "rb").read()).hexdigest() == name
+        assert os.stat(path).st_mode & 0o777 == 0o444
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE fs_type = 'f' AND NOT by_hash_created "
+                              "OR (fs_type = 'f' AND blobid IS NULL)").fetchone() == (0,)
+    assert world.conn.execute("SELECT count(*) FROM path WHERE blobid IS NOT NULL").fetchone() == (6,)
+    world.assert_complete(summary["run_id"])
+    licence = blake3.blake3(b"MIT licence text\n" * 100).hexdigest()
+    assert world.n_hardlinks()[licence] == 2
+    assert os.stat(by_hash_path_of(world, licence)).st_nlink == 3
+    # a second copy has nothing left to do
+    code, summary = copy(world, capsys, "--new")
+    assert code == 0 and summary["blobs"] == 0 and summary["ranges_total"] == 0
+
+
+def by_hash_path_of(world, blobid):
+    from relinker.paths import by_hash_path
+    return by_hash_path(world.by_hash_root, blobid)
+
+
+def test_dry_run_reads_only_the_catalogue(world, capsys, tree):
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    os.chmod(tree / "docs", 0)  # would make reading fail (for non-root): a dry run must not care
+    try:
+        code, summary = copy(world, capsys, "--dry-run")
+    finally:
+        os.chmod(tree / "docs", 0o755)
+    assert code == 0 and summary["dry_run"] and summary["blobs"] == 5 and summary["links_created"] == 6
+    assert by_hash_files(world) == {} and os.listdir(world.archive) == []
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (0,)
+    assert world.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (0,)
+
+
+def test_unreadable_and_changed_sources_are_problems(world, capsys, tree):
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    os.unlink(tree / "empty")                                   # gone since the scan
+    (tree / "docs" / "licence.txt").write_bytes(b"rewritten")   # changed since the scan
+    os.unlink(os.fsencode(tree) + b"/caf\xe9\r")                # replaced by a symlink: never followed
+    os.symlink("/etc/hostname", os.fsencode(tree) + b"/caf\xe9\r")
+    code, summary = copy(world, capsys)
+    assert code == 1
+    assert summary["problems_by_kind"] == {"source-unreadable": 2, "source-changed": 1}
+    assert summary["blobs"] == 2  # LICENSE and notes
+    errors = dict(world.conn.execute(
+        "SELECT p.path, i.errors FROM inode i JOIN path p USING (medium_hash, ino) "
+        "WHERE cardinality(i.errors) > 0").fetchall())
+    assert len(errors) == 3
+    assert all(e[0].startswith("relinker copy: source-") for e in errors.values())
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (2,)
+
+
+def test_source_prefix_reads_a_medium_mounted_elsewhere(world, capsys, tree, tmp_path):
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    moved = tmp_path / "mounted-here-now"
+    os.rename(tree, moved)
+    code, summary = copy(world, capsys, "--source-prefix", f"{tree}={moved}")
+    assert code == 0 and summary["blobs"] == 5
+    # the archive keeps the catalogued path
+    assert os.path.exists(world.archive_path(os.fsencode(tree) + b"/docs/notes.txt"))
+
+
+def test_source_changing_while_read_is_detected(tmp_path):
+    source = tmp_path / "growing"
+    source.write_bytes(b"x" * (32 << 20))
+    store_root = tmp_path / "by-hash"
+    store_root.mkdir()
+    stop = threading.Event()
+
+    def keep_appending():
+        with open(source, "ab") as f:
+            while not stop.is_set():
+                f.write(b"y" * 4096)
+                f.flush()
+                time.sleep(0.0005)
+
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        time.sleep(0.01)
+        fd = os.open(source, os.O_RDONLY)
+        with pytest.raises(SourceProblem) as problem:
+            ByHashStore(os.fsencode(store_root)).store(fd, None)
+        os.close(fd)
+    finally:
+        stop.set()
+        writer.join()
+    assert problem.value.kind == "source-changed"
+    assert [n for n in os.listdir(store_root)] == []  # nothing under a by-hash name
+
+
+@pytest.mark.reliability
+def test_copy_killed_mid_run_then_resumed(world, tmp_path):
+    root = tmp_path / "big"
+    for d in range(20):
+        (root / f"d{d:02d}").mkdir(parents=True)
+        for f in range(60):
+            content = os.urandom(8192) if f % 3 else b"shared %d" % (f % 7)
+            (root / f"d{d:02d}" / f"f{f:03d}").write_bytes(content)
+    scan.scan_tree(world.conn, "big", os.fsencode(root))
+    argv = world.argv("copy", "--no-progress", "--json", "--workers", "2", "--ranges", "40")
+    job = start(argv)
+    wait_for(lambda: range_states(world.conn).get("done", 0) >= 4, what="some ranges done")
+    kill_group(job)
+    job.wait()
+    assert range_states(world.conn).get("done", 0) < 40
+    # nothing partial under a by-hash name, and no inode claims a file that is not there
+    for name, path in by_hash_files(world).items():
+        assert blake3.blake3(open(path, "rb").read()).hexdigest() == name
+    for (blobid,) in world.conn.execute("SELECT blobid FROM inode WHERE by_hash_created"):
+        assert os.path.exists(by_hash_path_of(world, blobid))
+    code, out, err = finish(start(argv))
+    assert code == 0, err
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE fs_type = 'f' AND NOT by_hash_created"
+                              ).fetchone() == (0,)
+    world.assert_complete(json.loads(out)["run_id"])
+    assert not os.path.exists(world.by_hash / ".relinker-tmp") or os.listdir(world.by_hash / ".relinker-tmp") == []
