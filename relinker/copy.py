@@ -35,7 +35,7 @@ from relinker.checkpoint import Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, LinkProblem, Outcome
-from relinker.paths import UnsafePath, archive_components, by_hash_relpath, display, source_candidates
+from relinker.paths import UnsafePath, by_hash_relpath, display, source_candidates
 from relinker.pool import RangeContext, WorkSpec
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,13 @@ COPY (
     ORDER BY i.ino, p.path
 ) TO STDOUT (FORMAT BINARY)
 """
+# Sorted, like the lock below, so two workers never wait on each other in a cycle.
 SQL_NEW_BLOBS = """
-INSERT INTO blobs (blobid) SELECT DISTINCT unnest(%(blobids)s::text[]) ON CONFLICT (blobid) DO NOTHING
+INSERT INTO blobs (blobid) SELECT b FROM unnest(%(count_blobids)s::text[]) AS b ORDER BY b
+ON CONFLICT (blobid) DO NOTHING
+"""
+SQL_LOCK_BLOBS = """
+SELECT blobid FROM blobs WHERE blobid = ANY(%(count_blobids)s) ORDER BY blobid FOR UPDATE
 """
 SQL_MARK_INODES = """
 UPDATE inode AS i
@@ -234,7 +239,7 @@ class CopyWork:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.spec.dsn, autocommit=True)
+            self._conn = db.connect_for_ranges(self.spec.dsn)
         return self._conn
 
     def reset(self) -> None:
@@ -286,12 +291,17 @@ class CopyWork:
         if self.spec.dry_run:
             return lambda conn: None
         self.store.sync_directories()
-        links = [os.stat(path).st_nlink - 1 for path in touched.values()]
-        params = dict(medium=r.medium_hash, blobids=inode_blobids, inos=inos, inode_blobids=inode_blobids,
-                      error_inos=error_inos, errors=errors, count_blobids=list(touched), links=links)
+        count_blobids = sorted(touched)
+        params = dict(medium=r.medium_hash, inos=inos, inode_blobids=inode_blobids,
+                      error_inos=error_inos, errors=errors, count_blobids=count_blobids)
 
         def finalize(conn: psycopg.Connection) -> None:
             conn.execute(SQL_NEW_BLOBS, params)
+            # Workers copying other inodes of the same content link to the
+            # same by-hash file: holding the blob rows while reading the link
+            # count makes the last commit carry the latest count.
+            conn.execute(SQL_LOCK_BLOBS, params)
+            params["links"] = [os.stat(touched[b]).st_nlink - 1 for b in count_blobids]
             conn.execute(SQL_MARK_INODES, params)
             conn.execute(SQL_MARK_PATHS, params)
             if error_inos:
@@ -326,7 +336,7 @@ class CopyWork:
         counters = ctx.counters
         for path in paths:
             try:
-                outcome = self.linker.link(stored.path, source_id, archive_components(path))
+                outcome = self.linker.link(stored.path, source_id, path)
             except UnsafePath as exc:
                 ctx.problem("unsafe-path", str(exc), blobid=stored.blobid, path=path)
                 continue

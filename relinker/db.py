@@ -37,6 +37,17 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
     )
 
 
+def connect_for_ranges(dsn: str) -> psycopg.Connection:
+    """A worker's data connection, streaming one range at a time.
+
+    Parallel query would only add process start-up to each small range
+    query and take cores from the workers themselves.
+    """
+    conn = connect(dsn, autocommit=True)
+    conn.execute("SET max_parallel_workers_per_gather = 0")
+    return conn
+
+
 def connect_for_user(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
     """Open a connection for a CLI command; failure becomes one clear line."""
     try:
@@ -46,6 +57,20 @@ def connect_for_user(dsn: str, *, autocommit: bool = False) -> psycopg.Connectio
             f"cannot connect to the catalogue database: {first_line(exc)} "
             "(set --db-url, RELINKER_DB_URL or the PG* variables)"
         ) from None
+
+
+def text_array(values) -> str:
+    """A PostgreSQL array literal for ``values`` (str), to bind as one ``text[]`` parameter.
+
+    Building the literal with join is several times faster than letting the
+    driver adapt a list of thousands of strings element by element.
+    """
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
+def int_array(values) -> str:
+    """A PostgreSQL array literal for ``values`` (int), to bind as one ``int[]``/``bigint[]`` parameter."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,15 +1,16 @@
 """Create archive hardlinks safely: the only module that changes the archive tree.
 
-Every operation is relative to a directory file descriptor opened with
-``O_NOFOLLOW``, starting at the archive root, so a symlink planted anywhere in
-the archive tree is reported, never followed, and no catalogue path can make
-relinker create anything outside the root. Existing directories are never
-removed; a stale regular file is replaced atomically (link to a temporary
-name, then rename over it).
+Every operation is relative to a directory file descriptor, and every
+directory is opened with ``O_NOFOLLOW`` one component at a time from the
+archive root, so a symlink planted anywhere in the archive tree is reported,
+never followed, and no catalogue path can make relinker create anything
+outside the root. Existing directories are never removed; a stale regular
+file is replaced atomically (link to a temporary name, then rename over it).
 
-Callers feed paths sorted by archive path: the linker keeps the chain of open
-directories of the previous path and reuses its common prefix, so a directory
-is opened (or created) once per run of paths below it, not once per link.
+Directory descriptors are cached by relative path, so the common case, a link
+into a directory seen before, costs one ``linkat`` and nothing else; a re-run
+over a complete archive costs one ``fstatat`` per path (the linker guesses
+which of the two to try first from the previous outcome).
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import resource
 import stat
 
 import blake3
 
-from relinker.paths import display
+from relinker.paths import display, split_archive_path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIRECTORY_MODE = 0o755
 TEMP_PREFIX = b".relinker-"
 TEMP_SUFFIX = b".tmp"
+#: Upper bound of open directory descriptors kept per linker (half are
+#: dropped when full); the real bound also respects RLIMIT_NOFILE.
+DIRECTORY_CACHE = 16384
+#: Cache value of a directory that does not exist (dry runs and probes only).
+_MISSING = -1
 
 
 class Outcome(enum.Enum):
@@ -50,7 +57,8 @@ class ArchiveLinker:
     ``on_conflict`` decides what happens to a regular file that is not the
     blob's inode: ``replace`` it (default) or ``keep`` it and report a problem.
     With ``dry_run`` nothing is created, renamed or removed; outcomes are
-    predicted from what is on disk.
+    predicted from what is on disk. Paths are catalogued paths (bytes);
+    unsafe ones raise :class:`relinker.paths.UnsafePath`.
     """
 
     def __init__(self, archive_root: bytes, *, on_conflict: str = "replace", dry_run: bool = False):
@@ -59,16 +67,21 @@ class ArchiveLinker:
         self.on_conflict = on_conflict
         self.dry_run = dry_run
         self._root_fd = os.open(archive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        # (name, fd) of the open directory chain below the root. fd None: a
-        # directory a dry run would have created (everything below is new).
-        self._chain: list[tuple[bytes, int | None]] = []
+        self._directories: dict[bytes, int] = {b"": self._root_fd}
+        self._capacity = directory_cache_size()
+        # mkdir(0o755) gives rwxr-xr-x unless the umask takes more away: only
+        # then is an fchmod worth its journal write.
+        umask = os.umask(0)
+        os.umask(umask)
+        self._fix_mode = bool(umask & DIRECTORY_MODE)
+        self._expect_present = False
 
     def close(self) -> None:
         """Close every directory descriptor; the linker cannot be used afterwards."""
-        self._truncate_chain(0)
-        if self._root_fd >= 0:
-            os.close(self._root_fd)
-            self._root_fd = -1
+        for fd in self._directories.values():
+            if fd >= 0:
+                os.close(fd)
+        self._directories.clear()
 
     def __enter__(self) -> "ArchiveLinker":
         return self
@@ -76,57 +89,70 @@ class ArchiveLinker:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def link(self, source: bytes, source_id: tuple[int, int], components: list[bytes]) -> Outcome:
-        """Make ``components`` (an archive path) a hardlink of ``source``.
+    def link(self, source: bytes, source_id: tuple[int, int], stored: bytes) -> Outcome:
+        """Make the archive path of ``stored`` a hardlink of ``source``.
 
         ``source_id`` is the ``(st_dev, st_ino)`` of ``source``, stat'ed once
         per blob by the caller. Raises :class:`LinkProblem` for anything that
         is not an ordinary link operation.
         """
-        dir_fd = self._directory(components[:-1])
-        name = components[-1]
-        if dir_fd is None:
-            return Outcome.CREATED  # dry run, inside a directory that would be created
-        if self.dry_run:
+        parent, name = split_archive_path(stored)
+        dir_fd = self._directories.get(parent)
+        if dir_fd is None or (dir_fd == _MISSING and not self.dry_run):
+            dir_fd = self._open_directories(parent, create=not self.dry_run)
+        if dir_fd == _MISSING:
+            return Outcome.CREATED  # dry run, below a directory that would be created
+        if self._expect_present or self.dry_run:
+            # Re-checking a complete archive: one fstatat answers most paths.
             try:
                 existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                return Outcome.CREATED
+                existing = None
             except OSError as exc:
-                raise _link_problem(exc, source, components) from None
-            return self._existing(source, source_id, dir_fd, name, existing)
+                raise _link_problem(exc, source, stored) from None
+            if existing is not None:
+                if existing.st_ino == source_id[1] and existing.st_dev == source_id[0]:
+                    return Outcome.PRESENT
+                return self._existing(source, dir_fd, name, existing, stored)
+            self._expect_present = False
+            if self.dry_run:
+                return Outcome.CREATED
         try:
             os.link(source, name, dst_dir_fd=dir_fd, follow_symlinks=False)
             return Outcome.CREATED
         except FileExistsError:
             pass
         except OSError as exc:
-            raise _link_problem(exc, source, components) from None
+            raise _link_problem(exc, source, stored) from None
         try:
             existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
-            raise _link_problem(exc, source, components) from None
-        return self._existing(source, source_id, dir_fd, name, existing)
+            raise _link_problem(exc, source, stored) from None
+        if existing.st_ino == source_id[1] and existing.st_dev == source_id[0]:
+            self._expect_present = True
+            return Outcome.PRESENT
+        return self._existing(source, dir_fd, name, existing, stored)
 
-    def probe(self, components: list[bytes]) -> os.stat_result | None:
-        """lstat an archive path without following symlinks; None if absent.
+    def probe(self, stored: bytes) -> os.stat_result | None:
+        """lstat the archive path of ``stored`` (no symlink followed); None if absent.
 
         Raises :class:`LinkProblem` when a parent is not a plain directory.
-        Creates nothing, even outside dry-run mode.
+        Creates nothing, whatever the linker's mode.
         """
-        dir_fd = self._directory(components[:-1], create=False)
+        parent, name = split_archive_path(stored)
+        dir_fd = self._directories.get(parent)
         if dir_fd is None:
+            dir_fd = self._open_directories(parent, create=False)
+        if dir_fd == _MISSING:
             return None
         try:
-            return os.stat(components[-1], dir_fd=dir_fd, follow_symlinks=False)
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _link_problem(exc, None, components) from None
+            raise _link_problem(exc, None, stored) from None
 
-    def _existing(self, source, source_id, dir_fd, name, existing: os.stat_result) -> Outcome:
-        if (existing.st_dev, existing.st_ino) == source_id:
-            return Outcome.PRESENT
+    def _existing(self, source, dir_fd, name, existing: os.stat_result, stored: bytes) -> Outcome:
         mode = existing.st_mode
         if stat.S_ISDIR(mode):
             raise LinkProblem("is-a-directory", "a directory is in the way (never removed)")
@@ -153,57 +179,84 @@ class ArchiveLinker:
                 os.unlink(temp, dir_fd=dir_fd)
             except OSError:
                 pass
-            raise _link_problem(exc, source, [name]) from None
+            raise _link_problem(exc, source, stored) from None
         return Outcome.REPLACED
 
-    def _directory(self, parents: list[bytes], create: bool = True) -> int | None:
-        """Descriptor of the directory holding the path (opening/creating it)."""
-        chain = self._chain
-        shared = 0
-        limit = min(len(chain), len(parents))
-        # A directory a dry run or probe found missing (fd None) must be
-        # looked up again before a real link goes below it.
-        reuse_missing = self.dry_run or not create
-        while shared < limit and chain[shared][0] == parents[shared] and (
-            chain[shared][1] is not None or reuse_missing
-        ):
-            shared += 1
-        self._truncate_chain(shared)
-        fd = chain[-1][1] if chain else self._root_fd
-        for depth in range(shared, len(parents)):
-            fd = self._open_directory(fd, parents[depth], parents[: depth + 1], create)
-            chain.append((parents[depth], fd))
+    def _open_directories(self, parent: bytes, create: bool) -> int:
+        """Open (creating if asked) every directory from the root down to ``parent``.
+
+        Each component is opened with O_NOFOLLOW relative to the one above, so
+        no symlink in the archive tree is ever followed. Returns the
+        descriptor, or _MISSING when a directory does not exist and may not
+        be created.
+        """
+        cache = self._directories
+        if len(cache) >= self._capacity:
+            self._evict()
+        fd = self._root_fd
+        key = b""
+        for component in parent.split(b"/"):
+            key = key + b"/" + component if key else component
+            cached = cache.get(key)
+            if cached is None or (cached == _MISSING and create):
+                cached = cache[key] = self._open_directory(fd, component, key, create)
+            fd = cached
+            if fd == _MISSING:
+                break
         return fd
 
-    def _truncate_chain(self, keep: int) -> None:
-        for _name, fd in self._chain[keep:]:
-            if fd is not None:
+    def _evict(self) -> None:
+        # Drop the older half; ancestors come back cheaply when needed.
+        keys = [k for k in self._directories if k][: self._capacity // 2]
+        for key in keys:
+            fd = self._directories.pop(key)
+            if fd >= 0:
                 os.close(fd)
-        del self._chain[keep:]
 
-    def _open_directory(self, parent_fd: int | None, name: bytes, where: list[bytes], create: bool) -> int | None:
-        if parent_fd is None:
-            return None
+    def _open_directory(self, parent_fd: int, name: bytes, where: bytes, create: bool) -> int:
         try:
             try:
                 return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
             except FileNotFoundError:
-                if self.dry_run or not create:
-                    return None
+                if not create:
+                    return _MISSING
             try:
                 os.mkdir(name, DIRECTORY_MODE, dir_fd=parent_fd)
             except FileExistsError:
                 pass  # another worker made it first
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-            # Whatever the umask, archive directories are rwxr-xr-x.
-            os.fchmod(fd, DIRECTORY_MODE)
+            if self._fix_mode:
+                os.fchmod(fd, DIRECTORY_MODE)  # whatever the umask, rwxr-xr-x
             return fd
         except OSError as exc:
             raise _directory_problem(exc, parent_fd, name, where) from None
 
 
-def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: list[bytes]) -> LinkProblem:
-    location = display(b"/".join(where))
+def directory_cache_size() -> int:
+    """How many directory descriptors a linker may keep open: a quarter of the fd limit."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DIRECTORY_CACHE
+    return max(16, min(DIRECTORY_CACHE, soft // 4))
+
+
+def raise_open_file_limit(wanted: int = 4 * DIRECTORY_CACHE + 256) -> None:
+    """Raise this process's soft RLIMIT_NOFILE towards the hard limit (worker start-up).
+
+    Desktop defaults (1024) would otherwise make the directory cache thrash
+    on archives spread over thousands of directories.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: bytes) -> LinkProblem:
+    location = display(where)
     if exc.errno in (errno.ENOTDIR, errno.ELOOP):
         try:
             is_link = stat.S_ISLNK(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode)
@@ -217,7 +270,7 @@ def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: list[by
     return LinkProblem("os-error", f"{location}: {exc.strerror}")
 
 
-def _link_problem(exc: OSError, source: bytes | None, components: list[bytes]) -> LinkProblem:
+def _link_problem(exc: OSError, source: bytes | None, stored: bytes) -> LinkProblem:
     if exc.errno == errno.EMLINK:
         return LinkProblem("too-many-links", "the by-hash file has as many links as the filesystem allows")
     if exc.errno == errno.ENAMETOOLONG:
@@ -226,4 +279,4 @@ def _link_problem(exc: OSError, source: bytes | None, components: list[bytes]) -
         return LinkProblem("missing-by-hash", f"{display(source)} vanished")
     if exc.errno == errno.EISDIR:
         return LinkProblem("is-a-directory", "a directory is in the way (never removed)")
-    return LinkProblem("os-error", f"{display(b'/'.join(components))}: {exc.strerror}")
+    return LinkProblem("os-error", f"{display(stored)}: {exc.strerror}")

@@ -67,6 +67,21 @@ def archive_components(stored: bytes) -> list[bytes]:
     return components
 
 
+def split_archive_path(stored: bytes) -> tuple[bytes, bytes]:
+    """``(parent, name)`` of a catalogued path's archive path, below the root.
+
+    ``parent`` is the relative directory (``b"mnt/ntt/x/dir"``, ``b""`` for the
+    root itself). Same rules as :func:`archive_components`, with a fast path
+    for the common, plain form (no '.' components, no '//', no NUL).
+    """
+    if (stored[:1] == b"/" and stored[-1:] != b"/" and b"/." not in stored
+            and b"//" not in stored and b"\0" not in stored):
+        slash = stored.rfind(b"/")
+        return stored[1:slash], stored[slash + 1:]
+    components = archive_components(stored)
+    return b"/".join(components[:-1]), components[-1]
+
+
 #: Where NTT mounts a medium while it is enumerated and copied.
 NTT_MOUNT_BASE = b"/mnt/ntt"
 _LEGACY_PARTITION_PREFIX = re.compile(rb"^p\d+:(?=/)")

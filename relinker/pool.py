@@ -237,7 +237,9 @@ def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
     signal.signal(signal.SIGINT, _on_worker_signal)
     signal.signal(signal.SIGTERM, _on_worker_signal)
     from relinker.cli import setup_logging
+    from relinker.linker import raise_open_file_limit
 
+    raise_open_file_limit()
     setup_logging(spec.verbose, spec.log_file)
     try:
         _Worker(spec, pipe, stop_event, dry_next).run()
@@ -284,7 +286,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     def start_worker() -> None:
         reader, writer = context.Pipe(duplex=False)
         process = context.Process(target=_worker_main, args=(spec, writer, stop_event, dry_next),
-                                  name=f"relinker-worker", daemon=False)
+                                  name="relinker-worker", daemon=False)
         process.start()
         writer.close()
         live[reader] = process

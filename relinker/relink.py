@@ -11,7 +11,6 @@ correctly linked (absolute, so a redo never double counts) and
 
 from __future__ import annotations
 
-import collections
 import errno
 import os
 import stat
@@ -23,24 +22,30 @@ from relinker import db
 from relinker.checkpoint import Range, default_range_count, split_blob_space
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, LinkProblem, Outcome
-from relinker.paths import UnsafePath, archive_components, by_hash_path, display, is_blobid
+from relinker.paths import UnsafePath, by_hash_path, display, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
 MODE = "relink"
-#: How many paths between two RangeContext.tick() calls.
-TICK_EVERY = 256
+#: Rows per chunk the server streams; paths between two RangeContext.tick() calls.
+STREAM_CHUNK = 2000
+TICK_EVERY = 1000
 
-# The range's work, streamed in one COPY and sorted by archive path so that
-# the linker's open-directory chain is reused from one path to the next.
+# The range's work: blob -> inodes through the blobid index, then each inode's
+# paths through the (medium_hash, ino) index. OFFSET 0 keeps the planner from
+# flattening the lateral subquery into a hash join that would read every path
+# of the catalogue for each range. Ordered by blob: a blob's duplicate paths
+# side by side, and concurrent workers in different directories (ordered by
+# path they would queue on the same directory locks).
 SQL_WORK = """
-COPY (
     SELECT i.blobid, p.path
     FROM inode AS i
-    JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
-    WHERE i.fs_type = 'f' AND p.exclude_reason IS NULL
-      AND i.blobid >= %(lo)s {upper} {incomplete}
-    ORDER BY p.path, i.blobid
-) TO STDOUT (FORMAT BINARY)
+    CROSS JOIN LATERAL (
+        SELECT p.path FROM relinker_path AS p
+        WHERE p.medium_hash = i.medium_hash AND p.ino = i.ino AND p.exclude_reason IS NULL
+        OFFSET 0
+    ) AS p
+    WHERE i.fs_type = 'f' AND i.blobid >= %(lo)s {upper} {incomplete}
+    ORDER BY i.blobid, p.path
 """
 UPPER_BOUND = "AND i.blobid < %(hi)s"
 ONLY_INCOMPLETE = """
@@ -50,27 +55,23 @@ ONLY_INCOMPLETE = """
                               OR coalesce(b.n_hardlinks, 0) < b.expected_hardlinks))"""
 UPPER_BOUND_B = "AND b.blobid < %(hi)s"
 
-# n_hardlinks/expected_hardlinks for every blob of the range (blobs without
-# paths get 0); rows already right are left alone, so a nightly re-check of a
-# complete archive writes nothing.
-SQL_COUNTS_ALL = """
-UPDATE blobs AS b
-SET n_hardlinks = coalesce(c.linked, 0), expected_hardlinks = coalesce(c.expected, 0)
-FROM blobs AS r
-LEFT JOIN unnest(%(blobids)s::text[], %(linked)s::int[], %(expected)s::int[])
-          AS c(blobid, linked, expected) USING (blobid)
-WHERE b.blobid = r.blobid AND r.blobid >= %(lo)s {upper_r}
-  AND (b.n_hardlinks IS DISTINCT FROM coalesce(c.linked, 0)
-       OR b.expected_hardlinks IS DISTINCT FROM coalesce(c.expected, 0))
-"""
-UPPER_BOUND_R = "AND r.blobid < %(hi)s"
-# --only-incomplete looked at some blobs only: update exactly those.
+# n_hardlinks/expected_hardlinks of the blobs the range found paths for. Rows
+# already right are left alone, so a nightly re-check of a complete archive
+# writes nothing. The range bounds keep the planner on the primary key
+# instead of a scan of the whole blobs table.
 SQL_COUNTS_SEEN = """
 UPDATE blobs AS b
 SET n_hardlinks = c.linked, expected_hardlinks = c.expected
 FROM unnest(%(blobids)s::text[], %(linked)s::int[], %(expected)s::int[]) AS c(blobid, linked, expected)
-WHERE b.blobid = c.blobid
+WHERE b.blobid = c.blobid AND b.blobid >= %(lo)s {upper}
   AND (b.n_hardlinks IS DISTINCT FROM c.linked OR b.expected_hardlinks IS DISTINCT FROM c.expected)
+"""
+# ... and every other blob of the range has no path to link: 0 of 0.
+# (Not with --only-incomplete, which looked at some blobs only.)
+SQL_COUNTS_UNSEEN = """
+UPDATE blobs AS b SET n_hardlinks = 0, expected_hardlinks = 0
+WHERE b.blobid >= %(lo)s {upper} AND NOT (b.blobid = ANY(%(blobids)s::text[]))
+  AND (b.n_hardlinks IS DISTINCT FROM 0 OR b.expected_hardlinks IS DISTINCT FROM 0)
 """
 
 
@@ -100,7 +101,7 @@ class RelinkWork:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.spec.dsn, autocommit=True)
+            self._conn = db.connect_for_ranges(self.spec.dsn)
         return self._conn
 
     def reset(self) -> None:
@@ -114,73 +115,76 @@ class RelinkWork:
 
     def process(self, r: Range, ctx: RangeContext):
         sources: dict[str, tuple[bytes, tuple[int, int]] | _Unusable] = {}
-        expected: collections.Counter[str] = collections.Counter()
-        linked: collections.Counter[str] = collections.Counter()
+        expected: dict[str, int] = {}
+        linked: dict[str, int] = {}
+        tally = {Outcome.CREATED: 0, Outcome.PRESENT: 0, Outcome.REPLACED: 0, None: 0}
         visit = self.visit
-        params = {"lo": r.lo, "hi": r.hi}
-        previous_path = previous_blob = None
+        counters = ctx.counters
+        previous = (None, None)
         tick = 0
-        cursor = self._connection().cursor()
-        with cursor.copy(work_query(r.hi is not None, self.only_incomplete), params) as copy:
-            copy.set_types(["text", "bytea"])
-            for blobid, path in copy.rows():
-                tick += 1
-                if tick >= TICK_EVERY:
-                    tick = 0
-                    ctx.tick()
-                if path == previous_path:
-                    if blobid != previous_blob:
-                        ctx.problem("path-collision", f"also claimed by blob {previous_blob}",
-                                    blobid=blobid, path=path)
-                    continue  # the same archive path twice counts once
-                previous_path, previous_blob = path, blobid
-                source = sources.get(blobid)
-                if source is None:
-                    source = sources[blobid] = self._source(blobid, ctx)
-                expected[blobid] += 1
-                if source is UNUSABLE:
-                    continue
-                try:
-                    components = archive_components(path)
-                except UnsafePath as exc:
-                    ctx.problem("unsafe-path", str(exc), blobid=blobid, path=path)
-                    continue
-                try:
-                    if visit(source[0], source[1], components, ctx.counters):
-                        linked[blobid] += 1
-                except LinkProblem as exc:
-                    ctx.problem(exc.kind, exc.detail, blobid=blobid, path=path)
-        ctx.counters.blobs = len(sources)
+        # Streamed in chunks (libpq's chunked rows mode): the server keeps
+        # producing rows while this process links, memory stays bounded for
+        # any range, and psycopg's C loaders parse a chunk at a time.
+        rows = self._connection().cursor(binary=True).stream(
+            work_query(r.hi is not None, self.only_incomplete), {"lo": r.lo, "hi": r.hi}, size=STREAM_CHUNK)
+        for row in rows:
+            tick += 1
+            if tick == TICK_EVERY:
+                tick = 0
+                counters.links_created = tally[Outcome.CREATED]
+                counters.links_present = tally[Outcome.PRESENT]
+                counters.links_replaced = tally[Outcome.REPLACED]
+                counters.links_missing = tally[None]
+                ctx.tick()
+            if row == previous:
+                continue  # one archive path, catalogued twice for this blob: counts once
+            previous = row
+            blobid, path = row
+            source = sources.get(blobid)
+            if source is None:
+                source = sources[blobid] = self._source(blobid, ctx)
+                expected[blobid] = linked[blobid] = 0
+            expected[blobid] += 1
+            if source is UNUSABLE:
+                continue
+            try:
+                outcome = visit(source[0], source[1], path)
+            except UnsafePath as exc:
+                ctx.problem("unsafe-path", str(exc), blobid=blobid, path=path)
+                continue
+            except LinkProblem as exc:
+                ctx.problem(exc.kind, exc.detail, blobid=blobid, path=path)
+                continue
+            tally[outcome] += 1
+            if outcome is not None:
+                linked[blobid] += 1
+        counters.links_created = tally[Outcome.CREATED]
+        counters.links_present = tally[Outcome.PRESENT]
+        counters.links_replaced = tally[Outcome.REPLACED]
+        counters.links_missing = tally[None]
+        counters.blobs = len(sources)
         self.after_range(r, ctx, linked, expected)
         blobids = list(expected)
         arrays = {
-            "blobids": blobids,
-            "linked": [linked[b] for b in blobids],
-            "expected": [expected[b] for b in blobids],
+            "blobids": db.text_array(blobids),
+            "linked": db.int_array(linked[b] for b in blobids),
+            "expected": db.int_array(expected[b] for b in blobids),
             "lo": r.lo,
             "hi": r.hi,
         }
 
         def finalize(conn: psycopg.Connection) -> None:
-            if self.only_incomplete:
-                conn.execute(SQL_COUNTS_SEEN, arrays)
-            else:
-                statement = sql.SQL(SQL_COUNTS_ALL).format(
-                    upper_r=sql.SQL(UPPER_BOUND_R if r.hi is not None else ""))
-                conn.execute(statement, arrays)
+            # prepare=False: a generic plan cannot see the range bounds.
+            upper = sql.SQL(UPPER_BOUND_B if r.hi is not None else "")
+            conn.execute(sql.SQL(SQL_COUNTS_SEEN).format(upper=upper), arrays, prepare=False)
+            if not self.only_incomplete:
+                conn.execute(sql.SQL(SQL_COUNTS_UNSEEN).format(upper=upper), arrays, prepare=False)
 
         return finalize
 
-    def visit(self, source: bytes, source_id: tuple[int, int], components: list[bytes], counters) -> bool:
-        """Link one archive path; True when it is now correctly linked."""
-        outcome = self.linker.link(source, source_id, components)
-        if outcome is Outcome.CREATED:
-            counters.links_created += 1
-        elif outcome is Outcome.PRESENT:
-            counters.links_present += 1
-        else:
-            counters.links_replaced += 1
-        return True
+    def visit(self, source: bytes, source_id: tuple[int, int], path: bytes) -> Outcome | None:
+        """Link one catalogued path into the archive (None: not correctly linked)."""
+        return self.linker.link(source, source_id, path)
 
     def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
         """Hook for modes that compare the range's findings with the catalogue."""
@@ -245,13 +249,11 @@ class CountWork(RelinkWork):
         super().__init__(spec)
         self.linker.dry_run = True  # belt and braces: probe() never creates anyway
 
-    def visit(self, source, source_id, components, counters) -> bool:
-        st = self.linker.probe(components)
-        if st is not None and (st.st_dev, st.st_ino) == source_id:
-            counters.links_present += 1
-            return True
-        counters.links_missing += 1
-        return False
+    def visit(self, source, source_id, path) -> Outcome | None:
+        st = self.linker.probe(path)
+        if st is not None and st.st_ino == source_id[1] and st.st_dev == source_id[0]:
+            return Outcome.PRESENT
+        return None
 
     def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
         statement = sql.SQL(SQL_RECORDED_COUNTS).format(upper=sql.SQL(UPPER_BOUND_B if r.hi is not None else ""))

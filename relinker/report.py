@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import sys
-import time
 
 import psycopg
 import tqdm

@@ -22,7 +22,7 @@ import psycopg
 
 from relinker import checkpoint
 from relinker.linker import ArchiveLinker, LinkProblem
-from relinker.paths import UnsafePath, archive_components, by_hash_path, display, is_blobid
+from relinker.paths import UnsafePath, by_hash_path, display, is_blobid
 
 MODES = ("never", "oldest", "random")
 HASH_CHUNK = 1 << 20
@@ -184,7 +184,7 @@ def _check_blob(conn, linker: ArchiveLinker, blobid: str, by_hash_root: bytes, r
     linked = 0
     for path in dict.fromkeys(bytes(p) for _, p in rows):
         try:
-            found = linker.probe(archive_components(path))
+            found = linker.probe(path)
         except (UnsafePath, LinkProblem) as exc:
             kind = exc.kind if isinstance(exc, LinkProblem) else "unsafe-path"
             failures.append(Failure(blobid, kind, str(exc), path))

@@ -90,7 +90,7 @@ def test_verify_detects_each_kind_of_damage(linked, capsys, selection):
 
 
 def test_verify_missing_by_hash_and_corrupted_content(linked, capsys, tmp_path):
-    a, b, c = linked.blobs["a"], linked.blobs["b"], linked.blobs["c"]
+    b, c = linked.blobs["b"], linked.blobs["c"]
     os.chmod(by_hash_path(linked.by_hash_root, b), 0o644)
     with open(by_hash_path(linked.by_hash_root, b), "r+b") as f:
         f.write(b"BRAVO")  # same size, other content: only --hash sees it
