@@ -54,6 +54,8 @@ def build_parser(config_files: list[str]) -> argparse.ArgumentParser:
         epilog="example:\n  relinker scan --medium photos-2019 /mnt/photos",
     )
     scan_cmd.add_argument("--medium", required=True, metavar="NAME", help="medium name (its hash derives from it)")
+    scan_cmd.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                          help="leave out entries whose name matches PATTERN (shell wildcards; repeatable)")
     scan_cmd.add_argument("directory", metavar="DIR", help="root of the tree to catalogue")
     scan_cmd.set_defaults(handler=cmd_scan)
 
@@ -141,7 +143,21 @@ exit codes: 0 every blob passed; 1 some failed; 2 usage or preflight error.""",
     status.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     status.set_defaults(handler=cmd_status)
 
-    demo = add_command(commands, "demo", config_files, help="run the whole story on an embedded database")
+    demo = add_command(
+        commands, "demo", config_files,
+        help="the whole story on real files and an embedded PostgreSQL",
+        description="Start an embedded PostgreSQL under DIR (unless --db-url names a scratch database), "
+        "catalogue a real tree (default: this Python's standard library), copy it into by-hash and an "
+        "archive, break a quarter of the archive's links, relink, verify, and print the psql command "
+        "to look around. Running it again starts over.",
+        epilog="examples:\n  relinker demo\n  relinker demo /tmp/demo --source /usr/share/doc --keep",
+    )
+    demo.add_argument("demo_dir", nargs="?", default="relinker-demo", metavar="DIR",
+                      help="where the demo lives (default: ./relinker-demo)")
+    demo.add_argument("--source", metavar="TREE", help="tree to catalogue (default: the standard library)")
+    demo.add_argument("--keep", action="store_true", help="leave the embedded server running at the end")
+    demo.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
+                      help="worker processes (default: CPU count)")
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -242,11 +258,13 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     with db.connect_for_user(settings.db_url) as conn:
-        result = scan.scan_tree(conn, args.medium, os.fsencode(args.directory))
+        result = scan.scan_tree(conn, args.medium, os.fsencode(args.directory),
+                                [os.fsencode(pattern) for pattern in args.exclude])
     skipped = result.unreadable + result.other_filesystem + result.unrepresentable
     print(
         f"medium {args.medium} ({result.medium_hash}): {result.paths} paths, "
         f"{result.inodes} inodes, {result.files} regular files"
+        + (f", {result.excluded} entries excluded" if result.excluded else "")
     )
     if skipped:
         print(
@@ -313,5 +331,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    print("relinker demo: not yet available")
-    return EXIT_OK
+    from relinker import demo
+
+    return demo.run_demo(args.demo_dir, args.source, args.keep, settings, args.workers)

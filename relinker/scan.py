@@ -9,6 +9,7 @@ never follows symlinks, and counts and skips what it cannot read.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 import stat
@@ -57,6 +58,7 @@ class ScanResult:
     unreadable: int = 0
     other_filesystem: int = 0
     unrepresentable: int = 0
+    excluded: int = 0
 
 
 def medium_hash_for(name: str) -> str:
@@ -64,8 +66,12 @@ def medium_hash_for(name: str) -> str:
     return blake3.blake3(b"relinker medium\0" + name.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def scan_tree(conn: psycopg.Connection, name: str, root: bytes) -> ScanResult:
-    """Replace medium ``name``'s rows with a fresh catalogue of ``root``."""
+def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[bytes] = ()) -> ScanResult:
+    """Replace medium ``name``'s rows with a fresh catalogue of ``root``.
+
+    Entries whose name matches one of the ``exclude`` shell patterns (bytes,
+    fnmatch rules) are left out, and excluded directories are not entered.
+    """
     db.require_catalogue(conn)
     root = os.path.abspath(root)
     try:
@@ -84,7 +90,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes) -> ScanResult:
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:
-            for path, st in _walk(root, root_stat.st_dev, result):
+            for path, st in _walk(root, root_stat.st_dev, result, list(exclude)):
                 stored: bytes | str = path
                 if text_paths:
                     # Older catalogues keep paths as text; a name that is not
@@ -111,7 +117,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes) -> ScanResult:
     return result
 
 
-def _walk(root: bytes, device: int, result: ScanResult):
+def _walk(root: bytes, device: int, result: ScanResult, exclude: list[bytes]):
     """Yield (path, lstat) for root and everything below it on its filesystem."""
     yield root, os.lstat(root)
     pending = [root]
@@ -124,6 +130,9 @@ def _walk(root: bytes, device: int, result: ScanResult):
             log.warning("skipped unreadable directory %s: %s", display(directory), exc.strerror)
             continue
         for entry in sorted(entries, key=lambda e: e.name):
+            if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in exclude):
+                result.excluded += 1
+                continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as exc:

@@ -20,7 +20,7 @@ from typing import Iterable
 import blake3
 import psycopg
 
-from relinker import checkpoint
+from relinker import checkpoint, db
 from relinker.linker import ArchiveLinker, LinkProblem
 from relinker.paths import UnsafePath, by_hash_path, display, is_blobid
 
@@ -47,9 +47,18 @@ ORDER BY p.path
 """
 SQL_CHECKED = "UPDATE blobs SET last_checked = now() WHERE blobid = ANY(%s)"
 SQL_PROBLEM = """
-INSERT INTO relinker_problem (run_id, blobid, path, kind, detail) VALUES (%s, %s, %s, %s, %s)
+INSERT INTO relinker_problem (run_id, range_no, blobid, path, kind, detail) VALUES (%s, 0, %s, %s, %s, %s)
+"""
+# A verify run is one range, so relinker_run_progress shows its figures too.
+SQL_RANGE_DONE = """
+UPDATE relinker_range
+SET status = 'done', finished_at = now(), worker = %(worker)s, attempts = 1,
+    blobs = %(blobs)s, links_present = %(links)s, links_missing = %(missing)s, problems = %(problems)s
+WHERE run_id = %(run_id)s AND range_no = 0
 """
 SQL_RUN_DONE = "UPDATE relinker_run SET status = 'done', finished_at = now() WHERE run_id = %s"
+LINK_FAILURES = ("link-missing", "wrong-inode", "symlink-in-archive", "not-a-directory", "is-a-directory",
+                 "unsafe-path", "name-too-long", "os-error")
 
 
 @dataclasses.dataclass
@@ -133,7 +142,7 @@ def verify(conn: psycopg.Connection, blobids: list[str], *, selection: str, by_h
            archive_root: bytes, rehash: bool) -> VerifyResult:
     """Check ``blobids``; record failures as problems of a new verify run."""
     run_id = checkpoint.create_run(conn, "verify", by_hash_root, archive_root,
-                                   {"selection": selection, "count": len(blobids), "hash": rehash}, [])
+                                   {"selection": selection, "count": len(blobids), "hash": rehash}, [("", None)])
     result = VerifyResult(selection, run_id)
     known = {b for (b,) in conn.execute(SQL_KNOWN, (blobids,))}
     passed = []
@@ -155,6 +164,9 @@ def verify(conn: psycopg.Connection, blobids: list[str], *, selection: str, by_h
         conn.execute(SQL_CHECKED, (passed,))
         for f in result.failures:
             conn.execute(SQL_PROBLEM, (run_id, f.blobid, f.path, f.kind, f.detail))
+        conn.execute(SQL_RANGE_DONE, dict(
+            run_id=run_id, worker=db.worker_name(), blobs=result.checked, links=result.links_ok,
+            missing=sum(f.kind in LINK_FAILURES for f in result.failures), problems=len(result.failures)))
         conn.execute(SQL_RUN_DONE, (run_id,))
     return result
 

@@ -122,3 +122,11 @@ def test_verify_reads_ids_from_stdin(linked, capsys, monkeypatch):
 
 def test_read_blob_ids_ignores_comments_and_blanks():
     assert verify_module.read_blob_ids(["# x\n", "\n", "ABC # trailing\n", " def \n"]) == ["abc", "def"]
+
+
+def test_verify_run_shows_in_the_progress_view(linked, capsys):
+    os.unlink(linked.archive_path(b"/d/a2"))
+    code, result = run(linked, capsys, "verify", "--count", "3")
+    row = linked.conn.execute("SELECT mode, status, ranges_done, blobs, links_present, links_missing, problems "
+                              "FROM relinker_run_progress WHERE run_id = %s", (result["run_id"],)).fetchone()
+    assert row == ("verify", "done", 1, 3, 5, 1, 2)

