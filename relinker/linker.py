@@ -15,6 +15,7 @@ which of the two to try first from the previous outcome).
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
 import os
@@ -23,15 +24,17 @@ import stat
 
 import blake3
 
-from relinker.paths import display, split_archive_path
+from relinker.paths import UnsafePath, display, split_archive_path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIRECTORY_MODE = 0o755
 TEMP_PREFIX = b".relinker-"
 TEMP_SUFFIX = b".tmp"
-#: Upper bound of open directory descriptors kept per linker (half are
-#: dropped when full); the real bound also respects RLIMIT_NOFILE.
-DIRECTORY_CACHE = 16384
+#: Upper bound of open directory descriptors kept per linker (least recently
+#: used dropped first); the real bound also respects RLIMIT_NOFILE.
+DIRECTORY_CACHE = 65536
+#: Descriptors left for everything else (sockets, pipes, files being copied).
+FD_RESERVE = 256
 #: Cache value of a directory that does not exist (dry runs and probes only).
 _MISSING = -1
 
@@ -67,7 +70,8 @@ class ArchiveLinker:
         self.on_conflict = on_conflict
         self.dry_run = dry_run
         self._root_fd = os.open(archive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._directories: dict[bytes, int] = {b"": self._root_fd}
+        # Least recently used first; the root (b"") is never evicted.
+        self._directories: collections.OrderedDict[bytes, int] = collections.OrderedDict({b"": self._root_fd})
         self._capacity = directory_cache_size()
         # mkdir(0o755) gives rwxr-xr-x unless the umask takes more away: only
         # then is an fchmod worth its journal write.
@@ -100,6 +104,8 @@ class ArchiveLinker:
         dir_fd = self._directories.get(parent)
         if dir_fd is None or (dir_fd == _MISSING and not self.dry_run):
             dir_fd = self._open_directories(parent, create=not self.dry_run)
+        else:
+            self._directories.move_to_end(parent)
         if dir_fd == _MISSING:
             return Outcome.CREATED  # dry run, below a directory that would be created
         if self._expect_present or self.dry_run:
@@ -133,6 +139,53 @@ class ArchiveLinker:
             return Outcome.PRESENT
         return self._existing(source, dir_fd, name, existing, stored)
 
+    def link_all(self, source: bytes, source_id: tuple[int, int], paths, tally: dict, problem) -> int:
+        """Link every catalogued path of ``paths`` to ``source``.
+
+        Adds each outcome to ``tally`` (a dict keyed by :class:`Outcome`),
+        calls ``problem(path, kind, detail)`` for each path that cannot be
+        linked, and returns how many paths are now correctly linked.
+        """
+        link = self.link
+        done = 0
+        for stored in paths:
+            try:
+                outcome = link(source, source_id, stored)
+            except UnsafePath as exc:
+                problem(stored, "unsafe-path", str(exc))
+                continue
+            except LinkProblem as exc:
+                problem(stored, exc.kind, exc.detail)
+                continue
+            tally[outcome] += 1
+            done += 1
+        return done
+
+    def probe_all(self, source_id: tuple[int, int], paths, tally: dict, problem) -> int:
+        """Count the paths of ``paths`` that are hardlinks of ``source_id``; create nothing.
+
+        Correct links count as ``Outcome.PRESENT`` in ``tally``, the others
+        under ``None``; returns how many are correct.
+        """
+        probe = self.probe
+        dev, ino = source_id
+        done = 0
+        for stored in paths:
+            try:
+                st = probe(stored)
+            except UnsafePath as exc:
+                problem(stored, "unsafe-path", str(exc))
+                continue
+            except LinkProblem as exc:
+                problem(stored, exc.kind, exc.detail)
+                continue
+            if st is not None and st.st_ino == ino and st.st_dev == dev:
+                tally[Outcome.PRESENT] += 1
+                done += 1
+            else:
+                tally[None] += 1
+        return done
+
     def probe(self, stored: bytes) -> os.stat_result | None:
         """lstat the archive path of ``stored`` (no symlink followed); None if absent.
 
@@ -143,6 +196,8 @@ class ArchiveLinker:
         dir_fd = self._directories.get(parent)
         if dir_fd is None:
             dir_fd = self._open_directories(parent, create=False)
+        else:
+            self._directories.move_to_end(parent)
         if dir_fd == _MISSING:
             return None
         try:
@@ -191,27 +246,29 @@ class ArchiveLinker:
         be created.
         """
         cache = self._directories
-        if len(cache) >= self._capacity:
-            self._evict()
         fd = self._root_fd
         key = b""
         for component in parent.split(b"/"):
             key = key + b"/" + component if key else component
             cached = cache.get(key)
             if cached is None or (cached == _MISSING and create):
+                while len(cache) >= self._capacity:
+                    self._evict_one()
                 cached = cache[key] = self._open_directory(fd, component, key, create)
+            else:
+                cache.move_to_end(key)  # ancestors stay warm while their subtree is in use
             fd = cached
             if fd == _MISSING:
                 break
         return fd
 
-    def _evict(self) -> None:
-        # Drop the older half; ancestors come back cheaply when needed.
-        keys = [k for k in self._directories if k][: self._capacity // 2]
-        for key in keys:
-            fd = self._directories.pop(key)
-            if fd >= 0:
-                os.close(fd)
+    def _evict_one(self) -> None:
+        key, fd = self._directories.popitem(last=False)
+        if not key:  # the root stays
+            self._directories[key] = fd
+            key, fd = self._directories.popitem(last=False)
+        if fd >= 0:
+            os.close(fd)
 
     def _open_directory(self, parent_fd: int, name: bytes, where: bytes, create: bool) -> int:
         try:
@@ -233,14 +290,14 @@ class ArchiveLinker:
 
 
 def directory_cache_size() -> int:
-    """How many directory descriptors a linker may keep open: a quarter of the fd limit."""
+    """How many directory descriptors a linker may keep open: the fd limit, less a reserve."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return DIRECTORY_CACHE
-    return max(16, min(DIRECTORY_CACHE, soft // 4))
+    return max(16, min(DIRECTORY_CACHE, soft - FD_RESERVE))
 
 
-def raise_open_file_limit(wanted: int = 4 * DIRECTORY_CACHE + 256) -> None:
+def raise_open_file_limit(wanted: int = DIRECTORY_CACHE + FD_RESERVE) -> None:
     """Raise this process's soft RLIMIT_NOFILE towards the hard limit (worker start-up).
 
     Desktop defaults (1024) would otherwise make the directory cache thrash

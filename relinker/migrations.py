@@ -31,7 +31,8 @@ VIEWS_FILE = "views.sql"
 ONLINE_MARKER = "-- relinker: online"
 MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 ONLINE_INDEX = re.compile(
-    r"CREATE INDEX CONCURRENTLY IF NOT EXISTS (\w+) ON (\w+) \(([\w, ]+)\)", re.IGNORECASE
+    r"CREATE INDEX CONCURRENTLY IF NOT EXISTS (\w+) ON (\w+) \(([\w, ]+)\)(?: INCLUDE \(([\w, ]+)\))?",
+    re.IGNORECASE,
 )
 #: Serialises concurrent `relinker migrate` runs against one catalogue.
 MIGRATE_LOCK_KEY = 0x72656C69  # "reli"
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS relinker_schema_migration (
 SQL_APPLIED_VERSIONS = "SELECT version FROM relinker_schema_migration ORDER BY version"
 SQL_RECORD_MIGRATION = "INSERT INTO relinker_schema_migration (version, name) VALUES (%s, %s)"
 
-# An index whose key starts with the wanted columns, in order, with no
+# An index whose key starts with the wanted columns, in order, that also
+# holds the wanted included columns (as key or INCLUDE columns), with no
 # predicate or expression, serves our lookups as well as our own would.
 SQL_EQUIVALENT_INDEX = """
 SELECT i.indexrelid::regclass::text, i.indisvalid
@@ -57,6 +59,9 @@ WHERE i.indrelid = to_regclass(%(table)s)
        FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
        WHERE k.n <= cardinality(%(columns)s::text[])) = %(columns)s::text[]
+  AND (SELECT array_agg(a.attname::text)
+       FROM unnest(i.indkey::int2[]) AS k(attnum)
+       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) @> %(include)s::text[]
 ORDER BY i.indisvalid DESC
 LIMIT 1
 """
@@ -155,32 +160,38 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
 
 def _apply_online(conn: psycopg.Connection, text: str) -> None:
     for match in ONLINE_INDEX.finditer(text):
-        name, table, columns = match[1], match[2], [c.strip() for c in match[3].split(",")]
-        build_index_online(conn, name, table, columns)
+        name, table = match[1], match[2]
+        columns = [c.strip() for c in match[3].split(",")]
+        include = [c.strip() for c in match[4].split(",")] if match[4] else []
+        build_index_online(conn, name, table, columns, include)
 
 
-def build_index_online(conn: psycopg.Connection, name: str, table: str, columns: list[str]) -> None:
+def build_index_online(conn: psycopg.Connection, name: str, table: str, columns: list[str],
+                       include: list[str] = ()) -> None:
     """Create an index without blocking writes, unless an equivalent one exists.
 
     On a partitioned table: an invalid index ON ONLY the parent, then each
     partition's index built concurrently and attached; the parent index
     becomes valid once every partition has one.
     """
-    existing = conn.execute(SQL_EQUIVALENT_INDEX, {"table": table, "columns": columns}).fetchone()
+    wanted = {"table": table, "columns": columns, "include": list(include)}
+    existing = conn.execute(SQL_EQUIVALENT_INDEX, wanted).fetchone()
     if existing and existing[1]:
         log.info("index on %s (%s) already exists: %s", table, ", ".join(columns), existing[0])
         return
-    cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+    cols = sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
+    if include:
+        cols += sql.SQL(" INCLUDE ({})").format(sql.SQL(", ").join(map(sql.Identifier, include)))
     if db.relkind(conn, table) != "p":
         _build_concurrently(conn, name, table, cols)
         return
     conn.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} ({})").format(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
             sql.Identifier(name), sql.Identifier(table), cols
         )
     )
     for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
-        child = conn.execute(SQL_EQUIVALENT_INDEX, {"table": partition, "columns": columns}).fetchone()
+        child = conn.execute(SQL_EQUIVALENT_INDEX, dict(wanted, table=partition)).fetchone()
         if child and child[1]:
             child_name = child[0]
         else:
@@ -201,7 +212,7 @@ def _build_concurrently(conn: psycopg.Connection, name: str, table: str, cols: s
     if state and not state[0]:
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
     conn.execute(
-        sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
+        sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
             sql.Identifier(name), sql.Identifier(table), cols
         )
     )

@@ -34,8 +34,9 @@ from relinker.errors import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
 
-#: How often a worker with nothing to claim looks again (s).
-POLL_INTERVAL = 0.5
+#: How often a worker with nothing to claim looks again (s): soon at first (the
+#: last ranges of a run are about to finish), then less and less often.
+POLL_INTERVAL = (0.05, 1.0)
 #: How often a worker reports progress to the parent (s).
 PROGRESS_INTERVAL = 0.25
 #: Problems shown in a dry run's summary.
@@ -179,6 +180,8 @@ class _Worker:
         return self.store is None or self.store.open_ranges() == 0
 
     def run(self) -> None:
+        shortest, longest = POLL_INTERVAL
+        pause = shortest
         try:
             while True:
                 self.check_stop()
@@ -186,8 +189,10 @@ class _Worker:
                 if r is None:
                     if self.nothing_left():
                         return
-                    time.sleep(POLL_INTERVAL)
+                    time.sleep(pause)
+                    pause = min(longest, pause * 2)
                     continue
+                pause = shortest
                 self.run_range(r)
         except Interrupted:
             return

@@ -21,31 +21,27 @@ from psycopg import sql
 from relinker import db
 from relinker.checkpoint import Range, default_range_count, split_blob_space
 from relinker.jobs import Mode
-from relinker.linker import ArchiveLinker, LinkProblem, Outcome
-from relinker.paths import UnsafePath, by_hash_path, display, is_blobid
+from relinker.linker import ArchiveLinker, Outcome
+from relinker.paths import by_hash_path, display, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
 MODE = "relink"
-#: Rows per chunk the server streams; paths between two RangeContext.tick() calls.
-STREAM_CHUNK = 2000
-TICK_EVERY = 1000
+#: Inode rows per chunk the server streams; RangeContext.tick() runs between chunks.
+STREAM_CHUNK = 1000
 
-# The range's work: blob -> inodes through the blobid index, then each inode's
-# paths through the (medium_hash, ino) index. OFFSET 0 keeps the planner from
-# flattening the lateral subquery into a hash join that would read every path
-# of the catalogue for each range. Ordered by blob: a blob's duplicate paths
-# side by side, and concurrent workers in different directories (ordered by
-# path they would queue on the same directory locks).
+# The range's work, one row per inode with its paths as an array: blob ->
+# inodes through the covering blobid index, then each inode's paths through the
+# (medium_hash, ino) index (a correlated subquery: never a hash join that would
+# read every path of the catalogue for each range). Ordered by blob, so a
+# blob's inodes come together, and concurrent workers work in different
+# directories (ordered by path they would queue on the same directory locks).
 SQL_WORK = """
-    SELECT i.blobid, p.path
+    SELECT i.blobid,
+           ARRAY(SELECT p.path FROM relinker_path AS p
+                 WHERE p.medium_hash = i.medium_hash AND p.ino = i.ino AND p.exclude_reason IS NULL)
     FROM inode AS i
-    CROSS JOIN LATERAL (
-        SELECT p.path FROM relinker_path AS p
-        WHERE p.medium_hash = i.medium_hash AND p.ino = i.ino AND p.exclude_reason IS NULL
-        OFFSET 0
-    ) AS p
     WHERE i.fs_type = 'f' AND i.blobid >= %(lo)s {upper} {incomplete}
-    ORDER BY i.blobid, p.path
+    ORDER BY i.blobid
 """
 UPPER_BOUND = "AND i.blobid < %(hi)s"
 ONLY_INCOMPLETE = """
@@ -120,44 +116,42 @@ class RelinkWork:
         tally = {Outcome.CREATED: 0, Outcome.PRESENT: 0, Outcome.REPLACED: 0, None: 0}
         visit = self.visit
         counters = ctx.counters
-        previous = (None, None)
+        current_blob, current_paths, seen = None, [], None
         tick = 0
+
+        def problem(path: bytes, kind: str, detail: str) -> None:
+            ctx.problem(kind, detail, blobid=current_blob, path=path)
+
         # Streamed in chunks (libpq's chunked rows mode): the server keeps
         # producing rows while this process links, memory stays bounded for
         # any range, and psycopg's C loaders parse a chunk at a time.
         rows = self._connection().cursor(binary=True).stream(
             work_query(r.hi is not None, self.only_incomplete), {"lo": r.lo, "hi": r.hi}, size=STREAM_CHUNK)
-        for row in rows:
+        for blobid, paths in rows:
             tick += 1
-            if tick == TICK_EVERY:
+            if tick == STREAM_CHUNK:
                 tick = 0
                 counters.links_created = tally[Outcome.CREATED]
                 counters.links_present = tally[Outcome.PRESENT]
                 counters.links_replaced = tally[Outcome.REPLACED]
                 counters.links_missing = tally[None]
                 ctx.tick()
-            if row == previous:
-                continue  # one archive path, catalogued twice for this blob: counts once
-            previous = row
-            blobid, path = row
+            if blobid == current_blob:
+                # Another inode of the same blob (another medium): a path both
+                # catalogue is one archive path, and counts once.
+                if seen is None:
+                    seen = set(current_paths)
+                paths = [p for p in paths if p not in seen]
+                seen.update(paths)
+            else:
+                current_blob, current_paths, seen = blobid, paths, None
             source = sources.get(blobid)
             if source is None:
                 source = sources[blobid] = self._source(blobid, ctx)
                 expected[blobid] = linked[blobid] = 0
-            expected[blobid] += 1
-            if source is UNUSABLE:
-                continue
-            try:
-                outcome = visit(source[0], source[1], path)
-            except UnsafePath as exc:
-                ctx.problem("unsafe-path", str(exc), blobid=blobid, path=path)
-                continue
-            except LinkProblem as exc:
-                ctx.problem(exc.kind, exc.detail, blobid=blobid, path=path)
-                continue
-            tally[outcome] += 1
-            if outcome is not None:
-                linked[blobid] += 1
+            expected[blobid] += len(paths)
+            if source is not UNUSABLE and paths:
+                linked[blobid] += visit(source[0], source[1], paths, tally, problem)
         counters.links_created = tally[Outcome.CREATED]
         counters.links_present = tally[Outcome.PRESENT]
         counters.links_replaced = tally[Outcome.REPLACED]
@@ -182,9 +176,9 @@ class RelinkWork:
 
         return finalize
 
-    def visit(self, source: bytes, source_id: tuple[int, int], path: bytes) -> Outcome | None:
-        """Link one catalogued path into the archive (None: not correctly linked)."""
-        return self.linker.link(source, source_id, path)
+    def visit(self, source: bytes, source_id: tuple[int, int], paths: list[bytes], tally, problem) -> int:
+        """Link one inode's catalogued paths; return how many are now correctly linked."""
+        return self.linker.link_all(source, source_id, paths, tally, problem)
 
     def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
         """Hook for modes that compare the range's findings with the catalogue."""
@@ -249,11 +243,8 @@ class CountWork(RelinkWork):
         super().__init__(spec)
         self.linker.dry_run = True  # belt and braces: probe() never creates anyway
 
-    def visit(self, source, source_id, path) -> Outcome | None:
-        st = self.linker.probe(path)
-        if st is not None and st.st_ino == source_id[1] and st.st_dev == source_id[0]:
-            return Outcome.PRESENT
-        return None
+    def visit(self, source, source_id, paths, tally, problem) -> int:
+        return self.linker.probe_all(source_id, paths, tally, problem)
 
     def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
         statement = sql.SQL(SQL_RECORDED_COUNTS).format(upper=sql.SQL(UPPER_BOUND_B if r.hi is not None else ""))

@@ -36,6 +36,8 @@ CREATE TABLE path_m1 PARTITION OF path FOR VALUES IN ('m1');
 CREATE TABLE path_m2 PARTITION OF path FOR VALUES IN ('m2');
 -- an index the operators built by hand on one partition: reused, not duplicated
 CREATE INDEX path_m2_by_inode ON path_m2 (medium_hash, ino);
+-- a plain blobid index does not cover what relinker reads: relinker adds its own
+CREATE INDEX inode_m1_by_blob ON inode_m1 (blobid);
 INSERT INTO inode (medium_hash, ino, fs_type, blobid) VALUES ('m1', 10, 'f', 'ab'), ('m2', 20, 'f', 'cd');
 INSERT INTO path (medium_hash, ino, path) VALUES ('m1', 10, '\\x2f612f5c72'::bytea), ('m2', 20, '\\x2fff'::bytea);
 """
@@ -109,6 +111,7 @@ def test_migrate_existing_catalogue_twice(db_url, shape):
         assert "relinker_path_inode_idx" in indexes and "relinker_inode_blobid_idx" in indexes
         assert "path_m2_by_inode" in indexes  # reused for partition m2 ...
         assert indexes.count("relinker_path_inode_idx_") == 1  # ... so only m1 got a new one
+        assert indexes.count("relinker_inode_blobid_idx_") == 2  # a plain blobid index does not cover
     else:
         assert paths == [b"/mnt/ntt/m1/Icon\r"]
 
@@ -117,8 +120,9 @@ def test_migrate_resumes_after_an_interrupted_concurrent_index_build(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(PRODUCTION_SHAPE)
         # what a CONCURRENTLY build cancelled half-way leaves behind
-        conn.execute("CREATE INDEX relinker_inode_blobid_idx ON ONLY inode (blobid)")
-        conn.execute("CREATE INDEX relinker_inode_blobid_idx_x ON inode_m1 (blobid)")
+        covering = "(blobid) INCLUDE (medium_hash, ino, fs_type)"
+        conn.execute(f"CREATE INDEX relinker_inode_blobid_idx ON ONLY inode {covering}")
+        conn.execute(f"CREATE INDEX relinker_inode_blobid_idx_x ON inode_m1 {covering}")
         conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'relinker_inode_blobid_idx_x'::regclass")
     assert main(["--db-url", db_url, "migrate"]) == 0
     with psycopg.connect(db_url) as conn:
