@@ -7,15 +7,22 @@ never followed, and no catalogue path can make relinker create anything
 outside the root. Existing directories are never removed; a stale regular
 file is replaced atomically (link to a temporary name, then rename over it).
 
-Directory descriptors are cached by relative path, so the common case, a link
-into a directory seen before, costs one ``linkat`` and nothing else; a re-run
-over a complete archive costs one ``fstatat`` per path (the linker guesses
-which of the two to try first from the previous outcome).
+Directory descriptors (``O_PATH``) are cached by relative path, so a link
+into a directory seen before costs one ``linkat`` and nothing else, and a
+re-run over a complete archive one ``fstatat`` per path (the linker guesses
+which of the two to try first from the previous outcome). When an archive has
+more directories than descriptors may stay open, the cache keeps the ones it
+has (ancestors first) and a directory beyond it gets a descriptor for the one
+operation: evicting and reopening cached descriptors costs far more. A
+read-only check (an ``fstatat`` that finds the link already right) below a
+directory this linker has already walked safely goes by its path from the
+root instead, with no descriptor at all: nothing is created that way, so a
+directory swapped for a symlink behind our back could only make the check
+miss, and the path then takes the descriptor route.
 """
 
 from __future__ import annotations
 
-import collections
 import enum
 import errno
 import os
@@ -26,13 +33,19 @@ import blake3
 
 from relinker.paths import UnsafePath, display, split_archive_path
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_PATH: a handle for *at() calls only, cheaper to open and close.
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIRECTORY_MODE = 0o755
 TEMP_PREFIX = b".relinker-"
 TEMP_SUFFIX = b".tmp"
-#: Upper bound of open directory descriptors kept per linker (least recently
-#: used dropped first); the real bound also respects RLIMIT_NOFILE.
+#: Upper bound of directory descriptors kept open per linker; the real bound
+#: also respects RLIMIT_NOFILE.
 DIRECTORY_CACHE = 65536
+#: Share of the cache open to leaf directories: the rest stays for ancestors,
+#: through which every directory beyond the cache is reached.
+LEAF_SHARE = 0.75
+#: Directories remembered as walked safely (for descriptor-free checks).
+VERIFIED_LIMIT = 1_000_000
 #: Descriptors left for everything else (sockets, pipes, files being copied).
 FD_RESERVE = 256
 #: Cache value of a directory that does not exist (dry runs and probes only).
@@ -70,9 +83,11 @@ class ArchiveLinker:
         self.on_conflict = on_conflict
         self.dry_run = dry_run
         self._root_fd = os.open(archive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        # Least recently used first; the root (b"") is never evicted.
-        self._directories: collections.OrderedDict[bytes, int] = collections.OrderedDict({b"": self._root_fd})
+        self._directories: dict[bytes, int] = {b"": self._root_fd}
         self._capacity = directory_cache_size()
+        self._leaf_capacity = int(self._capacity * LEAF_SHARE)
+        # Directories opened component by component with O_NOFOLLOW.
+        self._verified: set[bytes] = set()
         # mkdir(0o755) gives rwxr-xr-x unless the umask takes more away: only
         # then is an fchmod worth its journal write.
         umask = os.umask(0)
@@ -102,10 +117,21 @@ class ArchiveLinker:
         """
         parent, name = split_archive_path(stored)
         dir_fd = self._directories.get(parent)
-        if dir_fd is None or (dir_fd == _MISSING and not self.dry_run):
-            dir_fd = self._open_directories(parent, create=not self.dry_run)
-        else:
-            self._directories.move_to_end(parent)
+        if dir_fd is not None and not (dir_fd == _MISSING and not self.dry_run):
+            return self._link_at(source, source_id, dir_fd, name, stored)
+        if self._expect_present and parent in self._verified:
+            found = self._stat_verified(parent, name)
+            if found is not None and found.st_ino == source_id[1] and found.st_dev == source_id[0]:
+                return Outcome.PRESENT
+        dir_fd, transient = self._open_directories(parent, create=not self.dry_run)
+        try:
+            return self._link_at(source, source_id, dir_fd, name, stored)
+        finally:
+            if transient:
+                os.close(dir_fd)
+
+    def _link_at(self, source: bytes, source_id: tuple[int, int], dir_fd: int, name: bytes,
+                 stored: bytes) -> Outcome:
         if dir_fd == _MISSING:
             return Outcome.CREATED  # dry run, below a directory that would be created
         if self._expect_present or self.dry_run:
@@ -194,18 +220,31 @@ class ArchiveLinker:
         """
         parent, name = split_archive_path(stored)
         dir_fd = self._directories.get(parent)
+        transient = False
         if dir_fd is None:
-            dir_fd = self._open_directories(parent, create=False)
-        else:
-            self._directories.move_to_end(parent)
-        if dir_fd == _MISSING:
-            return None
+            if parent in self._verified:
+                found = self._stat_verified(parent, name)
+                if found is not None:
+                    return found
+            dir_fd, transient = self._open_directories(parent, create=False)
         try:
+            if dir_fd == _MISSING:
+                return None
             return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise _link_problem(exc, None, stored) from None
+        finally:
+            if transient:
+                os.close(dir_fd)
+
+    def _stat_verified(self, parent: bytes, name: bytes) -> os.stat_result | None:
+        """lstat by path from the root, below a directory walked safely before; None if that fails."""
+        try:
+            return os.stat(parent + b"/" + name, dir_fd=self._root_fd, follow_symlinks=False)
+        except OSError:
+            return None
 
     def _existing(self, source, dir_fd, name, existing: os.stat_result, stored: bytes) -> Outcome:
         mode = existing.st_mode
@@ -237,38 +276,48 @@ class ArchiveLinker:
             raise _link_problem(exc, source, stored) from None
         return Outcome.REPLACED
 
-    def _open_directories(self, parent: bytes, create: bool) -> int:
+    def _open_directories(self, parent: bytes, create: bool) -> tuple[int, bool]:
         """Open (creating if asked) every directory from the root down to ``parent``.
 
         Each component is opened with O_NOFOLLOW relative to the one above, so
         no symlink in the archive tree is ever followed. Returns the
-        descriptor, or _MISSING when a directory does not exist and may not
-        be created.
+        descriptor (or _MISSING when a directory does not exist and may not be
+        created) and whether it is transient: not cached, for the caller to
+        close after its one operation.
         """
         cache = self._directories
         fd = self._root_fd
+        transient = None  # an uncached descriptor still to close
         key = b""
-        for component in parent.split(b"/"):
-            key = key + b"/" + component if key else component
-            cached = cache.get(key)
-            if cached is None or (cached == _MISSING and create):
-                while len(cache) >= self._capacity:
-                    self._evict_one()
-                cached = cache[key] = self._open_directory(fd, component, key, create)
-            else:
-                cache.move_to_end(key)  # ancestors stay warm while their subtree is in use
-            fd = cached
-            if fd == _MISSING:
-                break
-        return fd
-
-    def _evict_one(self) -> None:
-        key, fd = self._directories.popitem(last=False)
-        if not key:  # the root stays
-            self._directories[key] = fd
-            key, fd = self._directories.popitem(last=False)
-        if fd >= 0:
-            os.close(fd)
+        components = parent.split(b"/") if parent else []
+        last = len(components) - 1
+        try:
+            for depth, component in enumerate(components):
+                key = key + b"/" + component if key else component
+                cached = cache.get(key)
+                if cached is not None and not (cached == _MISSING and create):
+                    opened = cached
+                else:
+                    opened = self._open_directory(fd, component, key, create)
+                    limit = self._leaf_capacity if depth == last else self._capacity
+                    if opened == _MISSING or len(cache) < limit:
+                        cache[key] = opened
+                if transient is not None:
+                    os.close(transient)
+                    transient = None
+                if opened != _MISSING:
+                    if cache.get(key) != opened:
+                        transient = opened
+                    if len(self._verified) < VERIFIED_LIMIT:
+                        self._verified.add(key)
+                fd = opened
+                if fd == _MISSING:
+                    break
+        except BaseException:
+            if transient is not None:
+                os.close(transient)
+            raise
+        return fd, transient is not None
 
     def _open_directory(self, parent_fd: int, name: bytes, where: bytes, create: bool) -> int:
         try:
@@ -280,10 +329,12 @@ class ArchiveLinker:
             try:
                 os.mkdir(name, DIRECTORY_MODE, dir_fd=parent_fd)
             except FileExistsError:
-                pass  # another worker made it first
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-            if self._fix_mode:
-                os.fchmod(fd, DIRECTORY_MODE)  # whatever the umask, rwxr-xr-x
+                return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)  # another worker made it first
+            if not self._fix_mode:
+                return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            # fchmod needs a real descriptor, not an O_PATH one.
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+            os.fchmod(fd, DIRECTORY_MODE)  # whatever the umask, rwxr-xr-x
             return fd
         except OSError as exc:
             raise _directory_problem(exc, parent_fd, name, where) from None

@@ -94,3 +94,10 @@ def test_help_lists_commands():
 def test_version():
     out = subprocess.run([sys.executable, "-m", "relinker", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("relinker ")
+
+
+def test_log_file_gets_timestamped_lines(db_url, tmp_path):
+    log_file = tmp_path / "relinker.log"
+    assert main(["--db-url", db_url, "--log-file", str(log_file), "-v", "migrate", "--base"]) == 0
+    lines = log_file.read_text().splitlines()
+    assert lines and all(line[:4].isdigit() and " INFO " in line for line in lines)

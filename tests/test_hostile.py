@@ -108,13 +108,15 @@ def test_broken_by_hash_entries_and_blob_ids(world, capsys, tmp_path):
     assert os.listdir(world.archive) == []
 
 
-def test_read_only_archive_directory_is_a_problem_not_a_crash(world, capsys):
+def test_read_only_archive_directory_is_a_problem_not_a_crash(world, capsys, tmp_path):
     m = world.medium("ro")
     blob = world.blob(b"ro")
     world.inode(m, [b"/ro/a", b"/ro/b", b"/rw/c"], blob)
     os.makedirs(world.archive / "ro")
+    before = outside_snapshot(world, tmp_path)
     with read_only_directory(world.archive / "ro"):
         code, summary = relink(world, capsys)
+    assert outside_snapshot(world, tmp_path) == before
     assert code == 1
     assert summary["problems_by_kind"] == {"os-error": 2}
     assert summary["links_created"] == 1 and world.linked(blob, b"/rw/c")
@@ -125,25 +127,29 @@ def test_read_only_archive_directory_is_a_problem_not_a_crash(world, capsys):
     assert code == 0 and summary["links_created"] == 2
 
 
-def test_one_path_catalogued_twice_for_one_blob_counts_once(world, capsys):
+def test_one_path_catalogued_twice_for_one_blob_counts_once(world, capsys, tmp_path):
     # the relative form ('/file') of two media can name the same archive path
     first, second = world.medium("one"), world.medium("two")
     same = world.blob(b"same content")
     world.inode(first, [b"/shared/name"], same)
     world.inode(second, [b"/shared/name", b"/shared/other"], same)
+    before = outside_snapshot(world, tmp_path)
     code, summary = relink(world, capsys)
+    assert outside_snapshot(world, tmp_path) == before
     assert code == 0 and summary["links_created"] == 2 and summary["links_present"] == 0
     assert world.n_hardlinks()[same] == 2
     assert world.conn.execute("SELECT expected_hardlinks FROM blobs WHERE blobid = %s", (same,)).fetchone() == (2,)
 
 
-def test_more_paths_than_the_filesystem_allows_links(world, capsys):
+def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):
     """ext4 allows 65,000 links per inode: the overflow is recorded path by path."""
     m = world.medium("many")
     empty = world.blob(b"")
     n = 65010
     world.inode(m, [b"/many/d%02d/f%05d" % (i % 50, i) for i in range(n)], empty)
+    before = outside_snapshot(world, tmp_path)
     code, summary = relink(world, capsys)
+    assert outside_snapshot(world, tmp_path) == before
     by_hash_links = os.stat(by_hash_path(world.by_hash_root, empty)).st_nlink
     if by_hash_links < n:  # the filesystem has a link limit (ext4: 65,000)
         overflow = n - (by_hash_links - 1)

@@ -191,3 +191,15 @@ def test_unmigrated_catalogue_is_a_preflight_error(db_url, tmp_path, capsys):
     assert main(["--db-url", db_url, "--by-hash-root", str(tmp_path / "b"), "--archive-root",
                  str(tmp_path / "a"), "relink"]) == 2
     assert "run `relinker migrate`" in capsys.readouterr().err
+
+
+def test_progress_bar_counts_paths(small, capsys):
+    from relinker import jobs, relink as relink_mode
+    from relinker.config import Settings
+
+    settings = Settings(small.dsn, small.by_hash_root, small.archive_root)
+    request = jobs.JobRequest(settings=settings, options={}, workers=1, progress=True)
+    summary, code = jobs.run_job(relink_mode.MODE_SPEC, request)
+    assert code == 0
+    bar = capsys.readouterr().err
+    assert "100%" in bar and "5.00/5.00" in bar and "path/s" in bar

