@@ -78,6 +78,13 @@ def work_query(bounded: bool, only_incomplete: bool) -> sql.Composed:
     return sql.SQL(SQL_WORK).format(upper=sql.SQL(UPPER_BOUND if bounded else ""), incomplete=incomplete)
 
 
+def _count_outcomes(counters, tally: dict) -> None:
+    counters.links_created = tally[Outcome.CREATED]
+    counters.links_present = tally[Outcome.PRESENT]
+    counters.links_replaced = tally[Outcome.REPLACED]
+    counters.links_missing = tally[None]
+
+
 class _Unusable:
     """A blob whose by-hash file cannot be linked to (problem already recorded)."""
 
@@ -110,6 +117,11 @@ class RelinkWork:
         self.linker.close()
 
     def process(self, r: Range, ctx: RangeContext):
+        """Link (or, for count, check) every path of the range's blobs.
+
+        Returns the finalize step: the range's n_hardlinks/expected_hardlinks,
+        written in the transaction that marks the range done.
+        """
         sources: dict[str, tuple[bytes, tuple[int, int]] | _Unusable] = {}
         expected: dict[str, int] = {}
         linked: dict[str, int] = {}
@@ -131,14 +143,11 @@ class RelinkWork:
             tick += 1
             if tick == STREAM_CHUNK:
                 tick = 0
-                counters.links_created = tally[Outcome.CREATED]
-                counters.links_present = tally[Outcome.PRESENT]
-                counters.links_replaced = tally[Outcome.REPLACED]
-                counters.links_missing = tally[None]
+                _count_outcomes(counters, tally)
                 ctx.tick()
             if blobid == current_blob:
-                # Another inode of the same blob (another medium): a path both
-                # catalogue is one archive path, and counts once.
+                # Another inode of the same blob (on another medium): a path
+                # catalogued for both is one archive path, and counts once.
                 if seen is None:
                     seen = set(current_paths)
                 paths = [p for p in paths if p not in seen]
@@ -152,10 +161,7 @@ class RelinkWork:
             expected[blobid] += len(paths)
             if source is not UNUSABLE and paths:
                 linked[blobid] += visit(source[0], source[1], paths, tally, problem)
-        counters.links_created = tally[Outcome.CREATED]
-        counters.links_present = tally[Outcome.PRESENT]
-        counters.links_replaced = tally[Outcome.REPLACED]
-        counters.links_missing = tally[None]
+        _count_outcomes(counters, tally)
         counters.blobs = len(sources)
         self.after_range(r, ctx, linked, expected)
         blobids = list(expected)
@@ -238,10 +244,6 @@ class CountWork(RelinkWork):
     ``count-mismatch`` problems; outside a dry run the true counts are
     written (by the same statement relink uses).
     """
-
-    def __init__(self, spec: WorkSpec):
-        super().__init__(spec)
-        self.linker.dry_run = True  # belt and braces: probe() never creates anyway
 
     def visit(self, source, source_id, paths, tally, problem) -> int:
         return self.linker.probe_all(source_id, paths, tally, problem)
