@@ -235,17 +235,10 @@ class CopyWork:
         self.remaps = [(os.fsencode(old), os.fsencode(new)) for old, new in spec.local.get("source_prefix", [])]
         self.store = None if spec.dry_run else ByHashStore(spec.by_hash_root)
         self.linker = None if spec.dry_run else ArchiveLinker(spec.archive_root)
-        self._conn: psycopg.Connection | None = None
-
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = db.connect_for_ranges(self.spec.dsn)
-        return self._conn
+        self.data = db.RangeConnection(spec.dsn)
 
     def reset(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.data.reset()
 
     def close(self) -> None:
         self.reset()
@@ -255,7 +248,7 @@ class CopyWork:
     def _inodes(self, r: Range):
         """(ino, size, [paths]) of the range, streamed."""
         params = {"medium": r.medium_hash, "ino_lo": r.ino_lo, "ino_hi": r.ino_hi}
-        with self._connection().cursor().copy(SQL_RANGE_WORK, params) as copy:
+        with self.data.get().cursor().copy(SQL_RANGE_WORK, params) as copy:
             copy.set_types(["int8", "int8", "bytea"])
             for ino, group in itertools.groupby(copy.rows(), key=lambda row: row[0]):
                 rows = list(group)

@@ -62,6 +62,24 @@ def connect_for_user(dsn: str, *, autocommit: bool = False) -> psycopg.Connectio
         ) from None
 
 
+class RangeConnection:
+    """A worker's data connection: opened on first use, dropped after a transient error."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._conn: psycopg.Connection | None = None
+
+    def get(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect_for_ranges(self.dsn)
+        return self._conn
+
+    def reset(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 def text_array(values) -> str:
     """A PostgreSQL array literal for ``values`` (str), to bind as one ``text[]`` parameter.
 

@@ -173,19 +173,7 @@ class ArchiveLinker:
         linked, and returns how many paths are now correctly linked.
         """
         link = self.link
-        done = 0
-        for stored in paths:
-            try:
-                outcome = link(source, source_id, stored)
-            except UnsafePath as exc:
-                problem(stored, "unsafe-path", str(exc))
-                continue
-            except LinkProblem as exc:
-                problem(stored, exc.kind, exc.detail)
-                continue
-            tally[outcome] += 1
-            done += 1
-        return done
+        return _visit_all(paths, lambda stored: link(source, source_id, stored), tally, problem)
 
     def probe_all(self, source_id: tuple[int, int], paths, tally: dict, problem) -> int:
         """Count the paths of ``paths`` that are hardlinks of ``source_id``; create nothing.
@@ -195,22 +183,12 @@ class ArchiveLinker:
         """
         probe = self.probe
         dev, ino = source_id
-        done = 0
-        for stored in paths:
-            try:
-                st = probe(stored)
-            except UnsafePath as exc:
-                problem(stored, "unsafe-path", str(exc))
-                continue
-            except LinkProblem as exc:
-                problem(stored, exc.kind, exc.detail)
-                continue
-            if st is not None and st.st_ino == ino and st.st_dev == dev:
-                tally[Outcome.PRESENT] += 1
-                done += 1
-            else:
-                tally[None] += 1
-        return done
+
+        def check(stored: bytes) -> Outcome | None:
+            st = probe(stored)
+            return Outcome.PRESENT if st is not None and st.st_ino == ino and st.st_dev == dev else None
+
+        return _visit_all(paths, check, tally, problem)
 
     def probe(self, stored: bytes) -> os.stat_result | None:
         """lstat the archive path of ``stored`` (no symlink followed); None if absent.
@@ -338,6 +316,27 @@ class ArchiveLinker:
             return fd
         except OSError as exc:
             raise _directory_problem(exc, parent_fd, name, where) from None
+
+
+def _visit_all(paths, visit, tally: dict, problem) -> int:
+    """Apply ``visit`` to each path: tally its outcome, or report its problem.
+
+    Returns how many paths are correctly linked (outcome not None).
+    """
+    done = 0
+    for stored in paths:
+        try:
+            outcome = visit(stored)
+        except UnsafePath as exc:
+            problem(stored, "unsafe-path", str(exc))
+            continue
+        except LinkProblem as exc:
+            problem(stored, exc.kind, exc.detail)
+            continue
+        tally[outcome] += 1
+        if outcome is not None:
+            done += 1
+    return done
 
 
 def directory_cache_size() -> int:

@@ -100,17 +100,10 @@ class RelinkWork:
         self.only_incomplete = bool(spec.options.get("only_incomplete"))
         self.linker = ArchiveLinker(
             spec.archive_root, on_conflict=spec.options.get("on_conflict", "replace"), dry_run=spec.dry_run)
-        self._conn: psycopg.Connection | None = None
-
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = db.connect_for_ranges(self.spec.dsn)
-        return self._conn
+        self.data = db.RangeConnection(spec.dsn)
 
     def reset(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.data.reset()
 
     def close(self) -> None:
         self.reset()
@@ -137,7 +130,7 @@ class RelinkWork:
         # Streamed in chunks (libpq's chunked rows mode): the server keeps
         # producing rows while this process links, memory stays bounded for
         # any range, and psycopg's C loaders parse a chunk at a time.
-        rows = self._connection().cursor(binary=True).stream(
+        rows = self.data.get().cursor(binary=True).stream(
             work_query(r.hi is not None, self.only_incomplete), {"lo": r.lo, "hi": r.hi}, size=STREAM_CHUNK)
         for blobid, paths in rows:
             tick += 1
@@ -250,7 +243,7 @@ class CountWork(RelinkWork):
 
     def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
         statement = sql.SQL(SQL_RECORDED_COUNTS).format(upper=sql.SQL(UPPER_BOUND_B if r.hi is not None else ""))
-        for blobid, recorded, recorded_expected in self._connection().execute(statement, {"lo": r.lo, "hi": r.hi}):
+        for blobid, recorded, recorded_expected in self.data.get().execute(statement, {"lo": r.lo, "hi": r.hi}):
             actual = linked.get(blobid, 0)
             if recorded != actual:
                 ctx.problem("count-mismatch",

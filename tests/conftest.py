@@ -99,3 +99,10 @@ def world(catalogue_url, tmp_path):
     w = ArchiveWorld(catalogue_url, tmp_path / "world")
     yield w
     w.close()
+
+
+@pytest.fixture
+def busy(world):
+    """Enough work (60,000 links) that a run lasts long enough to be hit mid-range."""
+    world.bulk(6000, paths_per_blob=10)
+    return world

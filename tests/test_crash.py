@@ -12,12 +12,6 @@ from processes import finish, kill_group, range_states, running_worker_pids, sta
 pytestmark = pytest.mark.reliability
 
 
-@pytest.fixture
-def busy(world):
-    """Enough work (about 60k links) that a run lasts long enough to be hit mid-range."""
-    world.bulk(6000, paths_per_blob=10)
-    return world
-
 
 def relink_argv(world, *args):
     return world.argv("relink", "--no-progress", "--json", "--workers", "2", *args)

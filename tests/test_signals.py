@@ -10,11 +10,6 @@ from processes import finish, kill_group, range_states, start, wait_for
 pytestmark = pytest.mark.reliability
 
 
-@pytest.fixture
-def busy(world):
-    world.bulk(6000, paths_per_blob=10)
-    return world
-
 
 def relink_argv(world, *args):
     return world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "40", *args)
