@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
+import pathlib
 import re
 
 import psycopg
@@ -86,14 +87,26 @@ class Migration:
         return self.text.lstrip().startswith(ONLINE_MARKER)
 
 
+def _sql_files():
+    """The SQL directory: ``relinker.sql`` when installed, ``sql/`` when run from a checkout."""
+    try:
+        return importlib.resources.files(SQL_PACKAGE)
+    except ModuleNotFoundError:
+        # `python -m relinker` in a source checkout: sql/ sits beside the package.
+        checkout = pathlib.Path(__file__).resolve().parent.parent / "sql"
+        if checkout.is_dir():
+            return checkout
+        raise
+
+
 def _read(name: str) -> str:
-    return importlib.resources.files(SQL_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    return _sql_files().joinpath(name).read_text(encoding="utf-8")
 
 
 def available() -> list[Migration]:
     """Every numbered migration shipped with this version, in order."""
     found = []
-    for entry in importlib.resources.files(SQL_PACKAGE).iterdir():
+    for entry in _sql_files().iterdir():
         match = MIGRATION_FILE.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))

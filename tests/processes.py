@@ -11,8 +11,14 @@ import time
 import psutil
 
 
+#: Where relinker processes run: not the checkout, so `-m relinker` imports the
+#: installed package (the one the in-process tests use), not the source tree.
+NEUTRAL_DIRECTORY = os.path.abspath(os.sep)
+
+
 def start(argv: list[str], **kwargs) -> subprocess.Popen:
     """`python -m relinker ARGV` in its own process group (so the group can be killed)."""
+    kwargs.setdefault("cwd", NEUTRAL_DIRECTORY)
     return subprocess.Popen([sys.executable, "-m", "relinker", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True, **kwargs)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from processes import NEUTRAL_DIRECTORY
 from relinker.cli import main, parse
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relinker.conf.example"
@@ -85,14 +86,15 @@ def test_empty_dsn_falls_back_to_libpq_variables(catalogue_url, monkeypatch, cap
 
 def test_help_lists_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "relinker", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "relinker", "--help"], capture_output=True, text=True, check=True, cwd=NEUTRAL_DIRECTORY
     ).stdout
     for command in ("migrate", "scan"):
         assert command in out
 
 
 def test_version():
-    out = subprocess.run([sys.executable, "-m", "relinker", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "relinker", "--version"], capture_output=True, text=True,
+                         cwd=NEUTRAL_DIRECTORY)
     assert out.returncode == 0 and out.stdout.startswith("relinker ")
 
 

@@ -5,9 +5,12 @@ import subprocess
 import sys
 
 
-def demo(*args, cwd=None):
+from processes import NEUTRAL_DIRECTORY
+
+
+def demo(*args):
     return subprocess.run([sys.executable, "-m", "relinker", "demo", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=NEUTRAL_DIRECTORY, timeout=300)
 
 
 def test_demo_runs_twice_on_the_standard_library(tmp_path):
