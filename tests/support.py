@@ -136,6 +136,14 @@ class ArchiveWorld:
     def archive_path(self, stored: bytes) -> bytes:
         return self.archive_root + b"/" + b"/".join(archive_components(stored))
 
+    def replace_with_stale_copy(self, stored: bytes, content: bytes = b"stale copy") -> bytes:
+        """Swap the archive link of ``stored`` for an ordinary file; return its path."""
+        path = self.archive_path(stored)
+        os.unlink(path)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
     def expected(self) -> dict[str, set[bytes]]:
         """blobid -> stored paths that must be linked (the catalogue's truth)."""
         out: dict[str, set[bytes]] = {}

@@ -34,10 +34,7 @@ def linked(world, capsys):
 def break_archive(world):
     """Delete one link of a, replace one link of b with a stale copy."""
     os.unlink(world.archive_path(b"/d/a2"))
-    stale = world.archive_path(b"/e/b2")
-    os.unlink(stale)
-    with open(stale, "wb") as f:
-        f.write(b"bravo")
+    world.replace_with_stale_copy(b"/e/b2", b"bravo")
 
 
 def test_count_finds_damage_and_fixes_counts_only_without_dry_run(linked, capsys):
@@ -73,10 +70,7 @@ def checked(world):
 def test_verify_detects_each_kind_of_damage(linked, capsys, selection):
     a, b, c = linked.blobs["a"], linked.blobs["b"], linked.blobs["c"]
     os.unlink(linked.archive_path(b"/d/a2"))                       # missing link
-    stale = linked.archive_path(b"/e/b2")                          # wrong inode
-    os.unlink(stale)
-    with open(stale, "wb") as f:
-        f.write(b"bravo")
+    linked.replace_with_stale_copy(b"/e/b2", b"bravo")             # wrong inode
     code, result = run(linked, capsys, "verify", "--count", "3", "--mode", selection)
     assert code == 1 and result["checked"] == 3, result
     assert result["passed"] == 1 and result["failed"] == 2, result["failures"]

@@ -54,10 +54,7 @@ def test_second_run_creates_nothing_and_finds_everything_present(small, capsys):
 
 def test_stale_file_is_replaced_atomically(small, capsys):
     relink(small, capsys)
-    stale = small.archive_path(b"/file-relative-form")
-    os.unlink(stale)
-    with open(stale, "wb") as f:
-        f.write(b"stale copy")
+    small.replace_with_stale_copy(b"/file-relative-form")
     code, summary = relink(small, capsys, "--new")
     assert code == 0 and summary["links_replaced"] == 1
     small.assert_complete(summary["run_id"])
@@ -65,10 +62,7 @@ def test_stale_file_is_replaced_atomically(small, capsys):
 
 def test_keep_leaves_a_stale_file_and_records_it(small, capsys):
     relink(small, capsys)
-    stale = small.archive_path(b"/file-relative-form")
-    os.unlink(stale)
-    with open(stale, "wb") as f:
-        f.write(b"stale copy")
+    stale = small.replace_with_stale_copy(b"/file-relative-form")
     code, summary = relink(small, capsys, "--new", "--on-conflict", "keep")
     assert code == 1
     assert summary["problems_by_kind"] == {"existing-file": 1}
