@@ -25,10 +25,13 @@ from relinker.report import ProgressBar, Summary
 
 log = logging.getLogger(__name__)
 
-SQL_DONE_SO_FAR = """
-SELECT count(*), coalesce(sum(links_created + links_present + links_replaced), 0)::bigint,
-       coalesce(sum(problems), 0)::bigint
-FROM relinker_range WHERE run_id = %s AND status = 'done'
+# A run's ranges, and what its done ranges did before this invocation.
+SQL_RANGES_SO_FAR = """
+SELECT count(*),
+       count(*) FILTER (WHERE status = 'done'),
+       coalesce(sum(links_created + links_present + links_replaced) FILTER (WHERE status = 'done'), 0)::bigint,
+       coalesce(sum(problems) FILTER (WHERE status = 'done'), 0)::bigint
+FROM relinker_range WHERE run_id = %s
 """
 
 
@@ -106,10 +109,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             spec.run_id = run.run_id
             spec.options = run.options
             spec.since = conn.execute("SELECT now()").fetchone()[0]
-            ranges_total = conn.execute(
-                "SELECT count(*) FROM relinker_range WHERE run_id = %s", (run.run_id,)).fetchone()[0]
-            done_before, links_before, problems_before = conn.execute(
-                SQL_DONE_SO_FAR, (run.run_id,)).fetchone()
+            ranges_total, done_before, links_before, problems_before = conn.execute(
+                SQL_RANGES_SO_FAR, (run.run_id,)).fetchone()
             if run.status == "done":
                 summary = Summary.from_run(conn, run.run_id)
                 return summary, _exit_code(summary)
@@ -124,7 +125,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         summary = Summary(
             mode=mode.name, dry_run=True, interrupted=outcome.interrupted, counters=outcome.counters,
             problems_by_kind=dict(outcome.problem_kinds.most_common()), problem_samples=outcome.samples,
-            ranges_total=ranges_total, ranges_done=ranges_total if not outcome.interrupted else 0,
+            ranges_total=ranges_total, ranges_failed=outcome.failed_ranges,
+            ranges_done=0 if outcome.interrupted else ranges_total - outcome.failed_ranges,
             options=spec.options,
         )
         summary.links_this_session = outcome.counters.links

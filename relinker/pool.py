@@ -264,7 +264,6 @@ class PoolOutcome:
     problem_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     samples: list[Problem] = dataclasses.field(default_factory=list)
     failed_ranges: int = 0
-    worker_deaths: int = 0
 
 
 class _ForcedStop(Exception):
@@ -318,7 +317,6 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     process.join()
                     reader.close()
                     if process.exitcode != 0 and not stopping:
-                        outcome.worker_deaths += 1
                         log.warning("worker %d exited with %s", process.pid, process.exitcode)
                         if respawns_left > 0:
                             respawns_left -= 1

@@ -146,13 +146,11 @@ class Summary:
             rows.append(("links missing", f"{c.links_missing:,}"))
         if self.mode == "copy":
             rows.append((f"by-hash files {verb}written", f"{c.files_copied:,} ({c.bytes_copied:,} bytes)"))
-        rows += [
-            ("elapsed", f"{self.elapsed_seconds:,.1f} s ({self.links_per_second:,.0f} links/s)"),
-        ]
+        rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({self.links_per_second:,.0f} links/s)"))
+        if self.eta_seconds and not self.complete:
+            rows.append(("eta", f"{self.eta_seconds:,.0f} s"))
         width = max(len(label) for label, _ in rows) + 2
         lines += [f"  {label:<{width}}{value}" for label, value in rows]
-        if self.eta_seconds and not self.complete:
-            lines.append(f"  eta              {self.eta_seconds:,.0f} s")
         for p in self.problem_samples[:10]:
             where = display(p.path) if p.path is not None else p.blobid or ""
             lines.append(f"  ! {p.kind}: {where}: {p.detail}")
@@ -175,7 +173,6 @@ class ProgressBar:
         self.ranges_total = ranges_total
         self.ranges_before = ranges_done_before
         self.paths_before = paths_done_before
-        self.done_paths = 0
         self._bar = tqdm.tqdm(
             total=None, initial=paths_done_before, unit="path", unit_scale=True, dynamic_ncols=True,
             disable=not enabled, file=sys.stderr, smoothing=0.05, mininterval=0.5,
