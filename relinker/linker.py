@@ -13,8 +13,10 @@ re-run over a complete archive one ``fstatat`` per path (the linker guesses
 which of the two to try first from the previous outcome). When an archive has
 more directories than descriptors may stay open, the cache keeps the ones it
 has (ancestors first) and a directory beyond it gets a descriptor for the one
-operation: evicting and reopening cached descriptors costs far more. A
-read-only check (an ``fstatat`` that finds the link already right) below a
+operation: evicting and reopening cached descriptors costs far more. Most
+of the cache goes to the directories files are linked into; their ancestors
+(needed only to open a directory seen for the first time) get a smaller
+share. A read-only check (an ``fstatat`` that finds the link already right) below a
 directory this linker has already walked safely goes by its path from the
 root instead, with no descriptor at all: nothing is created that way, so a
 directory swapped for a symlink behind our back could only make the check
@@ -41,15 +43,18 @@ TEMP_SUFFIX = b".tmp"
 #: Upper bound of directory descriptors kept open per linker; the real bound
 #: also respects RLIMIT_NOFILE.
 DIRECTORY_CACHE = 65536
-#: Share of the cache open to leaf directories: the rest stays for ancestors,
-#: through which every directory beyond the cache is reached.
-LEAF_SHARE = 0.75
+#: Share of the cache open to directories only passed through on the way to
+#: another (ancestors): they are needed once per directory below them, while
+#: the directories files go into are needed once per file.
+ANCESTOR_SHARE = 0.25
 #: Directories remembered as walked safely (for descriptor-free checks).
 VERIFIED_LIMIT = 1_000_000
 #: Descriptors left for everything else (sockets, pipes, files being copied).
 FD_RESERVE = 256
 #: Cache value of a directory that does not exist (dry runs and probes only).
 _MISSING = -1
+#: Last components that name no new entry: paths ending so take the general route.
+_NOT_A_NAME = frozenset((b"", b".", b".."))
 
 
 class Outcome(enum.Enum):
@@ -85,7 +90,8 @@ class ArchiveLinker:
         self._root_fd = os.open(archive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._directories: dict[bytes, int] = {b"": self._root_fd}
         self._capacity = directory_cache_size()
-        self._leaf_capacity = int(self._capacity * LEAF_SHARE)
+        self._ancestor_capacity = int(self._capacity * ANCESTOR_SHARE)
+        self._ancestors_cached = 0
         # Directories opened component by component with O_NOFOLLOW.
         self._verified: set[bytes] = set()
         # mkdir(0o755) gives rwxr-xr-x unless the umask takes more away: only
@@ -173,7 +179,39 @@ class ArchiveLinker:
         linked, and returns how many paths are now correctly linked.
         """
         link = self.link
-        return _visit_all(paths, lambda stored: link(source, source_id, stored), tally, problem)
+
+        def general(stored: bytes) -> Outcome:
+            return link(source, source_id, stored)
+
+        if self.dry_run:
+            return _visit_all(paths, general, tally, problem)
+        dev, ino = source_id
+        directories = self._directories
+        created = present = done = 0
+        # Every path of a run goes through this loop, so it is written for
+        # speed: a plain path below a cached directory costs one system call
+        # and no method call. Anything else, or any error, takes the general
+        # route, which repeats the operation and sorts the outcome out.
+        for stored in paths:
+            dir_fd, name = _cached_location(directories, stored)
+            if dir_fd is not None:
+                try:
+                    if self._expect_present:
+                        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                        if found.st_ino == ino and found.st_dev == dev:
+                            present += 1
+                            continue
+                    else:
+                        os.link(source, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+                        created += 1
+                        continue
+                except (OSError, ValueError):
+                    pass
+            if _visit(stored, general, tally, problem) is not _FAILED:
+                done += 1
+        tally[Outcome.CREATED] += created
+        tally[Outcome.PRESENT] += present
+        return created + present + done
 
     def probe_all(self, source_id: tuple[int, int], paths, tally: dict, problem) -> int:
         """Count the paths of ``paths`` that are hardlinks of ``source_id``; create nothing.
@@ -184,11 +222,33 @@ class ArchiveLinker:
         probe = self.probe
         dev, ino = source_id
 
-        def check(stored: bytes) -> Outcome | None:
+        def general(stored: bytes) -> Outcome | None:
             st = probe(stored)
             return Outcome.PRESENT if st is not None and st.st_ino == ino and st.st_dev == dev else None
 
-        return _visit_all(paths, check, tally, problem)
+        directories = self._directories
+        present = missing = done = 0
+        for stored in paths:  # the same fast route as link_all's
+            dir_fd, name = _cached_location(directories, stored)
+            if dir_fd is not None:
+                try:
+                    found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    missing += 1
+                    continue
+                except (OSError, ValueError):
+                    pass
+                else:
+                    if found.st_ino == ino and found.st_dev == dev:
+                        present += 1
+                    else:
+                        missing += 1
+                    continue
+            if _visit(stored, general, tally, problem) is Outcome.PRESENT:
+                done += 1
+        tally[Outcome.PRESENT] += present
+        tally[None] += missing
+        return present + done
 
     def probe(self, stored: bytes) -> os.stat_result | None:
         """lstat the archive path of ``stored`` (no symlink followed); None if absent.
@@ -277,9 +337,13 @@ class ArchiveLinker:
                     opened = cached
                 else:
                     opened = self._open_directory(fd, component, key, create)
-                    limit = self._leaf_capacity if depth == last else self._capacity
-                    if opened == _MISSING or len(cache) < limit:
+                    if opened == _MISSING:
                         cache[key] = opened
+                    elif len(cache) < self._capacity and (
+                            depth == last or self._ancestors_cached < self._ancestor_capacity):
+                        cache[key] = opened
+                        if depth != last:
+                            self._ancestors_cached += 1
                 if transient is not None:
                     os.close(transient)
                     transient = None
@@ -318,25 +382,49 @@ class ArchiveLinker:
             raise _directory_problem(exc, parent_fd, name, where) from None
 
 
-def _visit_all(paths, visit, tally: dict, problem) -> int:
-    """Apply ``visit`` to each path: tally its outcome, or report its problem.
+#: What _visit returns for a path whose problem it reported.
+_FAILED = object()
 
-    Returns how many paths are correctly linked (outcome not None).
-    """
+
+def _visit(stored: bytes, visit, tally: dict, problem):
+    """Apply ``visit`` to one path and tally its outcome, or report its problem (and return _FAILED)."""
+    try:
+        outcome = visit(stored)
+    except UnsafePath as exc:
+        problem(stored, "unsafe-path", str(exc))
+        return _FAILED
+    except LinkProblem as exc:
+        problem(stored, exc.kind, exc.detail)
+        return _FAILED
+    tally[outcome] += 1
+    return outcome
+
+
+def _visit_all(paths, visit, tally: dict, problem) -> int:
+    """:func:`_visit` each path; return how many are correctly linked (outcome not None)."""
     done = 0
     for stored in paths:
-        try:
-            outcome = visit(stored)
-        except UnsafePath as exc:
-            problem(stored, "unsafe-path", str(exc))
-            continue
-        except LinkProblem as exc:
-            problem(stored, exc.kind, exc.detail)
-            continue
-        tally[outcome] += 1
-        if outcome is not None:
+        outcome = _visit(stored, visit, tally, problem)
+        if outcome is not _FAILED and outcome is not None:
             done += 1
     return done
+
+
+def _cached_location(directories: dict[bytes, int], stored: bytes) -> tuple[int | None, bytes | None]:
+    """``(directory descriptor, name)`` of a plain path whose directory is cached, else ``(None, None)``.
+
+    Cache keys are directories opened component by component (no '..', no
+    symlink, no empty or '.' component), so such a parent and a last
+    component that is a plain name make a path that is safe as it stands.
+    A NUL byte in the name makes the system call raise ValueError.
+    """
+    if stored[:1] == b"/":
+        parent, _, name = stored[1:].rpartition(b"/")
+        if name not in _NOT_A_NAME:
+            dir_fd = directories.get(parent)
+            if dir_fd is not None and dir_fd >= 0:
+                return dir_fd, name
+    return None, None
 
 
 def directory_cache_size() -> int:
