@@ -51,23 +51,23 @@ ONLY_INCOMPLETE = """
                               OR coalesce(b.n_hardlinks, 0) < b.expected_hardlinks))"""
 UPPER_BOUND_B = "AND b.blobid < %(hi)s"
 
-# n_hardlinks/expected_hardlinks of the blobs the range found paths for. Rows
-# already right are left alone, so a nightly re-check of a complete archive
-# writes nothing. The range bounds keep the planner on the primary key
-# instead of a scan of the whole blobs table.
-SQL_COUNTS_SEEN = """
+# What the catalogue says of the range's blobs, read once the range is worked:
+# a short scan of the primary key. Only blobs whose counts differ are then
+# written, so a nightly re-check of a complete archive writes nothing (and
+# spends no time joining thousands of unchanged rows).
+SQL_RECORDED_COUNTS = """
+SELECT b.blobid, b.n_hardlinks, b.expected_hardlinks FROM blobs AS b
+WHERE b.blobid >= %(lo)s {upper}
+"""
+# Absolute counts, so a redo never double counts. The range bounds keep the
+# planner on the primary key instead of a scan of the whole blobs table; the
+# IS DISTINCT FROM guard skips rows another writer already made right.
+SQL_WRITE_COUNTS = """
 UPDATE blobs AS b
 SET n_hardlinks = c.linked, expected_hardlinks = c.expected
 FROM unnest(%(blobids)s::text[], %(linked)s::int[], %(expected)s::int[]) AS c(blobid, linked, expected)
 WHERE b.blobid = c.blobid AND b.blobid >= %(lo)s {upper}
   AND (b.n_hardlinks IS DISTINCT FROM c.linked OR b.expected_hardlinks IS DISTINCT FROM c.expected)
-"""
-# ... and every other blob of the range has no path to link: 0 of 0.
-# (Not with --only-incomplete, which looked at some blobs only.)
-SQL_COUNTS_UNSEEN = """
-UPDATE blobs AS b SET n_hardlinks = 0, expected_hardlinks = 0
-WHERE b.blobid >= %(lo)s {upper} AND NOT (b.blobid = ANY(%(blobids)s::text[]))
-  AND (b.n_hardlinks IS DISTINCT FROM 0 OR b.expected_hardlinks IS DISTINCT FROM 0)
 """
 
 
@@ -112,8 +112,8 @@ class RelinkWork:
     def process(self, r: Range, ctx: RangeContext):
         """Link (or, for count, check) every path of the range's blobs.
 
-        Returns the finalize step: the range's n_hardlinks/expected_hardlinks,
-        written in the transaction that marks the range done.
+        Returns the finalize step: the range's changed n_hardlinks and
+        expected_hardlinks, written in the transaction that marks the range done.
         """
         sources: dict[str, tuple[bytes, tuple[int, int]] | _Unusable] = {}
         expected: dict[str, int] = {}
@@ -156,22 +156,23 @@ class RelinkWork:
                 linked[blobid] += visit(source[0], source[1], paths, tally, problem)
         _count_outcomes(counters, tally)
         counters.blobs = len(sources)
-        self.after_range(r, ctx, linked, expected)
-        blobids = list(expected)
+        upper = sql.SQL(UPPER_BOUND_B if r.hi is not None else "")
+        bounds = {"lo": r.lo, "hi": r.hi}
+        recorded = self.data.get().execute(sql.SQL(SQL_RECORDED_COUNTS).format(upper=upper), bounds).fetchall()
+        self.after_range(ctx, linked, expected, recorded)
+        changes = counts_to_write(recorded, linked, expected, unseen_are_empty=not self.only_incomplete)
         arrays = {
-            "blobids": db.text_array(blobids),
-            "linked": db.int_array(linked[b] for b in blobids),
-            "expected": db.int_array(expected[b] for b in blobids),
-            "lo": r.lo,
-            "hi": r.hi,
+            "blobids": db.text_array(blobid for blobid, _, _ in changes),
+            "linked": db.int_array(n for _, n, _ in changes),
+            "expected": db.int_array(n for _, _, n in changes),
+            **bounds,
         }
 
         def finalize(conn: psycopg.Connection) -> None:
+            if not changes:
+                return
             # prepare=False: a generic plan cannot see the range bounds.
-            upper = sql.SQL(UPPER_BOUND_B if r.hi is not None else "")
-            conn.execute(sql.SQL(SQL_COUNTS_SEEN).format(upper=upper), arrays, prepare=False)
-            if not self.only_incomplete:
-                conn.execute(sql.SQL(SQL_COUNTS_UNSEEN).format(upper=upper), arrays, prepare=False)
+            conn.execute(sql.SQL(SQL_WRITE_COUNTS).format(upper=upper), arrays, prepare=False)
 
         return finalize
 
@@ -179,8 +180,11 @@ class RelinkWork:
         """Link one inode's catalogued paths; return how many are now correctly linked."""
         return self.linker.link_all(source, source_id, paths, tally, problem)
 
-    def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
-        """Hook for modes that compare the range's findings with the catalogue."""
+    def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
+        """Hook for modes that compare the range's findings with the catalogue.
+
+        ``recorded`` holds the range's ``(blobid, n_hardlinks, expected_hardlinks)`` rows.
+        """
 
     def _source(self, blobid: str, ctx: RangeContext):
         """The blob's by-hash path and (st_dev, st_ino), or UNUSABLE."""
@@ -241,20 +245,35 @@ class CountWork(RelinkWork):
     def visit(self, source, source_id, paths, tally, problem) -> int:
         return self.linker.probe_all(source_id, paths, tally, problem)
 
-    def after_range(self, r: Range, ctx: RangeContext, linked, expected) -> None:
-        statement = sql.SQL(SQL_RECORDED_COUNTS).format(upper=sql.SQL(UPPER_BOUND_B if r.hi is not None else ""))
-        for blobid, recorded, recorded_expected in self.data.get().execute(statement, {"lo": r.lo, "hi": r.hi}):
+    def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
+        for blobid, recorded_linked, _ in recorded:
             actual = linked.get(blobid, 0)
-            if recorded != actual:
+            if (recorded_linked or 0) != actual:
                 ctx.problem("count-mismatch",
-                            f"n_hardlinks was {recorded}, {actual} of {expected.get(blobid, 0)} paths are linked",
+                            f"n_hardlinks was {recorded_linked or 0}, {actual} of {expected.get(blobid, 0)} "
+                            "paths are linked",
                             blobid=blobid)
 
 
-SQL_RECORDED_COUNTS = """
-SELECT b.blobid, coalesce(b.n_hardlinks, 0), b.expected_hardlinks FROM blobs AS b
-WHERE b.blobid >= %(lo)s {upper}
-"""
+def counts_to_write(recorded, linked: dict, expected: dict, unseen_are_empty: bool) -> list[tuple[str, int, int]]:
+    """``(blobid, n_hardlinks, expected_hardlinks)`` for each recorded blob whose counts must change.
+
+    A blob the range found paths for gets what was found; any other blob of
+    the range has no path to link (0 of 0), unless ``unseen_are_empty`` is
+    false (``--only-incomplete`` looked at some blobs only).
+    """
+    changes = []
+    for blobid, recorded_linked, recorded_expected in recorded:
+        if blobid in expected:
+            wanted = (linked[blobid], expected[blobid])
+        elif unseen_are_empty:
+            wanted = (0, 0)
+        else:
+            continue
+        if (recorded_linked, recorded_expected) != wanted:
+            changes.append((blobid, *wanted))
+    return changes
+
 
 MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan)
 COUNT_MODE_SPEC = Mode(name="count", work=CountWork, plan=plan)

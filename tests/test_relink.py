@@ -110,6 +110,31 @@ def test_n_hardlinks_exact_after_a_redo(small, capsys):
     small.assert_complete(run_id)
 
 
+def counts(world):
+    return {blobid: (n, expected) for blobid, n, expected in world.conn.execute(
+        "SELECT blobid, n_hardlinks, expected_hardlinks FROM blobs")}
+
+
+def test_counts_are_written_only_where_they_change(small, capsys):
+    orphan = small.blob(b"no path catalogued")
+    small.conn.execute("UPDATE blobs SET n_hardlinks = 7, expected_hardlinks = 7 WHERE blobid = %s", (orphan,))
+    relink(small, capsys)
+    assert counts(small) == {small.blob(b"hello"): (3, 3), small.blob(b"other"): (1, 1),
+                             small.blob(b"solo"): (1, 1), orphan: (0, 0)}
+    # a re-check of the complete archive rewrites no row (xmin stays)
+    xmins = dict(small.conn.execute("SELECT blobid, xmin::text FROM blobs").fetchall())
+    code, summary = relink(small, capsys, "--new")
+    assert code == 0 and summary["links_present"] == 5
+    assert dict(small.conn.execute("SELECT blobid, xmin::text FROM blobs").fetchall()) == xmins
+    # --only-incomplete looks at incomplete blobs only: a wrong count on a
+    # blob it does not look at stays as it is
+    small.conn.execute("UPDATE blobs SET n_hardlinks = 5, expected_hardlinks = 5 WHERE blobid = %s", (orphan,))
+    small.conn.execute("UPDATE blobs SET n_hardlinks = 0 WHERE blobid = %s", (small.blob(b"solo"),))
+    code, summary = relink(small, capsys, "--new", "--only-incomplete")
+    assert code == 0 and summary["blobs"] == 1
+    assert counts(small)[orphan] == (5, 5) and counts(small)[small.blob(b"solo")] == (1, 1)
+
+
 def test_dry_run_writes_nothing(small, capsys):
     tables = "SELECT (SELECT count(*) FROM relinker_run), (SELECT count(*) FROM relinker_problem), " \
              "(SELECT string_agg(blobid || n_hardlinks || coalesce(expected_hardlinks, -1), ',') FROM blobs)"
