@@ -75,18 +75,25 @@ class LinkProblem(Exception):
 class ArchiveLinker:
     """Links catalogue paths below one archive root.
 
-    ``on_conflict`` decides what happens to a regular file that is not the
+    Sources (by-hash files) are absolute paths, or paths relative to
+    ``source_root`` when one is given: linking and stat'ing by a descriptor
+    of the store saves walking its path for every link. ``on_conflict`` decides what happens to a regular file that is not the
     blob's inode: ``replace`` it (default) or ``keep`` it and report a problem.
     With ``dry_run`` nothing is created, renamed or removed; outcomes are
     predicted from what is on disk. Paths are catalogued paths (bytes);
     unsafe ones raise :class:`relinker.paths.UnsafePath`.
     """
 
-    def __init__(self, archive_root: bytes, *, on_conflict: str = "replace", dry_run: bool = False):
+    def __init__(self, archive_root: bytes, *, source_root: bytes | None = None, on_conflict: str = "replace",
+                 dry_run: bool = False):
         if on_conflict not in ("replace", "keep"):
             raise ValueError(f"on_conflict must be 'replace' or 'keep', not {on_conflict!r}")
         self.on_conflict = on_conflict
         self.dry_run = dry_run
+        self._source_root = source_root
+        # The store's root may be a symlink (to another pool, say): followed.
+        self._source_fd = None if source_root is None else os.open(
+            source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._root_fd = os.open(archive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._directories: dict[bytes, int] = {b"": self._root_fd}
         self._capacity = directory_cache_size()
@@ -107,6 +114,19 @@ class ArchiveLinker:
             if fd >= 0:
                 os.close(fd)
         self._directories.clear()
+        if self._source_fd is not None:
+            os.close(self._source_fd)
+            self._source_fd = None
+
+    def stat_source(self, source: bytes) -> os.stat_result:
+        """lstat a source (relative to ``source_root`` when not absolute)."""
+        return os.stat(source, dir_fd=self._source_fd, follow_symlinks=False)
+
+    def source_path(self, source: bytes) -> bytes:
+        """A source as a path from the filesystem root, for messages."""
+        if self._source_root is None or source.startswith(b"/"):
+            return source
+        return self._source_root.rstrip(b"/") + b"/" + source
 
     def __enter__(self) -> "ArchiveLinker":
         return self
@@ -147,7 +167,7 @@ class ArchiveLinker:
             except FileNotFoundError:
                 existing = None
             except OSError as exc:
-                raise _link_problem(exc, source, stored) from None
+                raise _link_problem(exc, self.source_path(source), stored) from None
             if existing is not None:
                 if existing.st_ino == source_id[1] and existing.st_dev == source_id[0]:
                     return Outcome.PRESENT
@@ -156,16 +176,16 @@ class ArchiveLinker:
             if self.dry_run:
                 return Outcome.CREATED
         try:
-            os.link(source, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+            os.link(source, name, src_dir_fd=self._source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             return Outcome.CREATED
         except FileExistsError:
             pass
         except OSError as exc:
-            raise _link_problem(exc, source, stored) from None
+            raise _link_problem(exc, self.source_path(source), stored) from None
         try:
             existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
-            raise _link_problem(exc, source, stored) from None
+            raise _link_problem(exc, self.source_path(source), stored) from None
         if existing.st_ino == source_id[1] and existing.st_dev == source_id[0]:
             self._expect_present = True
             return Outcome.PRESENT
@@ -187,6 +207,7 @@ class ArchiveLinker:
             return _visit_all(paths, general, tally, problem)
         dev, ino = source_id
         directories = self._directories
+        source_fd = self._source_fd
         created = present = done = 0
         # Every path of a run goes through this loop, so it is written for
         # speed: a plain path below a cached directory costs one system call
@@ -202,7 +223,7 @@ class ArchiveLinker:
                             present += 1
                             continue
                     else:
-                        os.link(source, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+                        os.link(source, name, src_dir_fd=source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
                         created += 1
                         continue
                 except (OSError, ValueError):
@@ -301,17 +322,17 @@ class ArchiveLinker:
         temp = TEMP_PREFIX + blake3.blake3(name).hexdigest()[:16].encode() + TEMP_SUFFIX
         try:
             try:
-                os.link(source, temp, dst_dir_fd=dir_fd, follow_symlinks=False)
+                os.link(source, temp, src_dir_fd=self._source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             except FileExistsError:
                 os.unlink(temp, dir_fd=dir_fd)
-                os.link(source, temp, dst_dir_fd=dir_fd, follow_symlinks=False)
+                os.link(source, temp, src_dir_fd=self._source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
             try:
                 os.unlink(temp, dir_fd=dir_fd)
             except OSError:
                 pass
-            raise _link_problem(exc, source, stored) from None
+            raise _link_problem(exc, self.source_path(source), stored) from None
         return Outcome.REPLACED
 
     def _open_directories(self, parent: bytes, create: bool) -> tuple[int, bool]:

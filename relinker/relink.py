@@ -12,7 +12,6 @@ correctly linked (absolute, so a redo never double counts) and
 from __future__ import annotations
 
 import errno
-import os
 import stat
 
 import psycopg
@@ -22,7 +21,7 @@ from relinker import db
 from relinker.checkpoint import Range, default_range_count, split_blob_space
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome
-from relinker.paths import by_hash_path, display, is_blobid
+from relinker.paths import by_hash_relpath, display, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
 MODE = "relink"
@@ -99,7 +98,7 @@ class RelinkWork:
         self.spec = spec
         self.only_incomplete = bool(spec.options.get("only_incomplete"))
         self.linker = ArchiveLinker(
-            spec.archive_root, on_conflict=spec.options.get("on_conflict", "replace"), dry_run=spec.dry_run)
+            spec.archive_root, source_root=spec.by_hash_root, on_conflict=spec.options.get("on_conflict", "replace"), dry_run=spec.dry_run)
         self.data = db.RangeConnection(spec.dsn)
 
     def reset(self) -> None:
@@ -187,21 +186,23 @@ class RelinkWork:
         """
 
     def _source(self, blobid: str, ctx: RangeContext):
-        """The blob's by-hash path and (st_dev, st_ino), or UNUSABLE."""
+        """The blob's by-hash path (relative to the store's root) and (st_dev, st_ino), or UNUSABLE."""
         if not is_blobid(blobid):
             ctx.problem("bad-blobid", "not a lowercase hex BLAKE3-256 digest", blobid=blobid)
             return UNUSABLE
-        path = by_hash_path(self.spec.by_hash_root, blobid)
+        relpath = by_hash_relpath(blobid)
         try:
-            st = os.stat(path, follow_symlinks=False)
+            st = self.linker.stat_source(relpath)
         except OSError as exc:
+            path = self.linker.source_path(relpath)
             kind = "missing-by-hash" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "os-error"
             ctx.problem(kind, f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
             return UNUSABLE
         if not stat.S_ISREG(st.st_mode):
+            path = self.linker.source_path(relpath)
             ctx.problem("missing-by-hash", f"{display(path)} is not a regular file", blobid=blobid, path=path)
             return UNUSABLE
-        return path, (st.st_dev, st.st_ino)
+        return relpath, (st.st_dev, st.st_ino)
 
 
 # --- planning -----------------------------------------------------------------

@@ -128,3 +128,24 @@ def test_directories_beyond_the_cache_still_link_and_check(roots, monkeypatch):
         assert tally[Outcome.PRESENT] == len(paths) and not problems
         assert len(linker._directories) <= 5  # the root and the 4 allowed
     assert os.stat(source).st_nlink == 1 + len(paths)
+
+
+def test_sources_relative_to_a_store_root_reached_through_a_symlink(roots, tmp_path):
+    archive, source, source_id = roots
+    store = tmp_path / "pool" / "by-hash"
+    (store / "ab").mkdir(parents=True)
+    os.link(source, store / "ab" / "blob")
+    (tmp_path / "store-link").symlink_to(store)  # a store moved to another pool
+    with ArchiveLinker(archive, source_root=os.fsencode(tmp_path / "store-link")) as linker:
+        assert linker.stat_source(b"ab/blob").st_ino == source_id[1]
+        done, tally, problems = link_all(linker, source, source_id, [b"/x/absolute-source"])
+        assert done == 1
+        done, tally, problems = link_all(linker, b"ab/blob", source_id, [b"/x/relative-source", b"/y/too"])
+        assert done == 2
+        os.unlink(store / "ab" / "blob")
+        tally = collections.Counter()
+        messages = []
+        linker.link_all(b"ab/blob", source_id, [b"/x/after-removal"], tally, lambda *p: messages.append(p))
+    assert [(path, kind) for path, kind, _ in messages] == [(b"/x/after-removal", "missing-by-hash")]
+    assert os.fsdecode(tmp_path / "store-link" / "ab" / "blob") in messages[0][2]
+    assert os.stat(archive + b"/y/too").st_ino == source_id[1]
