@@ -38,8 +38,7 @@ def by_hash_relpath(blobid: str) -> bytes:
     Callers must check :func:`is_blobid` first; a malformed ID could otherwise
     name a path outside the store.
     """
-    hexid = blobid.encode("ascii")
-    return b"%s/%s/%s" % (hexid[0:2], hexid[2:4], hexid)
+    return f"{blobid[0:2]}/{blobid[2:4]}/{blobid}".encode("ascii")
 
 
 def by_hash_path(root: bytes, blobid: str) -> bytes:
