@@ -34,8 +34,8 @@ from relinker import db
 from relinker.checkpoint import Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
-from relinker.linker import ArchiveLinker, LinkProblem, Outcome
-from relinker.paths import UnsafePath, by_hash_relpath, display, source_candidates
+from relinker.linker import ArchiveLinker, Outcome
+from relinker.paths import by_hash_relpath, display, source_candidates
 from relinker.pool import RangeContext, WorkSpec
 
 log = logging.getLogger(__name__)
@@ -325,23 +325,16 @@ class CopyWork:
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> None:
         st = os.stat(stored.path)
-        source_id = (st.st_dev, st.st_ino)
+        tally = {Outcome.CREATED: 0, Outcome.PRESENT: 0, Outcome.REPLACED: 0, None: 0}
+
+        def problem(path: bytes, kind: str, detail: str) -> None:
+            ctx.problem(kind, detail, blobid=stored.blobid, path=path)
+
+        self.linker.link_all(stored.path, (st.st_dev, st.st_ino), paths, tally, problem)
         counters = ctx.counters
-        for path in paths:
-            try:
-                outcome = self.linker.link(stored.path, source_id, path)
-            except UnsafePath as exc:
-                ctx.problem("unsafe-path", str(exc), blobid=stored.blobid, path=path)
-                continue
-            except LinkProblem as exc:
-                ctx.problem(exc.kind, exc.detail, blobid=stored.blobid, path=path)
-                continue
-            if outcome is Outcome.CREATED:
-                counters.links_created += 1
-            elif outcome is Outcome.PRESENT:
-                counters.links_present += 1
-            else:
-                counters.links_replaced += 1
+        counters.links_created += tally[Outcome.CREATED]
+        counters.links_present += tally[Outcome.PRESENT]
+        counters.links_replaced += tally[Outcome.REPLACED]
 
 
 # --- planning -----------------------------------------------------------------
