@@ -758,7 +758,8 @@ def print_report(results: list[Measurement], floor: Measurement, context: dict) 
           f"{context['blobs']:,} blobs, {context['inodes']:,} inodes, {context['media']} media, "
           f"{context['leaf_directories']:,} leaf directories")
     print(f"CPUs: {context['cpu_count']} | {context['filesystem']} | PostgreSQL {context['postgres_version']} "
-          f"(shared_buffers {context['shared_buffers']}) | Python {context['python']} | generation {context['generation_seconds']:.1f}s")
+          f"(shared_buffers {context['shared_buffers']}) | Python {context['python']} | "
+          f"generation {context['generation_seconds']:.1f}s")
     header = ("measurement", "seconds", "rate", "rate/floor", "peak RSS MB", "relinker s", "client CPU s",
               "server CPU s")
     rows = []

@@ -12,11 +12,11 @@ into a directory seen before costs one ``linkat`` and nothing else, and a
 re-run over a complete archive one ``fstatat`` per path (the linker guesses
 which of the two to try first from the previous outcome). When an archive has
 more directories than descriptors may stay open, the cache keeps the ones it
-has (ancestors first) and a directory beyond it gets a descriptor for the one
-operation: evicting and reopening cached descriptors costs far more. Most
-of the cache goes to the directories files are linked into; their ancestors
-(needed only to open a directory seen for the first time) get a smaller
-share. A read-only check (an ``fstatat`` that finds the link already right) below a
+has and a directory beyond it gets a descriptor for the one operation:
+evicting and reopening cached descriptors costs far more. Ancestors, needed
+only to open a directory seen for the first time, get at most a quarter of
+the cache; the rest goes to the directories files are linked into. A
+read-only check (an ``fstatat`` that finds the link already right) below a
 directory this linker has already walked safely goes by its path from the
 root instead, with no descriptor at all: nothing is created that way, so a
 directory swapped for a symlink behind our back could only make the check
@@ -80,8 +80,9 @@ class ArchiveLinker:
 
     Sources (by-hash files) are absolute paths, or paths relative to
     ``source_root`` when one is given: linking and stat'ing by a descriptor
-    of the store saves walking its path for every link. ``on_conflict`` decides what happens to a regular file that is not the
-    blob's inode: ``replace`` it (default) or ``keep`` it and report a problem.
+    of the store saves walking its path for every link. ``on_conflict``
+    decides what happens to a regular file that is not the blob's inode:
+    ``replace`` it (default) or ``keep`` it and report a problem.
     With ``dry_run`` nothing is created, renamed or removed; outcomes are
     predicted from what is on disk. Paths are catalogued paths (bytes);
     unsafe ones raise :class:`relinker.paths.UnsafePath`.

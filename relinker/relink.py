@@ -97,8 +97,8 @@ class RelinkWork:
     def __init__(self, spec: WorkSpec):
         self.spec = spec
         self.only_incomplete = bool(spec.options.get("only_incomplete"))
-        self.linker = ArchiveLinker(
-            spec.archive_root, source_root=spec.by_hash_root, on_conflict=spec.options.get("on_conflict", "replace"), dry_run=spec.dry_run)
+        self.linker = ArchiveLinker(spec.archive_root, source_root=spec.by_hash_root,
+                                    on_conflict=spec.options.get("on_conflict", "replace"), dry_run=spec.dry_run)
         self.data = db.RangeConnection(spec.dsn)
 
     def reset(self) -> None:
