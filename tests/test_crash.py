@@ -56,7 +56,16 @@ def test_whole_job_killed_at_random_moments_then_resumed(busy, seed):
 def test_two_coordinators_share_one_run(busy):
     first = start(relink_argv(busy, "--ranges", "40"))
     wait_for(lambda: range_states(busy.conn).get("running"), what="the run to start")
-    second = start(relink_argv(busy, "--run", "1"))
+    # Freeze the first coordinator (well inside its lease) until the second
+    # has done ranges of its own: otherwise a fast first one may finish the
+    # whole run before the second has even started.
+    kill_group(first, signal.SIGSTOP)
+    try:
+        done_before = range_states(busy.conn).get("done", 0)
+        second = start(relink_argv(busy, "--run", "1"))
+        wait_for(lambda: range_states(busy.conn).get("done", 0) >= done_before + 3, what="the second at work")
+    finally:
+        kill_group(first, signal.SIGCONT)
     results = [finish(first), finish(second)]
     for code, _out, err in results:
         assert code == 0, err
