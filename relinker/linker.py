@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import os
 import resource
 import stat
@@ -53,7 +54,6 @@ VERIFIED_LIMIT = 1_000_000
 FD_RESERVE = 256
 #: Cache value of a directory that does not exist (dry runs and probes only).
 _MISSING = -1
-_SLASH = ord("/")
 
 
 class Outcome(enum.Enum):
@@ -100,6 +100,10 @@ class ArchiveLinker:
             source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._root_fd = os.open(archive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._directories: dict[bytes, int] = {b"": self._root_fd}
+        # The same descriptors (not _MISSING) keyed as a catalogued path's
+        # rpartition(b"/") spells its parent ("/mnt/ntt/x"; b"" for the root),
+        # so that the fast route needs no slicing to find one.
+        self._by_stored_parent: dict[bytes, int] = {b"": self._root_fd}
         self._capacity = directory_cache_size()
         self._ancestor_capacity = int(self._capacity * ANCESTOR_SHARE)
         self._ancestors_cached = 0
@@ -118,6 +122,7 @@ class ArchiveLinker:
             if fd >= 0:
                 os.close(fd)
         self._directories.clear()
+        self._by_stored_parent.clear()
         if self._source_fd is not None:
             os.close(self._source_fd)
             self._source_fd = None
@@ -202,43 +207,35 @@ class ArchiveLinker:
         calls ``problem(path, kind, detail)`` for each path that cannot be
         linked, and returns how many paths are now correctly linked.
         """
-        link = self.link
-
-        def general(stored: bytes) -> Outcome:
-            return link(source, source_id, stored)
-
         if self.dry_run:
-            return _visit_all(paths, general, tally, problem)
+            return _visit_all(paths, functools.partial(self.link, source, source_id), tally, problem)
         dev, ino = source_id
-        directories = self._directories
+        directories = self._by_stored_parent
         source_fd = self._source_fd
         stat, make_link = os.stat, os.link
         created = present = done = 0
         # Every path of a run goes through this loop, so it is written for
-        # speed: a plain path below a cached directory costs one system call,
-        # no method call and no more bytes objects than the two it slices
-        # (see _cached_location for why those checks suffice). Anything else,
-        # or any error, takes the general route, which repeats the operation
-        # and sorts the outcome out.
+        # speed: a plain path below a cached directory costs one system call
+        # and no method call (see _cached_location for why these checks
+        # suffice). Anything else, or any error, takes the general route,
+        # which repeats the operation and sorts the outcome out.
         for stored in paths:
-            slash = stored.rfind(b"/")
-            if slash >= 0 and stored[0] == _SLASH:
-                dir_fd = directories.get(stored[1:slash])
-                name = stored[slash + 1:]
-                if dir_fd is not None and dir_fd >= 0 and name and name != b"." and name != b"..":
-                    try:
-                        if self._expect_present:
-                            found = stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                            if found.st_ino == ino and found.st_dev == dev:
-                                present += 1
-                                continue
-                        else:
-                            make_link(source, name, src_dir_fd=source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-                            created += 1
+            parent, _, name = stored.rpartition(b"/")
+            dir_fd = directories.get(parent)
+            if dir_fd is not None and name and name != b"." and name != b"..":
+                try:
+                    if self._expect_present:
+                        found = stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                        if found.st_ino == ino and found.st_dev == dev:
+                            present += 1
                             continue
-                    except (OSError, ValueError):
-                        pass
-            if _visit(stored, general, tally, problem) is not _FAILED:
+                    else:
+                        make_link(source, name, src_dir_fd=source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                        created += 1
+                        continue
+                except (OSError, ValueError):
+                    pass
+            if _visit(stored, functools.partial(self.link, source, source_id), tally, problem) is not _FAILED:
                 done += 1
         if created:
             tally[Outcome.CREATED] += created
@@ -252,14 +249,8 @@ class ArchiveLinker:
         Correct links count as ``Outcome.PRESENT`` in ``tally``, the others
         under ``None``; returns how many are correct.
         """
-        probe = self.probe
         dev, ino = source_id
-
-        def general(stored: bytes) -> Outcome | None:
-            st = probe(stored)
-            return Outcome.PRESENT if st is not None and st.st_ino == ino and st.st_dev == dev else None
-
-        directories = self._directories
+        directories = self._by_stored_parent
         present = missing = done = 0
         for stored in paths:
             dir_fd, name = _cached_location(directories, stored)  # link_all's fast route
@@ -277,11 +268,15 @@ class ArchiveLinker:
                     else:
                         missing += 1
                     continue
-            if _visit(stored, general, tally, problem) is Outcome.PRESENT:
+            if _visit(stored, functools.partial(self._probe_outcome, source_id), tally, problem) is Outcome.PRESENT:
                 done += 1
         tally[Outcome.PRESENT] += present
         tally[None] += missing
         return present + done
+
+    def _probe_outcome(self, source_id: tuple[int, int], stored: bytes) -> Outcome | None:
+        st = self.probe(stored)
+        return Outcome.PRESENT if st is not None and (st.st_dev, st.st_ino) == source_id else None
 
     def probe(self, stored: bytes) -> os.stat_result | None:
         """lstat the archive path of ``stored`` (no symlink followed); None if absent.
@@ -375,6 +370,7 @@ class ArchiveLinker:
                     elif len(cache) < self._capacity and (
                             depth == last or self._ancestors_cached < self._ancestor_capacity):
                         cache[key] = opened
+                        self._by_stored_parent[b"/" + key] = opened
                         if depth != last:
                             self._ancestors_cached += 1
                 if transient is not None:
@@ -446,18 +442,20 @@ def _visit_all(paths, visit, tally: dict, problem) -> int:
 def _cached_location(directories: dict[bytes, int], stored: bytes) -> tuple[int | None, bytes | None]:
     """``(directory descriptor, name)`` of a plain path whose directory is cached, else ``(None, None)``.
 
-    Cache keys are directories opened component by component (no '..', no
-    symlink, no empty or '.' component, no trailing '/'), so a parent found
-    there and a last component that is a plain name make a path that is
-    safe as it stands. A NUL byte in the name makes the system call raise
-    ValueError. :meth:`ArchiveLinker.link_all` repeats these lines inline.
+    ``directories`` is keyed as ``stored.rpartition(b"/")`` spells a parent:
+    ``b"/"`` and a directory opened component by component (no '..', no
+    symlink, no empty or '.' component), or ``b""`` for the root. A parent
+    found there and a last component that is a plain name make a path that
+    is safe as it stands. Anything else ('//', a relative path with a
+    directory, a trailing '/') is not found; a one-component relative path
+    ('f') names an entry of the root, as on the general route. A NUL byte in
+    the name makes the system call raise ValueError.
+    :meth:`ArchiveLinker.link_all` repeats these lines inline.
     """
-    slash = stored.rfind(b"/")
-    if slash >= 0 and stored[0] == _SLASH:
-        dir_fd = directories.get(stored[1:slash])
-        name = stored[slash + 1:]
-        if dir_fd is not None and dir_fd >= 0 and name and name != b"." and name != b"..":
-            return dir_fd, name
+    parent, _, name = stored.rpartition(b"/")
+    dir_fd = directories.get(parent)
+    if dir_fd is not None and name and name != b"." and name != b"..":
+        return dir_fd, name
     return None, None
 
 

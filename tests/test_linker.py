@@ -48,6 +48,8 @@ def test_hostile_last_components_below_a_cached_directory(roots, tmp_path):
             b"/d//double",
             b"/d/./dot",
             b"/d/" + b"x" * 300,
+            b"relative-name",  # relative forms name the same place as absolute ones
+            b"rel/dir/x",
         ])
     assert problems == {
         b"/d/..": "unsafe-path",
@@ -58,8 +60,10 @@ def test_hostile_last_components_below_a_cached_directory(roots, tmp_path):
         b"/d/.": "is-a-directory",
         b"/d/": "is-a-directory",
     }
-    assert done == 3 and tally[Outcome.CREATED] == 3
+    assert done == 5 and tally[Outcome.CREATED] == 5
     assert sorted(os.listdir(archive + b"/d")) == [b"dot", b"double", b"first"]
+    assert sorted(os.listdir(archive)) == [b"d", b"rel", b"relative-name"]
+    assert os.stat(archive + b"/rel/dir/x").st_ino == source_id[1]
     assert os.listdir(tmp_path / "outside") == []
 
 
