@@ -7,10 +7,11 @@ never followed, and no catalogue path can make relinker create anything
 outside the root. Existing directories are never removed; a stale regular
 file is replaced atomically (link to a temporary name, then rename over it).
 
-Directory descriptors (``O_PATH``) are cached by relative path, so a link
-into a directory seen before costs one ``linkat`` and nothing else, and a
-re-run over a complete archive one ``fstatat`` per path (the linker guesses
-which of the two to try first from the previous outcome). When an archive has
+Directory descriptors (``O_PATH``) are cached, keyed as a catalogued path
+spells its parent (``/mnt/ntt/x``), so a link into a directory seen before
+costs one ``linkat`` and nothing else, and a re-run over a complete archive
+one ``fstatat`` per path (the linker guesses which of the two to try first
+from the previous outcome). When an archive has
 more directories than descriptors may stay open, the cache keeps the ones it
 has and a directory beyond it gets a descriptor for the one operation:
 evicting and reopening cached descriptors costs far more. Ancestors, needed
@@ -99,11 +100,10 @@ class ArchiveLinker:
         self._source_fd = None if source_root is None else os.open(
             source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._root_fd = os.open(archive_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Keyed as a catalogued path's rpartition(b"/") spells its parent
+        # (b"/mnt/ntt/x"; b"" for the root), so the fast route of link_all
+        # finds a descriptor without slicing; see _directory_key.
         self._directories: dict[bytes, int] = {b"": self._root_fd}
-        # The same descriptors (not _MISSING) keyed as a catalogued path's
-        # rpartition(b"/") spells its parent ("/mnt/ntt/x"; b"" for the root),
-        # so that the fast route needs no slicing to find one.
-        self._by_stored_parent: dict[bytes, int] = {b"": self._root_fd}
         self._capacity = directory_cache_size()
         self._ancestor_capacity = int(self._capacity * ANCESTOR_SHARE)
         self._ancestors_cached = 0
@@ -122,7 +122,6 @@ class ArchiveLinker:
             if fd >= 0:
                 os.close(fd)
         self._directories.clear()
-        self._by_stored_parent.clear()
         if self._source_fd is not None:
             os.close(self._source_fd)
             self._source_fd = None
@@ -151,10 +150,11 @@ class ArchiveLinker:
         is not an ordinary link operation.
         """
         parent, name = split_archive_path(stored)
-        dir_fd = self._directories.get(parent)
+        key = _directory_key(parent)
+        dir_fd = self._directories.get(key)
         if dir_fd is not None and not (dir_fd == _MISSING and not self.dry_run):
             return self._link_at(source, source_id, dir_fd, name, stored)
-        if self._expect_present and parent in self._verified:
+        if self._expect_present and key in self._verified:
             found = self._stat_verified(parent, name)
             if found is not None and found.st_ino == source_id[1] and found.st_dev == source_id[0]:
                 return Outcome.PRESENT
@@ -210,7 +210,7 @@ class ArchiveLinker:
         if self.dry_run:
             return _visit_all(paths, functools.partial(self.link, source, source_id), tally, problem)
         dev, ino = source_id
-        directories = self._by_stored_parent
+        directories = self._directories
         source_fd = self._source_fd
         stat, make_link = os.stat, os.link
         created = present = done = 0
@@ -222,7 +222,7 @@ class ArchiveLinker:
         for stored in paths:
             parent, _, name = stored.rpartition(b"/")
             dir_fd = directories.get(parent)
-            if dir_fd is not None and name and name != b"." and name != b"..":
+            if dir_fd is not None and dir_fd >= 0 and name and name != b"." and name != b"..":
                 try:
                     if self._expect_present:
                         found = stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -250,7 +250,7 @@ class ArchiveLinker:
         under ``None``; returns how many are correct.
         """
         dev, ino = source_id
-        directories = self._by_stored_parent
+        directories = self._directories
         present = missing = done = 0
         for stored in paths:
             dir_fd, name = _cached_location(directories, stored)  # link_all's fast route
@@ -285,10 +285,11 @@ class ArchiveLinker:
         Creates nothing, whatever the linker's mode.
         """
         parent, name = split_archive_path(stored)
-        dir_fd = self._directories.get(parent)
+        key = _directory_key(parent)
+        dir_fd = self._directories.get(key)
         transient = False
         if dir_fd is None:
-            if parent in self._verified:
+            if key in self._verified:
                 found = self._stat_verified(parent, name)
                 if found is not None:
                     return found
@@ -359,18 +360,17 @@ class ArchiveLinker:
         last = len(components) - 1
         try:
             for depth, component in enumerate(components):
-                key = key + b"/" + component if key else component
+                key = key + b"/" + component
                 cached = cache.get(key)
                 if cached is not None and not (cached == _MISSING and create):
                     opened = cached
                 else:
-                    opened = self._open_directory(fd, component, key, create)
+                    opened = self._open_directory(fd, component, key[1:], create)
                     if opened == _MISSING:
                         cache[key] = opened
                     elif len(cache) < self._capacity and (
                             depth == last or self._ancestors_cached < self._ancestor_capacity):
                         cache[key] = opened
-                        self._by_stored_parent[b"/" + key] = opened
                         if depth != last:
                             self._ancestors_cached += 1
                 if transient is not None:
@@ -442,11 +442,12 @@ def _visit_all(paths, visit, tally: dict, problem) -> int:
 def _cached_location(directories: dict[bytes, int], stored: bytes) -> tuple[int | None, bytes | None]:
     """``(directory descriptor, name)`` of a plain path whose directory is cached, else ``(None, None)``.
 
-    ``directories`` is keyed as ``stored.rpartition(b"/")`` spells a parent:
-    ``b"/"`` and a directory opened component by component (no '..', no
-    symlink, no empty or '.' component), or ``b""`` for the root. A parent
-    found there and a last component that is a plain name make a path that
-    is safe as it stands. Anything else ('//', a relative path with a
+    ``directories`` is keyed as ``stored.rpartition(b"/")`` spells a parent
+    (:func:`_directory_key`): ``b"/"`` and a directory opened component by
+    component (no '..', no symlink, no empty or '.' component), or ``b""``
+    for the root. A parent found there with a descriptor (not _MISSING) and
+    a last component that is a plain name make a path that is safe as it
+    stands. Anything else ('//', a relative path with a
     directory, a trailing '/') is not found; a one-component relative path
     ('f') names an entry of the root, as on the general route. A NUL byte in
     the name makes the system call raise ValueError.
@@ -454,9 +455,14 @@ def _cached_location(directories: dict[bytes, int], stored: bytes) -> tuple[int 
     """
     parent, _, name = stored.rpartition(b"/")
     dir_fd = directories.get(parent)
-    if dir_fd is not None and name and name != b"." and name != b"..":
+    if dir_fd is not None and dir_fd >= 0 and name and name != b"." and name != b"..":
         return dir_fd, name
     return None, None
+
+
+def _directory_key(parent: bytes) -> bytes:
+    """The cache key of a directory given relative to the root (``b"mnt/x"`` -> ``b"/mnt/x"``)."""
+    return b"/" + parent if parent else b""
 
 
 def directory_cache_size() -> int:
