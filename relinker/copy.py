@@ -34,7 +34,7 @@ from relinker import db
 from relinker.checkpoint import Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
-from relinker.linker import ArchiveLinker, Outcome
+from relinker.linker import ArchiveLinker, Outcome, new_tally
 from relinker.paths import by_hash_relpath, display, source_candidates
 from relinker.pool import RangeContext, WorkSpec
 
@@ -325,7 +325,7 @@ class CopyWork:
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> None:
         st = os.stat(stored.path)
-        tally = {Outcome.CREATED: 0, Outcome.PRESENT: 0, Outcome.REPLACED: 0, None: 0}
+        tally = new_tally()
 
         def problem(path: bytes, kind: str, detail: str) -> None:
             ctx.problem(kind, detail, blobid=stored.blobid, path=path)

@@ -67,6 +67,11 @@ class Outcome(enum.Enum):
     __hash__ = object.__hash__
 
 
+def new_tally() -> dict:
+    """Zero counts of every outcome, ``None`` (not linked, for probes) included: what link_all and probe_all add to."""
+    return {Outcome.CREATED: 0, Outcome.PRESENT: 0, Outcome.REPLACED: 0, None: 0}
+
+
 class LinkProblem(Exception):
     """A path that cannot (or must not) be linked; recorded, never fatal."""
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from relinker import db
 from relinker.checkpoint import Range, default_range_count, split_blob_space
 from relinker.jobs import Mode
-from relinker.linker import ArchiveLinker, Outcome
+from relinker.linker import ArchiveLinker, Outcome, new_tally
 from relinker.paths import by_hash_relpath, display, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
@@ -117,7 +117,7 @@ class RelinkWork:
         sources: dict[str, tuple[bytes, tuple[int, int]] | _Unusable] = {}
         expected: dict[str, int] = {}
         linked: dict[str, int] = {}
-        tally = {Outcome.CREATED: 0, Outcome.PRESENT: 0, Outcome.REPLACED: 0, None: 0}
+        tally = new_tally()
         visit = self.visit
         counters = ctx.counters
         current_blob, current_paths, seen = None, [], None
