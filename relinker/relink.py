@@ -11,6 +11,7 @@ correctly linked (absolute, so a redo never double counts) and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import stat
 
@@ -131,28 +132,32 @@ class RelinkWork:
         # any range, and psycopg's C loaders parse a chunk at a time.
         rows = self.data.get().cursor(binary=True).stream(
             work_query(r.hi is not None, self.only_incomplete), {"lo": r.lo, "hi": r.hi}, size=STREAM_CHUNK)
-        for blobid, paths in rows:
-            tick += 1
-            if tick == STREAM_CHUNK:
-                tick = 0
-                _count_outcomes(counters, tally)
-                ctx.tick()
-            if blobid == current_blob:
-                # Another inode of the same blob (on another medium): a path
-                # catalogued for both is one archive path, and counts once.
-                if seen is None:
-                    seen = set(current_paths)
-                paths = [p for p in paths if p not in seen]
-                seen.update(paths)
-            else:
-                current_blob, current_paths, seen = blobid, paths, None
-            source = sources.get(blobid)
-            if source is None:
-                source = sources[blobid] = self._source(blobid, ctx)
-                expected[blobid] = linked[blobid] = 0
-            expected[blobid] += len(paths)
-            if source is not UNUSABLE and paths:
-                linked[blobid] += visit(source[0], source[1], paths, tally, problem)
+        # Closed on the way out whatever happens: a suspended stream keeps the
+        # connection's lock, and the tracebacks the retry machinery keeps would
+        # otherwise make the worker's next range wait for that lock forever.
+        with contextlib.closing(rows):
+            for blobid, paths in rows:
+                tick += 1
+                if tick == STREAM_CHUNK:
+                    tick = 0
+                    _count_outcomes(counters, tally)
+                    ctx.tick()
+                if blobid == current_blob:
+                    # Another inode of the same blob (on another medium): a path
+                    # catalogued for both is one archive path, and counts once.
+                    if seen is None:
+                        seen = set(current_paths)
+                    paths = [p for p in paths if p not in seen]
+                    seen.update(paths)
+                else:
+                    current_blob, current_paths, seen = blobid, paths, None
+                source = sources.get(blobid)
+                if source is None:
+                    source = sources[blobid] = self._source(blobid, ctx)
+                    expected[blobid] = linked[blobid] = 0
+                expected[blobid] += len(paths)
+                if source is not UNUSABLE and paths:
+                    linked[blobid] += visit(source[0], source[1], paths, tally, problem)
         _count_outcomes(counters, tally)
         counters.blobs = len(sources)
         upper = sql.SQL(UPPER_BOUND_B if r.hi is not None else "")

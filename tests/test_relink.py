@@ -2,10 +2,14 @@
 
 import json
 import os
+import threading
 
 import pytest
 
+from relinker.checkpoint import Counters, Range
 from relinker.cli import main
+from relinker.pool import WorkSpec
+from relinker.relink import RelinkWork
 
 
 def relink(world, capsys, *args):
@@ -222,3 +226,51 @@ def test_progress_bar_counts_paths(small, capsys):
     assert code == 0
     bar = capsys.readouterr().err
     assert "100%" in bar and "5.00/5.00" in bar and "path/s" in bar
+
+
+class _RangeContextStandIn:
+    """What RelinkWork.process needs of the pool's RangeContext; ``fail_on_problem`` makes a problem raise."""
+
+    def __init__(self, fail_on_problem: bool = False):
+        self.counters = Counters()
+        self.problems = []
+        self.fail_on_problem = fail_on_problem
+
+    def problem(self, kind, detail, *, blobid=None, path=None):
+        if self.fail_on_problem:
+            raise RuntimeError(f"unexpected: {kind}")
+        self.problems.append(kind)
+
+    def tick(self):
+        pass
+
+
+def test_a_range_that_fails_midway_leaves_the_connection_usable(world):
+    """An unexpected error while a range's query streams must not wedge the worker's next range.
+
+    The retry machinery keeps the failed attempt's traceback (so the stream
+    stays referenced), as ``failure`` does here; an unclosed stream would keep
+    the connection's lock and the next range would wait for it forever.
+    """
+    medium = world.medium("disk-1")
+    for n in range(3):
+        world.inode(medium, [b"/mnt/ntt/%s/f%d" % (medium.encode(), n)], world.blob(b"content %d" % n))
+    world.inode(medium, [b"/mnt/ntt/%s/gone" % medium.encode()], world.blob(b"never stored", store=False))
+    spec = WorkSpec(work=RelinkWork, dsn=world.dsn, by_hash_root=world.by_hash_root,
+                    archive_root=world.archive_root, options={})
+    work = RelinkWork(spec)
+    whole = Range(run_id=None, range_no=0, lo="", hi=None)
+    second = None
+    try:
+        with pytest.raises(RuntimeError) as failure:
+            work.process(whole, _RangeContextStandIn(fail_on_problem=True))
+        ctx = _RangeContextStandIn()
+        second = threading.Thread(target=work.process, args=(whole, ctx), daemon=True)
+        second.start()
+        second.join(timeout=30)
+        assert not second.is_alive(), "the second range is stuck behind the first one's query"
+        assert ctx.counters.links_created + ctx.counters.links_present == 3 and ctx.problems == ["missing-by-hash"]
+        assert failure.value is not None
+    finally:
+        if second is None or not second.is_alive():
+            work.close()
