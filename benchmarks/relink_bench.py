@@ -14,7 +14,9 @@ with one small real file per blob, and then measures on that same data:
 3. ``relink --new --workers 1`` into an empty archive;
 4. ``relink --new --workers 2`` into an empty archive;
 5. ``relink --new --workers 2`` over the complete archive (the nightly
-   "check everything" run: every link is already there).
+   "check everything" run: every link is already there), then again with
+   ``RELINKER_PURE_PYTHON=1`` (the per-path loop in Python instead of C) when
+   the C extension is built.
 
 relinker runs as a subprocess, exactly as an operator would run it; its wall
 clock includes everything (startup, planning, claims, commits, the
@@ -34,6 +36,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -574,13 +577,21 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def relinker_env() -> dict[str, str]:
+def relinker_env(pure_python: bool = False) -> dict[str, str]:
     # A developer's own RELINKER_* settings (config file, roots) must not leak in.
-    return {k: v for k, v in os.environ.items() if not k.startswith("RELINKER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELINKER_")}
+    if pure_python:
+        env["RELINKER_PURE_PYTHON"] = "1"
+    return env
+
+
+def speedups_built() -> bool:
+    """Whether relinker's C fast route is installed (relinker then uses it unless told otherwise)."""
+    return importlib.util.find_spec("relinker._speedups") is not None
 
 
 def run_relinker(name: str, tag: str, db: Database, by_hash_root: bytes, archive_root: bytes, workdir: bytes,
-                 args: list[str]) -> tuple[Measurement, dict | None]:
+                 args: list[str], pure_python: bool = False) -> tuple[Measurement, dict | None]:
     """Run ``relinker ... relink ARGS --json`` as a subprocess; time it and measure its memory.
 
     Peak RSS is the largest VmHWM of any single process of relinker's tree
@@ -598,7 +609,7 @@ def run_relinker(name: str, tag: str, db: Database, by_hash_root: bytes, archive
     with open(stem + b".stdout", "w+b") as out, open(stem + b".stderr", "w+b") as err:
         client_before, server_before = cpu_seconds(resource.RUSAGE_CHILDREN), db.server_cpu_seconds()
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=relinker_env())
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=relinker_env(pure_python))
         sampler = TreeSampler(process.pid)
         sampler.start()
         process.wait()
@@ -717,11 +728,12 @@ def run_measurements(db: Database, by_hash_root: bytes, archive_root: bytes, wor
     sample = random.Random(seed).sample(pairs, min(VERIFY_SAMPLE, len(pairs)))
     del pairs  # a few hundred MB at N=1M: not for the relinker runs to compete with
 
-    def relink(name: str, *args: str) -> tuple[Measurement, dict | None]:
+    def relink(name: str, *args: str, pure_python: bool = False) -> tuple[Measurement, dict | None]:
         log(f"{name} ...")
         # stdout/stderr of each run are kept in the work directory (with --keep)
         tag = f"run{len(results)}"
-        measurement, summary = run_relinker(name, tag, db, by_hash_root, archive_root, workdir, list(args))
+        measurement, summary = run_relinker(name, tag, db, by_hash_root, archive_root, workdir, list(args),
+                                            pure_python)
         results.append(measurement)
         return measurement, summary
 
@@ -740,11 +752,15 @@ def run_measurements(db: Database, by_hash_root: bytes, archive_root: bytes, wor
         if workers == 1:
             log(f"archive emptied in {empty_archive(archive_root):.1f}s")
 
-    m, summary = relink("relink --workers 2, complete archive", "--new", "--workers", "2")
-    m.unit = "paths"
-    m.items = summary.get("links_present") if summary else None
-    expect(m, summary, links_present=n, links_created=0, links_replaced=0, problems=0)
-    log(f"  {m.seconds:.1f}s, {m.rate or 0:,.0f} paths/s, peak RSS {m.peak_rss_mb:.0f} MB")
+    # The C fast route's baseline, in the same run: the same check through
+    # its pure-Python twin (what an install without a compiler runs).
+    for pure_python in (False, True) if speedups_built() else (False,):
+        name = "relink --workers 2, complete archive" + (", pure Python" if pure_python else "")
+        m, summary = relink(name, "--new", "--workers", "2", pure_python=pure_python)
+        m.unit = "paths"
+        m.items = summary.get("links_present") if summary else None
+        expect(m, summary, links_present=n, links_created=0, links_replaced=0, problems=0)
+        log(f"  {m.seconds:.1f}s, {m.rate or 0:,.0f} paths/s, peak RSS {m.peak_rss_mb:.0f} MB")
     return results
 
 
@@ -759,7 +775,7 @@ def print_report(results: list[Measurement], floor: Measurement, context: dict) 
           f"{context['leaf_directories']:,} leaf directories")
     print(f"CPUs: {context['cpu_count']} | {context['filesystem']} | PostgreSQL {context['postgres_version']} "
           f"(shared_buffers {context['shared_buffers']}) | Python {context['python']} | "
-          f"generation {context['generation_seconds']:.1f}s")
+          f"fast route: {context['fast_route']} | generation {context['generation_seconds']:.1f}s")
     header = ("measurement", "seconds", "rate", "rate/floor", "peak RSS MB", "relinker s", "client CPU s",
               "server CPU s")
     rows = []
@@ -938,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
             "shared_buffers": server_shared_buffers,
             "database": "embedded" if db.server else "external",
             "python": platform.python_version(),
+            "fast_route": "C (relinker._speedups)" if speedups_built() else "Python (relinker._speedups not built)",
             "platform": platform.platform(),
         }
         if relinker_source() != source:

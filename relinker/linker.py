@@ -11,7 +11,9 @@ Directory descriptors (``O_PATH``) are cached, keyed as a catalogued path
 spells its parent (``/mnt/ntt/x``), so a link into a directory seen before
 costs one ``linkat`` and nothing else, and a re-run over a complete archive
 one ``fstatat`` per path (the linker guesses which of the two to try first
-from the previous outcome). When an archive has
+from the previous outcome). That per-path loop is ``fast_route``: C from
+relinker._speedups when it was built, else its Python twin
+(:func:`_fast_route_python`, the contract of both). When an archive has
 more directories than descriptors may stay open, the cache keeps the ones it
 has and a directory beyond it gets a descriptor for the one operation:
 evicting and reopening cached descriptors costs far more. Ancestors, needed
@@ -215,33 +217,24 @@ class ArchiveLinker:
         if self.dry_run:
             return _visit_all(paths, functools.partial(self.link, source, source_id), tally, problem)
         dev, ino = source_id
-        directories = self._directories
-        source_fd = self._source_fd
-        stat, make_link = os.stat, os.link
         created = present = done = 0
-        # Every path of a run goes through this loop, so it is written for
-        # speed: a plain path below a cached directory costs one system call
-        # and no method call (see _cached_location for why these checks
-        # suffice). Anything else, or any error, takes the general route,
-        # which repeats the operation and sorts the outcome out.
-        for stored in paths:
-            parent, _, name = stored.rpartition(b"/")
-            dir_fd = directories.get(parent)
-            if dir_fd is not None and dir_fd >= 0 and name and name != b"." and name != b"..":
-                try:
-                    if self._expect_present:
-                        found = stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                        if found.st_ino == ino and found.st_dev == dev:
-                            present += 1
-                            continue
-                    else:
-                        make_link(source, name, src_dir_fd=source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-                        created += 1
-                        continue
-                except (OSError, ValueError):
-                    pass
-            if _visit(stored, functools.partial(self.link, source, source_id), tally, problem) is not _FAILED:
+        count = len(paths)
+        index = 0
+        # Every path of a run goes through fast_route: a plain path below a
+        # cached directory costs one system call (see _fast_route_python).
+        # The first path it cannot settle takes the general route, which
+        # repeats the operation and sorts the outcome out (and may change
+        # what the linker expects next), then the fast route goes on after it.
+        while True:
+            more_created, more_present, index = fast_route(
+                paths, index, self._directories, self._source_fd, source, dev, ino, self._expect_present)
+            created += more_created
+            present += more_present
+            if index >= count:
+                break
+            if _visit(paths[index], functools.partial(self.link, source, source_id), tally, problem) is not _FAILED:
                 done += 1
+            index += 1
         if created:
             tally[Outcome.CREATED] += created
         if present:
@@ -255,28 +248,21 @@ class ArchiveLinker:
         under ``None``; returns how many are correct.
         """
         dev, ino = source_id
-        directories = self._directories
-        present = missing = done = 0
-        for stored in paths:
-            dir_fd, name = _cached_location(directories, stored)  # link_all's fast route
-            if dir_fd is not None:
-                try:
-                    found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    missing += 1
-                    continue
-                except (OSError, ValueError):
-                    pass
-                else:
-                    if found.st_ino == ino and found.st_dev == dev:
-                        present += 1
-                    else:
-                        missing += 1
-                    continue
-            if _visit(stored, functools.partial(self._probe_outcome, source_id), tally, problem) is Outcome.PRESENT:
+        present = done = 0
+        count = len(paths)
+        index = 0
+        # link_all's fast route in its checking mode; a path it stops at
+        # (absent, another file, an unusual path) is probed by the general route.
+        while True:
+            _, more_present, index = fast_route(paths, index, self._directories, None, b"", dev, ino, True)
+            present += more_present
+            if index >= count:
+                break
+            if _visit(paths[index], functools.partial(self._probe_outcome, source_id), tally,
+                      problem) is Outcome.PRESENT:
                 done += 1
+            index += 1
         tally[Outcome.PRESENT] += present
-        tally[None] += missing
         return present + done
 
     def _probe_outcome(self, source_id: tuple[int, int], stored: bytes) -> Outcome | None:
@@ -444,25 +430,56 @@ def _visit_all(paths, visit, tally: dict, problem) -> int:
     return done
 
 
-def _cached_location(directories: dict[bytes, int], stored: bytes) -> tuple[int | None, bytes | None]:
-    """``(directory descriptor, name)`` of a plain path whose directory is cached, else ``(None, None)``.
+def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_fd: int | None, source: bytes,
+                       dev: int, ino: int, expect_present: bool) -> tuple[int, int, int]:
+    """Link (or, with ``expect_present``, check) ``paths[start:]`` until one needs the general route.
+
+    Returns ``(created, present, stop)``: ``stop`` is the index of the first
+    path not handled, ``len(paths)`` when all were. A path is handled when
+    its parent is cached and the one system call succeeds: ``linkat`` of
+    ``source`` (relative to ``source_fd``), or an ``fstatat`` that finds the
+    inode ``(dev, ino)``. relinker._speedups holds the same function in C.
 
     ``directories`` is keyed as ``stored.rpartition(b"/")`` spells a parent
     (:func:`_directory_key`): ``b"/"`` and a directory opened component by
     component (no '..', no symlink, no empty or '.' component), or ``b""``
     for the root. A parent found there with a descriptor (not _MISSING) and
     a last component that is a plain name make a path that is safe as it
-    stands. Anything else ('//', a relative path with a
-    directory, a trailing '/') is not found; a one-component relative path
-    ('f') names an entry of the root, as on the general route. A NUL byte in
-    the name makes the system call raise ValueError.
-    :meth:`ArchiveLinker.link_all` repeats these lines inline.
+    stands. Anything else ('//', a relative path with a directory, a
+    trailing '/') is not found; a one-component relative path ('f') names an
+    entry of the root, as on the general route. A NUL byte in the name makes
+    the system call raise ValueError.
     """
-    parent, _, name = stored.rpartition(b"/")
-    dir_fd = directories.get(parent)
-    if dir_fd is not None and dir_fd >= 0 and name and name != b"." and name != b"..":
-        return dir_fd, name
-    return None, None
+    created = present = 0
+    stat, make_link = os.stat, os.link
+    index = start
+    for index in range(start, len(paths)):
+        stored = paths[index]
+        parent, _, name = stored.rpartition(b"/")
+        dir_fd = directories.get(parent)
+        if dir_fd is None or dir_fd < 0 or not name or name == b"." or name == b"..":
+            return created, present, index
+        try:
+            if expect_present:
+                found = stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if found.st_ino != ino or found.st_dev != dev:
+                    return created, present, index
+                present += 1
+            else:
+                make_link(source, name, src_dir_fd=source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                created += 1
+        except (OSError, ValueError):
+            return created, present, index
+    return created, present, len(paths)
+
+
+if os.environ.get("RELINKER_PURE_PYTHON"):
+    fast_route = _fast_route_python
+else:
+    try:
+        from relinker._speedups import fast_route
+    except ImportError:  # built without a compiler: same behaviour, slower
+        fast_route = _fast_route_python
 
 
 def _directory_key(parent: bytes) -> bytes:

@@ -73,11 +73,15 @@ def conn(catalogue_url):
         yield connection
 
 
+KEPT_ENVIRONMENT = {"RELINKER_TEST_DSN", "RELINKER_PURE_PYTHON", "RELINKER_REQUIRE_SPEEDUPS"}
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch):
-    # A developer's own RELINKER_* or PG* settings must not leak into tests.
+    # A developer's own RELINKER_* or PG* settings must not leak into tests;
+    # the test server and the choice of fast route are for the tests.
     for name in list(os.environ):
-        if name.startswith("RELINKER_") and name != "RELINKER_TEST_DSN":
+        if name.startswith("RELINKER_") and name not in KEPT_ENVIRONMENT:
             monkeypatch.delenv(name)
 
 

@@ -3,7 +3,9 @@
 Most paths of a run take a fast route (a plain path below a directory whose
 descriptor is cached); everything else takes the general one. These tests
 put hostile and unusual paths *below a cached directory*, where only the
-checks of the fast route stand between them and a system call.
+checks of the fast route stand between them and a system call. The fast
+route exists twice, in C (relinker._speedups) and in Python; every test here
+runs through each.
 """
 
 import collections
@@ -13,6 +15,17 @@ import pytest
 
 from relinker import linker as linker_module
 from relinker.linker import ArchiveLinker, Outcome
+
+from test_speedups import FAST_ROUTES
+
+
+@pytest.fixture(params=sorted(FAST_ROUTES), autouse=True)
+def fast_route(request, monkeypatch):
+    """Run the test through one implementation of the fast route."""
+    implementation = FAST_ROUTES[request.param]
+    if implementation is None:
+        pytest.skip("relinker._speedups is not built (no C compiler at install time)")
+    monkeypatch.setattr(linker_module, "fast_route", implementation)
 
 
 @pytest.fixture
@@ -153,3 +166,4 @@ def test_sources_relative_to_a_store_root_reached_through_a_symlink(roots, tmp_p
     assert [(path, kind) for path, kind, _ in messages] == [(b"/x/after-removal", "missing-by-hash")]
     assert os.fsdecode(tmp_path / "store-link" / "ab" / "blob") in messages[0][2]
     assert os.stat(archive + b"/y/too").st_ino == source_id[1]
+

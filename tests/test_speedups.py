@@ -1,0 +1,102 @@
+"""The linker's fast route exists twice: in C (relinker._speedups) and in Python.
+
+The two must agree on every path, hostile ones included; the C one is what
+runs wherever relinker was installed with a compiler.
+"""
+
+import os
+
+import pytest
+
+from relinker import linker
+
+try:
+    from relinker import _speedups
+except ImportError:  # built without a compiler
+    _speedups = None
+
+#: The fast routes to test: the pure-Python one always, the C one when built.
+FAST_ROUTES = {
+    "python": linker._fast_route_python,
+    "c": _speedups.fast_route if _speedups else None,
+}
+
+
+def test_the_c_fast_route_is_used_where_required():
+    """CI sets RELINKER_REQUIRE_SPEEDUPS: there a missing compiler must not pass unnoticed."""
+    if not os.environ.get("RELINKER_REQUIRE_SPEEDUPS"):
+        pytest.skip("RELINKER_REQUIRE_SPEEDUPS is not set")
+    assert _speedups is not None, "relinker._speedups was not built"
+    assert linker.fast_route is _speedups.fast_route
+
+
+@pytest.fixture
+def roots(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    source = tmp_path / "by-hash-file"
+    source.write_bytes(b"content")
+    st = os.stat(source)
+    return os.fsencode(archive), os.fsencode(source), (st.st_dev, st.st_ino)
+
+
+@pytest.mark.parametrize("route", sorted(FAST_ROUTES))
+def test_fast_route_stops_at_the_first_path_it_cannot_settle(roots, route, tmp_path):
+    fast_route = FAST_ROUTES[route]
+    if fast_route is None:
+        pytest.skip("relinker._speedups is not built")
+    """Each case in both modes: what the fast route settles, and where it hands over."""
+    archive, source, source_id = roots
+    dev, ino = source_id
+    os.makedirs(archive + b"/d")
+    os.link(source, archive + b"/d/linked")
+    (tmp_path / "archive" / "d" / "other").write_bytes(b"another file")
+    os.symlink(source, archive + b"/d/symlink-to-source")
+    os.mkdir(archive + b"/d/subdir")
+    root_fd = os.open(archive, os.O_RDONLY | os.O_DIRECTORY)
+    d_fd = os.open(archive + b"/d", os.O_PATH | os.O_DIRECTORY)
+    directories = {b"": root_fd, b"/d": d_fd, b"/never-made": linker._MISSING}
+    try:
+        def run(paths, expect_present, start=0):
+            return fast_route(paths, start, directories, None, source, dev, ino, expect_present)
+
+        # (path, created by a link attempt, found by a check)
+        cases = [
+            (b"/d/new", True, False),
+            (b"/d/linked", False, True),  # link: EEXIST
+            (b"/d/other", False, False),
+            (b"/d/symlink-to-source", False, False),  # never followed
+            (b"/d/subdir", False, False),
+            (b"/d/absent", True, False),
+            (b"/top", True, False),
+            (b"top-relative", True, False),
+            (b"/d/.", False, False),
+            (b"/d/..", False, False),
+            (b"/d/", False, False),
+            (b"/d//double", False, False),  # parent spelled "/d/": not cached
+            (b"/d/nul\0byte", False, False),
+            (b"/d/" + b"x" * 300, False, False),
+            (b"/not-cached/x", False, False),
+            (b"/never-made/x", False, False),
+            (b"", False, False),
+            (b"d/relative", False, False),
+        ]
+        for path, creates, finds in cases:
+            assert run([path], True) == ((0, 1, 1) if finds else (0, 0, 0)), path
+        for path, creates, finds in cases:
+            assert run([path], False) == ((1, 0, 1) if creates else (0, 0, 0)), path
+            if creates:
+                assert os.stat(path.lstrip(b"/"), dir_fd=root_fd, follow_symlinks=False).st_ino == ino
+        # several at once: counts up to the stop, and a restart after it
+        paths = [b"/d/a", b"/d/b", b"/d/linked", b"/d/c"]
+        assert run(paths, False) == (2, 0, 2)
+        assert run(paths, False, start=3) == (1, 0, 4)
+        assert run(paths, True) == (0, 4, 4)
+        assert run((b"/d/a", b"/d/absent-now"), True) == (0, 1, 1)
+        assert run([], True) == (0, 0, 0)
+        assert run(paths, True, start=4) == (0, 0, 4)
+        with pytest.raises(TypeError):
+            run(["/d/a str"], True)
+    finally:
+        os.close(d_fd)
+        os.close(root_fd)
