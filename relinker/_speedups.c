@@ -1,15 +1,16 @@
 /*
- * relinker._speedups: the linker's fast route in C.
+ * relinker._speedups: the linker's per-path and per-blob system calls in C.
  *
- * Optional: relinker.linker holds the same function in Python and uses it when
- * this module is not built (no compiler at install time) or when
+ * Optional: relinker.linker holds the same functions in Python and uses them
+ * when this module is not built (no compiler at install time) or when
  * RELINKER_PURE_PYTHON is set. Both must behave identically; the tests run
  * the same cases through both.
  *
- * Why C at all: a re-check of a complete archive is one fstatat per path, and
- * CPython's os.stat spends most of its time building a stat_result (three
- * timestamps made into floats and nanosecond integers) of which the linker
- * reads two fields. Here a path costs the system call and a dict lookup.
+ * Why C at all: a re-check of a complete archive is one fstatat per path and
+ * one per blob (its by-hash file), and CPython's os.stat spends about as long
+ * building a stat_result (three timestamps made into floats and nanosecond
+ * integers) as the kernel spends on the call; the linker reads two or three
+ * fields. Here a path costs the system call and a dict lookup.
  *
  * The GIL is held throughout: relinker's workers are single-threaded
  * processes, and releasing it around every system call would cost more than
@@ -72,6 +73,37 @@ cached_directory(PyObject *directories, PyObject *path, const char **name_out, i
     return (int)fd;
 }
 
+/* A directory descriptor argument: an int, or None for the working directory. */
+static int
+optional_fd(PyObject *value, int *fd_out)
+{
+    if (value == Py_None) {
+        *fd_out = AT_FDCWD;
+        return 0;
+    }
+    long fd = PyLong_AsLong(value);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    *fd_out = (int)fd;
+    return 0;
+}
+
+/* The NUL-terminated name of a bytes path; NULL (ValueError set) if it has a NUL inside. */
+static const char *
+path_name(PyObject *path)
+{
+    const char *name = PyBytes_AS_STRING(path);
+    if ((Py_ssize_t)strlen(name) != PyBytes_GET_SIZE(path)) {
+        PyErr_SetString(PyExc_ValueError, "embedded null byte");
+        return NULL;
+    }
+    return name;
+}
+
 PyDoc_STRVAR(fast_route_doc,
 "fast_route(paths, start, directories, source_fd, source, dev, ino, expect_present)\n"
 "--\n\n"
@@ -105,17 +137,9 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     if (start == -1 && PyErr_Occurred())
         return NULL;
-    int source_fd = AT_FDCWD;
-    if (args[3] != Py_None) {
-        long fd = PyLong_AsLong(args[3]);
-        if (fd == -1 && PyErr_Occurred())
-            return NULL;
-        if (fd < 0 || fd > INT_MAX) {
-            PyErr_SetString(PyExc_ValueError, "source_fd is not a file descriptor");
-            return NULL;
-        }
-        source_fd = (int)fd;
-    }
+    int source_fd;
+    if (optional_fd(args[3], &source_fd) < 0)
+        return NULL;
     unsigned long long dev = PyLong_AsUnsignedLongLong(args[5]);
     if (dev == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
@@ -125,11 +149,9 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int expect_present = PyObject_IsTrue(args[7]);
     if (expect_present < 0)
         return NULL;
-    const char *source_name = PyBytes_AS_STRING(source);
-    if ((Py_ssize_t)strlen(source_name) != PyBytes_GET_SIZE(source)) {
-        PyErr_SetString(PyExc_ValueError, "embedded null byte in source");
+    const char *source_name = path_name(source);
+    if (source_name == NULL)
         return NULL;
-    }
 
     Py_ssize_t count = PySequence_Fast_GET_SIZE(paths);
     PyObject **items = PySequence_Fast_ITEMS(paths);
@@ -165,15 +187,48 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nnn)", created, present, index);
 }
 
+PyDoc_STRVAR(lstat_identity_doc,
+"lstat_identity(path, dir_fd)\n"
+"--\n\n"
+"(st_dev, st_ino, st_mode) of path, relative to dir_fd (None: the working\n"
+"directory) unless absolute, no symlink followed. Raises OSError as os.stat does.");
+
+static PyObject *
+lstat_identity(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "lstat_identity() takes exactly 2 arguments");
+        return NULL;
+    }
+    PyObject *path = args[0];
+    if (!PyBytes_Check(path)) {
+        PyErr_SetString(PyExc_TypeError, "path must be bytes");
+        return NULL;
+    }
+    const char *name = path_name(path);
+    if (name == NULL)
+        return NULL;
+    int dir_fd;
+    if (optional_fd(args[1], &dir_fd) < 0)
+        return NULL;
+    struct stat found;
+    if (fstatat(dir_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    return Py_BuildValue("(KKI)", (unsigned long long)found.st_dev, (unsigned long long)found.st_ino,
+                         (unsigned int)found.st_mode);
+}
+
 static PyMethodDef speedups_methods[] = {
     {"fast_route", (PyCFunction)(void (*)(void))fast_route, METH_FASTCALL, fast_route_doc},
+    {"lstat_identity", (PyCFunction)(void (*)(void))lstat_identity, METH_FASTCALL, lstat_identity_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "relinker._speedups",
-    .m_doc = "The linker's fast route in C (optional; see relinker.linker).",
+    .m_doc = "The linker's per-path and per-blob system calls in C (optional; see relinker.linker).",
     .m_size = 0,
     .m_methods = speedups_methods,
 };

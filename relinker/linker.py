@@ -133,9 +133,12 @@ class ArchiveLinker:
             os.close(self._source_fd)
             self._source_fd = None
 
-    def stat_source(self, source: bytes) -> os.stat_result:
-        """lstat a source (relative to ``source_root`` when not absolute)."""
-        return os.stat(source, dir_fd=self._source_fd, follow_symlinks=False)
+    def source_identity(self, source: bytes) -> tuple[int, int, int]:
+        """``(st_dev, st_ino, st_mode)`` of a source (relative to ``source_root`` when not absolute), by lstat.
+
+        Raises OSError as :func:`os.stat` does.
+        """
+        return lstat_identity(source, self._source_fd)
 
     def source_path(self, source: bytes) -> bytes:
         """A source as a path from the filesystem root, for messages."""
@@ -473,13 +476,19 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
     return created, present, len(paths)
 
 
+def _lstat_identity_python(path: bytes, dir_fd: int | None) -> tuple[int, int, int]:
+    """``(st_dev, st_ino, st_mode)`` of ``path`` (relative to ``dir_fd``), no symlink followed."""
+    found = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    return found.st_dev, found.st_ino, found.st_mode
+
+
 if os.environ.get("RELINKER_PURE_PYTHON"):
-    fast_route = _fast_route_python
+    fast_route, lstat_identity = _fast_route_python, _lstat_identity_python
 else:
     try:
-        from relinker._speedups import fast_route
+        from relinker._speedups import fast_route, lstat_identity
     except ImportError:  # built without a compiler: same behaviour, slower
-        fast_route = _fast_route_python
+        fast_route, lstat_identity = _fast_route_python, _lstat_identity_python
 
 
 def _directory_key(parent: bytes) -> bytes:

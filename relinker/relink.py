@@ -197,17 +197,17 @@ class RelinkWork:
             return UNUSABLE
         relpath = by_hash_relpath(blobid)
         try:
-            st = self.linker.stat_source(relpath)
+            dev, ino, mode = self.linker.source_identity(relpath)
         except OSError as exc:
             path = self.linker.source_path(relpath)
             kind = "missing-by-hash" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "os-error"
             ctx.problem(kind, f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
             return UNUSABLE
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(mode):
             path = self.linker.source_path(relpath)
             ctx.problem("missing-by-hash", f"{display(path)} is not a regular file", blobid=blobid, path=path)
             return UNUSABLE
-        return relpath, (st.st_dev, st.st_ino)
+        return relpath, (dev, ino)
 
 
 # --- planning -----------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""The linker's fast route exists twice: in C (relinker._speedups) and in Python.
+"""The linker's system calls per path and per blob exist twice: in C (relinker._speedups) and in Python.
 
 The two must agree on every path, hostile ones included; the C one is what
 runs wherever relinker was installed with a compiler.
 """
 
+import errno
 import os
+import stat
+import types
 
 import pytest
 
@@ -15,10 +18,11 @@ try:
 except ImportError:  # built without a compiler
     _speedups = None
 
-#: The fast routes to test: the pure-Python one always, the C one when built.
-FAST_ROUTES = {
-    "python": linker._fast_route_python,
-    "c": _speedups.fast_route if _speedups else None,
+#: The implementations to test: the pure-Python one always, the C one when built.
+IMPLEMENTATIONS = {
+    "python": types.SimpleNamespace(fast_route=linker._fast_route_python,
+                                    lstat_identity=linker._lstat_identity_python),
+    "c": _speedups,
 }
 
 
@@ -28,6 +32,7 @@ def test_the_c_fast_route_is_used_where_required():
         pytest.skip("RELINKER_REQUIRE_SPEEDUPS is not set")
     assert _speedups is not None, "relinker._speedups was not built"
     assert linker.fast_route is _speedups.fast_route
+    assert linker.lstat_identity is _speedups.lstat_identity
 
 
 @pytest.fixture
@@ -40,11 +45,15 @@ def roots(tmp_path):
     return os.fsencode(archive), os.fsencode(source), (st.st_dev, st.st_ino)
 
 
-@pytest.mark.parametrize("route", sorted(FAST_ROUTES))
-def test_fast_route_stops_at_the_first_path_it_cannot_settle(roots, route, tmp_path):
-    fast_route = FAST_ROUTES[route]
-    if fast_route is None:
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def implementation(request):
+    if IMPLEMENTATIONS[request.param] is None:
         pytest.skip("relinker._speedups is not built")
+    return IMPLEMENTATIONS[request.param]
+
+
+def test_fast_route_stops_at_the_first_path_it_cannot_settle(roots, implementation, tmp_path):
+    fast_route = implementation.fast_route
     """Each case in both modes: what the fast route settles, and where it hands over."""
     archive, source, source_id = roots
     dev, ino = source_id
@@ -100,3 +109,26 @@ def test_fast_route_stops_at_the_first_path_it_cannot_settle(roots, route, tmp_p
     finally:
         os.close(d_fd)
         os.close(root_fd)
+
+
+def test_lstat_identity_is_an_lstat(roots, implementation, tmp_path):
+    archive, source, (dev, ino) = roots
+    lstat_identity = implementation.lstat_identity
+    os.symlink(source, tmp_path / "symlink")
+    store_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert lstat_identity(source, None)[:2] == (dev, ino)  # absolute
+        assert lstat_identity(source, store_fd)[:2] == (dev, ino)  # absolute: the descriptor does not matter
+        found_dev, found_ino, mode = lstat_identity(b"by-hash-file", store_fd)
+        assert (found_dev, found_ino) == (dev, ino) and stat.S_ISREG(mode)
+        assert stat.S_ISLNK(lstat_identity(b"symlink", store_fd)[2])  # not followed
+        assert stat.S_ISDIR(lstat_identity(b"archive", store_fd)[2])
+        with pytest.raises(FileNotFoundError) as missing:
+            lstat_identity(b"ab/cd/absent", store_fd)
+        assert missing.value.filename == b"ab/cd/absent" and missing.value.errno == errno.ENOENT
+        with pytest.raises(NotADirectoryError):
+            lstat_identity(b"by-hash-file/below", store_fd)
+        with pytest.raises(ValueError):
+            lstat_identity(b"nul\0byte", store_fd)
+    finally:
+        os.close(store_fd)
