@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from relinker import db
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
 from relinker.pool import WorkSpec
@@ -274,3 +275,12 @@ def test_a_range_that_fails_midway_leaves_the_connection_usable(world):
     finally:
         if second is None or not second.is_alive():
             work.close()
+
+
+def test_range_queries_run_without_parallel_workers_jit_or_memoize(catalogue_url):
+    """Range queries are many, short and never reused: nothing that only pays off for long ones."""
+    with db.connect_for_ranges(catalogue_url) as conn:
+        settings = dict(conn.execute(
+            "SELECT name, setting FROM pg_settings "
+            "WHERE name IN ('max_parallel_workers_per_gather', 'jit', 'enable_memoize')").fetchall())
+    assert settings == {"max_parallel_workers_per_gather": "0", "jit": "off", "enable_memoize": "off"}
