@@ -269,15 +269,17 @@ def counts_to_write(recorded, linked: dict, expected: dict, unseen_are_empty: bo
     false (``--only-incomplete`` looked at some blobs only).
     """
     changes = []
+    # One pass over every blob of the range: written without tuples to compare.
     for blobid, recorded_linked, recorded_expected in recorded:
-        if blobid in expected:
-            wanted = (linked[blobid], expected[blobid])
-        elif unseen_are_empty:
-            wanted = (0, 0)
+        wanted_expected = expected.get(blobid)
+        if wanted_expected is None:
+            if not unseen_are_empty:
+                continue
+            wanted_linked = wanted_expected = 0
         else:
-            continue
-        if (recorded_linked, recorded_expected) != wanted:
-            changes.append((blobid, *wanted))
+            wanted_linked = linked[blobid]
+        if recorded_linked != wanted_linked or recorded_expected != wanted_expected:
+            changes.append((blobid, wanted_linked, wanted_expected))
     return changes
 
 

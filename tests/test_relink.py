@@ -10,7 +10,7 @@ from relinker import db
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
 from relinker.pool import WorkSpec
-from relinker.relink import RelinkWork
+from relinker.relink import RelinkWork, counts_to_write
 
 
 def relink(world, capsys, *args):
@@ -284,3 +284,14 @@ def test_range_queries_run_without_parallel_workers_jit_or_memoize(catalogue_url
             "SELECT name, setting FROM pg_settings "
             "WHERE name IN ('max_parallel_workers_per_gather', 'jit', 'enable_memoize')").fetchall())
     assert settings == {"max_parallel_workers_per_gather": "0", "jit": "off", "enable_memoize": "off"}
+
+
+def test_counts_to_write_lists_only_the_blobs_whose_counts_change():
+    recorded = [("same", 2, 2), ("fewer", 1, 2), ("never", None, None), ("gone", 3, 3), ("empty", 0, 0)]
+    linked = {"same": 2, "fewer": 2, "never": 1}
+    expected = {"same": 2, "fewer": 2, "never": 1}
+    # a blob of the range with no path found has 0 of 0 ...
+    assert counts_to_write(recorded, linked, expected, unseen_are_empty=True) == [
+        ("fewer", 2, 2), ("never", 1, 1), ("gone", 0, 0)]
+    # ... unless only some blobs were looked at (--only-incomplete)
+    assert counts_to_write(recorded, linked, expected, unseen_are_empty=False) == [("fewer", 2, 2), ("never", 1, 1)]
