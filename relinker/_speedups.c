@@ -62,6 +62,10 @@ cached_directory(PyObject *directories, PyObject *path, const char **name_out, i
             *error = 1;
         return -1;
     }
+    /* Only an exact int: anything else could run Python code (__index__),
+     * which might change the list fast_route is walking. */
+    if (!PyLong_CheckExact(value))
+        return -1;
     long fd = PyLong_AsLong(value);
     if (fd == -1 && PyErr_Occurred()) {
         *error = 1;
@@ -153,6 +157,8 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (source_name == NULL)
         return NULL;
 
+    /* No Python code runs inside the loop (bytes keys, exact ints), so the
+     * list cannot change under it. */
     Py_ssize_t count = PySequence_Fast_GET_SIZE(paths);
     PyObject **items = PySequence_Fast_ITEMS(paths);
     Py_ssize_t created = 0, present = 0, index;
