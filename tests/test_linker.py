@@ -16,27 +16,12 @@ import pytest
 from relinker import linker as linker_module
 from relinker.linker import ArchiveLinker, Outcome
 
-from test_speedups import IMPLEMENTATIONS
 
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS), autouse=True)
-def speedups(request, monkeypatch):
-    """Run the test through one implementation of the fast route and lstat_identity."""
-    implementation = IMPLEMENTATIONS[request.param]
-    if implementation is None:
-        pytest.skip("relinker._speedups is not built (no C compiler at install time)")
+@pytest.fixture(autouse=True)
+def _through_each_implementation(implementation, monkeypatch):
+    """Run every test through each implementation of the linker's system calls."""
     monkeypatch.setattr(linker_module, "fast_route", implementation.fast_route)
     monkeypatch.setattr(linker_module, "lstat_identity", implementation.lstat_identity)
-
-
-@pytest.fixture
-def roots(tmp_path):
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    source = tmp_path / "by-hash-file"
-    source.write_bytes(b"content")
-    st = os.stat(source)
-    return os.fsencode(archive), os.fsencode(source), (st.st_dev, st.st_ino)
 
 
 def link_all(linker, source, source_id, paths):

@@ -7,23 +7,11 @@ runs wherever relinker was installed with a compiler.
 import errno
 import os
 import stat
-import types
 
 import pytest
 
+from conftest import _speedups
 from relinker import linker
-
-try:
-    from relinker import _speedups
-except ImportError:  # built without a compiler
-    _speedups = None
-
-#: The implementations to test: the pure-Python one always, the C one when built.
-IMPLEMENTATIONS = {
-    "python": types.SimpleNamespace(fast_route=linker._fast_route_python,
-                                    lstat_identity=linker._lstat_identity_python),
-    "c": _speedups,
-}
 
 
 def test_the_c_fast_route_is_used_where_required():
@@ -35,26 +23,9 @@ def test_the_c_fast_route_is_used_where_required():
     assert linker.lstat_identity is _speedups.lstat_identity
 
 
-@pytest.fixture
-def roots(tmp_path):
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    source = tmp_path / "by-hash-file"
-    source.write_bytes(b"content")
-    st = os.stat(source)
-    return os.fsencode(archive), os.fsencode(source), (st.st_dev, st.st_ino)
-
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def implementation(request):
-    if IMPLEMENTATIONS[request.param] is None:
-        pytest.skip("relinker._speedups is not built")
-    return IMPLEMENTATIONS[request.param]
-
-
 def test_fast_route_stops_at_the_first_path_it_cannot_settle(roots, implementation, tmp_path):
-    fast_route = implementation.fast_route
     """Each case in both modes: what the fast route settles, and where it hands over."""
+    fast_route = implementation.fast_route
     archive, source, source_id = roots
     dev, ino = source_id
     os.makedirs(archive + b"/d")
