@@ -37,27 +37,28 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
     )
 
 
-#: Session settings of a worker's data connection, with why.
+#: Session settings of a worker's data connection, with why:
+#: (name, value, the first server version that has the setting).
 RANGE_SESSION_SETTINGS = [
     # Parallel query would only add process start-up to each small range
     # query and take cores from the workers themselves.
-    ("max_parallel_workers_per_gather", "0"),
+    ("max_parallel_workers_per_gather", "0", 90600),
     # The range query's estimate is inflated by its per-inode subquery (far
     # above jit_above_cost), so a server built with LLVM would compile every
     # range's query: tens of milliseconds for a query that runs in about a
     # hundred, and is never reused.
-    ("jit", "off"),
+    ("jit", "off", 110000),
+    # Each inode's paths are looked up once: a Memoize node only costs.
+    ("enable_memoize", "off", 140000),
 ]
 
 
 def connect_for_ranges(dsn: str) -> psycopg.Connection:
     """A worker's data connection, streaming one range at a time (see RANGE_SESSION_SETTINGS)."""
     conn = connect(dsn, autocommit=True)
-    for name, value in RANGE_SESSION_SETTINGS:
-        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-    if conn.info.server_version >= 140000:
-        # Each inode's paths are looked up once: a Memoize node only costs.
-        conn.execute("SET enable_memoize = off")
+    for name, value, since in RANGE_SESSION_SETTINGS:
+        if conn.info.server_version >= since:
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     return conn
 
 

@@ -455,7 +455,6 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
     """
     created = present = 0
     stat, make_link = os.stat, os.link
-    index = start
     for index in range(start, len(paths)):
         stored = paths[index]
         parent, _, name = stored.rpartition(b"/")
