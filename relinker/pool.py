@@ -15,8 +15,10 @@ every message is far below PIPE_BUF, so writes are atomic anyway.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -204,20 +206,21 @@ class _Worker:
     def run_range(self, r: Range) -> None:
         self._last_heartbeat = time.monotonic()
         try:
-            for attempt in db.retrying(self.spec.retry_timeout):
-                with attempt:
-                    ctx = RangeContext(self, r)
-                    try:
-                        finalize = self.work.process(r, ctx)
-                        if self.store is not None:
-                            self.store.finish(r, ctx.counters, ctx.problems, finalize)
-                    except Exception as exc:
-                        if db.is_transient(exc):
-                            # Redo the whole range on fresh connections, if it is still ours.
-                            self.work.reset()
+            with _collector_paused():
+                for attempt in db.retrying(self.spec.retry_timeout):
+                    with attempt:
+                        ctx = RangeContext(self, r)
+                        try:
+                            finalize = self.work.process(r, ctx)
                             if self.store is not None:
-                                self.store.reassert(r)
-                        raise
+                                self.store.finish(r, ctx.counters, ctx.problems, finalize)
+                        except Exception as exc:
+                            if db.is_transient(exc):
+                                # Redo the whole range on fresh connections, if it is still ours.
+                                self.work.reset()
+                                if self.store is not None:
+                                    self.store.reassert(r)
+                            raise
         except Interrupted:
             if self.store is not None:
                 self.store.give_back(r)
@@ -236,6 +239,26 @@ class _Worker:
         self.send("done", r.range_no, ctx.counters.as_dict(), dict(ctx.problem_kinds),
                   [dataclasses.astuple(p) for p in self.samples] if self.spec.dry_run else [])
         self.samples.clear()
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """No cyclic garbage collection while a range is worked.
+
+    A range allocates a row tuple and a path list per inode, never in a
+    cycle, yet every 700 such allocations start a young-generation
+    collection that traverses them: 4% of a re-check's instructions
+    (callgrind). Whatever cycles a range does leave (tracebacks of retried
+    errors) are collected soon after the collector is back on.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
