@@ -251,14 +251,13 @@ def _collector_paused():
     (callgrind). Whatever cycles a range does leave (tracebacks of retried
     errors) are collected soon after the collector is back on.
     """
-    if not gc.isenabled():
-        yield
-        return
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
