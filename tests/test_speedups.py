@@ -103,3 +103,127 @@ def test_lstat_identity_is_an_lstat(roots, implementation, tmp_path):
             lstat_identity(b"nul\0byte", store_fd)
     finally:
         os.close(store_fd)
+
+
+# --- directory listings (C route only) ------------------------------------------
+
+@pytest.fixture
+def listed_directory(roots, tmp_path):
+    """A directory d/ of the archive with a descriptor as the linker caches it, and a check through listings."""
+    if _speedups is None:
+        pytest.skip("relinker._speedups is not built (no C compiler at install time)")
+    archive, source, (dev, ino) = roots
+    os.makedirs(archive + b"/d")
+    d_fd = os.open(archive + b"/d", os.O_PATH | os.O_DIRECTORY)
+    directories = {b"/d": d_fd}
+    listings = _speedups.DirectoryListings(1000)
+
+    def check(paths, source_id=(dev, ino)):
+        """How many of paths the fast route finds linked to source_id before it stops."""
+        created, present, stop = _speedups.fast_route(
+            paths, 0, directories, None, source, source_id[0], source_id[1], True, listings)
+        assert created == 0 and present == stop
+        return present
+
+    try:
+        yield archive, source, listings, check
+    finally:
+        listings.clear()
+        os.close(d_fd)
+
+
+def another_source(tmp_path, name):
+    other = tmp_path / name
+    other.write_bytes(name.encode())
+    return os.fsencode(other), os.stat(other).st_ino
+
+
+def test_a_check_reads_its_directory_once_and_answers_as_fstatat_would(listed_directory, roots, tmp_path):
+    archive, source, listings, check = listed_directory
+    os.link(source, archive + b"/d/linked")
+    os.link(source, archive + b"/d/also linked \xff")
+    (tmp_path / "archive" / "d" / "other").write_bytes(b"another file")
+    os.symlink(source, archive + b"/d/symlink-to-source")
+    os.mkdir(archive + b"/d/subdir")
+    assert check([b"/d/linked", b"/d/also linked \xff"]) == 2
+    assert (listings.directories, listings.entries) == (1, 5)
+    for path in (b"/d/other", b"/d/symlink-to-source", b"/d/subdir", b"/d/absent", b"/d/linked/below"):
+        assert check([path]) == 0, path
+    assert listings.directories == 1  # read once
+    # A listing answers for the moment it was read: this is how it saves the system call.
+    os.unlink(archive + b"/d/linked")
+    assert check([b"/d/linked"]) == 1
+    # New names are not in it: they are checked by fstatat.
+    os.link(source, archive + b"/d/new")
+    assert check([b"/d/new"]) == 1
+    os.unlink(archive + b"/d/new")
+    assert check([b"/d/new"]) == 0
+
+
+def test_a_name_found_with_another_inode_is_never_answered_from_the_listing_again(listed_directory, roots, tmp_path):
+    """A catalogue that gives one path to two blobs: the second check must see what the first changed."""
+    archive, source, listings, check = listed_directory
+    _dev, ino = roots[2]
+    other, other_ino = another_source(tmp_path, "other-blob")
+    os.link(source, archive + b"/d/shared")
+    assert check([b"/d/shared"], (roots[2][0], other_ino)) == 0  # listed as the first blob's
+    # ... so the general route replaces it with the second blob's file
+    os.link(other, archive + b"/d/tmp")
+    os.rename(archive + b"/d/tmp", archive + b"/d/shared")
+    assert check([b"/d/shared"], (roots[2][0], ino)) == 0
+    assert check([b"/d/shared"], (roots[2][0], other_ino)) == 1
+
+
+def test_a_listing_answers_only_for_its_own_filesystem(listed_directory, roots):
+    archive, source, listings, check = listed_directory
+    dev, ino = roots[2]
+    os.link(source, archive + b"/d/linked")
+    assert check([b"/d/linked"], (dev + 1, ino)) == 0  # same inode number, another device
+    assert check([b"/d/linked"], (dev, ino)) == 1
+
+
+def test_listings_keep_to_their_budget(roots, tmp_path):
+    """Beyond the budget nothing more is read; every check is still right."""
+    archive, source, (dev, ino) = roots
+    for directory in (b"/d", b"/e"):
+        os.makedirs(archive + directory)
+        for n in range(5):
+            os.link(source, archive + directory + b"/f%d" % n)
+    os.unlink(archive + b"/d/f4")
+    fds = {key: os.open(archive + key, os.O_PATH | os.O_DIRECTORY) for key in (b"/d", b"/e")}
+    listings = _speedups.DirectoryListings(3) if _speedups else pytest.skip("no relinker._speedups")
+    try:
+        paths = [directory + b"/f%d" % n for directory in (b"/d", b"/e") for n in range(5)]
+        found = [_speedups.fast_route([path], 0, fds, None, source, dev, ino, True, listings)[1] for path in paths]
+        assert found == [1, 1, 1, 1, 0, 1, 1, 1, 1, 1]
+        assert (listings.directories, listings.entries) == (1, 3)
+        listings.clear()
+        assert (listings.directories, listings.entries) == (0, 0)
+        assert _speedups.fast_route(paths[5:], 0, fds, None, source, dev, ino, True, listings) == (0, 5, 5)
+        assert (listings.directories, listings.entries) == (1, 3)  # the budget is whole again after clear()
+        with pytest.raises(TypeError):
+            _speedups.fast_route(paths, 0, fds, None, source, dev, ino, True, object())
+        with pytest.raises(ValueError):
+            _speedups.DirectoryListings(-1)
+    finally:
+        listings.clear()
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_the_linker_checks_a_complete_directory_from_one_listing(roots):
+    if linker.DirectoryListings is None:
+        pytest.skip("no directory listings: pure-Python route")
+    archive, source, source_id = roots
+    paths = [b"/d/f%d" % n for n in range(50)]
+    with linker.ArchiveLinker(archive) as archive_linker:
+        tally = linker.new_tally()
+        assert archive_linker.link_all(source, source_id, paths, tally, None) == 50
+        assert tally[linker.Outcome.CREATED] == 50
+        listings = archive_linker._listings
+        assert listings.directories == 0  # linking reads nothing
+        tally = linker.new_tally()
+        assert archive_linker.probe_all(source_id, paths, tally, None) == 50
+        assert tally[linker.Outcome.PRESENT] == 50
+        assert (listings.directories, listings.entries) == (1, 50)
+    assert (listings.directories, listings.entries) == (0, 0)  # closing the linker forgets them
