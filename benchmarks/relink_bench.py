@@ -14,9 +14,10 @@ with one small real file per blob, and then measures on that same data:
 3. ``relink --new --workers 1`` into an empty archive;
 4. ``relink --new --workers 2`` into an empty archive;
 5. ``relink --new --workers 2`` over the complete archive (the nightly
-   "check everything" run: every link is already there), then again with
-   ``RELINKER_PURE_PYTHON=1`` (the per-path loop in Python instead of C) when
-   the C extension is built; one untimed re-check runs before them.
+   "check everything" run: every link is already there), then, when the C
+   extension is built, again with ``RELINKER_NO_DIRECTORY_LISTINGS=1`` (the
+   C loop with an ``fstatat`` per path) and with ``RELINKER_PURE_PYTHON=1``
+   (the loop in Python); one untimed re-check runs before them.
 
 relinker runs as a subprocess, exactly as an operator would run it; its wall
 clock includes everything (startup, planning, claims, commits, the
@@ -577,11 +578,20 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def relinker_env(pure_python: bool = False) -> dict[str, str]:
+#: The re-check's routes, each measured on the same data when the C
+#: extension is built: row suffix -> the environment that selects it. The
+#: second and third are the baselines of what the first adds.
+RECHECK_ROUTES = {
+    "": {},
+    ", no directory listings": {"RELINKER_NO_DIRECTORY_LISTINGS": "1"},
+    ", pure Python": {"RELINKER_PURE_PYTHON": "1"},
+}
+
+
+def relinker_env(route: dict[str, str] | None = None) -> dict[str, str]:
     # A developer's own RELINKER_* settings (config file, roots) must not leak in.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELINKER_")}
-    if pure_python:
-        env["RELINKER_PURE_PYTHON"] = "1"
+    env.update(route or {})
     return env
 
 
@@ -591,7 +601,7 @@ def speedups_built() -> bool:
 
 
 def run_relinker(name: str, tag: str, db: Database, by_hash_root: bytes, archive_root: bytes, workdir: bytes,
-                 args: list[str], pure_python: bool = False) -> tuple[Measurement, dict | None]:
+                 args: list[str], route: dict[str, str] | None = None) -> tuple[Measurement, dict | None]:
     """Run ``relinker ... relink ARGS --json`` as a subprocess; time it and measure its memory.
 
     Peak RSS is the largest VmHWM of any single process of relinker's tree
@@ -609,7 +619,7 @@ def run_relinker(name: str, tag: str, db: Database, by_hash_root: bytes, archive
     with open(stem + b".stdout", "w+b") as out, open(stem + b".stderr", "w+b") as err:
         client_before, server_before = cpu_seconds(resource.RUSAGE_CHILDREN), db.server_cpu_seconds()
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=relinker_env(pure_python))
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=relinker_env(route))
         sampler = TreeSampler(process.pid)
         sampler.start()
         process.wait()
@@ -741,12 +751,12 @@ def run_measurements(db: Database, by_hash_root: bytes, archive_root: bytes, wor
     sample = random.Random(seed).sample(pairs, min(VERIFY_SAMPLE, len(pairs)))
     del pairs  # a few hundred MB at N=1M: not for the relinker runs to compete with
 
-    def relink(name: str, *args: str, pure_python: bool = False) -> tuple[Measurement, dict | None]:
+    def relink(name: str, *args: str, route: dict[str, str] | None = None) -> tuple[Measurement, dict | None]:
         log(f"{name} ...")
         # stdout/stderr of each run are kept in the work directory (with --keep)
         tag = f"run{len(results)}"
         measurement, summary = run_relinker(name, tag, db, by_hash_root, archive_root, workdir, list(args),
-                                            pure_python)
+                                            route)
         results.append(measurement)
         return measurement, summary
 
@@ -771,12 +781,13 @@ def run_measurements(db: Database, by_hash_root: bytes, archive_root: bytes, wor
     settle(dsn)
     log("untimed re-check, so that both timed ones start from the same state ...")
     run_relinker("warm-up", "warmup", db, by_hash_root, archive_root, workdir, ["--new", "--workers", "2"])
-    # The C fast route's baseline, in the same run: the same check through
-    # its pure-Python twin (what an install without a compiler runs).
-    for pure_python in (False, True) if speedups_built() else (False,):
-        name = "relink --workers 2, complete archive" + (", pure Python" if pure_python else "")
+    # The C fast route's baselines, in the same run: the same check without
+    # its directory listings, and through its pure-Python twin (what an
+    # install without a compiler runs).
+    for suffix, route in RECHECK_ROUTES.items() if speedups_built() else [("", {})]:
+        name = "relink --workers 2, complete archive" + suffix
         settle(dsn)
-        m, summary = relink(name, "--new", "--workers", "2", pure_python=pure_python)
+        m, summary = relink(name, "--new", "--workers", "2", route=route)
         m.unit = "paths"
         m.items = summary.get("links_present") if summary else None
         expect(m, summary, links_present=n, links_created=0, links_replaced=0, problems=0)

@@ -10,7 +10,10 @@
  * one per blob (its by-hash file), and CPython's os.stat spends about as long
  * building a stat_result (three timestamps made into floats and nanosecond
  * integers) as the kernel spends on the call; the linker reads two or three
- * fields. Here a path costs the system call and a dict lookup.
+ * fields. Here a path costs the system call and a dict lookup, or on a
+ * re-check, once its directory has been read, no system call at all (see
+ * "directory listings" below: the one thing here without a Python twin, as it
+ * changes the cost of an outcome, never the outcome).
  *
  * The GIL is held throughout: relinker's workers are single-threaded
  * processes, and releasing it around every system call would cost more than

@@ -23,7 +23,11 @@ read-only check (an ``fstatat`` that finds the link already right) below a
 directory this linker has already walked safely goes by its path from the
 root instead, with no descriptor at all: nothing is created that way, so a
 directory swapped for a symlink behind our back could only make the check
-miss, and the path then takes the descriptor route.
+miss, and the path then takes the descriptor route. In checking mode the C
+route reads a cached directory once and answers later checks of names found
+there with the blob's inode from what it read (``DirectoryListings`` in
+_speedups.c: a bounded cache; a name seen with another inode is forgotten,
+so this linker's own changes are never answered from it).
 """
 
 from __future__ import annotations
@@ -509,6 +513,10 @@ else:
         from relinker._speedups import DirectoryListings, fast_route, lstat_identity
     except ImportError:  # built without a compiler: same behaviour, slower
         fast_route, lstat_identity, DirectoryListings = _fast_route_python, _lstat_identity_python, None
+    # The benchmark's baseline for the listings, and a way out should a
+    # filesystem ever report entries' inode numbers unlike stat().
+    if os.environ.get("RELINKER_NO_DIRECTORY_LISTINGS"):
+        DirectoryListings = None
 
 
 def _directory_key(parent: bytes) -> bytes:

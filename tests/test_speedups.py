@@ -7,6 +7,8 @@ runs wherever relinker was installed with a compiler.
 import errno
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -227,3 +229,15 @@ def test_the_linker_checks_a_complete_directory_from_one_listing(roots):
         assert tally[linker.Outcome.PRESENT] == 50
         assert (listings.directories, listings.entries) == (1, 50)
     assert (listings.directories, listings.entries) == (0, 0)  # closing the linker forgets them
+
+
+@pytest.mark.parametrize("setting, listings", [("", True), ("1", False)])
+def test_directory_listings_can_be_switched_off(setting, listings):
+    """RELINKER_NO_DIRECTORY_LISTINGS=1: the C loop checks every path by fstatat (the benchmark's baseline)."""
+    if _speedups is None:
+        pytest.skip("relinker._speedups is not built (no C compiler at install time)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELINKER_")}
+    env["RELINKER_NO_DIRECTORY_LISTINGS"] = setting
+    probe = "from relinker import linker; print(linker.DirectoryListings is not None, linker.fast_route.__module__)"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(listings), "relinker._speedups"]
