@@ -355,9 +355,12 @@ plain_name(const char *name, Py_ssize_t length)
 
 /* The cached descriptor of a path's parent directory, keyed as
  * path.rpartition(b"/")[0] spells it; -1 if not cached (or cached as missing).
- * *name_out points into the path's own buffer, which is NUL-terminated. */
+ * *name_out points into the path's own buffer, which is NUL-terminated.
+ * When the parent is not cached and ``verified`` (a set of bytes, or NULL)
+ * holds its key, *verified_out is set: a directory walked safely before. */
 static int
-cached_directory(PyObject *directories, PyObject *path, const char **name_out, int *error)
+cached_directory(PyObject *directories, PyObject *path, const char **name_out, int *error,
+                 PyObject *verified, int *verified_out)
 {
     const char *data = PyBytes_AS_STRING(path);
     Py_ssize_t length = PyBytes_GET_SIZE(path);
@@ -365,6 +368,7 @@ cached_directory(PyObject *directories, PyObject *path, const char **name_out, i
     Py_ssize_t parent_length = slash == NULL ? 0 : slash - data;
     const char *name = slash == NULL ? data : slash + 1;
 
+    *verified_out = 0;
     if (!plain_name(name, length - (name - data)))
         return -1;
     PyObject *key = PyBytes_FromStringAndSize(data, parent_length);
@@ -373,12 +377,22 @@ cached_directory(PyObject *directories, PyObject *path, const char **name_out, i
         return -1;
     }
     PyObject *value = PyDict_GetItemWithError(directories, key); /* borrowed */
-    Py_DECREF(key);
     if (value == NULL) {
         if (PyErr_Occurred())
             *error = 1;
+        else if (verified != NULL && parent_length > 0 && data[0] == '/') {
+            int found = PySet_Contains(verified, key);
+            if (found < 0)
+                *error = 1;
+            else if (found) {
+                *verified_out = 1;
+                *name_out = name;
+            }
+        }
+        Py_DECREF(key);
         return -1;
     }
+    Py_DECREF(key);
     /* Only an exact int: anything else could run Python code (__index__),
      * which might change the list fast_route is walking. */
     if (!PyLong_CheckExact(value))
@@ -426,7 +440,8 @@ path_name(PyObject *path)
 }
 
 PyDoc_STRVAR(fast_route_doc,
-"fast_route(paths, start, directories, source_fd, source, dev, ino, expect_present, listings=None)\n"
+"fast_route(paths, start, directories, source_fd, source, dev, ino, expect_present,\n"
+"           listings=None, verified=None, root_fd=None)\n"
 "--\n\n"
 "Link (or, with expect_present, check) paths[start:] until one needs the general route.\n\n"
 "Returns (created, present, stop): stop is the index of the first path not\n"
@@ -438,17 +453,33 @@ static PyObject *
 fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 8 && nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "fast_route() takes 8 or 9 arguments");
+    if (nargs < 8 || nargs > 11) {
+        PyErr_SetString(PyExc_TypeError, "fast_route() takes from 8 to 11 arguments");
         return NULL;
     }
     Listings *listings = NULL;
-    if (nargs == 9 && args[8] != Py_None) {
+    if (nargs > 8 && args[8] != Py_None) {
         if (!PyObject_TypeCheck(args[8], &ListingsType)) {
             PyErr_SetString(PyExc_TypeError, "listings must be a DirectoryListings or None");
             return NULL;
         }
         listings = (Listings *)args[8];
+    }
+    /* An exact set of bytes: its lookups run no Python code. */
+    PyObject *verified = NULL;
+    if (nargs > 9 && args[9] != Py_None) {
+        if (!PyAnySet_CheckExact(args[9])) {
+            PyErr_SetString(PyExc_TypeError, "verified must be a set or None");
+            return NULL;
+        }
+        verified = args[9];
+    }
+    int root_fd = AT_FDCWD;
+    if (nargs > 10 && optional_fd(args[10], &root_fd) < 0)
+        return NULL;
+    if (verified != NULL && root_fd == AT_FDCWD) {
+        PyErr_SetString(PyExc_ValueError, "verified needs root_fd");
+        return NULL;
     }
     PyObject *paths = args[0];
     PyObject *directories = args[2];
@@ -497,11 +528,25 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         const char *name = NULL;
-        int dir_fd = cached_directory(directories, path, &name, &error);
+        int below_verified = 0;
+        int dir_fd = cached_directory(directories, path, &name, &error, expect_present ? verified : NULL,
+                                      &below_verified);
         if (error)
             return NULL;
-        if (dir_fd < 0)
-            break;
+        if (dir_fd < 0) {
+            /* A check below a directory walked safely before but not cached:
+             * by its path from the root, as ArchiveLinker._stat_verified
+             * does. Its key starts with '/', which the root's "*at" path
+             * must not. */
+            struct stat found;
+            if (!below_verified
+                    || fstatat(root_fd, PyBytes_AS_STRING(path) + 1, &found, AT_SYMLINK_NOFOLLOW) != 0
+                    || (unsigned long long)found.st_ino != ino
+                    || (unsigned long long)found.st_dev != dev)
+                break;
+            present++;
+            continue;
+        }
         if (expect_present) {
             if (listings != NULL) {
                 listing *l = directory_listing(listings, dir_fd);

@@ -249,7 +249,7 @@ class ArchiveLinker:
         while True:
             more_created, more_present, index = fast_route(
                 paths, index, self._directories, self._source_fd, source, dev, ino, self._expect_present,
-                self._listings)
+                self._listings, self._verified, self._root_fd)
             created += more_created
             present += more_present
             if index >= count:
@@ -277,7 +277,7 @@ class ArchiveLinker:
         # (absent, another file, an unusual path) is probed by the general route.
         while True:
             _, more_present, index = fast_route(paths, index, self._directories, None, b"", dev, ino, True,
-                                                self._listings)
+                                                self._listings, self._verified, self._root_fd)
             present += more_present
             if index >= count:
                 break
@@ -454,7 +454,8 @@ def _visit_all(paths, visit, tally: dict, problem) -> int:
 
 
 def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_fd: int | None, source: bytes,
-                       dev: int, ino: int, expect_present: bool, listings=None) -> tuple[int, int, int]:
+                       dev: int, ino: int, expect_present: bool, listings=None, verified: set[bytes] | None = None,
+                       root_fd: int | None = None) -> tuple[int, int, int]:
     """Link (or, with ``expect_present``, check) ``paths[start:]`` until one needs the general route.
 
     Returns ``(created, present, stop)``: ``stop`` is the index of the first
@@ -473,18 +474,37 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
     entry of the root, as on the general route. A NUL byte in the name makes
     the system call raise ValueError.
 
+    A check (``expect_present``) below a directory that is not cached but
+    whose key is in ``verified`` (directories walked safely before) is one
+    ``fstatat`` by the path from ``root_fd``, as the general route does
+    (``ArchiveLinker._stat_verified``): on archives with more directories
+    than descriptors, most checks.
+
     ``listings`` (a ``relinker._speedups.DirectoryListings``, or None) lets
     the C route settle a check from a directory it has read once instead of
     by one ``fstatat`` per path: the same outcomes, fewer system calls. This
     twin has no such cache and ignores it.
     """
+    if verified is not None and root_fd is None:
+        raise ValueError("verified needs root_fd")
     created = present = 0
     stat, make_link = os.stat, os.link
     for index in range(start, len(paths)):
         stored = paths[index]
         parent, _, name = stored.rpartition(b"/")
         dir_fd = directories.get(parent)
-        if dir_fd is None or dir_fd < 0 or not name or name == b"." or name == b"..":
+        if not name or name == b"." or name == b"..":
+            return created, present, index
+        if dir_fd is None and expect_present and verified is not None and parent[:1] == b"/" and parent in verified:
+            try:
+                found = stat(stored[1:], dir_fd=root_fd, follow_symlinks=False)
+            except (OSError, ValueError):
+                return created, present, index
+            if found.st_ino != ino or found.st_dev != dev:
+                return created, present, index
+            present += 1
+            continue
+        if dir_fd is None or dir_fd < 0:
             return created, present, index
         try:
             if expect_present:

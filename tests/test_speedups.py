@@ -84,6 +84,35 @@ def test_fast_route_stops_at_the_first_path_it_cannot_settle(roots, implementati
         os.close(root_fd)
 
 
+def test_checks_below_a_directory_walked_before_but_not_cached(roots, implementation, tmp_path):
+    """Beyond the descriptor cache a check goes by the path from the root, and only below a verified directory."""
+    archive, source, (dev, ino) = roots
+    os.makedirs(archive + b"/e/subdir")
+    os.makedirs(archive + b"/unverified")
+    for directory in (b"/e", b"/unverified"):
+        os.link(source, archive + directory + b"/linked")
+    (tmp_path / "archive" / "e" / "other").write_bytes(b"another file")
+    os.symlink(source, archive + b"/e/symlink-to-source")
+    root_fd = os.open(archive, os.O_RDONLY | os.O_DIRECTORY)
+    directories, verified = {b"": root_fd}, {b"/e"}
+    try:
+        def run(paths, expect_present=True):
+            return implementation.fast_route(paths, 0, directories, None, source, dev, ino, expect_present,
+                                             None, verified, root_fd)
+
+        assert run([b"/e/linked", b"/e/linked"]) == (0, 2, 2)
+        for path in (b"/e/other", b"/e/symlink-to-source", b"/e/subdir", b"/e/absent", b"/e/.", b"/e/..",
+                     b"/e/./linked", b"/e//linked", b"/unverified/linked", b"e/linked", b"/e/nul\0byte"):
+            assert run([path]) == (0, 0, 0), path
+        # linking below an uncached directory is the general route's: it opens it safely
+        assert run([b"/e/new"], expect_present=False) == (0, 0, 0)
+        assert not os.path.lexists(archive + b"/e/new")
+        with pytest.raises(ValueError):
+            implementation.fast_route([b"/e/linked"], 0, directories, None, source, dev, ino, True, None, verified)
+    finally:
+        os.close(root_fd)
+
+
 def test_lstat_identity_is_an_lstat(roots, implementation, tmp_path):
     archive, source, (dev, ino) = roots
     lstat_identity = implementation.lstat_identity
