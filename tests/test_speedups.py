@@ -268,5 +268,7 @@ def test_directory_listings_can_be_switched_off(setting, listings):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELINKER_")}
     env["RELINKER_NO_DIRECTORY_LISTINGS"] = setting
     probe = "from relinker import linker; print(linker.DirectoryListings is not None, linker.fast_route.__module__)"
-    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    # cwd=/: the installed relinker (with its extension), not the checkout's sources
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
+                          cwd="/")
     assert done.stdout.split() == [str(listings), "relinker._speedups"]
