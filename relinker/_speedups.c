@@ -76,7 +76,7 @@ typedef struct {
     PyObject_HEAD
     listing *by_fd; /* indexed by the cached directory's descriptor */
     Py_ssize_t slots;
-    Py_ssize_t budget; /* entries that may still be kept */
+    Py_ssize_t limit; /* entries that may be kept in all */
     Py_ssize_t held;
     Py_ssize_t directories;
 } Listings;
@@ -136,8 +136,9 @@ read_listing(Listings *self, listing *l, int dir_fd)
 {
     struct stat st;
     struct statfs fs;
+    Py_ssize_t room = self->limit - self->held;
     l->state = NOT_LISTABLE;
-    if (self->budget <= 0 || fstat(dir_fd, &st) != 0 || fstatfs(dir_fd, &fs) != 0 || !d_ino_is_st_ino(fs.f_type))
+    if (room <= 0 || fstat(dir_fd, &st) != 0 || fstatfs(dir_fd, &fs) != 0 || !d_ino_is_st_ino(fs.f_type))
         return;
     int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
@@ -158,7 +159,7 @@ read_listing(Listings *self, listing *l, int dir_fd)
             const char *name = entry->d_name;
             if (name[0] == '.' && (name[1] == '\0' || (name[1] == '.' && name[2] == '\0')))
                 continue;
-            if ((Py_ssize_t)count >= self->budget)
+            if ((Py_ssize_t)count >= room)
                 break; /* what was read is true; the rest takes the fstatat */
             if (count == allocated) {
                 size_t more = allocated ? allocated * 2 : 64;
@@ -174,7 +175,7 @@ read_listing(Listings *self, listing *l, int dir_fd)
             entries[count].ino = entry->d_ino;
             count++;
         }
-        if (!complete || (Py_ssize_t)count >= self->budget)
+        if (!complete || (Py_ssize_t)count >= room)
             break;
     }
     close(fd);
@@ -196,7 +197,6 @@ read_listing(Listings *self, listing *l, int dir_fd)
     l->count = count;
     l->dev = (unsigned long long)st.st_dev;
     l->state = LISTED;
-    self->budget -= (Py_ssize_t)count;
     self->held += (Py_ssize_t)count;
     self->directories++;
 }
@@ -259,7 +259,6 @@ listings_clear(Listings *self)
     free(self->by_fd);
     self->by_fd = NULL;
     self->slots = 0;
-    self->budget += self->held;
     self->held = 0;
     self->directories = 0;
 }
@@ -276,7 +275,7 @@ Listings_init(Listings *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     listings_clear(self);
-    self->budget = budget;
+    self->limit = budget;
     return 0;
 }
 
@@ -534,21 +533,17 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (error)
             return NULL;
         if (dir_fd < 0) {
+            if (!below_verified)
+                break;
             /* A check below a directory walked safely before but not cached:
              * by its path from the root, as ArchiveLinker._stat_verified
-             * does. Its key starts with '/', which the root's "*at" path
-             * must not. */
-            struct stat found;
-            if (!below_verified
-                    || fstatat(root_fd, PyBytes_AS_STRING(path) + 1, &found, AT_SYMLINK_NOFOLLOW) != 0
-                    || (unsigned long long)found.st_ino != ino
-                    || (unsigned long long)found.st_dev != dev)
-                break;
-            present++;
-            continue;
+             * does (the key starts with '/', which a path relative to the
+             * root must not), and never from a listing: none is keyed by it. */
+            dir_fd = root_fd;
+            name = PyBytes_AS_STRING(path) + 1;
         }
         if (expect_present) {
-            if (listings != NULL) {
+            if (listings != NULL && !below_verified) {
                 listing *l = directory_listing(listings, dir_fd);
                 if (l != NULL && listed_as(l, name, dev, ino)) {
                     present++;

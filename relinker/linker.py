@@ -496,15 +496,9 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
         if not name or name == b"." or name == b"..":
             return created, present, index
         if dir_fd is None and expect_present and verified is not None and parent[:1] == b"/" and parent in verified:
-            try:
-                found = stat(stored[1:], dir_fd=root_fd, follow_symlinks=False)
-            except (OSError, ValueError):
-                return created, present, index
-            if found.st_ino != ino or found.st_dev != dev:
-                return created, present, index
-            present += 1
-            continue
-        if dir_fd is None or dir_fd < 0:
+            # by the path from the root, as ArchiveLinker._stat_verified does
+            dir_fd, name = root_fd, stored[1:]
+        elif dir_fd is None or dir_fd < 0:
             return created, present, index
         try:
             if expect_present:
