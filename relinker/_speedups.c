@@ -438,6 +438,180 @@ path_name(PyObject *path)
     return name;
 }
 
+/* The descriptors of `directories` a RangeWalker has looked up, by the parent
+ * as a path spells it: a lookup needs no bytes object built and hashed. Only
+ * descriptors are kept (never _MISSING), and the linker never rebinds a key
+ * that has one, so an entry stays true until the descriptors close (the
+ * linker clears the index first). */
+typedef struct {
+    uint64_t hash;
+    char *key; /* NULL: a free slot */
+    Py_ssize_t length;
+    int fd;
+} indexed_directory;
+
+typedef struct {
+    indexed_directory *slots;
+    size_t mask; /* slots - 1; 0 before the first entry */
+    size_t used;
+} directory_index;
+
+static void
+directory_index_clear(directory_index *index)
+{
+    if (index->slots != NULL)
+        for (size_t i = 0; i <= index->mask; i++)
+            free(index->slots[i].key);
+    free(index->slots);
+    index->slots = NULL;
+    index->mask = index->used = 0;
+}
+
+/* The descriptor indexed for this parent, or -1. */
+static int
+directory_index_find(const directory_index *index, uint64_t hash, const char *key, Py_ssize_t length)
+{
+    if (index->slots == NULL)
+        return -1;
+    for (size_t i = hash & index->mask; index->slots[i].key != NULL; i = (i + 1) & index->mask) {
+        const indexed_directory *slot = &index->slots[i];
+        if (slot->hash == hash && slot->length == length && memcmp(slot->key, key, (size_t)length) == 0)
+            return slot->fd;
+    }
+    return -1;
+}
+
+/* Index a descriptor; running out of memory only means the next lookup goes to the dict again. */
+static void
+directory_index_add(directory_index *index, uint64_t hash, const char *key, Py_ssize_t length, int fd)
+{
+    if (index->slots == NULL || (index->used + 1) * 2 > index->mask + 1) {
+        size_t size = index->slots == NULL ? 1024 : (index->mask + 1) * 2;
+        indexed_directory *slots = calloc(size, sizeof *slots);
+        if (slots == NULL)
+            return;
+        if (index->slots != NULL) {
+            for (size_t i = 0; i <= index->mask; i++) {
+                if (index->slots[i].key == NULL)
+                    continue;
+                size_t j = index->slots[i].hash & (size - 1);
+                while (slots[j].key != NULL)
+                    j = (j + 1) & (size - 1);
+                slots[j] = index->slots[i];
+            }
+            free(index->slots);
+        }
+        index->slots = slots;
+        index->mask = size - 1;
+    }
+    char *copy = malloc(length > 0 ? (size_t)length : 1);
+    if (copy == NULL)
+        return;
+    memcpy(copy, key, (size_t)length);
+    size_t i = hash & index->mask;
+    while (index->slots[i].key != NULL)
+        i = (i + 1) & index->mask;
+    index->slots[i] = (indexed_directory){hash, copy, length, fd};
+    index->used++;
+}
+
+/* cached_directory, answered from the index where it can be (and indexing what the dict answers). */
+static int
+indexed_cached_directory(directory_index *index, PyObject *directories, PyObject *path, const char **name_out,
+                         int *error, PyObject *verified, int *verified_out)
+{
+    const char *data = PyBytes_AS_STRING(path);
+    Py_ssize_t length = PyBytes_GET_SIZE(path);
+    const char *slash = memrchr(data, '/', (size_t)length);
+    Py_ssize_t parent_length = slash == NULL ? 0 : slash - data;
+    const char *name = slash == NULL ? data : slash + 1;
+    if (plain_name(name, length - (name - data))) {
+        uint64_t hash = name_hash(data, (size_t)parent_length);
+        int fd = directory_index_find(index, hash, data, parent_length);
+        if (fd >= 0) {
+            *verified_out = 0;
+            *name_out = name;
+            return fd;
+        }
+        fd = cached_directory(directories, path, name_out, error, verified, verified_out);
+        if (fd >= 0)
+            directory_index_add(index, hash, data, parent_length, fd);
+        return fd;
+    }
+    return cached_directory(directories, path, name_out, error, verified, verified_out);
+}
+
+/* What one fast route needs besides the paths: see fast_route's arguments. */
+typedef struct {
+    directory_index *index; /* or NULL */
+    PyObject *directories;  /* dict: cached directory key -> descriptor */
+    PyObject *verified;     /* set of keys walked safely before, or NULL */
+    Listings *listings;     /* or NULL */
+    int root_fd;
+    int source_fd;
+    const char *source_name;
+    unsigned long long dev, ino;
+    int expect_present;
+} route;
+
+/* Link (or, with expect_present, check) items[start:count] until one needs the
+ * general route; add what was done to *created and *present and return the
+ * index of the first path not handled (count when all were), or -1 with an
+ * exception set. No Python code runs inside the loop (bytes keys, exact ints),
+ * so the sequence cannot change under it. */
+static Py_ssize_t
+route_paths(const route *r, PyObject **items, Py_ssize_t start, Py_ssize_t count, Py_ssize_t *created,
+            Py_ssize_t *present)
+{
+    int error = 0;
+    Py_ssize_t index;
+    for (index = start; index < count; index++) {
+        PyObject *path = items[index];
+        if (!PyBytes_Check(path)) {
+            PyErr_Format(PyExc_TypeError, "paths must be bytes, not %.100s", Py_TYPE(path)->tp_name);
+            return -1;
+        }
+        const char *name = NULL;
+        int below_verified = 0;
+        PyObject *verified = r->expect_present ? r->verified : NULL;
+        int dir_fd = r->index != NULL
+            ? indexed_cached_directory(r->index, r->directories, path, &name, &error, verified, &below_verified)
+            : cached_directory(r->directories, path, &name, &error, verified, &below_verified);
+        if (error)
+            return -1;
+        if (dir_fd < 0) {
+            if (!below_verified)
+                break;
+            /* A check below a directory walked safely before but not cached:
+             * by its path from the root, as ArchiveLinker._stat_verified
+             * does (the key starts with '/', which a path relative to the
+             * root must not), and never from a listing: none is keyed by it. */
+            dir_fd = r->root_fd;
+            name = PyBytes_AS_STRING(path) + 1;
+        }
+        if (r->expect_present) {
+            if (r->listings != NULL && !below_verified) {
+                listing *l = directory_listing(r->listings, dir_fd);
+                if (l != NULL && listed_as(l, name, r->dev, r->ino)) {
+                    (*present)++;
+                    continue;
+                }
+            }
+            struct stat found;
+            if (fstatat(dir_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0
+                    || (unsigned long long)found.st_ino != r->ino
+                    || (unsigned long long)found.st_dev != r->dev)
+                break;
+            (*present)++;
+        } else {
+            if (linkat(r->source_fd, r->source_name, dir_fd, name, 0) != 0)
+                break;
+            (*created)++;
+        }
+    }
+    return index > count ? count : index;
+}
+
 PyDoc_STRVAR(fast_route_doc,
 "fast_route(paths, start, directories, source_fd, source, dev, ino, expect_present,\n"
 "           listings=None, verified=None, root_fd=None)\n"
@@ -514,56 +688,13 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (source_name == NULL)
         return NULL;
 
-    /* No Python code runs inside the loop (bytes keys, exact ints), so the
-     * list cannot change under it. */
+    route r = {NULL, directories, verified, listings, root_fd, source_fd, source_name, dev, ino, expect_present};
     Py_ssize_t count = PySequence_Fast_GET_SIZE(paths);
-    PyObject **items = PySequence_Fast_ITEMS(paths);
-    Py_ssize_t created = 0, present = 0, index;
-    int error = 0;
-    for (index = start < 0 ? 0 : start; index < count; index++) {
-        PyObject *path = items[index];
-        if (!PyBytes_Check(path)) {
-            PyErr_Format(PyExc_TypeError, "paths must be bytes, not %.100s", Py_TYPE(path)->tp_name);
-            return NULL;
-        }
-        const char *name = NULL;
-        int below_verified = 0;
-        int dir_fd = cached_directory(directories, path, &name, &error, expect_present ? verified : NULL,
-                                      &below_verified);
-        if (error)
-            return NULL;
-        if (dir_fd < 0) {
-            if (!below_verified)
-                break;
-            /* A check below a directory walked safely before but not cached:
-             * by its path from the root, as ArchiveLinker._stat_verified
-             * does (the key starts with '/', which a path relative to the
-             * root must not), and never from a listing: none is keyed by it. */
-            dir_fd = root_fd;
-            name = PyBytes_AS_STRING(path) + 1;
-        }
-        if (expect_present) {
-            if (listings != NULL && !below_verified) {
-                listing *l = directory_listing(listings, dir_fd);
-                if (l != NULL && listed_as(l, name, dev, ino)) {
-                    present++;
-                    continue;
-                }
-            }
-            struct stat found;
-            if (fstatat(dir_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0
-                    || (unsigned long long)found.st_ino != ino
-                    || (unsigned long long)found.st_dev != dev)
-                break;
-            present++;
-        } else {
-            if (linkat(source_fd, source_name, dir_fd, name, 0) != 0)
-                break;
-            created++;
-        }
-    }
-    if (index > count)
-        index = count;
+    Py_ssize_t created = 0, present = 0;
+    Py_ssize_t index = route_paths(&r, PySequence_Fast_ITEMS(paths), start < 0 ? 0 : start, count, &created,
+                                   &present);
+    if (index < 0)
+        return NULL;
     return Py_BuildValue("(nnn)", created, present, index);
 }
 
@@ -599,6 +730,510 @@ lstat_identity(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                          (unsigned int)found.st_mode);
 }
 
+/* --- the range walker ------------------------------------------------------
+ *
+ * RelinkWork's loop over a range's rows, (blobid, [path, ...]) one per inode
+ * in blob order, for relink and count. Python's own loop (relinker.relink,
+ * RelinkWork._walk_rows) spends most of a re-check's client time in the
+ * interpreter: about 10 us per inode for a few dict updates, a by-hash path
+ * built by an f-string, a regular expression and three calls down to
+ * fast_route. Here a row costs what its system calls cost, and everything
+ * out of the ordinary goes back to Python as an event, handled by the same
+ * code as on Python's route:
+ *
+ *   (EVENT_TICK,)                  every tick_every rows: progress, heartbeat, stop
+ *   (EVENT_SOURCE, blobid)         a new blob whose by-hash file this walker could
+ *                                  not take as it is (malformed ID, lstat failed,
+ *                                  not a regular file): Python's _source decides
+ *                                  and records the problem; answer set_source()
+ *   (EVENT_PATH, path, source, dev, ino)
+ *                                  a path the fast route stopped at: Python's
+ *                                  general route; answer resolved()
+ *
+ * A row of the same blob as the one before (another inode, on another medium)
+ * loses the paths already seen for that blob, as in Python's loop.
+ */
+
+enum { EVENT_TICK = 1, EVENT_SOURCE = 2, EVENT_PATH = 3 };
+/* "ab/cd/" + 64 hex digits + NUL */
+#define SOURCE_NAME_SIZE (6 + 64 + 1)
+
+typedef struct {
+    PyObject_HEAD
+    route route;                 /* source_name points into source_name_buffer */
+    int probe;                   /* count: never link, always check */
+    Py_ssize_t tick_every;
+    Py_ssize_t since_tick;
+    /* the blob being walked */
+    PyObject *blobid;            /* str, or NULL before the first row */
+    int usable;                  /* its by-hash file may be linked to */
+    Py_ssize_t linked, expected;
+    PyObject *first_paths;       /* its first inode's paths */
+    PyObject *seen;              /* set of its paths, once a second inode came */
+    /* the row being walked */
+    PyObject *paths;             /* list, or NULL between rows */
+    Py_ssize_t index;
+    int waiting;                 /* the event that is out (its answer comes before the next step), or 0 */
+    /* totals */
+    Py_ssize_t created, present;
+    PyObject *linked_by_blob, *expected_by_blob;
+    char source_name_buffer[SOURCE_NAME_SIZE];
+    /* kept from range to range, until forget_directories() */
+    directory_index directories;
+} Walker;
+
+/* Ready for a new range: nothing walked yet. */
+static int
+walker_start(Walker *self, int expect_present)
+{
+    Py_CLEAR(self->blobid);
+    Py_CLEAR(self->first_paths);
+    Py_CLEAR(self->seen);
+    Py_CLEAR(self->paths);
+    Py_XSETREF(self->linked_by_blob, PyDict_New());
+    Py_XSETREF(self->expected_by_blob, PyDict_New());
+    if (self->linked_by_blob == NULL || self->expected_by_blob == NULL)
+        return -1;
+    self->route.expect_present = self->probe || expect_present;
+    self->usable = 0;
+    self->linked = self->expected = self->index = 0;
+    self->waiting = 0;
+    self->since_tick = 0;
+    self->created = self->present = 0;
+    return 0;
+}
+
+static int
+Walker_init(Walker *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"directories", "source_fd", "root_fd", "expect_present", "listings", "verified",
+                               "probe", "tick_every", NULL};
+    PyObject *directories, *listings = Py_None, *verified = Py_None;
+    int source_fd, root_fd, expect_present, probe = 0;
+    Py_ssize_t tick_every = 1000;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iip|OOpn:RangeWalker", keywords, &PyDict_Type, &directories,
+                                     &source_fd, &root_fd, &expect_present, &listings, &verified, &probe,
+                                     &tick_every))
+        return -1;
+    if (listings != Py_None && !PyObject_TypeCheck(listings, &ListingsType)) {
+        PyErr_SetString(PyExc_TypeError, "listings must be a DirectoryListings or None");
+        return -1;
+    }
+    if (verified != Py_None && !PyAnySet_CheckExact(verified)) {
+        PyErr_SetString(PyExc_TypeError, "verified must be a set or None");
+        return -1;
+    }
+    if (source_fd < 0 || root_fd < 0 || tick_every < 1) {
+        PyErr_SetString(PyExc_ValueError, "descriptors must not be negative, tick_every must be positive");
+        return -1;
+    }
+    if (self->route.directories != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "RangeWalker is initialised once");
+        return -1;
+    }
+    Py_INCREF(directories);
+    self->route.directories = directories;
+    if (verified != Py_None) {
+        Py_INCREF(verified);
+        self->route.verified = verified;
+    }
+    if (listings != Py_None) {
+        Py_INCREF(listings);
+        self->route.listings = (Listings *)listings;
+    }
+    self->route.root_fd = root_fd;
+    self->route.source_fd = source_fd;
+    self->route.source_name = self->source_name_buffer;
+    self->route.index = &self->directories;
+    self->probe = probe;
+    self->tick_every = tick_every;
+    return walker_start(self, expect_present);
+}
+
+static void
+Walker_dealloc(Walker *self)
+{
+    Py_XDECREF(self->route.directories);
+    Py_XDECREF(self->route.verified);
+    Py_XDECREF((PyObject *)self->route.listings);
+    Py_XDECREF(self->blobid);
+    Py_XDECREF(self->first_paths);
+    Py_XDECREF(self->seen);
+    Py_XDECREF(self->paths);
+    Py_XDECREF(self->linked_by_blob);
+    Py_XDECREF(self->expected_by_blob);
+    directory_index_clear(&self->directories);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+PyDoc_STRVAR(Walker_start_doc,
+"start(expect_present)\n"
+"--\n\n"
+"Begin a new range: nothing walked, nothing counted; the directories looked\n"
+"up so far stay indexed.");
+
+static PyObject *
+Walker_start(Walker *self, PyObject *expect_present)
+{
+    int expect = PyObject_IsTrue(expect_present);
+    if (expect < 0 || walker_start(self, expect) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Walker_forget_directories_doc,
+"forget_directories()\n"
+"--\n\n"
+"Drop the index of directory descriptors: call it before any descriptor of\n"
+"the linker's cache is closed.");
+
+static PyObject *
+Walker_forget_directories(Walker *self, PyObject *unused)
+{
+    (void)unused;
+    directory_index_clear(&self->directories);
+    Py_RETURN_NONE;
+}
+
+/* by_blob[blobid] += n */
+static int
+add_to(PyObject *by_blob, PyObject *blobid, Py_ssize_t n)
+{
+    PyObject *before = PyDict_GetItemWithError(by_blob, blobid); /* borrowed */
+    Py_ssize_t total = n;
+    if (before != NULL) {
+        total += PyLong_AsSsize_t(before);
+        if (total == -1 && PyErr_Occurred())
+            return -1;
+    } else if (PyErr_Occurred())
+        return -1;
+    PyObject *value = PyLong_FromSsize_t(total);
+    if (value == NULL)
+        return -1;
+    int failed = PyDict_SetItem(by_blob, blobid, value);
+    Py_DECREF(value);
+    return failed;
+}
+
+/* The walked blob's counts into the totals; no blob is being walked afterwards. */
+static int
+finish_blob(Walker *self)
+{
+    if (self->blobid == NULL)
+        return 0;
+    if (add_to(self->expected_by_blob, self->blobid, self->expected) < 0
+            || add_to(self->linked_by_blob, self->blobid, self->linked) < 0)
+        return -1;
+    Py_CLEAR(self->blobid);
+    Py_CLEAR(self->first_paths);
+    Py_CLEAR(self->seen);
+    return 0;
+}
+
+/* The by-hash file of blobid, as RelinkWork._source would take it: 1 when it
+ * is a regular file (its name and identity then in the route), 0 when Python
+ * must decide. Only a lowercase hex BLAKE3-256 digest names a path here, so
+ * no blob ID can reach outside the store. */
+static int
+take_source(Walker *self, PyObject *blobid)
+{
+    if (!PyUnicode_IS_ASCII(blobid) || PyUnicode_GET_LENGTH(blobid) != 64)
+        return 0;
+    const char *hex = (const char *)PyUnicode_DATA(blobid);
+    for (int i = 0; i < 64; i++)
+        if (!((hex[i] >= '0' && hex[i] <= '9') || (hex[i] >= 'a' && hex[i] <= 'f')))
+            return 0;
+    char *name = self->source_name_buffer;
+    memcpy(name, hex, 2);
+    name[2] = '/';
+    memcpy(name + 3, hex + 2, 2);
+    name[5] = '/';
+    memcpy(name + 6, hex, 64);
+    name[70] = '\0';
+    struct stat found;
+    if (fstatat(self->route.source_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(found.st_mode))
+        return 0;
+    self->route.dev = (unsigned long long)found.st_dev;
+    self->route.ino = (unsigned long long)found.st_ino;
+    return 1;
+}
+
+/* The paths of a further inode of the walked blob that no inode before had. */
+static PyObject *
+unseen_paths(Walker *self, PyObject *paths)
+{
+    if (self->seen == NULL) {
+        self->seen = PySet_New(self->first_paths);
+        if (self->seen == NULL)
+            return NULL;
+    }
+    PyObject *fresh = PyList_New(0);
+    if (fresh == NULL)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(paths);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *path = PyList_GET_ITEM(paths, i);
+        int known = PySet_Contains(self->seen, path);
+        if (known < 0 || (!known && PyList_Append(fresh, path) < 0)) {
+            Py_DECREF(fresh);
+            return NULL;
+        }
+    }
+    count = PyList_GET_SIZE(fresh);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (PySet_Add(self->seen, PyList_GET_ITEM(fresh, i)) < 0) {
+            Py_DECREF(fresh);
+            return NULL;
+        }
+    }
+    return fresh;
+}
+
+/* Take the next row: 1 when there was one, 0 at the end, -1 on error. Sets
+ * *needs_source when the row starts a blob whose source Python must decide. */
+static int
+next_row(Walker *self, PyObject *rows, int *needs_source)
+{
+    *needs_source = 0;
+    PyObject *row = PyIter_Next(rows);
+    if (row == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(row, 0))
+            || !PyList_Check(PyTuple_GET_ITEM(row, 1))) {
+        PyErr_SetString(PyExc_TypeError, "rows must be (str, list) tuples");
+        Py_DECREF(row);
+        return -1;
+    }
+    PyObject *blobid = PyTuple_GET_ITEM(row, 0);
+    PyObject *paths = PyTuple_GET_ITEM(row, 1);
+    int same = 0;
+    if (self->blobid != NULL) {
+        same = PyUnicode_Compare(blobid, self->blobid) == 0;
+        if (!same && PyErr_Occurred()) {
+            Py_DECREF(row);
+            return -1;
+        }
+    }
+    if (same) {
+        paths = unseen_paths(self, paths);
+        if (paths == NULL) {
+            Py_DECREF(row);
+            return -1;
+        }
+    } else {
+        if (finish_blob(self) < 0) {
+            Py_DECREF(row);
+            return -1;
+        }
+        Py_INCREF(blobid);
+        self->blobid = blobid;
+        Py_INCREF(paths);
+        self->first_paths = paths;
+        self->linked = self->expected = 0;
+        self->usable = take_source(self, blobid);
+        *needs_source = !self->usable;
+        Py_INCREF(paths);
+    }
+    Py_DECREF(row);
+    self->paths = paths; /* a new reference either way */
+    self->index = 0;
+    self->expected += PyList_GET_SIZE(paths);
+    return 1;
+}
+
+PyDoc_STRVAR(Walker_step_doc,
+"step(rows) -> None or an event\n"
+"--\n\n"
+"Walk rows (an iterator of (blobid, paths)) until Python is needed: returns\n"
+"an event tuple, or None once rows are exhausted (then see results()).");
+
+static PyObject *
+Walker_step(Walker *self, PyObject *rows)
+{
+    if (self->waiting) {
+        PyErr_SetString(PyExc_RuntimeError, "the last event has not been answered");
+        return NULL;
+    }
+    for (;;) {
+        if (self->paths != NULL) {
+            if (self->usable) {
+                Py_ssize_t created = 0, present = 0, count = PyList_GET_SIZE(self->paths);
+                Py_ssize_t stop = route_paths(&self->route, PySequence_Fast_ITEMS(self->paths), self->index, count,
+                                              &created, &present);
+                if (stop < 0)
+                    return NULL;
+                self->created += created;
+                self->present += present;
+                self->linked += created + present;
+                self->index = stop;
+                if (stop < count) {
+                    self->waiting = EVENT_PATH;
+                    return Py_BuildValue("(iOy#KK)", EVENT_PATH, PyList_GET_ITEM(self->paths, stop),
+                                         self->source_name_buffer, (Py_ssize_t)(SOURCE_NAME_SIZE - 1),
+                                         self->route.dev, self->route.ino);
+                }
+            }
+            Py_CLEAR(self->paths);
+        }
+        if (self->since_tick >= self->tick_every) {
+            self->since_tick = 0;
+            return Py_BuildValue("(i)", EVENT_TICK);
+        }
+        int needs_source;
+        int got = next_row(self, rows, &needs_source);
+        if (got < 0)
+            return NULL;
+        if (got == 0) {
+            if (finish_blob(self) < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        self->since_tick++;
+        if (needs_source) {
+            self->waiting = EVENT_SOURCE;
+            return Py_BuildValue("(iO)", EVENT_SOURCE, self->blobid);
+        }
+    }
+}
+
+PyDoc_STRVAR(Walker_set_source_doc,
+"set_source(source)\n"
+"--\n\n"
+"Answer EVENT_SOURCE: None (the blob cannot be linked to; its paths only\n"
+"count as expected) or (relpath, (dev, ino)) with relpath the blob's\n"
+"by-hash name below the store (ab/cd/<blobid>).");
+
+static PyObject *
+Walker_set_source(Walker *self, PyObject *source)
+{
+    if (self->waiting != EVENT_SOURCE) {
+        PyErr_SetString(PyExc_RuntimeError, "no EVENT_SOURCE to answer");
+        return NULL;
+    }
+    if (source != Py_None) {
+        PyObject *relpath;
+        unsigned long long dev, ino;
+        if (!PyArg_ParseTuple(source, "S(KK):set_source", &relpath, &dev, &ino))
+            return NULL;
+        if (PyBytes_GET_SIZE(relpath) != SOURCE_NAME_SIZE - 1
+                || memchr(PyBytes_AS_STRING(relpath), '\0', SOURCE_NAME_SIZE - 1) != NULL) {
+            PyErr_SetString(PyExc_ValueError, "not a by-hash name (ab/cd/<64 hex digits>)");
+            return NULL;
+        }
+        memcpy(self->source_name_buffer, PyBytes_AS_STRING(relpath), SOURCE_NAME_SIZE);
+        self->route.dev = dev;
+        self->route.ino = ino;
+    }
+    self->usable = source != Py_None;
+    self->waiting = 0;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Walker_resolved_doc,
+"resolved(linked, expect_present)\n"
+"--\n\n"
+"Answer EVENT_PATH: whether the general route left the path correctly\n"
+"linked, and whether the linker now expects links to be present.");
+
+static PyObject *
+Walker_resolved(Walker *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "resolved() takes exactly 2 arguments");
+        return NULL;
+    }
+    if (self->waiting != EVENT_PATH) {
+        PyErr_SetString(PyExc_RuntimeError, "no EVENT_PATH to answer");
+        return NULL;
+    }
+    int linked = PyObject_IsTrue(args[0]);
+    int expect_present = PyObject_IsTrue(args[1]);
+    if (linked < 0 || expect_present < 0)
+        return NULL;
+    self->linked += linked;
+    self->index++;
+    self->route.expect_present = self->probe || expect_present;
+    self->waiting = 0;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Walker_results_doc,
+"results() -> (linked, expected)\n"
+"--\n\n"
+"Dicts by blob ID: paths correctly linked (or, for count, found linked)\n"
+"and paths catalogued, over every row walked.");
+
+static PyObject *
+Walker_results(Walker *self, PyObject *unused)
+{
+    (void)unused;
+    return PyTuple_Pack(2, self->linked_by_blob, self->expected_by_blob);
+}
+
+static PyObject *
+Walker_get_created(Walker *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->created);
+}
+
+static PyObject *
+Walker_get_present(Walker *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->present);
+}
+
+static PyObject *
+Walker_get_blobid(Walker *self, void *closure)
+{
+    (void)closure;
+    PyObject *blobid = self->blobid != NULL ? self->blobid : Py_None;
+    Py_INCREF(blobid);
+    return blobid;
+}
+
+static PyMethodDef Walker_methods[] = {
+    {"start", (PyCFunction)Walker_start, METH_O, Walker_start_doc},
+    {"step", (PyCFunction)Walker_step, METH_O, Walker_step_doc},
+    {"set_source", (PyCFunction)Walker_set_source, METH_O, Walker_set_source_doc},
+    {"resolved", (PyCFunction)(void (*)(void))Walker_resolved, METH_FASTCALL, Walker_resolved_doc},
+    {"results", (PyCFunction)Walker_results, METH_NOARGS, Walker_results_doc},
+    {"forget_directories", (PyCFunction)Walker_forget_directories, METH_NOARGS, Walker_forget_directories_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Walker_getset[] = {
+    {"created", (getter)Walker_get_created, NULL, "Links the fast route created.", NULL},
+    {"present", (getter)Walker_get_present, NULL, "Links the fast route found present.", NULL},
+    {"blobid", (getter)Walker_get_blobid, NULL, "The blob being walked (None before the first row).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(Walker_doc,
+"RangeWalker(directories, source_fd, root_fd, expect_present, listings=None,\n"
+"            verified=None, probe=False, tick_every=1000)\n"
+"--\n\n"
+"Walks a range's (blobid, paths) rows through fast_route, handing Python an\n"
+"event whenever its code is needed (see RelinkWork._walk_rows).\n"
+"source_fd is the by-hash store's directory; probe (count) never links.\n"
+"One walker serves a linker's ranges one after the other (start() each);\n"
+"it indexes the descriptors it finds in directories (forget_directories()\n"
+"before they close).");
+
+static PyTypeObject WalkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "relinker._speedups.RangeWalker",
+    .tp_doc = Walker_doc,
+    .tp_basicsize = sizeof(Walker),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Walker_init,
+    .tp_dealloc = (destructor)Walker_dealloc,
+    .tp_methods = Walker_methods,
+    .tp_getset = Walker_getset,
+};
+
 static PyMethodDef speedups_methods[] = {
     {"fast_route", (PyCFunction)(void (*)(void))fast_route, METH_FASTCALL, fast_route_doc},
     {"lstat_identity", (PyCFunction)(void (*)(void))lstat_identity, METH_FASTCALL, lstat_identity_doc},
@@ -615,6 +1250,17 @@ speedups_exec(PyObject *module)
         Py_DECREF(&ListingsType);
         return -1;
     }
+    if (PyType_Ready(&WalkerType) < 0)
+        return -1;
+    Py_INCREF(&WalkerType);
+    if (PyModule_AddObject(module, "RangeWalker", (PyObject *)&WalkerType) < 0) {
+        Py_DECREF(&WalkerType);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(module, "EVENT_TICK", EVENT_TICK) < 0
+            || PyModule_AddIntConstant(module, "EVENT_SOURCE", EVENT_SOURCE) < 0
+            || PyModule_AddIntConstant(module, "EVENT_PATH", EVENT_PATH) < 0)
+        return -1;
     return 0;
 }
 

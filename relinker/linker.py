@@ -138,11 +138,17 @@ class ArchiveLinker:
         self._expect_present = False
         # Keyed by the descriptors of _directories: cleared before they close.
         self._listings = None if DirectoryListings is None else DirectoryListings(LISTING_BUDGET)
+        # Indexes descriptors of _directories: told to forget them before they close.
+        self._walker = None
+        self._walker_kind = None
 
     def close(self) -> None:
         """Close every directory descriptor; the linker cannot be used afterwards."""
         if self._listings is not None:
             self._listings.clear()
+        if self._walker is not None:
+            self._walker.forget_directories()
+            self._walker = None
         for fd in self._directories.values():
             if fd >= 0:
                 os.close(fd)
@@ -254,7 +260,7 @@ class ArchiveLinker:
             present += more_present
             if index >= count:
                 break
-            if _visit(paths[index], functools.partial(self.link, source, source_id), tally, problem) is not _FAILED:
+            if self.link_one(source, source_id, paths[index], tally, problem):
                 done += 1
             index += 1
         if created:
@@ -281,12 +287,49 @@ class ArchiveLinker:
             present += more_present
             if index >= count:
                 break
-            if _visit(paths[index], functools.partial(self._probe_outcome, source_id), tally,
-                      problem) is _PRESENT:
+            if self.probe_one(source_id, paths[index], tally, problem):
                 done += 1
             index += 1
         tally[_PRESENT] += present
         return present + done
+
+    def link_one(self, source: bytes, source_id: tuple[int, int], stored: bytes, tally: dict, problem) -> bool:
+        """The general route for one path: link it, tally the outcome or report its problem.
+
+        Returns whether the path is now correctly linked.
+        """
+        return _visit(stored, functools.partial(self.link, source, source_id), tally, problem) is not _FAILED
+
+    def probe_one(self, source_id: tuple[int, int], stored: bytes, tally: dict, problem) -> bool:
+        """The general route of a probe: whether one path is a hardlink of ``source_id`` (tallied as probe_all does)."""
+        return _visit(stored, functools.partial(self._probe_outcome, source_id), tally, problem) is _PRESENT
+
+    @property
+    def expects_present(self) -> bool:
+        """Whether the next link is expected to be there already (the fast route checks before it links)."""
+        return self._expect_present
+
+    def range_walker(self, *, probe: bool, tick_every: int):
+        """A ``relinker._speedups.RangeWalker`` over this linker's caches, or None where it is not used.
+
+        The walker takes a range's rows through the C fast route and hands
+        back to Python (RelinkWork._walk_rows) whatever needs the general
+        route. None without the C extension (or with RELINKER_PURE_PYTHON),
+        in dry runs (every path goes by the general route) and without a
+        by-hash store descriptor.
+        """
+        if RangeWalker is None or self.dry_run or self._source_fd is None:
+            return None
+        # One walker for the linker's life: it indexes the directory descriptors it looks up.
+        if self._walker is None or self._walker_kind != (probe, tick_every):
+            if self._walker is not None:
+                self._walker.forget_directories()
+            self._walker = RangeWalker(self._directories, self._source_fd, self._root_fd, self._expect_present,
+                                       self._listings, self._verified, probe, tick_every)
+            self._walker_kind = (probe, tick_every)
+        else:
+            self._walker.start(self._expect_present)
+        return self._walker
 
     def _probe_outcome(self, source_id: tuple[int, int], stored: bytes) -> Outcome | None:
         st = self.probe(stored)
@@ -520,13 +563,17 @@ def _lstat_identity_python(path: bytes, dir_fd: int | None) -> tuple[int, int, i
     return found.st_dev, found.st_ino, found.st_mode
 
 
+# What a RangeWalker's step() hands back (see relinker._speedups); no walker, no events.
+EVENT_SOURCE = EVENT_PATH = None
 if os.environ.get("RELINKER_PURE_PYTHON"):
-    fast_route, lstat_identity, DirectoryListings = _fast_route_python, _lstat_identity_python, None
+    fast_route, lstat_identity, DirectoryListings, RangeWalker = _fast_route_python, _lstat_identity_python, None, None
 else:
     try:
-        from relinker._speedups import DirectoryListings, fast_route, lstat_identity
+        from relinker._speedups import (EVENT_PATH, EVENT_SOURCE, DirectoryListings, RangeWalker, fast_route,
+                                        lstat_identity)
     except ImportError:  # built without a compiler: same behaviour, slower
         fast_route, lstat_identity, DirectoryListings = _fast_route_python, _lstat_identity_python, None
+        RangeWalker = None
     # The benchmark's baseline for the listings, and a way out should a
     # filesystem ever report entries' inode numbers unlike stat().
     if os.environ.get("RELINKER_NO_DIRECTORY_LISTINGS"):

@@ -21,7 +21,7 @@ from psycopg import sql
 from relinker import db
 from relinker.checkpoint import Range, default_range_count, split_blob_space
 from relinker.jobs import Mode
-from relinker.linker import ArchiveLinker, Outcome, new_tally
+from relinker.linker import EVENT_PATH, EVENT_SOURCE, ArchiveLinker, Outcome, new_tally
 from relinker.paths import by_hash_relpath, display, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
@@ -78,9 +78,10 @@ def work_query(bounded: bool, only_incomplete: bool) -> sql.Composed:
     return sql.SQL(SQL_WORK).format(upper=sql.SQL(UPPER_BOUND if bounded else ""), incomplete=incomplete)
 
 
-def _count_outcomes(counters, tally: dict) -> None:
-    counters.links_created = tally[Outcome.CREATED]
-    counters.links_present = tally[Outcome.PRESENT]
+def _count_outcomes(counters, tally: dict, walker=None) -> None:
+    # The walker counts what its fast route did; tally has the general route's outcomes.
+    counters.links_created = tally[Outcome.CREATED] + (walker.created if walker is not None else 0)
+    counters.links_present = tally[Outcome.PRESENT] + (walker.present if walker is not None else 0)
     counters.links_replaced = tally[Outcome.REPLACED]
     counters.links_missing = tally[None]
 
@@ -94,6 +95,9 @@ UNUSABLE = _Unusable()
 
 class RelinkWork:
     """Processes relink ranges in one worker process."""
+
+    #: Check links, never make them (count).
+    PROBES = False
 
     def __init__(self, spec: WorkSpec):
         self.spec = spec
@@ -115,18 +119,8 @@ class RelinkWork:
         Returns the finalize step: the range's changed n_hardlinks and
         expected_hardlinks, written in the transaction that marks the range done.
         """
-        sources: dict[str, tuple[bytes, tuple[int, int]] | _Unusable] = {}
-        expected: dict[str, int] = {}
-        linked: dict[str, int] = {}
         tally = new_tally()
-        visit = self.visit
         counters = ctx.counters
-        current_blob, current_paths, seen = None, [], None
-        tick = 0
-
-        def problem(path: bytes, kind: str, detail: str) -> None:
-            ctx.problem(kind, detail, blobid=current_blob, path=path)
-
         # Streamed in chunks (libpq's chunked rows mode): the server keeps
         # producing rows while this process links, memory stays bounded for
         # any range, and psycopg's C loaders parse a chunk at a time.
@@ -136,30 +130,13 @@ class RelinkWork:
         # connection's lock, and the tracebacks the retry machinery keeps would
         # otherwise make the worker's next range wait for that lock forever.
         with contextlib.closing(rows):
-            for blobid, paths in rows:
-                tick += 1
-                if tick == STREAM_CHUNK:
-                    tick = 0
-                    _count_outcomes(counters, tally)
-                    ctx.tick()
-                if blobid == current_blob:
-                    # Another inode of the same blob (on another medium): a path
-                    # catalogued for both is one archive path, and counts once.
-                    if seen is None:
-                        seen = set(current_paths)
-                    paths = [p for p in paths if p not in seen]
-                    seen.update(paths)
-                else:
-                    current_blob, current_paths, seen = blobid, paths, None
-                source = sources.get(blobid)
-                if source is None:
-                    source = sources[blobid] = self._source(blobid, ctx)
-                    expected[blobid] = linked[blobid] = 0
-                expected[blobid] += len(paths)
-                if source is not UNUSABLE and paths:
-                    linked[blobid] += visit(source[0], source[1], paths, tally, problem)
-        _count_outcomes(counters, tally)
-        counters.blobs = len(sources)
+            walker = self.linker.range_walker(probe=self.PROBES, tick_every=STREAM_CHUNK)
+            if walker is None:
+                linked, expected = self._loop_rows(rows, ctx, tally)
+            else:
+                linked, expected = self._walk_rows(walker, rows, ctx, tally)
+        _count_outcomes(counters, tally, walker)
+        counters.blobs = len(expected)
         upper = sql.SQL(UPPER_BOUND_B if r.hi is not None else "")
         bounds = {"lo": r.lo, "hi": r.hi}
         recorded = self.data.get().execute(sql.SQL(SQL_RECORDED_COUNTS).format(upper=upper), bounds).fetchall()
@@ -180,9 +157,81 @@ class RelinkWork:
 
         return finalize
 
+    def _loop_rows(self, rows, ctx: RangeContext, tally: dict) -> tuple[dict, dict]:
+        """The range's rows in Python: ``(linked, expected)`` paths by blob ID.
+
+        The route without the C extension, and of dry runs; _walk_rows does
+        the same with the C RangeWalker.
+        """
+        sources: dict[str, tuple[bytes, tuple[int, int]] | _Unusable] = {}
+        expected: dict[str, int] = {}
+        linked: dict[str, int] = {}
+        visit = self.visit
+        counters = ctx.counters
+        current_blob, current_paths, seen = None, [], None
+        tick = 0
+
+        def problem(path: bytes, kind: str, detail: str) -> None:
+            ctx.problem(kind, detail, blobid=current_blob, path=path)
+
+        for blobid, paths in rows:
+            tick += 1
+            if tick == STREAM_CHUNK:
+                tick = 0
+                _count_outcomes(counters, tally)
+                ctx.tick()
+            if blobid == current_blob:
+                # Another inode of the same blob (on another medium): a path
+                # catalogued for both is one archive path, and counts once.
+                if seen is None:
+                    seen = set(current_paths)
+                paths = [p for p in paths if p not in seen]
+                seen.update(paths)
+            else:
+                current_blob, current_paths, seen = blobid, paths, None
+            source = sources.get(blobid)
+            if source is None:
+                source = sources[blobid] = self._source(blobid, ctx)
+                expected[blobid] = linked[blobid] = 0
+            expected[blobid] += len(paths)
+            if source is not UNUSABLE and paths:
+                linked[blobid] += visit(source[0], source[1], paths, tally, problem)
+        return linked, expected
+
+    def _walk_rows(self, walker, rows, ctx: RangeContext, tally: dict) -> tuple[dict, dict]:
+        """_loop_rows through the C RangeWalker: Python runs only for what the walker hands back.
+
+        Those events are answered by the code _loop_rows runs for the same
+        cases: _source for a by-hash file the walker would not take as it is,
+        the linker's general route for a path its fast route stopped at.
+        """
+        counters = ctx.counters
+        linker = self.linker
+        settle = self.settle
+
+        def problem(path: bytes, kind: str, detail: str) -> None:
+            ctx.problem(kind, detail, blobid=walker.blobid, path=path)
+
+        while (event := walker.step(rows)) is not None:
+            kind = event[0]
+            if kind == EVENT_PATH:
+                _, path, source, dev, ino = event
+                walker.resolved(settle(source, (dev, ino), path, tally, problem), linker.expects_present)
+            elif kind == EVENT_SOURCE:
+                source = self._source(event[1], ctx)
+                walker.set_source(None if source is UNUSABLE else source)
+            else:
+                _count_outcomes(counters, tally, walker)
+                ctx.tick()
+        return walker.results()
+
     def visit(self, source: bytes, source_id: tuple[int, int], paths: list[bytes], tally, problem) -> int:
         """Link one inode's catalogued paths; return how many are now correctly linked."""
         return self.linker.link_all(source, source_id, paths, tally, problem)
+
+    def settle(self, source: bytes, source_id: tuple[int, int], path: bytes, tally, problem) -> bool:
+        """One path by the linker's general route; whether it is now correctly linked."""
+        return self.linker.link_one(source, source_id, path, tally, problem)
 
     def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
         """Hook for modes that compare the range's findings with the catalogue.
@@ -248,8 +297,13 @@ class CountWork(RelinkWork):
     written (by the same statement relink uses).
     """
 
+    PROBES = True
+
     def visit(self, source, source_id, paths, tally, problem) -> int:
         return self.linker.probe_all(source_id, paths, tally, problem)
+
+    def settle(self, source, source_id, path, tally, problem) -> bool:
+        return self.linker.probe_one(source_id, path, tally, problem)
 
     def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
         for blobid, recorded_linked, _ in recorded:

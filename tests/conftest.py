@@ -134,6 +134,21 @@ def implementation(request):
     return IMPLEMENTATIONS[request.param]
 
 
+@pytest.fixture(params=["c", "python"])
+def worker_route(request, monkeypatch):
+    """Each route relink's worker processes may take: the C extension's, and pure Python.
+
+    Workers are spawned, so RELINKER_PURE_PYTHON reaches them whatever this
+    process imported.
+    """
+    if request.param == "c":
+        if linker.RangeWalker is None:
+            pytest.skip("relinker._speedups is not built (no C compiler at install time)")
+    else:
+        monkeypatch.setenv("RELINKER_PURE_PYTHON", "1")
+    return request.param
+
+
 @pytest.fixture
 def roots(tmp_path):
     """An empty archive root and one by-hash file: (archive, source, (st_dev, st_ino))."""

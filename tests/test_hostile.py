@@ -9,7 +9,8 @@ from relinker.cli import main
 from relinker.paths import by_hash_path
 from support import read_only_directory
 
-pytestmark = pytest.mark.reliability
+# Every case through both routes of the workers: C (the RangeWalker) and pure Python.
+pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("worker_route")]
 
 
 def relink(world, capsys, *args):
