@@ -105,6 +105,12 @@ def test_migrate_existing_catalogue_twice(db_url, shape):
         paths = sorted(p for (p,) in conn.execute("SELECT path FROM relinker_path"))
         invalid = [name for name, valid in (x.split(":") for x in fingerprint(db_url)[1].split()) if valid != "t"]
         assert invalid == []
+        # the range query's covering index: the linked paths only, on every partition
+        links_indexes = conn.execute(
+            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE c.relname LIKE 'relinker_path_links_idx%' AND c.relkind = 'i'").fetchall()
+        assert len(links_indexes) == (2 if shape == "production" else 1)
+        assert all("(ino, medium_hash) INCLUDE (path) WHERE (exclude_reason IS NULL)" in d for (d,) in links_indexes)
     if shape == "production":
         assert paths == [b"/a/\\r", b"/\xff"]
         indexes = fingerprint(db_url)[1]
@@ -129,6 +135,14 @@ def test_migrate_resumes_after_an_interrupted_concurrent_index_build(db_url):
         valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = "
                              "'relinker_inode_blobid_idx'::regclass").fetchone()
         assert valid == (True,)
+
+
+def test_an_online_migration_relinker_cannot_read_is_refused(catalogue_url):
+    """A CREATE INDEX the online builder does not understand fails the migration instead of being skipped."""
+    text = "-- relinker: online\nCREATE INDEX CONCURRENTLY IF NOT EXISTS x ON path USING hash (ino);\n"
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        with pytest.raises(ValueError, match="cannot build online"):
+            migrations._apply_online(conn, text)
 
 
 def test_migrate_without_ntt_tables_says_what_to_do(db_url, capsys):

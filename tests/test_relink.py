@@ -6,11 +6,13 @@ import threading
 
 import pytest
 
+from psycopg import sql
+
 from relinker import db
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
 from relinker.pool import WorkSpec
-from relinker.relink import RelinkWork, counts_to_write
+from relinker.relink import RelinkWork, counts_to_write, work_query
 
 
 def relink(world, capsys, *args):
@@ -284,6 +286,29 @@ def test_range_queries_run_without_parallel_workers_jit_or_memoize(catalogue_url
             "SELECT name, setting FROM pg_settings "
             "WHERE name IN ('max_parallel_workers_per_gather', 'jit', 'enable_memoize')").fetchall())
     assert settings == {"max_parallel_workers_per_gather": "0", "jit": "off", "enable_memoize": "off"}
+
+
+def test_the_range_query_reads_paths_from_the_covering_index_alone(world):
+    """Each inode's linked paths come from relinker_path_links_idx by an index-only scan: no heap fetch of `path`."""
+    for n in range(3):
+        medium = world.medium(f"m{n}")
+        for i in range(50):
+            world.inode(medium, [b"/m%d/f%d" % (n, i), b"/m%d/g%d" % (n, i)], world.blob(b"%d-%d" % (n, i)))
+    world.conn.execute("VACUUM ANALYZE path")
+    with db.connect_for_ranges(world.dsn) as conn:
+        conn.execute("SET enable_seqscan = off")  # tables this small would be read whole
+        query = work_query(bounded=True, only_incomplete=False)
+        plan = [row[0].strip() for row in conn.execute(
+            sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) {}").format(query), {"lo": "0", "hi": "f"})]
+        ours = {name for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
+            "WHERE h.inhparent = 'relinker_path_links_idx'::regclass")}
+    path_scans = [(line, plan[n + 2]) for n, line in enumerate(plan) if " on path_" in line]
+    assert len(path_scans) == 3, "\n".join(plan)  # one per partition
+    for scan, heap_fetches in path_scans:
+        assert scan.split(" on ")[0].removeprefix("->  ").split(" using ")[0] == "Index Only Scan", scan
+        assert scan.split(" using ")[1].split()[0] in ours, scan
+        assert heap_fetches == "Heap Fetches: 0", heap_fetches
 
 
 def test_counts_to_write_lists_only_the_blobs_whose_counts_change():

@@ -1,0 +1,13 @@
+-- relinker: online
+-- Every path a range links, read from one index: (ino, medium_hash) with the
+-- path included, for the paths that are linked at all. The range query looks
+-- up each inode's paths; through relinker_path_inode_idx each path row is
+-- then fetched from the heap of `path` (rows of one inode lie on different
+-- pages: its hardlinks were enumerated at different times), and on a
+-- catalogue larger than memory each fetch is a random read. This index
+-- answers the lookup alone (an index-only scan). The inode number leads:
+-- descents compare integers, where (medium_hash, ino) compares the same
+-- 32-character medium_hash at every step. Measured on the 1M benchmark
+-- catalogue: a quarter less server time for the range queries; its size is
+-- about that of the linked paths themselves.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS relinker_path_links_idx ON path (ino, medium_hash) INCLUDE (path) WHERE exclude_reason IS NULL;
