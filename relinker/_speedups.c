@@ -3,8 +3,9 @@
  *
  * Optional: relinker.linker holds the same functions in Python and uses them
  * when this module is not built (no compiler at install time) or when
- * RELINKER_PURE_PYTHON is set. Both must behave identically; the tests run
- * the same cases through both.
+ * RELINKER_PURE_PYTHON is set; RangeWalker's twin is RelinkWork's own loop
+ * over a range's rows (relinker.relink). Both must behave identically; the
+ * tests run the same cases through both.
  *
  * Why C at all: a re-check of a complete archive is one fstatat per path and
  * one per blob (its by-hash file), and CPython's os.stat spends about as long
