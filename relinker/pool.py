@@ -52,7 +52,7 @@ class Interrupted(Exception):
 
 @dataclasses.dataclass
 class WorkSpec:
-    """Everything a worker process needs; pickled into each spawned process."""
+    """Everything a worker process needs; pickled into each worker as it starts."""
 
     work: Callable[["WorkSpec"], "RangeWork"]
     dsn: str
