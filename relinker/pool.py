@@ -22,7 +22,6 @@ import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -297,39 +296,9 @@ class Progress(Protocol):
     def update(self, paths_done: int, ranges_done: int) -> None: ...
 
 
-#: What a fork server imports once, before it forks the workers.
-WORKER_MODULES = ["relinker.pool", "relinker.relink", "relinker.copy", "relinker.verify", "relinker.cli"]
-
-
-def _worker_context():
-    """Workers are forked from a fork server started for this pool alone.
-
-    Importing psycopg and relinker takes a fresh interpreter about half a
-    second of CPU; a fork server pays it once per pool instead of once per
-    worker (on 2 cores, a re-check of a million paths spends that time on
-    nothing else). The server is a fresh interpreter, with no connection and
-    no thread to inherit, and the one before it is stopped first, so its
-    workers see this process's environment as it is now (spawned workers
-    did too): RELINKER_PURE_PYTHON, PG* settings.
-    """
-    _stop_fork_server()
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_MODULES)
-    return context
-
-
-def _stop_fork_server() -> None:
-    # multiprocessing keeps one fork server per process and offers no public
-    # way to restart it; without _stop() (a later Python), the running one
-    # serves on, as it would for any program using forkserver.
-    stop = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_stop", None)
-    if stop is not None:
-        stop()
-
-
 def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> PoolOutcome:
     """Run ``workers`` processes until the run has no open range, or a signal stops it."""
-    context = _worker_context()
+    context = multiprocessing.get_context("spawn")
     stop_event = context.Event()
     dry_next = context.Value("i", 0)
     outcome = PoolOutcome()
@@ -400,7 +369,6 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _stop_fork_server()
     outcome.interrupted = stopping
     del outcome.samples[DRY_RUN_SAMPLES:]
     return outcome
