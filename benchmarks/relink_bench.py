@@ -804,9 +804,10 @@ def print_report(results: list[Measurement], floor: Measurement, context: dict) 
     print(f"relinker {context['relinker_version']}{source} | N = {context['paths']:,} paths, "
           f"{context['blobs']:,} blobs, {context['inodes']:,} inodes, {context['media']} media, "
           f"{context['leaf_directories']:,} leaf directories")
-    print(f"CPUs: {context['cpu_count']} | {context['filesystem']} | PostgreSQL {context['postgres_version']} "
-          f"(shared_buffers {context['shared_buffers']}) | Python {context['python']} | "
-          f"fast route: {context['fast_route']} | generation {context['generation_seconds']:.1f}s")
+    print(f"CPUs: {context['cpu_count']} ({context['cpu_model']}) | {context['filesystem']} | "
+          f"PostgreSQL {context['postgres_version']} (shared_buffers {context['shared_buffers']}) | "
+          f"Python {context['python']} | fast route: {context['fast_route']} | "
+          f"generation {context['generation_seconds']:.1f}s")
     header = ("measurement", "seconds", "rate", "rate/floor", "peak RSS MB", "relinker s", "client CPU s",
               "server CPU s")
     rows = []
@@ -881,6 +882,23 @@ def relinker_source() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.decode("ascii", "replace") + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    """The processor's model name (from /proc/cpuinfo), or what ``platform`` knows of it.
+
+    The same machine type can land on different hosts: when two runs'
+    figures differ, this is the first thing to compare.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def filesystem_type(path: bytes) -> str:
@@ -979,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_paths_per_blob": catalogue.max_paths_per_blob,
             "generation_seconds": round(catalogue.seconds, 2),
             "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "cpu_affinity": len(os.sched_getaffinity(0)),
             "filesystem": filesystem_type(workdir),
             "postgres_version": postgres_version,

@@ -42,6 +42,7 @@ def test_relink_bench_measures_every_row_on_the_same_data(pg_admin_dsn, tmp_path
         assert summary["links_present" if "complete" in name else "links_created"] == result["paths"]
         assert rows[name]["rate_over_floor"] > 0 and rows[name]["peak_rss_mb"] > 0
     assert "rate/floor" in done.stdout
+    assert result["cpu_model"] and f"CPUs: {result['cpu_count']} ({result['cpu_model']})" in done.stdout
     assert list(tmp_path.iterdir()) == [figures]  # its data is gone
 
 
