@@ -30,6 +30,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 /* --- directory listings ----------------------------------------------------
@@ -45,10 +46,10 @@
  * What a listing may say: only "this name was a hardlink of this inode when
  * the directory was read". Anything else (absent, another inode) goes on to
  * the fstatat, and an entry found with another inode is forgotten (its inode
- * set to 0), so whatever this process then does to that name (replace it,
- * say) can never be answered from the listing. Because each path of a run is
- * checked once, a listing is consulted for names this process has not
- * touched since it read them; a change made by someone else afterwards is
+ * set to 0), and so is every name this process links or replaces in a
+ * listed directory (here and, through DirectoryListings.forget, in the
+ * linker's general route): what this process did to a name is never answered
+ * from a listing read before. A change made by someone else afterwards is
  * seen as a check by fstatat at that moment would have seen the name then.
  *
  * d_ino is the inode st_ino reports only on filesystems that say so; on
@@ -82,12 +83,21 @@ typedef struct {
     Py_ssize_t directories;
 } Listings;
 
+/* Random for each process (module import), so that no catalogue can be made
+ * of names that collide: see name_hash. */
+static uint64_t name_hash_seed;
+
 static uint64_t
 name_hash(const char *name, size_t length)
 {
-    /* FNV-1a, then a murmur3 finaliser to spread it over all 64 bits. A
-     * collision can only ever make a check take the fstatat (see lookup). */
-    uint64_t hash = 0xcbf29ce484222325ULL;
+    /* FNV-1a from a random start, then a murmur3 finaliser to spread it over
+     * all 64 bits. Two names of one directory with one hash are both
+     * forgotten when it is read (read_listing). What a collision could still
+     * do: a name absent from the directory, whose hash is that of a listed
+     * hardlink of the same blob, answered as present. That needs two paths
+     * of one blob in one directory and odds of about one in 2^64 per check,
+     * with a start no one outside this process knows. */
+    uint64_t hash = 0xcbf29ce484222325ULL ^ name_hash_seed;
     for (size_t i = 0; i < length; i++) {
         hash ^= (unsigned char)name[i];
         hash *= 0x100000001b3ULL;
@@ -223,14 +233,13 @@ directory_listing(Listings *self, int dir_fd)
     return l->state == LISTED ? l : NULL;
 }
 
-/* 1 if the listing holds name as a hardlink of (dev, ino); else 0, and a
- * name found with another inode is forgotten. */
-static int
-listed_as(listing *l, const char *name, unsigned long long dev, unsigned long long ino)
+/* The entry of name in l, or NULL. */
+static listed_entry *
+find_entry(listing *l, const char *name, size_t length)
 {
-    if (l->dev != dev || l->count == 0)
-        return 0;
-    uint64_t hash = name_hash(name, strlen(name));
+    if (l->count == 0)
+        return NULL;
+    uint64_t hash = name_hash(name, length);
     /* The hashes are uniform: start where this one would sit and walk, a
      * cache line or two, where a binary search would miss the cache at
      * every step. */
@@ -244,12 +253,35 @@ listed_as(listing *l, const char *name, unsigned long long dev, unsigned long lo
         while (i > 0 && entries[i - 1].name_hash >= hash)
             i--;
     }
-    if (i == count || entries[i].name_hash != hash)
+    return i == count || entries[i].name_hash != hash ? NULL : &entries[i];
+}
+
+/* 1 if the listing holds name as a hardlink of (dev, ino); else 0, and a
+ * name found with another inode is forgotten. */
+static int
+listed_as(listing *l, const char *name, unsigned long long dev, unsigned long long ino)
+{
+    if (l->dev != dev)
         return 0;
-    if (entries[i].ino != 0 && entries[i].ino == ino)
+    listed_entry *entry = find_entry(l, name, strlen(name));
+    if (entry == NULL)
+        return 0;
+    if (entry->ino != 0 && entry->ino == ino)
         return 1;
-    entries[i].ino = 0;
+    entry->ino = 0;
     return 0;
+}
+
+/* Forget name in the listing of dir_fd, if that directory was read: this
+ * process is changing the name. Never reads a directory. */
+static void
+forget_listed(Listings *self, int dir_fd, const char *name, size_t length)
+{
+    if (dir_fd < 0 || dir_fd >= self->slots || self->by_fd[dir_fd].state != LISTED)
+        return;
+    listed_entry *entry = find_entry(&self->by_fd[dir_fd], name, length);
+    if (entry != NULL)
+        entry->ino = 0;
 }
 
 static void
@@ -309,9 +341,24 @@ Listings_get_directories(Listings *self, void *closure)
     return PyLong_FromSsize_t(self->directories);
 }
 
+static PyObject *
+Listings_forget(Listings *self, PyObject *args)
+{
+    int dir_fd;
+    const char *name;
+    Py_ssize_t length;
+    if (!PyArg_ParseTuple(args, "iy#:forget", &dir_fd, &name, &length))
+        return NULL;
+    forget_listed(self, dir_fd, name, (size_t)length);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Listings_methods[] = {
     {"clear", (PyCFunction)Listings_clear, METH_NOARGS,
      "Forget every listing (before the descriptors they belong to are closed)."},
+    {"forget", (PyCFunction)Listings_forget, METH_VARARGS,
+     "forget(dir_fd, name): the caller changed name in the directory of dir_fd;\n"
+     "a listing read before must not answer for it."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -607,6 +654,8 @@ route_paths(const route *r, PyObject **items, Py_ssize_t start, Py_ssize_t count
         } else {
             if (linkat(r->source_fd, r->source_name, dir_fd, name, 0) != 0)
                 break;
+            if (r->listings != NULL)
+                forget_listed(r->listings, dir_fd, name, strlen(name));
             (*created)++;
         }
     }
@@ -1244,6 +1293,14 @@ static PyMethodDef speedups_methods[] = {
 static int
 speedups_exec(PyObject *module)
 {
+    if (syscall(SYS_getrandom, &name_hash_seed, sizeof name_hash_seed, 1 /* GRND_NONBLOCK */)
+            != (long)sizeof name_hash_seed) {
+        /* No entropy yet (early boot): unpredictable enough from outside. */
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        name_hash_seed = ((uint64_t)now.tv_sec * 1000000007ULL) ^ (uint64_t)now.tv_nsec
+            ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)&now;
+    }
     if (PyType_Ready(&ListingsType) < 0)
         return -1;
     Py_INCREF(&ListingsType);

@@ -220,6 +220,7 @@ class ArchiveLinker:
                 return Outcome.CREATED
         try:
             os.link(source, name, src_dir_fd=self._source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            self._changed(dir_fd, name)
             return Outcome.CREATED
         except FileExistsError:
             pass
@@ -392,6 +393,7 @@ class ArchiveLinker:
                 os.unlink(temp, dir_fd=dir_fd)
                 os.link(source, temp, src_dir_fd=self._source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            self._changed(dir_fd, name)
         except OSError as exc:
             try:
                 os.unlink(temp, dir_fd=dir_fd)
@@ -399,6 +401,13 @@ class ArchiveLinker:
                 pass
             raise _link_problem(exc, self.source_path(source), stored) from None
         return Outcome.REPLACED
+
+    def _changed(self, dir_fd: int, name: bytes) -> None:
+        # A listing read before this process linked or replaced the name
+        # would answer for what was there then: a catalogue can give one
+        # archive path to two blobs, the second one's check must see the first's link.
+        if self._listings is not None:
+            self._listings.forget(dir_fd, name)
 
     def _open_directories(self, parent: bytes, create: bool) -> tuple[int, bool]:
         """Open (creating if asked) every directory from the root down to ``parent``.

@@ -247,3 +247,46 @@ def test_the_walker_indexes_directories_until_told_to_forget_them(tmp_path):
         work.close()
     assert sorted(os.listdir(archive + b"/x")) == [b"one", b"three", b"two"]
     assert os.listdir(archive + b"/y") == [b"four"]
+
+
+@pytest.mark.parametrize("spelling", [b"/d/n", b"/d/./n"], ids=["same-spelling", "dot-spelling"])
+@pytest.mark.parametrize("variant", ["c", "python"])
+def test_a_path_two_blobs_share_ends_as_the_later_blobs_link(tmp_path, variant, spelling):
+    """What the run itself changed is never answered from a directory listing read before.
+
+    A catalogue can give one archive path to two blobs. Here ``/d/n`` is a
+    link of X when the run starts; a check in ``/d`` reads the directory's
+    listing (n: X); then Z's row replaces n in linking mode, or through the
+    general route because its path is spelled ``/d/./n``. X's row comes last:
+    it must find Z's link there and put X's back, not take the old listing's
+    word that n is X.
+    """
+    contents = sorted((blobid_of(c), c) for c in (b"first", b"second", b"third"))
+    (a, a_content), (z, z_content), (x, x_content) = contents
+    store, archive = tmp_path / "by-hash", tmp_path / "archive"
+    sources = {}
+    for blobid, content in contents:
+        path = store / os.fsdecode(by_hash_relpath(blobid))
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+        sources[blobid] = path
+    (archive / "d").mkdir(parents=True)
+    for name, blobid in (("n", x), ("a", a), ("a2", a), ("z", z)):
+        os.link(sources[blobid], archive / "d" / name)
+    rows = [(a, [b"/d/a", b"/d/a2", b"/d/new"]), (z, [spelling, b"/d/z"]), (x, [b"/d/n"])]
+    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=os.fsencode(store), archive_root=os.fsencode(archive),
+                    options={}, run_id=1)
+    work = RelinkWork(spec)
+    try:
+        ctx, tally = Context(), new_tally()
+        if variant == "c":
+            linked, expected = work._walk_rows(work.linker.range_walker(probe=False, tick_every=1000), iter(rows),
+                                               ctx, tally)
+        else:
+            linked, expected = work._loop_rows(iter(rows), ctx, tally)
+    finally:
+        work.close()
+    assert os.lstat(archive / "d" / "n").st_ino == os.stat(sources[x]).st_ino
+    assert (linked, expected) == ({a: 3, z: 2, x: 1}, {a: 3, z: 2, x: 1})
+    assert tally[Outcome.REPLACED] == 2 and ctx.problems == []
+

@@ -205,6 +205,47 @@ def test_a_name_found_with_another_inode_is_never_answered_from_the_listing_agai
     assert check([b"/d/shared"], (roots[2][0], other_ino)) == 1
 
 
+def test_a_name_this_process_links_or_replaces_is_forgotten_by_the_listing(roots, tmp_path):
+    """The listing knew another file by that name: after relinker changed it, a check must look again.
+
+    The fast route forgets a name it links; the linker's general route calls
+    DirectoryListings.forget for what it links or replaces.
+    """
+    if _speedups is None:
+        pytest.skip("relinker._speedups is not built (no C compiler at install time)")
+    archive, source, (dev, ino) = roots
+    other, other_ino = another_source(tmp_path, "other-blob")
+    os.makedirs(archive + b"/d")
+    for name in (b"linked-here", b"replaced-here"):
+        os.link(other, archive + b"/d/" + name)
+    os.link(source, archive + b"/d/reader")
+    d_fd = os.open(archive + b"/d", os.O_PATH | os.O_DIRECTORY)
+    directories = {b"/d": d_fd}
+    listings = _speedups.DirectoryListings(1000)
+
+    def route(paths, source_id, expect_present):
+        return _speedups.fast_route(paths, 0, directories, None, source, dev, source_id, expect_present, listings)
+
+    try:
+        assert route([b"/d/reader"], ino, True) == (0, 1, 1)
+        assert listings.entries == 3  # read: both names as the other blob's
+        os.unlink(archive + b"/d/linked-here")  # someone else removed it...
+        assert route([b"/d/linked-here"], ino, False) == (1, 0, 1)  # ... and the fast route links it
+        os.link(source, archive + b"/d/tmp")  # the general route's replacement, by hand
+        os.rename(archive + b"/d/tmp", archive + b"/d/replaced-here")
+        listings.forget(d_fd, b"replaced-here")
+        listings.forget(d_fd + 1000, b"replaced-here")  # a directory never listed: nothing to forget
+        for name in (b"/d/linked-here", b"/d/replaced-here"):
+            assert route([name], other_ino, True) == (0, 0, 0), name  # not the other blob's any more
+            assert route([name], ino, True) == (0, 1, 1), name
+        assert listings.directories == 1
+        with pytest.raises(TypeError):
+            listings.forget(d_fd, "a str")
+    finally:
+        listings.clear()
+        os.close(d_fd)
+
+
 def test_a_listing_answers_only_for_its_own_filesystem(listed_directory, roots):
     archive, source, listings, check = listed_directory
     dev, ino = roots[2]
