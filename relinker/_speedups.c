@@ -836,14 +836,18 @@ typedef struct {
 static int
 walker_start(Walker *self, int expect_present)
 {
+    PyObject *linked_by_blob = PyDict_New(), *expected_by_blob = PyDict_New();
+    if (linked_by_blob == NULL || expected_by_blob == NULL) {
+        Py_XDECREF(linked_by_blob);
+        Py_XDECREF(expected_by_blob);
+        return -1;
+    }
     Py_CLEAR(self->blobid);
     Py_CLEAR(self->first_paths);
     Py_CLEAR(self->seen);
     Py_CLEAR(self->paths);
-    Py_XSETREF(self->linked_by_blob, PyDict_New());
-    Py_XSETREF(self->expected_by_blob, PyDict_New());
-    if (self->linked_by_blob == NULL || self->expected_by_blob == NULL)
-        return -1;
+    Py_XSETREF(self->linked_by_blob, linked_by_blob);
+    Py_XSETREF(self->expected_by_blob, expected_by_blob);
     self->route.expect_present = self->probe || expect_present;
     self->usable = 0;
     self->linked = self->expected = self->index = 0;
@@ -922,9 +926,21 @@ PyDoc_STRVAR(Walker_start_doc,
 "Begin a new range: nothing walked, nothing counted; the directories looked\n"
 "up so far stay indexed.");
 
+/* 0, or -1 with an exception when __init__ never ran (RangeWalker.__new__ alone). */
+static int
+walker_ready(Walker *self)
+{
+    if (self->route.directories != NULL && self->linked_by_blob != NULL)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "RangeWalker was not initialised");
+    return -1;
+}
+
 static PyObject *
 Walker_start(Walker *self, PyObject *expect_present)
 {
+    if (walker_ready(self) < 0)
+        return NULL;
     int expect = PyObject_IsTrue(expect_present);
     if (expect < 0 || walker_start(self, expect) < 0)
         return NULL;
@@ -952,9 +968,10 @@ add_to(PyObject *by_blob, PyObject *blobid, Py_ssize_t n)
     PyObject *before = PyDict_GetItemWithError(by_blob, blobid); /* borrowed */
     Py_ssize_t total = n;
     if (before != NULL) {
-        total += PyLong_AsSsize_t(before);
-        if (total == -1 && PyErr_Occurred())
+        Py_ssize_t so_far = PyLong_AsSsize_t(before);
+        if (so_far == -1 && PyErr_Occurred())
             return -1;
+        total += so_far;
     } else if (PyErr_Occurred())
         return -1;
     PyObject *value = PyLong_FromSsize_t(total);
@@ -1020,16 +1037,20 @@ unseen_paths(Walker *self, PyObject *paths)
     PyObject *fresh = PyList_New(0);
     if (fresh == NULL)
         return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(paths);
-    for (Py_ssize_t i = 0; i < count; i++) {
+    /* Hashing a path may run Python code (a bytes subclass): the list is
+     * read afresh at each step and the path held while it is looked up. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(paths); i++) {
         PyObject *path = PyList_GET_ITEM(paths, i);
+        Py_INCREF(path);
         int known = PySet_Contains(self->seen, path);
-        if (known < 0 || (!known && PyList_Append(fresh, path) < 0)) {
+        int failed = known < 0 || (!known && PyList_Append(fresh, path) < 0);
+        Py_DECREF(path);
+        if (failed) {
             Py_DECREF(fresh);
             return NULL;
         }
     }
-    count = PyList_GET_SIZE(fresh);
+    Py_ssize_t count = PyList_GET_SIZE(fresh);
     for (Py_ssize_t i = 0; i < count; i++) {
         if (PySet_Add(self->seen, PyList_GET_ITEM(fresh, i)) < 0) {
             Py_DECREF(fresh);
@@ -1100,6 +1121,12 @@ PyDoc_STRVAR(Walker_step_doc,
 static PyObject *
 Walker_step(Walker *self, PyObject *rows)
 {
+    if (walker_ready(self) < 0)
+        return NULL;
+    if (!PyIter_Check(rows)) {
+        PyErr_Format(PyExc_TypeError, "rows must be an iterator, not %.100s", Py_TYPE(rows)->tp_name);
+        return NULL;
+    }
     if (self->waiting) {
         PyErr_SetString(PyExc_RuntimeError, "the last event has not been answered");
         return NULL;
@@ -1117,10 +1144,12 @@ Walker_step(Walker *self, PyObject *rows)
                 self->linked += created + present;
                 self->index = stop;
                 if (stop < count) {
-                    self->waiting = EVENT_PATH;
-                    return Py_BuildValue("(iOy#KK)", EVENT_PATH, PyList_GET_ITEM(self->paths, stop),
-                                         self->source_name_buffer, (Py_ssize_t)(SOURCE_NAME_SIZE - 1),
-                                         self->route.dev, self->route.ino);
+                    PyObject *event = Py_BuildValue("(iOy#KK)", EVENT_PATH, PyList_GET_ITEM(self->paths, stop),
+                                                    self->source_name_buffer, (Py_ssize_t)(SOURCE_NAME_SIZE - 1),
+                                                    self->route.dev, self->route.ino);
+                    if (event != NULL)
+                        self->waiting = EVENT_PATH;
+                    return event;
                 }
             }
             Py_CLEAR(self->paths);
@@ -1140,8 +1169,10 @@ Walker_step(Walker *self, PyObject *rows)
         }
         self->since_tick++;
         if (needs_source) {
-            self->waiting = EVENT_SOURCE;
-            return Py_BuildValue("(iO)", EVENT_SOURCE, self->blobid);
+            PyObject *event = Py_BuildValue("(iO)", EVENT_SOURCE, self->blobid);
+            if (event != NULL)
+                self->waiting = EVENT_SOURCE;
+            return event;
         }
     }
 }
@@ -1217,6 +1248,8 @@ static PyObject *
 Walker_results(Walker *self, PyObject *unused)
 {
     (void)unused;
+    if (walker_ready(self) < 0)
+        return NULL;
     return PyTuple_Pack(2, self->linked_by_blob, self->expected_by_blob);
 }
 

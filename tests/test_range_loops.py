@@ -290,3 +290,23 @@ def test_a_path_two_blobs_share_ends_as_the_later_blobs_link(tmp_path, variant, 
     assert (linked, expected) == ({a: 3, z: 2, x: 1}, {a: 3, z: 2, x: 1})
     assert tally[Outcome.REPLACED] == 2 and ctx.problems == []
 
+
+def test_a_walker_refuses_what_it_cannot_walk(tmp_path):
+    """Misuse is an exception, never a crash: rows that are not an iterator, a walker never initialised."""
+    store, archive = build_tree(tmp_path)
+    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=1)
+    work = RelinkWork(spec)
+    try:
+        walker = work.linker.range_walker(probe=False, tick_every=1000)
+        with pytest.raises(TypeError):
+            walker.step([(GOOD, [b"/a/list"])])
+        assert walker.step(iter([])) is None  # the refusal left the walker usable
+    finally:
+        work.close()
+    bare = linker.RangeWalker.__new__(linker.RangeWalker)
+    for call in (lambda: bare.step(iter([])), bare.results, lambda: bare.start(True)):
+        with pytest.raises(RuntimeError):
+            call()
+    with pytest.raises(RuntimeError):
+        bare.set_source(None)
+    bare.forget_directories()
