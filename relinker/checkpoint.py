@@ -399,9 +399,20 @@ class CheckpointStore:
                 log.warning("cannot terminate session %d: %s", pid, db.first_line(exc))
 
     def reassert(self, r: Range) -> None:
-        """After a transient error: make sure we still own ``r`` (raises LostRange)."""
-        self._call(lambda conn: None)
-        if self._held is None or self._held.range_no != r.range_no:
+        """After a transient error, before ``r`` is redone: make sure we still own it (raises LostRange).
+
+        Asks the server (a connection that died with it may not know yet; a
+        new one takes the range's lock back), and deletes the problems the
+        failed attempt's heartbeats recorded: the redo finds them again.
+        """
+        def still_ours(conn) -> bool:
+            with conn.transaction():
+                if conn.execute(SQL_OWNED, self._owned_params(r)).fetchone() is None:
+                    return False
+                conn.execute(SQL_CLEAR_PROBLEMS, (r.run_id, r.range_no))
+                return True
+        if self._held is None or self._held.range_no != r.range_no or not self._call(still_ours):
+            self._release(r)
             raise LostRange(f"range {r.range_no} was taken over")
 
     def heartbeat(self, r: Range, counters: Counters, problems: list[Problem]) -> None:

@@ -4,14 +4,15 @@ import json
 import os
 import threading
 
+import psycopg
 import pytest
 
 from psycopg import sql
 
-from relinker import db
+from relinker import checkpoint, db
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
-from relinker.pool import WorkSpec
+from relinker.pool import WorkSpec, _Worker
 from relinker.relink import RelinkWork, counts_to_write, work_query
 
 
@@ -320,3 +321,48 @@ def test_counts_to_write_lists_only_the_blobs_whose_counts_change():
         ("fewer", 2, 2), ("never", 1, 1), ("gone", 0, 0)]
     # ... unless only some blobs were looked at (--only-incomplete)
     assert counts_to_write(recorded, linked, expected, unseen_are_empty=False) == [("fewer", 2, 2), ("never", 1, 1)]
+
+
+class _DataConnectionDropsOnce(RelinkWork):
+    """The range's first attempt flushes its problems with a heartbeat, then loses its data connection for real."""
+
+    attempts = 0
+
+    def process(self, r, ctx):
+        finalize = super().process(r, ctx)
+        type(self).attempts += 1
+        if type(self).attempts == 1:
+            ctx._worker.store.heartbeat(r, ctx.counters, ctx.problems)
+            conn = self.data.get()
+            with psycopg.connect(self.spec.dsn, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            conn.execute("SELECT 1")  # OperationalError: the worker redoes the range on a new connection
+        return finalize
+
+
+def test_a_range_redone_after_a_lost_connection_records_its_problems_once(world):
+    """What a failed attempt's heartbeats recorded is deleted before the redo finds it again."""
+    medium = world.medium("disk-1")
+    for n in range(3):
+        world.inode(medium, [b"/mnt/ntt/%s/gone-%d" % (medium.encode(), n)], world.blob(b"gone %d" % n, store=False))
+    world.inode(medium, [b"/mnt/ntt/%s/here" % medium.encode()], world.blob(b"here"))
+    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
+                                   checkpoint.split_blob_space(1))
+    spec = WorkSpec(work=_DataConnectionDropsOnce, dsn=world.dsn, by_hash_root=world.by_hash_root,
+                    archive_root=world.archive_root, options={}, run_id=run_id,
+                    since=world.conn.execute("SELECT now()").fetchone()[0], retry_timeout=30)
+    worker = _Worker(spec, pipe=None, stop_event=None, dry_next=None)
+    worker.send = lambda *message: None
+    try:
+        worker.run_range(worker.store.claim())
+    finally:
+        worker.work.close()
+        worker.store.close()
+    assert _DataConnectionDropsOnce.attempts == 2
+    status, problems, present = world.conn.execute(
+        "SELECT status, problems, links_created + links_present FROM relinker_range WHERE run_id = %s",
+        (run_id,)).fetchone()
+    recorded = world.conn.execute("SELECT kind, count(*) FROM relinker_problem WHERE run_id = %s GROUP BY kind",
+                                  (run_id,)).fetchall()
+    assert (status, problems, present) == ("done", 3, 1)
+    assert recorded == [("missing-by-hash", 3)]
