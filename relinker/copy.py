@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import stat
+from typing import Callable
 
 import blake3
 import psycopg
@@ -130,11 +131,13 @@ class ByHashStore:
         os.close(fd)
         return os.path.isdir("/proc/self/fd")
 
-    def store(self, source_fd: int, expected_size: int | None) -> Stored:
+    def store(self, source_fd: int, expected_size: int | None, on_chunk: Callable[[], None] | None = None) -> Stored:
         """Copy an open source into by-hash; return where its content lives.
 
         Trouble with the source is a :class:`SourceProblem`; any other
         ``OSError`` is trouble with the store itself and propagates.
+        ``on_chunk`` is called after each chunk read (whatever it raises
+        stops the copy and leaves nothing behind).
         """
         before = os.fstat(source_fd)
         if not stat.S_ISREG(before.st_mode):
@@ -157,6 +160,8 @@ class ByHashStore:
                 while view:
                     view = view[os.write(temp_fd, view):]
                 size += len(chunk)
+                if on_chunk is not None:
+                    on_chunk()
             after = os.fstat(source_fd)
             if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 raise SourceProblem("source-changed", "changed while being read")
@@ -267,7 +272,10 @@ class CopyWork:
                 counters.bytes_copied += size or 0
                 continue
             try:
-                stored = self._copy(r.medium_hash, paths, size)
+                # A tick per chunk: the range's heartbeat must go on while one
+                # large file is read (gigabytes from a slow medium take longer
+                # than the lease), or another worker takes the range over.
+                stored = self._copy(r.medium_hash, paths, size, ctx.tick)
             except SourceProblem as exc:
                 ctx.problem(exc.kind, exc.detail, path=paths[0])
                 error_inos.append(ino)
@@ -303,8 +311,8 @@ class CopyWork:
 
         return finalize
 
-    def _copy(self, medium_hash: str, paths: list[bytes], size: int | None) -> Stored:
-        """Read the inode's content from the first source that opens."""
+    def _copy(self, medium_hash: str, paths: list[bytes], size: int | None, on_chunk: Callable[[], None]) -> Stored:
+        """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.store."""
         failures = []
         for stored_path in paths:
             for candidate in source_candidates(stored_path, medium_hash, self.remaps):
@@ -314,7 +322,7 @@ class CopyWork:
                     failures.append(f"{display(candidate)}: {exc.strerror}")
                     continue
                 try:
-                    return self.store.store(fd, size)
+                    return self.store.store(fd, size, on_chunk)
                 except SourceProblem as exc:
                     if exc.kind == "source-changed":
                         raise

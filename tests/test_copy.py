@@ -144,6 +144,41 @@ def test_source_changing_while_read_is_detected(tmp_path):
     assert [n for n in os.listdir(store_root)] == []  # nothing under a by-hash name
 
 
+def test_a_large_file_ticks_while_it_is_copied_and_a_stop_leaves_nothing(tmp_path):
+    """One file can take longer than the lease: the worker's tick (heartbeat, stop check) runs per chunk."""
+    source = tmp_path / "large"
+    source.write_bytes(os.urandom(1 << 20) * 5 + b"tail")
+    store_root = tmp_path / "by-hash"
+    store_root.mkdir()
+    store = ByHashStore(os.fsencode(store_root))
+    ticks = []
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        stored = store.store(fd, None, lambda: ticks.append(1))
+    finally:
+        os.close(fd)
+    assert len(ticks) == 6 and stored.size == (5 << 20) + 4
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_third_chunk():
+        ticks.append(1)
+        if len(ticks) == 9:
+            raise Stop()
+
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(1 << 20) * 5)
+    fd = os.open(other, os.O_RDONLY)
+    try:
+        with pytest.raises(Stop):
+            store.store(fd, None, stop_at_the_third_chunk)
+    finally:
+        os.close(fd)
+    stored_files = [os.path.join(d, n) for d, _, names in os.walk(store_root) for n in names]
+    assert stored_files == [os.fsdecode(stored.path)]  # the stopped copy left no file, temporary or final
+
+
 @pytest.mark.reliability
 def test_copy_killed_mid_run_then_resumed(world, tmp_path):
     root = tmp_path / "big"
