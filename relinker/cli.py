@@ -169,6 +169,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds_at_least(minimum: float):
+    """An argparse type: a number of seconds, ``minimum`` or more."""
+    def parse_seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g} s, not {text}")
+        return value
+    parse_seconds.__name__ = "seconds"
+    return parse_seconds
+
+
+#: Workers heartbeat every lease/4 (0.2 s at least): a shorter lease would
+#: take ranges away from workers that are alive and well.
+MINIMUM_LEASE = 1.0
+
+
 def add_job_options(command: argparse.ArgumentParser) -> None:
     """Options shared by the checkpointed commands (relink, copy, count)."""
     command.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
@@ -184,9 +203,11 @@ def add_job_options(command: argparse.ArgumentParser) -> None:
                          help="read catalogue and disk, report what would happen, write nothing")
     command.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
-    command.add_argument("--lease", type=float, default=checkpoint.DEFAULT_LEASE, metavar="SECONDS",
+    command.add_argument("--lease", type=seconds_at_least(MINIMUM_LEASE), default=checkpoint.DEFAULT_LEASE,
+                         metavar="SECONDS",
                          help="heartbeat age after which a stalled worker's range is taken over (default %(default)s)")
-    command.add_argument("--retry-timeout", type=float, default=db.DEFAULT_RETRY_TIMEOUT, metavar="SECONDS",
+    command.add_argument("--retry-timeout", type=seconds_at_least(0), default=db.DEFAULT_RETRY_TIMEOUT,
+                         metavar="SECONDS",
                          help="how long to keep retrying transient database errors (default %(default)s)")
 
 
@@ -209,7 +230,12 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     """Parse a command line (with environment and config file) into settings."""
     argv = list(argv)
     parser = build_parser(config_files_from(argv))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ValueError as exc:
+        # ConfigArgParse turns a count setting (RELINKER_VERBOSE, verbose in
+        # a config file) into repeated flags with int(), unchecked.
+        raise UserError(f"RELINKER_VERBOSE or 'verbose' in the config file must be a whole number ({exc})") from None
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -239,7 +265,10 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
+        try:
+            handlers.append(logging.FileHandler(log_file))
+        except OSError as exc:
+            raise UserError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     logging.basicConfig(
         level=level, handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(processName)s %(message)s",

@@ -65,6 +65,36 @@ def test_missing_config_file_is_a_usage_error(tmp_path, capsys):
     assert "config file not found" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("where", ["environment", "config file"])
+def test_a_verbosity_that_is_not_a_number_is_a_usage_error(where, tmp_path, monkeypatch, capsys):
+    argv = ["migrate"]
+    if where == "environment":
+        monkeypatch.setenv("RELINKER_VERBOSE", "loud")
+    else:
+        (tmp_path / "relinker.conf").write_text("verbose = loud\n")
+        argv = ["--config", str(tmp_path / "relinker.conf"), *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: error: RELINKER_VERBOSE or 'verbose'") and "Traceback" not in err
+
+
+def test_a_log_file_that_cannot_be_written_is_a_usage_error(tmp_path, capsys):
+    assert main(["--log-file", str(tmp_path / "no-such-directory" / "relinker.log"), "migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: error: cannot write the log file") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value", [("--lease", "0"), ("--lease", "0.5"), ("--lease", "-3"),
+                                           ("--lease", "nan"), ("--lease", "soon"), ("--retry-timeout", "-1")])
+def test_leases_and_timeouts_that_cannot_work_are_refused(option, value, capsys):
+    """A lease shorter than a second would take ranges from workers alive and well (they beat every lease/4)."""
+    with pytest.raises(SystemExit) as refused:
+        parse(["relink", option, value])
+    assert refused.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+    assert parse(["relink", "--lease", "1", "--retry-timeout", "0"])[0].lease == 1.0
+
+
 def test_example_config_parses():
     _, settings = parse(["--config", str(EXAMPLE), "migrate"])
     assert settings.by_hash_root == b"/data/cold/by-hash"
