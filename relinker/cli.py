@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 import psycopg
@@ -242,9 +244,19 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     return args, Settings.from_args(args)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relinker`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    # SIGTERM stops a command as Ctrl-C does, with exit 3, wherever it lands
+    # (planning, preflight, the summary); the process pool has its own
+    # handlers while it runs.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         args, settings = parse(argv)
         setup_logging(settings.verbose, settings.log_file)
@@ -258,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relinker: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def setup_logging(verbose: int, log_file: str | None) -> None:

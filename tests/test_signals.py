@@ -1,6 +1,7 @@
 """SIGINT and SIGTERM: a clean stop with exit 3, and a resume that ends correct."""
 
 import signal
+import socket
 import time
 
 import pytest
@@ -49,3 +50,36 @@ def test_second_signal_stops_at_once_and_the_next_run_still_ends_correct(busy):
     code, _out, err = finish(job, timeout=30)
     assert code == 3, err
     resume_and_check(busy)
+
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_pool_starts_is_exit_3_too(signum):
+    """Preflight, planning, the summary: a signal outside the pool stops the command with one line and exit 3.
+
+    The catalogue here is a server that accepts connections and never
+    answers, so the signal lands while relinker waits in its preflight.
+    """
+    accepted = []
+
+    def relinker_connected():
+        try:
+            accepted.append(silent.accept()[0])  # held open, never answered
+        except TimeoutError:
+            return False
+        return True
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(0.05)
+        port = silent.getsockname()[1]
+        job = start(["--db-url", f"host=127.0.0.1 port={port} user=nobody dbname=nothing", "status"])
+        wait_for(relinker_connected, what="relinker to connect")
+        time.sleep(0.2)  # into the wait for the server's answer
+        job.send_signal(signum)
+        code, _out, err = finish(job, timeout=30)
+        for connection in accepted:
+            connection.close()
+    assert code == 3, err
+    assert err.strip().endswith("relinker: interrupted") and "Traceback" not in err
