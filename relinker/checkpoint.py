@@ -235,9 +235,13 @@ WHERE r.run_id = %(run_id)s AND r.status <> 'done'
                       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                       AND l.classid = r.run_id::oid AND l.objid = r.range_no::oid))))
 ORDER BY r.range_no
-LIMIT 1
+LIMIT %(candidates)s
 FOR UPDATE SKIP LOCKED
 """
+#: Ranges a claim tries in turn: the first may be locked by a session that
+#: cannot be ended (another role) or has just given it back and not yet
+#: unlocked it; the claim must not stall on it while others are free.
+CLAIM_CANDIDATES = 8
 SQL_TRY_LOCK = "SELECT pg_try_advisory_lock(%s::int, %s::int)"
 SQL_UNLOCK = "SELECT pg_advisory_unlock(%s::int, %s::int)"
 SQL_LOCK_HOLDERS = """
@@ -364,18 +368,18 @@ class CheckpointStore:
         locked = None
         try:
             with conn.transaction():
-                row = conn.execute(SQL_CLAIM_CANDIDATE, dict(
-                    run_id=self.run_id, lease=self.lease, since=self.since)).fetchone()
-                if row is None:
-                    return None
-                range_no, lo, hi, medium_hash, ino_lo, ino_hi, status, stale = row
-                if not conn.execute(SQL_TRY_LOCK, (self.run_id, range_no)).fetchone()[0]:
+                candidates = conn.execute(SQL_CLAIM_CANDIDATE, dict(
+                    run_id=self.run_id, lease=self.lease, since=self.since, candidates=CLAIM_CANDIDATES)).fetchall()
+                for range_no, lo, hi, medium_hash, ino_lo, ino_hi, status, stale in candidates:
+                    if conn.execute(SQL_TRY_LOCK, (self.run_id, range_no)).fetchone()[0]:
+                        locked = range_no
+                        break
                     # Held by a session that stopped heartbeating: end it; the
-                    # range is free for the next claim once it is gone.
+                    # range is free for a later claim once it is gone.
                     if stale:
                         self._terminate_holders(conn, range_no)
+                else:
                     return None
-                locked = range_no
                 if status == "running":
                     log.warning("taking over range %d of run %d (its worker is gone)", range_no, self.run_id)
                 attempt = conn.execute(SQL_TAKE_RANGE, dict(
