@@ -317,9 +317,14 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
         writer.close()
         live[reader] = process
 
+    forced = False
+
     def on_signal(signum, frame) -> None:
-        nonlocal stopping
+        nonlocal stopping, forced
+        if forced:
+            return  # a third signal while the workers are being killed: that is under way
         if stopping:
+            forced = True
             raise _ForcedStop()
         stopping = True
         stop_event.set()
