@@ -244,8 +244,12 @@ FOR UPDATE SKIP LOCKED
 CLAIM_CANDIDATES = 8
 SQL_TRY_LOCK = "SELECT pg_try_advisory_lock(%s::int, %s::int)"
 SQL_UNLOCK = "SELECT pg_advisory_unlock(%s::int, %s::int)"
+# Only relinker's own sessions (db.connect names them): another program
+# using two-int advisory locks in this database may hold the same keys, and
+# must never be terminated for a stale range of ours.
 SQL_LOCK_HOLDERS = """
 SELECT l.pid FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid AND a.application_name = %s
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.classid = %s::bigint::oid AND l.objid = %s::oid AND l.pid <> pg_backend_pid()
@@ -393,7 +397,7 @@ class CheckpointStore:
         return Range(self.run_id, range_no, lo, hi, medium_hash, ino_lo, ino_hi, attempt)
 
     def _terminate_holders(self, conn: psycopg.Connection, range_no: int) -> None:
-        for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (self.run_id, range_no)).fetchall():
+        for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (db.APPLICATION_NAME, self.run_id, range_no)).fetchall():
             log.warning("range %d: heartbeat older than %.0fs, terminating stalled session %d",
                         range_no, self.lease, pid)
             try:

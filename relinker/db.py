@@ -30,10 +30,15 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+#: What relinker's sessions are called in pg_stat_activity (and how a claim
+#: tells them from other programs' sessions).
+APPLICATION_NAME = "relinker"
+
+
 def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
     """Open a connection; psycopg errors propagate (workers retry them)."""
     return psycopg.connect(
-        dsn, autocommit=autocommit, application_name="relinker", connect_timeout=10
+        dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=10
     )
 
 

@@ -1,8 +1,10 @@
 """The claim protocol, one session at a time: what a worker gets when it asks for a range."""
 
+import time
+
 import psycopg
 
-from relinker import checkpoint
+from relinker import checkpoint, db
 
 
 def new_run(world, n_ranges):
@@ -49,3 +51,40 @@ def test_a_claim_with_every_open_range_locked_elsewhere_gets_nothing_yet(world):
         assert store.claim().range_no == 0
     finally:
         store.close()
+
+
+def make_stale(world, run_id, range_no):
+    world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'stalled:1', "
+                       "heartbeat_at = now() - interval '1 hour' WHERE run_id = %s AND range_no = %s",
+                       (run_id, range_no))
+
+
+def alive(world, pid) -> bool:
+    return world.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 1
+
+
+def test_a_stale_range_is_freed_by_ending_relinkers_session_never_another_programs(world):
+    """Two-int advisory locks are shared by every program of the database: only relinker's holders are ended."""
+    run_id = new_run(world, 2)
+    make_stale(world, run_id, 0)
+    make_stale(world, run_id, 1)
+    store = store_for(world, run_id)
+    with psycopg.connect(world.dsn, autocommit=True, application_name="another-program") as foreign, \
+            db.connect(world.dsn, autocommit=True) as stalled:
+        foreign.execute(checkpoint.SQL_TRY_LOCK, (run_id, 0))
+        stalled.execute(checkpoint.SQL_TRY_LOCK, (run_id, 1))
+        try:
+            assert store.claim() is None  # both locked; the stalled relinker session is ended
+            wait_until(lambda: not alive(world, stalled.info.backend_pid))
+            assert alive(world, foreign.info.backend_pid)
+            assert store.claim().range_no == 1
+        finally:
+            store.close()
+        assert alive(world, foreign.info.backend_pid)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
