@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import secrets
 import stat
 from typing import Callable
 
@@ -36,7 +37,7 @@ from relinker.checkpoint import Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
-from relinker.paths import by_hash_relpath, display, source_candidates
+from relinker.paths import by_hash_relpath, display, medium_mount, source_candidates
 from relinker.pool import RangeContext, WorkSpec
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,21 @@ WHERE b.blobid = c.blobid
 """
 
 
-class SourceProblem(Exception):
-    """The inode's content could not be read as catalogued."""
+class InodeProblem(Exception):
+    """An inode that cannot be stored: recorded as a problem; the inode stays not created."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+
+
+class SourceProblem(InodeProblem):
+    """The inode's content could not be read as catalogued."""
+
+
+class ByHashProblem(InodeProblem):
+    """Something that is not this content's file holds its by-hash name (never replaced)."""
 
 
 @dataclasses.dataclass
@@ -119,7 +128,6 @@ class ByHashStore:
     def __init__(self, root: bytes):
         self.root = root
         self._made: set[bytes] = set()
-        self._temp_counter = itertools.count()
         self.use_tmpfile = self._tmpfile_works()
         self.touched_directories: set[bytes] = set()
 
@@ -170,6 +178,8 @@ class ByHashStore:
             blobid = hasher.hexdigest()
             final = self.root + b"/" + by_hash_relpath(blobid)
             written = self._link_into_place(temp_fd, temp_name, final)
+            if not written:
+                _check_existing(final, size)
             return Stored(blobid, final, written, size)
         finally:
             os.close(temp_fd)
@@ -204,8 +214,14 @@ class ByHashStore:
             return os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), None
         directory = self.root + b"/" + TEMP_DIRECTORY
         self._mkdir(directory)
-        name = b"%s/%d-%d" % (directory, os.getpid(), next(self._temp_counter))
-        return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), name
+        while True:
+            # Random, not pid-numbered: a worker killed mid-copy leaves its
+            # temporary behind, and pids come round again.
+            name = b"%s/%d-%s" % (directory, os.getpid(), secrets.token_hex(8).encode())
+            try:
+                return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), name
+            except FileExistsError:
+                continue
 
     def _directories_for(self, level2: bytes) -> None:
         if level2 not in self._made:
@@ -230,6 +246,22 @@ class ByHashStore:
             finally:
                 os.close(fd)
         self.touched_directories.clear()
+
+
+def _check_existing(final: bytes, size: int) -> None:
+    """An entry already under a by-hash name must be a regular file of the content's size.
+
+    A leftover of some other tool (truncated, a symlink, a directory) is
+    never linked to and never replaced: a problem for a person to look at.
+    """
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        raise ByHashProblem("bad-by-hash", f"{display(final)} vanished while it was being stored") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ByHashProblem("bad-by-hash", f"{display(final)} is not a regular file (kept)")
+    if st.st_size != size:
+        raise ByHashProblem("bad-by-hash", f"{display(final)} has {st.st_size} bytes, the content {size} (kept)")
 
 
 class CopyWork:
@@ -263,6 +295,7 @@ class CopyWork:
         counters = ctx.counters
         inos, inode_blobids, error_inos, errors = [], [], [], []
         touched: dict[str, bytes] = {}
+        mounted = os.path.isdir(medium_mount(r.medium_hash, self.remaps))
         for ino, size, paths in self._inodes(r):
             ctx.tick()
             if self.spec.dry_run:
@@ -275,8 +308,8 @@ class CopyWork:
                 # A tick per chunk: the range's heartbeat must go on while one
                 # large file is read (gigabytes from a slow medium take longer
                 # than the lease), or another worker takes the range over.
-                stored = self._copy(r.medium_hash, paths, size, ctx.tick)
-            except SourceProblem as exc:
+                stored = self._copy(r.medium_hash, mounted, paths, size, ctx.tick)
+            except InodeProblem as exc:
                 ctx.problem(exc.kind, exc.detail, path=paths[0])
                 error_inos.append(ino)
                 errors.append(f"relinker copy: {exc.kind}: {exc.detail}")
@@ -302,7 +335,7 @@ class CopyWork:
             # same by-hash file: holding the blob rows while reading the link
             # count makes the last commit carry the latest count.
             conn.execute(SQL_LOCK_BLOBS, params)
-            params["links"] = [os.stat(touched[b]).st_nlink - 1 for b in count_blobids]
+            params["links"] = [os.lstat(touched[b]).st_nlink - 1 for b in count_blobids]
             conn.execute(SQL_MARK_INODES, params)
             conn.execute(SQL_MARK_PATHS, params)
             if error_inos:
@@ -311,11 +344,15 @@ class CopyWork:
 
         return finalize
 
-    def _copy(self, medium_hash: str, paths: list[bytes], size: int | None, on_chunk: Callable[[], None]) -> Stored:
-        """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.store."""
+    def _copy(self, medium_hash: str, mounted: bool, paths: list[bytes], size: int | None,
+              on_chunk: Callable[[], None]) -> Stored:
+        """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.store.
+
+        ``mounted``: whether the medium's mount directory is there (see source_candidates).
+        """
         failures = []
         for stored_path in paths:
-            for candidate in source_candidates(stored_path, medium_hash, self.remaps):
+            for candidate in source_candidates(stored_path, medium_hash, self.remaps, mounted):
                 try:
                     fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
                 except OSError as exc:
@@ -332,7 +369,7 @@ class CopyWork:
         raise SourceProblem("source-unreadable", "; ".join(failures[:3]) or "no source path")
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> None:
-        st = os.stat(stored.path)
+        st = os.lstat(stored.path)
         tally = new_tally()
 
         def problem(path: bytes, kind: str, detail: str) -> None:

@@ -96,22 +96,32 @@ def parse_source_prefix(option: str) -> tuple[bytes, bytes]:
     return os.fsencode(old).rstrip(b"/"), os.fsencode(new).rstrip(b"/")
 
 
-def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, bytes]] = ()) -> list[bytes]:
+def medium_mount(medium_hash: str, remaps: list[tuple[bytes, bytes]] = ()) -> bytes:
+    """Where the medium is mounted now: its NTT mount, moved by the first matching ``remaps``."""
+    return _remap(NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace"), remaps)
+
+
+def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, bytes]] = (),
+                      medium_mounted: bool = True) -> list[bytes]:
     """Where the content of a catalogued path may be read now, most likely first.
 
     Stored paths come in three forms: the full mount path
     (``/mnt/ntt/<medium>/file``), a path relative to the medium's mount with a
     leading slash (``/file``), and a legacy form with a partition prefix
-    (``p5:/mnt/ntt/<medium>/p5/file``). The path as stored (prefix removed)
-    comes first, then the same path under the medium's mount. ``remaps``
-    (``--source-prefix OLD=NEW``) move a prefix to where the medium is mounted
-    now; the first matching one applies.
+    (``p5:/mnt/ntt/<medium>/p5/file``). A path under the mount is read there;
+    any other path is read under the mount first, and as it is only when the
+    medium is not mounted (``medium_mounted`` false: a tree catalogued where
+    it lies, as ``relinker scan`` does). While the medium is there, ``/etc/hostname``
+    is the disk's, never this machine's. ``remaps`` (``--source-prefix
+    OLD=NEW``) move a prefix to where the medium is mounted now; the first
+    matching one applies.
     """
     path = _LEGACY_PARTITION_PREFIX.sub(b"", stored)
     mount = NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace")
-    candidates = [path]
-    if path != mount and not path.startswith(mount + b"/"):
-        candidates.append(mount + path)
+    if path == mount or path.startswith(mount + b"/"):
+        candidates = [path]
+    else:
+        candidates = [mount + path] if medium_mounted else [mount + path, path]
     return list(dict.fromkeys(_remap(c, remaps) for c in candidates))
 
 

@@ -11,6 +11,7 @@ import pytest
 from relinker import scan
 from relinker.cli import main
 from relinker.copy import ByHashStore, SourceProblem
+from relinker.paths import by_hash_path, source_candidates
 from processes import finish, kill_group, range_states, start, wait_for
 
 
@@ -113,6 +114,88 @@ def test_source_prefix_reads_a_medium_mounted_elsewhere(world, capsys, tree, tmp
     assert code == 0 and summary["blobs"] == 5
     # the archive keeps the catalogued path
     assert os.path.exists(world.archive_path(os.fsencode(tree) + b"/docs/notes.txt"))
+
+
+def test_sources_of_each_path_form_most_likely_first():
+    """Pure path logic: where copy looks for the content of a catalogued path."""
+    m = "0123abcd"
+    mount = b"/mnt/ntt/" + m.encode()
+    assert source_candidates(mount + b"/p5/f", m) == [mount + b"/p5/f"]
+    assert source_candidates(b"p5:" + mount + b"/p5/f", m) == [mount + b"/p5/f"]  # legacy prefix dropped
+    # The relative form is the medium's: while it is mounted, never this machine's file of that name.
+    assert source_candidates(b"/etc/hostname", m, medium_mounted=True) == [mount + b"/etc/hostname"]
+    # No medium mounted: a tree catalogued where it lies (relinker scan).
+    assert source_candidates(b"/srv/tree/f", m, medium_mounted=False) == [mount + b"/srv/tree/f", b"/srv/tree/f"]
+    moved = [(mount, b"/media/usb"), (b"/srv/tree", b"/data/tree")]
+    assert source_candidates(b"/etc/hostname", m, moved) == [b"/media/usb/etc/hostname"]
+    assert source_candidates(b"/srv/tree/f", m, moved, medium_mounted=False) == [
+        b"/media/usb/srv/tree/f", b"/data/tree/f"]
+
+
+def test_a_relative_path_is_read_from_the_mounted_medium_not_from_this_machine(world, capsys, tmp_path):
+    """``/etc/version`` of a disk is the disk's: the machine's own file of that name is never read."""
+    medium = world.medium("system-disk")
+    mount = tmp_path / "mounted-medium"
+    here = tmp_path / "this-machine"
+    # The catalogued path also exists on this machine (here, under tmp_path), with the same size.
+    stored = os.fsencode(here / "etc" / "version")
+    (here / "etc").mkdir(parents=True)
+    (here / "etc" / "version").write_bytes(b"12.4\n")
+    on_medium = os.fsencode(mount) + stored
+    os.makedirs(os.path.dirname(on_medium))
+    with open(on_medium, "wb") as f:
+        f.write(b"12.5\n")
+    ino = world.inode(medium, [stored], None)
+    world.conn.execute("UPDATE inode SET size = 5 WHERE ino = %s", (ino,))
+    code, summary = copy(world, capsys, "--source-prefix", f"/mnt/ntt/{medium}={mount}")
+    assert code == 0, summary
+    blobid = world.conn.execute("SELECT blobid FROM inode WHERE ino = %s", (ino,)).fetchone()[0]
+    assert blobid == blake3.blake3(b"12.5\n").hexdigest()
+
+
+@pytest.mark.parametrize("left_there", ["truncated", "symlink", "directory"])
+def test_an_entry_under_a_by_hash_name_that_is_not_the_content_is_a_problem_and_kept(
+        world, capsys, tmp_path, left_there):
+    """Something else under the content's by-hash name is never linked to, never replaced."""
+    source = tmp_path / "disk"
+    source.mkdir()
+    content = b"important data " * 1000
+    (source / "f").write_bytes(content)
+    entry = by_hash_path(world.by_hash_root, blake3.blake3(content).hexdigest())
+    os.makedirs(os.path.dirname(entry))
+    if left_there == "truncated":
+        with open(entry, "wb") as f:
+            f.write(content[:100])
+    elif left_there == "symlink":
+        (tmp_path / "elsewhere").write_bytes(content)
+        os.symlink(tmp_path / "elsewhere", entry)
+    else:
+        os.mkdir(entry)
+    before = os.lstat(entry)
+    scan.scan_tree(world.conn, "disk", os.fsencode(source))
+    code, summary = copy(world, capsys)
+    assert code == 1 and summary["problems_by_kind"] == {"bad-by-hash": 1}
+    assert os.lstat(entry).st_ino == before.st_ino and os.lstat(entry).st_size == before.st_size
+    assert not os.path.lexists(world.archive_path(os.fsencode(source / "f")))
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (0,)
+
+
+def test_named_temporaries_never_collide_with_a_killed_workers_leftovers(tmp_path, monkeypatch):
+    """Where O_TMPFILE is missing, temporaries are named: a leftover with this pid's old name is no obstacle."""
+    monkeypatch.setattr(ByHashStore, "_tmpfile_works", lambda self: False)
+    root = tmp_path / "by-hash"
+    (root / ".relinker-tmp").mkdir(parents=True)
+    for n in range(3):
+        (root / ".relinker-tmp" / f"{os.getpid()}-{n}").write_bytes(b"left by a killed worker with this pid")
+    source = tmp_path / "source"
+    source.write_bytes(b"x")
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        stored = ByHashStore(os.fsencode(root)).store(fd, 1)
+    finally:
+        os.close(fd)
+    assert stored.written and open(stored.path, "rb").read() == b"x"
+    assert len(os.listdir(root / ".relinker-tmp")) == 3  # its own temporary is gone
 
 
 def test_source_changing_while_read_is_detected(tmp_path):
