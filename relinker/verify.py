@@ -10,6 +10,7 @@ every failure is a problem row of a ``verify`` run, with blob and path.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import secrets
@@ -74,7 +75,7 @@ class VerifyResult:
     """What a verify run found."""
 
     selection: str
-    run_id: int
+    run_id: int | None = None  # the verify run, recorded once every blob is checked
     checked: int = 0
     passed: int = 0
     links_ok: int = 0
@@ -140,10 +141,12 @@ def select_blobs(conn: psycopg.Connection, selection: str, count: int) -> list[s
 
 def verify(conn: psycopg.Connection, blobids: list[str], *, selection: str, by_hash_root: bytes,
            archive_root: bytes, rehash: bool) -> VerifyResult:
-    """Check ``blobids``; record failures as problems of a new verify run."""
-    run_id = checkpoint.create_run(conn, "verify", by_hash_root, archive_root,
-                                   {"selection": selection, "count": len(blobids), "hash": rehash}, [("", None)])
-    result = VerifyResult(selection, run_id)
+    """Check ``blobids``; record failures as problems of a new verify run.
+
+    The run is created with its results, in one transaction: a verify
+    stopped half way (Ctrl-C, a lost connection) leaves no run behind.
+    """
+    result = VerifyResult(selection)
     known = {b for (b,) in conn.execute(SQL_KNOWN, (blobids,))}
     passed = []
     with ArchiveLinker(archive_root, dry_run=True) as linker:
@@ -161,6 +164,9 @@ def verify(conn: psycopg.Connection, blobids: list[str], *, selection: str, by_h
                 passed.append(blobid)
     result.passed = len(passed)
     with conn.transaction():
+        run_id = result.run_id = checkpoint.create_run(
+            conn, "verify", by_hash_root, archive_root,
+            {"selection": selection, "count": len(blobids), "hash": rehash}, [("", None)])
         conn.execute(SQL_CHECKED, (passed,))
         for f in result.failures:
             conn.execute(SQL_PROBLEM, (run_id, f.blobid, f.path, f.kind, f.detail))
@@ -191,8 +197,12 @@ def _check_blob(conn, linker: ArchiveLinker, blobid: str, by_hash_root: bytes, r
     if sizes and st.st_size not in sizes:
         failures.append(Failure(blobid, "size-mismatch",
                                 f"by-hash file has {st.st_size} bytes, catalogue says {sorted(sizes)}", source))
-    if rehash and _rehash(source) != blobid:
-        failures.append(Failure(blobid, "content-mismatch", "content does not hash to its blob ID", source))
+    if rehash:
+        try:
+            if _rehash(source) != blobid:
+                failures.append(Failure(blobid, "content-mismatch", "content does not hash to its blob ID", source))
+        except OSError as exc:
+            failures.append(Failure(blobid, "content-unreadable", exc.strerror, source))
     linked = 0
     for path in dict.fromkeys(bytes(p) for _, p in rows):
         try:
@@ -224,6 +234,8 @@ def _rehash(path: bytes) -> str:
 def blob_ids_from(file_argument: str) -> list[str]:
     """IDs from ``--from-file FILE`` (``-`` for stdin)."""
     if file_argument == "-":
-        return read_blob_ids(sys.stdin)
+        # Bytes that are not UTF-8 read as U+FFFD, as from a file: such a
+        # line is an unknown blob, never a string the database cannot take.
+        return read_blob_ids(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
     with open(file_argument, encoding="utf-8", errors="replace") as f:
         return read_blob_ids(f)

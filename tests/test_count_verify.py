@@ -9,6 +9,7 @@ import pytest
 from relinker import verify as verify_module
 from relinker.cli import main
 from relinker.paths import by_hash_path
+from support import obeying_file_permissions
 
 
 def run(world, capsys, command, *args):
@@ -108,10 +109,35 @@ def test_verify_all_good_sets_last_checked(linked, capsys):
 
 
 def test_verify_reads_ids_from_stdin(linked, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO(linked.blobs["a"] + "\n" + "f" * 64 + "\n"))
+    """Whatever comes in: a line that is not UTF-8 is an unknown blob, like any other stranger."""
+    stdin = linked.blobs["a"].encode() + b"\n" + b"f" * 64 + b"\n\xff\xfe\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="ascii"))
     code, result = run(linked, capsys, "verify", "--from-file", "-")
-    assert code == 1 and result["checked"] == 2
-    assert [f["kind"] for f in result["failures"]] == ["unknown-blob"]
+    assert code == 1 and result["checked"] == 3
+    assert [f["kind"] for f in result["failures"]] == ["unknown-blob", "unknown-blob"]
+
+
+def test_verify_hash_of_an_unreadable_by_hash_file_is_a_failure(linked):
+    b = linked.blobs["b"]
+    os.chmod(by_hash_path(linked.by_hash_root, b), 0)
+    with obeying_file_permissions():  # the catalogue's connection is already open
+        result = verify_module.verify(linked.conn, sorted(linked.blobs.values()), selection="from-file",
+                                      by_hash_root=linked.by_hash_root, archive_root=linked.archive_root,
+                                      rehash=True)
+    assert result.passed == 2
+    assert [(f.blobid, f.kind) for f in result.failures] == [(b, "content-unreadable")]
+
+
+def test_a_verify_that_stops_half_way_leaves_no_run(linked, monkeypatch):
+    """The run and its findings are written together: nothing half-done shows in psql."""
+    def lost_connection(*args):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(verify_module, "_check_blob", lost_connection)
+    with pytest.raises(KeyboardInterrupt):
+        verify_module.verify(linked.conn, list(linked.blobs.values()), selection="never",
+                             by_hash_root=linked.by_hash_root, archive_root=linked.archive_root, rehash=False)
+    assert linked.conn.execute("SELECT count(*) FROM relinker_run WHERE mode = 'verify'").fetchone() == (0,)
 
 
 def test_read_blob_ids_ignores_comments_and_blanks():
