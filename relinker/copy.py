@@ -79,8 +79,12 @@ UPDATE path AS p SET blobid = c.blobid
 FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
 WHERE p.medium_hash = %(medium)s AND p.ino = c.ino AND p.blobid IS DISTINCT FROM c.blobid
 """
+# A rerun that meets the same trouble does not add the same line again.
 SQL_INODE_ERRORS = """
-UPDATE inode AS i SET errors = array_append(coalesce(i.errors, '{}'), c.error), processed_at = now()
+UPDATE inode AS i
+SET errors = CASE WHEN c.error = ANY(coalesce(i.errors, '{}')) THEN i.errors
+                  ELSE array_append(coalesce(i.errors, '{}'), c.error) END,
+    processed_at = now()
 FROM unnest(%(error_inos)s::bigint[], %(errors)s::text[]) AS c(ino, error)
 WHERE i.medium_hash = %(medium)s AND i.ino = c.ino
 """
@@ -203,6 +207,10 @@ class ByHashStore:
             else:
                 os.link(temp_name, os.path.basename(final), dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
+            # Someone else's name (another worker, an earlier run that may
+            # have crashed before its sync): durable before the catalogue
+            # relies on it, all the same.
+            self.touched_directories.add(directory)
             return False
         finally:
             os.close(dir_fd)
@@ -225,17 +233,21 @@ class ByHashStore:
 
     def _directories_for(self, level2: bytes) -> None:
         if level2 not in self._made:
-            self._mkdir(os.path.dirname(level2))
-            self._mkdir(level2)
+            for directory in (os.path.dirname(level2), level2):
+                if self._mkdir(directory):
+                    # A new directory's own name lives in its parent.
+                    self.touched_directories.add(os.path.dirname(directory))
             self._made.add(level2)
 
     @staticmethod
-    def _mkdir(path: bytes) -> None:
+    def _mkdir(path: bytes) -> bool:
+        """Make the directory if it is not there; whether it was made now."""
         try:
             os.mkdir(path, DIRECTORY_MODE)
             os.chmod(path, DIRECTORY_MODE)  # whatever the umask
         except FileExistsError:
-            pass
+            return False
+        return True
 
     def sync_directories(self) -> None:
         """Make new by-hash names durable before the catalogue says they exist."""

@@ -104,6 +104,12 @@ def test_unreadable_and_changed_sources_are_problems(world, capsys, tree):
     assert len(errors) == 3
     assert all(e[0].startswith("relinker copy: source-") for e in errors.values())
     assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (2,)
+    # A rerun meets the same trouble: the same lines, not a second copy of each.
+    assert copy(world, capsys, "--new")[0] == 1
+    again = dict(world.conn.execute(
+        "SELECT p.path, i.errors FROM inode i JOIN path p USING (medium_hash, ino) "
+        "WHERE cardinality(i.errors) > 0").fetchall())
+    assert again == errors
 
 
 def test_source_prefix_reads_a_medium_mounted_elsewhere(world, capsys, tree, tmp_path):
@@ -178,6 +184,28 @@ def test_an_entry_under_a_by_hash_name_that_is_not_the_content_is_a_problem_and_
     assert os.lstat(entry).st_ino == before.st_ino and os.lstat(entry).st_size == before.st_size
     assert not os.path.lexists(world.archive_path(os.fsencode(source / "f")))
     assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (0,)
+
+
+def test_a_new_by_hash_name_and_the_directories_made_for_it_are_synced(tmp_path):
+    """Before the catalogue says a content is stored, its name and the names of new directories are durable."""
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    source = tmp_path / "source"
+    source.write_bytes(b"content")
+    for store, expected in ((ByHashStore(os.fsencode(root)), "the name, ab/cd in ab, ab in the root"),
+                            (ByHashStore(os.fsencode(root)), "an existing name: its directory")):
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            stored = store.store(fd, None)
+        finally:
+            os.close(fd)
+        leaf = os.path.dirname(stored.path)
+        if stored.written:
+            assert store.touched_directories == {leaf, os.path.dirname(leaf), os.fsencode(root)}, expected
+        else:
+            assert store.touched_directories == {leaf}, expected
+        store.sync_directories()
+        assert store.touched_directories == set()
 
 
 def test_named_temporaries_never_collide_with_a_killed_workers_leftovers(tmp_path, monkeypatch):
