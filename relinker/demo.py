@@ -31,6 +31,9 @@ MEDIUM = "python-stdlib"
 EXCLUDE = [b"site-packages", b"dist-packages"]
 BROKEN_SHARE = 0.25
 STALE_COPIES = 10
+#: A tree with fewer files tells no story (and cannot lose a quarter of its
+#: links plus STALE_COPIES stale ones).
+MIN_FILES = 2 * STALE_COPIES
 SEED = 20261125
 
 
@@ -50,23 +53,25 @@ class Step:
 
 
 def run_demo(directory: str, source: str | None, keep: bool, settings: Settings, workers: int) -> int:
-    """Run the demo; return the exit code."""
+    """Run the demo; return the exit code.
+
+    Always on an embedded PostgreSQL of its own: a catalogue named by
+    --db-url, RELINKER_DB_URL or a config file (say, production's) is never
+    touched, whatever the settings say.
+    """
     root = os.path.abspath(directory)
     source = os.path.abspath(source or default_source())
     if not os.path.isdir(source):
         raise UserError(f"--source {source} is not a directory")
+    if _count_files(source, MIN_FILES) < MIN_FILES:
+        raise UserError(f"--source {source} has fewer than {MIN_FILES} files: too few for the demo")
     _prepare(root)
     by_hash, archive = os.path.join(root, "by-hash"), os.path.join(root, "archive")
     os.makedirs(by_hash)
     os.makedirs(archive)
     step = Step()
-    server = None
-    if settings.db_url:
-        dsn = settings.db_url
-        print(f"relinker demo in {root}, catalogue {settings.db_url!r} (from your configuration)")
-    else:
-        server, dsn = _start_embedded(root, keep)
-        print(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
+    server, dsn = _start_embedded(root, keep)
+    print(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
     progress = sys.stderr.isatty()
     demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
                                archive_root=os.fsencode(archive))
@@ -74,9 +79,19 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
         code = _story(step, demo, source, workers, progress)
         _explain_psql(step, dsn, server, keep, root)
     finally:
-        if server is not None and not keep:
+        if not keep:
             server.cleanup()
     return code
+
+
+def _count_files(tree: str, enough: int) -> int:
+    """Regular files below ``tree``, counted up to ``enough``."""
+    found = 0
+    for _directory, _dirs, names in os.walk(tree):
+        found += len(names)
+        if found >= enough:
+            break
+    return found
 
 
 def _prepare(root: str) -> None:
@@ -167,8 +182,8 @@ def _break_archive(archive_root: bytes) -> tuple[int, int]:
 def _explain_psql(step: Step, dsn: str, server, keep: bool, root: str) -> None:
     step("look around in psql")
     params = conninfo_to_dict(dsn)
-    bin_dir = _server_bin_dir() if server is not None else None
-    psql = os.path.join(bin_dir, "psql") if bin_dir else "psql"
+    bin_dir = _server_bin_dir()
+    psql = os.path.join(bin_dir, "psql")
     target = " ".join(f"{k}={v}" for k, v in params.items() if k in ("host", "port", "dbname", "user") and v)
     print(f'  {psql} "{target}"')
     for query in ("SELECT * FROM relinker_run_progress;",
@@ -176,8 +191,6 @@ def _explain_psql(step: Step, dsn: str, server, keep: bool, root: str) -> None:
                   "SELECT * FROM relinker_problem_kinds;",
                   "SELECT run_id, kind, encode(path, 'escape') AS path, detail FROM relinker_problem LIMIT 20;"):
         print(f"      {query}")
-    if server is None:
-        return
     if not keep:
         print("  (the embedded server stops now; `relinker demo --keep` leaves it running for psql)")
         return

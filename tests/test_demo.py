@@ -4,13 +4,21 @@ import os
 import subprocess
 import sys
 
+import psycopg
 
 from processes import NEUTRAL_DIRECTORY
 
 
-def demo(*args):
+def demo(*args, env=None):
     return subprocess.run([sys.executable, "-m", "relinker", "demo", *args], capture_output=True, text=True,
-                          cwd=NEUTRAL_DIRECTORY, timeout=300)
+                          cwd=NEUTRAL_DIRECTORY, timeout=300, env=env)
+
+
+def small_tree(root, files=30):
+    (root / "a").mkdir(parents=True)
+    for i in range(files):
+        (root / "a" / f"f{i}").write_bytes(b"content %d" % (i % 7))
+    return root
 
 
 def test_demo_runs_twice_on_the_standard_library(tmp_path):
@@ -26,10 +34,7 @@ def test_demo_runs_twice_on_the_standard_library(tmp_path):
 
 
 def test_demo_on_another_tree_keeps_the_server_when_asked(tmp_path):
-    source = tmp_path / "src"
-    (source / "a").mkdir(parents=True)
-    for i in range(30):
-        (source / "a" / f"f{i}").write_bytes(b"content %d" % (i % 7))
+    source = small_tree(tmp_path / "src")
     result = demo(str(tmp_path / "d"), "--source", str(source), "--keep", "--workers", "1")
     try:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -51,3 +56,22 @@ def test_demo_refuses_a_directory_that_is_not_its_own(tmp_path):
     assert result.returncode == 2
     assert "not a relinker demo directory" in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "mine"
+
+
+def test_demo_never_touches_the_configured_catalogue(tmp_path, catalogue_url):
+    """RELINKER_DB_URL (or a config file) may name production's catalogue: the demo keeps to its own server."""
+    with psycopg.connect(catalogue_url) as conn:
+        before = conn.execute("SELECT (SELECT count(*) FROM medium), (SELECT count(*) FROM relinker_run)").fetchone()
+    env = dict(os.environ, RELINKER_DB_URL=catalogue_url)
+    result = demo(str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src")), "--workers", "1", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "with an embedded PostgreSQL" in result.stdout
+    with psycopg.connect(catalogue_url) as conn:
+        after = conn.execute("SELECT (SELECT count(*) FROM medium), (SELECT count(*) FROM relinker_run)").fetchone()
+    assert after == before == (0, 0)
+
+
+def test_demo_on_a_tree_too_small_says_so(tmp_path):
+    result = demo(str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src", files=5)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "fewer than 20 files" in result.stderr
