@@ -7,6 +7,7 @@ name, its ``RangeWork`` class and a planner that splits its work into ranges.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import stat
@@ -164,17 +165,44 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
     if not request.new:
         run = checkpoint.newest_open_run(conn, mode.name, by_hash_root, archive_root)
         if run is not None:
+            _refuse_another_scope(mode, run, request.options)
             log.warning("resuming run %d (started earlier, same roots); use --new for a fresh run", run.run_id)
             _warn_changed_options(run, request.options)
             return run
+    # What was asked, before planning resolves it (a medium's name to its
+    # hash, --limit to an upper blob ID): what a later plain resume compares.
+    spec.options[REQUESTED] = json.loads(json.dumps(request.options))
     bounds = mode.plan(conn, spec.options, request.workers, request.ranges)
     run_id = checkpoint.create_run(conn, mode.name, by_hash_root, archive_root, spec.options, bounds)
     log.info("planned run %d: %d ranges", run_id, len(bounds))
     return checkpoint.get_run(conn, run_id)
 
 
+#: Key of a run's options holding the options it was asked for.
+REQUESTED = "requested"
+
+
+def _refuse_another_scope(mode: Mode, run: RunInfo, requested: dict) -> None:
+    """A plain command resumes the newest unfinished run only if it was asked for the same work.
+
+    ``relink --limit 5``, interrupted, must not be finished by a later plain
+    ``relink`` and reported complete over five blobs.
+    """
+    planned_with = run.options.get(REQUESTED)
+    if planned_with is None:  # planned before runs kept what they were asked
+        return
+    asked = json.loads(json.dumps(requested))
+    if planned_with != asked:
+        differ = ", ".join(f"{key} {planned_with.get(key)!r} (now {asked.get(key)!r})"
+                           for key in sorted(set(planned_with) | set(asked))
+                           if planned_with.get(key) != asked.get(key))
+        raise UserError(f"the unfinished {mode.name} run {run.run_id} was asked for other work: {differ}; "
+                        f"resume it with `relinker {mode.name} --run {run.run_id}`, or start this one with --new")
+
+
 def _warn_changed_options(run: RunInfo, requested: dict) -> None:
-    changed = {k: v for k, v in requested.items() if run.options.get(k) != v}
+    planned_with = run.options.get(REQUESTED, run.options)
+    changed = {k: v for k, v in requested.items() if planned_with.get(k) != v}
     if changed:
         log.warning("run %d keeps the options it was planned with (%s); ignoring %s",
                     run.run_id, run.options, changed)

@@ -118,6 +118,24 @@ def test_n_hardlinks_exact_after_a_redo(small, capsys):
     small.assert_complete(run_id)
 
 
+def test_a_plain_resume_never_finishes_a_run_asked_for_other_work(small, capsys):
+    """An interrupted ``relink --limit 1`` is not what a later plain ``relink`` asks for."""
+    code, summary = relink(small, capsys, "--limit", "1")
+    run_id = summary["run_id"]
+    # as if it had been interrupted
+    small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (run_id,))
+    small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
+    assert main(small.argv("relink", "--json", "--workers", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"run {run_id} was asked for other work: limit 1 (now None)" in err
+    assert f"relinker relink --run {run_id}" in err and "--new" in err
+    assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (1,)  # nothing planned
+    code, summary = relink(small, capsys, "--limit", "1")  # the same request resumes it
+    assert code == 0 and summary["run_id"] == run_id
+    code, summary = relink(small, capsys)  # nothing unfinished: a new, whole run
+    assert code == 0 and summary["run_id"] != run_id and summary["links_present"] + summary["links_created"] == 5
+
+
 def counts(world):
     return {blobid: (n, expected) for blobid, n, expected in world.conn.execute(
         "SELECT blobid, n_hardlinks, expected_hardlinks FROM blobs")}
