@@ -115,17 +115,29 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: SQLSTATEs that go away if the same work is tried again on a fresh
+#: connection: serialization failure, deadlock, a lock not available, too many
+#: connections, the server shutting down, crashing or starting, a session
+#: ended for idling. Class 08 (connection exceptions) comes on top.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "53300", "57P01", "57P02", "57P03", "57P05", "25P03"})
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors that go away if the same work is tried again later.
 
-    Lost connections, server shutdown or restart, serialization failures and
-    deadlocks are all ``OperationalError`` in psycopg (class 08, 57P0x, 40xxx).
-    A cancelled query (statement_timeout, pg_cancel_backend) is not: retrying
-    it would repeat the same timeout forever.
+    A lost connection (no SQLSTATE: the client saw the socket go) and the
+    SQLSTATEs above. Everything else fails at once, even where psycopg
+    calls it operational: out of memory or of lock table space, disk full,
+    a cancelled query (statement_timeout) would fail the same way on every
+    try, and retrying each range for the whole retry timeout would stall a
+    run for hours.
     """
-    if isinstance(exc, psycopg.errors.QueryCanceled):
+    if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return False
-    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is None:
+        return True
+    return sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
 
 
 def retrying(timeout: float = DEFAULT_RETRY_TIMEOUT) -> tenacity.Retrying:

@@ -1,0 +1,41 @@
+"""Which database errors a worker retries: the ones that go away, never the ones that come back."""
+
+import psycopg
+import pytest
+
+from relinker import db
+
+
+def raised_by_the_server(conn, sqlstate):
+    """The error a real server raises with this SQLSTATE."""
+    with pytest.raises(psycopg.Error) as raised:
+        conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{sqlstate}'; END $$")
+    assert raised.value.sqlstate == sqlstate
+    return raised.value
+
+
+@pytest.mark.parametrize("sqlstate, transient", [
+    ("40001", True),   # serialization failure
+    ("40P01", True),   # deadlock
+    ("57P01", True),   # admin shutdown (a restart)
+    ("57P03", True),   # the server is starting
+    ("53300", True),   # too many connections
+    ("08006", True),   # connection failure
+    ("53200", False),  # out of memory, or of lock table space: the same on every try
+    ("53100", False),  # disk full
+    ("57014", False),  # statement_timeout: would repeat the same timeout
+    ("42P01", False),  # undefined table: a bug, not weather
+])
+def test_what_is_retried(conn, sqlstate, transient):
+    assert db.is_transient(raised_by_the_server(conn, sqlstate)) is transient
+
+
+def test_a_connection_lost_for_real_is_retried(db_url):
+    with psycopg.connect(db_url, autocommit=True) as victim, psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (victim.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError) as lost:
+            victim.execute("SELECT 1")
+        assert db.is_transient(lost.value)
+        with pytest.raises(psycopg.Error) as closed:  # and the closed connection after it
+            victim.execute("SELECT 1")
+        assert db.is_transient(closed.value)
