@@ -52,9 +52,11 @@ SQL_RECORD_MIGRATION = "INSERT INTO relinker_schema_migration (version, name) VA
 # An index whose key starts with the wanted columns, in order, that also
 # holds the wanted included columns (as key or INCLUDE columns), with no
 # predicate or expression, serves our lookups as well as our own would.
+# Name parts, not regclass text: that comes quoted ("Path_ByInode") and
+# would be quoted again as an identifier.
 SQL_EQUIVALENT_INDEX = """
-SELECT i.indexrelid::regclass::text, i.indisvalid
-FROM pg_index i
+SELECT i.indexrelid, i.indisvalid, n.nspname, c.relname
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE i.indrelid = to_regclass(%(table)s)
   AND i.indpred IS NULL AND i.indexprs IS NULL
   AND (SELECT array_agg(a.attname::text ORDER BY k.n)
@@ -72,8 +74,9 @@ SELECT c.oid, c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
 WHERE h.inhparent = to_regclass(%s) ORDER BY c.relname
 """
 SQL_INDEX_STATE = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)"
+SQL_INDEX_OID = "SELECT to_regclass(%s)::oid"
 SQL_INDEX_ATTACHED = """
-SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%(child)s) AND inhparent = to_regclass(%(parent)s)
+SELECT 1 FROM pg_inherits WHERE inhrelid = %(child)s::oid AND inhparent = to_regclass(%(parent)s)
 """
 
 
@@ -198,7 +201,7 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
     wanted = {"table": table, "columns": columns, "include": list(include)}
     existing = None if where_null else conn.execute(SQL_EQUIVALENT_INDEX, wanted).fetchone()
     if existing and existing[1]:
-        log.info("index on %s (%s) already exists: %s", table, ", ".join(columns), existing[0])
+        log.info("index on %s (%s) already exists: %s", table, ", ".join(columns), existing[3])
         return
     cols = sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
     if include:
@@ -216,15 +219,15 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
     for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
         child = None if where_null else conn.execute(SQL_EQUIVALENT_INDEX, dict(wanted, table=partition)).fetchone()
         if child and child[1]:
-            child_name = child[0]
+            child_oid, child_index = child[0], sql.Identifier(child[2], child[3])
         else:
             child_name = f"{name[:40]}_{_oid}"
             _build_concurrently(conn, child_name, partition, cols)
-        if not conn.execute(SQL_INDEX_ATTACHED, {"child": child_name, "parent": name}).fetchone():
+            child_oid = conn.execute(SQL_INDEX_OID, (child_name,)).fetchone()[0]
+            child_index = sql.Identifier(child_name)
+        if not conn.execute(SQL_INDEX_ATTACHED, {"child": child_oid, "parent": name}).fetchone():
             conn.execute(
-                sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
-                    sql.Identifier(name), sql.Identifier(child_name)
-                )
+                sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(sql.Identifier(name), child_index)
             )
 
 

@@ -34,8 +34,9 @@ CREATE TABLE inode_m1 PARTITION OF inode FOR VALUES IN ('m1');
 CREATE TABLE inode_m2 PARTITION OF inode FOR VALUES IN ('m2');
 CREATE TABLE path_m1 PARTITION OF path FOR VALUES IN ('m1');
 CREATE TABLE path_m2 PARTITION OF path FOR VALUES IN ('m2');
--- an index the operators built by hand on one partition: reused, not duplicated
-CREATE INDEX path_m2_by_inode ON path_m2 (medium_hash, ino);
+-- an index the operators built by hand on one partition (a name that needs
+-- quoting): reused, not duplicated
+CREATE INDEX "Path_M2_ByInode" ON path_m2 (medium_hash, ino);
 -- a plain blobid index does not cover what relinker reads: relinker adds its own
 CREATE INDEX inode_m1_by_blob ON inode_m1 (blobid);
 INSERT INTO inode (medium_hash, ino, fs_type, blobid) VALUES ('m1', 10, 'f', 'ab'), ('m2', 20, 'f', 'cd');
@@ -115,7 +116,7 @@ def test_migrate_existing_catalogue_twice(db_url, shape):
         assert paths == [b"/a/\\r", b"/\xff"]
         indexes = fingerprint(db_url)[1]
         assert "relinker_path_inode_idx" in indexes and "relinker_inode_blobid_idx" in indexes
-        assert "path_m2_by_inode" in indexes  # reused for partition m2 ...
+        assert "Path_M2_ByInode" in indexes  # reused for partition m2 ...
         assert indexes.count("relinker_path_inode_idx_") == 1  # ... so only m1 got a new one
         assert indexes.count("relinker_inode_blobid_idx_") == 2  # a plain blobid index does not cover
     else:
