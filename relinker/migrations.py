@@ -164,15 +164,33 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                 _apply_online(conn, migration.text)
                 conn.execute(SQL_RECORD_MIGRATION, (migration.version, migration.name))
             else:
-                with conn.transaction():
-                    conn.execute(migration.text)
-                    conn.execute(SQL_RECORD_MIGRATION, (migration.version, migration.name))
+                _apply_in_transaction(conn, migration)
             applied_now.append(f"{migration.version:04d}_{migration.name}")
         with conn.transaction():
             conn.execute(_read(VIEWS_FILE))
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     return applied_now
+
+
+#: How long an ordinary migration waits for a table lock (see _apply_in_transaction).
+LOCK_TIMEOUT = "10s"
+
+
+def _apply_in_transaction(conn: psycopg.Connection, migration: Migration) -> None:
+    # A DDL statement queued behind a long transaction (a copier's, a
+    # report's) blocks every later reader of that table while it waits: on
+    # a live catalogue, give up soon and say why instead.
+    try:
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+            conn.execute(migration.text)
+            conn.execute(SQL_RECORD_MIGRATION, (migration.version, migration.name))
+    except psycopg.errors.LockNotAvailable:
+        raise UserError(
+            f"migration {migration.version:04d}_{migration.name} waited {LOCK_TIMEOUT} for a table another "
+            "session holds (a long transaction: see pg_stat_activity); nothing was changed, run "
+            "`relinker migrate` again once it is over") from None
 
 
 def _apply_online(conn: psycopg.Connection, text: str) -> None:

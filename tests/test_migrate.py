@@ -179,3 +179,33 @@ def test_migrations_load_from_the_installed_package():
     found = migrations.available()
     assert [m.version for m in found] == sorted({m.version for m in found})
     assert found[0].version == 1 and any(m.online for m in found)
+
+
+def test_a_migration_behind_a_long_transaction_gives_up_with_one_line(db_url, capsys, monkeypatch):
+    """DDL waiting for a lock would block every later reader of the table: it waits LOCK_TIMEOUT, no more."""
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT", "300ms")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(OLD_SHAPE)  # no by_hash_created: migration 0001 must alter inode
+    with psycopg.connect(db_url) as long_reader:
+        long_reader.execute("SELECT count(*) FROM inode").fetchone()  # holds its lock until it ends
+        assert main(["--db-url", db_url, "migrate"]) == 2
+        err = capsys.readouterr().err
+        assert "migration 0001_hardlink_tracking waited 300ms" in err and "Traceback" not in err
+    assert main(["--db-url", db_url, "migrate"]) == 0  # once the reader is gone
+
+
+def test_hardlink_columns_already_there_take_no_lock(db_url, capsys, monkeypatch):
+    """Production has the seed's columns: migrating it must not queue behind its readers on inode and blobs."""
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT", "300ms")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        conn.execute("ALTER TABLE inode ADD COLUMN by_hash_created boolean DEFAULT false; "
+                     "ALTER TABLE blobs ADD COLUMN n_hardlinks integer DEFAULT 0, "
+                     "ADD COLUMN expected_hardlinks integer")
+    with psycopg.connect(db_url) as long_reader, psycopg.connect(db_url, autocommit=True) as conn:
+        long_reader.execute("SELECT count(*) FROM inode, blobs").fetchone()  # holds its locks until it ends
+        conn.execute(migrations.SQL_CREATE_MIGRATION_TABLE)
+        hardlink_tracking = migrations.available()[0]
+        assert hardlink_tracking.name == "hardlink_tracking"
+        migrations._apply_in_transaction(conn, hardlink_tracking)  # would give up after 300ms if it waited
+        assert migrations.applied_versions(conn) == [1]
