@@ -17,6 +17,7 @@ import importlib.resources
 import logging
 import pathlib
 import re
+import time
 
 import psycopg
 from psycopg import sql
@@ -147,7 +148,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
     ordinary migration gets its own transaction.
     """
     applied_now: list[str] = []
-    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK_KEY,))
+    _wait_for_the_migrate_lock(conn)
     try:
         if base:
             with conn.transaction():
@@ -171,6 +172,22 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     return applied_now
+
+
+#: How often a migrate waiting for another one looks again (s).
+MIGRATE_LOCK_POLL = 0.5
+
+
+def _wait_for_the_migrate_lock(conn: psycopg.Connection) -> None:
+    # Polled, never a blocking pg_advisory_lock: a statement waiting for the
+    # lock holds a snapshot, and the running migrate's CREATE INDEX
+    # CONCURRENTLY waits for every snapshot older than its own: a deadlock.
+    waiting = False
+    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK_KEY,)).fetchone()[0]:
+        if not waiting:
+            log.warning("another relinker migrate is running: waiting for it")
+            waiting = True
+        time.sleep(MIGRATE_LOCK_POLL)
 
 
 #: How long an ordinary migration waits for a table lock (see _apply_in_transaction).

@@ -1,5 +1,8 @@
 """`relinker migrate` on both catalogue shapes, twice, and its errors."""
 
+import threading
+import time
+
 import psycopg
 import pytest
 
@@ -209,3 +212,28 @@ def test_hardlink_columns_already_there_take_no_lock(db_url, capsys, monkeypatch
         assert hardlink_tracking.name == "hardlink_tracking"
         migrations._apply_in_transaction(conn, hardlink_tracking)  # would give up after 300ms if it waited
         assert migrations.applied_versions(conn) == [1]
+
+
+def test_a_second_migrate_waits_for_the_first(db_url):
+    """Two migrates at once: the second waits (polling, so the first's concurrent builds never wait on it)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        migrations.migrate(conn, base=True)
+    with psycopg.connect(db_url, autocommit=True) as first, psycopg.connect(db_url, autocommit=True) as second:
+        first.execute("SELECT pg_advisory_lock(%s)", (migrations.MIGRATE_LOCK_KEY,))  # a migrate under way
+        done, states = [], []
+        waiting = threading.Thread(target=lambda: done.append(migrations.migrate(second)), daemon=True)
+        waiting.start()
+        try:
+            time.sleep(1.0)
+            assert done == [] and waiting.is_alive()
+            # Between polls the second session is idle (nothing for a concurrent build to wait on); a
+            # blocking pg_advisory_lock would show 'active' every time.
+            for _ in range(5):
+                states += first.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                                        (second.info.backend_pid,)).fetchone()
+                time.sleep(0.05)
+        finally:
+            first.execute("SELECT pg_advisory_unlock(%s)", (migrations.MIGRATE_LOCK_KEY,))
+            waiting.join(timeout=30)
+    assert "idle" in states
+    assert done == [[]]
