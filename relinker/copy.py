@@ -450,4 +450,4 @@ def plan(conn: psycopg.Connection, options: dict, workers: int, n_ranges: int | 
     return ranges
 
 
-MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan)
+MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}))

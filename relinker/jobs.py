@@ -7,6 +7,7 @@ name, its ``RangeWork`` class and a planner that splits its work into ranges.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ class Mode:
     #: plan(conn, options, workers, n_ranges) -> [(lo, hi) | (lo, hi, medium, ino_lo, ino_hi)];
     #: may add to ``options`` what a resumed run must know.
     plan: Callable[[psycopg.Connection, dict, int, int | None], list[tuple]]
+    #: What a run of this mode writes to (outside dry runs): "archive", "by-hash".
+    writes: frozenset = frozenset({"archive"})
 
 
 @dataclasses.dataclass
@@ -64,8 +67,13 @@ class JobRequest:
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
 
 
-def check_roots(settings: Settings) -> tuple[bytes, bytes]:
-    """Both roots set, existing directories, on one filesystem, archive writable."""
+def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[bytes, bytes]:
+    """Both roots set, existing directories, on one filesystem; writable where ``writes`` says.
+
+    When the archive is to be written, one real link from the store into it
+    proves they share a mount: two bind mounts of one filesystem have the
+    same st_dev, yet link() between them fails (EXDEV) for every path.
+    """
     found = []
     for label, root in (("--by-hash-root", settings.by_hash_root), ("--archive-root", settings.archive_root)):
         if not root:
@@ -84,15 +92,66 @@ def check_roots(settings: Settings) -> tuple[bytes, bytes]:
         raise UserError(
             f"{display(by_hash_root)} and {display(archive_root)} are on different filesystems: "
             "hardlinks cannot cross filesystems")
-    if not os.access(archive_root, os.W_OK | os.X_OK, effective_ids=True):
-        raise UserError(f"--archive-root {display(archive_root)} is not writable")
+    for label, root, kind in (("--archive-root", archive_root, "archive"), ("--by-hash-root", by_hash_root, "by-hash")):
+        if kind in writes and not os.access(root, os.W_OK | os.X_OK, effective_ids=True):
+            raise UserError(f"{label} {display(root)} is not writable")
+    if "archive" in writes:
+        _probe_link(by_hash_root, archive_root, can_write_store="by-hash" in writes)
     return by_hash_root, archive_root
+
+
+PROBE_NAME = b".relinker-probe-%d"
+
+
+def _probe_link(by_hash_root: bytes, archive_root: bytes, can_write_store: bool) -> None:
+    """Link a file of the store into the archive root and remove it again (UserError if that fails)."""
+    source, made = _a_stored_file(by_hash_root), None
+    if source is None:
+        if not can_write_store:
+            return  # an empty store: relink has nothing to link anyway
+        source = made = os.path.join(by_hash_root, PROBE_NAME % os.getpid())
+        with open(made, "xb"):
+            pass
+    target = os.path.join(archive_root, PROBE_NAME % os.getpid())
+    try:
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:  # left by a killed run of this pid
+            os.unlink(target)
+            os.link(source, target, follow_symlinks=False)
+        os.unlink(target)
+    except OSError as exc:
+        hint = " (two mounts of one filesystem, as bind mounts are?)" if exc.errno == errno.EXDEV else ""
+        raise UserError(f"cannot link from {display(by_hash_root)} into {display(archive_root)}: "
+                        f"{exc.strerror}{hint}") from None
+    finally:
+        if made is not None:
+            os.unlink(made)
+
+
+def _a_stored_file(by_hash_root: bytes) -> bytes | None:
+    """Some regular file of the store (ab/cd/<hex>), or None."""
+    for level1 in _subdirectories(by_hash_root):
+        for level2 in _subdirectories(level1):
+            with os.scandir(level2) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        return entry.path
+    return None
+
+
+def _subdirectories(path: bytes) -> list[bytes]:
+    try:
+        with os.scandir(path) as entries:
+            return sorted(e.path for e in entries if e.is_dir(follow_symlinks=False) and len(e.name) == 2)
+    except OSError:
+        return []
 
 
 def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     """Run (or resume) a checkpointed job; return its summary and exit code."""
     settings = request.settings
-    by_hash_root, archive_root = check_roots(settings)
+    by_hash_root, archive_root = check_roots(settings, frozenset() if request.dry_run else mode.writes)
     started = time.monotonic()
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         migrations.require_migrated(conn)

@@ -338,4 +338,4 @@ def counts_to_write(recorded, linked: dict, expected: dict, unseen_are_empty: bo
 
 
 MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan)
-COUNT_MODE_SPEC = Mode(name="count", work=CountWork, plan=plan)
+COUNT_MODE_SPEC = Mode(name="count", work=CountWork, plan=plan, writes=frozenset())  # the catalogue only

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import threading
 
 import psycopg
@@ -12,6 +13,7 @@ from psycopg import sql
 from relinker import checkpoint, db
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
+from relinker.errors import UserError
 from relinker.pool import WorkSpec, _Worker
 from relinker.relink import RelinkWork, counts_to_write, work_query
 
@@ -219,6 +221,54 @@ def test_roots_on_different_filesystems_are_a_preflight_error(small, capsys, tmp
         assert main(argv) == 2
     assert "different filesystems" in capsys.readouterr().err
     assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (0,)
+
+
+@pytest.fixture
+def bind_mounted_roots(small, tmp_path):
+    """The store and the archive as two bind mounts of one filesystem (a container's two volumes)."""
+    mounts = []
+    for name, root in (("store-volume", small.by_hash), ("archive-volume", small.archive)):
+        target = tmp_path / name
+        target.mkdir()
+        if subprocess.run(["mount", "--bind", str(root), str(target)], capture_output=True).returncode != 0:
+            pytest.skip("bind mounts need privileges this machine does not give")
+        mounts.append(target)
+    yield mounts
+    for target in mounts:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def test_two_mounts_of_one_filesystem_are_a_preflight_error(small, capsys, bind_mounted_roots):
+    """Same st_dev, yet link() between two mounts fails for every path: one probe link says so at once."""
+    relink(small, capsys)  # a store with files, linked the ordinary way
+    store, archive = bind_mounted_roots
+    assert os.stat(store).st_dev == os.stat(archive).st_dev
+    argv = ["--db-url", small.dsn, "--by-hash-root", str(store), "--archive-root", str(archive), "relink", "--new"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot link from" in err and "bind mounts" in err and "Traceback" not in err
+    assert os.listdir(archive) == os.listdir(small.archive)  # the probe left nothing behind
+
+
+def test_modes_that_write_nothing_accept_read_only_roots(small, tmp_path):
+    """verify, count and any --dry-run read the archive and the store: they need no write access."""
+    from relinker import jobs
+    from relinker.config import Settings
+    from support import obeying_file_permissions
+
+    settings = Settings(db_url=small.dsn, by_hash_root=small.by_hash_root, archive_root=small.archive_root)
+    os.chmod(small.archive, 0o555)
+    os.chmod(small.by_hash, 0o555)
+    try:
+        with obeying_file_permissions():
+            assert jobs.check_roots(settings) == (small.by_hash_root, small.archive_root)
+            with pytest.raises(UserError, match="--archive-root .* is not writable"):
+                jobs.check_roots(settings, frozenset({"archive"}))
+            with pytest.raises(UserError, match="--by-hash-root .* is not writable"):
+                jobs.check_roots(settings, frozenset({"by-hash"}))
+    finally:
+        os.chmod(small.archive, 0o755)
+        os.chmod(small.by_hash, 0o755)
 
 
 def test_unknown_run_is_a_usage_error(small, capsys):
