@@ -15,7 +15,8 @@ from relinker.paths import display
 SQL_RUN_PROGRESS = """
 SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_pending, ranges_failed,
        blobs, links_created, links_present, links_replaced, problems, links_missing, files_copied,
-       bytes_copied, extract(epoch FROM elapsed)::float8, extract(epoch FROM eta)::float8,
+       bytes_copied, extract(epoch FROM elapsed)::float8, extract(epoch FROM working)::float8,
+       extract(epoch FROM eta)::float8,
        by_hash_root, archive_root, options
 FROM relinker_run_progress WHERE run_id = %s
 """
@@ -48,6 +49,8 @@ class Summary:
     ranges_pending: int = 0
     ranges_failed: int = 0
     elapsed_seconds: float = 0.0
+    #: of a run read back from the catalogue: the time its ranges were worked (the rate's divisor)
+    working_seconds: float | None = None
     links_this_session: int = 0
     eta_seconds: float | None = None
     open_ranges: list[dict] = dataclasses.field(default_factory=list)
@@ -61,7 +64,8 @@ class Summary:
 
     @property
     def links_per_second(self) -> float:
-        return self.links_this_session / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+        seconds = self.elapsed_seconds if self.working_seconds is None else self.working_seconds
+        return self.links_this_session / seconds if seconds > 0 else 0.0
 
     @classmethod
     def from_run(cls, conn: psycopg.Connection, run_id: int, *, open_ranges: bool = False) -> "Summary":
@@ -70,7 +74,7 @@ class Summary:
         if row is None:
             raise LookupError(run_id)
         (run_id, mode, status, total, done, running, pending, failed, *counters,
-         elapsed, eta, by_hash_root, archive_root, options) = row
+         elapsed, working, eta, by_hash_root, archive_root, options) = row
         summary = cls(
             mode=mode, run_id=run_id, status=status,
             counters=Counters(*counters),
@@ -78,7 +82,8 @@ class Summary:
             problem_samples=[Problem(kind, detail, blobid, bytes(path) if path is not None else None)
                              for kind, detail, blobid, path in conn.execute(SQL_PROBLEM_SAMPLES, (run_id, SAMPLE_LIMIT))],
             ranges_total=total, ranges_done=done, ranges_running=running, ranges_pending=pending,
-            ranges_failed=failed, elapsed_seconds=elapsed or 0.0, eta_seconds=eta,
+            ranges_failed=failed, elapsed_seconds=elapsed or 0.0, working_seconds=working or 0.0,
+            eta_seconds=eta,
             by_hash_root=by_hash_root, archive_root=archive_root, options=options or {},
         )
         summary.links_this_session = summary.counters.links
@@ -112,6 +117,7 @@ class Summary:
             "ranges_pending": self.ranges_pending,
             "ranges_failed": self.ranges_failed,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "working_seconds": None if self.working_seconds is None else round(self.working_seconds, 3),
             "links_per_second": round(self.links_per_second, 1),
             "eta_seconds": self.eta_seconds,
             "open_ranges": self.open_ranges,
@@ -146,7 +152,13 @@ class Summary:
             rows.append(("links missing", f"{c.links_missing:,}"))
         if self.mode == "copy":
             rows.append((f"by-hash files {verb}written", f"{c.files_copied:,} ({c.bytes_copied:,} bytes)"))
-        rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({self.links_per_second:,.0f} links/s)"))
+        rate = f"{self.links_per_second:,.0f} links/s"
+        if self.working_seconds is not None and self.working_seconds < 0.9 * self.elapsed_seconds:
+            # interrupted and resumed: the rate is over the time it worked
+            rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s, {self.working_seconds:,.1f} s of it working "
+                                    f"({rate})"))
+        else:
+            rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({rate})"))
         if self.eta_seconds and not self.complete:
             rows.append(("eta", f"{self.eta_seconds:,.0f} s"))
         width = max(len(label) for label, _ in rows) + 2

@@ -23,7 +23,11 @@ END
 $$;
 
 -- How far is a run: ranges by status, counters summed over its ranges
--- (running ranges report their partial counters), rate and ETA.
+-- (running ranges report their partial counters), rate and ETA. `working` is
+-- the time some range of the run was being worked (the union of the ranges'
+-- claimed..finished spans, claimed..last heartbeat while running): a run
+-- interrupted on Friday and resumed on Monday did not work over the weekend,
+-- and its rate and ETA come from `working`, not from `elapsed`.
 CREATE VIEW relinker_run_progress AS
 SELECT r.run_id,
        r.mode,
@@ -46,12 +50,13 @@ SELECT r.run_id,
        round(100.0 * count(g.range_no) FILTER (WHERE g.status = 'done')
              / greatest(count(g.range_no), 1), 1) AS percent_done,
        coalesce(r.finished_at, now()) - r.started_at AS elapsed,
+       coalesce(busy.working, interval '0') AS working,
        round(coalesce(sum(g.links_created + g.links_present + g.links_replaced), 0)
-             / greatest(extract(epoch FROM coalesce(r.finished_at, now()) - r.started_at), 0.001)::numeric,
+             / greatest(extract(epoch FROM coalesce(busy.working, interval '0')), 0.001)::numeric,
              1) AS links_per_second,
        CASE WHEN r.status = 'done' THEN interval '0'
             WHEN count(g.range_no) FILTER (WHERE g.status = 'done') = 0 THEN NULL
-            ELSE (coalesce(r.finished_at, now()) - r.started_at)
+            ELSE coalesce(busy.working, interval '0')
                  * (count(g.range_no) FILTER (WHERE g.status <> 'done'))
                  / count(g.range_no) FILTER (WHERE g.status = 'done')
        END AS eta,
@@ -60,7 +65,26 @@ SELECT r.run_id,
        r.options
 FROM relinker_run r
 LEFT JOIN relinker_range g USING (run_id)
-GROUP BY r.run_id;
+LEFT JOIN LATERAL (
+    -- gaps and islands: a span starts an island unless an earlier span reaches past its start
+    SELECT sum(island_end - island_start) AS working
+    FROM (SELECT min(span_start) AS island_start, max(span_end) AS island_end
+          FROM (SELECT span_start, span_end,
+                       sum(CASE WHEN reached IS NULL OR span_start > reached THEN 1 ELSE 0 END)
+                           OVER (ORDER BY span_start, span_end) AS island
+                FROM (SELECT span_start, span_end,
+                             max(span_end) OVER (ORDER BY span_start, span_end
+                                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS reached
+                      FROM (SELECT w.claimed_at AS span_start,
+                                   CASE WHEN w.status = 'running' THEN greatest(w.heartbeat_at, w.claimed_at)
+                                        ELSE w.finished_at END AS span_end
+                            FROM relinker_range w
+                            WHERE w.run_id = r.run_id AND w.claimed_at IS NOT NULL
+                              AND w.status IN ('done', 'running', 'failed')) AS spans
+                      WHERE span_end IS NOT NULL) AS ordered) AS numbered
+          GROUP BY island) AS islands
+) AS busy ON true
+GROUP BY r.run_id, busy.working;
 
 -- Which ranges of a run are not done yet, who holds them, what went wrong.
 CREATE VIEW relinker_open_ranges AS

@@ -204,6 +204,26 @@ def test_status_shows_a_run(small, capsys):
     assert f"run {summary['run_id']} (relink): complete" in capsys.readouterr().out
 
 
+def test_rate_and_eta_of_a_resumed_run_leave_out_the_time_it_was_stopped(small, capsys):
+    """Interrupted on Friday, resumed on Monday: the weekend is not work, for the rate nor for the ETA."""
+    code, summary = relink(small, capsys, "--ranges", "4")
+    run_id = summary["run_id"]
+    # as if ranges 0 and 1 were done 60 hours ago, and the run stopped there
+    small.conn.execute("UPDATE relinker_run SET status = 'open', started_at = started_at - interval '60 hours' "
+                       "WHERE run_id = %s", (run_id,))
+    small.conn.execute("UPDATE relinker_range SET claimed_at = claimed_at - interval '60 hours', "
+                       "finished_at = finished_at - interval '60 hours' WHERE run_id = %s AND range_no < 2", (run_id,))
+    small.conn.execute("UPDATE relinker_range SET status = 'pending', claimed_at = NULL, finished_at = NULL "
+                       "WHERE run_id = %s AND range_no >= 2", (run_id,))
+    elapsed, working, eta = small.conn.execute(
+        "SELECT extract(epoch FROM elapsed), extract(epoch FROM working), extract(epoch FROM eta) "
+        "FROM relinker_run_progress WHERE run_id = %s", (run_id,)).fetchone()
+    assert elapsed > 60 * 3600
+    assert 0 < working < 60 and 0 < eta < 60  # two ranges worked in seconds: two more take about as long
+    assert main(small.argv("status", str(run_id))) == 0
+    assert "of it working" in capsys.readouterr().out
+
+
 def test_missing_root_is_a_preflight_error(small, capsys, tmp_path):
     argv = ["--db-url", small.dsn, "--by-hash-root", str(tmp_path / "nope"), "--archive-root", str(small.archive),
             "relink"]
