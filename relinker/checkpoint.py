@@ -173,10 +173,10 @@ class RunInfo:
 SQL_RUN = """
 SELECT run_id, mode, status, by_hash_root, archive_root, options FROM relinker_run WHERE run_id = %s
 """
-SQL_NEWEST_OPEN_RUN = """
+SQL_OPEN_RUNS = """
 SELECT run_id, mode, status, by_hash_root, archive_root, options FROM relinker_run
 WHERE mode = %s AND status = 'open' AND by_hash_root = %s AND archive_root = %s
-ORDER BY run_id DESC LIMIT 1
+ORDER BY run_id DESC
 """
 SQL_NEWEST_RUN = """
 SELECT run_id, mode, status, by_hash_root, archive_root, options FROM relinker_run
@@ -199,9 +199,9 @@ def newest_run(conn: psycopg.Connection) -> RunInfo | None:
     return _run_info(conn.execute(SQL_NEWEST_RUN).fetchone())
 
 
-def newest_open_run(conn: psycopg.Connection, mode: str, by_hash_root: bytes, archive_root: bytes) -> RunInfo | None:
-    """The run a plain ``relinker <mode>`` resumes: newest unfinished, same roots."""
-    return _run_info(conn.execute(SQL_NEWEST_OPEN_RUN, (mode, by_hash_root, archive_root)).fetchone())
+def open_runs(conn: psycopg.Connection, mode: str, by_hash_root: bytes, archive_root: bytes) -> list[RunInfo]:
+    """Unfinished runs of ``mode`` over these roots, newest first (what a plain command may resume)."""
+    return [_run_info(row) for row in conn.execute(SQL_OPEN_RUNS, (mode, by_hash_root, archive_root))]
 
 
 SQL_FINISH_RUN = """
@@ -234,12 +234,14 @@ WHERE r.run_id = %(run_id)s AND r.status <> 'done'
                     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
                       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                       AND l.classid = r.run_id::oid AND l.objid = r.range_no::oid))))
+  AND r.range_no <> ALL(%(passed_over)s::int[])
 ORDER BY r.range_no
-LIMIT %(candidates)s
+LIMIT 1
 FOR UPDATE SKIP LOCKED
 """
-#: Ranges a claim tries in turn: the first may be locked by a session that
-#: cannot be ended (another role) or has just given it back and not yet
+#: Ranges a claim tries in turn, one row lock at a time (so that a claim at
+#: the same moment finds the others): the first may be locked by a session
+#: that cannot be ended (another role) or has just given it back and not yet
 #: unlocked it; the claim must not stall on it while others are free.
 CLAIM_CANDIDATES = 8
 SQL_TRY_LOCK = "SELECT pg_try_advisory_lock(%s::int, %s::int)"
@@ -284,8 +286,11 @@ UPDATE relinker_range
 SET status = 'done', finished_at = now(), heartbeat_at = now(), last_error = NULL,
     """ + _COUNTER_ASSIGNMENTS + """
 """ + _OWNED_WHERE
+# finished_at of a given-back range is when its worker stopped: the span it
+# worked counts in relinker_run_progress.working (its partial counters count
+# in the links).
 SQL_RANGE_GIVE_BACK = """
-UPDATE relinker_range SET status = 'pending', worker = NULL, heartbeat_at = NULL
+UPDATE relinker_range SET status = 'pending', worker = NULL, heartbeat_at = NULL, finished_at = now()
 """ + _OWNED_WHERE
 SQL_RANGE_FAILED = """
 UPDATE relinker_range SET status = 'failed', finished_at = now(), last_error = %(error)s
@@ -372,9 +377,13 @@ class CheckpointStore:
         locked = None
         try:
             with conn.transaction():
-                candidates = conn.execute(SQL_CLAIM_CANDIDATE, dict(
-                    run_id=self.run_id, lease=self.lease, since=self.since, candidates=CLAIM_CANDIDATES)).fetchall()
-                for range_no, lo, hi, medium_hash, ino_lo, ino_hi, status, stale in candidates:
+                passed_over: list[int] = []
+                while len(passed_over) < CLAIM_CANDIDATES:
+                    row = conn.execute(SQL_CLAIM_CANDIDATE, dict(
+                        run_id=self.run_id, lease=self.lease, since=self.since, passed_over=passed_over)).fetchone()
+                    if row is None:
+                        return None
+                    range_no, lo, hi, medium_hash, ino_lo, ino_hi, status, stale = row
                     if conn.execute(SQL_TRY_LOCK, (self.run_id, range_no)).fetchone()[0]:
                         locked = range_no
                         break
@@ -382,6 +391,7 @@ class CheckpointStore:
                     # range is free for a later claim once it is gone.
                     if stale:
                         self._terminate_holders(conn, range_no)
+                    passed_over.append(range_no)
                 else:
                     return None
                 if status == "running":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -178,7 +179,7 @@ def seconds_at_least(minimum: float):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if not value >= minimum:  # also refuses nan
+        if not minimum <= value < math.inf:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g} s, not {text}")
         return value
     parse_seconds.__name__ = "seconds"

@@ -132,12 +132,13 @@ def is_transient(exc: BaseException) -> bool:
     try, and retrying each range for the whole retry timeout would stall a
     run for hours.
     """
-    if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+    if not isinstance(exc, psycopg.Error):
         return False
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate is None:
-        return True
-    return sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
+    sqlstate = exc.sqlstate
+    if sqlstate is not None:
+        # by SQLSTATE whatever psycopg's class (25P03 is an InternalError)
+        return sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
 def retrying(timeout: float = DEFAULT_RETRY_TIMEOUT) -> tenacity.Retrying:

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import stat
 import time
 from typing import Callable
@@ -100,33 +101,31 @@ def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[by
     return by_hash_root, archive_root
 
 
-PROBE_NAME = b".relinker-probe-%d"
-
-
 def _probe_link(by_hash_root: bytes, archive_root: bytes, can_write_store: bool) -> None:
     """Link a file of the store into the archive root and remove it again (UserError if that fails)."""
-    source, made = _a_stored_file(by_hash_root), None
-    if source is None:
-        if not can_write_store:
-            return  # an empty store: relink has nothing to link anyway
-        source = made = os.path.join(by_hash_root, PROBE_NAME % os.getpid())
-        with open(made, "xb"):
-            pass
-    target = os.path.join(archive_root, PROBE_NAME % os.getpid())
+    # Random names: a probe left by a killed run (pids come round again) is no obstacle.
+    name = b".relinker-probe-" + secrets.token_hex(8).encode()
+    source, made, target = _a_stored_file(by_hash_root), None, None
     try:
-        try:
-            os.link(source, target, follow_symlinks=False)
-        except FileExistsError:  # left by a killed run of this pid
-            os.unlink(target)
-            os.link(source, target, follow_symlinks=False)
-        os.unlink(target)
+        if source is None:
+            if not can_write_store:
+                return  # an empty store: relink has nothing to link anyway
+            made = os.path.join(by_hash_root, name)
+            os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+            source = made
+        target = os.path.join(archive_root, name)  # a random name: removing it can only remove the probe
+        os.link(source, target, follow_symlinks=False)
     except OSError as exc:
         hint = " (two mounts of one filesystem, as bind mounts are?)" if exc.errno == errno.EXDEV else ""
         raise UserError(f"cannot link from {display(by_hash_root)} into {display(archive_root)}: "
                         f"{exc.strerror}{hint}") from None
     finally:
-        if made is not None:
-            os.unlink(made)
+        for leftover in (target, made):
+            if leftover is not None:
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
 
 
 def _a_stored_file(by_hash_root: bytes) -> bytes | None:
@@ -197,6 +196,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         summary.interrupted = outcome.interrupted and not summary.complete
         summary.links_this_session = summary.counters.links - links_before
     summary.elapsed_seconds = elapsed
+    summary.working_seconds = None  # this session's rate: its links over its own time
     return summary, _exit_code(summary)
 
 
@@ -222,9 +222,12 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
                         display(by_hash_root), display(archive_root))
         return run
     if not request.new:
-        run = checkpoint.newest_open_run(conn, mode.name, by_hash_root, archive_root)
-        if run is not None:
-            _refuse_another_scope(mode, run, request.options)
+        for run in checkpoint.open_runs(conn, mode.name, by_hash_root, archive_root):
+            differ = _other_work(run, request.options)
+            if differ:
+                log.warning("run %d is unfinished but was asked for other work (%s): left for "
+                            "`relinker %s --run %d`", run.run_id, differ, mode.name, run.run_id)
+                continue
             log.warning("resuming run %d (started earlier, same roots); use --new for a fresh run", run.run_id)
             _warn_changed_options(run, request.options)
             return run
@@ -241,22 +244,21 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
 REQUESTED = "requested"
 
 
-def _refuse_another_scope(mode: Mode, run: RunInfo, requested: dict) -> None:
-    """A plain command resumes the newest unfinished run only if it was asked for the same work.
+def _other_work(run: RunInfo, requested: dict) -> str:
+    """How the work ``run`` was asked for differs from ``requested`` ('' when it does not).
 
-    ``relink --limit 5``, interrupted, must not be finished by a later plain
-    ``relink`` and reported complete over five blobs.
+    A plain command resumes the newest unfinished run asked for the same
+    work: ``relink --limit 5``, interrupted, must not be finished by a later
+    plain ``relink`` and reported complete over five blobs. Runs planned
+    before runs kept what they were asked count as the same work.
     """
     planned_with = run.options.get(REQUESTED)
-    if planned_with is None:  # planned before runs kept what they were asked
-        return
+    if planned_with is None:
+        return ""
     asked = json.loads(json.dumps(requested))
-    if planned_with != asked:
-        differ = ", ".join(f"{key} {planned_with.get(key)!r} (now {asked.get(key)!r})"
-                           for key in sorted(set(planned_with) | set(asked))
-                           if planned_with.get(key) != asked.get(key))
-        raise UserError(f"the unfinished {mode.name} run {run.run_id} was asked for other work: {differ}; "
-                        f"resume it with `relinker {mode.name} --run {run.run_id}`, or start this one with --new")
+    return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked.get(key)!r}"
+                     for key in sorted(set(planned_with) | set(asked))
+                     if planned_with.get(key) != asked.get(key))
 
 
 def _warn_changed_options(run: RunInfo, requested: dict) -> None:

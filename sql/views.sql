@@ -25,7 +25,8 @@ $$;
 -- How far is a run: ranges by status, counters summed over its ranges
 -- (running ranges report their partial counters), rate and ETA. `working` is
 -- the time some range of the run was being worked (the union of the ranges'
--- claimed..finished spans, claimed..last heartbeat while running): a run
+-- claimed..finished spans, claimed..last heartbeat while running,
+-- claimed..given back for a range an interrupted worker gave back): a run
 -- interrupted on Friday and resumed on Monday did not work over the weekend,
 -- and its rate and ETA come from `working`, not from `elapsed`.
 CREATE VIEW relinker_run_progress AS
@@ -79,8 +80,7 @@ LEFT JOIN LATERAL (
                                    CASE WHEN w.status = 'running' THEN greatest(w.heartbeat_at, w.claimed_at)
                                         ELSE w.finished_at END AS span_end
                             FROM relinker_range w
-                            WHERE w.run_id = r.run_id AND w.claimed_at IS NOT NULL
-                              AND w.status IN ('done', 'running', 'failed')) AS spans
+                            WHERE w.run_id = r.run_id AND w.claimed_at IS NOT NULL) AS spans
                       WHERE span_end IS NOT NULL) AS ordered) AS numbered
           GROUP BY island) AS islands
 ) AS busy ON true

@@ -88,3 +88,18 @@ def wait_until(condition, timeout=10.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_two_claims_at_the_same_moment_both_get_a_range(world):
+    """A claim holds one candidate row at a time: a claim racing it takes the next range, not nothing."""
+    run_id = new_run(world, 3)
+    store = store_for(world, run_id)
+    since = world.conn.execute("SELECT now()").fetchone()[0]
+    with psycopg.connect(world.dsn) as racing:  # mid-claim: its transaction holds its candidate's row
+        row = racing.execute(checkpoint.SQL_CLAIM_CANDIDATE, dict(run_id=run_id, lease=60, since=since,
+                                                                  passed_over=[])).fetchone()
+        assert row[0] == 0
+        try:
+            assert store.claim().range_no == 1
+        finally:
+            store.close()

@@ -85,7 +85,8 @@ def test_a_log_file_that_cannot_be_written_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value", [("--lease", "0"), ("--lease", "0.5"), ("--lease", "-3"),
-                                           ("--lease", "nan"), ("--lease", "soon"), ("--retry-timeout", "-1")])
+                                           ("--lease", "nan"), ("--lease", "inf"), ("--lease", "soon"),
+                                           ("--retry-timeout", "-1")])
 def test_leases_and_timeouts_that_cannot_work_are_refused(option, value, capsys):
     """A lease shorter than a second would take ranges from workers alive and well (they beat every lease/4)."""
     with pytest.raises(SystemExit) as refused:

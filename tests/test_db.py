@@ -21,6 +21,7 @@ def raised_by_the_server(conn, sqlstate):
     ("57P03", True),   # the server is starting
     ("53300", True),   # too many connections
     ("08006", True),   # connection failure
+    ("25P03", True),   # idle in transaction too long: the session was ended (psycopg: an InternalError)
     ("53200", False),  # out of memory, or of lock table space: the same on every try
     ("53100", False),  # disk full
     ("57014", False),  # statement_timeout: would repeat the same timeout

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 
 import psycopg
 import pytest
@@ -121,21 +122,21 @@ def test_n_hardlinks_exact_after_a_redo(small, capsys):
 
 
 def test_a_plain_resume_never_finishes_a_run_asked_for_other_work(small, capsys):
-    """An interrupted ``relink --limit 1`` is not what a later plain ``relink`` asks for."""
+    """An interrupted ``relink --limit 1`` is not what a later plain ``relink`` asks for: it is left for --run."""
     code, summary = relink(small, capsys, "--limit", "1")
-    run_id = summary["run_id"]
+    limited = summary["run_id"]
     # as if it had been interrupted
-    small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (run_id,))
-    small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
-    assert main(small.argv("relink", "--json", "--workers", "1")) == 2
-    err = capsys.readouterr().err
-    assert f"run {run_id} was asked for other work: limit 1 (now None)" in err
-    assert f"relinker relink --run {run_id}" in err and "--new" in err
-    assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (1,)  # nothing planned
+    small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (limited,))
+    small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (limited,))
+    code = main(small.argv("relink", "--json", "--workers", "1"))
+    captured = capsys.readouterr()
+    whole = json.loads(captured.out)
+    assert code == 0 and whole["run_id"] != limited and whole["links_present"] + whole["links_created"] == 5
+    assert f"run {limited} is unfinished but was asked for other work (limit 1, now None)" in captured.err
+    assert f"relinker relink --run {limited}" in captured.err
+    assert relink(small, capsys)[1]["run_id"] not in (limited, whole["run_id"])  # never blocked by it
     code, summary = relink(small, capsys, "--limit", "1")  # the same request resumes it
-    assert code == 0 and summary["run_id"] == run_id
-    code, summary = relink(small, capsys)  # nothing unfinished: a new, whole run
-    assert code == 0 and summary["run_id"] != run_id and summary["links_present"] + summary["links_created"] == 5
+    assert code == 0 and summary["run_id"] == limited
 
 
 def counts(world):
@@ -222,6 +223,19 @@ def test_rate_and_eta_of_a_resumed_run_leave_out_the_time_it_was_stopped(small, 
     assert 0 < working < 60 and 0 < eta < 60  # two ranges worked in seconds: two more take about as long
     assert main(small.argv("status", str(run_id))) == 0
     assert "of it working" in capsys.readouterr().out
+    # A range worked for a while, then given back (Ctrl-C): its time counts, as its partial counters do.
+    store = checkpoint.CheckpointStore(small.dsn, run_id, worker="w:1", lease=60, retry_timeout=5,
+                                       since=small.conn.execute("SELECT now()").fetchone()[0])
+    try:
+        r = store.claim()
+        time.sleep(0.5)
+        store.heartbeat(r, Counters(links_present=1), [])
+        store.give_back(r)
+    finally:
+        store.close()
+    working_after = small.conn.execute("SELECT extract(epoch FROM working) FROM relinker_run_progress "
+                                       "WHERE run_id = %s", (run_id,)).fetchone()[0]
+    assert float(working_after) >= float(working) + 0.5
 
 
 def test_missing_root_is_a_preflight_error(small, capsys, tmp_path):
