@@ -96,9 +96,13 @@ def parse_source_prefix(option: str) -> tuple[bytes, bytes]:
     return os.fsencode(old).rstrip(b"/"), os.fsencode(new).rstrip(b"/")
 
 
+def _ntt_mount(medium_hash: str) -> bytes:
+    return NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace")
+
+
 def medium_mount(medium_hash: str, remaps: list[tuple[bytes, bytes]] = ()) -> bytes:
     """Where the medium is mounted now: its NTT mount, moved by the first matching ``remaps``."""
-    return _remap(NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace"), remaps)
+    return _remap(_ntt_mount(medium_hash), remaps)
 
 
 def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, bytes]] = (),
@@ -117,7 +121,7 @@ def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes,
     matching one applies.
     """
     path = _LEGACY_PARTITION_PREFIX.sub(b"", stored)
-    mount = NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace")
+    mount = _ntt_mount(medium_hash)
     if path == mount or path.startswith(mount + b"/"):
         candidates = [path]
     else:
