@@ -223,17 +223,23 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
         return run
     if not request.new:
         for run in checkpoint.open_runs(conn, mode.name, by_hash_root, archive_root):
-            differ = _other_work(run, request.options)
-            if differ:
+            differ = _changed_options(run, request.options)
+            # A plain command resumes the newest unfinished run asked for the
+            # same work: ``relink --limit 5``, interrupted, must not be
+            # finished by a later plain ``relink`` and reported complete over
+            # five blobs. Runs planned before runs kept what they were asked
+            # are resumed as they always were.
+            if differ and REQUESTED in run.options:
                 log.warning("run %d is unfinished but was asked for other work (%s): left for "
                             "`relinker %s --run %d`", run.run_id, differ, mode.name, run.run_id)
                 continue
             log.warning("resuming run %d (started earlier, same roots); use --new for a fresh run", run.run_id)
-            _warn_changed_options(run, request.options)
+            if differ:  # a run planned before runs kept what they were asked
+                log.warning("run %d keeps the options it was planned with; ignoring %s", run.run_id, differ)
             return run
     # What was asked, before planning resolves it (a medium's name to its
     # hash, --limit to an upper blob ID): what a later plain resume compares.
-    spec.options[REQUESTED] = json.loads(json.dumps(request.options))
+    spec.options[REQUESTED] = _as_stored(request.options)
     bounds = mode.plan(conn, spec.options, request.workers, request.ranges)
     run_id = checkpoint.create_run(conn, mode.name, by_hash_root, archive_root, spec.options, bounds)
     log.info("planned run %d: %d ranges", run_id, len(bounds))
@@ -244,26 +250,19 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
 REQUESTED = "requested"
 
 
-def _other_work(run: RunInfo, requested: dict) -> str:
-    """How the work ``run`` was asked for differs from ``requested`` ('' when it does not).
+def _as_stored(options: dict) -> dict:
+    """``options`` as the run's JSON keeps them (tuples become lists), so that they compare."""
+    return json.loads(json.dumps(options))
 
-    A plain command resumes the newest unfinished run asked for the same
-    work: ``relink --limit 5``, interrupted, must not be finished by a later
-    plain ``relink`` and reported complete over five blobs. Runs planned
-    before runs kept what they were asked count as the same work.
+
+def _changed_options(run: RunInfo, requested: dict) -> str:
+    """The options asked now that differ from what ``run`` was asked for ('' when none does).
+
+    Runs planned before runs kept what they were asked compare with their
+    (planned) options.
     """
-    planned_with = run.options.get(REQUESTED)
-    if planned_with is None:
-        return ""
-    asked = json.loads(json.dumps(requested))
-    return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked.get(key)!r}"
-                     for key in sorted(set(planned_with) | set(asked))
-                     if planned_with.get(key) != asked.get(key))
-
-
-def _warn_changed_options(run: RunInfo, requested: dict) -> None:
     planned_with = run.options.get(REQUESTED, run.options)
-    changed = {k: v for k, v in requested.items() if planned_with.get(k) != v}
-    if changed:
-        log.warning("run %d keeps the options it was planned with (%s); ignoring %s",
-                    run.run_id, run.options, changed)
+    asked = _as_stored(requested)
+    return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked[key]!r}"
+                     for key in sorted(asked) if planned_with.get(key) != asked[key])
+
