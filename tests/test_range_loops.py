@@ -71,6 +71,12 @@ def build_tree(base):
     return os.fsencode(store), os.fsencode(archive)
 
 
+def new_work(store: bytes, archive: bytes, work_class=RelinkWork, run_id=1):
+    """A worker's RelinkWork (or CountWork) over this store and archive; run_id None: a dry run."""
+    return work_class(WorkSpec(work=work_class, dsn="", by_hash_root=store, archive_root=archive, options={},
+                               run_id=run_id))
+
+
 # Two inodes of one blob share a path; hostile paths; new and existing directories.
 ROWS = [
     ("NOT-A-BLOB-ID", [b"/bad/id"]),
@@ -101,8 +107,7 @@ def walk(tmp_path, variant, work_class, rows, passes=1, tick_every=3):
     base = tmp_path / variant
     base.mkdir()
     store, archive = build_tree(base)
-    spec = WorkSpec(work=work_class, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=1)
-    work = work_class(spec)
+    work = new_work(store, archive, work_class)
     seen = []
     try:
         for _ in range(passes):
@@ -146,8 +151,7 @@ def test_the_walker_ticks_between_rows(tmp_path):
     """A tick every tick_every rows: progress, heartbeats and stop requests keep coming in long ranges."""
     rows = [(GOOD, [b"/t/%d" % n]) for n in range(10)]
     store, archive = build_tree(tmp_path)
-    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=1)
-    work = RelinkWork(spec)
+    work = new_work(store, archive)
     try:
         ctx = Context()
         walker = work.linker.range_walker(probe=False, tick_every=3)
@@ -169,8 +173,7 @@ def test_a_complete_directory_is_checked_without_python(tmp_path):
     """
     rows = [(GOOD, [b"/full/%d" % n for n in range(10)])]
     store, archive = build_tree(tmp_path)
-    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=1)
-    first, second = RelinkWork(spec), RelinkWork(spec)
+    first, second = new_work(store, archive), new_work(store, archive)
     settled = []
     second.settle = lambda *args: settled.append(args[2]) or RelinkWork.settle(second, *args)
     try:
@@ -188,8 +191,7 @@ def test_a_complete_directory_is_checked_without_python(tmp_path):
 def test_an_unanswered_event_is_refused(tmp_path):
     """The walker hands over and waits: stepping on without answering would lose a path."""
     store, archive = build_tree(tmp_path)
-    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=1)
-    work = RelinkWork(spec)
+    work = new_work(store, archive)
     try:
         walker = work.linker.range_walker(probe=False, tick_every=1000)
         rows = iter([(GOOD, [b"/new/dir/file"])])
@@ -205,8 +207,7 @@ def test_an_unanswered_event_is_refused(tmp_path):
 
 def test_dry_runs_and_pure_python_take_python_s_loop(tmp_path):
     store, archive = build_tree(tmp_path)
-    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=None)
-    work = RelinkWork(spec)
+    work = new_work(store, archive, run_id=None)
     try:
         assert work.linker.range_walker(probe=False, tick_every=1000) is None
     finally:
@@ -221,8 +222,7 @@ def test_the_walker_indexes_directories_until_told_to_forget_them(tmp_path):
     the walker's back to show which of the two answers.
     """
     store, archive = build_tree(tmp_path)
-    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=1)
-    work = RelinkWork(spec)
+    work = new_work(store, archive)
     cache = work.linker._directories
 
     def walk_one(path):
@@ -274,9 +274,7 @@ def test_a_path_two_blobs_share_ends_as_the_later_blobs_link(tmp_path, variant, 
     for name, blobid in (("n", x), ("a", a), ("a2", a), ("z", z)):
         os.link(sources[blobid], archive / "d" / name)
     rows = [(a, [b"/d/a", b"/d/a2", b"/d/new"]), (z, [spelling, b"/d/z"]), (x, [b"/d/n"])]
-    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=os.fsencode(store), archive_root=os.fsencode(archive),
-                    options={}, run_id=1)
-    work = RelinkWork(spec)
+    work = new_work(os.fsencode(store), os.fsencode(archive))
     try:
         ctx, tally = Context(), new_tally()
         if variant == "c":
@@ -294,8 +292,7 @@ def test_a_path_two_blobs_share_ends_as_the_later_blobs_link(tmp_path, variant, 
 def test_a_walker_refuses_what_it_cannot_walk(tmp_path):
     """Misuse is an exception, never a crash: rows that are not an iterator, a walker never initialised."""
     store, archive = build_tree(tmp_path)
-    spec = WorkSpec(work=RelinkWork, dsn="", by_hash_root=store, archive_root=archive, options={}, run_id=1)
-    work = RelinkWork(spec)
+    work = new_work(store, archive)
     try:
         walker = work.linker.range_walker(probe=False, tick_every=1000)
         with pytest.raises(TypeError):
