@@ -42,17 +42,36 @@ class LostRange(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class Range:
-    """One claimed (or, in a dry run, assigned) unit of work."""
+class Bounds:
+    """What a planned range covers.
 
-    run_id: int | None
-    range_no: int
-    lo: str
-    hi: str | None
+    Blob-keyed modes: ``lo <= blobid < hi`` ('' and None: unbounded), and
+    only the listed ``blobids`` when the run works on a list. Copy: the
+    inodes ``ino_lo <= ino < ino_hi`` of ``medium_hash``, holding
+    ``bytes_planned`` bytes of content.
+    """
+
+    lo: str = ""
+    hi: str | None = None
     medium_hash: str | None = None
     ino_lo: int | None = None
     ino_hi: int | None = None
+    blobids: tuple[str, ...] | None = None
+    bytes_planned: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Range(Bounds):
+    """One claimed (or, in a dry run, assigned) unit of work."""
+
+    run_id: int | None = None
+    range_no: int = 0
     attempt: int = 0
+
+    @classmethod
+    def of(cls, run_id: int | None, range_no: int, bounds: Bounds, attempt: int = 0) -> "Range":
+        fields = {f.name: getattr(bounds, f.name) for f in dataclasses.fields(Bounds)}
+        return cls(**fields, run_id=run_id, range_no=range_no, attempt=attempt)
 
 
 @dataclasses.dataclass
@@ -69,6 +88,10 @@ class Counters:
     #: copy: by-hash files written, and their bytes
     files_copied: int = 0
     bytes_copied: int = 0
+    #: copy, verify --hash: bytes of content read (the rate and ETA of content work)
+    bytes_read: int = 0
+    #: verify: blobs that failed a check
+    blobs_failed: int = 0
 
     @property
     def links(self) -> int:
@@ -107,7 +130,7 @@ def default_range_count(n_blobs: int, workers: int) -> int:
     return max(1, min(MAX_RANGES, max(by_size, by_workers)))
 
 
-def split_blob_space(n_ranges: int, upper: str | None = None) -> list[tuple[str, str | None]]:
+def split_blob_space(n_ranges: int, upper: str | None = None) -> list[Bounds]:
     """Split the blob-ID space into ``n_ranges`` half-open ``[lo, hi)`` ranges.
 
     Blob IDs are uniformly distributed hex digests, so equal slices of the
@@ -125,7 +148,19 @@ def split_blob_space(n_ranges: int, upper: str | None = None) -> list[tuple[str,
     if upper is not None:
         bounds = [b for b in bounds if b < upper]
     edges = [""] + [b for b in bounds if b] + [upper]
-    return list(zip(edges[:-1], edges[1:]))
+    return [Bounds(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def split_blob_list(blobids, per_range: int) -> list[Bounds]:
+    """Ranges of ``per_range`` listed blob IDs each, in ID order, duplicates dropped.
+
+    ``lo`` and ``hi`` bound each range's IDs (for people reading
+    ``relinker_range``); the work is the list itself, whatever the IDs are.
+    """
+    ordered = sorted(set(blobids))
+    chunks = [tuple(ordered[i:i + per_range]) for i in range(0, len(ordered), max(1, per_range))]
+    return [Bounds(chunk[0], following[0] if following else None, blobids=chunk)
+            for chunk, following in zip(chunks, chunks[1:] + [()])]
 
 
 SQL_CREATE_RUN = """
@@ -133,7 +168,9 @@ INSERT INTO relinker_run (mode, by_hash_root, archive_root, options, created_by)
 VALUES (%(mode)s, %(by_hash_root)s, %(archive_root)s, %(options)s, %(created_by)s)
 RETURNING run_id
 """
-SQL_COPY_RANGES = "COPY relinker_range (run_id, range_no, lo, hi, medium_hash, ino_lo, ino_hi) FROM STDIN"
+SQL_COPY_RANGES = """
+COPY relinker_range (run_id, range_no, lo, hi, medium_hash, ino_lo, ino_hi, blobids, bytes_planned) FROM STDIN
+"""
 
 
 def create_run(
@@ -142,21 +179,18 @@ def create_run(
     by_hash_root: bytes,
     archive_root: bytes,
     options: dict,
-    ranges: Iterable[tuple],
+    ranges: Iterable[Bounds],
 ) -> int:
-    """Insert a run and its pending ranges in one transaction; return run_id.
-
-    Each item of ``ranges`` is ``(lo, hi)`` or ``(lo, hi, medium_hash, ino_lo, ino_hi)``.
-    """
+    """Insert a run and its pending ranges in one transaction; return run_id."""
     with conn.transaction():
         run_id = conn.execute(SQL_CREATE_RUN, dict(
             mode=mode, by_hash_root=by_hash_root, archive_root=archive_root,
             options=json.dumps(options), created_by=db.worker_name(),
         )).fetchone()[0]
         with conn.cursor().copy(SQL_COPY_RANGES) as copy:
-            for range_no, bounds in enumerate(ranges):
-                lo, hi, *inode_bounds = bounds
-                copy.write_row((run_id, range_no, lo, hi, *(inode_bounds or (None, None, None))))
+            for range_no, b in enumerate(ranges):
+                copy.write_row((run_id, range_no, b.lo, b.hi, b.medium_hash, b.ino_lo, b.ino_hi,
+                                None if b.blobids is None else list(b.blobids), b.bytes_planned))
     return run_id
 
 
@@ -221,7 +255,7 @@ def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> None:
 # Advisory lock keys: (run_id, range_no) as the two-int4 form, visible in
 # pg_locks as classid = run_id, objid = range_no, objsubid = 2.
 SQL_CLAIM_CANDIDATE = """
-SELECT r.range_no, r.lo, r.hi, r.medium_hash, r.ino_lo, r.ino_hi, r.status,
+SELECT r.range_no, r.lo, r.hi, r.medium_hash, r.ino_lo, r.ino_hi, r.blobids, r.bytes_planned, r.status,
        r.heartbeat_at < now() - make_interval(secs => %(lease)s) AS stale
 FROM relinker_range r
 WHERE r.run_id = %(run_id)s AND r.status <> 'done'
@@ -262,7 +296,7 @@ UPDATE relinker_range
 SET status = 'running', worker = %(worker)s, attempts = attempts + 1,
     claimed_at = now(), heartbeat_at = now(), finished_at = NULL,
     blobs = 0, links_created = 0, links_present = 0, links_replaced = 0, problems = 0,
-    links_missing = 0, files_copied = 0, bytes_copied = 0
+    links_missing = 0, files_copied = 0, bytes_copied = 0, bytes_read = 0, blobs_failed = 0
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s
 RETURNING attempts
 """
@@ -383,7 +417,7 @@ class CheckpointStore:
                         run_id=self.run_id, lease=self.lease, since=self.since, passed_over=passed_over)).fetchone()
                     if row is None:
                         return None
-                    range_no, lo, hi, medium_hash, ino_lo, ino_hi, status, stale = row
+                    range_no, *bounds, status, stale = row
                     if conn.execute(SQL_TRY_LOCK, (self.run_id, range_no)).fetchone()[0]:
                         locked = range_no
                         break
@@ -404,7 +438,9 @@ class CheckpointStore:
             if locked is not None and not conn.broken:
                 conn.execute(SQL_UNLOCK, (self.run_id, locked))
             raise
-        return Range(self.run_id, range_no, lo, hi, medium_hash, ino_lo, ino_hi, attempt)
+        lo, hi, medium_hash, ino_lo, ino_hi, blobids, bytes_planned = bounds
+        return Range(lo, hi, medium_hash, ino_lo, ino_hi, None if blobids is None else tuple(blobids), bytes_planned,
+                     run_id=self.run_id, range_no=range_no, attempt=attempt)
 
     def _terminate_holders(self, conn: psycopg.Connection, range_no: int) -> None:
         for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (db.APPLICATION_NAME, self.run_id, range_no)).fetchall():

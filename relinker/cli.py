@@ -73,11 +73,14 @@ def build_parser(config_files: list[str]) -> argparse.ArgumentParser:
   relinker relink                           resume the last unfinished run, or start one
   relinker relink --new --workers 4         a fresh run over every blob
   relinker relink --run 7                   join run 7 (from another host or terminal)
+  relinker relink --from-file broken.txt    only the blobs listed (say, by verify --failed-ids)
 
 exit codes: 0 complete, no problems; 1 complete with problems recorded; 2 usage,
 configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
     )
     add_job_options(relink_cmd)
+    relink_cmd.add_argument("--from-file", metavar="FILE",
+                            help="only the blob IDs listed in FILE ('-': stdin), one per line, # comments")
     relink_cmd.add_argument("--only-incomplete", action="store_true",
                             help="only blobs with n_hardlinks < expected_hardlinks (expected computed where NULL)")
     relink_cmd.add_argument("--on-conflict", choices=("replace", "keep"), default="replace",
@@ -88,10 +91,11 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
     copy_cmd = add_command(
         commands, "copy", config_files,
         help="normal mode: content into by-hash, then every archive link of the inode",
-        description="The seed's normal mode: for every regular-file inode not yet in by-hash "
-        "(by_hash_created false), read its content once, store it under by-hash/ab/cd/<blake3> "
-        "(deduplicated), link all its paths into the archive, and record blobid, by_hash_created "
-        "and n_hardlinks in batched statements. Checkpointed and resumable like relink.",
+        description="The seed's normal mode: for every regular-file inode whose content is not stored "
+        "(blobid NULL), read its content once, store it under by-hash/ab/cd/<blake3> "
+        "(deduplicated), link all its paths into the archive, and record blobid, by_hash_created, "
+        "n_hardlinks (and the NTT status model's columns, where the catalogue has them) in batched "
+        "statements. Inodes already stored are never read or written. Checkpointed and resumable like relink.",
         epilog="""examples:
   relinker copy --dry-run                           what would be copied (reads only the catalogue)
   relinker copy --medium photos-2019
@@ -101,6 +105,8 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
     copy_cmd.add_argument("--medium", metavar="NAME_OR_HASH", help="only this medium")
     copy_cmd.add_argument("--source-prefix", action="append", default=[], metavar="OLD=NEW",
                           help="read paths under OLD from NEW instead (repeatable)")
+    copy_cmd.add_argument("--retry-permanent", action="store_true",
+                          help="also try inodes whose status is failed_permanent (left alone by default)")
     copy_cmd.set_defaults(handler=cmd_copy)
 
     count = add_command(
@@ -116,24 +122,30 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
     count.set_defaults(handler=cmd_count)
 
     verify_cmd = add_command(
-        commands, "verify", config_files, help="check a sample of blobs end to end",
-        description="The seed's verifier: for N blobs check the by-hash file (exists, regular, size, "
-        "and with --hash its content), every archive link (same inode) and n_hardlinks. Passing blobs "
-        "get last_checked = now(); failures are problems of a verify run.",
+        commands, "verify", config_files, help="check blobs end to end (checkpointed, resumable, parallel)",
+        description="The seed's verifier: for each blob check the by-hash file (exists, regular, size, "
+        "and with --hash its content), every archive link (same inode) and n_hardlinks. Blobs that pass "
+        "get last_checked = now(); failures are problems of the verify run. Which blobs: --all, the IDs "
+        "in --from-file, or --count N chosen by --mode, fixed when the run is planned.",
         epilog="""examples:
   relinker verify --count 100 --mode never
-  relinker verify --count 1000 --mode random --hash
-  relinker status --json | jq -r '.problem_samples[].blobid' | relinker verify --from-file -
+  relinker verify --all --hash --workers 4          every blob, every byte (an overnight job)
+  relinker verify --count 1000 --mode random --hash --failed-ids broken.txt
+  relinker relink --from-file broken.txt            then repair what failed
 
-exit codes: 0 every blob passed; 1 some failed; 2 usage or preflight error.""",
+exit codes: 0 every blob passed; 1 some failed; 2 usage or preflight error; 3 interrupted.""",
     )
+    add_job_options(verify_cmd, limit=False)
+    which_blobs = verify_cmd.add_mutually_exclusive_group()
+    which_blobs.add_argument("--all", action="store_true", help="every blob of the catalogue")
+    which_blobs.add_argument("--from-file", metavar="FILE", help="the blob IDs listed in FILE ('-': stdin)")
     verify_cmd.add_argument("--count", type=positive_int, default=100, metavar="N",
                             help="how many blobs (default %(default)s)")
-    verify_cmd.add_argument("--mode", choices=verify.MODES, default="never",
+    verify_cmd.add_argument("--mode", choices=verify.SELECTIONS, default="never",
                             help="never checked (default), least recently checked, or a random sample")
-    verify_cmd.add_argument("--from-file", metavar="FILE", help="check the blob IDs listed in FILE ('-': stdin)")
     verify_cmd.add_argument("--hash", action="store_true", help="also re-hash the content (reads every byte)")
-    verify_cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    verify_cmd.add_argument("--failed-ids", metavar="FILE",
+                            help="write the IDs of the blobs that failed to FILE, as --from-file reads them")
     verify_cmd.set_defaults(handler=cmd_verify)
 
     status = add_command(
@@ -191,8 +203,8 @@ def seconds_at_least(minimum: float):
 MINIMUM_LEASE = 1.0
 
 
-def add_job_options(command: argparse.ArgumentParser) -> None:
-    """Options shared by the checkpointed commands (relink, copy, count)."""
+def add_job_options(command: argparse.ArgumentParser, *, limit: bool = True) -> None:
+    """Options shared by the checkpointed commands (relink, copy, count, verify)."""
     command.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                          help="worker processes (default: CPU count)")
     command.add_argument("--ranges", type=positive_int, metavar="N",
@@ -201,7 +213,8 @@ def add_job_options(command: argparse.ArgumentParser) -> None:
     which.add_argument("--run", type=int, metavar="RUN_ID", dest="run_id",
                        help="work on this run (also while other coordinators work on it)")
     which.add_argument("--new", action="store_true", help="start a new run even if one is unfinished")
-    command.add_argument("--limit", type=int, metavar="N", help="only the first N blobs (in blob-ID order)")
+    if limit:
+        command.add_argument("--limit", type=int, metavar="N", help="only the first N blobs (in blob-ID order)")
     command.add_argument("--dry-run", action="store_true",
                          help="read catalogue and disk, report what would happen, write nothing")
     command.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -319,9 +332,23 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_PROBLEMS if skipped else EXIT_OK
 
 
+def listed_blobs(file_argument: str) -> list[str]:
+    """The blob IDs of ``--from-file`` (UserError when the file cannot be read)."""
+    try:
+        return verify.blob_ids_from(file_argument)
+    except OSError as exc:
+        raise UserError(f"--from-file {file_argument}: {exc.strerror}") from None
+
+
 def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
     options = {"on_conflict": args.on_conflict, "only_incomplete": args.only_incomplete, "limit": args.limit}
-    summary, code = jobs.run_job(relink.MODE_SPEC, job_request(args, settings, options))
+    request = job_request(args, settings, options)
+    if args.from_file:
+        if args.limit is not None:
+            raise UserError("--limit and --from-file cannot be combined: the list says which blobs")
+        request.local["blobids"] = listed_blobs(args.from_file)
+        options["from_file"] = verify.listing_fingerprint(request.local["blobids"])
+    summary, code = jobs.run_job(relink.MODE_SPEC, request)
     return report(summary, code, args.json, f"relinker relink --run {summary.run_id}")
 
 
@@ -332,7 +359,7 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
         remaps = [parse_source_prefix(option) for option in args.source_prefix]
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    options = {"medium": args.medium, "limit": args.limit}
+    options = {"medium": args.medium, "limit": args.limit, "retry_permanent": args.retry_permanent}
     local = {"source_prefix": [(os.fsdecode(old), os.fsdecode(new)) for old, new in remaps]}
     request = job_request(args, settings, options)
     request.local = local
@@ -346,22 +373,26 @@ def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    by_hash_root, archive_root = jobs.check_roots(settings)
-    with db.connect_for_user(settings.db_url, autocommit=True) as conn:
-        migrations.require_migrated(conn)
-        if args.from_file:
+    if args.failed_ids and args.dry_run:
+        raise UserError("--failed-ids needs a recorded run: a --dry-run keeps no list of failures")
+    options = {"hash": args.hash}
+    request = job_request(args, settings, options)
+    if args.from_file:
+        request.local["blobids"] = listed_blobs(args.from_file)
+        options.update(selection="from-file", from_file=verify.listing_fingerprint(request.local["blobids"]))
+    elif args.all:
+        options["selection"] = "all"
+    else:
+        options.update(selection=args.mode, count=args.count)
+    summary, code = jobs.run_job(verify.MODE_SPEC, request)
+    if args.failed_ids and summary.run_id is not None:
+        with db.connect_for_user(settings.db_url, autocommit=True) as conn:
             try:
-                blobids = verify.blob_ids_from(args.from_file)
+                written = verify.write_failed_ids(conn, summary.run_id, args.failed_ids)
             except OSError as exc:
-                raise UserError(f"--from-file {args.from_file}: {exc.strerror}") from None
-            selection = "from-file"
-        else:
-            blobids = verify.select_blobs(conn, args.mode, args.count)
-            selection = args.mode
-        result = verify.verify(conn, blobids, selection=selection, by_hash_root=by_hash_root,
-                               archive_root=archive_root, rehash=args.hash)
-    print(result.as_json() if args.json else result.as_text())
-    return EXIT_OK if result.failed == 0 else EXIT_PROBLEMS
+                raise UserError(f"--failed-ids {args.failed_ids}: {exc.strerror}") from None
+        log.info("wrote %d failed blob IDs to %s", written, args.failed_ids)
+    return report(summary, code, args.json, f"relinker verify --run {summary.run_id}")
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

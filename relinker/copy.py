@@ -1,18 +1,24 @@
 """Copy mode (the seed's normal mode): content into by-hash, then the archive links.
 
-For every regular-file inode whose content is not in by-hash yet
-(``by_hash_created`` false), in checkpointed ranges of inodes:
+For every regular-file inode whose content is not stored yet (``blobid`` is
+NULL: an inode the NTT copier stored has its ``blobid`` whatever
+``by_hash_created`` says), in checkpointed ranges of inodes:
 
 1. read the content once from a source path, hashing with BLAKE3 while
    writing an unnamed temporary file (``O_TMPFILE``) in the by-hash root;
    fsync; link it in as ``ab/cd/<hex>`` unless that exists (deduplication).
    A kill at any moment leaves no partial file under a by-hash name: the
-   temporary has no name until it is complete, and vanishes with the process;
+   temporary has no name until it is complete, and vanishes with the process.
+   An empty file gets the blob ID the catalogue uses for the empty content
+   (see :mod:`relinker.catalogue`);
 2. link every path of the inode into the archive (the linker relink uses);
 3. at the end of the range, in one transaction: ``inode.blobid``,
-   ``by_hash_created``, ``copied``, the ``blobs`` rows, ``path.blobid``, the
-   errors of inodes that could not be read, and ``blobs.n_hardlinks`` of
-   every blob the range touched, each as one batched statement.
+   ``by_hash_created``, ``copied``, ``processed_at`` (and ``status``
+   where the catalogue has the NTT status model), the ``blobs`` rows,
+   ``path.blobid``, the errors of inodes that could not be stored, and
+   ``blobs.n_hardlinks`` of every blob the range touched, each as one
+   batched statement. Rows whose content got stored meanwhile are never
+   written.
 
 ``n_hardlinks`` here is the by-hash file's link count minus one, capped at the
 blob's catalogued path count: exact while no links exist outside the
@@ -31,9 +37,11 @@ from typing import Callable
 
 import blake3
 import psycopg
+from psycopg import sql
 
-from relinker import db
-from relinker.checkpoint import Range
+from relinker import catalogue, db
+from relinker.catalogue import FAILED_PERMANENT, FAILED_RETRYABLE, InodeColumns
+from relinker.checkpoint import Bounds, Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
@@ -44,19 +52,26 @@ log = logging.getLogger(__name__)
 
 MODE = "copy"
 INODES_PER_RANGE = 500
+#: Content planned per range at most (a redo after a crash reads it again).
+BYTES_PER_RANGE = 1 << 30
 READ_CHUNK = 1 << 20
 FILE_MODE = 0o444
 DIRECTORY_MODE = 0o755
 #: Named temporaries, where O_TMPFILE is unavailable, live here (same filesystem).
 TEMP_DIRECTORY = b".relinker-tmp"
 
+# An inode with a blobid has its content stored (the NTT copier's batch mode
+# never set by_hash_created); one its tools gave up on (failed_permanent) is
+# left alone unless asked (--retry-permanent).
+TO_COPY = "i.fs_type = 'f' AND i.blobid IS NULL"
+NOT_GIVEN_UP = "AND i.status IS DISTINCT FROM 'failed_permanent'"
 SQL_RANGE_WORK = """
 COPY (
     SELECT i.ino, i.size, p.path
     FROM inode AS i
     JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
     WHERE i.medium_hash = %(medium)s AND i.ino >= %(ino_lo)s AND i.ino < %(ino_hi)s
-      AND i.fs_type = 'f' AND NOT coalesce(i.by_hash_created, false) AND p.exclude_reason IS NULL
+      AND {to_copy} AND p.exclude_reason IS NULL
     ORDER BY i.ino, p.path
 ) TO STDOUT (FORMAT BINARY)
 """
@@ -68,26 +83,41 @@ ON CONFLICT (blobid) DO NOTHING
 SQL_LOCK_BLOBS = """
 SELECT blobid FROM blobs WHERE blobid = ANY(%(count_blobids)s) ORDER BY blobid FOR UPDATE
 """
+# Only inodes still without content: one stored meanwhile (by another
+# tool, or a run whose commit reply was lost) is someone else's record now.
+# path.blobid, the denormalised copy, follows for exactly the inodes marked.
 SQL_MARK_INODES = """
-UPDATE inode AS i
-SET blobid = c.blobid, by_hash_created = true, copied = true, processed_at = now()
-FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
-WHERE i.medium_hash = %(medium)s AND i.ino = c.ino
+WITH marked AS (
+    UPDATE inode AS i
+    SET blobid = c.blobid, by_hash_created = true, copied = true, processed_at = now() {success}
+    FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
+    WHERE i.medium_hash = %(medium)s AND i.ino = c.ino AND i.blobid IS NULL
+    RETURNING i.ino, i.blobid
+)
+UPDATE path AS p SET blobid = m.blobid
+FROM marked AS m
+WHERE p.medium_hash = %(medium)s AND p.ino = m.ino AND p.blobid IS DISTINCT FROM m.blobid
 """
-SQL_MARK_PATHS = """
-UPDATE path AS p SET blobid = c.blobid
-FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
-WHERE p.medium_hash = %(medium)s AND p.ino = c.ino AND p.blobid IS DISTINCT FROM c.blobid
-"""
-# A rerun that meets the same trouble does not add the same line again.
+# The status model's success, as the NTT copier wrote it; error_type
+# describes a failure, and this inode has none any more.
+STATUS_SUCCESS = ", status = 'success'"
+ERROR_TYPE_CLEARED = ", error_type = NULL"
+# processed_at means "successfully processed": a failure leaves it alone. A
+# rerun that meets the same trouble does not add the same line again.
 SQL_INODE_ERRORS = """
 UPDATE inode AS i
-SET errors = CASE WHEN c.error = ANY(coalesce(i.errors, '{}')) THEN i.errors
-                  ELSE array_append(coalesce(i.errors, '{}'), c.error) END,
-    processed_at = now()
-FROM unnest(%(error_inos)s::bigint[], %(errors)s::text[]) AS c(ino, error)
-WHERE i.medium_hash = %(medium)s AND i.ino = c.ino
+SET errors = CASE WHEN c.error = ANY(coalesce(i.errors, '{{}}')) THEN i.errors
+                  ELSE array_append(coalesce(i.errors, '{{}}'), c.error) END {failure}
+FROM unnest(%(error_inos)s::bigint[], %(errors)s::text[], %(error_kinds)s::text[],
+            %(error_states)s::text[]) AS c(ino, error, kind, state)
+WHERE i.medium_hash = %(medium)s AND i.ino = c.ino AND i.blobid IS NULL
 """
+# A retryable failure (say, the medium is not mounted: nothing was tried)
+# never turns a permanent one back into something to retry.
+STATUS_FAILED = """, status = CASE WHEN i.status = 'failed_permanent' AND c.state = 'failed_retryable'
+                           THEN i.status ELSE c.state END"""
+ERROR_TYPE_SET = """, error_type = CASE WHEN i.status = 'failed_permanent' AND c.state = 'failed_retryable'
+                               THEN i.error_type ELSE c.kind END"""
 SQL_BLOB_COUNTS = """
 UPDATE blobs AS b
 SET n_hardlinks = least(c.links, e.expected), expected_hardlinks = e.expected
@@ -102,12 +132,23 @@ WHERE b.blobid = c.blobid
 
 
 class InodeProblem(Exception):
-    """An inode that cannot be stored: recorded as a problem; the inode stays not created."""
+    """An inode that cannot be stored: recorded as a problem; the inode stays not stored.
 
-    def __init__(self, kind: str, detail: str):
+    ``permanent``: trying again cannot help, because the medium no longer
+    holds what the catalogue describes (``failed_permanent`` in the status
+    model); otherwise a later run may succeed (``failed_retryable``).
+    """
+
+    def __init__(self, kind: str, detail: str, *, permanent: bool = False):
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+        self.permanent = permanent
+
+    @property
+    def state(self) -> str:
+        """The inode's status in the NTT status model."""
+        return FAILED_PERMANENT if self.permanent else FAILED_RETRYABLE
 
 
 class SourceProblem(InodeProblem):
@@ -115,7 +156,7 @@ class SourceProblem(InodeProblem):
 
 
 class ByHashProblem(InodeProblem):
-    """Something that is not this content's file holds its by-hash name (never replaced)."""
+    """Something that is not this content's file holds its by-hash name (never replaced; retryable)."""
 
 
 @dataclasses.dataclass
@@ -129,8 +170,9 @@ class Stored:
 class ByHashStore:
     """Writes content into the by-hash store, never a partial file under a by-hash name."""
 
-    def __init__(self, root: bytes):
+    def __init__(self, root: bytes, empty_blobid: str = catalogue.EMPTY_SHA256):
         self.root = root
+        self.empty_blobid = empty_blobid
         self._made: set[bytes] = set()
         self.use_tmpfile = self._tmpfile_works()
         self.touched_directories: set[bytes] = set()
@@ -153,9 +195,10 @@ class ByHashStore:
         """
         before = os.fstat(source_fd)
         if not stat.S_ISREG(before.st_mode):
-            raise SourceProblem("source-unreadable", "not a regular file")
+            raise SourceProblem("source-unreadable", "not a regular file", permanent=True)
         if expected_size is not None and before.st_size != expected_size:
-            raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}")
+            raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}",
+                                permanent=True)
         temp_fd, temp_name = self._temporary()
         try:
             hasher = blake3.blake3()
@@ -179,7 +222,7 @@ class ByHashStore:
                 raise SourceProblem("source-changed", "changed while being read")
             os.fchmod(temp_fd, FILE_MODE)
             os.fsync(temp_fd)
-            blobid = hasher.hexdigest()
+            blobid = hasher.hexdigest() if size else self.empty_blobid
             final = self.root + b"/" + by_hash_relpath(blobid)
             written = self._link_into_place(temp_fd, temp_name, final)
             if not written:
@@ -282,9 +325,11 @@ class CopyWork:
     def __init__(self, spec: WorkSpec):
         self.spec = spec
         self.remaps = [(os.fsencode(old), os.fsencode(new)) for old, new in spec.local.get("source_prefix", [])]
-        self.store = None if spec.dry_run else ByHashStore(spec.by_hash_root)
+        self.store = None if spec.dry_run else ByHashStore(
+            spec.by_hash_root, spec.options.get("empty_blobid") or catalogue.EMPTY_SHA256)
         self.linker = None if spec.dry_run else ArchiveLinker(spec.archive_root)
         self.data = db.RangeConnection(spec.dsn)
+        self._statements = None
 
     def reset(self) -> None:
         self.data.reset()
@@ -294,10 +339,17 @@ class CopyWork:
         if self.linker is not None:
             self.linker.close()
 
+    def statements(self) -> "CopyStatements":
+        """The range's SQL for this catalogue's shape (read once per worker)."""
+        if self._statements is None:
+            self._statements = CopyStatements.for_catalogue(
+                InodeColumns.of(self.data.get()), bool(self.spec.options.get("retry_permanent")))
+        return self._statements
+
     def _inodes(self, r: Range):
         """(ino, size, [paths]) of the range, streamed."""
         params = {"medium": r.medium_hash, "ino_lo": r.ino_lo, "ino_hi": r.ino_hi}
-        with self.data.get().cursor().copy(SQL_RANGE_WORK, params) as copy:
+        with self.data.get().cursor().copy(self.statements().range_work, params) as copy:
             copy.set_types(["int8", "int8", "bytea"])
             for ino, group in itertools.groupby(copy.rows(), key=lambda row: row[0]):
                 rows = list(group)
@@ -305,9 +357,11 @@ class CopyWork:
 
     def process(self, r: Range, ctx: RangeContext):
         counters = ctx.counters
-        inos, inode_blobids, error_inos, errors = [], [], [], []
+        inos, inode_blobids = [], []
+        failed = FailedInodes()
         touched: dict[str, bytes] = {}
         mounted = os.path.isdir(medium_mount(r.medium_hash, self.remaps))
+        statements = self.statements()
         for ino, size, paths in self._inodes(r):
             ctx.tick()
             if self.spec.dry_run:
@@ -315,6 +369,7 @@ class CopyWork:
                 counters.links_created += len(paths)
                 counters.files_copied += 1
                 counters.bytes_copied += size or 0
+                counters.bytes_read += size or 0
                 continue
             try:
                 # A tick per chunk: the range's heartbeat must go on while one
@@ -323,10 +378,10 @@ class CopyWork:
                 stored = self._copy(r.medium_hash, mounted, paths, size, ctx.tick)
             except InodeProblem as exc:
                 ctx.problem(exc.kind, exc.detail, path=paths[0])
-                error_inos.append(ino)
-                errors.append(f"relinker copy: {exc.kind}: {exc.detail}")
+                failed.add(ino, exc)
                 continue
             counters.blobs += 1
+            counters.bytes_read += stored.size
             if stored.written:
                 counters.files_copied += 1
                 counters.bytes_copied += stored.size
@@ -339,7 +394,7 @@ class CopyWork:
         self.store.sync_directories()
         count_blobids = sorted(touched)
         params = dict(medium=r.medium_hash, inos=inos, inode_blobids=inode_blobids,
-                      error_inos=error_inos, errors=errors, count_blobids=count_blobids)
+                      count_blobids=count_blobids, **failed.params())
 
         def finalize(conn: psycopg.Connection) -> None:
             conn.execute(SQL_NEW_BLOBS, params)
@@ -348,10 +403,9 @@ class CopyWork:
             # count makes the last commit carry the latest count.
             conn.execute(SQL_LOCK_BLOBS, params)
             params["links"] = [os.lstat(touched[b]).st_nlink - 1 for b in count_blobids]
-            conn.execute(SQL_MARK_INODES, params)
-            conn.execute(SQL_MARK_PATHS, params)
-            if error_inos:
-                conn.execute(SQL_INODE_ERRORS, params)
+            conn.execute(statements.mark_inodes, params)
+            if failed:
+                conn.execute(statements.inode_errors, params)
             conn.execute(SQL_BLOB_COUNTS, params)
 
         return finalize
@@ -360,15 +414,20 @@ class CopyWork:
               on_chunk: Callable[[], None]) -> Stored:
         """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.store.
 
-        ``mounted``: whether the medium's mount directory is there (see source_candidates).
+        ``mounted``: whether the medium's mount directory is there (see
+        source_candidates). The problem raised when no source works is
+        permanent only if the medium is mounted and none of the inode's
+        paths is there as a file any more.
         """
         failures = []
+        permanent = mounted
         for stored_path in paths:
             for candidate in source_candidates(stored_path, medium_hash, self.remaps, mounted):
                 try:
                     fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
                 except OSError as exc:
                     failures.append(f"{display(candidate)}: {exc.strerror}")
+                    permanent = permanent and exc.errno in catalogue.GONE_FROM_MEDIUM
                     continue
                 try:
                     return self.store.store(fd, size, on_chunk)
@@ -376,9 +435,13 @@ class CopyWork:
                     if exc.kind == "source-changed":
                         raise
                     failures.append(f"{display(candidate)}: {exc.detail}")
+                    permanent = permanent and exc.permanent
                 finally:
                     os.close(fd)
-        raise SourceProblem("source-unreadable", "; ".join(failures[:3]) or "no source path")
+        detail = "; ".join(failures[:3]) or "no source path"
+        if not mounted:
+            detail = f"medium not mounted at {display(medium_mount(medium_hash, self.remaps))}; {detail}"
+        raise SourceProblem("source-unreadable", detail, permanent=permanent)
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> None:
         st = os.lstat(stored.path)
@@ -394,21 +457,70 @@ class CopyWork:
         counters.links_replaced += tally[Outcome.REPLACED]
 
 
+class FailedInodes:
+    """The range's inodes that could not be stored, as the arrays SQL_INODE_ERRORS takes."""
+
+    def __init__(self):
+        self.inos: list[int] = []
+        self.lines: list[str] = []
+        self.kinds: list[str] = []
+        self.states: list[str] = []
+
+    def add(self, ino: int, problem: InodeProblem) -> None:
+        self.inos.append(ino)
+        self.lines.append(f"relinker copy: {problem.kind}: {problem.detail}")
+        self.kinds.append(problem.kind)
+        self.states.append(problem.state)
+
+    def __bool__(self) -> bool:
+        return bool(self.inos)
+
+    def params(self) -> dict:
+        return dict(error_inos=self.inos, errors=self.lines, error_kinds=self.kinds, error_states=self.states)
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyStatements:
+    """copy's SQL, composed for the catalogue's columns from the constant fragments above."""
+
+    range_work: sql.Composed
+    mark_inodes: sql.Composed
+    inode_errors: sql.Composed
+    plan: sql.Composed
+    plan_count: sql.Composed
+
+    @classmethod
+    def for_catalogue(cls, columns: InodeColumns, retry_permanent: bool) -> "CopyStatements":
+        to_copy = sql.SQL(" ").join(
+            [sql.SQL(TO_COPY)] + ([sql.SQL(NOT_GIVEN_UP)] if columns.status and not retry_permanent else []))
+        success = [STATUS_SUCCESS] if columns.status else []
+        failure = [STATUS_FAILED] if columns.status else []
+        if columns.error_type:
+            success.append(ERROR_TYPE_CLEARED)
+            failure.append(ERROR_TYPE_SET)
+        selection = sql.SQL(_INODES_TO_COPY).format(to_copy=to_copy)
+        return cls(
+            range_work=sql.SQL(SQL_RANGE_WORK).format(to_copy=to_copy),
+            mark_inodes=sql.SQL(SQL_MARK_INODES).format(success=sql.SQL("".join(success))),
+            inode_errors=sql.SQL(SQL_INODE_ERRORS).format(failure=sql.SQL("".join(failure))),
+            plan=sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(selection),
+            plan_count=sql.SQL("SELECT count(*) FROM ({}) AS todo").format(selection),
+        )
+
+
 # --- planning -----------------------------------------------------------------
 
 SQL_MEDIUM = "SELECT medium_hash FROM medium WHERE medium_hash = %(m)s OR medium_human = %(m)s"
 _INODES_TO_COPY = """
-    SELECT i.medium_hash, i.ino
+    SELECT i.medium_hash, i.ino, coalesce(i.size, 0)
     FROM inode AS i
-    WHERE i.fs_type = 'f' AND NOT coalesce(i.by_hash_created, false)
+    WHERE {to_copy}
       AND (%(medium)s::text IS NULL OR i.medium_hash = %(medium)s)
       AND EXISTS (SELECT 1 FROM relinker_path AS p
                   WHERE p.medium_hash = i.medium_hash AND p.ino = i.ino AND p.exclude_reason IS NULL)
     ORDER BY i.medium_hash, i.ino
     LIMIT %(limit)s
 """
-SQL_PLAN = "COPY (" + _INODES_TO_COPY + ") TO STDOUT (FORMAT BINARY)"
-SQL_PLAN_COUNT = "SELECT count(*) FROM (" + _INODES_TO_COPY + ") AS todo"
 
 
 def resolve_medium(conn: psycopg.Connection, name_or_hash: str) -> str:
@@ -419,35 +531,47 @@ def resolve_medium(conn: psycopg.Connection, name_or_hash: str) -> str:
     return rows[0][0]
 
 
-def plan(conn: psycopg.Connection, options: dict, workers: int, n_ranges: int | None) -> list[tuple]:
-    """Ranges of inodes to copy: ``('', None, medium_hash, ino_lo, ino_hi)``, ino_hi exclusive.
+def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_ranges: int | None) -> list[Bounds]:
+    """Ranges of inodes to copy (``ino_hi`` exclusive), with the bytes each holds.
 
     Inode numbers are not uniform, so the bounds come from the inodes
     themselves, streamed in key order: every range holds the same number of
-    inodes (``INODES_PER_RANGE``, or an equal share of ``n_ranges``).
+    inodes (``INODES_PER_RANGE``, or an equal share of ``n_ranges``), and
+    without ``n_ranges`` at most ``BYTES_PER_RANGE`` of content beyond its
+    first inode. Fixes the run's empty blob ID (``options["empty_blobid"]``).
     """
     medium = resolve_medium(conn, options["medium"]) if options.get("medium") else None
     options["medium"] = medium
+    options["empty_blobid"] = catalogue.empty_blobid(conn)
+    statements = CopyStatements.for_catalogue(InodeColumns.of(conn), bool(options.get("retry_permanent")))
     params = {"medium": medium, "limit": options.get("limit")}
-    per_range = INODES_PER_RANGE
+    per_range, bytes_per_range = INODES_PER_RANGE, BYTES_PER_RANGE
     if n_ranges:
-        total = conn.execute(SQL_PLAN_COUNT, params).fetchone()[0]
-        per_range = max(1, -(-total // n_ranges))
-    ranges: list[tuple] = []
-    current: list = []  # [medium_hash, first ino, last ino, count]
-    with conn.cursor().copy(SQL_PLAN, params) as copy:
-        copy.set_types(["text", "int8"])
-        for medium_hash, ino in copy.rows():
-            if current and (current[0] != medium_hash or current[3] == per_range):
-                ranges.append(("", None, current[0], current[1], current[2] + 1))
+        total = conn.execute(statements.plan_count, params).fetchone()[0]
+        per_range, bytes_per_range = max(1, -(-total // n_ranges)), None
+    ranges: list[Bounds] = []
+    current: list = []  # [medium_hash, first ino, last ino, count, bytes]
+
+    def close_range() -> None:
+        ranges.append(Bounds(medium_hash=current[0], ino_lo=current[1], ino_hi=current[2] + 1,
+                             bytes_planned=current[4]))
+
+    with conn.cursor().copy(statements.plan, params) as copy:
+        copy.set_types(["text", "int8", "int8"])
+        for medium_hash, ino, size in copy.rows():
+            if current and (current[0] != medium_hash or current[3] == per_range
+                            or (bytes_per_range is not None and current[4] + size > bytes_per_range)):
+                close_range()
                 current = []
             if not current:
-                current = [medium_hash, ino, ino, 0]
+                current = [medium_hash, ino, ino, 0, 0]
             current[2] = ino
             current[3] += 1
+            current[4] += size
     if current:
-        ranges.append(("", None, current[0], current[1], current[2] + 1))
+        close_range()
     return ranges
 
 
-MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}))
+MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}),
+                 in_bytes=lambda options: True)

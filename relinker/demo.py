@@ -152,13 +152,12 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
     print(_indent(summary.as_text()))
     repaired = summary.counters.links_created == deleted and summary.counters.links_replaced == stale
 
-    step("relinker verify --hash: every blob, every link, every count, every byte")
-    with db.connect_for_user(settings.db_url, autocommit=True) as conn:
-        blobids = verify.select_blobs(conn, "oldest", conn.execute("SELECT count(*) FROM blobs").fetchone()[0])
-        checked = verify.verify(conn, blobids, selection="all", by_hash_root=settings.by_hash_root,
-                                archive_root=settings.archive_root, rehash=True)
+    step("relinker verify --all --hash: every blob, every link, every count, every byte")
+    request = jobs.JobRequest(settings=settings, options={"hash": True, "selection": "all"}, workers=workers,
+                              progress=progress)
+    checked, verified = jobs.run_job(verify.MODE_SPEC, request)
     print(_indent(checked.as_text()))
-    ok = code == EXIT_OK and repaired and checked.failed == 0
+    ok = code == EXIT_OK and repaired and verified == EXIT_OK
     print(f"\n  {'everything repaired and verified' if ok else 'something did not add up (see above)'}")
     return EXIT_OK if ok else EXIT_PROBLEMS
 

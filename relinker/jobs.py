@@ -19,7 +19,7 @@ from typing import Callable
 import psycopg
 
 from relinker import checkpoint, db, migrations
-from relinker.checkpoint import Range, RunInfo
+from relinker.checkpoint import Bounds, Range, RunInfo
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, UserError
 from relinker.paths import display
@@ -33,7 +33,9 @@ SQL_RANGES_SO_FAR = """
 SELECT count(*),
        count(*) FILTER (WHERE status = 'done'),
        coalesce(sum(links_created + links_present + links_replaced) FILTER (WHERE status = 'done'), 0)::bigint,
-       coalesce(sum(problems) FILTER (WHERE status = 'done'), 0)::bigint
+       coalesce(sum(problems) FILTER (WHERE status = 'done'), 0)::bigint,
+       coalesce(sum(bytes_read) FILTER (WHERE status = 'done'), 0)::bigint,
+       sum(bytes_planned)::bigint
 FROM relinker_range WHERE run_id = %s
 """
 
@@ -44,11 +46,14 @@ class Mode:
 
     name: str
     work: Callable[[WorkSpec], object]
-    #: plan(conn, options, workers, n_ranges) -> [(lo, hi) | (lo, hi, medium, ino_lo, ino_hi)];
-    #: may add to ``options`` what a resumed run must know.
-    plan: Callable[[psycopg.Connection, dict, int, int | None], list[tuple]]
+    #: plan(conn, options, local, workers, n_ranges) -> [Bounds]; may add to
+    #: ``options`` what a resumed run must know (``local``: this invocation's
+    #: settings that are never stored, such as a list of blob IDs).
+    plan: Callable[[psycopg.Connection, dict, dict, int, int | None], list[Bounds]]
     #: What a run of this mode writes to (outside dry runs): "archive", "by-hash".
     writes: frozenset = frozenset({"archive"})
+    #: Whether a run with these options is content work, measured in bytes (copy, verify --hash).
+    in_bytes: Callable[[dict], bool] = lambda options: False
 
 
 @dataclasses.dataclass
@@ -160,20 +165,22 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             verbose=settings.verbose, log_file=settings.log_file,
         )
         if request.dry_run:
-            bounds = mode.plan(conn, spec.options, request.workers, request.ranges)
-            spec.dry_ranges = [Range(None, n, *b) for n, b in enumerate(bounds)]
-            ranges_total, done_before, links_before, problems_before = len(bounds), 0, 0, 0
+            bounds = mode.plan(conn, spec.options, request.local, request.workers, request.ranges)
+            spec.dry_ranges = [Range.of(None, n, b) for n, b in enumerate(bounds)]
+            ranges_total, done_before, links_before, problems_before, bytes_before = len(bounds), 0, 0, 0, 0
+            bytes_total = sum(b.bytes_planned or 0 for b in bounds)
         else:
             run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
             spec.run_id = run.run_id
             spec.options = run.options
             spec.since = conn.execute("SELECT now()").fetchone()[0]
-            ranges_total, done_before, links_before, problems_before = conn.execute(
+            ranges_total, done_before, links_before, problems_before, bytes_before, bytes_total = conn.execute(
                 SQL_RANGES_SO_FAR, (run.run_id,)).fetchone()
             if run.status == "done":
                 summary = Summary.from_run(conn, run.run_id)
                 return summary, _exit_code(summary)
-    bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress)
+    bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress,
+                      bytes_done_before=bytes_before, in_bytes=mode.in_bytes(spec.options), bytes_total=bytes_total)
     try:
         outcome = run_pool(spec, request.workers, bar)
     finally:
@@ -189,12 +196,15 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             options=spec.options,
         )
         summary.links_this_session = outcome.counters.links
+        summary.bytes_this_session = outcome.counters.bytes_read
+        summary.bytes_planned = bytes_total or None
     else:
         with db.connect_for_user(settings.db_url, autocommit=True) as conn:
             checkpoint.finish_run_if_complete(conn, spec.run_id)
             summary = Summary.from_run(conn, spec.run_id, open_ranges=True)
         summary.interrupted = outcome.interrupted and not summary.complete
         summary.links_this_session = summary.counters.links - links_before
+        summary.bytes_this_session = summary.counters.bytes_read - bytes_before
     summary.elapsed_seconds = elapsed
     summary.working_seconds = None  # this session's rate: its links over its own time
     return summary, _exit_code(summary)
@@ -240,7 +250,7 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
     # What was asked, before planning resolves it (a medium's name to its
     # hash, --limit to an upper blob ID): what a later plain resume compares.
     spec.options[REQUESTED] = _as_stored(request.options)
-    bounds = mode.plan(conn, spec.options, request.workers, request.ranges)
+    bounds = mode.plan(conn, spec.options, request.local, request.workers, request.ranges)
     run_id = checkpoint.create_run(conn, mode.name, by_hash_root, archive_root, spec.options, bounds)
     log.info("planned run %d: %d ranges", run_id, len(bounds))
     return checkpoint.get_run(conn, run_id)
@@ -261,8 +271,19 @@ def _changed_options(run: RunInfo, requested: dict) -> str:
     Runs planned before runs kept what they were asked compare with their
     (planned) options.
     """
-    planned_with = run.options.get(REQUESTED, run.options)
     asked = _as_stored(requested)
-    return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked[key]!r}"
-                     for key in sorted(asked) if planned_with.get(key) != asked[key])
+    if REQUESTED in run.options:
+        planned_with = run.options[REQUESTED]
+        # An option one of the two lacks was not given (a list of blobs
+        # now, none then), or is newer than the run (a flag left off).
+        keys = set(asked) | set(planned_with)
+    else:
+        planned_with, keys = run.options, set(asked)
+    return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked.get(key)!r}" for key in sorted(keys)
+                     if _given(planned_with.get(key)) != _given(asked.get(key)))
+
+
+def _given(value):
+    """An option's value, with "not given" and "off" as one (None)."""
+    return None if value is None or value is False else value
 

@@ -164,6 +164,14 @@ class ArchiveLinker:
         """
         return lstat_identity(source, self._source_fd)
 
+    def source_stat(self, source: bytes) -> os.stat_result:
+        """lstat of a source (relative to ``source_root`` when not absolute)."""
+        return os.stat(source, dir_fd=self._source_fd, follow_symlinks=False)
+
+    def open_source(self, source: bytes) -> int:
+        """A read-only descriptor of a source (never through a symlink); the caller closes it."""
+        return os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._source_fd)
+
     def source_path(self, source: bytes) -> bytes:
         """A source as a path from the filesystem root, for messages."""
         if self._source_root is None or source.startswith(b"/"):
@@ -270,11 +278,13 @@ class ArchiveLinker:
             tally[_PRESENT] += present
         return created + present + done
 
-    def probe_all(self, source_id: tuple[int, int], paths, tally: dict, problem) -> int:
+    def probe_all(self, source_id: tuple[int, int], paths, tally: dict, problem, general=None) -> int:
         """Count the paths of ``paths`` that are hardlinks of ``source_id``; create nothing.
 
         Correct links count as ``Outcome.PRESENT`` in ``tally``, the others
-        under ``None``; returns how many are correct.
+        under ``None``; returns how many are correct. ``general(path) ->
+        bool`` replaces :meth:`probe_one` for the paths that are not simply
+        links of the source.
         """
         dev, ino = source_id
         present = done = 0
@@ -288,7 +298,8 @@ class ArchiveLinker:
             present += more_present
             if index >= count:
                 break
-            if self.probe_one(source_id, paths[index], tally, problem):
+            if (self.probe_one(source_id, paths[index], tally, problem) if general is None
+                    else general(paths[index])):
                 done += 1
             index += 1
         tally[_PRESENT] += present

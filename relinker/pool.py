@@ -104,12 +104,16 @@ class RangeContext:
         self.counters = Counters()
         self.problems: list[Problem] = []
         self.problem_kinds: collections.Counter[str] = collections.Counter()
+        #: blob IDs some problem of this range names
+        self.problem_blobs: set[str] = set()
         self._next_check = 0.0
 
     def problem(self, kind: str, detail: str, *, blobid: str | None = None, path: bytes | None = None) -> None:
         """Record a per-path (or per-blob) problem: counted, never fatal."""
         self.counters.problems += 1
         self.problem_kinds[kind] += 1
+        if blobid is not None:
+            self.problem_blobs.add(blobid)
         if self._worker.spec.dry_run:
             if len(self._worker.samples) < DRY_RUN_SAMPLES:
                 self._worker.samples.append(Problem(kind, detail, blobid, path))
@@ -123,7 +127,7 @@ class RangeContext:
             return
         self._next_check = now + PROGRESS_INTERVAL
         self._worker.check_stop()
-        self._worker.send("progress", self.range.range_no, self.counters.paths)
+        self._worker.send("progress", self.range.range_no, self.counters.paths, self.counters.bytes_read)
         self._worker.maybe_heartbeat(self, now)
 
 
@@ -224,11 +228,11 @@ class _Worker:
         except Interrupted:
             if self.store is not None:
                 self.store.give_back(r)
-            self.send("progress", r.range_no, 0)
+            self.send("progress", r.range_no, 0, 0)
             raise
         except LostRange as exc:
             log.warning("range %d: %s; leaving it to its new owner", r.range_no, exc)
-            self.send("progress", r.range_no, 0)
+            self.send("progress", r.range_no, 0, 0)
             return
         except Exception as exc:
             log.error("range %d failed: %s", r.range_no, db.first_line(exc), exc_info=self.spec.verbose > 1)
@@ -293,7 +297,7 @@ class _ForcedStop(Exception):
 
 
 class Progress(Protocol):
-    def update(self, paths_done: int, ranges_done: int) -> None: ...
+    def update(self, paths_done: int, ranges_done: int, bytes_done: int = 0) -> None: ...
 
 
 def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> PoolOutcome:
@@ -303,8 +307,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     dry_next = context.Value("i", 0)
     outcome = PoolOutcome()
     live: dict[Any, multiprocessing.Process] = {}  # pipe reader -> process
-    in_flight: dict[int, int] = {}  # range_no -> paths so far (this coordinator)
-    finished_paths = 0
+    in_flight: dict[int, tuple[int, int]] = {}  # range_no -> (paths, bytes) so far (this coordinator)
+    finished_paths = finished_bytes = 0
     ranges_done = 0
     respawns_left = 2 * workers + 5
     stopping = False
@@ -351,12 +355,13 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     continue
                 kind, range_no, *rest = message
                 if kind == "progress":
-                    in_flight[range_no] = rest[0]
+                    in_flight[range_no] = (rest[0], rest[1])
                 elif kind == "done":
                     counters, kinds, samples = rest
                     in_flight.pop(range_no, None)
                     done = Counters(**counters)
                     finished_paths += done.paths
+                    finished_bytes += done.bytes_read
                     ranges_done += 1
                     outcome.counters.add(done)
                     outcome.problem_kinds.update(kinds)
@@ -365,7 +370,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     in_flight.pop(range_no, None)
                     outcome.failed_ranges += 1
             if progress is not None:
-                progress.update(finished_paths + sum(in_flight.values()), ranges_done)
+                progress.update(finished_paths + sum(p for p, _ in in_flight.values()), ranges_done,
+                                finished_bytes + sum(b for _, b in in_flight.values()))
     except _ForcedStop:
         for process in live.values():
             process.kill()

@@ -12,6 +12,7 @@ correctly linked (absolute, so a redo never double counts) and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import stat
 
@@ -19,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from relinker import db
-from relinker.checkpoint import Range, default_range_count, split_blob_space
+from relinker.checkpoint import Bounds, Range, default_range_count, split_blob_list, split_blob_space
 from relinker.jobs import Mode
 from relinker.linker import EVENT_PATH, EVENT_SOURCE, ArchiveLinker, Outcome, new_tally
 from relinker.paths import by_hash_relpath, display, is_blobid
@@ -40,16 +41,18 @@ SQL_WORK = """
            ARRAY(SELECT p.path FROM relinker_path AS p
                  WHERE p.medium_hash = i.medium_hash AND p.ino = i.ino AND p.exclude_reason IS NULL)
     FROM inode AS i
-    WHERE i.fs_type = 'f' AND i.blobid >= %(lo)s {upper} {incomplete}
+    WHERE i.fs_type = 'f' AND {scope} {incomplete}
     ORDER BY i.blobid
 """
-UPPER_BOUND = "AND i.blobid < %(hi)s"
 ONLY_INCOMPLETE = """
       AND i.blobid IN (SELECT b.blobid FROM blobs AS b
-                       WHERE b.blobid >= %(lo)s {upper_b}
+                       WHERE {scope}
                          AND (b.expected_hardlinks IS NULL
                               OR coalesce(b.n_hardlinks, 0) < b.expected_hardlinks))"""
-UPPER_BOUND_B = "AND b.blobid < %(hi)s"
+# A range's blobs: an interval of IDs, or the IDs of a list (--from-file).
+LOWER_BOUND = "{}.blobid >= %(lo)s"
+UPPER_BOUND = "AND {}.blobid < %(hi)s"
+LISTED = "{}.blobid = ANY(%(listed)s::text[])"
 
 # What the catalogue says of the range's blobs, read once the range is worked:
 # a short scan of the primary key. Only blobs whose counts differ are then
@@ -57,25 +60,59 @@ UPPER_BOUND_B = "AND b.blobid < %(hi)s"
 # spends no time joining thousands of unchanged rows).
 SQL_RECORDED_COUNTS = """
 SELECT b.blobid, b.n_hardlinks, b.expected_hardlinks FROM blobs AS b
-WHERE b.blobid >= %(lo)s {upper}
+WHERE {scope}
 """
-# Absolute counts, so a redo never double counts. The range bounds keep the
+# Absolute counts, so a redo never double counts. The range's scope keeps the
 # planner on the primary key instead of a scan of the whole blobs table; the
 # IS DISTINCT FROM guard skips rows another writer already made right.
 SQL_WRITE_COUNTS = """
 UPDATE blobs AS b
 SET n_hardlinks = c.linked, expected_hardlinks = c.expected
 FROM unnest(%(blobids)s::text[], %(linked)s::int[], %(expected)s::int[]) AS c(blobid, linked, expected)
-WHERE b.blobid = c.blobid AND b.blobid >= %(lo)s {upper}
+WHERE b.blobid = c.blobid AND {scope}
   AND (b.n_hardlinks IS DISTINCT FROM c.linked OR b.expected_hardlinks IS DISTINCT FROM c.expected)
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class RangeScope:
+    """Which blobs a range covers, as SQL: an interval of blob IDs, or a list of them."""
+
+    listed: bool
+    bounded: bool
+    params: dict
+
+    @classmethod
+    def of(cls, r: Range) -> "RangeScope":
+        if r.blobids is not None:
+            return cls(listed=True, bounded=False, params={"listed": db.text_array(r.blobids)})
+        return cls(listed=False, bounded=r.hi is not None, params={"lo": r.lo, "hi": r.hi})
+
+    def where(self, alias: str) -> sql.Composable:
+        """The condition on ``alias.blobid`` (composed from the constant fragments above)."""
+        table = sql.Identifier(alias)
+        if self.listed:
+            return sql.SQL(LISTED).format(table)
+        parts = [sql.SQL(LOWER_BOUND).format(table)]
+        if self.bounded:
+            parts.append(sql.SQL(UPPER_BOUND).format(table))
+        return sql.SQL(" ").join(parts)
+
+    def work_query(self, only_incomplete: bool) -> sql.Composed:
+        """The range query."""
+        incomplete = sql.SQL(ONLY_INCOMPLETE).format(scope=self.where("b")) if only_incomplete else sql.SQL("")
+        return sql.SQL(SQL_WORK).format(scope=self.where("i"), incomplete=incomplete)
+
+    def recorded_counts(self) -> sql.Composed:
+        return sql.SQL(SQL_RECORDED_COUNTS).format(scope=self.where("b"))
+
+    def write_counts(self) -> sql.Composed:
+        return sql.SQL(SQL_WRITE_COUNTS).format(scope=self.where("b"))
+
+
 def work_query(bounded: bool, only_incomplete: bool) -> sql.Composed:
-    """The range query, composed from the constant fragments above."""
-    incomplete = sql.SQL(ONLY_INCOMPLETE if only_incomplete else "").format(
-        upper_b=sql.SQL(UPPER_BOUND_B if bounded else ""))
-    return sql.SQL(SQL_WORK).format(upper=sql.SQL(UPPER_BOUND if bounded else ""), incomplete=incomplete)
+    """The range query of an interval of blob IDs (``hi`` given when ``bounded``)."""
+    return RangeScope(listed=False, bounded=bounded, params={}).work_query(only_incomplete)
 
 
 def _count_outcomes(counters, tally: dict, walker=None) -> None:
@@ -121,11 +158,12 @@ class RelinkWork:
         """
         tally = new_tally()
         counters = ctx.counters
+        scope = RangeScope.of(r)
         # Streamed in chunks (libpq's chunked rows mode): the server keeps
         # producing rows while this process links, memory stays bounded for
         # any range, and psycopg's C loaders parse a chunk at a time.
         rows = self.data.get().cursor(binary=True).stream(
-            work_query(r.hi is not None, self.only_incomplete), {"lo": r.lo, "hi": r.hi}, size=STREAM_CHUNK)
+            scope.work_query(self.only_incomplete), scope.params, size=STREAM_CHUNK)
         # Closed on the way out whatever happens: a suspended stream keeps the
         # connection's lock, and the tracebacks the retry machinery keeps would
         # otherwise make the worker's next range wait for that lock forever.
@@ -137,23 +175,33 @@ class RelinkWork:
                 linked, expected = self._walk_rows(walker, rows, ctx, tally)
         _count_outcomes(counters, tally, walker)
         counters.blobs = len(expected)
-        upper = sql.SQL(UPPER_BOUND_B if r.hi is not None else "")
-        bounds = {"lo": r.lo, "hi": r.hi}
-        recorded = self.data.get().execute(sql.SQL(SQL_RECORDED_COUNTS).format(upper=upper), bounds).fetchall()
+        recorded = self.data.get().execute(scope.recorded_counts(), scope.params).fetchall()
+        if r.blobids is not None:
+            unknown = set(r.blobids).difference(blobid for blobid, _, _ in recorded)
+            for blobid in sorted(unknown):
+                ctx.problem("unknown-blob", "not in the blobs table", blobid=blobid)
         self.after_range(ctx, linked, expected, recorded)
+        return self.finalize_step(ctx, scope, linked, expected, recorded)
+
+    def finalize_step(self, ctx: RangeContext, scope: RangeScope, linked: dict, expected: dict, recorded: list):
+        """The range's catalogue writes: the changed n_hardlinks and expected_hardlinks.
+
+        Returned as the step the commit transaction runs.
+        """
         changes = counts_to_write(recorded, linked, expected, unseen_are_empty=not self.only_incomplete)
         arrays = {
             "blobids": db.text_array(blobid for blobid, _, _ in changes),
             "linked": db.int_array(n for _, n, _ in changes),
             "expected": db.int_array(n for _, _, n in changes),
-            **bounds,
+            **scope.params,
         }
+        statement = scope.write_counts()
 
         def finalize(conn: psycopg.Connection) -> None:
             if not changes:
                 return
             # prepare=False: a generic plan cannot see the range bounds.
-            conn.execute(sql.SQL(SQL_WRITE_COUNTS).format(upper=upper), arrays, prepare=False)
+            conn.execute(statement, arrays, prepare=False)
 
         return finalize
 
@@ -270,13 +318,17 @@ ORDER BY blobid OFFSET %s LIMIT 1
 """
 
 
-def plan(conn: psycopg.Connection, options: dict, workers: int, n_ranges: int | None):
-    """Ranges of blob IDs for a new run: ``[(lo, hi), ...]``.
+def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_ranges: int | None) -> list[Bounds]:
+    """Ranges of blob IDs for a new run.
 
     ``--limit N`` becomes an upper bound: the ID of the (N+1)-th blob in ID
     order, so a limited run is an ordinary run over a smaller key space (it
-    checkpoints and resumes like any other).
+    checkpoints and resumes like any other). A list of blob IDs
+    (``local["blobids"]``, from ``--from-file``) is split into ranges that
+    carry their IDs.
     """
+    if local.get("blobids") is not None:
+        return plan_list(local["blobids"], workers, n_ranges)
     n_blobs = conn.execute(SQL_COUNT_BLOBS).fetchone()[0]
     upper = None
     limit = options.get("limit")
@@ -287,6 +339,13 @@ def plan(conn: psycopg.Connection, options: dict, workers: int, n_ranges: int | 
         n_blobs = min(n_blobs, limit)
     options["upper"] = upper
     return split_blob_space(n_ranges or default_range_count(n_blobs, workers), upper)
+
+
+def plan_list(blobids, workers: int, n_ranges: int | None) -> list[Bounds]:
+    """Ranges over a list of blob IDs: ``n_ranges`` of them, or as many as the list's size asks for."""
+    distinct = len(set(blobids))
+    n = n_ranges or default_range_count(distinct, workers)
+    return split_blob_list(blobids, max(1, -(-distinct // n)))
 
 
 class CountWork(RelinkWork):

@@ -15,7 +15,7 @@ from relinker.paths import display
 SQL_RUN_PROGRESS = """
 SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_pending, ranges_failed,
        blobs, links_created, links_present, links_replaced, problems, links_missing, files_copied,
-       bytes_copied, extract(epoch FROM elapsed)::float8, extract(epoch FROM working)::float8,
+       bytes_copied, bytes_read, blobs_failed, bytes_planned, extract(epoch FROM elapsed)::float8, extract(epoch FROM working)::float8,
        extract(epoch FROM eta)::float8,
        by_hash_root, archive_root, options
 FROM relinker_run_progress WHERE run_id = %s
@@ -53,6 +53,10 @@ class Summary:
     working_seconds: float | None = None
     links_this_session: int = 0
     eta_seconds: float | None = None
+    #: content the run's ranges hold (copy plans it), None where not planned
+    bytes_planned: int | None = None
+    #: content read this session (the MB/s's numerator)
+    bytes_this_session: int = 0
     open_ranges: list[dict] = dataclasses.field(default_factory=list)
     by_hash_root: str | None = None
     archive_root: str | None = None
@@ -63,9 +67,17 @@ class Summary:
         return self.status == "done" or (self.dry_run and not self.interrupted)
 
     @property
+    def _seconds(self) -> float:
+        return self.elapsed_seconds if self.working_seconds is None else self.working_seconds
+
+    @property
     def links_per_second(self) -> float:
-        seconds = self.elapsed_seconds if self.working_seconds is None else self.working_seconds
-        return self.links_this_session / seconds if seconds > 0 else 0.0
+        return self.links_this_session / self._seconds if self._seconds > 0 else 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        """Content read per second (copy, verify --hash), in MB (10^6 bytes)."""
+        return self.bytes_this_session / 1e6 / self._seconds if self._seconds > 0 else 0.0
 
     @classmethod
     def from_run(cls, conn: psycopg.Connection, run_id: int, *, open_ranges: bool = False) -> "Summary":
@@ -73,7 +85,7 @@ class Summary:
         row = conn.execute(SQL_RUN_PROGRESS, (run_id,)).fetchone()
         if row is None:
             raise LookupError(run_id)
-        (run_id, mode, status, total, done, running, pending, failed, *counters,
+        (run_id, mode, status, total, done, running, pending, failed, *counters, bytes_planned,
          elapsed, working, eta, by_hash_root, archive_root, options) = row
         summary = cls(
             mode=mode, run_id=run_id, status=status,
@@ -83,10 +95,11 @@ class Summary:
                              for kind, detail, blobid, path in conn.execute(SQL_PROBLEM_SAMPLES, (run_id, SAMPLE_LIMIT))],
             ranges_total=total, ranges_done=done, ranges_running=running, ranges_pending=pending,
             ranges_failed=failed, elapsed_seconds=elapsed or 0.0, working_seconds=working or 0.0,
-            eta_seconds=eta,
+            eta_seconds=eta, bytes_planned=bytes_planned,
             by_hash_root=by_hash_root, archive_root=archive_root, options=options or {},
         )
         summary.links_this_session = summary.counters.links
+        summary.bytes_this_session = summary.counters.bytes_read
         if open_ranges:
             summary.open_ranges = [
                 dict(range_no=n, status=s, lo=lo, hi=hi, worker=w, attempts=a, heartbeat_age_seconds=age,
@@ -119,10 +132,15 @@ class Summary:
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "working_seconds": None if self.working_seconds is None else round(self.working_seconds, 3),
             "links_per_second": round(self.links_per_second, 1),
+            "bytes_planned": self.bytes_planned,
+            "mb_per_second": round(self.mb_per_second, 1),
             "eta_seconds": self.eta_seconds,
             "open_ranges": self.open_ranges,
             "options": self.options,
         }
+        if self.mode == "verify":
+            data.update(checked=self.counters.blobs, passed=self.counters.blobs - self.counters.blobs_failed,
+                        failed=self.counters.blobs_failed)
         return json.dumps(data, sort_keys=False)
 
     def as_text(self) -> str:
@@ -141,17 +159,29 @@ class Summary:
             + (f", {self.ranges_failed:,} failed" if self.ranges_failed else "")
             + (f", {self.ranges_running:,} running" if self.ranges_running else ""),
         )]
-        rows += [
-            ("inodes" if self.mode == "copy" else "blobs", f"{c.blobs:,}"),
-            (f"links {verb}created", f"{c.links_created:,}"),
-            ("links present", f"{c.links_present:,}"),
-            (f"links {verb}replaced", f"{c.links_replaced:,}"),
-            ("problems", f"{c.problems:,}" + (f" ({kinds})" if kinds else "")),
-        ]
-        if self.mode in ("count", "verify") or c.links_missing:
-            rows.append(("links missing", f"{c.links_missing:,}"))
+        problems = ("problems", f"{c.problems:,}" + (f" ({kinds})" if kinds else ""))
+        if self.mode == "verify":
+            rows += [
+                ("blobs", f"{c.blobs:,} checked, {c.blobs - c.blobs_failed:,} passed, {c.blobs_failed:,} failed"),
+                ("links present", f"{c.links_present:,}"),
+                ("links missing", f"{c.links_missing:,}"),
+                problems,
+            ]
+        else:
+            rows += [
+                ("inodes" if self.mode == "copy" else "blobs", f"{c.blobs:,}"),
+                (f"links {verb}created", f"{c.links_created:,}"),
+                ("links present", f"{c.links_present:,}"),
+                (f"links {verb}replaced", f"{c.links_replaced:,}"),
+                problems,
+            ]
+            if self.mode == "count" or c.links_missing:
+                rows.append(("links missing", f"{c.links_missing:,}"))
         if self.mode == "copy":
-            rows.append((f"by-hash files {verb}written", f"{c.files_copied:,} ({c.bytes_copied:,} bytes)"))
+            rows.append((f"by-hash files {verb}written", f"{c.files_copied:,} ({human_bytes(c.bytes_copied)})"))
+        if c.bytes_read or self.bytes_planned:
+            planned = f" of {human_bytes(self.bytes_planned)}" if self.bytes_planned else ""
+            rows.append(("content read", f"{human_bytes(c.bytes_read)}{planned} ({self.mb_per_second:,.1f} MB/s)"))
         rate = f"{self.links_per_second:,.0f} links/s"
         if self.working_seconds is not None and self.working_seconds < 0.9 * self.elapsed_seconds:
             # interrupted and resumed: the rate is over the time it worked
@@ -174,29 +204,49 @@ class Summary:
         return "\n".join(lines)
 
 
-class ProgressBar:
-    """The parent's tqdm bar: paths handled, rate and ETA.
+def human_bytes(n: int | None) -> str:
+    """``n`` bytes for people: 3.8 GB (decimal units, as the MB/s figures)."""
+    value = float(n or 0)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:,.0f} {unit}" if unit == "bytes" else f"{value:,.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
 
-    The total is unknown until ranges finish; it is extrapolated from the
-    paths per finished range (ranges hold equal expected work).
+
+class ProgressBar:
+    """The parent's tqdm bar: paths (or, for content work, bytes) handled, rate and ETA.
+
+    A total known in advance (the bytes copy planned) is the bar's total;
+    otherwise it is extrapolated from the work per finished range (ranges
+    hold equal expected work). The other measure shows beside the bar.
     """
 
-    def __init__(self, ranges_total: int, ranges_done_before: int, paths_done_before: int, *, enabled: bool):
+    def __init__(self, ranges_total: int, ranges_done_before: int, paths_done_before: int, *, enabled: bool,
+                 bytes_done_before: int = 0, in_bytes: bool = False, bytes_total: int | None = None):
         self.ranges_total = ranges_total
         self.ranges_before = ranges_done_before
         self.paths_before = paths_done_before
+        self.bytes_before = bytes_done_before
+        self.in_bytes = in_bytes
+        self.known_total = bytes_total if in_bytes and bytes_total else None
+        initial = bytes_done_before if in_bytes else paths_done_before
+        unit = dict(unit="B", unit_scale=True, unit_divisor=1000) if in_bytes else dict(unit="path", unit_scale=True)
         self._bar = tqdm.tqdm(
-            total=None, initial=paths_done_before, unit="path", unit_scale=True, dynamic_ncols=True,
-            disable=not enabled, file=sys.stderr, smoothing=0.05, mininterval=0.5,
+            total=self.known_total, initial=initial, dynamic_ncols=True, disable=not enabled, file=sys.stderr,
+            smoothing=0.05, mininterval=0.5, **unit,
         )
 
-    def update(self, paths_done: int, ranges_done: int) -> None:
-        current = self.paths_before + paths_done
+    def update(self, paths_done: int, ranges_done: int, bytes_done: int = 0) -> None:
+        paths = self.paths_before + paths_done
+        current = self.bytes_before + bytes_done if self.in_bytes else paths
         finished = self.ranges_before + ranges_done
-        if finished and self.ranges_total:
-            # paths_done includes in-flight ranges; their share is small
+        if self.known_total is None and finished and self.ranges_total:
+            # the work done includes in-flight ranges; their share is small
             estimate = int(current / finished * self.ranges_total) if finished < self.ranges_total else current
             self._bar.total = max(estimate, current)
+        if self.in_bytes:
+            self._bar.set_postfix_str(f"{paths:,} paths", refresh=False)
         self._bar.update(current - self._bar.n)
 
     def close(self) -> None:

@@ -1,32 +1,43 @@
-"""The seed's verifier: check a sample of blobs against disk, end to end.
+"""Verify mode (the seed's verifier): check blobs against disk, end to end.
 
-For each selected blob: its by-hash file exists and is a regular file, its
-size matches the catalogue, (with ``--hash``) its content re-hashes to its ID,
-every expected archive path is a hardlink of it, and ``n_hardlinks`` matches
-the links found. A blob that passes gets ``blobs.last_checked = now()``;
-every failure is a problem row of a ``verify`` run, with blob and path.
+For each blob of a range: its by-hash file exists and is a regular file, its
+size is the catalogue's, (with ``--hash``) its content hashes to its ID (the
+catalogue's empty blob, see :mod:`relinker.catalogue`, is accepted for an
+empty file), every expected archive path is a hardlink of it, and
+``n_hardlinks`` is the number of links found. Every failure is a problem of
+the verify run, with blob and path; the blobs of a range that passed all of
+it get ``blobs.last_checked = now()`` in the transaction that marks the range
+done. Nothing else is written.
+
+Which blobs: every one (``--all``: ranges of blob IDs, like relink), or a
+selection fixed when the run is planned (``--count N --mode never|oldest|random``,
+``--from-file``), split into ranges that carry their blob IDs, so a resumed
+run checks exactly the blobs it was asked to.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import io
-import json
 import os
 import secrets
 import stat
 import sys
 from typing import Iterable
 
-import blake3
 import psycopg
+from psycopg import sql
 
-from relinker import checkpoint, db
-from relinker.linker import ArchiveLinker, LinkProblem
-from relinker.paths import UnsafePath, by_hash_path, display, is_blobid
+from relinker import catalogue, content, db
+from relinker.checkpoint import Bounds, default_range_count, split_blob_space
+from relinker.jobs import Mode
+from relinker.linker import LinkProblem, Outcome
+from relinker.paths import UnsafePath, by_hash_relpath, display
+from relinker.pool import RangeContext, WorkSpec
+from relinker.relink import UNUSABLE, CountWork, RangeScope, plan_list
 
-MODES = ("never", "oldest", "random")
-HASH_CHUNK = 1 << 20
+MODE = "verify"
+SELECTIONS = ("never", "oldest", "random")
 
 SQL_NEVER = "SELECT blobid FROM blobs WHERE last_checked IS NULL ORDER BY blobid LIMIT %(n)s"
 SQL_OLDEST = "SELECT blobid FROM blobs ORDER BY last_checked NULLS FIRST, blobid LIMIT %(n)s"
@@ -38,87 +49,122 @@ FROM unnest(%(starts)s::text[]) AS s(start)
 CROSS JOIN LATERAL (SELECT blobid FROM blobs WHERE blobid >= s.start ORDER BY blobid LIMIT 1) AS b
 """
 SQL_ANY_OTHERS = "SELECT blobid FROM blobs WHERE NOT (blobid = ANY(%s)) LIMIT %s"
-SQL_KNOWN = "SELECT blobid FROM blobs WHERE blobid = ANY(%s)"
-SQL_RECORDED = "SELECT coalesce(n_hardlinks, 0) FROM blobs WHERE blobid = %s"
-SQL_PATHS = """
-SELECT i.size, p.path
-FROM inode AS i JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
-WHERE i.blobid = %s AND i.fs_type = 'f' AND p.exclude_reason IS NULL
-ORDER BY p.path
+SQL_COUNT_BLOBS = "SELECT count(*) FROM blobs"
+# The catalogue's sizes of the range's blobs (one blob's inodes should agree).
+SQL_SIZES = """
+SELECT i.blobid, array_agg(DISTINCT i.size) FILTER (WHERE i.size IS NOT NULL)
+FROM inode AS i WHERE i.fs_type = 'f' AND {scope}
+GROUP BY i.blobid
 """
-SQL_CHECKED = "UPDATE blobs SET last_checked = now() WHERE blobid = ANY(%s)"
-SQL_PROBLEM = """
-INSERT INTO relinker_problem (run_id, range_no, blobid, path, kind, detail) VALUES (%s, 0, %s, %s, %s, %s)
+SQL_CHECKED = "UPDATE blobs SET last_checked = now() WHERE blobid = ANY(%(passed)s::text[])"
+SQL_FAILED_BLOBS = """
+SELECT DISTINCT blobid FROM relinker_problem WHERE run_id = %s AND blobid IS NOT NULL ORDER BY blobid
 """
-# A verify run is one range, so relinker_run_progress shows its figures too.
-SQL_RANGE_DONE = """
-UPDATE relinker_range
-SET status = 'done', finished_at = now(), worker = %(worker)s, attempts = 1,
-    blobs = %(blobs)s, links_present = %(links)s, links_missing = %(missing)s, problems = %(problems)s
-WHERE run_id = %(run_id)s AND range_no = 0
-"""
-SQL_RUN_DONE = "UPDATE relinker_run SET status = 'done', finished_at = now() WHERE run_id = %s"
-LINK_FAILURES = ("link-missing", "wrong-inode", "symlink-in-archive", "not-a-directory", "is-a-directory",
-                 "unsafe-path", "name-too-long", "os-error")
 
 
-@dataclasses.dataclass
-class Failure:
-    blobid: str
-    kind: str
-    detail: str
-    path: bytes | None = None
+class VerifyWork(CountWork):
+    """Checks verify ranges in one worker process; writes only ``last_checked``."""
+
+    def __init__(self, spec: WorkSpec):
+        super().__init__(spec)
+        self.rehash = bool(spec.options.get("hash"))
+        self._sizes: dict[str, list[int]] = {}
+        #: blobs of the range without a usable by-hash file (their links were not checked)
+        self._unusable: set[str] = set()
+
+    def process(self, r, ctx: RangeContext):
+        scope = RangeScope.of(r)
+        query = sql.SQL(SQL_SIZES).format(scope=scope.where("i"))
+        self._sizes = dict(self.data.get().execute(query, scope.params, prepare=False).fetchall())
+        self._unusable = set()
+        return super().process(r, ctx)
+
+    def _source(self, blobid: str, ctx: RangeContext):
+        source = super()._source(blobid, ctx)
+        if source is UNUSABLE:
+            self._unusable.add(blobid)
+        return source
+
+    def check_source(self, blobid: str, relpath: bytes, ctx: RangeContext) -> None:
+        """The by-hash file's size against the catalogue's, and with ``--hash`` its content against its ID."""
+        path = self.linker.source_path(relpath)
+        try:
+            fd = self.linker.open_source(relpath)
+        except OSError as exc:
+            ctx.problem("content-unreadable", f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
+            return
+        try:
+            size = os.fstat(fd).st_size
+            sizes = self._sizes.get(blobid)
+            if sizes and size not in sizes:
+                ctx.problem("size-mismatch", f"by-hash file has {size} bytes, catalogue says {sorted(sizes)}",
+                            blobid=blobid, path=path)
+            if not self.rehash:
+                return
+            try:
+                digest, read = content.hash_fd(fd, ctx.tick)
+            except OSError as exc:
+                ctx.problem("content-unreadable", f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
+                return
+            ctx.counters.bytes_read += read
+            ctx.tick()
+            if not catalogue.content_matches(blobid, digest, read):
+                ctx.problem("content-mismatch", "content does not hash to its blob ID", blobid=blobid, path=path)
+        finally:
+            os.close(fd)
+
+    def visit(self, source, source_id, paths, tally, problem) -> int:
+        return self.linker.probe_all(source_id, paths, tally, problem,
+                                     general=lambda path: self.settle(source, source_id, path, tally, problem))
+
+    def settle(self, source, source_id, path, tally, problem) -> bool:
+        """One path that is not simply a link of the blob: say what is wrong with it."""
+        try:
+            found = self.linker.probe(path)
+        except UnsafePath as exc:
+            problem(path, "unsafe-path", str(exc))
+            return False
+        except LinkProblem as exc:
+            problem(path, exc.kind, exc.detail)
+            return False
+        if found is not None and (found.st_dev, found.st_ino) == source_id:
+            tally[Outcome.PRESENT] += 1
+            return True
+        tally[None] += 1
+        if found is None:
+            problem(path, "link-missing", "no archive entry")
+        else:
+            problem(path, "wrong-inode", "archive entry is not the by-hash file")
+        return False
+
+    def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
+        # The walk took each by-hash file by lstat alone (the C walker asks
+        # Python only about unusual ones); size and content are checked here.
+        for blobid in sorted(expected):
+            if blobid not in self._unusable:
+                self.check_source(blobid, by_hash_relpath(blobid), ctx)
+        # Blobs without a regular-file inode have no path, but a by-hash file all the same.
+        for blobid, _, _ in recorded:
+            if blobid not in expected and self._source(blobid, ctx) is not UNUSABLE:
+                self.check_source(blobid, by_hash_relpath(blobid), ctx)
+        # Without a by-hash file no link was looked for: a count to compare would only repeat that.
+        super().after_range(ctx, linked, expected, [row for row in recorded if row[0] not in self._unusable])
+
+    def finalize_step(self, ctx: RangeContext, scope: RangeScope, linked, expected, recorded):
+        """``last_checked`` for the range's blobs that passed, nothing else."""
+        checked = {blobid for blobid, _, _ in recorded} | set(ctx.range.blobids or ())
+        failed = checked & ctx.problem_blobs
+        ctx.counters.blobs = len(checked)
+        ctx.counters.blobs_failed = len(failed)
+        passed = db.text_array(sorted(checked - failed))
+
+        def finalize(conn: psycopg.Connection) -> None:
+            conn.execute(SQL_CHECKED, {"passed": passed})
+
+        return finalize
 
 
-@dataclasses.dataclass
-class VerifyResult:
-    """What a verify run found."""
-
-    selection: str
-    run_id: int | None = None  # the verify run, recorded once every blob is checked
-    checked: int = 0
-    passed: int = 0
-    links_ok: int = 0
-    failures: list[Failure] = dataclasses.field(default_factory=list)
-
-    @property
-    def failed(self) -> int:
-        return self.checked - self.passed
-
-    def by_kind(self) -> dict[str, int]:
-        kinds: dict[str, int] = {}
-        for f in self.failures:
-            kinds[f.kind] = kinds.get(f.kind, 0) + 1
-        return dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
-
-    def as_text(self) -> str:
-        kinds = ", ".join(f"{k} {n}" for k, n in self.by_kind().items())
-        lines = [f"verify ({self.selection}), run {self.run_id}: {self.checked} blobs checked, "
-                 f"{self.passed} passed, {self.failed} failed" + (f" ({kinds})" if kinds else "")]
-        for f in self.failures[:20]:
-            where = display(f.path) if f.path is not None else ""
-            lines.append(f"  ! {f.kind}: {f.blobid} {where}: {f.detail}")
-        return "\n".join(lines)
-
-    def as_json(self) -> str:
-        return json.dumps({
-            "mode": "verify", "selection": self.selection, "run_id": self.run_id, "checked": self.checked,
-            "passed": self.passed, "failed": self.failed, "links_ok": self.links_ok,
-            "problems_by_kind": self.by_kind(),
-            "failures": [{"blobid": f.blobid, "kind": f.kind, "detail": f.detail,
-                          "path": display(f.path) if f.path is not None else None} for f in self.failures],
-        })
-
-
-def read_blob_ids(source: Iterable[str]) -> list[str]:
-    """Blob IDs listed one per line (blank lines and # comments ignored)."""
-    ids = []
-    for line in source:
-        line = line.split("#", 1)[0].strip()
-        if line:
-            ids.append(line.lower())
-    return ids
-
+# --- planning -----------------------------------------------------------------
 
 def select_blobs(conn: psycopg.Connection, selection: str, count: int) -> list[str]:
     """``count`` blob IDs: never checked, least recently checked, or a random sample."""
@@ -139,96 +185,24 @@ def select_blobs(conn: psycopg.Connection, selection: str, count: int) -> list[s
     return sorted(chosen)[:count]
 
 
-def verify(conn: psycopg.Connection, blobids: list[str], *, selection: str, by_hash_root: bytes,
-           archive_root: bytes, rehash: bool) -> VerifyResult:
-    """Check ``blobids``; record failures as problems of a new verify run.
-
-    The run is created with its results, in one transaction: a verify
-    stopped half way (Ctrl-C, a lost connection) leaves no run behind.
-    """
-    result = VerifyResult(selection)
-    known = {b for (b,) in conn.execute(SQL_KNOWN, (blobids,))}
-    passed = []
-    with ArchiveLinker(archive_root, dry_run=True) as linker:
-        for blobid in blobids:
-            result.checked += 1
-            failures = []
-            if blobid not in known:
-                failures.append(Failure(blobid, "unknown-blob", "not in the blobs table"))
-            else:
-                links = _check_blob(conn, linker, blobid, by_hash_root, rehash, failures)
-                result.links_ok += links
-            if failures:
-                result.failures += failures
-            else:
-                passed.append(blobid)
-    result.passed = len(passed)
-    with conn.transaction():
-        run_id = result.run_id = checkpoint.create_run(
-            conn, "verify", by_hash_root, archive_root,
-            {"selection": selection, "count": len(blobids), "hash": rehash}, [("", None)])
-        conn.execute(SQL_CHECKED, (passed,))
-        for f in result.failures:
-            conn.execute(SQL_PROBLEM, (run_id, f.blobid, f.path, f.kind, f.detail))
-        conn.execute(SQL_RANGE_DONE, dict(
-            run_id=run_id, worker=db.worker_name(), blobs=result.checked, links=result.links_ok,
-            missing=sum(f.kind in LINK_FAILURES for f in result.failures), problems=len(result.failures)))
-        conn.execute(SQL_RUN_DONE, (run_id,))
-    return result
+def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_ranges: int | None) -> list[Bounds]:
+    """Ranges of a verify run: every blob (``--all``), or the selection, fixed now."""
+    if local.get("blobids") is not None:
+        return plan_list(local["blobids"], workers, n_ranges)
+    if options.get("selection") == "all":
+        n_blobs = conn.execute(SQL_COUNT_BLOBS).fetchone()[0]
+        return split_blob_space(n_ranges or default_range_count(n_blobs, workers))
+    return plan_list(select_blobs(conn, options["selection"], options["count"]), workers, n_ranges)
 
 
-def _check_blob(conn, linker: ArchiveLinker, blobid: str, by_hash_root: bytes, rehash: bool,
-                failures: list[Failure]) -> int:
-    """Check one blob; append failures; return how many archive links are right."""
-    if not is_blobid(blobid):
-        failures.append(Failure(blobid, "bad-blobid", "not a lowercase hex BLAKE3-256 digest"))
-        return 0
-    source = by_hash_path(by_hash_root, blobid)
-    try:
-        st = os.stat(source, follow_symlinks=False)
-    except OSError as exc:
-        failures.append(Failure(blobid, "missing-by-hash", exc.strerror, source))
-        return 0
-    if not stat.S_ISREG(st.st_mode):
-        failures.append(Failure(blobid, "missing-by-hash", "not a regular file", source))
-        return 0
-    rows = conn.execute(SQL_PATHS, (blobid,)).fetchall()
-    sizes = {size for size, _ in rows if size is not None}
-    if sizes and st.st_size not in sizes:
-        failures.append(Failure(blobid, "size-mismatch",
-                                f"by-hash file has {st.st_size} bytes, catalogue says {sorted(sizes)}", source))
-    if rehash:
-        try:
-            if _rehash(source) != blobid:
-                failures.append(Failure(blobid, "content-mismatch", "content does not hash to its blob ID", source))
-        except OSError as exc:
-            failures.append(Failure(blobid, "content-unreadable", exc.strerror, source))
-    linked = 0
-    for path in dict.fromkeys(bytes(p) for _, p in rows):
-        try:
-            found = linker.probe(path)
-        except (UnsafePath, LinkProblem) as exc:
-            kind = exc.kind if isinstance(exc, LinkProblem) else "unsafe-path"
-            failures.append(Failure(blobid, kind, str(exc), path))
-            continue
-        if found is None:
-            failures.append(Failure(blobid, "link-missing", "no archive entry", path))
-        elif (found.st_dev, found.st_ino) != (st.st_dev, st.st_ino):
-            failures.append(Failure(blobid, "wrong-inode", "archive entry is not the by-hash file", path))
-        else:
-            linked += 1
-    recorded = conn.execute(SQL_RECORDED, (blobid,)).fetchone()[0]
-    if recorded != linked:
-        failures.append(Failure(blobid, "count-mismatch", f"n_hardlinks is {recorded}, {linked} links found"))
-    return linked
-
-
-def _rehash(path: bytes) -> str:
-    hasher = blake3.blake3()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+def read_blob_ids(source: Iterable[str]) -> list[str]:
+    """Blob IDs listed one per line (blank lines and # comments ignored)."""
+    ids = []
+    for line in source:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ids.append(line.lower())
+    return ids
 
 
 def blob_ids_from(file_argument: str) -> list[str]:
@@ -239,3 +213,28 @@ def blob_ids_from(file_argument: str) -> list[str]:
         return read_blob_ids(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
     with open(file_argument, encoding="utf-8", errors="replace") as f:
         return read_blob_ids(f)
+
+
+def listing_fingerprint(blobids: list[str]) -> str:
+    """What a run planned from a list keeps of it: enough to tell the same list again on a resume."""
+    distinct = sorted(set(blobids))
+    return f"{len(distinct)} blobs, sha256 {hashlib.sha256(chr(10).join(distinct).encode()).hexdigest()[:16]}"
+
+
+def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) -> int:
+    """Write the IDs of the blobs that failed in ``run_id`` to ``destination``, in --from-file's format.
+
+    Written to a temporary name and renamed into place, so a reader never
+    sees half a list. Returns how many IDs were written.
+    """
+    failed = [blobid for (blobid,) in conn.execute(SQL_FAILED_BLOBS, (run_id,))]
+    temporary = f"{destination}.relinker-{secrets.token_hex(4)}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(f"# blobs that failed relinker verify run {run_id}; repair: relinker relink --from-file FILE\n")
+        f.writelines(blobid + "\n" for blobid in failed)
+    os.replace(temporary, destination)
+    return len(failed)
+
+
+MODE_SPEC = Mode(name=MODE, work=VerifyWork, plan=plan, writes=frozenset(),  # the catalogue only
+                 in_bytes=lambda options: bool(options.get("hash")))

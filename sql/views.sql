@@ -48,6 +48,9 @@ SELECT r.run_id,
        coalesce(sum(g.links_missing), 0)::bigint  AS links_missing,
        coalesce(sum(g.files_copied), 0)::bigint   AS files_copied,
        coalesce(sum(g.bytes_copied), 0)::bigint   AS bytes_copied,
+       coalesce(sum(g.bytes_read), 0)::bigint     AS bytes_read,
+       coalesce(sum(g.blobs_failed), 0)::bigint   AS blobs_failed,
+       sum(g.bytes_planned)::bigint               AS bytes_planned,
        round(100.0 * count(g.range_no) FILTER (WHERE g.status = 'done')
              / greatest(count(g.range_no), 1), 1) AS percent_done,
        coalesce(r.finished_at, now()) - r.started_at AS elapsed,
@@ -55,11 +58,22 @@ SELECT r.run_id,
        round(coalesce(sum(g.links_created + g.links_present + g.links_replaced), 0)
              / greatest(extract(epoch FROM coalesce(busy.working, interval '0')), 0.001)::numeric,
              1) AS links_per_second,
+       round(coalesce(sum(g.bytes_read), 0) / 1e6
+             / greatest(extract(epoch FROM coalesce(busy.working, interval '0')), 0.001)::numeric,
+             1) AS mb_per_second,
+       -- the later of two estimates: by ranges (equal work each), and by
+       -- bytes where the ranges' bytes were planned (copy: one large file
+       -- makes one range far longer than the others)
        CASE WHEN r.status = 'done' THEN interval '0'
-            WHEN count(g.range_no) FILTER (WHERE g.status = 'done') = 0 THEN NULL
-            ELSE coalesce(busy.working, interval '0')
-                 * (count(g.range_no) FILTER (WHERE g.status <> 'done'))
-                 / count(g.range_no) FILTER (WHERE g.status = 'done')
+            ELSE greatest(
+                CASE WHEN count(g.range_no) FILTER (WHERE g.status = 'done') > 0
+                     THEN coalesce(busy.working, interval '0')
+                          * (count(g.range_no) FILTER (WHERE g.status <> 'done'))
+                          / count(g.range_no) FILTER (WHERE g.status = 'done') END,
+                CASE WHEN sum(g.bytes_planned) > 0 AND sum(g.bytes_read) > 0
+                     THEN coalesce(busy.working, interval '0')
+                          * (greatest(sum(g.bytes_planned) - sum(g.bytes_read), 0)::float8 / sum(g.bytes_read))
+                END)
        END AS eta,
        encode(r.by_hash_root, 'escape') AS by_hash_root,
        encode(r.archive_root, 'escape') AS archive_root,
@@ -92,7 +106,8 @@ SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.in
        g.worker, g.attempts, g.claimed_at, g.heartbeat_at,
        now() - g.heartbeat_at AS heartbeat_age,
        g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
-       g.links_missing, g.files_copied, g.bytes_copied, g.last_error
+       g.links_missing, g.files_copied, g.bytes_copied, g.bytes_read, g.bytes_planned, g.blobs_failed,
+       cardinality(g.blobids) AS listed_blobs, g.last_error
 FROM relinker_range g
 WHERE g.status <> 'done';
 

@@ -180,3 +180,13 @@ def roots(tmp_path):
     source.write_bytes(b"content")
     st = os.stat(source)
     return os.fsencode(archive), os.fsencode(source), (st.st_dev, st.st_ino)
+
+
+@pytest.fixture
+def production(db_url, tmp_path):
+    """A catalogue in production's state (tests/production.py), not yet migrated by relinker."""
+    from production import ProductionWorld
+
+    w = ProductionWorld(db_url, tmp_path / "production")
+    yield w
+    w.close()

@@ -7,9 +7,12 @@ import os
 import pytest
 
 from relinker import verify as verify_module
+from relinker.catalogue import EMPTY_SHA256
 from relinker.cli import main
-from relinker.paths import by_hash_path
+from relinker.paths import by_hash_path, by_hash_relpath
+from relinker.pool import WorkSpec
 from support import obeying_file_permissions
+from test_range_loops import Context
 
 
 def run(world, capsys, command, *args):
@@ -67,21 +70,26 @@ def checked(world):
     return {b for (b,) in world.conn.execute("SELECT blobid FROM blobs WHERE last_checked IS NOT NULL")}
 
 
+def failures(result):
+    """(blobid, kind) of every failure a verify summary shows."""
+    return {(p["blobid"], p["kind"]) for p in result["problem_samples"]}
+
+
 @pytest.mark.parametrize("selection", ["never", "oldest", "random"])
 def test_verify_detects_each_kind_of_damage(linked, capsys, selection):
     a, b, c = linked.blobs["a"], linked.blobs["b"], linked.blobs["c"]
     os.unlink(linked.archive_path(b"/d/a2"))                       # missing link
     linked.replace_with_stale_copy(b"/e/b2", b"bravo")             # wrong inode
-    code, result = run(linked, capsys, "verify", "--count", "3", "--mode", selection)
+    code, result = run(linked, capsys, "verify", "--count", "3", "--mode", selection, "--no-progress")
     assert code == 1 and result["checked"] == 3, result
-    assert result["passed"] == 1 and result["failed"] == 2, result["failures"]
-    kinds = {(f["blobid"], f["kind"]) for f in result["failures"]}
+    assert result["passed"] == 1 and result["failed"] == 2, result["problem_samples"]
+    kinds = failures(result)
     assert (a, "link-missing") in kinds and (b, "wrong-inode") in kinds
     assert (a, "count-mismatch") in kinds
     assert checked(linked) == {c}  # only the blob that passed
     rows = linked.conn.execute("SELECT kind FROM relinker_problem WHERE run_id = %s",
                                (result["run_id"],)).fetchall()
-    assert len(rows) == len(result["failures"])
+    assert len(rows) == result["problems"]
 
 
 def test_verify_missing_by_hash_and_corrupted_content(linked, capsys, tmp_path):
@@ -92,52 +100,75 @@ def test_verify_missing_by_hash_and_corrupted_content(linked, capsys, tmp_path):
     os.unlink(by_hash_path(linked.by_hash_root, c))
     listing = tmp_path / "ids"
     listing.write_text(f"# blobs to check\n{b}\n{c}\n")
-    code, result = run(linked, capsys, "verify", "--from-file", str(listing))
+    code, result = run(linked, capsys, "verify", "--from-file", str(listing), "--no-progress")
     assert code == 1 and result["passed"] == 1
-    assert {(f["blobid"], f["kind"]) for f in result["failures"]} == {(c, "missing-by-hash")}
-    code, result = run(linked, capsys, "verify", "--from-file", str(listing), "--hash")
+    assert failures(result) == {(c, "missing-by-hash")}
+    code, result = run(linked, capsys, "verify", "--from-file", str(listing), "--hash", "--no-progress", "--new")
     assert code == 1 and result["passed"] == 0
-    assert (b, "content-mismatch") in {(f["blobid"], f["kind"]) for f in result["failures"]}
+    assert (b, "content-mismatch") in failures(result)
+    assert result["bytes_read"] == len(b"bravo")  # c has no file to read
 
 
 def test_verify_all_good_sets_last_checked(linked, capsys):
-    code, result = run(linked, capsys, "verify", "--count", "10", "--hash")
+    code, result = run(linked, capsys, "verify", "--count", "10", "--hash", "--no-progress")
     assert code == 0 and result["passed"] == 3
     assert checked(linked) == set(linked.blobs.values())
-    code, result = run(linked, capsys, "verify", "--count", "10", "--mode", "never")
+    code, result = run(linked, capsys, "verify", "--count", "10", "--mode", "never", "--no-progress")
     assert code == 0 and result["checked"] == 0
+
+
+def test_verify_all_checks_every_blob_including_those_without_paths(linked, capsys):
+    orphan = linked.blob(b"no inode names me")
+    gone = linked.blob(b"no file either", store=False)
+    code, result = run(linked, capsys, "verify", "--all", "--hash", "--no-progress")
+    assert code == 1 and result["checked"] == 5 and result["passed"] == 4, result
+    assert failures(result) == {(gone, "missing-by-hash")}
+    assert orphan in checked(linked) and gone not in checked(linked)
 
 
 def test_verify_reads_ids_from_stdin(linked, capsys, monkeypatch):
     """Whatever comes in: a line that is not UTF-8 is an unknown blob, like any other stranger."""
     stdin = linked.blobs["a"].encode() + b"\n" + b"f" * 64 + b"\n\xff\xfe\n"
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="ascii"))
-    code, result = run(linked, capsys, "verify", "--from-file", "-")
+    code, result = run(linked, capsys, "verify", "--from-file", "-", "--no-progress")
     assert code == 1 and result["checked"] == 3
-    assert [f["kind"] for f in result["failures"]] == ["unknown-blob", "unknown-blob"]
+    assert sorted(p["kind"] for p in result["problem_samples"]) == ["unknown-blob", "unknown-blob"]
 
 
 def test_verify_hash_of_an_unreadable_by_hash_file_is_a_failure(linked):
+    """A by-hash file that cannot be opened is content-unreadable, never a traceback."""
     b = linked.blobs["b"]
     os.chmod(by_hash_path(linked.by_hash_root, b), 0)
-    with obeying_file_permissions():  # the catalogue's connection is already open
-        result = verify_module.verify(linked.conn, sorted(linked.blobs.values()), selection="from-file",
-                                      by_hash_root=linked.by_hash_root, archive_root=linked.archive_root,
-                                      rehash=True)
-    assert result.passed == 2
-    assert [(f.blobid, f.kind) for f in result.failures] == [(b, "content-unreadable")]
+    work = verify_module.VerifyWork(WorkSpec(work=verify_module.VerifyWork, dsn="", options={"hash": True},
+                                             by_hash_root=linked.by_hash_root, archive_root=linked.archive_root))
+    ctx = Context()
+    try:
+        with obeying_file_permissions():
+            work.check_source(b, by_hash_relpath(b), ctx)
+            work.check_source(linked.blobs["a"], by_hash_relpath(linked.blobs["a"]), ctx)
+    finally:
+        work.close()
+    assert [(kind, blobid) for kind, blobid, _ in ctx.problems] == [("content-unreadable", b)]
+    assert ctx.counters.bytes_read == len(b"alpha")
 
 
-def test_a_verify_that_stops_half_way_leaves_no_run(linked, monkeypatch):
-    """The run and its findings are written together: nothing half-done shows in psql."""
-    def lost_connection(*args):
-        raise KeyboardInterrupt()
-
-    monkeypatch.setattr(verify_module, "_check_blob", lost_connection)
-    with pytest.raises(KeyboardInterrupt):
-        verify_module.verify(linked.conn, list(linked.blobs.values()), selection="never",
-                             by_hash_root=linked.by_hash_root, archive_root=linked.archive_root, rehash=False)
-    assert linked.conn.execute("SELECT count(*) FROM relinker_run WHERE mode = 'verify'").fetchone() == (0,)
+def test_verify_accepts_the_catalogues_empty_blob(world, capsys):
+    """The NTT copier named the empty content by the SHA-256 of nothing: --hash accepts it, and only for empty content."""
+    m = world.medium("disk")
+    path = by_hash_path(world.by_hash_root, EMPTY_SHA256)
+    os.makedirs(os.path.dirname(path))
+    open(path, "wb").close()
+    world.conn.execute("INSERT INTO blobs (blobid) VALUES (%s)", (EMPTY_SHA256,))
+    world.inode(m, [b"/empty-1", b"/empty-2"], EMPTY_SHA256)
+    assert main(world.argv("relink", "--no-progress")) == 0
+    capsys.readouterr()
+    code, result = run(world, capsys, "verify", "--all", "--hash", "--no-progress")
+    assert code == 0 and result["passed"] == 1, result
+    os.chmod(path, 0o644)
+    with open(path, "wb") as f:
+        f.write(b"not empty any more")
+    code, result = run(world, capsys, "verify", "--all", "--hash", "--no-progress", "--new")
+    assert code == 1 and (EMPTY_SHA256, "content-mismatch") in failures(result)
 
 
 def test_read_blob_ids_ignores_comments_and_blanks():
@@ -146,7 +177,48 @@ def test_read_blob_ids_ignores_comments_and_blanks():
 
 def test_verify_run_shows_in_the_progress_view(linked, capsys):
     os.unlink(linked.archive_path(b"/d/a2"))
-    code, result = run(linked, capsys, "verify", "--count", "3")
-    row = linked.conn.execute("SELECT mode, status, ranges_done, blobs, links_present, links_missing, problems "
-                              "FROM relinker_run_progress WHERE run_id = %s", (result["run_id"],)).fetchone()
-    assert row == ("verify", "done", 1, 3, 5, 1, 2)
+    code, result = run(linked, capsys, "verify", "--count", "3", "--no-progress")
+    row = linked.conn.execute("SELECT mode, status, ranges_done, blobs, links_present, links_missing, problems, "
+                              "blobs_failed FROM relinker_run_progress WHERE run_id = %s",
+                              (result["run_id"],)).fetchone()
+    assert row == ("verify", "done", 1, 3, 5, 1, 2, 1)
+
+
+def test_failed_ids_then_relink_from_file_is_a_two_line_repair(linked, capsys, tmp_path):
+    """`verify ... --failed-ids F && relink --from-file F`: only the failed blobs are touched."""
+    a, b, c = linked.blobs["a"], linked.blobs["b"], linked.blobs["c"]
+    os.unlink(linked.archive_path(b"/d/a2"))
+    linked.replace_with_stale_copy(b"/e/b2", b"bravo")
+    linked.conn.execute("UPDATE blobs SET n_hardlinks = 7 WHERE blobid = %s", (c,))  # wrong, and not listed
+    failed = tmp_path / "failed.txt"
+    code, result = run(linked, capsys, "verify", "--all", "--no-progress", "--failed-ids", str(failed),
+                       "--count", "2")
+    assert code == 1
+    assert verify_module.blob_ids_from(str(failed)) == sorted([a, b, c])
+    # a list of our own: c's wrong count is not the repair's business
+    failed.write_text(f"{a}\n{b}\n{'0' * 64}\n")
+    code, result = run(linked, capsys, "relink", "--from-file", str(failed), "--no-progress")
+    assert code == 1 and result["problems_by_kind"] == {"unknown-blob": 1}
+    assert result["links_created"] == 1 and result["links_replaced"] == 1 and result["blobs"] == 2
+    counts = linked.n_hardlinks()
+    assert counts[a] == 3 and counts[b] == 2 and counts[c] == 7
+    # the same list again resumes nothing: that run is done; a fresh one finds all present
+    code, result = run(linked, capsys, "relink", "--from-file", str(failed), "--no-progress", "--new")
+    assert result["links_present"] == 5 and result["links_created"] == 0
+
+
+def test_a_plain_relink_passes_over_an_unfinished_run_of_a_list(linked, capsys, tmp_path):
+    listing = tmp_path / "one"
+    listing.write_text(linked.blobs["a"] + "\n")
+    run_id = linked.conn.execute(
+        "INSERT INTO relinker_run (mode, by_hash_root, archive_root, options) VALUES ('relink', %s, %s, %s) "
+        "RETURNING run_id", (linked.by_hash_root, linked.archive_root,
+                             json.dumps({"requested": {"from_file": verify_module.listing_fingerprint(
+                                 [linked.blobs["a"]]), "on_conflict": "replace", "only_incomplete": False,
+                                 "limit": None}}))).fetchone()[0]
+    linked.conn.execute("INSERT INTO relinker_range (run_id, range_no, lo, blobids) VALUES (%s, 0, '', %s)",
+                        (run_id, [linked.blobs["a"]]))
+    code, result = run(linked, capsys, "relink", "--no-progress")
+    assert result["run_id"] != run_id and result["blobs"] == 3
+    code, result = run(linked, capsys, "relink", "--no-progress", "--from-file", str(listing))
+    assert result["run_id"] == run_id and result["blobs"] == 1 and code == 0

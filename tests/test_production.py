@@ -1,0 +1,217 @@
+"""relinker on a catalogue in production's state (tests/production.py).
+
+What the README's section "On a catalogue the NTT copier filled" promises:
+migrate adds only relinker's own; copy stores exactly the inodes without
+content and writes the status model as the NTT copier did; relink repairs
+what the copier left wrong; count and verify --hash end clean on the
+SHA-256-named empty blob; and not one column of the copier's rows changes
+except the counts relink is meant to fix (and the verifier's last_checked).
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from relinker.catalogue import EMPTY_BLAKE3, EMPTY_SHA256
+from relinker.cli import main
+from relinker.paths import by_hash_path
+
+NTT_TABLES = ("medium", "inode", "path", "blobs")
+NTT_COLUMNS = """
+SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid)
+FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+WHERE c.relname = ANY(%s) OR c.relname LIKE 'inode\\_%%' OR c.relname LIKE 'path\\_%%'
+ORDER BY 1, a.attnum
+"""
+#: What relink, count and verify may change in blobs rows of the copier's contents.
+COUNTS = ("n_hardlinks", "expected_hardlinks", "last_checked")
+
+
+def run(world, capsys, *args):
+    code = main(world.argv(*args, "--json", "--no-progress", "--workers", "2"))
+    return code, json.loads(capsys.readouterr().out)
+
+
+def migrate(world, capsys):
+    assert main(world.argv("migrate")) == 0
+    return capsys.readouterr().out
+
+
+def without_counts(rows):
+    return {**rows, "blobs": [{k: v for k, v in blob.items() if k not in COUNTS} for blob in rows["blobs"]]}
+
+
+def test_migrate_twice_adds_only_relinkers_own(production, capsys):
+    columns = production.conn.execute(NTT_COLUMNS, (list(NTT_TABLES),)).fetchall()
+    rows = production.rows_of(production.stored)
+    assert "applied: 0001" in migrate(production, capsys)
+    assert "applied" not in migrate(production, capsys)
+    assert production.conn.execute(NTT_COLUMNS, (list(NTT_TABLES),)).fetchall() == columns
+    assert production.rows_of(production.stored) == rows
+    # the event trigger saw relinker alter its own tables only
+    altered = [what for (what,) in production.conn.execute("SELECT what FROM ntt_audit WHERE what LIKE 'ALTER%'")]
+    assert all("relinker_" in what for what in altered), altered
+
+
+def test_copy_plans_exactly_the_inodes_without_content(production, capsys):
+    migrate(production, capsys)
+    code, summary = run(production, capsys, "copy", "--dry-run")
+    assert code == 0 and summary["blobs"] == 4, summary  # the fresh medium's regular files
+    assert summary["options"]["empty_blobid"] == EMPTY_SHA256
+
+
+def test_copy_relink_count_verify_change_only_what_they_should(production, capsys):
+    p = production
+    migrate(p, capsys)
+    stored_before = p.rows_of(p.stored)
+
+    code, summary = run(p, capsys, "copy", "--source-prefix", p.source_prefix())
+    assert code == 0, summary
+    assert summary["blobs"] == 4 and summary["problems"] == 0
+    assert summary["files_copied"] == 2  # notes and data.bin; the licence and the empty content were stored
+    assert summary["bytes_read"] == sum(size for (size,) in p.conn.execute(
+        "SELECT size FROM inode WHERE medium_hash = %s AND fs_type = 'f'", (p.fresh,)))
+    fresh = p.conn.execute(
+        "SELECT blobid, status, copied, by_hash_created, processed_at IS NOT NULL, error_type, size "
+        "FROM inode WHERE medium_hash = %s AND fs_type = 'f' ORDER BY ino", (p.fresh,)).fetchall()
+    assert all(row[1:6] == ("success", True, True, True, None) for row in fresh), fresh
+    by_size = {row[6]: row[0] for row in fresh}
+    assert by_size[0] == EMPTY_SHA256  # one empty content, under the catalogue's name
+    assert by_size[len(b"MIT licence text\n" * 50)] == p.licence
+    assert not os.path.exists(by_hash_path(p.by_hash_root, EMPTY_BLAKE3))
+    assert p.rows_of(p.stored)["inode"] == stored_before["inode"]
+    assert p.rows_of(p.stored)["path"] == stored_before["path"]
+    assert without_counts(p.rows_of(p.stored)) == without_counts(stored_before)
+    # nothing left to copy: the stored medium's inodes are never planned
+    code, summary = run(p, capsys, "copy", "--new", "--source-prefix", p.source_prefix())
+    assert code == 0 and summary["ranges_total"] == 0
+
+    code, summary = run(p, capsys, "relink")
+    assert code == 0, summary
+    # the copier's lost link, and its link to an orphaned copy of the photo
+    assert summary["links_created"] == 1 and summary["links_replaced"] == 1 and summary["problems"] == 0
+    p.assert_complete(summary["run_id"])
+    assert os.stat(p.orphan).st_nlink == 1
+    counts = p.n_hardlinks()
+    assert counts[p.licence] == 4 and counts[EMPTY_SHA256] == 4 and counts[p.readme] == 2
+
+    code, summary = run(p, capsys, "count")
+    assert code == 0 and summary["problems"] == 0, summary
+
+    code, summary = run(p, capsys, "verify", "--all", "--hash")
+    assert code == 0 and summary["failed"] == 0, summary["problem_samples"]
+    assert summary["checked"] == len(p.expected())
+
+    after = p.rows_of(p.stored)
+    assert after["inode"] == stored_before["inode"] and after["path"] == stored_before["path"]
+    assert without_counts(after) == without_counts(stored_before)
+    # the copier's inode-counting n_hardlinks, now counting paths
+    assert [b["n_hardlinks"] for b in after["blobs"]] != [b["n_hardlinks"] for b in stored_before["blobs"]]
+
+
+def test_copy_failures_follow_the_status_model(production, capsys):
+    """Failed inodes: status and error_type as the NTT tools read them, processed_at left alone."""
+    p = production
+    migrate(p, capsys)
+    gone = p.fresh_mount / "new" / "notes.txt"
+    os.unlink(gone)
+    os.unlink(p.fresh_mount / "new" / "notes-link")  # the inode's other path: the file is gone from the medium
+    (p.fresh_mount / "new" / "data.bin").write_bytes(b"rewritten since it was enumerated")
+    code, summary = run(p, capsys, "copy", "--source-prefix", p.source_prefix())
+    assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 1, "source-changed": 1}
+    states = {path: rest for path, *rest in p.conn.execute(
+        "SELECT p.path, i.status, i.error_type, i.processed_at, i.blobid, cardinality(i.errors) "
+        "FROM inode i JOIN path p USING (medium_hash, ino) WHERE i.medium_hash = %s AND i.status LIKE 'failed%%'",
+        (p.fresh,))}
+    notes = p.mount_path(p.fresh, "new/notes.txt")
+    data = p.mount_path(p.fresh, "new/data.bin")
+    assert states[notes] == ["failed_permanent", "source-unreadable", None, None, 1]
+    assert states[data] == ["failed_permanent", "source-changed", None, None, 1]
+
+    # permanent failures are left alone ...
+    code, summary = run(p, capsys, "copy", "--new", "--source-prefix", p.source_prefix())
+    assert code == 0 and summary["ranges_total"] == 0
+    # ... unless asked; an attempt that cannot reach the medium keeps them permanent
+    os.rename(p.fresh_mount, p.mounts / "elsewhere")
+    code, summary = run(p, capsys, "copy", "--new", "--retry-permanent", "--medium", "fresh-disk",
+                        "--source-prefix", p.source_prefix())
+    assert code == 1 and summary["blobs"] == 0 and summary["problems"] == 2
+    statuses = {path: rest for path, *rest in p.conn.execute(
+        "SELECT p.path, i.status, i.error_type, cardinality(i.errors) FROM inode i JOIN path p USING (medium_hash, ino) "
+        "WHERE i.medium_hash = %s AND p.path = ANY(%s)", (p.fresh, [notes, data]))}
+    assert statuses == {notes: ["failed_permanent", "source-unreadable", 2],
+                        data: ["failed_permanent", "source-changed", 2]}
+
+    os.rename(p.mounts / "elsewhere", p.fresh_mount)
+    (p.fresh_mount / "new" / "notes.txt").write_bytes(b"fresh notes\n" * 20)
+    os.link(p.fresh_mount / "new" / "notes.txt", p.fresh_mount / "new" / "notes-link")
+    code, summary = run(p, capsys, "copy", "--new", "--retry-permanent", "--medium", "fresh-disk",
+                        "--source-prefix", p.source_prefix())
+    assert summary["blobs"] == 1 and summary["problems_by_kind"] == {"source-changed": 1}
+    row = p.conn.execute(
+        "SELECT status, error_type, processed_at IS NOT NULL, cardinality(errors) FROM inode i "
+        "JOIN path p USING (medium_hash, ino) WHERE p.path = %s", (notes,)).fetchone()
+    assert row == ("success", None, True, 2)  # the history of errors stays
+    # the stored medium's own permanent failure was never tried (--medium)
+    assert p.conn.execute("SELECT status, errors FROM inode WHERE medium_hash = %s AND status LIKE 'failed%%'",
+                          (p.stored,)).fetchall() == [("failed_permanent", ["[Errno 5] Input/output error"])]
+
+
+def test_an_unmounted_medium_fails_retryably_and_is_copied_once_mounted(production, capsys):
+    p = production
+    migrate(p, capsys)
+    os.rename(p.fresh_mount, p.mounts / "elsewhere")
+    code, summary = run(p, capsys, "copy", "--source-prefix", p.source_prefix())
+    assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 4}
+    assert "medium not mounted" in summary["problem_samples"][0]["detail"]
+    assert p.conn.execute(
+        "SELECT DISTINCT status, error_type, processed_at FROM inode WHERE medium_hash = %s AND fs_type = 'f'",
+        (p.fresh,)).fetchall() == [("failed_retryable", "source-unreadable", None)]
+    os.rename(p.mounts / "elsewhere", p.fresh_mount)
+    code, summary = run(p, capsys, "copy", "--new", "--source-prefix", p.source_prefix())
+    assert code == 0 and summary["blobs"] == 4
+    assert p.conn.execute("SELECT DISTINCT status, error_type FROM inode WHERE medium_hash = %s AND fs_type = 'f'",
+                          (p.fresh,)).fetchall() == [("success", None)]
+
+
+@pytest.mark.parametrize("shape", ["no status model", "status without error_type"])
+def test_copy_on_a_catalogue_without_the_status_model(production, capsys, shape):
+    p = production
+    p.conn.execute("ALTER TABLE inode DROP CONSTRAINT failure_has_a_type, DROP COLUMN error_type")
+    if shape == "no status model":
+        p.conn.execute("ALTER TABLE inode DROP COLUMN status")
+    migrate(p, capsys)
+    os.unlink(p.fresh_mount / "new" / "COPYING")
+    code, summary = run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix())
+    assert code == 1 and summary["blobs"] == 3 and summary["problems_by_kind"] == {"source-unreadable": 1}
+    failed = p.conn.execute("SELECT processed_at, cardinality(errors) FROM inode "
+                            "WHERE medium_hash = %s AND fs_type = 'f' AND blobid IS NULL", (p.fresh,)).fetchall()
+    assert failed == [(None, 1)]
+
+
+def readme_backfill():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## On a catalogue the NTT copier filled", 1)[1].split("\n## ", 1)[0]
+    (statement,) = re.findall(r"```sql\n(.*?)```", section, re.S)
+    return statement
+
+
+def test_the_readmes_backfill_of_by_hash_created(production, capsys):
+    """The README's backfill marks the stored inodes whose by-hash file a complete relink saw, and no other."""
+    p = production
+    migrate(p, capsys)
+    os.unlink(by_hash_path(p.by_hash_root, p.readme))  # lost since the copier stored it
+    code, summary = run(p, capsys, "relink")
+    assert code == 1 and summary["problems_by_kind"] == {"missing-by-hash": 1}
+    statement = readme_backfill().replace("'MEDIUM_HASH'", f"'{p.stored}'").replace("= 7", f"= {summary['run_id']}")
+    p.conn.execute(statement)
+    marked = dict(p.conn.execute("SELECT blobid, bool_and(by_hash_created) FROM inode WHERE medium_hash = %s "
+                                 "AND blobid IS NOT NULL GROUP BY blobid", (p.stored,)))
+    assert marked.pop(p.readme) is False
+    assert marked and all(marked.values())
+    assert p.conn.execute("SELECT count(*) FROM inode WHERE medium_hash = %s AND by_hash_created",
+                          (p.fresh,)).fetchone() == (0,)
