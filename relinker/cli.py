@@ -20,6 +20,7 @@ import psycopg
 from relinker import __version__, checkpoint, copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import Settings, add_command, config_files_from, new_parser, new_subparsers
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
+from relinker.logs import setup_logging
 from relinker.report import Summary
 
 log = logging.getLogger("relinker")
@@ -287,21 +288,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def setup_logging(verbose: int, log_file: str | None) -> None:
-    """Timestamped log lines on stderr (warnings by default) and optionally a file."""
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        try:
-            handlers.append(logging.FileHandler(log_file))
-        except OSError as exc:
-            raise UserError(f"cannot write the log file {log_file}: {exc.strerror}") from None
-    logging.basicConfig(
-        level=level, handlers=handlers, force=True,
-        format="%(asctime)s %(levelname)s %(processName)s %(message)s",
-    )
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

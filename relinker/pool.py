@@ -33,6 +33,7 @@ import psycopg
 from relinker import db
 from relinker.checkpoint import CheckpointStore, Counters, LostRange, Problem, Range
 from relinker.errors import EXIT_INTERRUPTED
+from relinker.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,6 @@ def _collector_paused():
 def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
     signal.signal(signal.SIGINT, _on_worker_signal)
     signal.signal(signal.SIGTERM, _on_worker_signal)
-    from relinker.cli import setup_logging
     from relinker.linker import raise_open_file_limit
 
     raise_open_file_limit()
