@@ -4,15 +4,15 @@ For every regular-file inode whose content is not stored yet (``blobid`` is
 NULL: an inode the NTT copier stored has its ``blobid`` whatever
 ``by_hash_created`` says), in checkpointed ranges of inodes:
 
-1. read the content once from a source path, hashing with BLAKE3 while
-   writing an unnamed temporary file (``O_TMPFILE``) in the by-hash root;
-   fsync; link it in as ``ab/cd/<hex>`` unless that exists (deduplication).
-   A kill at any moment leaves no partial file under a by-hash name: the
-   temporary has no name until it is complete, and vanishes with the process.
-   An empty file gets the blob ID the catalogue uses for the empty content
-   (see :mod:`relinker.catalogue`);
-2. link every path of the inode into the archive (the linker relink uses);
-3. at the end of the range, in one transaction: ``inode.blobid``,
+1. read the content once from a source path into the by-hash store
+   (:mod:`relinker.store`: hashed on the way into an unnamed temporary,
+   dropped unsynced when its by-hash name exists, otherwise named
+   ``ab/cd/<hex>`` once its batch is durable). An empty file gets the blob ID
+   the catalogue uses for the empty content (see :mod:`relinker.catalogue`);
+2. once the content has its by-hash name, link every path of the inode into
+   the archive (the linker relink uses);
+3. at the end of the range, one more sync makes the new names durable, then
+   in one transaction: ``inode.blobid``,
    ``by_hash_created``, ``copied``, ``processed_at`` (and ``status``
    where the catalogue has the NTT status model), the ``blobs`` rows,
    ``path.blobid``, the errors of inodes that could not be stored, and
@@ -31,22 +31,20 @@ import dataclasses
 import itertools
 import logging
 import os
-import secrets
-import stat
 from typing import Callable
 
-import blake3
 import psycopg
 from psycopg import sql
 
 from relinker import catalogue, db
-from relinker.catalogue import FAILED_PERMANENT, FAILED_RETRYABLE, InodeColumns
+from relinker.catalogue import InodeColumns
 from relinker.checkpoint import Bounds, Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
-from relinker.paths import by_hash_relpath, display, medium_mount, source_candidates
+from relinker.paths import display, medium_mount, source_candidates
 from relinker.pool import RangeContext, WorkSpec
+from relinker.store import ByHashStore, InodeProblem, Pending, SourceProblem, Stored
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +52,6 @@ MODE = "copy"
 INODES_PER_RANGE = 500
 #: Content planned per range at most (a redo after a crash reads it again).
 BYTES_PER_RANGE = 1 << 30
-READ_CHUNK = 1 << 20
-FILE_MODE = 0o444
-DIRECTORY_MODE = 0o755
-#: Named temporaries, where O_TMPFILE is unavailable, live here (same filesystem).
-TEMP_DIRECTORY = b".relinker-tmp"
 
 # An inode with a blobid has its content stored (the NTT copier's batch mode
 # never set by_hash_created); one its tools gave up on (failed_permanent) is
@@ -131,194 +124,6 @@ WHERE b.blobid = c.blobid
 """
 
 
-class InodeProblem(Exception):
-    """An inode that cannot be stored: recorded as a problem; the inode stays not stored.
-
-    ``permanent``: trying again cannot help, because the medium no longer
-    holds what the catalogue describes (``failed_permanent`` in the status
-    model); otherwise a later run may succeed (``failed_retryable``).
-    """
-
-    def __init__(self, kind: str, detail: str, *, permanent: bool = False):
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-        self.permanent = permanent
-
-    @property
-    def state(self) -> str:
-        """The inode's status in the NTT status model."""
-        return FAILED_PERMANENT if self.permanent else FAILED_RETRYABLE
-
-
-class SourceProblem(InodeProblem):
-    """The inode's content could not be read as catalogued."""
-
-
-class ByHashProblem(InodeProblem):
-    """Something that is not this content's file holds its by-hash name (never replaced; retryable)."""
-
-
-@dataclasses.dataclass
-class Stored:
-    blobid: str
-    path: bytes
-    written: bool
-    size: int
-
-
-class ByHashStore:
-    """Writes content into the by-hash store, never a partial file under a by-hash name."""
-
-    def __init__(self, root: bytes, empty_blobid: str = catalogue.EMPTY_SHA256):
-        self.root = root
-        self.empty_blobid = empty_blobid
-        self._made: set[bytes] = set()
-        self.use_tmpfile = self._tmpfile_works()
-        self.touched_directories: set[bytes] = set()
-
-    def _tmpfile_works(self) -> bool:
-        try:
-            fd = os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
-        except OSError:
-            return False
-        os.close(fd)
-        return os.path.isdir("/proc/self/fd")
-
-    def store(self, source_fd: int, expected_size: int | None, on_chunk: Callable[[], None] | None = None) -> Stored:
-        """Copy an open source into by-hash; return where its content lives.
-
-        Trouble with the source is a :class:`SourceProblem`; any other
-        ``OSError`` is trouble with the store itself and propagates.
-        ``on_chunk`` is called after each chunk read (whatever it raises
-        stops the copy and leaves nothing behind).
-        """
-        before = os.fstat(source_fd)
-        if not stat.S_ISREG(before.st_mode):
-            raise SourceProblem("source-unreadable", "not a regular file", permanent=True)
-        if expected_size is not None and before.st_size != expected_size:
-            raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}",
-                                permanent=True)
-        temp_fd, temp_name = self._temporary()
-        try:
-            hasher = blake3.blake3()
-            size = 0
-            while True:
-                try:
-                    chunk = os.read(source_fd, READ_CHUNK)
-                except OSError as exc:
-                    raise SourceProblem("source-unreadable", exc.strerror) from None
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(temp_fd, view):]
-                size += len(chunk)
-                if on_chunk is not None:
-                    on_chunk()
-            after = os.fstat(source_fd)
-            if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                raise SourceProblem("source-changed", "changed while being read")
-            os.fchmod(temp_fd, FILE_MODE)
-            os.fsync(temp_fd)
-            blobid = hasher.hexdigest() if size else self.empty_blobid
-            final = self.root + b"/" + by_hash_relpath(blobid)
-            written = self._link_into_place(temp_fd, temp_name, final)
-            if not written:
-                _check_existing(final, size)
-            return Stored(blobid, final, written, size)
-        finally:
-            os.close(temp_fd)
-            if temp_name is not None:
-                try:
-                    os.unlink(temp_name)
-                except FileNotFoundError:
-                    pass
-
-    def _link_into_place(self, temp_fd: int, temp_name: bytes | None, final: bytes) -> bool:
-        """Give the complete temporary its by-hash name; False if the name exists (dedup)."""
-        directory = os.path.dirname(final)
-        self._directories_for(directory)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if temp_name is None:
-                # linkat(AT_SYMLINK_FOLLOW) on the /proc magic link names the
-                # unnamed file; a dir_fd makes os.link use linkat, not link().
-                os.link(f"/proc/self/fd/{temp_fd}", os.path.basename(final), dst_dir_fd=dir_fd,
-                        follow_symlinks=True)
-            else:
-                os.link(temp_name, os.path.basename(final), dst_dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            # Someone else's name (another worker, an earlier run that may
-            # have crashed before its sync): durable before the catalogue
-            # relies on it, all the same.
-            self.touched_directories.add(directory)
-            return False
-        finally:
-            os.close(dir_fd)
-        self.touched_directories.add(directory)
-        return True
-
-    def _temporary(self) -> tuple[int, bytes | None]:
-        if self.use_tmpfile:
-            return os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), None
-        directory = self.root + b"/" + TEMP_DIRECTORY
-        self._mkdir(directory)
-        while True:
-            # Random, not pid-numbered: a worker killed mid-copy leaves its
-            # temporary behind, and pids come round again.
-            name = b"%s/%d-%s" % (directory, os.getpid(), secrets.token_hex(8).encode())
-            try:
-                return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), name
-            except FileExistsError:
-                continue
-
-    def _directories_for(self, level2: bytes) -> None:
-        if level2 not in self._made:
-            for directory in (os.path.dirname(level2), level2):
-                if self._mkdir(directory):
-                    # A new directory's own name lives in its parent.
-                    self.touched_directories.add(os.path.dirname(directory))
-            self._made.add(level2)
-
-    @staticmethod
-    def _mkdir(path: bytes) -> bool:
-        """Make the directory if it is not there; whether it was made now."""
-        try:
-            os.mkdir(path, DIRECTORY_MODE)
-            os.chmod(path, DIRECTORY_MODE)  # whatever the umask
-        except FileExistsError:
-            return False
-        return True
-
-    def sync_directories(self) -> None:
-        """Make new by-hash names durable before the catalogue says they exist."""
-        for directory in self.touched_directories:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.touched_directories.clear()
-
-
-def _check_existing(final: bytes, size: int) -> None:
-    """An entry already under a by-hash name must be a regular file of the content's size.
-
-    A leftover of some other tool (truncated, a symlink, a directory) is
-    never linked to and never replaced: a problem for a person to look at.
-    """
-    try:
-        st = os.lstat(final)
-    except FileNotFoundError:
-        raise ByHashProblem("bad-by-hash", f"{display(final)} vanished while it was being stored") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ByHashProblem("bad-by-hash", f"{display(final)} is not a regular file (kept)")
-    if st.st_size != size:
-        raise ByHashProblem("bad-by-hash", f"{display(final)} has {st.st_size} bytes, the content {size} (kept)")
-
-
 class CopyWork:
     """Processes copy ranges (inodes of one medium) in one worker process."""
 
@@ -338,6 +143,8 @@ class CopyWork:
         self.reset()
         if self.linker is not None:
             self.linker.close()
+        if self.store is not None:
+            self.store.close()
 
     def statements(self) -> "CopyStatements":
         """The range's SQL for this catalogue's shape (read once per worker)."""
@@ -357,11 +164,33 @@ class CopyWork:
 
     def process(self, r: Range, ctx: RangeContext):
         counters = ctx.counters
-        inos, inode_blobids = [], []
+        marked = StoredInodes()
         failed = FailedInodes()
-        touched: dict[str, bytes] = {}
+        waiting: list[tuple[int, list[bytes], Pending]] = []
         mounted = os.path.isdir(medium_mount(r.medium_hash, self.remaps))
         statements = self.statements()
+
+        def fail(ino: int, paths: list[bytes], problem: InodeProblem) -> None:
+            ctx.problem(problem.kind, problem.detail, path=paths[0])
+            failed.add(ino, problem)
+
+        def place_batch() -> None:
+            placed = self.store.place_pending()
+            counted: set[str] = set()
+            for ino, paths, pending in waiting:
+                ctx.tick()
+                outcome = placed[pending.blobid]
+                if isinstance(outcome, InodeProblem):
+                    fail(ino, paths, outcome)
+                    continue
+                # Inodes of one content in one batch: written once.
+                first = outcome.written and pending.blobid not in counted
+                counted.add(pending.blobid)
+                self._stored(ino, paths, dataclasses.replace(outcome, written=first), marked, ctx)
+            waiting.clear()
+
+        if self.store is not None:
+            self.store.discard_pending()  # an attempt redone after an error starts afresh
         for ino, size, paths in self._inodes(r):
             ctx.tick()
             if self.spec.dry_run:
@@ -375,25 +204,24 @@ class CopyWork:
                 # A tick per chunk: the range's heartbeat must go on while one
                 # large file is read (gigabytes from a slow medium take longer
                 # than the lease), or another worker takes the range over.
-                stored = self._copy(r.medium_hash, mounted, paths, size, ctx.tick)
+                got = self._copy(r.medium_hash, mounted, paths, size, ctx.tick)
             except InodeProblem as exc:
-                ctx.problem(exc.kind, exc.detail, path=paths[0])
-                failed.add(ino, exc)
+                fail(ino, paths, exc)
                 continue
-            counters.blobs += 1
-            counters.bytes_read += stored.size
-            if stored.written:
-                counters.files_copied += 1
-                counters.bytes_copied += stored.size
-            inos.append(ino)
-            inode_blobids.append(stored.blobid)
-            touched[stored.blobid] = stored.path
-            self._link_all(stored, paths, ctx)
+            counters.bytes_read += got.size
+            if isinstance(got, Pending):
+                waiting.append((ino, paths, got))
+                if self.store.batch_full:
+                    place_batch()
+            else:
+                self._stored(ino, paths, got, marked, ctx)
         if self.spec.dry_run:
             return lambda conn: None
-        self.store.sync_directories()
-        count_blobids = sorted(touched)
-        params = dict(medium=r.medium_hash, inos=inos, inode_blobids=inode_blobids,
+        place_batch()
+        # The catalogue may say these contents are stored only once their names are durable.
+        self.store.sync()
+        count_blobids = sorted(marked.paths)
+        params = dict(medium=r.medium_hash, inos=marked.inos, inode_blobids=marked.blobids,
                       count_blobids=count_blobids, **failed.params())
 
         def finalize(conn: psycopg.Connection) -> None:
@@ -402,7 +230,7 @@ class CopyWork:
             # same by-hash file: holding the blob rows while reading the link
             # count makes the last commit carry the latest count.
             conn.execute(SQL_LOCK_BLOBS, params)
-            params["links"] = [os.lstat(touched[b]).st_nlink - 1 for b in count_blobids]
+            params["links"] = [os.lstat(marked.paths[b]).st_nlink - 1 for b in count_blobids]
             conn.execute(statements.mark_inodes, params)
             if failed:
                 conn.execute(statements.inode_errors, params)
@@ -410,9 +238,20 @@ class CopyWork:
 
         return finalize
 
+    def _stored(self, ino: int, paths: list[bytes], stored: Stored, marked: "StoredInodes",
+                ctx: RangeContext) -> None:
+        """An inode whose content has its by-hash name: count it, link its paths, mark it."""
+        counters = ctx.counters
+        counters.blobs += 1
+        if stored.written:
+            counters.files_copied += 1
+            counters.bytes_copied += stored.size
+        marked.add(ino, stored)
+        self._link_all(stored, paths, ctx)
+
     def _copy(self, medium_hash: str, mounted: bool, paths: list[bytes], size: int | None,
-              on_chunk: Callable[[], None]) -> Stored:
-        """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.store.
+              on_chunk: Callable[[], None]) -> Stored | Pending:
+        """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.read_in.
 
         ``mounted``: whether the medium's mount directory is there (see
         source_candidates). The problem raised when no source works is
@@ -430,7 +269,7 @@ class CopyWork:
                     permanent = permanent and exc.errno in catalogue.GONE_FROM_MEDIUM
                     continue
                 try:
-                    return self.store.store(fd, size, on_chunk)
+                    return self.store.read_in(fd, size, on_chunk)
                 except SourceProblem as exc:
                     if exc.kind == "source-changed":
                         raise
@@ -455,6 +294,20 @@ class CopyWork:
         counters.links_created += tally[Outcome.CREATED]
         counters.links_present += tally[Outcome.PRESENT]
         counters.links_replaced += tally[Outcome.REPLACED]
+
+
+class StoredInodes:
+    """The range's inodes whose content is stored: what SQL_MARK_INODES takes, and each blob's by-hash path."""
+
+    def __init__(self):
+        self.inos: list[int] = []
+        self.blobids: list[str] = []
+        self.paths: dict[str, bytes] = {}
+
+    def add(self, ino: int, stored: Stored) -> None:
+        self.inos.append(ino)
+        self.blobids.append(stored.blobid)
+        self.paths[stored.blobid] = stored.path
 
 
 class FailedInodes:

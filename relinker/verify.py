@@ -21,7 +21,6 @@ import hashlib
 import io
 import os
 import secrets
-import stat
 import sys
 from typing import Iterable
 

@@ -11,7 +11,8 @@ import pytest
 from relinker import scan
 from relinker.catalogue import EMPTY_BLAKE3, EMPTY_SHA256, content_matches
 from relinker.cli import main
-from relinker.copy import ByHashStore, SourceProblem
+import relinker.store
+from relinker.store import ByHashStore, Pending, SourceProblem, Stored
 from relinker.paths import by_hash_path, source_candidates
 from processes import finish, kill_group, range_states, start, wait_for
 
@@ -190,26 +191,79 @@ def test_an_entry_under_a_by_hash_name_that_is_not_the_content_is_a_problem_and_
     assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (0,)
 
 
-def test_a_new_by_hash_name_and_the_directories_made_for_it_are_synced(tmp_path):
-    """Before the catalogue says a content is stored, its name and the names of new directories are durable."""
+def test_a_content_already_stored_is_never_written_again(world, capsys, tmp_path):
+    """A second medium with the same contents: every by-hash file stays the very file it was."""
+    for name in ("first", "second"):
+        root = tmp_path / name
+        for d in range(3):
+            (root / f"d{d}").mkdir(parents=True)
+            for f in range(40):
+                (root / f"d{d}" / f"f{f}").write_bytes(b"content %d\n" % (f % 7) * (f + 1))
+    scan.scan_tree(world.conn, "first", os.fsencode(tmp_path / "first"))
+    code, summary = copy(world, capsys)
+    assert code == 0 and summary["files_copied"] == 40  # (f % 7, f + 1) differ for every f
+    before = {name: os.stat(path) for name, path in by_hash_files(world).items()}
+    scan.scan_tree(world.conn, "second", os.fsencode(tmp_path / "second"))
+    code, summary = copy(world, capsys, "--new")
+    assert code == 0 and summary["files_copied"] == 0 and summary["blobs"] == 120
+    after = {name: os.stat(path) for name, path in by_hash_files(world).items()}
+    assert {n: (st.st_ino, st.st_mtime_ns) for n, st in after.items()} == {
+        n: (st.st_ino, st.st_mtime_ns) for n, st in before.items()}
+    assert all(after[n].st_nlink == before[n].st_nlink + 3 for n in after)  # one more link per medium path
+    world.assert_complete()
+
+
+def store_one(store, fd, size=None, on_chunk=None):
+    """One file through the store, as a range does: read in, placed with its batch, synced."""
+    got = store.read_in(fd, size, on_chunk)
+    if isinstance(got, Pending):
+        got = store.place_pending()[got.blobid]
+        if isinstance(got, Exception):
+            raise got
+    store.sync()
+    return got
+
+
+def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp_path, monkeypatch):
+    """The order that makes a power loss harmless: data synced, then named, then synced again."""
     root = tmp_path / "by-hash"
     root.mkdir()
-    source = tmp_path / "source"
-    source.write_bytes(b"content")
-    for store, expected in ((ByHashStore(os.fsencode(root)), "the name, ab/cd in ab, ab in the root"),
-                            (ByHashStore(os.fsencode(root)), "an existing name: its directory")):
-        fd = os.open(source, os.O_RDONLY)
-        try:
-            stored = store.store(fd, None)
-        finally:
+    events = []
+    real_syncfs = relinker.store.syncfs
+
+    def names():
+        return sorted(n for _, _, files in os.walk(root) for n in files)
+
+    def recording_syncfs(fd):
+        events.append(("sync", names()))
+        real_syncfs(fd)
+
+    monkeypatch.setattr(relinker.store, "syncfs", recording_syncfs)
+    store = ByHashStore(os.fsencode(root))
+    sources = []
+    for n, content in enumerate([b"one", b"two", b"one", b"three"]):
+        (tmp_path / f"s{n}").write_bytes(content)
+        sources.append(os.open(tmp_path / f"s{n}", os.O_RDONLY))
+    try:
+        got = [store.read_in(fd, None) for fd in sources[:3]]
+        assert isinstance(got[0], Pending) and got[2] is got[0]  # the same content, once in the batch
+        assert names() == [] and events == []  # nothing named, nothing synced yet
+        placed = store.place_pending()
+        assert events == [("sync", [])]  # the data was synced before any name existed
+        assert sorted(s.written for s in placed.values()) == [True, True] and len(names()) == 2
+        store.sync()
+        assert events[-1] == ("sync", names())
+        # a content whose name exists is dropped without a sync
+        os.lseek(sources[0], 0, os.SEEK_SET)
+        again = store.read_in(sources[0], None)
+        assert isinstance(again, Stored) and not again.written
+        assert store.place_pending() == {} and len(events) == 2
+        assert isinstance(store.read_in(sources[3], None), Pending)
+    finally:
+        for fd in sources:
             os.close(fd)
-        leaf = os.path.dirname(stored.path)
-        if stored.written:
-            assert store.touched_directories == {leaf, os.path.dirname(leaf), os.fsencode(root)}, expected
-        else:
-            assert store.touched_directories == {leaf}, expected
-        store.sync_directories()
-        assert store.touched_directories == set()
+        store.close()
+    assert len(names()) == 2  # closing dropped the waiting temporary: nothing named for it
 
 
 def test_named_temporaries_never_collide_with_a_killed_workers_leftovers(tmp_path, monkeypatch):
@@ -223,7 +277,7 @@ def test_named_temporaries_never_collide_with_a_killed_workers_leftovers(tmp_pat
     source.write_bytes(b"x")
     fd = os.open(source, os.O_RDONLY)
     try:
-        stored = ByHashStore(os.fsencode(root)).store(fd, 1)
+        stored = store_one(ByHashStore(os.fsencode(root)), fd, 1)
     finally:
         os.close(fd)
     assert stored.written and open(stored.path, "rb").read() == b"x"
@@ -250,7 +304,7 @@ def test_source_changing_while_read_is_detected(tmp_path):
         time.sleep(0.01)
         fd = os.open(source, os.O_RDONLY)
         with pytest.raises(SourceProblem) as problem:
-            ByHashStore(os.fsencode(store_root)).store(fd, None)
+            ByHashStore(os.fsencode(store_root)).read_in(fd, None)
         os.close(fd)
     finally:
         stop.set()
@@ -269,7 +323,7 @@ def test_a_large_file_ticks_while_it_is_copied_and_a_stop_leaves_nothing(tmp_pat
     ticks = []
     fd = os.open(source, os.O_RDONLY)
     try:
-        stored = store.store(fd, None, lambda: ticks.append(1))
+        stored = store_one(store, fd, None, lambda: ticks.append(1))
     finally:
         os.close(fd)
     assert len(ticks) == 6 and stored.size == (5 << 20) + 4
@@ -287,7 +341,7 @@ def test_a_large_file_ticks_while_it_is_copied_and_a_stop_leaves_nothing(tmp_pat
     fd = os.open(other, os.O_RDONLY)
     try:
         with pytest.raises(Stop):
-            store.store(fd, None, stop_at_the_third_chunk)
+            store_one(store, fd, None, stop_at_the_third_chunk)
     finally:
         os.close(fd)
     stored_files = [os.path.join(d, n) for d, _, names in os.walk(store_root) for n in names]

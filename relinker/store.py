@@ -1,0 +1,299 @@
+"""The by-hash store: content in, and never a by-hash name on a partial file.
+
+Content is read into an unnamed temporary (``O_TMPFILE``) in the store's root
+and hashed on the way. A content whose by-hash name exists already is
+dropped right there: its temporary vanishes without ever being synced. The
+others wait in a batch; the batch is made durable by one sync of the
+filesystem (``syncfs``), and only then does each temporary get its name,
+``ab/cd/<hex>`` (``linkat``, which never replaces what is there). Before the
+catalogue may say that a content is stored, :meth:`ByHashStore.sync` makes
+the new names and the directories made for them durable with one more sync.
+A kill or a power loss at any moment therefore leaves every by-hash name on
+a complete file: a name is only ever made for data already on disk, and an
+unnamed temporary vanishes with its process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import secrets
+import stat
+from typing import Callable
+
+from relinker import catalogue, content
+from relinker.catalogue import FAILED_PERMANENT, FAILED_RETRYABLE
+from relinker.paths import by_hash_relpath, display
+
+FILE_MODE = 0o444
+DIRECTORY_MODE = 0o755
+#: Named temporaries, where O_TMPFILE is unavailable, live here (same filesystem).
+TEMP_DIRECTORY = b".relinker-tmp"
+#: A batch waits for its sync with at most this many temporaries (open descriptors) ...
+BATCH_FILES = 256
+#: ... and this much content.
+BATCH_BYTES = 256 << 20
+
+
+class InodeProblem(Exception):
+    """An inode that cannot be stored: recorded as a problem; the inode stays not stored.
+
+    ``permanent``: trying again cannot help, because the medium no longer
+    holds what the catalogue describes (``failed_permanent`` in the status
+    model); otherwise a later run may succeed (``failed_retryable``).
+    """
+
+    def __init__(self, kind: str, detail: str, *, permanent: bool = False):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.permanent = permanent
+
+    @property
+    def state(self) -> str:
+        """The inode's status in the NTT status model."""
+        return FAILED_PERMANENT if self.permanent else FAILED_RETRYABLE
+
+
+class SourceProblem(InodeProblem):
+    """The inode's content could not be read as catalogued."""
+
+
+class ByHashProblem(InodeProblem):
+    """Something that is not this content's file holds its by-hash name (never replaced; retryable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A content under its by-hash name; ``written``: by this store (not found there)."""
+
+    blobid: str
+    path: bytes
+    written: bool
+    size: int
+
+
+@dataclasses.dataclass
+class Pending:
+    """A complete temporary, waiting for its batch's sync before it gets its by-hash name."""
+
+    blobid: str
+    final: bytes
+    size: int
+    fd: int
+    temp_name: bytes | None
+
+
+class ByHashStore:
+    """Writes content into the by-hash store in batches (see the module's docstring)."""
+
+    def __init__(self, root: bytes, empty_blobid: str = catalogue.EMPTY_SHA256):
+        self.root = root
+        self.empty_blobid = empty_blobid
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._made: set[bytes] = set()
+        self._pending: dict[str, Pending] = {}
+        self._pending_bytes = 0
+        self.use_tmpfile = self._tmpfile_works()
+        # Temporaries are created 0444; only a umask taking some of that away needs an fchmod.
+        umask = os.umask(0)
+        os.umask(umask)
+        self._fix_mode = bool(umask & FILE_MODE)
+
+    def close(self) -> None:
+        """Drop what waits for a sync; the store cannot be used afterwards."""
+        self.discard_pending()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def _tmpfile_works(self) -> bool:
+        try:
+            fd = os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
+        except OSError:
+            return False
+        os.close(fd)
+        return os.path.isdir("/proc/self/fd")
+
+    @property
+    def batch_full(self) -> bool:
+        """Whether the waiting temporaries should be placed now (descriptors and memory stay bounded)."""
+        return len(self._pending) >= BATCH_FILES or self._pending_bytes >= BATCH_BYTES
+
+    def read_in(self, source_fd: int, expected_size: int | None,
+                on_chunk: Callable[[], None] | None = None) -> Stored | Pending:
+        """Read an open source; return its content's by-hash file, or the temporary waiting for one.
+
+        A content whose by-hash name exists is :class:`Stored` at once (and
+        its temporary dropped, unsynced); so is a content already waiting in
+        this batch (the same :class:`Pending`). Trouble with the source is a
+        :class:`SourceProblem`, a foreign entry under the by-hash name a
+        :class:`ByHashProblem`; any other ``OSError`` is trouble with the
+        store itself and propagates. ``on_chunk`` is called after each chunk
+        read (whatever it raises stops the copy and leaves nothing behind).
+        """
+        before = os.fstat(source_fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise SourceProblem("source-unreadable", "not a regular file", permanent=True)
+        if expected_size is not None and before.st_size != expected_size:
+            raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}",
+                                permanent=True)
+        temp_fd, temp_name = self._temporary()
+        kept = False
+        try:
+            try:
+                digest, size = content.copy_hashing(source_fd, temp_fd, on_chunk, before.st_size)
+            except content.SourceReadError as exc:
+                raise SourceProblem("source-unreadable", exc.error.strerror) from None
+            after = os.fstat(source_fd)
+            if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise SourceProblem("source-changed", "changed while being read")
+            blobid = digest if size else self.empty_blobid
+            waiting = self._pending.get(blobid)
+            if waiting is not None:
+                return waiting
+            final = self.root + b"/" + by_hash_relpath(blobid)
+            if _holds_the_content(final, size):
+                return Stored(blobid, final, False, size)
+            if self._fix_mode:
+                os.fchmod(temp_fd, FILE_MODE)
+            self._pending[blobid] = Pending(blobid, final, size, temp_fd, temp_name)
+            self._pending_bytes += size
+            kept = True
+            return self._pending[blobid]
+        finally:
+            if not kept:
+                _discard(temp_fd, temp_name)
+
+    def place_pending(self) -> dict[str, Stored | ByHashProblem]:
+        """Make the waiting temporaries durable with one sync, then give each its by-hash name.
+
+        Returns what became of each waiting content, by blob ID: where it is
+        stored, or the problem that kept it from its name.
+        """
+        if not self._pending:
+            return {}
+        placed: dict[str, Stored | ByHashProblem] = {}
+        try:
+            syncfs(self._root_fd)
+            for blobid, pending in self._pending.items():
+                try:
+                    written = self._link_into_place(pending)
+                    if not written and not _holds_the_content(pending.final, pending.size):
+                        raise ByHashProblem("bad-by-hash", f"{display(pending.final)} vanished while it was stored")
+                    placed[blobid] = Stored(blobid, pending.final, written, pending.size)
+                except ByHashProblem as exc:
+                    placed[blobid] = exc
+        finally:
+            self.discard_pending()
+        return placed
+
+    def sync(self) -> None:
+        """Make every name placed so far, and the directories made for them, durable."""
+        syncfs(self._root_fd)
+
+    def discard_pending(self) -> None:
+        """Drop the temporaries waiting for a sync (an attempt that will be redone)."""
+        for pending in self._pending.values():
+            _discard(pending.fd, pending.temp_name)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _link_into_place(self, pending: Pending) -> bool:
+        """Give a complete, durable temporary its by-hash name; False if the name exists."""
+        directory = os.path.dirname(pending.final)
+        self._directories_for(directory)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if pending.temp_name is None:
+                # linkat(AT_SYMLINK_FOLLOW) on the /proc magic link names the
+                # unnamed file; a dir_fd makes os.link use linkat, not link().
+                os.link(f"/proc/self/fd/{pending.fd}", os.path.basename(pending.final), dst_dir_fd=dir_fd,
+                        follow_symlinks=True)
+            else:
+                os.link(pending.temp_name, os.path.basename(pending.final), dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
+        except FileExistsError:
+            return False  # another worker's, or an earlier run's: the range's sync covers it too
+        finally:
+            os.close(dir_fd)
+        return True
+
+    def _temporary(self) -> tuple[int, bytes | None]:
+        if self.use_tmpfile:
+            return os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), None
+        directory = self.root + b"/" + TEMP_DIRECTORY
+        _mkdir(directory)
+        while True:
+            # Random, not pid-numbered: a worker killed mid-copy leaves its
+            # temporary behind, and pids come round again.
+            name = b"%s/%d-%s" % (directory, os.getpid(), secrets.token_hex(8).encode())
+            try:
+                return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), name
+            except FileExistsError:
+                continue
+
+    def _directories_for(self, level2: bytes) -> None:
+        if level2 not in self._made:
+            for directory in (os.path.dirname(level2), level2):
+                _mkdir(directory)
+            self._made.add(level2)
+
+
+def _mkdir(path: bytes) -> None:
+    """Make the directory if it is not there, rwxr-xr-x whatever the umask."""
+    try:
+        os.mkdir(path, DIRECTORY_MODE)
+        os.chmod(path, DIRECTORY_MODE)
+    except FileExistsError:
+        pass
+
+
+def _discard(fd: int, temp_name: bytes | None) -> None:
+    os.close(fd)
+    if temp_name is not None:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+
+
+def _holds_the_content(final: bytes, size: int) -> bool:
+    """Whether a by-hash name is there for a content of ``size`` bytes (False: no entry).
+
+    Anything else under the name (truncated, a symlink, a directory: a
+    leftover of some other tool) is never linked to and never replaced: a
+    :class:`ByHashProblem` for a person to look at.
+    """
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise ByHashProblem("bad-by-hash", f"{display(final)} is not a regular file (kept)")
+    if st.st_size != size:
+        raise ByHashProblem("bad-by-hash", f"{display(final)} has {st.st_size} bytes, the content {size} (kept)")
+    return True
+
+
+def _load_syncfs():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+_SYNCFS = _load_syncfs()
+
+
+def syncfs(fd: int) -> None:
+    """Write everything the filesystem holding ``fd`` keeps in memory to disk (``sync`` where syncfs is missing)."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    if _SYNCFS(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"syncfs: {os.strerror(error)}")
