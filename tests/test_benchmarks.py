@@ -51,3 +51,19 @@ def test_plan_bench_plans_runs_over_many_blobs(pg_admin_dsn, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(" s ") >= 3
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_content_bench_puts_each_relinker_figure_beside_its_baseline(pg_admin_dsn, tmp_path):
+    figures = tmp_path / "figures.json"
+    done = run_script("content_bench.py", "--small-files", 150, "--large-files", 2, "--large-mb", 2,
+                      "--db-url", pg_admin_dsn, "--workdir", tmp_path, "--json-out", figures)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(figures.read_text())
+    assert result["ok"] and result["failures"] == []
+    assert [(p["tree"], p["what"]) for p in result["pairs"]] == [
+        (tree, what) for tree in ("many small files", "a few large files")
+        for what in ("copy", "verify --hash", "verify")]
+    for pair in result["pairs"]:
+        assert pair["ratio"] > 0 and pair["relinker"]["peak_rss_mb"] > 0 and pair["baseline"]["seconds"] > 0
+    assert "ratio" in done.stdout and "target" in done.stdout
+    assert list(tmp_path.iterdir()) == [figures]  # its trees, stores and databases are gone

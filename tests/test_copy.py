@@ -375,3 +375,30 @@ def test_copy_killed_mid_run_then_resumed(world, tmp_path):
                               ).fetchone() == (0,)
     world.assert_complete(json.loads(out)["run_id"])
     assert not os.path.exists(world.by_hash / ".relinker-tmp") or os.listdir(world.by_hash / ".relinker-tmp") == []
+
+
+def test_copy_reports_its_bytes_in_the_summary_and_the_progress_view(world, capsys, tree):
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    total = world.conn.execute("SELECT sum(size) FROM inode WHERE fs_type = 'f'").fetchone()[0]
+    code, summary = copy(world, capsys, "--ranges", "3")
+    assert code == 0 and summary["bytes_read"] == total and summary["bytes_planned"] == total
+    row = world.conn.execute("SELECT bytes_read, bytes_planned, mb_per_second > 0, eta FROM relinker_run_progress "
+                             "WHERE run_id = %s", (summary["run_id"],)).fetchone()
+    assert row[:3] == (total, total, True) and row[3].total_seconds() == 0
+    assert main(world.argv("status", str(summary["run_id"]))) == 0
+    assert "content read" in capsys.readouterr().out
+
+
+def test_the_eta_of_content_work_goes_by_bytes_when_ranges_hold_unequal_bytes(world):
+    """One range done with a tenth of the bytes: the rest takes nine times as long, not once as long."""
+    run_id = world.conn.execute("INSERT INTO relinker_run (mode, started_at) VALUES ('copy', now() - interval '20 s') "
+                                "RETURNING run_id").fetchone()[0]
+    world.conn.execute("""
+        INSERT INTO relinker_range (run_id, range_no, status, claimed_at, heartbeat_at, finished_at,
+                                    bytes_planned, bytes_read)
+        VALUES (%(r)s, 0, 'done', now() - interval '10 s', now(), now(), 100, 100),
+               (%(r)s, 1, 'pending', NULL, NULL, NULL, 900, 0)""", {"r": run_id})
+    eta, working = world.conn.execute("SELECT eta, working FROM relinker_run_progress WHERE run_id = %s",
+                                      (run_id,)).fetchone()
+    assert working.total_seconds() == pytest.approx(10, abs=0.5)
+    assert eta.total_seconds() == pytest.approx(90, abs=5)

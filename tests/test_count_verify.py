@@ -222,3 +222,38 @@ def test_a_plain_relink_passes_over_an_unfinished_run_of_a_list(linked, capsys, 
     assert result["run_id"] != run_id and result["blobs"] == 3
     code, result = run(linked, capsys, "relink", "--no-progress", "--from-file", str(listing))
     assert result["run_id"] == run_id and result["blobs"] == 1 and code == 0
+
+
+def test_verify_compares_the_by_hash_size_with_the_catalogue(linked, capsys):
+    a = linked.blobs["a"]
+    linked.conn.execute("UPDATE inode SET size = 999 WHERE blobid = %s", (a,))
+    code, result = run(linked, capsys, "verify", "--all", "--no-progress")
+    assert code == 1 and failures(result) == {(a, "size-mismatch")}
+
+
+def test_verify_dry_run_writes_nothing(linked, capsys):
+    os.unlink(linked.archive_path(b"/d/a2"))
+    code, result = run(linked, capsys, "verify", "--all", "--dry-run", "--no-progress")
+    assert code == 1 and result["dry_run"] and result["failed"] == 1 and result["checked"] == 3
+    assert checked(linked) == set()
+    assert linked.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (1,)  # the fixture's relink
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "--all", "--dry-run", "--failed-ids", "x"], "--failed-ids needs a recorded run"),
+    (["relink", "--from-file", "-", "--limit", "3"], "--limit and --from-file cannot be combined"),
+    (["relink", "--from-file", "/nonexistent/list"], "--from-file /nonexistent/list: No such file"),
+])
+def test_list_options_a_user_can_get_wrong_are_one_line_and_exit_2(linked, capsys, argv, message):
+    assert main(linked.argv(*argv)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_list_of_blobs_is_split_into_ranges_that_carry_their_ids():
+    from relinker.checkpoint import split_blob_list
+
+    ranges = split_blob_list(["c", "a", "b", "a", "e", "d"], 2)
+    assert [r.blobids for r in ranges] == [("a", "b"), ("c", "d"), ("e",)]
+    assert [(r.lo, r.hi) for r in ranges] == [("a", "c"), ("c", "e"), ("e", None)]
+    assert split_blob_list([], 5) == []

@@ -1,0 +1,455 @@
+#!/usr/bin/env python3
+"""Benchmark relinker's content work (copy, verify --hash) and verify against baselines in the same run.
+
+For each tree (many small files; a few large files; optionally a real tree
+given with ``--tree``), on one filesystem, page cache warm:
+
+1. ``cp -a SRC DST && sync`` (the baseline of copy), then
+   ``relinker copy --workers W`` of the same tree, scanned beforehand;
+2. a bare one-process read + BLAKE3 loop over the by-hash store (the
+   baseline of verify --hash), then ``relinker verify --all --hash``;
+3. ``relinker relink --new`` over the complete archive (the re-check, the
+   baseline of verify), then ``relinker verify --all``.
+
+Each relinker row is printed beside its baseline with the ratio and the
+issue's target, with the peak RSS of the largest single process. relinker
+runs as a subprocess, as an operator runs it. See benchmarks/README.md.
+
+Usage::
+
+    python benchmarks/content_bench.py [--small-files N] [--large-files N --large-mb MB]
+                                       [--tree DIR] [--workers W] [--workdir DIR] [--db-url DSN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import blake3
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+import relinker
+from benchlib import (FAILURES, Database, Measurement, TreeSampler, cpu_model, cpu_seconds, elapsed, expect,
+                      fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
+                      speedups_built, start_database, vm_hwm_kib)
+from relinker import migrations
+
+#: Small files: log-normal sizes around this median (bytes), capped, like a system's /usr/lib.
+SMALL_MEDIAN = 8192
+SMALL_SIGMA = 1.8
+SMALL_CAP = 16 << 20
+#: Share of small files whose content another file already has (deduplication).
+DUPLICATES = 0.1
+FILES_PER_DIRECTORY = 100
+CHUNK = 1 << 20
+#: The issue's targets: relinker's figure over its baseline's, at least.
+TARGETS = {"copy": 0.8, "verify --hash": 0.8, "verify": 0.5}
+#: Peak RSS of any one process, at most (MB).
+RSS_TARGET_MB = 300
+
+
+@dataclasses.dataclass
+class Tree:
+    name: str
+    root: bytes
+    files: int
+    bytes: int
+    generated: bool
+
+
+@dataclasses.dataclass
+class Pair:
+    """A relinker row and its baseline, measured on the same data."""
+
+    tree: str
+    what: str
+    baseline: Measurement
+    relinker: Measurement
+
+    @property
+    def ratio(self) -> float | None:
+        b, r = self.baseline.rate, self.relinker.rate
+        return r / b if b and r else None
+
+
+# --- the trees -------------------------------------------------------------------------
+
+def write_file(path: bytes, size: int, rng: random.Random) -> None:
+    with open(path, "wb") as f:
+        remaining = size
+        while remaining:
+            n = min(remaining, CHUNK)
+            f.write(rng.randbytes(n))
+            remaining -= n
+
+
+def small_files_tree(root: bytes, n_files: int, seed: int) -> Tree:
+    """``n_files`` files of log-normal sizes, a tenth of them duplicates of others."""
+    rng = random.Random(seed)
+    written: list[bytes] = []
+    total = 0
+    for n in range(n_files):
+        directory = os.path.join(root, b"d%04d" % (n // FILES_PER_DIRECTORY))
+        if n % FILES_PER_DIRECTORY == 0:
+            os.makedirs(directory)
+        path = os.path.join(directory, b"f%06d" % n)
+        if written and rng.random() < DUPLICATES:
+            shutil.copyfile(rng.choice(written), path)
+        else:
+            size = min(SMALL_CAP, int(rng.lognormvariate(math.log(SMALL_MEDIAN), SMALL_SIGMA)))
+            write_file(path, size, rng)
+            written.append(path)
+        total += os.path.getsize(path)
+    return Tree("many small files", root, n_files, total, True)
+
+
+def large_files_tree(root: bytes, n_files: int, megabytes: int, seed: int) -> Tree:
+    rng = random.Random(seed)
+    os.makedirs(root)
+    for n in range(n_files):
+        write_file(os.path.join(root, b"large-%02d.bin" % n), megabytes << 20, rng)
+    return Tree("a few large files", root, n_files, n_files * (megabytes << 20), True)
+
+
+def existing_tree(path: str) -> Tree:
+    root = os.fsencode(os.path.abspath(path))
+    files = size = 0
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                size += st.st_size
+    return Tree(f"tree {path}", root, files, size, False)
+
+
+def warm(root: bytes) -> None:
+    """Read every file once: the measurements run with the page cache warm, as the issue's did."""
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    while f.read(CHUNK):
+                        pass
+
+
+def sync() -> None:
+    os.sync()
+
+
+# --- baselines ---------------------------------------------------------------------------
+
+def timed_command(name: str, argv: list, unit: str, items: int) -> Measurement:
+    """Time a shell-free command (and its children), with the peak RSS of its largest process."""
+    cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    process = subprocess.Popen(argv)
+    sampler = TreeSampler(process.pid)
+    sampler.start()
+    code = process.wait()
+    seconds = time.perf_counter() - started
+    peaks = sampler.stop()
+    m = Measurement(name, seconds, items, unit, max(peaks.values()) or None,
+                    client_cpu=cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before)
+    if code != 0:
+        m.ok = False
+        fail(f"{name}: exited with {code}")
+    return m
+
+
+def copy_baseline(tree: Tree, destination: bytes) -> Measurement:
+    """``cp -a SRC DST && sync``: what copying the tree costs with nothing else done."""
+    return timed_command("baseline: cp -a SRC DST && sync",
+                         ["sh", "-c", 'cp -a "$0" "$1" && sync', tree.root, destination], "B", tree.bytes)
+
+
+def hash_loop_baseline(by_hash_root: bytes) -> Measurement:
+    """A bare one-process loop: read every by-hash file in 1 MiB chunks into BLAKE3."""
+    resettable = reset_own_peak_rss()
+    cpu_before = cpu_seconds(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    total = files = 0
+    for directory, _dirs, names in os.walk(by_hash_root):
+        for name in names:
+            hasher = blake3.blake3()
+            with open(os.path.join(directory, name), "rb") as f:
+                while chunk := f.read(CHUNK):
+                    hasher.update(chunk)
+                    total += len(chunk)
+            hasher.hexdigest()
+            files += 1
+    seconds = time.perf_counter() - started
+    peak = vm_hwm_kib(os.getpid()) if resettable else None
+    return Measurement("baseline: read + BLAKE3 loop, one process", seconds, total, "B",
+                       peak / 1024 if peak else None, client_cpu=cpu_seconds(resource.RUSAGE_SELF) - cpu_before,
+                       detail={"files": files})
+
+
+# --- one tree ------------------------------------------------------------------------------
+
+def fresh_database(db: Database, tag: str) -> str:
+    name = f"content_bench_{os.getpid()}_{tag}"
+    with psycopg.connect(db.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(db.admin_dsn, dbname=name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrations.migrate(conn, base=True)
+    return dsn
+
+
+def drop_database(db: Database, dsn: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(db.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+SQL_UNCOPY = """
+UPDATE inode SET blobid = NULL, by_hash_created = false, copied = false, processed_at = NULL WHERE blobid IS NOT NULL;
+UPDATE path SET blobid = NULL WHERE blobid IS NOT NULL;
+DELETE FROM blobs;
+"""
+
+
+def median_of(measurements: list[Measurement]) -> Measurement:
+    """The repetition with the median time, the spread of all of them in its detail."""
+    ordered = sorted(measurements, key=lambda m: m.seconds)
+    chosen = ordered[len(ordered) // 2]
+    chosen.ok = all(m.ok for m in measurements)
+    chosen.detail["seconds_all"] = [round(m.seconds, 3) for m in measurements]
+    return chosen
+
+
+def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: int, repeat: int) -> list[Pair]:
+    """The three pairs of one tree, each baseline and relinker figure the median of ``repeat`` interleaved runs.
+
+    Interleaved (baseline, relinker, baseline, ...): on a shared machine the
+    filesystem's speed drifts over minutes, and both sides of a pair should
+    meet the same drift.
+    """
+    by_hash = os.path.join(workdir, tag.encode() + b"-by-hash")
+    archive = os.path.join(workdir, tag.encode() + b"-archive")
+    dsn = fresh_database(db, tag)
+    tree_db = Database(dsn=dsn, admin_dsn=db.admin_dsn, server=db.server, pgdata=db.pgdata)
+    relinker_args = ["--workers", str(workers), "--new"]
+    pairs = []
+    try:
+        log(f"{tree.name}: {tree.files:,} files, {tree.bytes / 1e6:,.0f} MB; scanning, warming the page cache")
+        subprocess.run([sys.executable, "-m", "relinker", "--db-url", dsn, "scan", "--medium", tag, tree.root],
+                       check=True, stdout=subprocess.DEVNULL)
+        with psycopg.connect(dsn) as conn:
+            n_paths, n_inodes = conn.execute(
+                "SELECT count(*), count(DISTINCT i.ino) FROM inode AS i JOIN path AS p USING (medium_hash, ino) "
+                "WHERE i.fs_type = 'f'").fetchone()
+        warm(tree.root)
+
+        baselines, runs = [], []
+        for n in range(repeat):
+            for root in (by_hash, archive):
+                shutil.rmtree(root, ignore_errors=True)
+                os.mkdir(root)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(SQL_UNCOPY)
+            sync()
+            log(f"{tree.name}: cp -a && sync ({n + 1}/{repeat})")
+            destination = os.path.join(workdir, tag.encode() + b"-cp")
+            baselines.append(copy_baseline(tree, destination))
+            shutil.rmtree(destination)
+            sync()
+            log(f"{tree.name}: relinker copy ({n + 1}/{repeat})")
+            copied, summary = run_relinker(f"relinker copy --workers {workers}", f"{tag}-copy", tree_db, by_hash,
+                                           archive, workdir, relinker_args, command="copy", unit="B")
+            copied.items = summary.get("bytes_read") if summary else None
+            expect(copied, summary, problems=0, blobs=n_inodes)
+            runs.append(copied)
+        pairs.append(Pair(tree.name, "copy", median_of(baselines), median_of(runs)))
+        sync()
+
+        baselines, runs = [], []
+        for n in range(repeat):
+            log(f"{tree.name}: bare hash loop, relinker verify --all --hash ({n + 1}/{repeat})")
+            baselines.append(hash_loop_baseline(by_hash))
+            verified, summary = run_relinker(f"relinker verify --all --hash --workers {workers}",
+                                             f"{tag}-verify-hash", tree_db, by_hash, archive, workdir,
+                                             ["--all", "--hash", *relinker_args], command="verify", unit="B")
+            verified.items = summary.get("bytes_read") if summary else None
+            expect(verified, summary, failed=0)
+            if summary and verified.items != baselines[-1].items:
+                fail(f"{verified.name}: read {verified.items} bytes, the store holds {baselines[-1].items}")
+            runs.append(verified)
+        pairs.append(Pair(tree.name, "verify --hash", median_of(baselines), median_of(runs)))
+
+        baselines, runs = [], []
+        for n in range(repeat):
+            log(f"{tree.name}: relink re-check, relinker verify --all ({n + 1}/{repeat})")
+            recheck, summary = run_relinker(f"relinker relink --new --workers {workers}, complete archive",
+                                            f"{tag}-recheck", tree_db, by_hash, archive, workdir, relinker_args,
+                                            unit="paths")
+            recheck.items = n_paths
+            expect(recheck, summary, problems=0, links_present=n_paths)
+            baselines.append(recheck)
+            verified, summary = run_relinker(f"relinker verify --all --workers {workers}", f"{tag}-verify",
+                                             tree_db, by_hash, archive, workdir, ["--all", *relinker_args],
+                                             command="verify", unit="paths")
+            verified.items = n_paths
+            expect(verified, summary, failed=0, links_present=n_paths)
+            runs.append(verified)
+        pairs.append(Pair(tree.name, "verify", median_of(baselines), median_of(runs)))
+    finally:
+        drop_database(db, dsn)
+        for root in (by_hash, archive):
+            shutil.rmtree(root, ignore_errors=True)
+    return pairs
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def rate(m: Measurement) -> str:
+    if not m.rate:
+        return "-"
+    return f"{m.rate / 1e6:,.1f} MB/s" if m.unit == "B" else f"{m.rate:,.0f} {m.unit}/s"
+
+
+def print_report(pairs: list[Pair], context: dict) -> None:
+    print()
+    source = f" ({context['relinker_source']})" if context["relinker_source"] else ""
+    print(f"relinker {context['relinker_version']}{source} | CPUs: {context['cpu_count']} ({context['cpu_model']}) | "
+          f"{context['filesystem']} | Python {context['python']} | fast route: {context['fast_route']}")
+    header = ("tree", "what", "baseline", "median s", "rate", "relinker", "median s", "rate", "ratio", "target",
+              "peak RSS MB (relinker)")
+    rows = []
+    for p in pairs:
+        target = TARGETS[p.what]
+        ratio = p.ratio
+        verdict = "-" if ratio is None else ("met" if ratio >= target else "NOT met")
+        rss = p.relinker.peak_rss_mb
+        rows.append((p.tree, p.what, p.baseline.name.removeprefix("baseline: "), f"{p.baseline.seconds:.2f}",
+                     rate(p.baseline), p.relinker.name.removeprefix("relinker "), f"{p.relinker.seconds:.2f}",
+                     rate(p.relinker), f"{ratio:.2f}" if ratio else "-", f">= {target} {verdict}",
+                     (f"{rss:.0f}" if rss else "-") + ("" if not rss or rss <= RSS_TARGET_MB else " (over 300)")
+                     + ("" if p.relinker.ok and p.baseline.ok else "  ** FAILED **")))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) if i in (0, 1, 2, 5, 9) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for r in rows:
+        print(line(r))
+    print()
+    print("every run, seconds (baseline | relinker):")
+    for p in pairs:
+        spread = " ".join(f"{x:.2f}" for x in p.baseline.detail.get("seconds_all", []))
+        ours = " ".join(f"{x:.2f}" for x in p.relinker.detail.get("seconds_all", []))
+        print(f"  {p.tree}, {p.what}: {spread} | {ours}")
+    print()
+
+
+def as_json(m: Measurement) -> dict:
+    return {"name": m.name, "ok": m.ok, "seconds": round(m.seconds, 3), "seconds_all": m.detail.get("seconds_all"),
+            "items": m.items, "unit": m.unit,
+            "per_second": round(m.rate, 1) if m.rate else None,
+            "peak_rss_mb": round(m.peak_rss_mb, 1) if m.peak_rss_mb else None,
+            "client_cpu_seconds": round(m.client_cpu, 2) if m.client_cpu is not None else None,
+            "relinker_elapsed_seconds": m.internal_seconds}
+
+
+def write_json(path: str, context: dict, trees: list[Tree], pairs: list[Pair]) -> None:
+    data = {**context, "ok": not FAILURES, "failures": FAILURES,
+            "trees": [{"name": t.name, "files": t.files, "bytes": t.bytes} for t in trees],
+            "pairs": [{"tree": p.tree, "what": p.what, "ratio": round(p.ratio, 3) if p.ratio else None,
+                       "target": TARGETS[p.what], "baseline": as_json(p.baseline), "relinker": as_json(p.relinker)}
+                      for p in pairs]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+# --- main -------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small-files", type=int, default=20_000, metavar="N",
+                        help="files of the small-files tree, 0 for none (default %(default)s, about 0.8 GB)")
+    parser.add_argument("--large-files", type=int, default=4, metavar="N",
+                        help="files of the large-files tree, 0 for none (default %(default)s)")
+    parser.add_argument("--large-mb", type=int, default=256, metavar="MB", help="size of each large file")
+    parser.add_argument("--tree", metavar="DIR", action="append", default=[],
+                        help="also measure a copy of this existing tree (say, of /usr/lib); repeatable")
+    parser.add_argument("--workers", type=int, default=2, help="relinker's --workers (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, metavar="N",
+                        help="runs of each measurement, interleaved with its baseline's; the median is shown "
+                        "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="where the trees, stores and archives live (default: the temporary directory); "
+                        "that is the filesystem measured")
+    parser.add_argument("--db-url", metavar="DSN", help="a PostgreSQL server to use instead of an embedded one")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the figures to FILE as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    parent = os.fsencode(args.workdir) if args.workdir else None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=b"content-bench-", dir=parent)
+    os.chmod(workdir, 0o755)  # the embedded server's own user must reach its data
+    log(f"work directory {os.fsdecode(workdir)}")
+    source = relinker_source()
+    db = None
+    trees: list[Tree] = []
+    pairs: list[Pair] = []
+    try:
+        db = start_database(workdir, args.db_url, False, "256MB")
+        if args.small_files:
+            trees.append(small_files_tree(os.path.join(workdir, b"small"), args.small_files, args.seed))
+        if args.large_files:
+            trees.append(large_files_tree(os.path.join(workdir, b"large"), args.large_files, args.large_mb, args.seed))
+        for path in args.tree:
+            trees.append(existing_tree(path))
+        for n, tree in enumerate(trees):
+            pairs += measure_tree(db, tree, workdir, f"t{n}", args.workers, args.repeat)
+        context = {
+            "relinker_version": relinker.__version__, "relinker_source": source, "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(), "filesystem": filesystem_type(workdir), "python": platform.python_version(),
+            "fast_route": "C" if speedups_built() else "Python", "workers": args.workers,
+        }
+        print_report(pairs, context)
+        if args.json_out:
+            write_json(args.json_out, context, trees, pairs)
+    finally:
+        if db is not None:
+            db.cleanup(False)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(workdir)
+    log(f"total {elapsed():.0f}s")
+    if FAILURES:
+        print(f"{len(FAILURES)} check(s) FAILED:", *FAILURES, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
