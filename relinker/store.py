@@ -1,24 +1,33 @@
 """The by-hash store: content in, and never a by-hash name on a partial file.
 
-Content is read into an unnamed temporary (``O_TMPFILE``) in the store's root
-and hashed on the way. A content whose by-hash name exists already is
-dropped right there: its temporary vanishes without ever being synced. The
-others wait in a batch; the batch is made durable by one sync of the
-filesystem (``syncfs``), and only then does each temporary get its name,
-``ab/cd/<hex>`` (``linkat``, which never replaces what is there). Before the
+Content is read into a temporary file and hashed on the way. A content
+whose by-hash name exists already is dropped right there: its temporary is
+removed without ever being synced. The others wait in a batch; the batch is
+made durable by one sync of the filesystem (``syncfs``), and only then does
+each temporary get its name, ``ab/cd/<hex>`` (``renameat2`` with
+``RENAME_NOREPLACE``, which never replaces what is there). Before the
 catalogue may say that a content is stored, :meth:`ByHashStore.sync` makes
 the new names and the directories made for them durable with one more sync.
 A kill or a power loss at any moment therefore leaves every by-hash name on
-a complete file: a name is only ever made for data already on disk, and an
-unnamed temporary vanishes with its process.
+a complete file: a name is only ever made for data already on disk.
+
+Temporaries live in a directory of their own per worker process,
+``.relinker-tmp/<host>+<pid>+<random>/`` in the store's root (the same
+filesystem); a worker removes its directory when it is done, and removes
+the directories of this host's workers that are no longer alive when it
+starts. Named, not unnamed (``O_TMPFILE``): ext4 keeps every unnamed file on
+one orphan list under one lock, and two workers creating files queue on it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import os
 import secrets
+import shutil
+import socket
 import stat
 from typing import Callable
 
@@ -28,7 +37,7 @@ from relinker.paths import by_hash_relpath, display
 
 FILE_MODE = 0o444
 DIRECTORY_MODE = 0o755
-#: Named temporaries, where O_TMPFILE is unavailable, live here (same filesystem).
+#: The workers' temporaries live below this directory of the store's root.
 TEMP_DIRECTORY = b".relinker-tmp"
 #: A batch waits for its sync with at most this many temporaries (open descriptors) ...
 BATCH_FILES = 256
@@ -82,7 +91,7 @@ class Pending:
     final: bytes
     size: int
     fd: int
-    temp_name: bytes | None
+    temp_name: bytes
 
 
 class ByHashStore:
@@ -95,26 +104,21 @@ class ByHashStore:
         self._made: set[bytes] = set()
         self._pending: dict[str, Pending] = {}
         self._pending_bytes = 0
-        self.use_tmpfile = self._tmpfile_works()
+        self._temp_directory: bytes | None = None
         # Temporaries are created 0444; only a umask taking some of that away needs an fchmod.
         umask = os.umask(0)
         os.umask(umask)
         self._fix_mode = bool(umask & FILE_MODE)
 
     def close(self) -> None:
-        """Drop what waits for a sync; the store cannot be used afterwards."""
+        """Drop what waits for a sync and this worker's temporaries; the store cannot be used afterwards."""
         self.discard_pending()
+        if self._temp_directory is not None:
+            shutil.rmtree(self._temp_directory, ignore_errors=True)
+            self._temp_directory = None
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
-
-    def _tmpfile_works(self) -> bool:
-        try:
-            fd = os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
-        except OSError:
-            return False
-        os.close(fd)
-        return os.path.isdir("/proc/self/fd")
 
     @property
     def batch_full(self) -> bool:
@@ -202,33 +206,14 @@ class ByHashStore:
 
     def _link_into_place(self, pending: Pending) -> bool:
         """Give a complete, durable temporary its by-hash name; False if the name exists."""
-        directory = os.path.dirname(pending.final)
-        self._directories_for(directory)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if pending.temp_name is None:
-                # linkat(AT_SYMLINK_FOLLOW) on the /proc magic link names the
-                # unnamed file; a dir_fd makes os.link use linkat, not link().
-                os.link(f"/proc/self/fd/{pending.fd}", os.path.basename(pending.final), dst_dir_fd=dir_fd,
-                        follow_symlinks=True)
-            else:
-                os.link(pending.temp_name, os.path.basename(pending.final), dst_dir_fd=dir_fd,
-                        follow_symlinks=False)
-        except FileExistsError:
-            return False  # another worker's, or an earlier run's: the range's sync covers it too
-        finally:
-            os.close(dir_fd)
-        return True
+        self._directories_for(os.path.dirname(pending.final))
+        return _rename_noreplace(pending.temp_name, pending.final)
 
-    def _temporary(self) -> tuple[int, bytes | None]:
-        if self.use_tmpfile:
-            return os.open(self.root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), None
-        directory = self.root + b"/" + TEMP_DIRECTORY
-        _mkdir(directory)
+    def _temporary(self) -> tuple[int, bytes]:
+        if self._temp_directory is None:
+            self._temp_directory = _worker_directory(self.root + b"/" + TEMP_DIRECTORY)
         while True:
-            # Random, not pid-numbered: a worker killed mid-copy leaves its
-            # temporary behind, and pids come round again.
-            name = b"%s/%d-%s" % (directory, os.getpid(), secrets.token_hex(8).encode())
+            name = self._temp_directory + b"/" + secrets.token_hex(8).encode()
             try:
                 return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), name
             except FileExistsError:
@@ -250,13 +235,89 @@ def _mkdir(path: bytes) -> None:
         pass
 
 
-def _discard(fd: int, temp_name: bytes | None) -> None:
+def _discard(fd: int, temp_name: bytes) -> None:
     os.close(fd)
-    if temp_name is not None:
+    try:
+        os.unlink(temp_name)
+    except FileNotFoundError:
+        pass  # named meanwhile
+
+
+def _worker_directory(parent: bytes) -> bytes:
+    """A new temporaries directory for this process, after removing those of this host's dead workers."""
+    _mkdir(parent)
+    host = socket.gethostname().encode("utf-8", "replace").replace(b"+", b"-")
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            owner, _, rest = entry.name.partition(b"+")
+            pid, _, _ = rest.partition(b"+")
+            if owner == host and pid.isdigit() and not _alive(int(pid)) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    directory = b"%s/%s+%d+%s" % (parent, host, os.getpid(), secrets.token_hex(4).encode())
+    os.mkdir(directory, 0o700)
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host.
+
+    A zombie is dead: a killed worker whose coordinator died with it stays a
+    zombie as long as PID 1 does not reap it (some container inits never
+    do). pids come round again: a live stranger keeps a dead worker's
+    leftovers until it ends.
+    """
+    try:
+        with open(b"/proc/%d/stat" % pid, "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[:1]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
         try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
             pass
+        return True
+    return state not in ([b"Z"], [b"X"])
+
+
+def _load_libc_function(name: str, argtypes: list):
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    return function
+
+
+_RENAMEAT2 = _load_libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                               ctypes.c_uint])
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(source: bytes, target: bytes) -> bool:
+    """Rename ``source`` to ``target`` unless ``target`` exists (False then; ``source`` stays).
+
+    ``renameat2(RENAME_NOREPLACE)`` where the system and filesystem have it;
+    elsewhere a hard link, which fails as well on an existing name, and the
+    temporary's removal.
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, source, _AT_FDCWD, target, _RENAME_NOREPLACE) == 0:
+            return True
+        error = ctypes.get_errno()
+        if error == errno.EEXIST:
+            return False
+        if error not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(error, os.strerror(error), target)
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    os.unlink(source)
+    return True
 
 
 def _holds_the_content(final: bytes, size: int) -> bool:
@@ -277,16 +338,7 @@ def _holds_the_content(final: bytes, size: int) -> bool:
     return True
 
 
-def _load_syncfs():
-    try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    return function
-
-
-_SYNCFS = _load_syncfs()
+_SYNCFS = _load_libc_function("syncfs", [ctypes.c_int])
 
 
 def syncfs(fd: int) -> None:

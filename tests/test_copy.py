@@ -2,6 +2,8 @@
 
 import json
 import os
+import socket
+import subprocess
 import threading
 import time
 
@@ -40,8 +42,11 @@ def tree(tmp_path):
 
 
 def by_hash_files(world):
+    """Every file under a by-hash name (the workers' temporaries are not)."""
     found = {}
-    for directory, _dirs, files in os.walk(world.by_hash_root):
+    for directory, dirs, files in os.walk(world.by_hash_root):
+        if b".relinker-tmp" in dirs:
+            dirs.remove(b".relinker-tmp")
         for name in files:
             path = os.path.join(directory, name)
             found[name.decode()] = path
@@ -232,7 +237,7 @@ def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp
     real_syncfs = relinker.store.syncfs
 
     def names():
-        return sorted(n for _, _, files in os.walk(root) for n in files)
+        return sorted(n for d, _, files in os.walk(root) for n in files if b".relinker-tmp" not in os.fsencode(d))
 
     def recording_syncfs(fd):
         events.append(("sync", names()))
@@ -266,22 +271,35 @@ def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp
     assert len(names()) == 2  # closing dropped the waiting temporary: nothing named for it
 
 
-def test_named_temporaries_never_collide_with_a_killed_workers_leftovers(tmp_path, monkeypatch):
-    """Where O_TMPFILE is missing, temporaries are named: a leftover with this pid's old name is no obstacle."""
-    monkeypatch.setattr(ByHashStore, "_tmpfile_works", lambda self: False)
+def test_a_dead_workers_temporaries_are_removed_and_no_one_elses(tmp_path):
+    """A worker killed mid-copy leaves its temporaries; the next store on this host removes them, and only them."""
     root = tmp_path / "by-hash"
-    (root / ".relinker-tmp").mkdir(parents=True)
-    for n in range(3):
-        (root / ".relinker-tmp" / f"{os.getpid()}-{n}").write_bytes(b"left by a killed worker with this pid")
+    temporaries = root / ".relinker-tmp"
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftovers = {name: temporaries / name for name in (
+        f"{host}+{dead.pid}+0bad",        # killed: removed
+        f"{host}+{os.getpid()}+0a11",     # alive (this process): kept
+        f"elsewhere+{dead.pid}+0bad")}    # another host's, whatever its pid: kept
+    for directory in leftovers.values():
+        directory.mkdir(parents=True)
+        (directory / "partial").write_bytes(b"half a file")
     source = tmp_path / "source"
     source.write_bytes(b"x")
+    store = ByHashStore(os.fsencode(root))
     fd = os.open(source, os.O_RDONLY)
     try:
-        stored = store_one(ByHashStore(os.fsencode(root)), fd, 1)
+        stored = store_one(store, fd, 1)
     finally:
         os.close(fd)
     assert stored.written and open(stored.path, "rb").read() == b"x"
-    assert len(os.listdir(root / ".relinker-tmp")) == 3  # its own temporary is gone
+    assert sorted(p.name for p in temporaries.iterdir() if p.name not in leftovers) == [
+        n for n in os.listdir(temporaries) if n.startswith(f"{host}+{os.getpid()}+") and n not in leftovers]
+    assert not leftovers[f"{host}+{dead.pid}+0bad"].exists()
+    assert leftovers[f"{host}+{os.getpid()}+0a11"].exists() and leftovers[f"elsewhere+{dead.pid}+0bad"].exists()
+    store.close()
+    assert sorted(os.listdir(temporaries)) == sorted([f"{host}+{os.getpid()}+0a11", f"elsewhere+{dead.pid}+0bad"])
 
 
 def test_source_changing_while_read_is_detected(tmp_path):
@@ -310,7 +328,7 @@ def test_source_changing_while_read_is_detected(tmp_path):
         stop.set()
         writer.join()
     assert problem.value.kind == "source-changed"
-    assert [n for n in os.listdir(store_root)] == []  # nothing under a by-hash name
+    assert [f for _, _, files in os.walk(store_root) for f in files] == []  # no by-hash name, no temporary
 
 
 def test_a_large_file_ticks_while_it_is_copied_and_a_stop_leaves_nothing(tmp_path):
