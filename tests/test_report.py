@@ -1,0 +1,39 @@
+"""The progress bar and the summary: what an operator reads while a run works and when it ends."""
+
+from relinker.checkpoint import Counters
+from relinker.report import ProgressBar, Summary, human_bytes
+
+
+def test_content_work_shows_bytes_against_the_planned_total(capsys):
+    bar = ProgressBar(4, 1, 10, enabled=True, bytes_done_before=100, in_bytes=True, bytes_total=1000)
+    bar.update(paths_done=5, ranges_done=1, bytes_done=400)
+    assert (bar._bar.n, bar._bar.total) == (500, 1000)  # done before this session, and now
+    bar.close()
+    shown = capsys.readouterr().err
+    assert "500/1.00k" in shown.replace("B", "") and "15 paths" in shown
+
+
+def test_without_a_planned_total_the_bar_extrapolates_from_finished_ranges(capsys):
+    bar = ProgressBar(10, 0, 0, enabled=True, in_bytes=True)
+    bar.update(paths_done=3, ranges_done=2, bytes_done=200)
+    assert bar._bar.total == 1000
+    paths = ProgressBar(10, 0, 0, enabled=True)
+    paths.update(paths_done=30, ranges_done=3)
+    assert (paths._bar.n, paths._bar.total) == (30, 100)
+    bar.close()
+    paths.close()
+
+
+def test_a_verify_summary_says_what_passed_and_how_fast_content_was_read():
+    summary = Summary(mode="verify", run_id=3, status="done", elapsed_seconds=2.0,
+                      counters=Counters(blobs=10, blobs_failed=2, links_present=30, bytes_read=4_000_000))
+    summary.bytes_this_session = 4_000_000
+    text = summary.as_text()
+    assert "10 checked, 8 passed, 2 failed" in text and "4.0 MB (2.0 MB/s)" in text
+    data = summary.as_json()
+    assert '"checked": 10' in data and '"passed": 8' in data and '"mb_per_second": 2.0' in data
+
+
+def test_human_bytes():
+    assert [human_bytes(n) for n in (0, 999, 1000, 3_800_000_000, None)] == [
+        "0 bytes", "999 bytes", "1.0 kB", "3.8 GB", "0 bytes"]
