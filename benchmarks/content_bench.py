@@ -389,11 +389,13 @@ def write_json(path: str, context: dict, trees: list[Tree], pairs: list[Pair]) -
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small-files", type=int, default=20_000, metavar="N",
-                        help="files of the small-files tree, 0 for none (default %(default)s, about 0.8 GB)")
+    parser.add_argument("--small-files", type=int, default=60_000, metavar="N",
+                        help="files of the small-files tree, 0 for none (default %(default)s, about 2.5 GB: "
+                        "as many as a system's /usr/lib)")
     parser.add_argument("--large-files", type=int, default=4, metavar="N",
                         help="files of the large-files tree, 0 for none (default %(default)s)")
-    parser.add_argument("--large-mb", type=int, default=256, metavar="MB", help="size of each large file")
+    parser.add_argument("--large-mb", type=int, default=512, metavar="MB",
+                        help="size of each large file (default %(default)s)")
     parser.add_argument("--tree", metavar="DIR", action="append", default=[],
                         help="also measure a copy of this existing tree (say, of /usr/lib); repeatable")
     parser.add_argument("--workers", type=int, default=2, help="relinker's --workers (default %(default)s)")
