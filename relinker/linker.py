@@ -38,6 +38,7 @@ import functools
 import os
 import resource
 import stat
+import sys
 
 import blake3
 
@@ -536,21 +537,56 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
     the C route settle a check from a directory it has read once instead of
     by one ``fstatat`` per path: the same outcomes, fewer system calls. This
     twin has no such cache and ignores it.
+
+    Both twins refuse the same arguments, in the same order: ``paths`` an
+    exact list or tuple of bytes (TypeError at the first that is not),
+    ``start`` not negative (one beyond the end is the end), ``directories``
+    an exact dict, descriptors None or an int up to INT_MAX, ``dev`` and
+    ``ino`` from 0 to 2**64 - 1, no NUL in ``source``. Code that a lookup
+    runs (a key that is not exactly bytes) may change ``paths``: both read
+    it afresh at each step, so ``stop`` is at most its length at the end.
     """
+    if type(paths) is not list and type(paths) is not tuple:
+        raise TypeError(f"paths must be a list or a tuple, not {type(paths).__name__}")
+    if not isinstance(start, int):
+        raise TypeError(f"start must be an int, not {type(start).__name__}")
+    if start < 0:
+        raise ValueError("start must not be negative")
+    if type(directories) is not dict:
+        raise TypeError("directories must be a dict")
+    _check_descriptor(source_fd, "source_fd")
+    if not isinstance(source, bytes):
+        raise TypeError("source must be bytes")
+    _check_unsigned(dev, "dev")
+    _check_unsigned(ino, "ino")
+    expect_present = bool(expect_present)
+    if b"\0" in source:
+        raise ValueError("embedded null byte")
+    if listings is not None:
+        c_route = sys.modules.get("relinker._speedups")  # a DirectoryListings exists only once it is imported
+        if c_route is None or not isinstance(listings, c_route.DirectoryListings):
+            raise TypeError("listings must be a DirectoryListings or None")
+    if verified is not None and type(verified) is not set and type(verified) is not frozenset:
+        raise TypeError("verified must be a set or None")
+    _check_descriptor(root_fd, "root_fd")
     if verified is not None and root_fd is None:
         raise ValueError("verified needs root_fd")
     created = present = 0
     stat, make_link = os.stat, os.link
-    for index in range(start, len(paths)):
+    index = start
+    while index < len(paths):
         stored = paths[index]
+        if not isinstance(stored, bytes):
+            raise TypeError(f"paths must be bytes, not {type(stored).__name__}")
         parent, _, name = stored.rpartition(b"/")
-        dir_fd = directories.get(parent)
         if not name or name == b"." or name == b"..":
             return created, present, index
+        dir_fd = directories.get(parent)
         if dir_fd is None and expect_present and verified is not None and parent[:1] == b"/" and parent in verified:
             # by the path from the root, as ArchiveLinker._stat_verified does
             dir_fd, name = root_fd, stored[1:]
-        elif dir_fd is None or dir_fd < 0:
+        elif type(dir_fd) is not int or not 0 <= dir_fd <= _FD_MAX:
+            # as the C route: only an exact int is a descriptor (anything else could run code)
             return created, present, index
         try:
             if expect_present:
@@ -563,13 +599,45 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
                 created += 1
         except (OSError, ValueError):
             return created, present, index
+        index += 1
     return created, present, len(paths)
 
 
 def _lstat_identity_python(path: bytes, dir_fd: int | None) -> tuple[int, int, int]:
-    """``(st_dev, st_ino, st_mode)`` of ``path`` (relative to ``dir_fd``), no symlink followed."""
+    """``(st_dev, st_ino, st_mode)`` of ``path`` (relative to ``dir_fd``), no symlink followed.
+
+    Refuses what the C twin refuses: a path that is not bytes, a NUL in it, a
+    descriptor that is not None or an int up to INT_MAX.
+    """
+    if not isinstance(path, bytes):
+        raise TypeError(f"path must be bytes, not {type(path).__name__}")
+    if b"\0" in path:
+        raise ValueError("embedded null byte")
+    _check_descriptor(dir_fd, "dir_fd")
     found = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     return found.st_dev, found.st_ino, found.st_mode
+
+
+#: The largest descriptor number (a C int).
+_FD_MAX = 2**31 - 1
+
+
+def _check_descriptor(fd, what: str) -> None:
+    """A descriptor argument as both twins take it: None, or an int from 0 to INT_MAX."""
+    if fd is None:
+        return
+    if not isinstance(fd, int):
+        raise TypeError(f"{what} must be an int or None, not {type(fd).__name__}")
+    if not 0 <= fd <= _FD_MAX:
+        raise ValueError(f"{what}: not a file descriptor")
+
+
+def _check_unsigned(value, what: str) -> None:
+    """An st_dev or st_ino argument as both twins take it: an int from 0 to 2**64 - 1."""
+    if not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{what} must be from 0 to 2**64 - 1")
 
 
 # What a RangeWalker's step() hands back (see relinker._speedups); no walker, no events.
