@@ -480,3 +480,164 @@ def test_both_lstat_identities_take_only_bytes(roots, implementation):
         with pytest.raises(error):
             implementation.lstat_identity(b"relative", dir_fd)
     assert implementation.lstat_identity(source, None)[:2] == (dev, ino)
+
+
+# --- the two fast routes against each other -----------------------------------------------------
+
+FUZZ_CALLS = 20_000
+
+
+class FuzzTree:
+    """One of two identical trees the fuzz runs the C and the Python route on, with its descriptors."""
+
+    BIG = [b"n%040d" % i for i in range(700)]  # more entries than one 32 KiB getdents64 read holds
+
+    def __init__(self, base):
+        base = os.fsencode(base)
+        os.makedirs(base + b"/store/dir")
+        for name in (b"src", b"other"):
+            with open(base + b"/store/" + name, "wb") as f:
+                f.write(name)
+        os.symlink(b"src", base + b"/store/link")
+        self.archive = base + b"/archive"
+        for directory in (b"d/sub", b"e/sub", b"big", b"u"):
+            os.makedirs(self.archive + b"/" + directory)
+        for directory in (b"/d", b"/e", b"/u"):
+            os.link(base + b"/store/src", self.archive + directory + b"/linked")
+            os.link(base + b"/store/src", self.archive + directory + b"/" + b"x" * 255)
+            os.link(base + b"/store/other", self.archive + directory + b"/other")
+            os.symlink(base + b"/store/src", self.archive + directory + b"/sym")
+        for i, name in enumerate(self.BIG):
+            os.link(base + b"/store/" + (b"other" if i % 7 == 0 else b"src"), self.archive + b"/big/" + name)
+        self.identities = {kind: os.stat(base + b"/store/" + kind)[1:3][::-1] for kind in (b"src", b"other")}
+        self.store_fd = os.open(base + b"/store", os.O_PATH | os.O_DIRECTORY)
+        self.root_fd = os.open(self.archive, os.O_RDONLY | os.O_DIRECTORY)
+        self.directories = {b"": self.root_fd, b"/missing": linker._MISSING}
+        for key in (b"/d", b"/big", b"/d/sub"):
+            self.directories[key] = os.open(self.archive + key, os.O_PATH | os.O_DIRECTORY)
+        self.verified = {b"/e", b"/e/sub"}
+
+    def close(self):
+        for fd in [self.store_fd, *self.directories.values()]:
+            if fd >= 0:
+                os.close(fd)
+
+    def state(self):
+        """Every entry below the archive, files named by the store file they are a link of."""
+        labels = {ino: kind.decode() for kind, (_dev, ino) in self.identities.items()}
+        found = set()
+        for top, dirs, files in os.walk(self.archive):
+            for name in dirs + files:
+                st = os.lstat(os.path.join(top, name))
+                kind = labels.get(st.st_ino, "file") if os.path.isfile(os.path.join(top, name)) else st.st_mode >> 12
+                found.add((os.path.relpath(os.path.join(top, name), self.archive), kind))
+        return found
+
+
+def fuzz_paths(rng, fresh):
+    """A few catalogue paths: most of them plain (so that calls get far), many hostile."""
+    parents = [b"/d", b"/e", b"/big", b"/u", b"/missing", b"/d/sub", b"/e/sub", b"", b"/d/", b"d", b"//d", b"/d/.",
+               b"/e/..", b"/nowhere"]
+    names = [b"linked", b"other", b"sym", b"sub", b"absent", b"x" * 255, b"y" * 255, b"z" * 256, b".", b"..", b"",
+             b"a\0b", b"linked/", b"linked/below", *rng.sample(FuzzTree.BIG, 3), *rng.sample(fresh, 3)]
+    plain_parents = [b"/d", b"/e", b"/big"]
+    plain_names = [b"linked", b"x" * 255, *FuzzTree.BIG[1:7], *rng.sample(fresh, 3)]
+    paths = []
+    for _ in range(rng.randrange(0, 9)):
+        if rng.random() < 0.7:
+            path = rng.choice(plain_parents) + b"/" + rng.choice(plain_names)
+        else:
+            parent, name = rng.choice(parents), rng.choice(names)
+            path = parent + b"/" + name if parent or rng.random() < 0.5 else name
+        roll = rng.random()
+        if roll < 0.01:
+            path = rng.choice([os.fsdecode(path), bytearray(path), memoryview(path), None])
+        elif roll < 0.04:
+            path = Colliding(path, path)  # a bytes subclass, hashed and compared as its value
+        paths.append(path)
+    return rng.choice([list, list, tuple])(paths)
+
+
+def outcome(call):
+    try:
+        return call()
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__
+
+
+@needs_speedups
+def test_c_and_python_fast_routes_agree_on_random_hostile_calls(tmp_path):
+    """A seeded differential fuzz: each call on two identical trees, C on one and Python on the other.
+
+    Results (or the exception's type) must be the same call for call, and the
+    trees the same at the end. The C route also reads directory listings with
+    budgets from nothing to plenty: they may change its cost, never an outcome.
+    """
+    import random
+
+    seed = int(os.environ.get("RELINKER_FUZZ_SEED", "19"))
+    rng = random.Random(seed)
+    trees = {"c": FuzzTree(tmp_path / "c"), "python": FuzzTree(tmp_path / "python")}
+    routes = {"c": _speedups.fast_route, "python": linker._fast_route_python}
+    fresh = [b"new%d" % i for i in range(1000)]
+    listings = None
+    try:
+        for call in range(FUZZ_CALLS):
+            if call % 100 == 0:
+                if listings is not None:
+                    listings.clear()
+                listings = _speedups.DirectoryListings(rng.choice([0, 1, 5, 100, 100_000]))
+            paths = fuzz_paths(rng, fresh)
+            start = rng.choice([0] * 12 + [1, 2, len(paths), len(paths) + 3, -1])
+            expect_present = rng.random() < 0.6
+            source = rng.choice([b"src"] * 20 + [b"other", b"absent", b"dir", b"link", b"bad\0"])
+            kind = rng.choice([b"src"] * 4 + [b"other"])
+            twist = rng.choice([None] * 30 + ["no such inode", "dev+1", "negative"])
+            use_verified = rng.random() < 0.7
+            found = {}
+            for variant, tree in trees.items():
+                dev, ino = tree.identities[kind]
+                if twist == "no such inode":  # (ino + 1 may be the other file's, in one tree only)
+                    ino = 2**64 - 2
+                elif twist == "dev+1":
+                    dev += 1
+                elif twist == "negative":
+                    ino = -ino
+                args = (paths, start, tree.directories, tree.store_fd, source, dev, ino, expect_present,
+                        listings if variant == "c" else None, tree.verified if use_verified else None,
+                        tree.root_fd if use_verified or rng.random() < 0.5 else None)
+                found[variant] = outcome(lambda: routes[variant](*args))
+            assert found["c"] == found["python"], (found, seed, call, paths, start, expect_present, source, kind, twist)
+            if call % 500 == 499:
+                assert trees["c"].state() == trees["python"].state(), (seed, call)
+        assert trees["c"].state() == trees["python"].state()
+    finally:
+        if listings is not None:
+            listings.clear()
+        for tree in trees.values():
+            tree.close()
+
+
+@needs_speedups
+def test_c_and_python_lstat_identities_agree(tmp_path):
+    import random
+
+    rng = random.Random(19)
+    tree = FuzzTree(tmp_path)
+    try:
+        candidates = [b"src", b"other", b"dir", b"link", b"absent", b"src/below", b"", b".", b"..", b"a\0b",
+                      b"x" * 256, tree.archive, tree.archive + b"/d/sym", b"/proc/self/fd/0", "src",
+                      bytearray(b"src"), memoryview(b"src"), None]
+        for _ in range(500):
+            path, dir_fd = rng.choice(candidates), rng.choice([None, tree.store_fd, tree.root_fd, -1, 2**31])
+            found = []
+            for lstat_identity in (_speedups.lstat_identity, linker._lstat_identity_python):
+                try:
+                    found.append(lstat_identity(path, dir_fd))
+                except OSError as exc:
+                    found.append((type(exc).__name__, exc.errno, exc.filename))
+                except (TypeError, ValueError) as exc:
+                    found.append(type(exc).__name__)
+            assert found[0] == found[1], (path, dir_fd)
+    finally:
+        tree.close()
