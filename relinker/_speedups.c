@@ -1379,7 +1379,8 @@ Walker_set_source(Walker *self, PyObject *source)
         /* Only the walked blob's own by-hash name: no answer can make the
          * walker link from anywhere else. */
         char expected[SOURCE_NAME_SIZE];
-        if (!by_hash_name(self->blobid, expected) || PyBytes_GET_SIZE(relpath) != SOURCE_NAME_SIZE - 1
+        if (self->blobid == NULL || !by_hash_name(self->blobid, expected)
+                || PyBytes_GET_SIZE(relpath) != SOURCE_NAME_SIZE - 1
                 || memcmp(PyBytes_AS_STRING(relpath), expected, SOURCE_NAME_SIZE - 1) != 0) {
             PyErr_SetString(PyExc_ValueError, "relpath is not the walked blob's by-hash name (ab/cd/<blobid>)");
             return NULL;

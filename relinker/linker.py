@@ -555,8 +555,7 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
     if type(directories) is not dict:
         raise TypeError("directories must be a dict")
     _check_descriptor(source_fd, "source_fd")
-    if not isinstance(source, bytes):
-        raise TypeError("source must be bytes")
+    source = _as_bytes(source, "source")
     _check_unsigned(dev, "dev")
     _check_unsigned(ino, "ino")
     expect_present = bool(expect_present)
@@ -576,8 +575,8 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
     index = start
     while index < len(paths):
         stored = paths[index]
-        if not isinstance(stored, bytes):
-            raise TypeError(f"paths must be bytes, not {type(stored).__name__}")
+        if type(stored) is not bytes:
+            stored = _as_bytes(stored, "paths")
         parent, _, name = stored.rpartition(b"/")
         if not name or name == b"." or name == b"..":
             return created, present, index
@@ -609,8 +608,7 @@ def _lstat_identity_python(path: bytes, dir_fd: int | None) -> tuple[int, int, i
     Refuses what the C twin refuses: a path that is not bytes, a NUL in it, a
     descriptor that is not None or an int up to INT_MAX.
     """
-    if not isinstance(path, bytes):
-        raise TypeError(f"path must be bytes, not {type(path).__name__}")
+    path = _as_bytes(path, "path")
     if b"\0" in path:
         raise ValueError("embedded null byte")
     _check_descriptor(dir_fd, "dir_fd")
@@ -620,6 +618,15 @@ def _lstat_identity_python(path: bytes, dir_fd: int | None) -> tuple[int, int, i
 
 #: The largest descriptor number (a C int).
 _FD_MAX = 2**31 - 1
+
+
+def _as_bytes(value, what: str) -> bytes:
+    """A bytes argument as the C route reads it: its bytes, whatever a subclass's methods would say."""
+    if type(value) is bytes:
+        return value
+    if not isinstance(value, bytes):
+        raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
+    return bytes.__getitem__(value, slice(None))  # an exact copy; runs none of the subclass's code
 
 
 def _check_descriptor(fd, what: str) -> None:

@@ -471,6 +471,33 @@ def test_both_fast_routes_refuse_the_same_arguments(roots, implementation):
         os.close(root_fd)
 
 
+class Misleading(bytes):
+    """Bytes whose methods lie: the C route reads the bytes themselves, and so must its twin."""
+
+    def rpartition(self, sep):
+        return (b"/elsewhere", b"/", b"else")
+
+    def __getitem__(self, index):
+        return b"/elsewhere/else"
+
+    def __contains__(self, item):
+        return False
+
+
+def test_both_fast_routes_read_a_bytes_subclass_as_its_bytes(roots, implementation):
+    archive, source, (dev, ino) = roots
+    root_fd = os.open(archive, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert implementation.fast_route([Misleading(b"/f")], 0, {b"": root_fd}, None, Misleading(source), dev, ino,
+                                         False) == (1, 0, 1)
+        assert os.listdir(archive) == [b"f"]
+        with pytest.raises(ValueError):  # its NUL is seen, whatever its __contains__ says
+            implementation.fast_route([b"/g"], 0, {b"": root_fd}, None, Misleading(source + b"\0"), dev, ino, False)
+        assert implementation.lstat_identity(Misleading(source), None)[:2] == (dev, ino)
+    finally:
+        os.close(root_fd)
+
+
 def test_both_lstat_identities_take_only_bytes(roots, implementation):
     archive, source, (dev, ino) = roots
     for path in (os.fsdecode(source), memoryview(source), bytearray(source), None, 3):
