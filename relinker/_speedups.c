@@ -1275,7 +1275,10 @@ PyDoc_STRVAR(Walker_step_doc,
 "step(rows) -> None or an event\n"
 "--\n\n"
 "Walk rows (an iterator of (blobid, paths)) until Python is needed: returns\n"
-"an event tuple, or None once rows are exhausted (then see results()).");
+"an event tuple, or None once rows are exhausted (then see results()).\n"
+"Code that step() runs (the rows iterator, a __hash__ or __eq__ of what the\n"
+"rows hold, a destructor) cannot call start, step, set_source, resolved or\n"
+"forget_directories: they raise RuntimeError until step() returns.");
 
 static PyObject *
 walker_step(Walker *self, PyObject *rows)
@@ -1352,7 +1355,8 @@ PyDoc_STRVAR(Walker_set_source_doc,
 "--\n\n"
 "Answer EVENT_SOURCE: None (the blob cannot be linked to; its paths only\n"
 "count as expected) or (relpath, (dev, ino)) with relpath the blob's\n"
-"by-hash name below the store (ab/cd/<blobid>).");
+"by-hash name below the store (ab/cd/<blobid>). Anything else raises\n"
+"TypeError or ValueError, and the event stays unanswered.");
 
 static PyObject *
 Walker_set_source(Walker *self, PyObject *source)
