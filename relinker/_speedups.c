@@ -216,7 +216,13 @@ read_listing(Listings *self, listing *l, int dir_fd)
 static listing *
 directory_listing(Listings *self, int dir_fd)
 {
+    if (dir_fd < 0)
+        return NULL;
     if (dir_fd >= self->slots) {
+        /* The table grows to the descriptor's number: only for one that is
+         * open (numbered below the kernel's nr_open), never for any int. */
+        if (fcntl(dir_fd, F_GETFD) < 0)
+            return NULL;
         Py_ssize_t slots = self->slots ? self->slots : 1024;
         while (slots <= dir_fd)
             slots *= 2;
@@ -368,6 +374,9 @@ static PyGetSetDef Listings_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+/* No GC support: a DirectoryListings holds no Python object and cannot be
+ * subclassed (no Py_TPFLAGS_BASETYPE), so no reference cycle can pass
+ * through it. */
 PyDoc_STRVAR(Listings_doc,
 "DirectoryListings(budget)\n"
 "--\n\n"
@@ -455,22 +464,67 @@ cached_directory(PyObject *directories, PyObject *path, const char **name_out, i
     return (int)fd;
 }
 
-/* A directory descriptor argument: an int, or None for the working directory. */
+/* A directory descriptor argument: an int from 0 to INT_MAX, or None for the
+ * working directory. Only an int: anything else could run Python code
+ * (__index__), and relinker.linker's twin refuses the same. */
 static int
-optional_fd(PyObject *value, int *fd_out)
+optional_fd(PyObject *value, const char *what, int *fd_out)
 {
     if (value == Py_None) {
         *fd_out = AT_FDCWD;
         return 0;
     }
-    long fd = PyLong_AsLong(value);
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int or None, not %.100s", what, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long fd = PyLong_AsLongAndOverflow(value, &overflow);
     if (fd == -1 && PyErr_Occurred())
         return -1;
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+    if (overflow != 0 || fd < 0 || fd > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: not a file descriptor", what);
         return -1;
     }
     *fd_out = (int)fd;
+    return 0;
+}
+
+/* An st_dev or st_ino argument: an int from 0 to 2**64 - 1. */
+static int
+unsigned_arg(PyObject *value, const char *what, unsigned long long *out)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLong(value);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Format(PyExc_ValueError, "%s must be from 0 to 2**64 - 1", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* A start index: an int, not negative; one beyond the end is the end. */
+static int
+start_index(PyObject *value, Py_ssize_t *out)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "start must be an int, not %.100s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long long start = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (start == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow < 0 || (overflow == 0 && start < 0)) {
+        PyErr_SetString(PyExc_ValueError, "start must not be negative");
+        return -1;
+    }
+    *out = overflow > 0 || start > PY_SSIZE_T_MAX ? PY_SSIZE_T_MAX : (Py_ssize_t)start;
     return 0;
 }
 
@@ -602,64 +656,89 @@ typedef struct {
     int expect_present;
 } route;
 
-/* Link (or, with expect_present, check) items[start:count] until one needs the
- * general route; add what was done to *created and *present and return the
- * index of the first path not handled (count when all were), or -1 with an
- * exception set. No Python code runs inside the loop (bytes keys, exact ints),
- * so the sequence cannot change under it. */
-static Py_ssize_t
-route_paths(const route *r, PyObject **items, Py_ssize_t start, Py_ssize_t count, Py_ssize_t *created,
-            Py_ssize_t *present)
+/* Link (or, with expect_present, check) one path: 1 when done, 0 when it
+ * needs the general route, -1 with an exception set. The caller holds path:
+ * the lookups below may run Python code (see route_paths). */
+static int
+route_one(const route *r, PyObject *path, Py_ssize_t *created, Py_ssize_t *present)
 {
     int error = 0;
+    const char *name = NULL;
+    int below_verified = 0;
+    PyObject *verified = r->expect_present ? r->verified : NULL;
+    int dir_fd = r->index != NULL
+        ? indexed_cached_directory(r->index, r->directories, path, &name, &error, verified, &below_verified)
+        : cached_directory(r->directories, path, &name, &error, verified, &below_verified);
+    if (error)
+        return -1;
+    if (dir_fd < 0) {
+        if (!below_verified)
+            return 0;
+        /* A check below a directory walked safely before but not cached:
+         * by its path from the root, as ArchiveLinker._stat_verified
+         * does (the key starts with '/', which a path relative to the
+         * root must not), and never from a listing: none is keyed by it. */
+        dir_fd = r->root_fd;
+        name = PyBytes_AS_STRING(path) + 1;
+    }
+    if (r->expect_present) {
+        if (r->listings != NULL && !below_verified) {
+            listing *l = directory_listing(r->listings, dir_fd);
+            if (l != NULL && listed_as(l, name, r->dev, r->ino)) {
+                (*present)++;
+                return 1;
+            }
+        }
+        struct stat found;
+        if (fstatat(dir_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0
+                || (unsigned long long)found.st_ino != r->ino
+                || (unsigned long long)found.st_dev != r->dev)
+            return 0;
+        (*present)++;
+    } else {
+        if (linkat(r->source_fd, r->source_name, dir_fd, name, 0) != 0)
+            return 0;
+        if (r->listings != NULL)
+            forget_listed(r->listings, dir_fd, name, strlen(name));
+        (*created)++;
+    }
+    return 1;
+}
+
+static inline Py_ssize_t
+paths_size(PyObject *paths)
+{
+    return PyList_Check(paths) ? PyList_GET_SIZE(paths) : PyTuple_GET_SIZE(paths);
+}
+
+/* Link (or, with expect_present, check) paths[start:] (a list or a tuple)
+ * until one needs the general route; add what was done to *created and
+ * *present and return the index of the first path not handled (the list's
+ * length when all were), or -1 with an exception set.
+ * A lookup may run Python code: a key of directories or an element of
+ * verified that is not exactly bytes compares by its own __eq__, and that
+ * code may change the list. So its size and items are read afresh at each
+ * step and the path being worked on is held, as Python's loop does. */
+static Py_ssize_t
+route_paths(const route *r, PyObject *paths, Py_ssize_t start, Py_ssize_t *created, Py_ssize_t *present)
+{
     Py_ssize_t index;
-    for (index = start; index < count; index++) {
-        PyObject *path = items[index];
+    for (index = start; index < paths_size(paths); index++) {
+        PyObject *path = PySequence_Fast_GET_ITEM(paths, index);
         if (!PyBytes_Check(path)) {
             PyErr_Format(PyExc_TypeError, "paths must be bytes, not %.100s", Py_TYPE(path)->tp_name);
             return -1;
         }
-        const char *name = NULL;
-        int below_verified = 0;
-        PyObject *verified = r->expect_present ? r->verified : NULL;
-        int dir_fd = r->index != NULL
-            ? indexed_cached_directory(r->index, r->directories, path, &name, &error, verified, &below_verified)
-            : cached_directory(r->directories, path, &name, &error, verified, &below_verified);
-        if (error)
+        Py_INCREF(path);
+        int done = route_one(r, path, created, present);
+        Py_DECREF(path);
+        if (done < 0)
             return -1;
-        if (dir_fd < 0) {
-            if (!below_verified)
-                break;
-            /* A check below a directory walked safely before but not cached:
-             * by its path from the root, as ArchiveLinker._stat_verified
-             * does (the key starts with '/', which a path relative to the
-             * root must not), and never from a listing: none is keyed by it. */
-            dir_fd = r->root_fd;
-            name = PyBytes_AS_STRING(path) + 1;
-        }
-        if (r->expect_present) {
-            if (r->listings != NULL && !below_verified) {
-                listing *l = directory_listing(r->listings, dir_fd);
-                if (l != NULL && listed_as(l, name, r->dev, r->ino)) {
-                    (*present)++;
-                    continue;
-                }
-            }
-            struct stat found;
-            if (fstatat(dir_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0
-                    || (unsigned long long)found.st_ino != r->ino
-                    || (unsigned long long)found.st_dev != r->dev)
-                break;
-            (*present)++;
-        } else {
-            if (linkat(r->source_fd, r->source_name, dir_fd, name, 0) != 0)
-                break;
-            if (r->listings != NULL)
-                forget_listed(r->listings, dir_fd, name, strlen(name));
-            (*created)++;
-        }
+        if (done == 0)
+            break;
     }
-    return index > count ? count : index;
+    Py_ssize_t size = paths_size(paths);
+    return index < size ? index : size;
 }
 
 PyDoc_STRVAR(fast_route_doc,
@@ -680,6 +759,40 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "fast_route() takes from 8 to 11 arguments");
         return NULL;
     }
+    /* In the order of _fast_route_python's checks: the twins refuse the
+     * same arguments with the same exception. Exact types only where a
+     * subclass could answer differently from what the C code reads (a
+     * list's or dict's overridden methods). */
+    PyObject *paths = args[0];
+    if (!PyList_CheckExact(paths) && !PyTuple_CheckExact(paths)) {
+        PyErr_Format(PyExc_TypeError, "paths must be a list or a tuple, not %.100s", Py_TYPE(paths)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t start;
+    if (start_index(args[1], &start) < 0)
+        return NULL;
+    PyObject *directories = args[2];
+    if (!PyDict_CheckExact(directories)) {
+        PyErr_SetString(PyExc_TypeError, "directories must be a dict");
+        return NULL;
+    }
+    int source_fd;
+    if (optional_fd(args[3], "source_fd", &source_fd) < 0)
+        return NULL;
+    PyObject *source = args[4];
+    if (!PyBytes_Check(source)) {
+        PyErr_SetString(PyExc_TypeError, "source must be bytes");
+        return NULL;
+    }
+    unsigned long long dev, ino;
+    if (unsigned_arg(args[5], "dev", &dev) < 0 || unsigned_arg(args[6], "ino", &ino) < 0)
+        return NULL;
+    int expect_present = PyObject_IsTrue(args[7]);
+    if (expect_present < 0)
+        return NULL;
+    const char *source_name = path_name(source);
+    if (source_name == NULL)
+        return NULL;
     Listings *listings = NULL;
     if (nargs > 8 && args[8] != Py_None) {
         if (!PyObject_TypeCheck(args[8], &ListingsType)) {
@@ -688,7 +801,6 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         listings = (Listings *)args[8];
     }
-    /* An exact set of bytes: its lookups run no Python code. */
     PyObject *verified = NULL;
     if (nargs > 9 && args[9] != Py_None) {
         if (!PyAnySet_CheckExact(args[9])) {
@@ -698,51 +810,17 @@ fast_route(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         verified = args[9];
     }
     int root_fd = AT_FDCWD;
-    if (nargs > 10 && optional_fd(args[10], &root_fd) < 0)
+    if (nargs > 10 && optional_fd(args[10], "root_fd", &root_fd) < 0)
         return NULL;
     if (verified != NULL && root_fd == AT_FDCWD) {
         PyErr_SetString(PyExc_ValueError, "verified needs root_fd");
         return NULL;
     }
-    PyObject *paths = args[0];
-    PyObject *directories = args[2];
-    PyObject *source = args[4];
-    if (!PyList_Check(paths) && !PyTuple_Check(paths)) {
-        PyErr_SetString(PyExc_TypeError, "paths must be a list or a tuple");
-        return NULL;
-    }
-    if (!PyDict_Check(directories)) {
-        PyErr_SetString(PyExc_TypeError, "directories must be a dict");
-        return NULL;
-    }
-    if (!PyBytes_Check(source)) {
-        PyErr_SetString(PyExc_TypeError, "source must be bytes");
-        return NULL;
-    }
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    int source_fd;
-    if (optional_fd(args[3], &source_fd) < 0)
-        return NULL;
-    unsigned long long dev = PyLong_AsUnsignedLongLong(args[5]);
-    if (dev == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long long ino = PyLong_AsUnsignedLongLong(args[6]);
-    if (ino == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    int expect_present = PyObject_IsTrue(args[7]);
-    if (expect_present < 0)
-        return NULL;
-    const char *source_name = path_name(source);
-    if (source_name == NULL)
-        return NULL;
 
+    /* Every object r points to is an argument, held by the caller until we return. */
     route r = {NULL, directories, verified, listings, root_fd, source_fd, source_name, dev, ino, expect_present};
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(paths);
     Py_ssize_t created = 0, present = 0;
-    Py_ssize_t index = route_paths(&r, PySequence_Fast_ITEMS(paths), start < 0 ? 0 : start, count, &created,
-                                   &present);
+    Py_ssize_t index = route_paths(&r, paths, start, &created, &present);
     if (index < 0)
         return NULL;
     return Py_BuildValue("(nnn)", created, present, index);
@@ -771,7 +849,7 @@ lstat_identity(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (name == NULL)
         return NULL;
     int dir_fd;
-    if (optional_fd(args[1], &dir_fd) < 0)
+    if (optional_fd(args[1], "dir_fd", &dir_fd) < 0)
         return NULL;
     struct stat found;
     if (fstatat(dir_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0)
@@ -824,6 +902,10 @@ typedef struct {
     PyObject *paths;             /* list, or NULL between rows */
     Py_ssize_t index;
     int waiting;                 /* the event that is out (its answer comes before the next step), or 0 */
+    /* The method running that may run Python code (a rows iterator, a
+     * __hash__ or __eq__, a destructor), or NULL: code it runs must not
+     * call back into the walker, whose state it is changing. */
+    const char *running;
     /* totals */
     Py_ssize_t created, present;
     PyObject *linked_by_blob, *expected_by_blob;
@@ -842,12 +924,16 @@ walker_start(Walker *self, int expect_present)
         Py_XDECREF(expected_by_blob);
         return -1;
     }
+    /* What is dropped here may have a destructor that calls the walker. */
+    const char *running = self->running;
+    self->running = "start";
     Py_CLEAR(self->blobid);
     Py_CLEAR(self->first_paths);
     Py_CLEAR(self->seen);
     Py_CLEAR(self->paths);
     Py_XSETREF(self->linked_by_blob, linked_by_blob);
     Py_XSETREF(self->expected_by_blob, expected_by_blob);
+    self->running = running;
     self->route.expect_present = self->probe || expect_present;
     self->usable = 0;
     self->linked = self->expected = self->index = 0;
@@ -869,6 +955,11 @@ Walker_init(Walker *self, PyObject *args, PyObject *kwds)
                                      &source_fd, &root_fd, &expect_present, &listings, &verified, &probe,
                                      &tick_every))
         return -1;
+    /* As fast_route's: a subclass's own lookups would not be the ones made here. */
+    if (!PyDict_CheckExact(directories)) {
+        PyErr_SetString(PyExc_TypeError, "directories must be a dict");
+        return -1;
+    }
     if (listings != Py_None && !PyObject_TypeCheck(listings, &ListingsType)) {
         PyErr_SetString(PyExc_TypeError, "listings must be a DirectoryListings or None");
         return -1;
@@ -904,18 +995,43 @@ Walker_init(Walker *self, PyObject *args, PyObject *kwds)
     return walker_start(self, expect_present);
 }
 
+/* A walker can be part of a reference cycle (its directories dict may hold
+ * anything, the walker too): the collector must see what it holds. */
+static int
+Walker_traverse(Walker *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->route.directories);
+    Py_VISIT(self->route.verified);
+    Py_VISIT((PyObject *)self->route.listings);
+    Py_VISIT(self->blobid);
+    Py_VISIT(self->first_paths);
+    Py_VISIT(self->seen);
+    Py_VISIT(self->paths);
+    Py_VISIT(self->linked_by_blob);
+    Py_VISIT(self->expected_by_blob);
+    return 0;
+}
+
+static int
+Walker_clear(Walker *self)
+{
+    Py_CLEAR(self->route.directories);
+    Py_CLEAR(self->route.verified);
+    Py_CLEAR(self->route.listings);
+    Py_CLEAR(self->blobid);
+    Py_CLEAR(self->first_paths);
+    Py_CLEAR(self->seen);
+    Py_CLEAR(self->paths);
+    Py_CLEAR(self->linked_by_blob);
+    Py_CLEAR(self->expected_by_blob);
+    return 0;
+}
+
 static void
 Walker_dealloc(Walker *self)
 {
-    Py_XDECREF(self->route.directories);
-    Py_XDECREF(self->route.verified);
-    Py_XDECREF((PyObject *)self->route.listings);
-    Py_XDECREF(self->blobid);
-    Py_XDECREF(self->first_paths);
-    Py_XDECREF(self->seen);
-    Py_XDECREF(self->paths);
-    Py_XDECREF(self->linked_by_blob);
-    Py_XDECREF(self->expected_by_blob);
+    PyObject_GC_UnTrack(self);
+    Walker_clear(self);
     directory_index_clear(&self->directories);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -926,10 +1042,23 @@ PyDoc_STRVAR(Walker_start_doc,
 "Begin a new range: nothing walked, nothing counted; the directories looked\n"
 "up so far stay indexed.");
 
-/* 0, or -1 with an exception when __init__ never ran (RangeWalker.__new__ alone). */
+/* 0, or -1 with RuntimeError while another method runs (see Walker.running). */
 static int
-walker_ready(Walker *self)
+walker_idle(Walker *self, const char *method)
 {
+    if (self->running == NULL)
+        return 0;
+    PyErr_Format(PyExc_RuntimeError, "RangeWalker.%s() called while %s() runs", method, self->running);
+    return -1;
+}
+
+/* 0, or -1 with an exception when __init__ never ran (RangeWalker.__new__
+ * alone) or another method runs. */
+static int
+walker_ready(Walker *self, const char *method)
+{
+    if (walker_idle(self, method) < 0)
+        return -1;
     if (self->route.directories != NULL && self->linked_by_blob != NULL)
         return 0;
     PyErr_SetString(PyExc_RuntimeError, "RangeWalker was not initialised");
@@ -939,7 +1068,7 @@ walker_ready(Walker *self)
 static PyObject *
 Walker_start(Walker *self, PyObject *expect_present)
 {
-    if (walker_ready(self) < 0)
+    if (walker_ready(self, "start") < 0)
         return NULL;
     int expect = PyObject_IsTrue(expect_present);
     if (expect < 0 || walker_start(self, expect) < 0)
@@ -957,6 +1086,8 @@ static PyObject *
 Walker_forget_directories(Walker *self, PyObject *unused)
 {
     (void)unused;
+    if (walker_idle(self, "forget_directories") < 0)
+        return NULL;
     directory_index_clear(&self->directories);
     Py_RETURN_NONE;
 }
@@ -965,10 +1096,12 @@ Walker_forget_directories(Walker *self, PyObject *unused)
 static int
 add_to(PyObject *by_blob, PyObject *blobid, Py_ssize_t n)
 {
-    PyObject *before = PyDict_GetItemWithError(by_blob, blobid); /* borrowed */
+    PyObject *before = PyDict_GetItemWithError(by_blob, blobid);
     Py_ssize_t total = n;
     if (before != NULL) {
+        Py_INCREF(before); /* the dict is the caller's too (results()) */
         Py_ssize_t so_far = PyLong_AsSsize_t(before);
+        Py_DECREF(before);
         if (so_far == -1 && PyErr_Occurred())
             return -1;
         total += so_far;
@@ -988,8 +1121,19 @@ finish_blob(Walker *self)
 {
     if (self->blobid == NULL)
         return 0;
-    if (add_to(self->expected_by_blob, self->blobid, self->expected) < 0
-            || add_to(self->linked_by_blob, self->blobid, self->linked) < 0)
+    /* Hashing a blob ID that is not exactly str runs its __hash__: the
+     * objects it is looked up with and in are held until it is done. */
+    PyObject *blobid = self->blobid, *expected_by_blob = self->expected_by_blob;
+    PyObject *linked_by_blob = self->linked_by_blob;
+    Py_INCREF(blobid);
+    Py_INCREF(expected_by_blob);
+    Py_INCREF(linked_by_blob);
+    int failed = add_to(expected_by_blob, blobid, self->expected) < 0
+        || add_to(linked_by_blob, blobid, self->linked) < 0;
+    Py_DECREF(linked_by_blob);
+    Py_DECREF(expected_by_blob);
+    Py_DECREF(blobid);
+    if (failed)
         return -1;
     Py_CLEAR(self->blobid);
     Py_CLEAR(self->first_paths);
@@ -997,12 +1141,11 @@ finish_blob(Walker *self)
     return 0;
 }
 
-/* The by-hash file of blobid, as RelinkWork._source would take it: 1 when it
- * is a regular file (its name and identity then in the route), 0 when Python
- * must decide. Only a lowercase hex BLAKE3-256 digest names a path here, so
- * no blob ID can reach outside the store. */
+/* blobid's by-hash name (relinker.paths.by_hash_relpath), NUL-terminated,
+ * into name: 1, or 0 when blobid is not a lowercase hex BLAKE3-256 digest
+ * (only such a name, so no blob ID can reach outside the store). */
 static int
-take_source(Walker *self, PyObject *blobid)
+by_hash_name(PyObject *blobid, char name[SOURCE_NAME_SIZE])
 {
     if (!PyUnicode_IS_ASCII(blobid) || PyUnicode_GET_LENGTH(blobid) != 64)
         return 0;
@@ -1010,13 +1153,24 @@ take_source(Walker *self, PyObject *blobid)
     for (int i = 0; i < 64; i++)
         if (!((hex[i] >= '0' && hex[i] <= '9') || (hex[i] >= 'a' && hex[i] <= 'f')))
             return 0;
-    char *name = self->source_name_buffer;
     memcpy(name, hex, 2);
     name[2] = '/';
     memcpy(name + 3, hex + 2, 2);
     name[5] = '/';
     memcpy(name + 6, hex, 64);
     name[70] = '\0';
+    return 1;
+}
+
+/* The by-hash file of blobid, as RelinkWork._source would take it: 1 when it
+ * is a regular file (its name and identity then in the route), 0 when Python
+ * must decide. */
+static int
+take_source(Walker *self, PyObject *blobid)
+{
+    char *name = self->source_name_buffer;
+    if (!by_hash_name(blobid, name))
+        return 0;
     struct stat found;
     if (fstatat(self->route.source_fd, name, &found, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(found.st_mode))
         return 0;
@@ -1029,35 +1183,40 @@ take_source(Walker *self, PyObject *blobid)
 static PyObject *
 unseen_paths(Walker *self, PyObject *paths)
 {
-    if (self->seen == NULL) {
-        self->seen = PySet_New(self->first_paths);
-        if (self->seen == NULL)
+    /* Hashing a path may run Python code (a bytes subclass): the set is
+     * held while it is used, the list read afresh at each step and the path
+     * held while it is looked up. */
+    PyObject *seen = self->seen;
+    if (seen == NULL) {
+        seen = PySet_New(self->first_paths);
+        if (seen == NULL)
             return NULL;
+        Py_XSETREF(self->seen, seen);
     }
+    Py_INCREF(seen);
     PyObject *fresh = PyList_New(0);
-    if (fresh == NULL)
+    if (fresh == NULL) {
+        Py_DECREF(seen);
         return NULL;
-    /* Hashing a path may run Python code (a bytes subclass): the list is
-     * read afresh at each step and the path held while it is looked up. */
+    }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(paths); i++) {
         PyObject *path = PyList_GET_ITEM(paths, i);
         Py_INCREF(path);
-        int known = PySet_Contains(self->seen, path);
+        int known = PySet_Contains(seen, path);
         int failed = known < 0 || (!known && PyList_Append(fresh, path) < 0);
         Py_DECREF(path);
-        if (failed) {
-            Py_DECREF(fresh);
-            return NULL;
-        }
+        if (failed)
+            goto error;
     }
-    Py_ssize_t count = PyList_GET_SIZE(fresh);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (PySet_Add(self->seen, PyList_GET_ITEM(fresh, i)) < 0) {
-            Py_DECREF(fresh);
-            return NULL;
-        }
-    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fresh); i++)
+        if (PySet_Add(seen, PyList_GET_ITEM(fresh, i)) < 0)
+            goto error;
+    Py_DECREF(seen);
     return fresh;
+error:
+    Py_DECREF(fresh);
+    Py_DECREF(seen);
+    return NULL;
 }
 
 /* Take the next row: 1 when there was one, 0 at the end, -1 on error. Sets
@@ -1116,34 +1275,27 @@ PyDoc_STRVAR(Walker_step_doc,
 "step(rows) -> None or an event\n"
 "--\n\n"
 "Walk rows (an iterator of (blobid, paths)) until Python is needed: returns\n"
-"an event tuple, or None once rows are exhausted (then see results()).");
+"an event tuple, or None once rows are exhausted (then see results()).\n"
+"Code that step() runs (the rows iterator, a __hash__ or __eq__ of what the\n"
+"rows hold, a destructor) cannot call start, step, set_source, resolved or\n"
+"forget_directories: they raise RuntimeError until step() returns.");
 
 static PyObject *
-Walker_step(Walker *self, PyObject *rows)
+walker_step(Walker *self, PyObject *rows)
 {
-    if (walker_ready(self) < 0)
-        return NULL;
-    if (!PyIter_Check(rows)) {
-        PyErr_Format(PyExc_TypeError, "rows must be an iterator, not %.100s", Py_TYPE(rows)->tp_name);
-        return NULL;
-    }
-    if (self->waiting) {
-        PyErr_SetString(PyExc_RuntimeError, "the last event has not been answered");
-        return NULL;
-    }
     for (;;) {
         if (self->paths != NULL) {
             if (self->usable) {
-                Py_ssize_t created = 0, present = 0, count = PyList_GET_SIZE(self->paths);
-                Py_ssize_t stop = route_paths(&self->route, PySequence_Fast_ITEMS(self->paths), self->index, count,
-                                              &created, &present);
+                Py_ssize_t created = 0, present = 0;
+                Py_ssize_t stop = route_paths(&self->route, self->paths, self->index, &created, &present);
                 if (stop < 0)
                     return NULL;
                 self->created += created;
                 self->present += present;
                 self->linked += created + present;
                 self->index = stop;
-                if (stop < count) {
+                /* The list as it is now: code run by a lookup may have changed it. */
+                if (stop < PyList_GET_SIZE(self->paths)) {
                     PyObject *event = Py_BuildValue("(iOy#KK)", EVENT_PATH, PyList_GET_ITEM(self->paths, stop),
                                                     self->source_name_buffer, (Py_ssize_t)(SOURCE_NAME_SIZE - 1),
                                                     self->route.dev, self->route.ino);
@@ -1177,31 +1329,67 @@ Walker_step(Walker *self, PyObject *rows)
     }
 }
 
+static PyObject *
+Walker_step(Walker *self, PyObject *rows)
+{
+    if (walker_ready(self, "step") < 0)
+        return NULL;
+    if (!PyIter_Check(rows)) {
+        PyErr_Format(PyExc_TypeError, "rows must be an iterator, not %.100s", Py_TYPE(rows)->tp_name);
+        return NULL;
+    }
+    if (self->waiting) {
+        PyErr_SetString(PyExc_RuntimeError, "the last event has not been answered");
+        return NULL;
+    }
+    /* The rows iterator, a __hash__ or __eq__ of what they hold, a
+     * destructor: none may call back into the walker while it steps. */
+    self->running = "step";
+    PyObject *event = walker_step(self, rows);
+    self->running = NULL;
+    return event;
+}
+
 PyDoc_STRVAR(Walker_set_source_doc,
 "set_source(source)\n"
 "--\n\n"
 "Answer EVENT_SOURCE: None (the blob cannot be linked to; its paths only\n"
 "count as expected) or (relpath, (dev, ino)) with relpath the blob's\n"
-"by-hash name below the store (ab/cd/<blobid>).");
+"by-hash name below the store (ab/cd/<blobid>). Anything else raises\n"
+"TypeError or ValueError, and the event stays unanswered.");
 
 static PyObject *
 Walker_set_source(Walker *self, PyObject *source)
 {
+    if (walker_idle(self, "set_source") < 0)
+        return NULL;
     if (self->waiting != EVENT_SOURCE) {
         PyErr_SetString(PyExc_RuntimeError, "no EVENT_SOURCE to answer");
         return NULL;
     }
     if (source != Py_None) {
-        PyObject *relpath;
-        unsigned long long dev, ino;
-        if (!PyArg_ParseTuple(source, "S(KK):set_source", &relpath, &dev, &ino))
-            return NULL;
-        if (PyBytes_GET_SIZE(relpath) != SOURCE_NAME_SIZE - 1
-                || memchr(PyBytes_AS_STRING(relpath), '\0', SOURCE_NAME_SIZE - 1) != NULL) {
-            PyErr_SetString(PyExc_ValueError, "not a by-hash name (ab/cd/<64 hex digits>)");
+        /* Exact types only, so that nothing here runs Python code. */
+        PyObject *relpath, *identity;
+        if (!PyTuple_Check(source) || PyTuple_GET_SIZE(source) != 2
+                || !PyBytes_Check(relpath = PyTuple_GET_ITEM(source, 0))
+                || !PyTuple_Check(identity = PyTuple_GET_ITEM(source, 1)) || PyTuple_GET_SIZE(identity) != 2) {
+            PyErr_SetString(PyExc_TypeError, "source must be None or (relpath: bytes, (dev, ino))");
             return NULL;
         }
-        memcpy(self->source_name_buffer, PyBytes_AS_STRING(relpath), SOURCE_NAME_SIZE);
+        unsigned long long dev, ino;
+        if (unsigned_arg(PyTuple_GET_ITEM(identity, 0), "dev", &dev) < 0
+                || unsigned_arg(PyTuple_GET_ITEM(identity, 1), "ino", &ino) < 0)
+            return NULL;
+        /* Only the walked blob's own by-hash name: no answer can make the
+         * walker link from anywhere else. */
+        char expected[SOURCE_NAME_SIZE];
+        if (self->blobid == NULL || !by_hash_name(self->blobid, expected)
+                || PyBytes_GET_SIZE(relpath) != SOURCE_NAME_SIZE - 1
+                || memcmp(PyBytes_AS_STRING(relpath), expected, SOURCE_NAME_SIZE - 1) != 0) {
+            PyErr_SetString(PyExc_ValueError, "relpath is not the walked blob's by-hash name (ab/cd/<blobid>)");
+            return NULL;
+        }
+        memcpy(self->source_name_buffer, expected, SOURCE_NAME_SIZE);
         self->route.dev = dev;
         self->route.ino = ino;
     }
@@ -1223,14 +1411,19 @@ Walker_resolved(Walker *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "resolved() takes exactly 2 arguments");
         return NULL;
     }
+    if (walker_idle(self, "resolved") < 0)
+        return NULL;
+    /* Before the event is looked at: a __bool__ may call back (and answer it). */
+    int linked = PyObject_IsTrue(args[0]);
+    if (linked < 0)
+        return NULL;
+    int expect_present = PyObject_IsTrue(args[1]);
+    if (expect_present < 0)
+        return NULL;
     if (self->waiting != EVENT_PATH) {
         PyErr_SetString(PyExc_RuntimeError, "no EVENT_PATH to answer");
         return NULL;
     }
-    int linked = PyObject_IsTrue(args[0]);
-    int expect_present = PyObject_IsTrue(args[1]);
-    if (linked < 0 || expect_present < 0)
-        return NULL;
     self->linked += linked;
     self->index++;
     self->route.expect_present = self->probe || expect_present;
@@ -1248,8 +1441,10 @@ static PyObject *
 Walker_results(Walker *self, PyObject *unused)
 {
     (void)unused;
-    if (walker_ready(self) < 0)
+    if (self->route.directories == NULL || self->linked_by_blob == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "RangeWalker was not initialised");
         return NULL;
+    }
     return PyTuple_Pack(2, self->linked_by_blob, self->expected_by_blob);
 }
 
@@ -1309,10 +1504,13 @@ static PyTypeObject WalkerType = {
     .tp_name = "relinker._speedups.RangeWalker",
     .tp_doc = Walker_doc,
     .tp_basicsize = sizeof(Walker),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Walker_init,
     .tp_dealloc = (destructor)Walker_dealloc,
+    .tp_traverse = (traverseproc)Walker_traverse,
+    .tp_clear = (inquiry)Walker_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_methods = Walker_methods,
     .tp_getset = Walker_getset,
 };
