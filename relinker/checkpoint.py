@@ -123,10 +123,14 @@ class Problem:
 
 # --- planning ---------------------------------------------------------------
 
-def default_range_count(n_blobs: int, workers: int) -> int:
-    """Enough ranges to bound the work per range, and to keep every worker busy."""
+def default_range_count(n_blobs: int, workers: int, *, heavy: bool = False) -> int:
+    """Enough ranges to bound the work per range, and to keep every worker busy.
+
+    ``heavy``: a blob may be a lot of work (its content is read), so even a
+    few blobs are spread over every worker.
+    """
     by_size = -(-n_blobs // BLOBS_PER_RANGE)
-    by_workers = min(4 * workers, -(-n_blobs // 100))
+    by_workers = min(4 * workers, n_blobs if heavy else -(-n_blobs // 100))
     return max(1, min(MAX_RANGES, max(by_size, by_workers)))
 
 

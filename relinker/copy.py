@@ -5,7 +5,7 @@ NULL: an inode the NTT copier stored has its ``blobid`` whatever
 ``by_hash_created`` says), in checkpointed ranges of inodes:
 
 1. read the content once from a source path into the by-hash store
-   (:mod:`relinker.store`: hashed on the way into an unnamed temporary,
+   (:mod:`relinker.store`: hashed on the way into a temporary file,
    dropped unsynced when its by-hash name exists, otherwise named
    ``ab/cd/<hex>`` once its batch is durable). An empty file gets the blob ID
    the catalogue uses for the empty content (see :mod:`relinker.catalogue`);

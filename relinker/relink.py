@@ -341,10 +341,10 @@ def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_r
     return split_blob_space(n_ranges or default_range_count(n_blobs, workers), upper)
 
 
-def plan_list(blobids, workers: int, n_ranges: int | None) -> list[Bounds]:
+def plan_list(blobids, workers: int, n_ranges: int | None, *, heavy: bool = False) -> list[Bounds]:
     """Ranges over a list of blob IDs: ``n_ranges`` of them, or as many as the list's size asks for."""
     distinct = len(set(blobids))
-    n = n_ranges or default_range_count(distinct, workers)
+    n = n_ranges or default_range_count(distinct, workers, heavy=heavy)
     return split_blob_list(blobids, max(1, -(-distinct // n)))
 
 

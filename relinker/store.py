@@ -147,7 +147,7 @@ class ByHashStore:
         kept = False
         try:
             try:
-                digest, size = content.copy_hashing(source_fd, temp_fd, on_chunk, before.st_size)
+                digest, size = content.copy_hashing(source_fd, temp_fd, on_chunk)
             except content.SourceReadError as exc:
                 raise SourceProblem("source-unreadable", exc.error.strerror) from None
             after = os.fstat(source_fd)

@@ -185,13 +185,18 @@ def select_blobs(conn: psycopg.Connection, selection: str, count: int) -> list[s
 
 
 def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_ranges: int | None) -> list[Bounds]:
-    """Ranges of a verify run: every blob (``--all``), or the selection, fixed now."""
+    """Ranges of a verify run: every blob (``--all``), or the selection, fixed now.
+
+    With ``--hash`` a blob may hold gigabytes: even a few blobs get a range
+    for every worker.
+    """
+    heavy = bool(options.get("hash"))
     if local.get("blobids") is not None:
-        return plan_list(local["blobids"], workers, n_ranges)
+        return plan_list(local["blobids"], workers, n_ranges, heavy=heavy)
     if options.get("selection") == "all":
         n_blobs = conn.execute(SQL_COUNT_BLOBS).fetchone()[0]
-        return split_blob_space(n_ranges or default_range_count(n_blobs, workers))
-    return plan_list(select_blobs(conn, options["selection"], options["count"]), workers, n_ranges)
+        return split_blob_space(n_ranges or default_range_count(n_blobs, workers, heavy=heavy))
+    return plan_list(select_blobs(conn, options["selection"], options["count"]), workers, n_ranges, heavy=heavy)
 
 
 def read_blob_ids(source: Iterable[str]) -> list[str]:

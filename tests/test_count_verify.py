@@ -257,3 +257,11 @@ def test_a_list_of_blobs_is_split_into_ranges_that_carry_their_ids():
     assert [r.blobids for r in ranges] == [("a", "b"), ("c", "d"), ("e",)]
     assert [(r.lo, r.hi) for r in ranges] == [("a", "c"), ("c", "e"), ("e", None)]
     assert split_blob_list([], 5) == []
+
+
+def test_verify_hash_spreads_even_a_few_blobs_over_every_worker(linked, capsys):
+    """A blob may hold gigabytes: with --hash three blobs are three ranges, without it one."""
+    code, result = run(linked, capsys, "verify", "--all", "--hash", "--dry-run", "--no-progress", "--workers", "2")
+    assert code == 0 and result["ranges_total"] == 3
+    code, result = run(linked, capsys, "verify", "--all", "--dry-run", "--no-progress", "--workers", "2")
+    assert code == 0 and result["ranges_total"] == 1
