@@ -374,3 +374,31 @@ def reset_own_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def settle_disk(path: bytes, quiet_for: float = 1.0, at_most: float = 120.0) -> float:
+    """``sync``, then wait until the block device under ``path`` has been idle for ``quiet_for`` seconds.
+
+    A filesystem mounted with ``discard`` trims the blocks of deleted files
+    at its next commits: a measurement that follows the removal of a large
+    tree would pay for it. Returns the seconds waited (0 where the device's
+    counters cannot be read).
+    """
+    os.sync()
+    st = os.stat(path)
+    stat_file = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat"
+    started = time.monotonic()
+    try:
+        last, quiet_since = None, time.monotonic()
+        while time.monotonic() - started < at_most:
+            with open(stat_file) as f:
+                fields = f.read().split()
+            busy = fields[8] != "0"  # requests in flight
+            if fields != last or busy:
+                last, quiet_since = fields, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_for:
+                break
+            time.sleep(0.1)
+    except OSError:
+        return 0.0
+    return time.monotonic() - started

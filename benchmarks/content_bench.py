@@ -47,7 +47,7 @@ from psycopg.conninfo import make_conninfo
 import relinker
 from benchlib import (FAILURES, Database, Measurement, TreeSampler, cpu_model, cpu_seconds, elapsed, expect,
                       fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
-                      speedups_built, start_database, vm_hwm_kib)
+                      settle_disk, speedups_built, start_database, vm_hwm_kib)
 from relinker import migrations
 
 #: Small files: log-normal sizes around this median (bytes), capped, like a system's /usr/lib.
@@ -148,10 +148,6 @@ def warm(root: bytes) -> None:
                 with open(path, "rb") as f:
                     while f.read(CHUNK):
                         pass
-
-
-def sync() -> None:
-    os.sync()
 
 
 # --- baselines ---------------------------------------------------------------------------
@@ -259,6 +255,7 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
                 "SELECT count(*), count(DISTINCT i.ino) FROM inode AS i JOIN path AS p USING (medium_hash, ino) "
                 "WHERE i.fs_type = 'f'").fetchone()
         warm(tree.root)
+        settle_disk(workdir)
 
         baselines, runs = [], []
         for n in range(repeat):
@@ -267,12 +264,12 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
                 os.mkdir(root)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(SQL_UNCOPY)
-            sync()
+            settle_disk(workdir)
             log(f"{tree.name}: cp -a && sync ({n + 1}/{repeat})")
             destination = os.path.join(workdir, tag.encode() + b"-cp")
             baselines.append(copy_baseline(tree, destination))
             shutil.rmtree(destination)
-            sync()
+            settle_disk(workdir)
             log(f"{tree.name}: relinker copy ({n + 1}/{repeat})")
             copied, summary = run_relinker(f"relinker copy --workers {workers}", f"{tag}-copy", tree_db, by_hash,
                                            archive, workdir, relinker_args, command="copy", unit="B")
@@ -280,7 +277,7 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
             expect(copied, summary, problems=0, blobs=n_inodes)
             runs.append(copied)
         pairs.append(Pair(tree.name, "copy", median_of(baselines), median_of(runs)))
-        sync()
+        settle_disk(workdir)
 
         baselines, runs = [], []
         for n in range(repeat):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import os
 import secrets
 import shutil
@@ -39,6 +40,8 @@ FILE_MODE = 0o444
 DIRECTORY_MODE = 0o755
 #: The workers' temporaries live below this directory of the store's root.
 TEMP_DIRECTORY = b".relinker-tmp"
+#: Contents at least this large are written with direct I/O (see relinker.content).
+DIRECT_SIZE = 8 << 20
 #: A batch waits for its sync with at most this many temporaries (open descriptors) ...
 BATCH_FILES = 256
 #: ... and this much content.
@@ -143,7 +146,7 @@ class ByHashStore:
         if expected_size is not None and before.st_size != expected_size:
             raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}",
                                 permanent=True)
-        temp_fd, temp_name = self._temporary()
+        temp_fd, temp_name = self._temporary(direct=before.st_size >= DIRECT_SIZE)
         kept = False
         try:
             try:
@@ -209,15 +212,23 @@ class ByHashStore:
         self._directories_for(os.path.dirname(pending.final))
         return _rename_noreplace(pending.temp_name, pending.final)
 
-    def _temporary(self) -> tuple[int, bytes]:
+    def _temporary(self, direct: bool = False) -> tuple[int, bytes]:
+        """A new temporary file, opened for direct I/O if asked and the filesystem allows it."""
         if self._temp_directory is None:
             self._temp_directory = _worker_directory(self.root + b"/" + TEMP_DIRECTORY)
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
         while True:
             name = self._temp_directory + b"/" + secrets.token_hex(8).encode()
             try:
-                return os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE), name
+                fd = os.open(name, flags, FILE_MODE)
             except FileExistsError:
                 continue
+            if direct:
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+                except OSError:
+                    pass  # tmpfs and others: through the page cache
+            return fd, name
 
     def _directories_for(self, level2: bytes) -> None:
         if level2 not in self._made:

@@ -420,3 +420,22 @@ def test_the_eta_of_content_work_goes_by_bytes_when_ranges_hold_unequal_bytes(wo
                                       (run_id,)).fetchone()
     assert working.total_seconds() == pytest.approx(10, abs=0.5)
     assert eta.total_seconds() == pytest.approx(90, abs=5)
+
+
+def test_a_large_content_written_directly_reads_back_byte_for_byte(tmp_path):
+    """Large contents bypass the page cache on the way in; the tail that is no whole block goes through it."""
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    content = os.urandom(relinker.store.DIRECT_SIZE + (1 << 20) + 5)
+    source = tmp_path / "large"
+    source.write_bytes(content)
+    store = ByHashStore(os.fsencode(root))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        stored = store_one(store, fd, len(content))
+    finally:
+        os.close(fd)
+        store.close()
+    assert stored.written and stored.blobid == blake3.blake3(content).hexdigest()
+    with open(stored.path, "rb") as f:
+        assert f.read() == content
