@@ -114,7 +114,25 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
             for row in inodes.values():
                 copy.write_row(row)
         result.inodes = len(inodes)
+        analyze_medium(conn, result.medium_hash)
     return result
+
+
+# The relation that holds a medium's rows: its partition, or the table itself.
+SQL_HOLDER = "SELECT tableoid::regclass::text FROM {} WHERE medium_hash = %s LIMIT 1"
+
+
+def analyze_medium(conn: psycopg.Connection, medium_hash: str) -> None:
+    """Give the planner statistics for a medium just loaded (its partitions only).
+
+    Without them the first copy of the medium plans its per-blob lookups as
+    scans of the whole partition, for every range, until autovacuum happens
+    to analyze it: a first copy of 60,000 files took 52 s instead of 15.
+    """
+    for table in ("inode", "path"):
+        row = conn.execute(sql.SQL(SQL_HOLDER).format(sql.Identifier(table)), (medium_hash,)).fetchone()
+        if row is not None:
+            conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(row[0])))
 
 
 def _walk(root: bytes, device: int, result: ScanResult, exclude: list[bytes]):

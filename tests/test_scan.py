@@ -105,3 +105,15 @@ def test_excluded_names_are_left_out_and_not_entered(conn, tree):
     paths, _ = rows(conn, result.medium_hash)
     assert not any(b"__pycache__" in p or p.endswith(b".txt") for p in paths)
     assert result.excluded == 4  # __pycache__, a.txt, b.txt, c.txt
+
+
+def test_scan_gives_the_planner_statistics_of_the_new_medium_only(conn, tree):
+    """A medium copied right after its scan is planned with statistics (and no other partition is analyzed)."""
+    other = scan.scan_tree(conn, "other", tree).medium_hash
+    conn.execute("SELECT pg_stat_reset()")
+    medium_hash = scan.scan_tree(conn, "disk-1", tree).medium_hash
+    analyzed = dict(conn.execute(
+        "SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname LIKE 'inode\\_%' "
+        "OR relname LIKE 'path\\_%'").fetchall())
+    assert analyzed == {f"inode_{medium_hash}": True, f"path_{medium_hash}": True,
+                        f"inode_{other}": False, f"path_{other}": False}
