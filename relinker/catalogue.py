@@ -32,8 +32,7 @@ SELECT a.attname FROM pg_attribute AS a
 WHERE a.attrelid = to_regclass('inode') AND a.attnum > 0 AND NOT a.attisdropped
 """
 
-#: The status model's values (its CHECK constraint allows exactly these).
-PENDING, SUCCESS = "pending", "success"
+#: The status model's failures (its CHECK allows these, 'pending' and 'success').
 FAILED_RETRYABLE, FAILED_PERMANENT = "failed_retryable", "failed_permanent"
 
 

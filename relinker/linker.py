@@ -165,10 +165,6 @@ class ArchiveLinker:
         """
         return lstat_identity(source, self._source_fd)
 
-    def source_stat(self, source: bytes) -> os.stat_result:
-        """lstat of a source (relative to ``source_root`` when not absolute)."""
-        return os.stat(source, dir_fd=self._source_fd, follow_symlinks=False)
-
     def open_source(self, source: bytes) -> int:
         """A read-only descriptor of a source (never through a symlink); the caller closes it."""
         return os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._source_fd)
