@@ -313,6 +313,24 @@ class ArchiveLinker:
         """The general route of a probe: whether one path is a hardlink of ``source_id`` (tallied as probe_all does)."""
         return _visit(stored, functools.partial(self._probe_outcome, source_id), tally, problem) is _PRESENT
 
+    def check_one(self, source_id: tuple[int, int], stored: bytes, tally: dict, problem) -> bool:
+        """probe_one that also says why a path is not a hardlink of ``source_id``.
+
+        An absent entry is a ``link-missing`` problem, another file a
+        ``wrong-inode`` one; both are tallied under ``None`` as probe_one does.
+        """
+        def check(path: bytes) -> Outcome | None:
+            found = self.probe(path)
+            if found is not None and (found.st_dev, found.st_ino) == source_id:
+                return _PRESENT
+            if found is None:
+                problem(path, "link-missing", "no archive entry")
+            else:
+                problem(path, "wrong-inode", "archive entry is not the by-hash file")
+            return None
+
+        return _visit(stored, check, tally, problem) is _PRESENT
+
     @property
     def expects_present(self) -> bool:
         """Whether the next link is expected to be there already (the fast route checks before it links)."""

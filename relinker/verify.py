@@ -30,8 +30,7 @@ from psycopg import sql
 from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
 from relinker.jobs import Mode
-from relinker.linker import LinkProblem, Outcome
-from relinker.paths import UnsafePath, by_hash_relpath, display
+from relinker.paths import by_hash_relpath, display
 from relinker.pool import RangeContext, WorkSpec
 from relinker.relink import UNUSABLE, CountWork, RangeScope, plan_list
 
@@ -118,23 +117,7 @@ class VerifyWork(CountWork):
 
     def settle(self, source, source_id, path, tally, problem) -> bool:
         """One path that is not simply a link of the blob: say what is wrong with it."""
-        try:
-            found = self.linker.probe(path)
-        except UnsafePath as exc:
-            problem(path, "unsafe-path", str(exc))
-            return False
-        except LinkProblem as exc:
-            problem(path, exc.kind, exc.detail)
-            return False
-        if found is not None and (found.st_dev, found.st_ino) == source_id:
-            tally[Outcome.PRESENT] += 1
-            return True
-        tally[None] += 1
-        if found is None:
-            problem(path, "link-missing", "no archive entry")
-        else:
-            problem(path, "wrong-inode", "archive entry is not the by-hash file")
-        return False
+        return self.linker.check_one(source_id, path, tally, problem)
 
     def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
         # The walk took each by-hash file by lstat alone (the C walker asks
