@@ -157,12 +157,7 @@ class ProductionWorld(ArchiveWorld):
     def _stored_blob(self, content: bytes, blobid: str | None = None) -> str:
         """A by-hash file (as the copier wrote it) and its blobs row; n_hardlinks is set later."""
         blobid = blobid or blake3.blake3(content).hexdigest()
-        path = by_hash_path(self.by_hash_root, blobid)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not os.path.exists(path):
-            with open(path, "wb") as f:
-                f.write(content)
-            os.chmod(path, 0o444)
+        self.store_file(blobid, content)
         self.conn.execute("INSERT INTO blobs (blobid, created_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                           (blobid, COPIER_PROCESSED_AT))
         return blobid

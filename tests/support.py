@@ -109,14 +109,18 @@ class ArchiveWorld:
         blobid = blake3.blake3(content).hexdigest()
         self._sizes[blobid] = len(content)
         if store:
-            path = by_hash_path(self.by_hash_root, blobid)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if not os.path.exists(path):
-                with open(path, "wb") as f:
-                    f.write(content)
-                os.chmod(path, 0o444)
+            self.store_file(blobid, content)
         self.conn.execute("INSERT INTO blobs (blobid) VALUES (%s) ON CONFLICT DO NOTHING", (blobid,))
         return blobid
+
+    def store_file(self, blobid: str, content: bytes) -> None:
+        """``content`` under ``blobid``'s by-hash name (read-only), unless something is there already."""
+        path = by_hash_path(self.by_hash_root, blobid)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(content)
+            os.chmod(path, 0o444)
 
     def inode(self, medium_hash: str, paths: list[bytes], blobid: str | None, *, fs_type: str = "f",
               excluded: dict[bytes, str] | None = None) -> int:
