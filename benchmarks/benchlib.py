@@ -299,6 +299,21 @@ class Measurement:
     def rate(self) -> float | None:
         return self.items / self.seconds if self.items and self.seconds > 0 else None
 
+    def as_json(self) -> dict:
+        """The figures every script writes for a measurement (each adds its own beside them)."""
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "items": self.items,
+            "unit": self.unit,
+            "per_second": round(self.rate, 1) if self.rate else None,
+            "peak_rss_mb": round(self.peak_rss_mb, 1) if self.peak_rss_mb is not None else None,
+            "relinker_elapsed_seconds": self.internal_seconds,
+            "client_cpu_seconds": round(self.client_cpu, 2) if self.client_cpu is not None else None,
+            "server_cpu_seconds": round(self.server_cpu, 2) if self.server_cpu is not None else None,
+        }
+
 
 def run_relinker(name: str, tag: str, db: Database, by_hash_root: bytes, archive_root: bytes, workdir: bytes,
                  args: list[str], route: dict[str, str] | None = None, *, command: str = "relink",

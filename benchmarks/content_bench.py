@@ -367,12 +367,7 @@ def print_report(pairs: list[Pair], context: dict) -> None:
 
 
 def as_json(m: Measurement) -> dict:
-    return {"name": m.name, "ok": m.ok, "seconds": round(m.seconds, 3), "seconds_all": m.detail.get("seconds_all"),
-            "items": m.items, "unit": m.unit,
-            "per_second": round(m.rate, 1) if m.rate else None,
-            "peak_rss_mb": round(m.peak_rss_mb, 1) if m.peak_rss_mb else None,
-            "client_cpu_seconds": round(m.client_cpu, 2) if m.client_cpu is not None else None,
-            "relinker_elapsed_seconds": m.internal_seconds}
+    return {**m.as_json(), "seconds_all": m.detail.get("seconds_all")}
 
 
 def write_json(path: str, context: dict, trees: list[Tree], pairs: list[Pair]) -> None:

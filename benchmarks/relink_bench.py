@@ -557,17 +557,8 @@ def write_json(path: str, context: dict, results: list[Measurement], floor: Meas
         "failures": FAILURES,
         "measurements": [
             {
-                "name": m.name,
-                "ok": m.ok,
-                "seconds": round(m.seconds, 3),
-                "items": m.items,
-                "unit": m.unit,
-                "per_second": round(m.rate, 1) if m.rate else None,
+                **m.as_json(),
                 "rate_over_floor": round(m.rate / floor.rate, 3) if m.rate and floor.rate else None,
-                "peak_rss_mb": round(m.peak_rss_mb, 1) if m.peak_rss_mb is not None else None,
-                "relinker_elapsed_seconds": m.internal_seconds,
-                "client_cpu_seconds": round(m.client_cpu, 2) if m.client_cpu is not None else None,
-                "server_cpu_seconds": round(m.server_cpu, 2) if m.server_cpu is not None else None,
                 **m.detail,
             }
             for m in results
