@@ -332,8 +332,8 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
     if args.from_file:
         if args.limit is not None:
             raise UserError("--limit and --from-file cannot be combined: the list says which blobs")
-        request.local["blobids"] = listed_blobs(args.from_file)
-        options["from_file"] = verify.listing_fingerprint(request.local["blobids"])
+        request.blobids = listed_blobs(args.from_file)
+        options["from_file"] = verify.listing_fingerprint(request.blobids)
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
     return report(summary, code, args.json, f"relinker relink --run {summary.run_id}")
 
@@ -364,8 +364,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     options = {"hash": args.hash}
     request = job_request(args, settings, options)
     if args.from_file:
-        request.local["blobids"] = listed_blobs(args.from_file)
-        options.update(selection="from-file", from_file=verify.listing_fingerprint(request.local["blobids"]))
+        request.blobids = listed_blobs(args.from_file)
+        options.update(selection="from-file", from_file=verify.listing_fingerprint(request.blobids))
     elif args.all:
         options["selection"] = "all"
     else:

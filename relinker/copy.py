@@ -384,7 +384,8 @@ def resolve_medium(conn: psycopg.Connection, name_or_hash: str) -> str:
     return rows[0][0]
 
 
-def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_ranges: int | None) -> list[Bounds]:
+def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, workers: int,
+         n_ranges: int | None) -> list[Bounds]:
     """Ranges of inodes to copy (``ino_hi`` exclusive), with the bytes each holds.
 
     Inode numbers are not uniform, so the bounds come from the inodes

@@ -46,10 +46,10 @@ class Mode:
 
     name: str
     work: Callable[[WorkSpec], object]
-    #: plan(conn, options, local, workers, n_ranges) -> [Bounds]; may add to
-    #: ``options`` what a resumed run must know (``local``: this invocation's
-    #: settings that are never stored, such as a list of blob IDs).
-    plan: Callable[[psycopg.Connection, dict, dict, int, int | None], list[Bounds]]
+    #: plan(conn, options, blobids, workers, n_ranges) -> [Bounds]; may add to
+    #: ``options`` what a resumed run must know (``blobids``: the IDs listed
+    #: with --from-file, or None).
+    plan: Callable[[psycopg.Connection, dict, list[str] | None, int, int | None], list[Bounds]]
     #: What a run of this mode writes to (outside dry runs): "archive", "by-hash".
     writes: frozenset = frozenset({"archive"})
     #: Whether a run with these options is content work, measured in bytes (copy, verify --hash).
@@ -62,7 +62,10 @@ class JobRequest:
 
     settings: Settings
     options: dict
+    #: this invocation's settings for the workers, never stored with the run (see WorkSpec.local)
     local: dict = dataclasses.field(default_factory=dict)
+    #: blob IDs listed with --from-file: what a new run is planned from, never handed to the workers
+    blobids: list[str] | None = None
     workers: int = os.cpu_count() or 1
     run_id: int | None = None
     new: bool = False
@@ -153,7 +156,10 @@ def _subdirectories(path: bytes) -> list[bytes]:
 
 
 def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
-    """Run (or resume) a checkpointed job; return its summary and exit code."""
+    """Run (or resume) a checkpointed job; return its summary and exit code.
+
+    ``request.blobids`` is consumed: planning is its only use.
+    """
     settings = request.settings
     by_hash_root, archive_root = check_roots(settings, frozenset() if request.dry_run else mode.writes)
     started = time.monotonic()
@@ -162,10 +168,10 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         spec = WorkSpec(
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
-            verbose=settings.verbose, log_file=settings.log_file,
+            verbose=settings.verbose,
         )
         if request.dry_run:
-            bounds = mode.plan(conn, spec.options, request.local, request.workers, request.ranges)
+            bounds = mode.plan(conn, spec.options, request.blobids, request.workers, request.ranges)
             spec.dry_ranges = [Range.of(None, n, b) for n, b in enumerate(bounds)]
             ranges_total, done_before, links_before, problems_before, bytes_before = len(bounds), 0, 0, 0, 0
             bytes_total = sum(b.bytes_planned or 0 for b in bounds)
@@ -179,6 +185,9 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             if run.status == "done":
                 summary = Summary.from_run(conn, run.run_id)
                 return summary, _exit_code(summary)
+    # Planned. The workers are forked from this process: a list of millions
+    # of IDs would count in every worker's memory.
+    request.blobids = None
     bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress,
                       bytes_done_before=bytes_before, in_bytes=mode.in_bytes(spec.options), bytes_total=bytes_total)
     try:
@@ -250,7 +259,7 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
     # What was asked, before planning resolves it (a medium's name to its
     # hash, --limit to an upper blob ID): what a later plain resume compares.
     spec.options[REQUESTED] = _as_stored(request.options)
-    bounds = mode.plan(conn, spec.options, request.local, request.workers, request.ranges)
+    bounds = mode.plan(conn, spec.options, request.blobids, request.workers, request.ranges)
     run_id = checkpoint.create_run(conn, mode.name, by_hash_root, archive_root, spec.options, bounds)
     log.info("planned run %d: %d ranges", run_id, len(bounds))
     return checkpoint.get_run(conn, run_id)

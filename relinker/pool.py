@@ -10,6 +10,12 @@ once, the next run still resumes correctly).
 Workers talk to the parent over one pipe each, never a shared queue: a
 worker killed in the middle of a write can corrupt only its own pipe, and
 every message is far below PIPE_BUF, so writes are atomic anyway.
+
+Workers are forked from the coordinator, which by then holds no database
+connection and runs no other thread: a spawned worker would import psycopg
+and relinker again, a fixed cost per worker that a short content run on two
+cores cannot hide. SIGINT and SIGTERM are blocked across the fork, so a
+signal reaches a new worker only once its own handlers are in place.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import psycopg
 from relinker import db
 from relinker.checkpoint import CheckpointStore, Counters, LostRange, Problem, Range
 from relinker.errors import EXIT_INTERRUPTED
-from relinker.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,6 @@ class WorkSpec:
     lease: float = 120.0
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
     verbose: int = 0
-    log_file: str | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -186,6 +190,22 @@ class _Worker:
     def nothing_left(self) -> bool:
         return self.store is None or self.store.open_ranges() == 0
 
+    def wait_for_news(self, pause: float) -> None:
+        """Idle until the parent says a range of this pool ended, or ``pause`` passes.
+
+        The ranges still open are other workers' (or lost by a dead one):
+        when the last of this pool's ends, the run is over at once rather
+        than at the next poll. The poll itself stays for ranges whose lease
+        runs out.
+        """
+        self.send("idle", -1)
+        try:
+            if self.pipe.poll(pause):
+                while self.pipe.poll(0):
+                    self.pipe.recv()
+        except (EOFError, OSError):
+            time.sleep(pause)  # the parent is gone; check_stop() will notice
+
     def run(self) -> None:
         shortest, longest = POLL_INTERVAL
         pause = shortest
@@ -196,7 +216,7 @@ class _Worker:
                 if r is None:
                     if self.nothing_left():
                         return
-                    time.sleep(pause)
+                    self.wait_for_news(pause)
                     pause = min(longest, pause * 2)
                     continue
                 pause = shortest
@@ -265,13 +285,17 @@ def _collector_paused():
             gc.enable()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
-    signal.signal(signal.SIGINT, _on_worker_signal)
-    signal.signal(signal.SIGTERM, _on_worker_signal)
+    # Forked with the stop signals blocked (see start_worker): handlers first, then let them in.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _on_worker_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from relinker.linker import raise_open_file_limit
 
     raise_open_file_limit()
-    setup_logging(spec.verbose, spec.log_file)
     try:
         _Worker(spec, pipe, stop_event, dry_next).run()
     except Exception as exc:  # a worker must never die silently
@@ -302,22 +326,27 @@ class Progress(Protocol):
 
 def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> PoolOutcome:
     """Run ``workers`` processes until the run has no open range, or a signal stops it."""
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")
     stop_event = context.Event()
     dry_next = context.Value("i", 0)
     outcome = PoolOutcome()
     live: dict[Any, multiprocessing.Process] = {}  # pipe reader -> process
     in_flight: dict[int, tuple[int, int]] = {}  # range_no -> (paths, bytes) so far (this coordinator)
+    idle: set = set()  # pipes of workers waiting for a range to end
     finished_paths = finished_bytes = 0
     ranges_done = 0
     respawns_left = 2 * workers + 5
     stopping = False
 
     def start_worker() -> None:
-        reader, writer = context.Pipe(duplex=False)
+        reader, writer = context.Pipe(duplex=True)  # the parent answers "idle" with "wake"
         process = context.Process(target=_worker_main, args=(spec, writer, stop_event, dry_next),
                                   name="relinker-worker", daemon=False)
-        process.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         writer.close()
         live[reader] = process
 
@@ -354,7 +383,9 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                             start_worker()
                     continue
                 kind, range_no, *rest = message
-                if kind == "progress":
+                if kind == "idle":
+                    idle.add(reader)
+                elif kind == "progress":
                     in_flight[range_no] = (rest[0], rest[1])
                 elif kind == "done":
                     counters, kinds, samples = rest
@@ -369,6 +400,11 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                 elif kind == "failed":
                     in_flight.pop(range_no, None)
                     outcome.failed_ranges += 1
+                if kind in ("done", "failed"):
+                    for waiting in idle & live.keys():
+                        with contextlib.suppress(OSError):
+                            waiting.send(("wake",))
+                    idle.clear()
             if progress is not None:
                 progress.update(finished_paths + sum(p for p, _ in in_flight.values()), ranges_done,
                                 finished_bytes + sum(b for _, b in in_flight.values()))

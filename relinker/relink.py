@@ -318,17 +318,18 @@ ORDER BY blobid OFFSET %s LIMIT 1
 """
 
 
-def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_ranges: int | None) -> list[Bounds]:
+def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, workers: int,
+         n_ranges: int | None) -> list[Bounds]:
     """Ranges of blob IDs for a new run.
 
     ``--limit N`` becomes an upper bound: the ID of the (N+1)-th blob in ID
     order, so a limited run is an ordinary run over a smaller key space (it
     checkpoints and resumes like any other). A list of blob IDs
-    (``local["blobids"]``, from ``--from-file``) is split into ranges that
-    carry their IDs.
+    (``blobids``, from ``--from-file``) is split into ranges that carry
+    their IDs.
     """
-    if local.get("blobids") is not None:
-        return plan_list(local["blobids"], workers, n_ranges)
+    if blobids is not None:
+        return plan_list(blobids, workers, n_ranges)
     n_blobs = conn.execute(SQL_COUNT_BLOBS).fetchone()[0]
     upper = None
     limit = options.get("limit")

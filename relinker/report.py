@@ -232,6 +232,8 @@ class ProgressBar:
         self.known_total = bytes_total if in_bytes and bytes_total else None
         initial = bytes_done_before if in_bytes else paths_done_before
         unit = dict(unit="B", unit_scale=True, unit_divisor=1000) if in_bytes else dict(unit="path", unit_scale=True)
+        # No monitor thread: the workers are forked from this process, which must run no other thread.
+        tqdm.tqdm.monitor_interval = 0
         self._bar = tqdm.tqdm(
             total=self.known_total, initial=initial, dynamic_ncols=True, disable=not enabled, file=sys.stderr,
             smoothing=0.05, mininterval=0.5, **unit,

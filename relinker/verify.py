@@ -167,15 +167,16 @@ def select_blobs(conn: psycopg.Connection, selection: str, count: int) -> list[s
     return sorted(chosen)[:count]
 
 
-def plan(conn: psycopg.Connection, options: dict, local: dict, workers: int, n_ranges: int | None) -> list[Bounds]:
+def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, workers: int,
+         n_ranges: int | None) -> list[Bounds]:
     """Ranges of a verify run: every blob (``--all``), or the selection, fixed now.
 
     With ``--hash`` a blob may hold gigabytes: even a few blobs get a range
     for every worker.
     """
     heavy = bool(options.get("hash"))
-    if local.get("blobids") is not None:
-        return plan_list(local["blobids"], workers, n_ranges, heavy=heavy)
+    if blobids is not None:
+        return plan_list(blobids, workers, n_ranges, heavy=heavy)
     if options.get("selection") == "all":
         n_blobs = conn.execute(SQL_COUNT_BLOBS).fetchone()[0]
         return split_blob_space(n_ranges or default_range_count(n_blobs, workers, heavy=heavy))

@@ -1,10 +1,16 @@
 """The process pool's own mechanics (runs, resumes and signals are tested end to end elsewhere)."""
 
 import gc
+import os
+import signal
+import time
 
+import psycopg
 import pytest
 
-from relinker.pool import _collector_paused
+from relinker import checkpoint, pool
+from relinker.checkpoint import split_blob_space
+from relinker.pool import WorkSpec, _collector_paused
 
 
 @pytest.fixture
@@ -33,3 +39,69 @@ def test_a_collector_switched_off_by_the_caller_stays_off(collector_on):
     with _collector_paused():
         pass
     assert not gc.isenabled()
+
+
+# --- runs of a real pool, with a stand-in for a mode's work ------------------------------
+
+class _SlowRangeZero:
+    """Range 0 takes a few seconds, the others nothing; each notes the signals it runs with blocked."""
+
+    SECONDS = 2.0
+
+    def __init__(self, spec: WorkSpec):
+        self.notes = os.fsencode(spec.local["notes"])
+
+    def process(self, r, ctx):
+        blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        with open(os.path.join(self.notes, b"%d" % r.range_no), "w") as f:
+            f.write(" ".join(map(str, blocked)))
+        if r.range_no == 0:
+            time.sleep(self.SECONDS)
+        return lambda conn: None
+
+    def reset(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _pool_run(catalogue_url, tmp_path, n_ranges: int) -> tuple[WorkSpec, str]:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        run_id = checkpoint.create_run(conn, "relink", b"/nowhere", b"/nowhere", {}, split_blob_space(n_ranges))
+    spec = WorkSpec(work=_SlowRangeZero, dsn=catalogue_url, by_hash_root=b"/nowhere", archive_root=b"/nowhere",
+                    options={}, local={"notes": str(notes)}, run_id=run_id)
+    return spec, notes
+
+
+def test_an_idle_worker_leaves_as_soon_as_the_last_range_ends_not_at_its_next_poll(catalogue_url, tmp_path,
+                                                                                   monkeypatch):
+    # Two workers, two ranges: one worker is done at once and finds nothing
+    # left to claim while range 0 is still worked. Were it to wait out its
+    # poll (made very long here), the run would end that much later.
+    monkeypatch.setattr(pool, "POLL_INTERVAL", (60.0, 60.0))
+    spec, _ = _pool_run(catalogue_url, tmp_path, 2)
+    started = time.monotonic()
+    outcome = pool.run_pool(spec, workers=2)
+    took = time.monotonic() - started
+    assert not outcome.interrupted and outcome.failed_ranges == 0
+    assert _SlowRangeZero.SECONDS <= took < 30, took
+    with psycopg.connect(catalogue_url) as conn:
+        assert conn.execute("SELECT array_agg(DISTINCT status) FROM relinker_range WHERE run_id = %s",
+                            (spec.run_id,)).fetchone()[0] == ["done"]
+
+
+def test_workers_run_with_stop_signals_let_in_and_the_coordinator_gets_its_mask_back(catalogue_url, tmp_path):
+    # The stop signals are blocked across the fork (a worker must not run
+    # the coordinator's handler): blocked in no worker afterwards, nor in
+    # the coordinator.
+    spec, notes = _pool_run(catalogue_url, tmp_path, 3)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    pool.run_pool(spec, workers=2)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    masks = {name: (notes / name).read_text().split() for name in os.listdir(notes)}
+    assert sorted(masks) == ["0", "1", "2"]
+    for blocked in masks.values():
+        assert str(int(signal.SIGINT)) not in blocked and str(int(signal.SIGTERM)) not in blocked
