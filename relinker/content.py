@@ -63,6 +63,32 @@ def hash_fd(fd: int, on_chunk: Callable[[], None] | None = None) -> tuple[str, i
             on_chunk()
 
 
+def read_small(fd: int) -> tuple[str, memoryview] | None:
+    """Read what ``fd`` reads to its end into this process's buffer; its BLAKE3 hex digest and the bytes.
+
+    None when it is ``CHUNK`` bytes or more: what was read is then lost,
+    and the caller knows the content is larger than it was told. The bytes stay valid until the next call of this module. A failed
+    read raises :class:`SourceReadError`.
+    """
+    got = 0
+    while got < CHUNK:
+        try:
+            n = os.readv(fd, [_view[got:]])
+        except OSError as exc:
+            raise SourceReadError(exc) from None
+        if not n:
+            return blake3.blake3(_view[:got]).hexdigest(), _view[:got]
+        got += n
+    return None
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (an OSError stops it)."""
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
+
+
 def copy_hashing(source_fd: int, target_fd: int, on_chunk: Callable[[], None] | None = None) -> tuple[str, int]:
     """Copy what ``source_fd`` reads to ``target_fd``; return its BLAKE3 hex digest and size.
 

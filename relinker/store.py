@@ -1,8 +1,10 @@
 """The by-hash store: content in, and never a by-hash name on a partial file.
 
-Content is read into a temporary file and hashed on the way. A content
-whose by-hash name exists already is dropped right there: its temporary is
-removed without ever being synced. The others wait in a batch; the batch is
+Content is read into a temporary file and hashed on the way; a content
+smaller than one read (``content.CHUNK``) is hashed first and gets a
+temporary only if the store lacks it. A content whose by-hash name exists
+already is dropped right there, its temporary (if any) removed without
+ever being synced. The others wait in a batch; the batch is
 made durable by one sync of the filesystem (``syncfs``), and only then does
 each temporary get its name, ``ab/cd/<hex>`` (``renameat2`` with
 ``RENAME_NOREPLACE``, which never replaces what is there). Before the
@@ -94,7 +96,8 @@ class Pending:
     final: bytes
     size: int
     fd: int
-    temp_name: bytes
+    #: None once the temporary has its by-hash name
+    temp_name: bytes | None
 
 
 class ByHashStore:
@@ -112,6 +115,7 @@ class ByHashStore:
         umask = os.umask(0)
         os.umask(umask)
         self._fix_mode = bool(umask & FILE_MODE)
+        self._fix_directory_mode = bool(umask & DIRECTORY_MODE)
 
     def close(self) -> None:
         """Drop what waits for a sync and this worker's temporaries; the store cannot be used afterwards."""
@@ -133,8 +137,9 @@ class ByHashStore:
         """Read an open source; return its content's by-hash file, or the temporary waiting for one.
 
         A content whose by-hash name exists is :class:`Stored` at once (and
-        its temporary dropped, unsynced); so is a content already waiting in
-        this batch (the same :class:`Pending`). Trouble with the source is a
+        its temporary dropped, unsynced, or for a content smaller than a
+        read never made); so is a content already waiting in this batch (the
+        same :class:`Pending`). Trouble with the source is a
         :class:`SourceProblem`, a foreign entry under the by-hash name a
         :class:`ByHashProblem`; any other ``OSError`` is trouble with the
         store itself and propagates. ``on_chunk`` is called after each chunk
@@ -146,6 +151,8 @@ class ByHashStore:
         if expected_size is not None and before.st_size != expected_size:
             raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}",
                                 permanent=True)
+        if before.st_size < content.CHUNK:
+            return self._read_in_small(source_fd, before)
         temp_fd, temp_name = self._temporary(direct=before.st_size >= DIRECT_SIZE)
         kept = False
         try:
@@ -153,25 +160,62 @@ class ByHashStore:
                 digest, size = content.copy_hashing(source_fd, temp_fd, on_chunk)
             except content.SourceReadError as exc:
                 raise SourceProblem("source-unreadable", exc.error.strerror) from None
-            after = os.fstat(source_fd)
-            if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                raise SourceProblem("source-changed", "changed while being read")
+            _unchanged(source_fd, before, size)
             blobid = digest if size else self.empty_blobid
-            waiting = self._pending.get(blobid)
-            if waiting is not None:
-                return waiting
-            final = self.root + b"/" + by_hash_relpath(blobid)
-            if _holds_the_content(final, size):
-                return Stored(blobid, final, False, size)
-            if self._fix_mode:
-                os.fchmod(temp_fd, FILE_MODE)
-            self._pending[blobid] = Pending(blobid, final, size, temp_fd, temp_name)
-            self._pending_bytes += size
+            known = self._known(blobid, size)
+            if known is not None:
+                return known
             kept = True
-            return self._pending[blobid]
+            return self._wait(blobid, size, temp_fd, temp_name)
         finally:
             if not kept:
                 _discard(temp_fd, temp_name)
+
+    def _read_in_small(self, source_fd: int, before: os.stat_result) -> Stored | Pending:
+        """read_in for a content that fits in one read: hashed before any temporary exists.
+
+        A content the store holds then costs no file at all: creating a
+        file and removing it again is most of what a duplicate small file
+        would cost, and the removals slow down every file created after them.
+        """
+        try:
+            read = content.read_small(source_fd)
+        except content.SourceReadError as exc:
+            raise SourceProblem("source-unreadable", exc.error.strerror) from None
+        if read is None:
+            raise SourceProblem("source-changed", "grew while being read")
+        digest, data = read
+        _unchanged(source_fd, before, len(data))
+        blobid = digest if data else self.empty_blobid
+        known = self._known(blobid, len(data))
+        if known is not None:
+            return known
+        temp_fd, temp_name = self._temporary()
+        try:
+            content.write_all(temp_fd, data)
+            return self._wait(blobid, len(data), temp_fd, temp_name)
+        except BaseException:
+            _discard(temp_fd, temp_name)
+            raise
+
+    def _known(self, blobid: str, size: int) -> Stored | Pending | None:
+        """The content's by-hash file, or its temporary waiting in this batch; None if the store lacks it."""
+        waiting = self._pending.get(blobid)
+        if waiting is not None:
+            return waiting
+        final = self.root + b"/" + by_hash_relpath(blobid)
+        if _holds_the_content(final, size):
+            return Stored(blobid, final, False, size)
+        return None
+
+    def _wait(self, blobid: str, size: int, temp_fd: int, temp_name: bytes) -> Pending:
+        """Keep a complete temporary in the batch, to be named after the batch's sync."""
+        if self._fix_mode:
+            os.fchmod(temp_fd, FILE_MODE)
+        pending = self._pending[blobid] = Pending(blobid, self.root + b"/" + by_hash_relpath(blobid), size,
+                                                  temp_fd, temp_name)
+        self._pending_bytes += size
+        return pending
 
     def place_pending(self) -> dict[str, Stored | ByHashProblem]:
         """Make the waiting temporaries durable with one sync, then give each its by-hash name.
@@ -187,6 +231,8 @@ class ByHashStore:
             for blobid, pending in self._pending.items():
                 try:
                     written = self._link_into_place(pending)
+                    if written:
+                        pending.temp_name = None  # nothing left to remove
                     if not written and not _holds_the_content(pending.final, pending.size):
                         raise ByHashProblem("bad-by-hash", f"{display(pending.final)} vanished while it was stored")
                     placed[blobid] = Stored(blobid, pending.final, written, pending.size)
@@ -232,26 +278,39 @@ class ByHashStore:
 
     def _directories_for(self, level2: bytes) -> None:
         if level2 not in self._made:
-            for directory in (os.path.dirname(level2), level2):
-                _mkdir(directory)
+            level1 = os.path.dirname(level2)
+            if level1 not in self._made:
+                _mkdir(level1, self._fix_directory_mode)
+                self._made.add(level1)
+            _mkdir(level2, self._fix_directory_mode)
             self._made.add(level2)
 
 
-def _mkdir(path: bytes) -> None:
-    """Make the directory if it is not there, rwxr-xr-x whatever the umask."""
+def _unchanged(source_fd: int, before: os.stat_result, size: int) -> None:
+    """SourceProblem unless the source read ``size`` bytes, its size then, and is as it was."""
+    after = os.fstat(source_fd)
+    if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise SourceProblem("source-changed", "changed while being read")
+
+
+def _mkdir(path: bytes, fix_mode: bool = True) -> None:
+    """Make the directory if it is not there, rwxr-xr-x whatever the umask (``fix_mode``: it takes some away)."""
     try:
         os.mkdir(path, DIRECTORY_MODE)
-        os.chmod(path, DIRECTORY_MODE)
     except FileExistsError:
-        pass
+        return
+    if fix_mode:
+        os.chmod(path, DIRECTORY_MODE)
 
 
-def _discard(fd: int, temp_name: bytes) -> None:
+def _discard(fd: int, temp_name: bytes | None) -> None:
     os.close(fd)
+    if temp_name is None:
+        return  # named
     try:
         os.unlink(temp_name)
     except FileNotFoundError:
-        pass  # named meanwhile
+        pass
 
 
 def _worker_directory(parent: bytes) -> bytes:

@@ -13,6 +13,7 @@ import pytest
 from relinker import scan
 from relinker.catalogue import EMPTY_BLAKE3, EMPTY_SHA256, content_matches
 from relinker.cli import main
+import relinker.content
 import relinker.store
 from relinker.store import ByHashStore, Pending, SourceProblem, Stored
 from relinker.paths import by_hash_path, source_candidates
@@ -269,6 +270,64 @@ def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp
             os.close(fd)
         store.close()
     assert len(names()) == 2  # closing dropped the waiting temporary: nothing named for it
+
+
+def test_a_small_content_the_store_holds_never_becomes_a_file(tmp_path):
+    """Hashed before any temporary exists: a duplicate small file costs the store no file creation at all."""
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    (tmp_path / "original").write_bytes(b"shared content\n" * 1000)
+    (tmp_path / "duplicate").write_bytes(b"shared content\n" * 1000)
+    first = ByHashStore(os.fsencode(root))
+    fd = os.open(tmp_path / "original", os.O_RDONLY)
+    try:
+        stored = store_one(first, fd)
+    finally:
+        os.close(fd)
+        first.close()
+    assert stored.written and os.listdir(root / ".relinker-tmp") == []
+    second = ByHashStore(os.fsencode(root))  # another worker
+    fd = os.open(tmp_path / "duplicate", os.O_RDONLY)
+    try:
+        again = second.read_in(fd, 15000)
+        assert again == Stored(stored.blobid, stored.path, False, 15000)
+        assert os.listdir(root / ".relinker-tmp") == []  # not even the worker's own directory
+    finally:
+        os.close(fd)
+        second.close()
+
+
+def test_a_small_file_that_reads_other_than_its_size_is_a_changed_source(tmp_path):
+    # A /proc file says 0 bytes and reads more: whatever size a small file
+    # claims, what is stored is what was read, or nothing.
+    store = ByHashStore(os.fsencode(tmp_path))
+    fd = os.open("/proc/self/status", os.O_RDONLY)
+    try:
+        assert os.fstat(fd).st_size == 0 and os.read(fd, 10)
+        os.lseek(fd, 0, os.SEEK_SET)
+        with pytest.raises(SourceProblem) as problem:
+            store.read_in(fd, None)
+    finally:
+        os.close(fd)
+        store.close()
+    assert problem.value.kind == "source-changed"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_reading_a_small_content_stops_at_the_buffer(tmp_path):
+    (tmp_path / "grown").write_bytes(b"x" * relinker.content.CHUNK)
+    fd = os.open(tmp_path / "grown", os.O_RDONLY)
+    try:
+        assert relinker.content.read_small(fd) is None
+    finally:
+        os.close(fd)
+    (tmp_path / "fits").write_bytes(b"y" * (relinker.content.CHUNK - 1))
+    fd = os.open(tmp_path / "fits", os.O_RDONLY)
+    try:
+        digest, data = relinker.content.read_small(fd)
+    finally:
+        os.close(fd)
+    assert bytes(data) == b"y" * (relinker.content.CHUNK - 1) and digest == blake3.blake3(bytes(data)).hexdigest()
 
 
 def test_a_dead_workers_temporaries_are_removed_and_no_one_elses(tmp_path):
