@@ -45,8 +45,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import relinker
-from benchlib import (FAILURES, Database, Measurement, TreeSampler, cpu_model, cpu_seconds, elapsed, expect,
-                      fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
+from benchlib import (FAILURES, Database, Measurement, TreeSampler, compile_relinker, cpu_model, cpu_seconds, elapsed,
+                      expect, fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
                       settle_disk, speedups_built, start_database, vm_hwm_kib)
 from relinker import migrations
 
@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(workdir, 0o755)  # the embedded server's own user must reach its data
     log(f"work directory {os.fsdecode(workdir)}")
     source = relinker_source()
+    compile_relinker()
     db = None
     trees: list[Tree] = []
     pairs: list[Pair] = []

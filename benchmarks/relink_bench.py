@@ -53,8 +53,8 @@ import psutil
 import psycopg
 
 import relinker
-from benchlib import (FAILURES, Database, Measurement, checkpoint_quietly, cpu_model, cpu_seconds, elapsed,
-                      expect, fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
+from benchlib import (FAILURES, Database, Measurement, checkpoint_quietly, compile_relinker, cpu_model, cpu_seconds,
+                      elapsed, expect, fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
                       speedups_built, start_database, vm_hwm_kib)
 from relinker import migrations, scan
 from relinker.paths import archive_components, by_hash_path
@@ -611,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     os.mkdir(archive_root)
     log(f"work directory {os.fsdecode(workdir)}")
     source = relinker_source()
+    compile_relinker()
 
     db = None
     try:
