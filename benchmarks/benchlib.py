@@ -227,7 +227,8 @@ def compile_relinker() -> None:
     """
     import compileall
 
-    compileall.compile_dir(os.path.dirname(os.path.abspath(relinker.__file__)), quiet=1)
+    # quiet=2: an install this user cannot write to is compiled already, or stays as it is.
+    compileall.compile_dir(os.path.dirname(os.path.abspath(relinker.__file__)), quiet=2)
 
 
 def relinker_source() -> str | None:

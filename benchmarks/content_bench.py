@@ -13,7 +13,8 @@ given with ``--tree``), on one filesystem, page cache warm:
 
 Each relinker row is printed beside its baseline with the ratio and the
 issue's target, with the peak RSS of the largest single process. relinker
-runs as a subprocess, as an operator runs it. See benchmarks/README.md.
+and every baseline run as processes of their own, timed from start to
+exit, as an operator runs them. See benchmarks/README.md.
 
 Usage::
 
@@ -39,15 +40,14 @@ import sys
 import tempfile
 import time
 
-import blake3
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import relinker
 from benchlib import (FAILURES, Database, Measurement, TreeSampler, compile_relinker, cpu_model, cpu_seconds, elapsed,
-                      expect, fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
-                      settle_disk, speedups_built, start_database, vm_hwm_kib)
+                      expect, fail, filesystem_type, log, relinker_source, run_relinker, settle_disk, speedups_built,
+                      start_database)
 from relinker import migrations
 
 #: Small files: log-normal sizes around this median (bytes), capped, like a system's /usr/lib.
@@ -152,11 +152,11 @@ def warm(root: bytes) -> None:
 
 # --- baselines ---------------------------------------------------------------------------
 
-def timed_command(name: str, argv: list, unit: str, items: int) -> Measurement:
+def timed_command(name: str, argv: list, unit: str, items: int, stdout=None) -> Measurement:
     """Time a shell-free command (and its children), with the peak RSS of its largest process."""
     cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    process = subprocess.Popen(argv)
+    process = subprocess.Popen(argv, stdout=stdout)
     sampler = TreeSampler(process.pid)
     sampler.start()
     code = process.wait()
@@ -176,26 +176,35 @@ def copy_baseline(tree: Tree, destination: bytes) -> Measurement:
                          ["sh", "-c", 'cp -a "$0" "$1" && sync', tree.root, destination], "B", tree.bytes)
 
 
-def hash_loop_baseline(by_hash_root: bytes) -> Measurement:
-    """A bare one-process loop: read every by-hash file in 1 MiB chunks into BLAKE3."""
-    resettable = reset_own_peak_rss()
-    cpu_before = cpu_seconds(resource.RUSAGE_SELF)
-    started = time.perf_counter()
-    total = files = 0
-    for directory, _dirs, names in os.walk(by_hash_root):
-        for name in names:
-            hasher = blake3.blake3()
-            with open(os.path.join(directory, name), "rb") as f:
-                while chunk := f.read(CHUNK):
-                    hasher.update(chunk)
-                    total += len(chunk)
-            hasher.hexdigest()
-            files += 1
-    seconds = time.perf_counter() - started
-    peak = vm_hwm_kib(os.getpid()) if resettable else None
-    return Measurement("baseline: read + BLAKE3 loop, one process", seconds, total, "B",
-                       peak / 1024 if peak else None, client_cpu=cpu_seconds(resource.RUSAGE_SELF) - cpu_before,
-                       detail={"files": files})
+#: The bare hash loop, run as its own process (as relinker and cp are): every
+#: file of the store read in 1 MiB chunks into BLAKE3; prints bytes and files.
+HASH_LOOP = f"""
+import os, sys, blake3
+total = files = 0
+for directory, _dirs, names in os.walk(os.fsencode(sys.argv[1])):
+    for name in names:
+        hasher = blake3.blake3()
+        with open(os.path.join(directory, name), "rb") as f:
+            while chunk := f.read({CHUNK}):
+                hasher.update(chunk)
+                total += len(chunk)
+        hasher.hexdigest()
+        files += 1
+print(total, files)
+"""
+
+
+def hash_loop_baseline(by_hash_root: bytes, workdir: bytes) -> Measurement:
+    """A bare one-process loop over the by-hash store (HASH_LOOP), timed from its start to its exit."""
+    with tempfile.TemporaryFile(dir=workdir) as out:
+        m = timed_command("baseline: read + BLAKE3 loop, one process",
+                          [sys.executable, "-c", HASH_LOOP, by_hash_root], "B", 0, stdout=out)
+        out.seek(0)
+        printed = out.read().split()
+    if len(printed) == 2:
+        m.items, files = int(printed[0]), int(printed[1])
+        m.detail["files"] = files
+    return m
 
 
 # --- one tree ------------------------------------------------------------------------------
@@ -287,7 +296,7 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
         baselines, runs = [], []
         for n in range(repeat):
             log(f"{tree.name}: bare hash loop, relinker verify --all --hash ({n + 1}/{repeat})")
-            baselines.append(hash_loop_baseline(by_hash))
+            baselines.append(hash_loop_baseline(by_hash, workdir))
             verified, summary = run_relinker(f"relinker verify --all --hash --workers {workers}",
                                              f"{tag}-verify-hash", tree_db, by_hash, archive, workdir,
                                              ["--all", "--hash", *relinker_args], command="verify", unit="B")
