@@ -160,14 +160,19 @@ def implementation(request):
 def worker_route(request, monkeypatch):
     """Each route relink's worker processes may take: the C extension's, and pure Python.
 
-    Workers are spawned, so RELINKER_PURE_PYTHON reaches them whatever this
-    process imported.
+    RELINKER_PURE_PYTHON picks the route when relinker.linker is imported:
+    set for relinker run as a subprocess, and the linker's route switched
+    here for runs of this process (its workers are forked from it).
     """
     if request.param == "c":
         if linker.RangeWalker is None:
             pytest.skip("relinker._speedups is not built (no C compiler at install time)")
     else:
         monkeypatch.setenv("RELINKER_PURE_PYTHON", "1")
+        for name, python in (("fast_route", linker._fast_route_python),
+                             ("lstat_identity", linker._lstat_identity_python),
+                             ("DirectoryListings", None), ("RangeWalker", None)):
+            monkeypatch.setattr(linker, name, python)
     return request.param
 
 

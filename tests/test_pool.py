@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 
-from relinker import checkpoint, pool
+from relinker import checkpoint, linker, pool
 from relinker.checkpoint import split_blob_space
 from relinker.pool import WorkSpec, _collector_paused
 
@@ -55,6 +55,8 @@ class _SlowRangeZero:
         blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
         with open(os.path.join(self.notes, b"%d" % r.range_no), "w") as f:
             f.write(" ".join(map(str, blocked)))
+        with open(os.path.join(self.notes, b"route-%d" % r.range_no), "w") as f:
+            f.write("python" if linker.RangeWalker is None else "c")
         if r.range_no == 0:
             time.sleep(self.SECONDS)
         return lambda conn: None
@@ -101,7 +103,13 @@ def test_workers_run_with_stop_signals_let_in_and_the_coordinator_gets_its_mask_
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     pool.run_pool(spec, workers=2)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
-    masks = {name: (notes / name).read_text().split() for name in os.listdir(notes)}
+    masks = {name: (notes / name).read_text().split() for name in os.listdir(notes) if name.isdigit()}
     assert sorted(masks) == ["0", "1", "2"]
     for blocked in masks.values():
         assert str(int(signal.SIGINT)) not in blocked and str(int(signal.SIGTERM)) not in blocked
+
+
+def test_the_route_a_test_asks_for_is_the_route_forked_workers_take(catalogue_url, tmp_path, worker_route):
+    spec, notes = _pool_run(catalogue_url, tmp_path, 2)
+    pool.run_pool(spec, workers=2)
+    assert {(notes / f"route-{n}").read_text() for n in range(2)} == {worker_route}
