@@ -63,12 +63,16 @@ def hash_fd(fd: int, on_chunk: Callable[[], None] | None = None) -> tuple[str, i
             on_chunk()
 
 
-def read_small(fd: int) -> tuple[str, memoryview] | None:
-    """Read what ``fd`` reads to its end into this process's buffer; its BLAKE3 hex digest and the bytes.
+def read_small(fd: int, size: int) -> tuple[str, memoryview] | None:
+    """Read ``fd``'s content of ``size`` bytes into this process's buffer; its BLAKE3 hex digest and the bytes.
 
+    Reading stops at the end, or once ``size`` bytes (more than none) are
+    in: the caller compares the file's size and mtime afterwards, so a
+    content that grows after the read is noticed without one more read.
     None when it is ``CHUNK`` bytes or more: what was read is then lost,
-    and the caller knows the content is larger than it was told. The bytes stay valid until the next call of this module. A failed
-    read raises :class:`SourceReadError`.
+    and the caller knows the content is larger than it was told. The bytes
+    stay valid until the next call of this module. A failed read raises
+    :class:`SourceReadError`.
     """
     got = 0
     while got < CHUNK:
@@ -76,9 +80,9 @@ def read_small(fd: int) -> tuple[str, memoryview] | None:
             n = os.readv(fd, [_view[got:]])
         except OSError as exc:
             raise SourceReadError(exc) from None
-        if not n:
-            return blake3.blake3(_view[:got]).hexdigest(), _view[:got]
         got += n
+        if not n or got == size:
+            return blake3.blake3(_view[:got]).hexdigest(), _view[:got]
     return None
 
 

@@ -283,13 +283,12 @@ class CopyWork:
         raise SourceProblem("source-unreadable", detail, permanent=permanent)
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> None:
-        st = os.lstat(stored.path)
         tally = new_tally()
 
         def problem(path: bytes, kind: str, detail: str) -> None:
             ctx.problem(kind, detail, blobid=stored.blobid, path=path)
 
-        self.linker.link_all(stored.path, (st.st_dev, st.st_ino), paths, tally, problem)
+        self.linker.link_all(stored.path, stored.identity, paths, tally, problem)
         counters = ctx.counters
         counters.links_created += tally[Outcome.CREATED]
         counters.links_present += tally[Outcome.PRESENT]

@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import itertools
 import os
 import secrets
 import shutil
@@ -86,6 +87,8 @@ class Stored:
     path: bytes
     written: bool
     size: int
+    #: (st_dev, st_ino) of the by-hash file: what its archive links must be
+    identity: tuple[int, int]
 
 
 @dataclasses.dataclass
@@ -111,6 +114,7 @@ class ByHashStore:
         self._pending: dict[str, Pending] = {}
         self._pending_bytes = 0
         self._temp_directory: bytes | None = None
+        self._temp_numbers = itertools.count()
         # Temporaries are created 0444; only a umask taking some of that away needs an fchmod.
         umask = os.umask(0)
         os.umask(umask)
@@ -179,7 +183,7 @@ class ByHashStore:
         would cost, and the removals slow down every file created after them.
         """
         try:
-            read = content.read_small(source_fd)
+            read = content.read_small(source_fd, before.st_size)
         except content.SourceReadError as exc:
             raise SourceProblem("source-unreadable", exc.error.strerror) from None
         if read is None:
@@ -204,8 +208,9 @@ class ByHashStore:
         if waiting is not None:
             return waiting
         final = self.root + b"/" + by_hash_relpath(blobid)
-        if _holds_the_content(final, size):
-            return Stored(blobid, final, False, size)
+        st = _holds_the_content(final, size)
+        if st is not None:
+            return Stored(blobid, final, False, size, (st.st_dev, st.st_ino))
         return None
 
     def _wait(self, blobid: str, size: int, temp_fd: int, temp_name: bytes) -> Pending:
@@ -233,9 +238,13 @@ class ByHashStore:
                     written = self._link_into_place(pending)
                     if written:
                         pending.temp_name = None  # nothing left to remove
-                    if not written and not _holds_the_content(pending.final, pending.size):
-                        raise ByHashProblem("bad-by-hash", f"{display(pending.final)} vanished while it was stored")
-                    placed[blobid] = Stored(blobid, pending.final, written, pending.size)
+                        st = os.fstat(pending.fd)
+                    else:
+                        st = _holds_the_content(pending.final, pending.size)
+                        if st is None:
+                            raise ByHashProblem("bad-by-hash",
+                                                f"{display(pending.final)} vanished while it was stored")
+                    placed[blobid] = Stored(blobid, pending.final, written, pending.size, (st.st_dev, st.st_ino))
                 except ByHashProblem as exc:
                     placed[blobid] = exc
         finally:
@@ -264,7 +273,8 @@ class ByHashStore:
             self._temp_directory = _worker_directory(self.root + b"/" + TEMP_DIRECTORY)
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
         while True:
-            name = self._temp_directory + b"/" + secrets.token_hex(8).encode()
+            # The directory is this worker's alone: a counter names without collisions.
+            name = b"%s/%d" % (self._temp_directory, next(self._temp_numbers))
             try:
                 fd = os.open(name, flags, FILE_MODE)
             except FileExistsError:
@@ -390,8 +400,8 @@ def _rename_noreplace(source: bytes, target: bytes) -> bool:
     return True
 
 
-def _holds_the_content(final: bytes, size: int) -> bool:
-    """Whether a by-hash name is there for a content of ``size`` bytes (False: no entry).
+def _holds_the_content(final: bytes, size: int) -> os.stat_result | None:
+    """The by-hash file under ``final``, for a content of ``size`` bytes (None: no entry).
 
     Anything else under the name (truncated, a symlink, a directory: a
     leftover of some other tool) is never linked to and never replaced: a
@@ -400,12 +410,12 @@ def _holds_the_content(final: bytes, size: int) -> bool:
     try:
         st = os.lstat(final)
     except FileNotFoundError:
-        return False
+        return None
     if not stat.S_ISREG(st.st_mode):
         raise ByHashProblem("bad-by-hash", f"{display(final)} is not a regular file (kept)")
     if st.st_size != size:
         raise ByHashProblem("bad-by-hash", f"{display(final)} has {st.st_size} bytes, the content {size} (kept)")
-    return True
+    return st
 
 
 _SYNCFS = _load_libc_function("syncfs", [ctypes.c_int])

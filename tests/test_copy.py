@@ -290,7 +290,7 @@ def test_a_small_content_the_store_holds_never_becomes_a_file(tmp_path):
     fd = os.open(tmp_path / "duplicate", os.O_RDONLY)
     try:
         again = second.read_in(fd, 15000)
-        assert again == Stored(stored.blobid, stored.path, False, 15000)
+        assert again == Stored(stored.blobid, stored.path, False, 15000, stored.identity)
         assert os.listdir(root / ".relinker-tmp") == []  # not even the worker's own directory
     finally:
         os.close(fd)
@@ -314,20 +314,24 @@ def test_a_small_file_that_reads_other_than_its_size_is_a_changed_source(tmp_pat
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_reading_a_small_content_stops_at_the_buffer(tmp_path):
-    (tmp_path / "grown").write_bytes(b"x" * relinker.content.CHUNK)
-    fd = os.open(tmp_path / "grown", os.O_RDONLY)
-    try:
-        assert relinker.content.read_small(fd) is None
-    finally:
-        os.close(fd)
-    (tmp_path / "fits").write_bytes(b"y" * (relinker.content.CHUNK - 1))
-    fd = os.open(tmp_path / "fits", os.O_RDONLY)
-    try:
-        digest, data = relinker.content.read_small(fd)
-    finally:
-        os.close(fd)
-    assert bytes(data) == b"y" * (relinker.content.CHUNK - 1) and digest == blake3.blake3(bytes(data)).hexdigest()
+def test_reading_a_small_content_stops_at_its_size_its_end_or_the_buffer(tmp_path):
+    chunk = relinker.content.CHUNK
+
+    def read(name, data, size):
+        (tmp_path / name).write_bytes(data)
+        fd = os.open(tmp_path / name, os.O_RDONLY)
+        try:
+            got = relinker.content.read_small(fd, size)
+            return got, os.lseek(fd, 0, os.SEEK_CUR)
+        finally:
+            os.close(fd)
+
+    (digest, data), _ = read("fits", b"y" * (chunk - 1), chunk - 1)
+    assert bytes(data) == b"y" * (chunk - 1) and digest == blake3.blake3(bytes(data)).hexdigest()
+    assert read("grown", b"x" * chunk, 10) == (None, chunk)  # larger than the buffer: nothing usable
+    # Told 0 bytes (a /proc file says so), it reads to the end; told less, it reads on past it.
+    assert bytes(read("said-empty", b"abc", 0)[0][1]) == b"abc"
+    assert bytes(read("said-less", b"abcdef", 3)[0][1]) == b"abcdef"
 
 
 def test_a_dead_workers_temporaries_are_removed_and_no_one_elses(tmp_path):
