@@ -5,7 +5,9 @@ For each tree (many small files; a few large files; optionally a real tree
 given with ``--tree``), on one filesystem, page cache warm:
 
 1. ``cp -a SRC DST && sync`` (the baseline of copy), then
-   ``relinker copy --workers W`` of the same tree, scanned beforehand;
+   ``relinker copy --workers W`` of the same tree, scanned beforehand,
+   then the floor of any copy into the by-hash layout (LAYOUT_FLOOR: its
+   bare system calls in one process, no catalogue), printed under the table;
 2. a bare one-process read + BLAKE3 loop over the by-hash store (the
    baseline of verify --hash), then ``relinker verify --all --hash``;
 3. ``relinker relink --new`` over the complete archive (the re-check, the
@@ -81,6 +83,8 @@ class Pair:
     what: str
     baseline: Measurement
     relinker: Measurement
+    #: for copy: the by-hash layout's bare system calls (LAYOUT_FLOOR), what no copier into it can go below
+    floor: Measurement | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -194,6 +198,48 @@ print(total, files)
 """
 
 
+#: The floor of a copy into the by-hash layout, run as its own process: per
+#: file, read and hash it, and unless its by-hash name exists write a
+#: temporary, make ab/ and ab/cd/, rename it there; then link the archive path.
+#: One process, no catalogue, no batches: one sync at the end, as cp -a && sync.
+LAYOUT_FLOOR = """
+import os, sys, blake3
+tree, store, archive = map(os.fsencode, sys.argv[1:4])
+temporaries = os.path.join(store, b".floor-tmp")
+os.mkdir(temporaries)
+n = 0
+for directory, dirs, names in os.walk(tree):
+    target = os.path.join(archive, os.path.relpath(directory, tree))
+    os.makedirs(target, exist_ok=True)
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        hexdigest = blake3.blake3(data).hexdigest().encode()
+        level2 = os.path.join(store, hexdigest[:2], hexdigest[2:4])
+        final = os.path.join(level2, hexdigest)
+        if not os.path.lexists(final):
+            n += 1
+            temporary = os.path.join(temporaries, b"%d" % n)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            os.write(fd, data)
+            os.close(fd)
+            for level in (os.path.dirname(level2), level2):
+                try:
+                    os.mkdir(level)
+                except FileExistsError:
+                    pass
+            os.rename(temporary, final)
+        os.link(final, os.path.join(target, name))
+os.sync()
+"""
+
+
+def layout_floor(tree: Tree, store: bytes, archive: bytes) -> Measurement:
+    """LAYOUT_FLOOR over the tree into an empty store and archive, timed from its start to its exit."""
+    return timed_command("floor: the by-hash layout's system calls, one process",
+                         [sys.executable, "-c", LAYOUT_FLOOR, tree.root, store, archive], "B", tree.bytes)
+
+
 def hash_loop_baseline(by_hash_root: bytes, workdir: bytes) -> Measurement:
     """A bare one-process loop over the by-hash store (HASH_LOOP), timed from its start to its exit."""
     with tempfile.TemporaryFile(dir=workdir) as out:
@@ -271,7 +317,7 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
 
         # Nothing is removed until the tree is done: a filesystem pays for a
         # removal (journal checkpoints, trims) during whatever runs next.
-        baselines, runs = [], []
+        baselines, runs, floors = [], [], []
         for n in range(repeat):
             destination = os.path.join(workdir, f"{tag}-cp-{n}".encode())
             made.append(destination)
@@ -289,7 +335,12 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
             copied.items = summary.get("bytes_read") if summary else None
             expect(copied, summary, problems=0, blobs=n_inodes)
             runs.append(copied)
-        pairs.append(Pair(tree.name, "copy", median_of(baselines), median_of(runs)))
+            floor_store, floor_archive = fresh(f"floor-store-{n}"), fresh(f"floor-archive-{n}")
+            made += [floor_store, floor_archive]
+            settle_disk(workdir)
+            log(f"{tree.name}: the layout's floor ({n + 1}/{repeat})")
+            floors.append(layout_floor(tree, floor_store, floor_archive))
+        pairs.append(Pair(tree.name, "copy", median_of(baselines), median_of(runs), median_of(floors)))
         warm(by_hash)  # large contents went in with direct I/O, past the page cache
         settle_disk(workdir)
 
@@ -366,6 +417,14 @@ def print_report(pairs: list[Pair], context: dict) -> None:
     print(line(["-" * w for w in widths]))
     for r in rows:
         print(line(r))
+    floors = [p for p in pairs if p.floor is not None]
+    if floors:
+        print()
+        print("the floor of a copy into the by-hash layout (no catalogue, one process, one sync), against cp:")
+        for p in floors:
+            ratio = f"{p.floor.rate / p.baseline.rate:.2f}" if p.floor.rate and p.baseline.rate else "-"
+            print(f"  {p.tree}: {p.floor.seconds:.2f} s ({rate(p.floor)}), ratio {ratio}; every run: "
+                  + " ".join(f"{x:.2f}" for x in p.floor.detail.get("seconds_all", [])))
     print()
     print("every run, seconds (baseline | relinker):")
     for p in pairs:
@@ -383,7 +442,8 @@ def write_json(path: str, context: dict, trees: list[Tree], pairs: list[Pair]) -
     data = {**context, "ok": not FAILURES, "failures": FAILURES,
             "trees": [{"name": t.name, "files": t.files, "bytes": t.bytes} for t in trees],
             "pairs": [{"tree": p.tree, "what": p.what, "ratio": round(p.ratio, 3) if p.ratio else None,
-                       "target": TARGETS[p.what], "baseline": as_json(p.baseline), "relinker": as_json(p.relinker)}
+                       "target": TARGETS[p.what], "baseline": as_json(p.baseline), "relinker": as_json(p.relinker),
+                       "floor": as_json(p.floor) if p.floor else None}
                       for p in pairs]}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)

@@ -65,5 +65,8 @@ def test_content_bench_puts_each_relinker_figure_beside_its_baseline(pg_admin_ds
         for what in ("copy", "verify --hash", "verify")]
     for pair in result["pairs"]:
         assert pair["ratio"] > 0 and pair["relinker"]["peak_rss_mb"] > 0 and pair["baseline"]["seconds"] > 0
-    assert "ratio" in done.stdout and "target" in done.stdout
+        # the layout's floor is measured for copy, beside cp
+        assert (pair["floor"] is not None) == (pair["what"] == "copy")
+        assert pair["floor"] is None or (pair["floor"]["ok"] and pair["floor"]["seconds"] > 0)
+    assert "ratio" in done.stdout and "target" in done.stdout and "the floor of a copy" in done.stdout
     assert list(tmp_path.iterdir()) == [figures]  # its trees, stores and databases are gone
