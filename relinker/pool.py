@@ -31,6 +31,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -325,7 +326,14 @@ class Progress(Protocol):
 
 
 def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> PoolOutcome:
-    """Run ``workers`` processes until the run has no open range, or a signal stops it."""
+    """Run ``workers`` processes until the run has no open range, or a signal stops it.
+
+    Call it from the main thread of a process that runs no other thread
+    and holds no open database connection: the workers are forked from it.
+    """
+    if threading.active_count() > 1:
+        log.warning("forking workers from a process that runs %d threads: a lock one of them holds "
+                    "stays held in every worker", threading.active_count())
     context = multiprocessing.get_context("fork")
     stop_event = context.Event()
     dry_next = context.Value("i", 0)

@@ -1,8 +1,10 @@
 """The process pool's own mechanics (runs, resumes and signals are tested end to end elsewhere)."""
 
 import gc
+import logging
 import os
 import signal
+import threading
 import time
 
 import psycopg
@@ -113,3 +115,18 @@ def test_the_route_a_test_asks_for_is_the_route_forked_workers_take(catalogue_ur
     spec, notes = _pool_run(catalogue_url, tmp_path, 2)
     pool.run_pool(spec, workers=2)
     assert {(notes / f"route-{n}").read_text() for n in range(2)} == {worker_route}
+
+
+def test_a_pool_started_beside_other_threads_says_so(catalogue_url, tmp_path, caplog):
+    # Workers are forked: a lock another thread holds at that moment stays held in every worker.
+    spec, _ = _pool_run(catalogue_url, tmp_path, 1)
+    release = threading.Event()
+    bystander = threading.Thread(target=release.wait)
+    bystander.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="relinker.pool"):
+            pool.run_pool(spec, workers=1)
+    finally:
+        release.set()
+        bystander.join()
+    assert any("forking workers from a process that runs 2 threads" in r.getMessage() for r in caplog.records)
