@@ -74,7 +74,7 @@ INSERT INTO blobs (blobid) SELECT b FROM unnest(%(count_blobids)s::text[]) AS b 
 ON CONFLICT (blobid) DO NOTHING
 """
 SQL_LOCK_BLOBS = """
-SELECT blobid FROM blobs WHERE blobid = ANY(%(count_blobids)s) ORDER BY blobid FOR UPDATE
+SELECT blobid FROM blobs WHERE blobid = ANY(%(count_blobids)s::text[]) ORDER BY blobid FOR UPDATE
 """
 # Only inodes still without content: one stored meanwhile (by another
 # tool, or a run whose commit reply was lost) is someone else's record now.
@@ -221,8 +221,9 @@ class CopyWork:
         # The catalogue may say these contents are stored only once their names are durable.
         self.store.sync()
         count_blobids = sorted(marked.paths)
-        params = dict(medium=r.medium_hash, inos=marked.inos, inode_blobids=marked.blobids,
-                      count_blobids=count_blobids, **failed.params())
+        # Array literals, built once: the driver adapts a list element by element, for every statement.
+        params = dict(medium=r.medium_hash, inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
+                      count_blobids=db.text_array(count_blobids), **failed.params())
 
         def finalize(conn: psycopg.Connection) -> None:
             conn.execute(SQL_NEW_BLOBS, params)
@@ -230,7 +231,7 @@ class CopyWork:
             # same by-hash file: holding the blob rows while reading the link
             # count makes the last commit carry the latest count.
             conn.execute(SQL_LOCK_BLOBS, params)
-            params["links"] = [os.lstat(marked.paths[b]).st_nlink - 1 for b in count_blobids]
+            params["links"] = db.int_array(os.lstat(marked.paths[b]).st_nlink - 1 for b in count_blobids)
             conn.execute(statements.mark_inodes, params)
             if failed:
                 conn.execute(statements.inode_errors, params)
@@ -265,7 +266,7 @@ class CopyWork:
                 try:
                     fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
                 except OSError as exc:
-                    failures.append(f"{display(candidate)}: {exc.strerror}")
+                    failures.append((candidate, exc.strerror))  # formatted only if no source works
                     permanent = permanent and exc.errno in catalogue.GONE_FROM_MEDIUM
                     continue
                 try:
@@ -273,11 +274,11 @@ class CopyWork:
                 except SourceProblem as exc:
                     if exc.kind == "source-changed":
                         raise
-                    failures.append(f"{display(candidate)}: {exc.detail}")
+                    failures.append((candidate, exc.detail))
                     permanent = permanent and exc.permanent
                 finally:
                     os.close(fd)
-        detail = "; ".join(failures[:3]) or "no source path"
+        detail = "; ".join(f"{display(candidate)}: {why}" for candidate, why in failures[:3]) or "no source path"
         if not mounted:
             detail = f"medium not mounted at {display(medium_mount(medium_hash, self.remaps))}; {detail}"
         raise SourceProblem("source-unreadable", detail, permanent=permanent)
@@ -328,7 +329,8 @@ class FailedInodes:
         return bool(self.inos)
 
     def params(self) -> dict:
-        return dict(error_inos=self.inos, errors=self.lines, error_kinds=self.kinds, error_states=self.states)
+        return dict(error_inos=db.int_array(self.inos), errors=db.text_array(self.lines),
+                    error_kinds=db.text_array(self.kinds), error_states=db.text_array(self.states))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from relinker.cli import main
 import relinker.content
 import relinker.store
 from relinker.store import ByHashStore, Pending, SourceProblem, Stored
-from relinker.paths import by_hash_path, source_candidates
+from relinker.paths import by_hash_path, display, source_candidates
 from processes import finish, kill_group, range_states, start, wait_for
 
 
@@ -114,6 +114,11 @@ def test_unreadable_and_changed_sources_are_problems(world, capsys, tree):
         "WHERE cardinality(i.errors) > 0").fetchall())
     assert len(errors) == 3
     assert all(e[0].startswith("relinker copy: source-") for e in errors.values())
+    # The line names the path as messages do (backslash escapes): intact through the array literal.
+    symlinked = os.fsencode(tree) + b"/caf\xe9\r"
+    [line] = errors[symlinked]
+    assert line.startswith("relinker copy: source-unreadable: medium not mounted at /mnt/ntt/")
+    assert line.endswith(f"; {display(symlinked)}: Too many levels of symbolic links") and "\\xe9\\x0d" in line
     assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (2,)
     # A rerun meets the same trouble: the same lines, not a second copy of each.
     assert copy(world, capsys, "--new")[0] == 1
