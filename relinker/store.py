@@ -165,12 +165,12 @@ class ByHashStore:
             except content.SourceReadError as exc:
                 raise SourceProblem("source-unreadable", exc.error.strerror) from None
             _unchanged(source_fd, before, size)
-            blobid = digest if size else self.empty_blobid
-            known = self._known(blobid, size)
+            blobid, final = self._names(digest, size)
+            known = self._known(blobid, final, size)
             if known is not None:
                 return known
             kept = True
-            return self._wait(blobid, size, temp_fd, temp_name)
+            return self._wait(blobid, final, size, temp_fd, temp_name)
         finally:
             if not kept:
                 _discard(temp_fd, temp_name)
@@ -190,35 +190,38 @@ class ByHashStore:
             raise SourceProblem("source-changed", "grew while being read")
         digest, data = read
         _unchanged(source_fd, before, len(data))
-        blobid = digest if data else self.empty_blobid
-        known = self._known(blobid, len(data))
+        blobid, final = self._names(digest, len(data))
+        known = self._known(blobid, final, len(data))
         if known is not None:
             return known
         temp_fd, temp_name = self._temporary()
         try:
             content.write_all(temp_fd, data)
-            return self._wait(blobid, len(data), temp_fd, temp_name)
+            return self._wait(blobid, final, len(data), temp_fd, temp_name)
         except BaseException:
             _discard(temp_fd, temp_name)
             raise
 
-    def _known(self, blobid: str, size: int) -> Stored | Pending | None:
+    def _names(self, digest: str, size: int) -> tuple[str, bytes]:
+        """A content's blob ID (the catalogue's empty blob for no bytes) and its by-hash path."""
+        blobid = digest if size else self.empty_blobid
+        return blobid, self.root + b"/" + by_hash_relpath(blobid)
+
+    def _known(self, blobid: str, final: bytes, size: int) -> Stored | Pending | None:
         """The content's by-hash file, or its temporary waiting in this batch; None if the store lacks it."""
         waiting = self._pending.get(blobid)
         if waiting is not None:
             return waiting
-        final = self.root + b"/" + by_hash_relpath(blobid)
         st = _holds_the_content(final, size)
         if st is not None:
             return Stored(blobid, final, False, size, (st.st_dev, st.st_ino))
         return None
 
-    def _wait(self, blobid: str, size: int, temp_fd: int, temp_name: bytes) -> Pending:
-        """Keep a complete temporary in the batch, to be named after the batch's sync."""
+    def _wait(self, blobid: str, final: bytes, size: int, temp_fd: int, temp_name: bytes) -> Pending:
+        """Keep a complete temporary in the batch, to be named ``final`` after the batch's sync."""
         if self._fix_mode:
             os.fchmod(temp_fd, FILE_MODE)
-        pending = self._pending[blobid] = Pending(blobid, self.root + b"/" + by_hash_relpath(blobid), size,
-                                                  temp_fd, temp_name)
+        pending = self._pending[blobid] = Pending(blobid, final, size, temp_fd, temp_name)
         self._pending_bytes += size
         return pending
 
