@@ -218,6 +218,13 @@ def speedups_built() -> bool:
     return importlib.util.find_spec("relinker._speedups") is not None
 
 
+def write_figures(path: str, data: dict) -> None:
+    """The ``--json-out`` file: ``data`` as indented JSON."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
 def compile_relinker() -> None:
     """Byte-compile the relinker package being measured, as installing it does.
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -49,7 +48,7 @@ from psycopg.conninfo import make_conninfo
 import relinker
 from benchlib import (FAILURES, Database, Measurement, TreeSampler, compile_relinker, cpu_model, cpu_seconds, elapsed,
                       expect, fail, filesystem_type, log, relinker_source, run_relinker, settle_disk, speedups_built,
-                      start_database)
+                      start_database, write_figures)
 from relinker import migrations
 
 #: Small files: log-normal sizes around this median (bytes), capped, like a system's /usr/lib.
@@ -445,9 +444,7 @@ def write_json(path: str, context: dict, trees: list[Tree], pairs: list[Pair]) -
                        "target": TARGETS[p.what], "baseline": as_json(p.baseline), "relinker": as_json(p.relinker),
                        "floor": as_json(p.floor) if p.floor else None}
                       for p in pairs]}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    write_figures(path, data)
 
 
 # --- main -------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import binascii
 import collections
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import random
@@ -55,7 +54,7 @@ import psycopg
 import relinker
 from benchlib import (FAILURES, Database, Measurement, checkpoint_quietly, compile_relinker, cpu_model, cpu_seconds,
                       elapsed, expect, fail, filesystem_type, log, relinker_source, reset_own_peak_rss, run_relinker,
-                      speedups_built, start_database, vm_hwm_kib)
+                      speedups_built, start_database, vm_hwm_kib, write_figures)
 from relinker import migrations, scan
 from relinker.paths import archive_components, by_hash_path
 
@@ -564,9 +563,7 @@ def write_json(path: str, context: dict, results: list[Measurement], floor: Meas
             for m in results
         ],
     }
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    write_figures(path, data)
 
 
 # --- main -----------------------------------------------------------------------------
