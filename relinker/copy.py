@@ -68,13 +68,16 @@ COPY (
     ORDER BY i.ino, p.path
 ) TO STDOUT (FORMAT BINARY)
 """
-# Sorted, like the lock below, so two workers never wait on each other in a cycle.
+# Sorted, like the lock below, so two workers never wait on each other in a
+# cycle. Returns the rows it inserted: until this transaction commits, a
+# worker inserting the same blob waits for it, so those need no lock.
 SQL_NEW_BLOBS = """
 INSERT INTO blobs (blobid) SELECT b FROM unnest(%(count_blobids)s::text[]) AS b ORDER BY b
 ON CONFLICT (blobid) DO NOTHING
+RETURNING blobid
 """
 SQL_LOCK_BLOBS = """
-SELECT blobid FROM blobs WHERE blobid = ANY(%(count_blobids)s::text[]) ORDER BY blobid FOR UPDATE
+SELECT blobid FROM blobs WHERE blobid = ANY(%(lock_blobids)s::text[]) ORDER BY blobid FOR UPDATE
 """
 # Only inodes still without content: one stored meanwhile (by another
 # tool, or a run whose commit reply was lost) is someone else's record now.
@@ -226,11 +229,13 @@ class CopyWork:
                       count_blobids=db.text_array(count_blobids), **failed.params())
 
         def finalize(conn: psycopg.Connection) -> None:
-            conn.execute(SQL_NEW_BLOBS, params)
+            inserted = {blobid for blobid, in conn.execute(SQL_NEW_BLOBS, params)}
             # Workers copying other inodes of the same content link to the
             # same by-hash file: holding the blob rows while reading the link
             # count makes the last commit carry the latest count.
-            conn.execute(SQL_LOCK_BLOBS, params)
+            if len(inserted) < len(count_blobids):
+                conn.execute(SQL_LOCK_BLOBS,
+                             {"lock_blobids": db.text_array(b for b in count_blobids if b not in inserted)})
             params["links"] = db.int_array(os.lstat(marked.paths[b]).st_nlink - 1 for b in count_blobids)
             conn.execute(statements.mark_inodes, params)
             if failed:

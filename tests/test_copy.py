@@ -8,9 +8,10 @@ import threading
 import time
 
 import blake3
+import psycopg
 import pytest
 
-from relinker import scan
+from relinker import copy as copy_mode, db, scan
 from relinker.catalogue import EMPTY_BLAKE3, EMPTY_SHA256, content_matches
 from relinker.cli import main
 import relinker.content
@@ -233,6 +234,29 @@ def store_one(store, fd, size=None, on_chunk=None):
             raise got
     store.sync()
     return got
+
+
+def test_a_blob_row_being_inserted_holds_other_workers_until_it_commits(catalogue_url):
+    """Why a range locks only the blob rows it did not insert before it reads link counts.
+
+    The worker that inserts a blob row holds it until it commits; another
+    worker with the same content waits in its own insert, then finds the row
+    there and locks it: the last commit still carries the latest count.
+    """
+    blobids = db.text_array(["ab" * 32])
+    with psycopg.connect(catalogue_url) as first, psycopg.connect(catalogue_url) as second:
+        assert first.execute(copy_mode.SQL_NEW_BLOBS, {"count_blobids": blobids}).fetchall() == [("ab" * 32,)]
+        inserted_by_second = []
+        waiting = threading.Thread(target=lambda: inserted_by_second.extend(
+            second.execute(copy_mode.SQL_NEW_BLOBS, {"count_blobids": blobids}).fetchall()))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()
+        first.commit()
+        waiting.join(10)
+        assert not waiting.is_alive() and inserted_by_second == []
+        locked = second.execute(copy_mode.SQL_LOCK_BLOBS, {"lock_blobids": blobids}).fetchall()
+        assert locked == [("ab" * 32,)]
 
 
 def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp_path, monkeypatch):
