@@ -113,10 +113,11 @@ def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes,
     (``/mnt/ntt/<medium>/file``), a path relative to the medium's mount with a
     leading slash (``/file``), and a legacy form with a partition prefix
     (``p5:/mnt/ntt/<medium>/p5/file``). A path under the mount is read there;
-    any other path is read under the mount first, and as it is only when the
-    medium is not mounted (``medium_mounted`` false: a tree catalogued where
-    it lies, as ``relinker scan`` does). While the medium is there, ``/etc/hostname``
-    is the disk's, never this machine's. ``remaps`` (``--source-prefix
+    any other path is read under the mount while the medium is mounted, and
+    as it is when it is not (``medium_mounted`` false: a tree catalogued where
+    it lies, as ``relinker scan`` does; nothing is there under a mount that is
+    absent). While the medium is there, ``/etc/hostname`` is the disk's, never
+    this machine's. ``remaps`` (``--source-prefix
     OLD=NEW``) move a prefix to where the medium is mounted now; the first
     matching one applies.
     """
@@ -125,7 +126,7 @@ def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes,
     if path == mount or path.startswith(mount + b"/"):
         candidates = [path]
     else:
-        candidates = [mount + path] if medium_mounted else [mount + path, path]
+        candidates = [mount + path] if medium_mounted else [path]
     return list(dict.fromkeys(_remap(c, remaps) for c in candidates))
 
 
