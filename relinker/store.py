@@ -110,7 +110,6 @@ class ByHashStore:
         self.root = root
         self.empty_blobid = empty_blobid
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._made: set[bytes] = set()
         self._pending: dict[str, Pending] = {}
         self._pending_bytes = 0
         self._temp_directory: bytes | None = None
@@ -267,7 +266,13 @@ class ByHashStore:
 
     def _link_into_place(self, pending: Pending) -> bool:
         """Give a complete, durable temporary its by-hash name; False if the name exists."""
-        self._directories_for(os.path.dirname(pending.final))
+        # The rename first: in a store of some size, ab/cd/ is there already.
+        try:
+            return _rename_noreplace(pending.temp_name, pending.final)
+        except FileNotFoundError:
+            level2 = os.path.dirname(pending.final)
+            _mkdir(os.path.dirname(level2), self._fix_directory_mode)
+            _mkdir(level2, self._fix_directory_mode)
         return _rename_noreplace(pending.temp_name, pending.final)
 
     def _temporary(self, direct: bool = False) -> tuple[int, bytes]:
@@ -288,15 +293,6 @@ class ByHashStore:
                 except OSError:
                     pass  # tmpfs and others: through the page cache
             return fd, name
-
-    def _directories_for(self, level2: bytes) -> None:
-        if level2 not in self._made:
-            level1 = os.path.dirname(level2)
-            if level1 not in self._made:
-                _mkdir(level1, self._fix_directory_mode)
-                self._made.add(level1)
-            _mkdir(level2, self._fix_directory_mode)
-            self._made.add(level2)
 
 
 def _unchanged(source_fd: int, before: os.stat_result, size: int) -> None:
