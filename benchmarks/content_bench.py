@@ -233,6 +233,23 @@ os.sync()
 """
 
 
+def establish_store(store: bytes) -> None:
+    """Give an empty by-hash store its 65,536 ``ab/cd/`` directories, as any store of some size has them.
+
+    With a few hundred thousand contents nearly every ``ab/cd/`` exists, and
+    with the millions of a production archive every one does: a copy into
+    such a store makes no directories, a copy into an empty one makes one for
+    nearly every content. Not timed; synced so that the copy does not write
+    them back.
+    """
+    for first in range(256):
+        level1 = os.path.join(store, b"%02x" % first)
+        os.mkdir(level1)
+        for second in range(256):
+            os.mkdir(os.path.join(level1, b"%02x" % second))
+    os.sync()
+
+
 def layout_floor(tree: Tree, store: bytes, archive: bytes) -> Measurement:
     """LAYOUT_FLOOR over the tree into an empty store and archive, timed from its start to its exit."""
     return timed_command("floor: the by-hash layout's system calls, one process",
@@ -287,8 +304,12 @@ def median_of(measurements: list[Measurement]) -> Measurement:
     return chosen
 
 
-def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: int, repeat: int) -> list[Pair]:
+def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: int, repeat: int,
+                 young_store: bool = False) -> list[Pair]:
     """The three pairs of one tree, each baseline and relinker figure the median of ``repeat`` interleaved runs.
+
+    Copies go into stores that have every ``ab/cd/`` directory already
+    (:func:`establish_store`), or, with ``young_store``, into empty ones.
 
     Interleaved (baseline, relinker, baseline, ...): on a shared machine the
     filesystem's speed drifts over minutes, and both sides of a pair should
@@ -297,6 +318,12 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
     def fresh(name: str) -> bytes:
         path = os.path.join(workdir, f"{tag}-{name}".encode())
         os.mkdir(path)
+        return path
+
+    def fresh_store(name: str) -> bytes:
+        path = fresh(name)
+        if not young_store:
+            establish_store(path)
         return path
 
     dsn = fresh_database(db, tag)
@@ -325,7 +352,7 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
             settle_disk(workdir)
             log(f"{tree.name}: cp -a && sync ({n + 1}/{repeat})")
             baselines.append(copy_baseline(tree, destination))
-            by_hash, archive = fresh(f"by-hash-{n}"), fresh(f"archive-{n}")
+            by_hash, archive = fresh_store(f"by-hash-{n}"), fresh(f"archive-{n}")
             made += [by_hash, archive]
             settle_disk(workdir)
             log(f"{tree.name}: relinker copy ({n + 1}/{repeat})")
@@ -334,7 +361,7 @@ def measure_tree(db: Database, tree: Tree, workdir: bytes, tag: str, workers: in
             copied.items = summary.get("bytes_read") if summary else None
             expect(copied, summary, problems=0, blobs=n_inodes)
             runs.append(copied)
-            floor_store, floor_archive = fresh(f"floor-store-{n}"), fresh(f"floor-archive-{n}")
+            floor_store, floor_archive = fresh_store(f"floor-store-{n}"), fresh(f"floor-archive-{n}")
             made += [floor_store, floor_archive]
             settle_disk(workdir)
             log(f"{tree.name}: the layout's floor ({n + 1}/{repeat})")
@@ -392,7 +419,8 @@ def print_report(pairs: list[Pair], context: dict) -> None:
     print()
     source = f" ({context['relinker_source']})" if context["relinker_source"] else ""
     print(f"relinker {context['relinker_version']}{source} | CPUs: {context['cpu_count']} ({context['cpu_model']}) | "
-          f"{context['filesystem']} | Python {context['python']} | fast route: {context['fast_route']}")
+          f"{context['filesystem']} | Python {context['python']} | fast route: {context['fast_route']} | "
+          f"copies into a store {context['store']}")
     header = ("tree", "what", "baseline", "median s", "rate", "relinker", "median s", "rate", "ratio", "target",
               "peak RSS MB (relinker)")
     rows = []
@@ -465,6 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, metavar="N",
                         help="runs of each measurement, interleaved with its baseline's; the median is shown "
                         "(default %(default)s)")
+    parser.add_argument("--young-store", action="store_true",
+                        help="copy into empty stores, the first copy ever (default: stores that have their "
+                        "65,536 ab/cd/ directories, as any store of a few hundred thousand contents)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", metavar="DIR",
                         help="where the trees, stores and archives live (default: the temporary directory); "
@@ -496,11 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.tree:
             trees.append(existing_tree(path))
         for n, tree in enumerate(trees):
-            pairs += measure_tree(db, tree, workdir, f"t{n}", args.workers, args.repeat)
+            pairs += measure_tree(db, tree, workdir, f"t{n}", args.workers, args.repeat, args.young_store)
         context = {
             "relinker_version": relinker.__version__, "relinker_source": source, "cpu_count": os.cpu_count(),
             "cpu_model": cpu_model(), "filesystem": filesystem_type(workdir), "python": platform.python_version(),
             "fast_route": "C" if speedups_built() else "Python", "workers": args.workers,
+            "store": "young (empty)" if args.young_store else "established (every ab/cd/ made)",
         }
         print_report(pairs, context)
         if args.json_out:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +56,12 @@ def test_plan_bench_plans_runs_over_many_blobs(pg_admin_dsn, tmp_path):
 
 def test_content_bench_puts_each_relinker_figure_beside_its_baseline(pg_admin_dsn, tmp_path):
     figures = tmp_path / "figures.json"
-    done = run_script("content_bench.py", "--small-files", 150, "--large-files", 2, "--large-mb", 2,
+    done = run_script("content_bench.py", "--small-files", 150, "--large-files", 2, "--large-mb", 2, "--young-store",
                       "--db-url", pg_admin_dsn, "--workdir", tmp_path, "--json-out", figures)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(figures.read_text())
     assert result["ok"] and result["failures"] == []
+    assert result["store"].startswith("young")
     assert [(p["tree"], p["what"]) for p in result["pairs"]] == [
         (tree, what) for tree in ("many small files", "a few large files")
         for what in ("copy", "verify --hash", "verify")]
@@ -70,3 +72,18 @@ def test_content_bench_puts_each_relinker_figure_beside_its_baseline(pg_admin_ds
         assert pair["floor"] is None or (pair["floor"]["ok"] and pair["floor"]["seconds"] > 0)
     assert "ratio" in done.stdout and "target" in done.stdout and "the floor of a copy" in done.stdout
     assert list(tmp_path.iterdir()) == [figures]  # its trees, stores and databases are gone
+
+
+def test_content_bench_copies_by_default_into_a_store_with_every_directory(tmp_path):
+    """A production store has every ab/cd/ already: by default the benchmark's copies go into such a store."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import content_bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert not content_bench.parse_args([]).young_store
+    store = os.fsencode(tmp_path)
+    content_bench.establish_store(store)
+    levels = [name for name in os.listdir(store)]
+    assert len(levels) == 256 and all(len(os.listdir(os.path.join(store, level))) == 256 for level in levels)
+    assert os.path.isdir(os.path.join(store, b"ff", b"00"))
