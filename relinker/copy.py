@@ -169,7 +169,12 @@ class CopyWork:
         counters = ctx.counters
         marked = StoredInodes()
         failed = FailedInodes()
+        # Inodes whose content waits for a batch's sync: the batch being
+        # read, and the sealed one whose sync runs meanwhile.
         waiting: list[tuple[int, list[bytes], Pending]] = []
+        sealed: list[tuple[int, list[bytes], Pending]] = []
+        outcomes: dict[str, Stored | InodeProblem] = {}
+        counted: set[str] = set()
         mounted = os.path.isdir(medium_mount(r.medium_hash, self.remaps))
         statements = self.statements()
 
@@ -177,20 +182,20 @@ class CopyWork:
             ctx.problem(problem.kind, problem.detail, path=paths[0])
             failed.add(ino, problem)
 
-        def place_batch() -> None:
-            placed = self.store.place_pending()
-            counted: set[str] = set()
-            for ino, paths, pending in waiting:
+        def settle(entries: list, placed: dict) -> None:
+            # An inode may wait for a content of the batch placed before its own.
+            outcomes.update(placed)
+            for ino, paths, pending in entries:
                 ctx.tick()
-                outcome = placed[pending.blobid]
+                outcome = outcomes[pending.blobid]
                 if isinstance(outcome, InodeProblem):
                     fail(ino, paths, outcome)
                     continue
-                # Inodes of one content in one batch: written once.
+                # Inodes of one content in one range: written once.
                 first = outcome.written and pending.blobid not in counted
                 counted.add(pending.blobid)
                 self._stored(ino, paths, dataclasses.replace(outcome, written=first), marked, ctx)
-            waiting.clear()
+            entries.clear()
 
         if self.store is not None:
             self.store.discard_pending()  # an attempt redone after an error starts afresh
@@ -215,12 +220,16 @@ class CopyWork:
             if isinstance(got, Pending):
                 waiting.append((ino, paths, got))
                 if self.store.batch_full:
-                    place_batch()
+                    # The sealed batch's sync ran while this batch was read.
+                    settle(sealed, self.store.place_sealed())
+                    self.store.seal_batch()
+                    sealed, waiting = waiting, sealed
             else:
                 self._stored(ino, paths, got, marked, ctx)
         if self.spec.dry_run:
             return lambda conn: None
-        place_batch()
+        settle(sealed, self.store.place_sealed())
+        settle(waiting, self.store.place_pending())
         # The catalogue may say these contents are stored only once their names are durable.
         self.store.sync()
         count_blobids = sorted(marked.paths)

@@ -59,7 +59,7 @@ ANCESTOR_SHARE = 0.25
 #: Directories remembered as walked safely (for descriptor-free checks).
 VERIFIED_LIMIT = 1_000_000
 #: Descriptors left for everything else (sockets, pipes, files being copied).
-FD_RESERVE = 256
+FD_RESERVE = 384
 #: Cache value of a directory that does not exist (dry runs and probes only).
 _MISSING = -1
 #: Directory entries the C route may keep from reading cached directories

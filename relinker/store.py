@@ -4,14 +4,16 @@ Content is read into a temporary file and hashed on the way; a content
 smaller than one read (``content.CHUNK``) is hashed first and gets a
 temporary only if the store lacks it. A content whose by-hash name exists
 already is dropped right there, its temporary (if any) removed without
-ever being synced. The others wait in a batch; the batch is
-made durable by one sync of the filesystem (``syncfs``), and only then does
-each temporary get its name, ``ab/cd/<hex>`` (``renameat2`` with
-``RENAME_NOREPLACE``, which never replaces what is there). Before the
-catalogue may say that a content is stored, :meth:`ByHashStore.sync` makes
-the new names and the directories made for them durable with one more sync.
-A kill or a power loss at any moment therefore leaves every by-hash name on
-a complete file: a name is only ever made for data already on disk.
+ever being synced. The others wait in a batch; the batch is made durable
+by one sync of the filesystem (``syncfs``), and only then does each
+temporary get its name, ``ab/cd/<hex>`` (``renameat2`` with
+``RENAME_NOREPLACE``, which never replaces what is there). A full batch is
+sealed: its sync runs in a thread while the next batch is read, and its
+names are made once that sync has returned. Before the catalogue may say
+that a content is stored, :meth:`ByHashStore.sync` makes the new names and
+the directories made for them durable with one more sync. A kill or a power
+loss at any moment therefore leaves every by-hash name on a complete file:
+a name is only ever made for data already on disk.
 
 Temporaries live in a directory of their own per worker process,
 ``.relinker-tmp/<host>+<pid>+<random>/`` in the store's root (the same
@@ -33,6 +35,7 @@ import secrets
 import shutil
 import socket
 import stat
+import threading
 from typing import Callable
 
 from relinker import catalogue, content
@@ -45,8 +48,9 @@ DIRECTORY_MODE = 0o755
 TEMP_DIRECTORY = b".relinker-tmp"
 #: Contents at least this large are written with direct I/O (see relinker.content).
 DIRECT_SIZE = 8 << 20
-#: A batch waits for its sync with at most this many temporaries (open descriptors) ...
-BATCH_FILES = 256
+#: A batch waits for its sync with at most this many temporaries (open descriptors; twice that
+#: while a sealed batch syncs) ...
+BATCH_FILES = 128
 #: ... and this much content.
 BATCH_BYTES = 256 << 20
 
@@ -111,6 +115,9 @@ class ByHashStore:
         self.empty_blobid = empty_blobid
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._pending: dict[str, Pending] = {}
+        #: a batch whose sync runs in the background (seal_batch), and that sync
+        self._sealed: dict[str, Pending] = {}
+        self._sealed_sync: _BackgroundSync | None = None
         self._pending_bytes = 0
         self._temp_directory: bytes | None = None
         self._temp_numbers = itertools.count()
@@ -208,7 +215,7 @@ class ByHashStore:
 
     def _known(self, blobid: str, final: bytes, size: int) -> Stored | Pending | None:
         """The content's by-hash file, or its temporary waiting in this batch; None if the store lacks it."""
-        waiting = self._pending.get(blobid)
+        waiting = self._pending.get(blobid) or self._sealed.get(blobid)
         if waiting is not None:
             return waiting
         st = _holds_the_content(final, size)
@@ -224,18 +231,30 @@ class ByHashStore:
         self._pending_bytes += size
         return pending
 
-    def place_pending(self) -> dict[str, Stored | ByHashProblem]:
-        """Make the waiting temporaries durable with one sync, then give each its by-hash name.
+    def seal_batch(self) -> None:
+        """Start the waiting temporaries' sync in a thread; what is read next waits in a new batch.
 
-        Returns what became of each waiting content, by blob ID: where it is
+        A batch sealed before must have been placed (:meth:`place_sealed`).
+        """
+        if self._sealed:
+            raise RuntimeError("the sealed batch must be placed before another is sealed")
+        if not self._pending:
+            return
+        self._sealed, self._pending, self._pending_bytes = self._pending, {}, 0
+        self._sealed_sync = _BackgroundSync(self._root_fd)
+
+    def place_sealed(self) -> dict[str, Stored | ByHashProblem]:
+        """Wait for the sealed batch's sync, then give each of its temporaries its by-hash name.
+
+        Returns what became of each content, by blob ID: where it is
         stored, or the problem that kept it from its name.
         """
-        if not self._pending:
+        if not self._sealed:
             return {}
         placed: dict[str, Stored | ByHashProblem] = {}
         try:
-            syncfs(self._root_fd)
-            for blobid, pending in self._pending.items():
+            self._sealed_sync.wait()
+            for blobid, pending in self._sealed.items():
                 try:
                     written = self._link_into_place(pending)
                     if written:
@@ -250,7 +269,17 @@ class ByHashStore:
                 except ByHashProblem as exc:
                     placed[blobid] = exc
         finally:
-            self.discard_pending()
+            self._discard_sealed()
+        return placed
+
+    def place_pending(self) -> dict[str, Stored | ByHashProblem]:
+        """Place the sealed batch, then make the waiting temporaries durable and give them their names.
+
+        Returns what became of each content of both, by blob ID (as :meth:`place_sealed`).
+        """
+        placed = self.place_sealed()
+        self.seal_batch()
+        placed.update(self.place_sealed())
         return placed
 
     def sync(self) -> None:
@@ -258,11 +287,20 @@ class ByHashStore:
         syncfs(self._root_fd)
 
     def discard_pending(self) -> None:
-        """Drop the temporaries waiting for a sync (an attempt that will be redone)."""
+        """Drop the temporaries waiting for a sync, sealed or not (an attempt that will be redone)."""
+        self._discard_sealed()
         for pending in self._pending.values():
             _discard(pending.fd, pending.temp_name)
         self._pending.clear()
         self._pending_bytes = 0
+
+    def _discard_sealed(self) -> None:
+        if self._sealed_sync is not None:
+            self._sealed_sync.wait(raise_error=False)  # its thread must not outlive the descriptors
+            self._sealed_sync = None
+        for pending in self._sealed.values():
+            _discard(pending.fd, pending.temp_name)
+        self._sealed.clear()
 
     def _link_into_place(self, pending: Pending) -> bool:
         """Give a complete, durable temporary its by-hash name; False if the name exists."""
@@ -293,6 +331,27 @@ class ByHashStore:
                 except OSError:
                     pass  # tmpfs and others: through the page cache
             return fd, name
+
+
+class _BackgroundSync:
+    """One ``syncfs`` of the store's filesystem, run in a thread of its own (the GIL is released meanwhile)."""
+
+    def __init__(self, fd: int):
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="relinker-syncfs", daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        try:
+            syncfs(fd)
+        except OSError as exc:
+            self._error = exc
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Until the sync has returned; then raise its error, if it failed and ``raise_error``."""
+        self._thread.join()
+        if self._error is not None and raise_error:
+            raise self._error
 
 
 def _unchanged(source_fd: int, before: os.stat_result, size: int) -> None:

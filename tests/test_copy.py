@@ -1,5 +1,6 @@
 """`relinker copy` (the seed's normal mode) on real trees, including a kill and a resume."""
 
+import errno
 import json
 import os
 import socket
@@ -80,6 +81,27 @@ def test_scan_then_copy_stores_each_content_once_and_links_every_path(world, cap
     # a second copy has nothing left to do
     code, summary = copy(world, capsys, "--new")
     assert code == 0 and summary["blobs"] == 0 and summary["ranges_total"] == 0
+
+
+def test_a_content_met_again_while_its_batch_syncs_is_stored_and_counted_once(world, capsys, tmp_path, monkeypatch):
+    """Batches of two: inodes meet contents waiting in the batch being read and in the sealed one."""
+    monkeypatch.setattr(relinker.store, "BATCH_FILES", 2)  # forked workers inherit it
+    root = tmp_path / "disk"
+    root.mkdir()
+    contents = [b"a", b"b", b"a", b"c", b"b", b"d", b"a", b"c", b"e"]
+    for n, content in enumerate(contents):
+        (root / f"f{n}").write_bytes(content * 100)
+    scan.scan_tree(world.conn, "disk", os.fsencode(root))
+    code = main(world.argv("copy", "--json", "--workers", "1", "--no-progress"))
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["problems"] == 0, summary
+    assert summary["blobs"] == len(contents) and summary["files_copied"] == len(set(contents))
+    assert len(by_hash_files(world)) == len(set(contents))
+    world.assert_complete(summary["run_id"])
+    for content in set(contents):
+        blobid = blake3.blake3(content * 100).hexdigest()
+        assert world.n_hardlinks()[blobid] == contents.count(content)
+        assert os.stat(by_hash_path_of(world, blobid)).st_nlink == contents.count(content) + 1
 
 
 def by_hash_path_of(world, blobid):
@@ -298,6 +320,90 @@ def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp
             os.close(fd)
         store.close()
     assert len(names()) == 2  # closing dropped the waiting temporary: nothing named for it
+
+
+class SlowSync:
+    """A syncfs that waits for ``release`` before it syncs, and says when it started."""
+
+    def __init__(self, monkeypatch, error: OSError | None = None):
+        self.started, self.release = threading.Event(), threading.Event()
+        self.error = error
+        self.real = relinker.store.syncfs
+        monkeypatch.setattr(relinker.store, "syncfs", self)
+
+    def __call__(self, fd):
+        self.started.set()
+        assert self.release.wait(10)
+        if self.error is not None:
+            raise self.error
+        self.real(fd)
+
+
+def stored_names(root):
+    """By-hash names under ``root`` (temporaries excluded)."""
+    return sorted(n for d, _, files in os.walk(root) for n in files if b".relinker-tmp" not in os.fsencode(d))
+
+
+def temporaries(root):
+    return [n for d, _, files in os.walk(root) for n in files if b".relinker-tmp" in os.fsencode(d)]
+
+
+def open_content(tmp_path, content: bytes) -> int:
+    path = tmp_path / f"source-{blake3.blake3(content).hexdigest()[:8]}"
+    path.write_bytes(content)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_a_sealed_batch_syncs_while_the_next_is_read_and_is_named_only_after_its_sync(tmp_path, monkeypatch):
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    slow = SlowSync(monkeypatch)
+    store = ByHashStore(os.fsencode(root))
+    try:
+        first = store.read_in(open_content(tmp_path, b"one"), None)
+        store.seal_batch()
+        assert slow.started.wait(10)
+        # While the sealed batch syncs: the next batch is read, and the sealed content is known as waiting.
+        second = store.read_in(open_content(tmp_path, b"two"), None)
+        assert isinstance(second, Pending) and store.read_in(open_content(tmp_path, b"one"), None) is first
+        with pytest.raises(RuntimeError):
+            store.seal_batch()  # one sealed batch at a time
+        placed = {}
+        placing = threading.Thread(target=lambda: placed.update(store.place_sealed()))
+        placing.start()
+        placing.join(0.3)
+        assert placing.is_alive() and stored_names(root) == []  # no name before its data's sync returned
+        slow.release.set()
+        placing.join(10)
+        assert list(placed) == [first.blobid] and placed[first.blobid].written
+        assert stored_names(root) == [first.blobid]
+        assert list(store.place_pending()) == [second.blobid]
+        assert stored_names(root) == sorted([first.blobid, second.blobid])
+    finally:
+        store.close()
+
+
+def test_a_sealed_batch_dropped_or_failing_its_sync_leaves_no_temporary_and_no_name(tmp_path, monkeypatch):
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    slow = SlowSync(monkeypatch)
+    store = ByHashStore(os.fsencode(root))
+    try:
+        store.read_in(open_content(tmp_path, b"dropped"), None)
+        store.seal_batch()
+        assert slow.started.wait(10)
+        threading.Timer(0.2, slow.release.set).start()
+        store.discard_pending()  # an attempt to be redone: waits for the sync, then drops the batch
+        assert stored_names(root) == [] and temporaries(root) == []
+        slow.error = OSError(errno.EIO, "Input/output error")
+        store.read_in(open_content(tmp_path, b"failing"), None)
+        store.seal_batch()
+        with pytest.raises(OSError) as raised:
+            store.place_sealed()  # trouble with the store itself: the range's attempt fails
+        assert raised.value.errno == errno.EIO
+        assert stored_names(root) == [] and temporaries(root) == []
+    finally:
+        store.close()
 
 
 def test_a_small_content_the_store_holds_never_becomes_a_file(tmp_path):
