@@ -49,7 +49,9 @@ from relinker.store import ByHashStore, InodeProblem, Pending, SourceProblem, St
 log = logging.getLogger(__name__)
 
 MODE = "copy"
-INODES_PER_RANGE = 500
+#: Inodes planned per range. A range ends with two syncs and the catalogue's
+#: statements that no other work overlaps: fewer, larger ranges of small files.
+INODES_PER_RANGE = 2000
 #: Content planned per range at most (a redo after a crash reads it again).
 BYTES_PER_RANGE = 1 << 30
 
