@@ -232,8 +232,8 @@ class CopyWork:
             return lambda conn: None
         settle(sealed, self.store.place_sealed())
         settle(waiting, self.store.place_pending())
-        # The catalogue may say these contents are stored only once their names are durable.
-        self.store.sync()
+        # The range's statements run while the new names are synced.
+        names_synced = self.store.start_sync()
         count_blobids = sorted(marked.paths)
         # Array literals, built once: the driver adapts a list element by element, for every statement.
         params = dict(medium=r.medium_hash, inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
@@ -252,6 +252,9 @@ class CopyWork:
             if failed:
                 conn.execute(statements.inode_errors, params)
             conn.execute(SQL_BLOB_COUNTS, params)
+            # The catalogue may say these contents are stored only once their
+            # names are durable: the range's commit follows this.
+            names_synced.wait()
 
         return finalize
 

@@ -10,8 +10,8 @@ temporary get its name, ``ab/cd/<hex>`` (``renameat2`` with
 ``RENAME_NOREPLACE``, which never replaces what is there). A full batch is
 sealed: its sync runs in a thread while the next batch is read, and its
 names are made once that sync has returned. Before the catalogue may say
-that a content is stored, :meth:`ByHashStore.sync` makes the new names and
-the directories made for them durable with one more sync. A kill or a power
+that a content is stored, :meth:`ByHashStore.start_sync` makes the new names
+and the directories made for them durable with one more sync. A kill or a power
 loss at any moment therefore leaves every by-hash name on a complete file:
 a name is only ever made for data already on disk.
 
@@ -282,9 +282,13 @@ class ByHashStore:
         placed.update(self.place_sealed())
         return placed
 
-    def sync(self) -> None:
-        """Make every name placed so far, and the directories made for them, durable."""
-        syncfs(self._root_fd)
+    def start_sync(self) -> "_BackgroundSync":
+        """Start making every name placed so far, and the directories made for them, durable.
+
+        The sync runs in a thread; ``wait()`` on what this returns before
+        anything may rely on those names.
+        """
+        return _BackgroundSync(self._root_fd)
 
     def discard_pending(self) -> None:
         """Drop the temporaries waiting for a sync, sealed or not (an attempt that will be redone)."""

@@ -104,6 +104,37 @@ def test_a_content_met_again_while_its_batch_syncs_is_stored_and_counted_once(wo
         assert os.stat(by_hash_path_of(world, blobid)).st_nlink == contents.count(content) + 1
 
 
+def test_a_range_commits_only_after_its_names_are_synced(world, capsys, tmp_path, monkeypatch, catalogue_url):
+    """The range's statements run while its new names sync; its commit waits for that sync.
+
+    Every sync here first waits long enough for the range's statements to
+    finish, then looks at the catalogue from outside: no sync, the last
+    (the names') included, may find an inode already marked stored.
+    """
+    seen = tmp_path / "marked-at-each-sync"
+    real_syncfs = relinker.store.syncfs
+
+    def syncfs_looking_at_the_catalogue(fd):
+        time.sleep(0.3)
+        with psycopg.connect(catalogue_url) as outside:
+            marked = outside.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone()[0]
+        with open(seen, "a") as f:
+            f.write(f"{marked}\n")
+        real_syncfs(fd)
+
+    monkeypatch.setattr(relinker.store, "syncfs", syncfs_looking_at_the_catalogue)  # forked workers inherit it
+    root = tmp_path / "disk"
+    root.mkdir()
+    for n in range(3):
+        (root / f"f{n}").write_bytes(b"content %d" % n)
+    scan.scan_tree(world.conn, "disk", os.fsencode(root))
+    code = main(world.argv("copy", "--json", "--workers", "1", "--no-progress"))
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["blobs"] == 3, summary
+    assert seen.read_text().split() == ["0", "0"]  # the batch's data, then the names
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (3,)
+
+
 def by_hash_path_of(world, blobid):
     from relinker.paths import by_hash_path
     return by_hash_path(world.by_hash_root, blobid)
@@ -253,7 +284,7 @@ def store_one(store, fd, size=None, on_chunk=None):
         got = store.place_pending()[got.blobid]
         if isinstance(got, Exception):
             raise got
-    store.sync()
+    store.start_sync().wait()
     return got
 
 
@@ -307,7 +338,7 @@ def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp
         placed = store.place_pending()
         assert events == [("sync", [])]  # the data was synced before any name existed
         assert sorted(s.written for s in placed.values()) == [True, True] and len(names()) == 2
-        store.sync()
+        store.start_sync().wait()
         assert events[-1] == ("sync", names())
         # a content whose name exists is dropped without a sync
         os.lseek(sources[0], 0, os.SEEK_SET)
