@@ -110,17 +110,24 @@ def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[by
 
 
 def _probe_link(by_hash_root: bytes, archive_root: bytes, can_write_store: bool) -> None:
-    """Link a file of the store into the archive root and remove it again (UserError if that fails)."""
+    """Link a file of the store into the archive root and remove it again (UserError if that fails).
+
+    A mode that writes the store links a probe file of its own; the others
+    look for a stored file, which in a store whose ``ab/cd/`` directories
+    are mostly empty means listing all 65,536 of them.
+    """
     # Random names: a probe left by a killed run (pids come round again) is no obstacle.
     name = b".relinker-probe-" + secrets.token_hex(8).encode()
-    source, made, target = _a_stored_file(by_hash_root), None, None
+    source, made, target = None, None, None
     try:
-        if source is None:
-            if not can_write_store:
-                return  # an empty store: relink has nothing to link anyway
+        if can_write_store:
             made = os.path.join(by_hash_root, name)
             os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
             source = made
+        else:
+            source = _a_stored_file(by_hash_root)
+            if source is None:
+                return  # an empty store: relink has nothing to link anyway
         target = os.path.join(archive_root, name)  # a random name: removing it can only remove the probe
         os.link(source, target, follow_symlinks=False)
     except OSError as exc:

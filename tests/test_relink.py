@@ -272,16 +272,34 @@ def bind_mounted_roots(small, tmp_path):
         subprocess.run(["umount", str(target)], capture_output=True)
 
 
-def test_two_mounts_of_one_filesystem_are_a_preflight_error(small, capsys, bind_mounted_roots):
+@pytest.mark.parametrize("mode", ["relink", "copy"])
+def test_two_mounts_of_one_filesystem_are_a_preflight_error(small, capsys, bind_mounted_roots, mode):
     """Same st_dev, yet link() between two mounts fails for every path: one probe link says so at once."""
     relink(small, capsys)  # a store with files, linked the ordinary way
     store, archive = bind_mounted_roots
     assert os.stat(store).st_dev == os.stat(archive).st_dev
-    argv = ["--db-url", small.dsn, "--by-hash-root", str(store), "--archive-root", str(archive), "relink", "--new"]
+    argv = ["--db-url", small.dsn, "--by-hash-root", str(store), "--archive-root", str(archive), mode, "--new"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot link from" in err and "bind mounts" in err and "Traceback" not in err
     assert os.listdir(archive) == os.listdir(small.archive)  # the probe left nothing behind
+
+
+def test_a_mode_that_writes_the_store_probes_with_its_own_file_and_lists_nothing(small, monkeypatch):
+    """copy links a probe file of its own: a store of 65,536 mostly empty ab/cd/ is never listed."""
+    from relinker import jobs
+    from relinker.config import Settings
+
+    def listing(by_hash_root):
+        raise AssertionError("the store was listed")
+
+    monkeypatch.setattr(jobs, "_a_stored_file", listing)
+    settings = Settings(db_url=small.dsn, by_hash_root=small.by_hash_root, archive_root=small.archive_root)
+    before = sorted(os.listdir(small.by_hash)), sorted(os.listdir(small.archive))
+    assert jobs.check_roots(settings, frozenset({"archive", "by-hash"})) == (small.by_hash_root, small.archive_root)
+    assert (sorted(os.listdir(small.by_hash)), sorted(os.listdir(small.archive))) == before  # the probe is gone
+    with pytest.raises(AssertionError, match="listed"):
+        jobs.check_roots(settings, frozenset({"archive"}))  # relink looks for a stored file to link
 
 
 def test_modes_that_write_nothing_accept_read_only_roots(small, tmp_path):
