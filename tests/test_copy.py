@@ -311,48 +311,6 @@ def test_a_blob_row_being_inserted_holds_other_workers_until_it_commits(catalogu
         assert locked == [("ab" * 32,)]
 
 
-def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp_path, monkeypatch):
-    """The order that makes a power loss harmless: data synced, then named, then synced again."""
-    root = tmp_path / "by-hash"
-    root.mkdir()
-    events = []
-    real_syncfs = relinker.store.syncfs
-
-    def names():
-        return sorted(n for d, _, files in os.walk(root) for n in files if b".relinker-tmp" not in os.fsencode(d))
-
-    def recording_syncfs(fd):
-        events.append(("sync", names()))
-        real_syncfs(fd)
-
-    monkeypatch.setattr(relinker.store, "syncfs", recording_syncfs)
-    store = ByHashStore(os.fsencode(root))
-    sources = []
-    for n, content in enumerate([b"one", b"two", b"one", b"three"]):
-        (tmp_path / f"s{n}").write_bytes(content)
-        sources.append(os.open(tmp_path / f"s{n}", os.O_RDONLY))
-    try:
-        got = [store.read_in(fd, None) for fd in sources[:3]]
-        assert isinstance(got[0], Pending) and got[2] is got[0]  # the same content, once in the batch
-        assert names() == [] and events == []  # nothing named, nothing synced yet
-        placed = store.place_pending()
-        assert events == [("sync", [])]  # the data was synced before any name existed
-        assert sorted(s.written for s in placed.values()) == [True, True] and len(names()) == 2
-        store.start_sync().wait()
-        assert events[-1] == ("sync", names())
-        # a content whose name exists is dropped without a sync
-        os.lseek(sources[0], 0, os.SEEK_SET)
-        again = store.read_in(sources[0], None)
-        assert isinstance(again, Stored) and not again.written
-        assert store.place_pending() == {} and len(events) == 2
-        assert isinstance(store.read_in(sources[3], None), Pending)
-    finally:
-        for fd in sources:
-            os.close(fd)
-        store.close()
-    assert len(names()) == 2  # closing dropped the waiting temporary: nothing named for it
-
-
 class SlowSync:
     """A syncfs that waits for ``release`` before it syncs, and says when it started."""
 
@@ -385,56 +343,96 @@ def open_content(tmp_path, content: bytes) -> int:
     return os.open(path, os.O_RDONLY)
 
 
-def test_a_sealed_batch_syncs_while_the_next_is_read_and_is_named_only_after_its_sync(tmp_path, monkeypatch):
+@pytest.fixture
+def slow_store(tmp_path, monkeypatch):
+    """A store in tmp_path/by-hash whose syncs wait for their release: (root, SlowSync, ByHashStore)."""
     root = tmp_path / "by-hash"
     root.mkdir()
     slow = SlowSync(monkeypatch)
     store = ByHashStore(os.fsencode(root))
     try:
-        first = store.read_in(open_content(tmp_path, b"one"), None)
-        store.seal_batch()
-        assert slow.started.wait(10)
-        # While the sealed batch syncs: the next batch is read, and the sealed content is known as waiting.
-        second = store.read_in(open_content(tmp_path, b"two"), None)
-        assert isinstance(second, Pending) and store.read_in(open_content(tmp_path, b"one"), None) is first
-        with pytest.raises(RuntimeError):
-            store.seal_batch()  # one sealed batch at a time
-        placed = {}
-        placing = threading.Thread(target=lambda: placed.update(store.place_sealed()))
-        placing.start()
-        placing.join(0.3)
-        assert placing.is_alive() and stored_names(root) == []  # no name before its data's sync returned
-        slow.release.set()
-        placing.join(10)
-        assert list(placed) == [first.blobid] and placed[first.blobid].written
-        assert stored_names(root) == [first.blobid]
-        assert list(store.place_pending()) == [second.blobid]
-        assert stored_names(root) == sorted([first.blobid, second.blobid])
+        yield root, slow, store
     finally:
         store.close()
 
 
-def test_a_sealed_batch_dropped_or_failing_its_sync_leaves_no_temporary_and_no_name(tmp_path, monkeypatch):
+def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp_path, monkeypatch):
+    """The order that makes a power loss harmless: data synced, then named, then synced again."""
     root = tmp_path / "by-hash"
     root.mkdir()
-    slow = SlowSync(monkeypatch)
+    events = []
+    real_syncfs = relinker.store.syncfs
+
+    def recording_syncfs(fd):
+        events.append(("sync", stored_names(root)))
+        real_syncfs(fd)
+
+    monkeypatch.setattr(relinker.store, "syncfs", recording_syncfs)
     store = ByHashStore(os.fsencode(root))
+    sources = []
+    for n, content in enumerate([b"one", b"two", b"one", b"three"]):
+        (tmp_path / f"s{n}").write_bytes(content)
+        sources.append(os.open(tmp_path / f"s{n}", os.O_RDONLY))
     try:
-        store.read_in(open_content(tmp_path, b"dropped"), None)
-        store.seal_batch()
-        assert slow.started.wait(10)
-        threading.Timer(0.2, slow.release.set).start()
-        store.discard_pending()  # an attempt to be redone: waits for the sync, then drops the batch
-        assert stored_names(root) == [] and temporaries(root) == []
-        slow.error = OSError(errno.EIO, "Input/output error")
-        store.read_in(open_content(tmp_path, b"failing"), None)
-        store.seal_batch()
-        with pytest.raises(OSError) as raised:
-            store.place_sealed()  # trouble with the store itself: the range's attempt fails
-        assert raised.value.errno == errno.EIO
-        assert stored_names(root) == [] and temporaries(root) == []
+        got = [store.read_in(fd, None) for fd in sources[:3]]
+        assert isinstance(got[0], Pending) and got[2] is got[0]  # the same content, once in the batch
+        assert stored_names(root) == [] and events == []  # nothing named, nothing synced yet
+        placed = store.place_pending()
+        assert events == [("sync", [])]  # the data was synced before any name existed
+        assert sorted(s.written for s in placed.values()) == [True, True] and len(stored_names(root)) == 2
+        store.start_sync().wait()
+        assert events[-1] == ("sync", stored_names(root))
+        # a content whose name exists is dropped without a sync
+        os.lseek(sources[0], 0, os.SEEK_SET)
+        again = store.read_in(sources[0], None)
+        assert isinstance(again, Stored) and not again.written
+        assert store.place_pending() == {} and len(events) == 2
+        assert isinstance(store.read_in(sources[3], None), Pending)
     finally:
+        for fd in sources:
+            os.close(fd)
         store.close()
+    assert len(stored_names(root)) == 2  # closing dropped the waiting temporary: nothing named for it
+
+
+def test_a_sealed_batch_syncs_while_the_next_is_read_and_is_named_only_after_its_sync(tmp_path, slow_store):
+    root, slow, store = slow_store
+    first = store.read_in(open_content(tmp_path, b"one"), None)
+    store.seal_batch()
+    assert slow.started.wait(10)
+    # While the sealed batch syncs: the next batch is read, and the sealed content is known as waiting.
+    second = store.read_in(open_content(tmp_path, b"two"), None)
+    assert isinstance(second, Pending) and store.read_in(open_content(tmp_path, b"one"), None) is first
+    with pytest.raises(RuntimeError):
+        store.seal_batch()  # one sealed batch at a time
+    placed = {}
+    placing = threading.Thread(target=lambda: placed.update(store.place_sealed()))
+    placing.start()
+    placing.join(0.3)
+    assert placing.is_alive() and stored_names(root) == []  # no name before its data's sync returned
+    slow.release.set()
+    placing.join(10)
+    assert list(placed) == [first.blobid] and placed[first.blobid].written
+    assert stored_names(root) == [first.blobid]
+    assert list(store.place_pending()) == [second.blobid]
+    assert stored_names(root) == sorted([first.blobid, second.blobid])
+
+
+def test_a_sealed_batch_dropped_or_failing_its_sync_leaves_no_temporary_and_no_name(tmp_path, slow_store):
+    root, slow, store = slow_store
+    store.read_in(open_content(tmp_path, b"dropped"), None)
+    store.seal_batch()
+    assert slow.started.wait(10)
+    threading.Timer(0.2, slow.release.set).start()
+    store.discard_pending()  # an attempt to be redone: waits for the sync, then drops the batch
+    assert stored_names(root) == [] and temporaries(root) == []
+    slow.error = OSError(errno.EIO, "Input/output error")
+    store.read_in(open_content(tmp_path, b"failing"), None)
+    store.seal_batch()
+    with pytest.raises(OSError) as raised:
+        store.place_sealed()  # trouble with the store itself: the range's attempt fails
+    assert raised.value.errno == errno.EIO
+    assert stored_names(root) == [] and temporaries(root) == []
 
 
 def test_a_small_content_the_store_holds_never_becomes_a_file(tmp_path):
