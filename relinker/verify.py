@@ -54,7 +54,12 @@ SELECT i.blobid, array_agg(DISTINCT i.size) FILTER (WHERE i.size IS NOT NULL)
 FROM inode AS i WHERE i.fs_type = 'f' AND {scope}
 GROUP BY i.blobid
 """
-SQL_CHECKED = "UPDATE blobs SET last_checked = now() WHERE blobid = ANY(%(passed)s::text[])"
+# The range's scope keeps the server on its slice of the primary key: the
+# list alone may be matched against every row of the table.
+SQL_CHECKED = """
+UPDATE blobs AS b SET last_checked = now()
+WHERE b.blobid = ANY(%(passed)s::text[]) AND {scope}
+"""
 SQL_FAILED_BLOBS = """
 SELECT DISTINCT blobid FROM relinker_problem WHERE run_id = %s AND blobid IS NOT NULL ORDER BY blobid
 """
@@ -138,12 +143,19 @@ class VerifyWork(CountWork):
         failed = checked & ctx.problem_blobs
         ctx.counters.blobs = len(checked)
         ctx.counters.blobs_failed = len(failed)
-        passed = db.text_array(sorted(checked - failed))
+        params = {"passed": db.text_array(sorted(checked - failed)), **scope.params}
+        statement = checked_statement(scope)
 
         def finalize(conn: psycopg.Connection) -> None:
-            conn.execute(SQL_CHECKED, {"passed": passed})
+            # prepare=False: a generic plan cannot see the range bounds.
+            conn.execute(statement, params, prepare=False)
 
         return finalize
+
+
+def checked_statement(scope: RangeScope) -> sql.Composed:
+    """The UPDATE that sets ``last_checked`` of the passed blobs of a range."""
+    return sql.SQL(SQL_CHECKED).format(scope=scope.where("b"))
 
 
 # --- planning -----------------------------------------------------------------

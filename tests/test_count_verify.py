@@ -265,3 +265,22 @@ def test_verify_hash_spreads_even_a_few_blobs_over_every_worker(linked, capsys):
     assert code == 0 and result["ranges_total"] == 3
     code, result = run(linked, capsys, "verify", "--all", "--dry-run", "--no-progress", "--workers", "2")
     assert code == 0 and result["ranges_total"] == 1
+
+
+def test_last_checked_is_written_through_the_ranges_slice_of_the_primary_key(conn):
+    """The passed list alone would be matched against every row of blobs (a sequential scan per range)."""
+    conn.execute("INSERT INTO blobs (blobid) SELECT encode(sha256(n::text::bytea), 'hex') "
+                 "FROM generate_series(1, 5000) AS n")
+    conn.execute("VACUUM ANALYZE blobs")
+    lo, hi = "40", "48"
+    passed = [b for (b,) in conn.execute(
+        "SELECT blobid FROM blobs WHERE blobid >= %s AND blobid < %s", (lo, hi))]
+    scope = verify_module.RangeScope(listed=False, bounded=True, params={"lo": lo, "hi": hi})
+    statement = verify_module.checked_statement(scope)
+    with conn.transaction(force_rollback=True):
+        plan = "\n".join(row[0] for row in conn.execute(
+            verify_module.sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) {}").format(statement),
+            {"passed": passed, "lo": lo, "hi": hi}))
+        assert conn.execute("SELECT count(*) FROM blobs WHERE last_checked IS NOT NULL").fetchone()[0] == len(passed)
+    assert "Seq Scan" not in plan, plan
+    assert "blobid >= " in plan, plan
