@@ -395,6 +395,29 @@ def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp
     assert len(stored_names(root)) == 2  # closing dropped the waiting temporary: nothing named for it
 
 
+def test_a_stores_syncs_run_one_after_another_in_one_thread_that_ends_with_the_store(tmp_path, monkeypatch):
+    """Asking for a sync never waits for a thread to start: a thread per sync cost a few percent of a copy."""
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    threads = []  # the Thread objects themselves: a new thread could reuse an ended one's identifiers
+    real_syncfs = relinker.store.syncfs
+
+    def noting_syncfs(fd):
+        threads.append(threading.current_thread())
+        real_syncfs(fd)
+
+    monkeypatch.setattr(relinker.store, "syncfs", noting_syncfs)
+    store = ByHashStore(os.fsencode(root))
+    for n in range(3):
+        (tmp_path / f"s{n}").write_bytes(b"content %d" % n)
+        with open(tmp_path / f"s{n}", "rb") as source:
+            store_one(store, source.fileno())
+    assert len(threads) == 6  # each file: its batch, then its name
+    assert len(set(threads)) == 1 and threads[0] is not threading.current_thread()
+    store.close()
+    assert not threads[0].is_alive()
+
+
 def test_a_sealed_batch_syncs_while_the_next_is_read_and_is_named_only_after_its_sync(tmp_path, slow_store):
     root, slow, store = slow_store
     first = store.read_in(open_content(tmp_path, b"one"), None)
