@@ -11,6 +11,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
 import types
 
 import psycopg
@@ -119,6 +120,15 @@ def _isolated_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("RELINKER_") and name not in KEPT_ENVIRONMENT:
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _no_sync_thread_left():
+    # Pools fork workers from the test process: a thread left running there
+    # (a store's sync thread, ended by closing the store) would be in every fork.
+    yield
+    left = [t for t in threading.enumerate() if t.name == "relinker-syncfs"]
+    assert not left, "a test left a by-hash store's sync thread running: close the store"
 
 
 @pytest.fixture(autouse=True)

@@ -611,6 +611,7 @@ def test_a_large_file_ticks_while_it_is_copied_and_a_stop_leaves_nothing(tmp_pat
             store_one(store, fd, None, stop_at_the_third_chunk)
     finally:
         os.close(fd)
+    store.close()
     stored_files = [os.path.join(d, n) for d, _, names in os.walk(store_root) for n in names]
     assert stored_files == [os.fsdecode(stored.path)]  # the stopped copy left no file, temporary or final
 
