@@ -63,6 +63,9 @@ CHUNK = 1 << 20
 TARGETS = {"copy": 0.8, "verify --hash": 0.8, "verify": 0.5}
 #: Peak RSS of any one process, at most (MB).
 RSS_TARGET_MB = 300
+#: A baseline whose median run took this many times its fastest measured a
+#: filesystem that was not quiet (cp -a of the same tree: 4 s or 10 s): no verdict.
+UNSTEADY_SPREAD = 1.5
 
 
 @dataclasses.dataclass
@@ -89,6 +92,23 @@ class Pair:
     def ratio(self) -> float | None:
         b, r = self.baseline.rate, self.relinker.rate
         return r / b if b and r else None
+
+    @property
+    def baseline_unsteady(self) -> bool:
+        """Whether the baseline's median run is too far (UNSTEADY_SPREAD) above its fastest to be trusted.
+
+        One slow run of three leaves the median alone; two make it one of them.
+        """
+        runs = self.baseline.detail.get("seconds_all") or []
+        return len(runs) > 1 and min(runs) > 0 and self.baseline.seconds / min(runs) > UNSTEADY_SPREAD
+
+    def verdict(self) -> str:
+        """Against the target: met, NOT met, or no verdict on an unsteady baseline."""
+        if self.ratio is None:
+            return "-"
+        if self.baseline_unsteady:
+            return "unsteady baseline"
+        return "met" if self.ratio >= TARGETS[self.what] else "NOT met"
 
 
 # --- the trees -------------------------------------------------------------------------
@@ -446,7 +466,7 @@ def print_report(pairs: list[Pair], context: dict) -> None:
     for p in pairs:
         target = TARGETS[p.what]
         ratio = p.ratio
-        verdict = "-" if ratio is None else ("met" if ratio >= target else "NOT met")
+        verdict = p.verdict()
         rss = p.relinker.peak_rss_mb
         rows.append((p.tree, p.what, p.baseline.name.removeprefix("baseline: "), f"{p.baseline.seconds:.2f}",
                      rate(p.baseline), p.relinker.name.removeprefix("relinker "), f"{p.relinker.seconds:.2f}",
@@ -463,6 +483,15 @@ def print_report(pairs: list[Pair], context: dict) -> None:
     print(line(["-" * w for w in widths]))
     for r in rows:
         print(line(r))
+    unsteady = [p for p in pairs if p.baseline_unsteady]
+    if unsteady:
+        print()
+        for p in unsteady:
+            runs = p.baseline.detail["seconds_all"]
+            print(f"unsteady baseline: {p.tree}, {p.what}: its median run took {p.baseline.seconds:.2f} s, "
+                  f"more than {UNSTEADY_SPREAD}x its fastest ({min(runs):.2f} s)")
+        print("the filesystem was not quiet (benchmarks/README.md: run at least five minutes after any large "
+              "removal); those ratios are not verdicts, run again")
     floors = [p for p in pairs if p.floor is not None]
     if floors:
         print()
@@ -494,7 +523,8 @@ def write_json(path: str, context: dict, trees: list[Tree], pairs: list[Pair]) -
     data = {**context, "ok": not FAILURES, "failures": FAILURES,
             "trees": [{"name": t.name, "files": t.files, "bytes": t.bytes} for t in trees],
             "pairs": [{"tree": p.tree, "what": p.what, "ratio": round(p.ratio, 3) if p.ratio else None,
-                       "target": TARGETS[p.what], "baseline": as_json(p.baseline), "relinker": as_json(p.relinker),
+                       "target": TARGETS[p.what], "verdict": p.verdict(),
+                       "baseline": as_json(p.baseline), "relinker": as_json(p.relinker),
                        "floor": as_json(p.floor) if p.floor else None}
                       for p in pairs]}
     write_figures(path, data)

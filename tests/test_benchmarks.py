@@ -67,6 +67,7 @@ def test_content_bench_puts_each_relinker_figure_beside_its_baseline(pg_admin_ds
         for what in ("copy", "verify --hash", "verify")]
     for pair in result["pairs"]:
         assert pair["ratio"] > 0 and pair["relinker"]["peak_rss_mb"] > 0 and pair["baseline"]["seconds"] > 0
+        assert pair["verdict"] in ("met", "NOT met", "unsteady baseline")
         # the layout's floor is measured for copy, beside cp
         assert (pair["floor"] is not None) == (pair["what"] == "copy")
         assert pair["floor"] is None or (pair["floor"]["ok"] and pair["floor"]["seconds"] > 0)
@@ -87,3 +88,23 @@ def test_content_bench_copies_by_default_into_a_store_with_every_directory(tmp_p
     levels = [name for name in os.listdir(store)]
     assert len(levels) == 256 and all(len(os.listdir(os.path.join(store, level))) == 256 for level in levels)
     assert os.path.isdir(os.path.join(store, b"ff", b"00"))
+
+
+def test_content_bench_gives_no_verdict_on_a_baseline_whose_runs_disagree():
+    """cp -a of one tree took 4.2 s, then 9.7 s: its median says more about the filesystem than about relinker."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import content_bench
+        from benchlib import Measurement
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def pair(baseline_runs, relinker_seconds):
+        baseline = Measurement("baseline: cp", sorted(baseline_runs)[1], 100, "B", None,
+                               detail={"seconds_all": baseline_runs})
+        ours = Measurement("relinker copy", relinker_seconds, 100, "B", 40, detail={"seconds_all": [relinker_seconds]})
+        return content_bench.Pair("many small files", "copy", baseline, ours)
+
+    assert pair([4.16, 9.69, 9.09], 8.99).verdict() == "unsteady baseline"  # a ratio of 1.01 is no verdict
+    assert pair([4.35, 8.61, 4.03], 8.62).verdict() == "NOT met"  # one slow run leaves the median alone
+    assert pair([4.35, 4.03, 4.60], 4.50).verdict() == "met"
