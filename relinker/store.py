@@ -343,9 +343,8 @@ class ByHashStore:
 class _Syncer:
     """The store's ``syncfs`` calls, one after another in one thread (the GIL is released meanwhile).
 
-    One thread for the store's life: a sync asked for while the workers
-    keep both cores busy must not wait for a new thread to be scheduled
-    (a thread per sync cost 2-4% of a worker's time copying small files).
+    One thread for the store's life: asking for a sync while every core is
+    busy must not wait for a new thread to be scheduled.
     """
 
     def __init__(self, fd: int):
