@@ -409,9 +409,7 @@ def test_a_stores_syncs_run_one_after_another_in_one_thread_that_ends_with_the_s
     monkeypatch.setattr(relinker.store, "syncfs", noting_syncfs)
     store = ByHashStore(os.fsencode(root))
     for n in range(3):
-        (tmp_path / f"s{n}").write_bytes(b"content %d" % n)
-        with open(tmp_path / f"s{n}", "rb") as source:
-            store_one(store, source.fileno())
+        store_one(store, open_content(tmp_path, b"content %d" % n))
     assert len(threads) == 6  # each file: its batch, then its name
     assert len(set(threads)) == 1 and threads[0] is not threading.current_thread()
     store.close()
