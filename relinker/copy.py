@@ -72,9 +72,16 @@ COPY (
 """
 # Sorted, like the lock below, so two workers never wait on each other in a
 # cycle. Returns the rows it inserted: until this transaction commits, a
-# worker inserting the same blob waits for it, so those need no lock.
+# worker inserting the same blob waits for it, so those need no lock. A new
+# row gets its counts here, with the paths of this range's inodes as its
+# expected count: an inode names a blob only once its row exists (a worker
+# marking others meanwhile waits for this row, then recounts them all), and
+# SQL_BLOB_COUNTS' count costs one index probe per medium (partition) per blob.
 SQL_NEW_BLOBS = """
-INSERT INTO blobs (blobid) SELECT b FROM unnest(%(count_blobids)s::text[]) AS b ORDER BY b
+INSERT INTO blobs (blobid, n_hardlinks, expected_hardlinks)
+SELECT c.blobid, least(c.links, c.expected), c.expected
+FROM unnest(%(count_blobids)s::text[], %(links)s::int[], %(expected)s::int[]) AS c(blobid, links, expected)
+ORDER BY c.blobid
 ON CONFLICT (blobid) DO NOTHING
 RETURNING blobid
 """
@@ -237,21 +244,26 @@ class CopyWork:
         count_blobids = sorted(marked.paths)
         # Array literals, built once: the driver adapts a list element by element, for every statement.
         params = dict(medium=r.medium_hash, inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
-                      count_blobids=db.text_array(count_blobids), **failed.params())
+                      count_blobids=db.text_array(count_blobids),
+                      expected=db.int_array(marked.expected[b] for b in count_blobids), **failed.params())
+
+        def links(blobids) -> str:
+            return db.int_array(os.lstat(marked.paths[b]).st_nlink - 1 for b in blobids)
 
         def finalize(conn: psycopg.Connection) -> None:
+            params["links"] = links(count_blobids)
             inserted = {blobid for blobid, in conn.execute(SQL_NEW_BLOBS, params)}
             # Workers copying other inodes of the same content link to the
             # same by-hash file: holding the blob rows while reading the link
             # count makes the last commit carry the latest count.
-            if len(inserted) < len(count_blobids):
-                conn.execute(SQL_LOCK_BLOBS,
-                             {"lock_blobids": db.text_array(b for b in count_blobids if b not in inserted)})
-            params["links"] = db.int_array(os.lstat(marked.paths[b]).st_nlink - 1 for b in count_blobids)
+            existing = [b for b in count_blobids if b not in inserted]
+            if existing:
+                conn.execute(SQL_LOCK_BLOBS, {"lock_blobids": db.text_array(existing)})
             conn.execute(statements.mark_inodes, params)
             if failed:
                 conn.execute(statements.inode_errors, params)
-            conn.execute(SQL_BLOB_COUNTS, params)
+            if existing:
+                conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(existing), "links": links(existing)})
             # The catalogue may say these contents are stored only once their
             # names are durable: the range's commit follows this.
             names_synced.wait()
@@ -266,7 +278,7 @@ class CopyWork:
         if stored.written:
             counters.files_copied += 1
             counters.bytes_copied += stored.size
-        marked.add(ino, stored)
+        marked.add(ino, stored, len(paths))
         self._link_all(stored, paths, ctx)
 
     def _copy(self, medium_hash: str, mounted: bool, paths: list[bytes], size: int | None,
@@ -322,11 +334,14 @@ class StoredInodes:
         self.inos: list[int] = []
         self.blobids: list[str] = []
         self.paths: dict[str, bytes] = {}
+        #: the catalogued paths of each blob's inodes in the range (one medium: all distinct)
+        self.expected: dict[str, int] = {}
 
-    def add(self, ino: int, stored: Stored) -> None:
+    def add(self, ino: int, stored: Stored, n_paths: int) -> None:
         self.inos.append(ino)
         self.blobids.append(stored.blobid)
         self.paths[stored.blobid] = stored.path
+        self.expected[stored.blobid] = self.expected.get(stored.blobid, 0) + n_paths
 
 
 class FailedInodes:

@@ -169,14 +169,16 @@ class ArchiveWorld:
         return dict(self.conn.execute("SELECT blobid, n_hardlinks FROM blobs"))
 
     def assert_complete(self, run_id: int | None = None) -> None:
-        """Every expected link present, n_hardlinks exact, every range done, no temporaries."""
+        """Every expected link present, n_hardlinks and expected_hardlinks exact, every range done, no temporaries."""
         expected = self.expected()
         for blobid, paths in expected.items():
             for p in paths:
                 assert self.linked(blobid, p), f"{p!r} is not linked to {blobid}"
         counts = self.n_hardlinks()
+        expected_counts = dict(self.conn.execute("SELECT blobid, expected_hardlinks FROM blobs"))
         for blobid, paths in expected.items():
             assert counts[blobid] == len(paths), (blobid, counts[blobid], len(paths))
+            assert expected_counts[blobid] == len(paths), (blobid, expected_counts[blobid], len(paths))
         if run_id is not None:
             states = self.conn.execute("SELECT status, count(*) FROM relinker_range WHERE run_id = %s "
                                        "GROUP BY status", (run_id,)).fetchall()

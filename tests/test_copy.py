@@ -277,6 +277,29 @@ def test_a_content_already_stored_is_never_written_again(world, capsys, tmp_path
     world.assert_complete()
 
 
+def test_a_content_in_many_ranges_ends_with_the_counts_of_all_its_paths(world, capsys, tmp_path):
+    """A new blob's row is written with its counts; the ranges after it add theirs.
+
+    One content in inodes of every range (two workers), one of them with a
+    second hardlinked path, and one path excluded: the blob counts every
+    linked path of every inode, whichever range inserted its row.
+    """
+    root = tmp_path / "disk"
+    root.mkdir()
+    for n in range(24):
+        (root / f"f{n:02d}").write_bytes(b"shared" if n % 2 else b"own %d" % n)
+    os.link(root / "f01", root / "f01-again")
+    (root / "f03-excluded").write_bytes(b"shared")
+    scan.scan_tree(world.conn, "disk", os.fsencode(root))
+    world.conn.execute("UPDATE path SET exclude_reason = 'test' WHERE path LIKE '%%excluded'")
+    code, summary = copy(world, capsys, "--ranges", "6")
+    assert code == 0 and summary["problems"] == 0 and summary["ranges_total"] == 6, summary
+    shared = blake3.blake3(b"shared").hexdigest()
+    assert world.conn.execute("SELECT n_hardlinks, expected_hardlinks FROM blobs WHERE blobid = %s",
+                              (shared,)).fetchone() == (13, 13)  # 12 inodes, one with two paths
+    world.assert_complete(summary["run_id"])
+
+
 def store_one(store, fd, size=None, on_chunk=None):
     """One file through the store, as a range does: read in, placed with its batch, synced."""
     got = store.read_in(fd, size, on_chunk)
@@ -296,11 +319,12 @@ def test_a_blob_row_being_inserted_holds_other_workers_until_it_commits(catalogu
     there and locks it: the last commit still carries the latest count.
     """
     blobids = db.text_array(["ab" * 32])
+    new_rows = {"count_blobids": blobids, "links": db.int_array([1]), "expected": db.int_array([1])}
     with psycopg.connect(catalogue_url) as first, psycopg.connect(catalogue_url) as second:
-        assert first.execute(copy_mode.SQL_NEW_BLOBS, {"count_blobids": blobids}).fetchall() == [("ab" * 32,)]
+        assert first.execute(copy_mode.SQL_NEW_BLOBS, new_rows).fetchall() == [("ab" * 32,)]
         inserted_by_second = []
         waiting = threading.Thread(target=lambda: inserted_by_second.extend(
-            second.execute(copy_mode.SQL_NEW_BLOBS, {"count_blobids": blobids}).fetchall()))
+            second.execute(copy_mode.SQL_NEW_BLOBS, new_rows).fetchall()))
         waiting.start()
         waiting.join(0.5)
         assert waiting.is_alive()
