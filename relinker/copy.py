@@ -203,7 +203,7 @@ class CopyWork:
                 # Inodes of one content in one range: written once.
                 first = outcome.written and pending.blobid not in counted
                 counted.add(pending.blobid)
-                self._stored(ino, paths, dataclasses.replace(outcome, written=first), marked, ctx)
+                self._stored(ino, paths, outcome, first, marked, ctx)
             entries.clear()
 
         if self.store is not None:
@@ -234,7 +234,7 @@ class CopyWork:
                     self.store.seal_batch()
                     sealed, waiting = waiting, sealed
             else:
-                self._stored(ino, paths, got, marked, ctx)
+                self._stored(ino, paths, got, got.written, marked, ctx)
         if self.spec.dry_run:
             return lambda conn: None
         settle(sealed, self.store.place_sealed())
@@ -270,12 +270,15 @@ class CopyWork:
 
         return finalize
 
-    def _stored(self, ino: int, paths: list[bytes], stored: Stored, marked: "StoredInodes",
+    def _stored(self, ino: int, paths: list[bytes], stored: Stored, written: bool, marked: "StoredInodes",
                 ctx: RangeContext) -> None:
-        """An inode whose content has its by-hash name: count it, link its paths, mark it."""
+        """An inode whose content has its by-hash name: count it, link its paths, mark it.
+
+        ``written``: this inode counts as the content's copy (its file was written for this inode).
+        """
         counters = ctx.counters
         counters.blobs += 1
-        if stored.written:
+        if written:
             counters.files_copied += 1
             counters.bytes_copied += stored.size
         marked.add(ino, stored, len(paths))
