@@ -60,15 +60,17 @@ BYTES_PER_RANGE = 1 << 30
 # left alone unless asked (--retry-permanent).
 TO_COPY = "i.fs_type = 'f' AND i.blobid IS NULL"
 NOT_GIVEN_UP = "AND i.status IS DISTINCT FROM 'failed_permanent'"
+# The inode range is repeated on path: PostgreSQL carries no range across a
+# join's equality, and without it the plan read the medium's every path for
+# every range (a sequential scan of the partition, hashed).
 SQL_RANGE_WORK = """
-COPY (
     SELECT i.ino, i.size, p.path
     FROM inode AS i
     JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
     WHERE i.medium_hash = %(medium)s AND i.ino >= %(ino_lo)s AND i.ino < %(ino_hi)s
+      AND p.medium_hash = %(medium)s AND p.ino >= %(ino_lo)s AND p.ino < %(ino_hi)s
       AND {to_copy} AND p.exclude_reason IS NULL
     ORDER BY i.ino, p.path
-) TO STDOUT (FORMAT BINARY)
 """
 # Sorted, like the lock below, so two workers never wait on each other in a
 # cycle. Returns the rows it inserted: until this transaction commits, a
@@ -370,10 +372,14 @@ class FailedInodes:
                     error_kinds=db.text_array(self.kinds), error_states=db.text_array(self.states))
 
 
+COPY_OUT = "COPY ({}) TO STDOUT (FORMAT BINARY)"
+
+
 @dataclasses.dataclass(frozen=True)
 class CopyStatements:
     """copy's SQL, composed for the catalogue's columns from the constant fragments above."""
 
+    range_select: sql.Composed
     range_work: sql.Composed
     mark_inodes: sql.Composed
     inode_errors: sql.Composed
@@ -390,11 +396,13 @@ class CopyStatements:
             success.append(ERROR_TYPE_CLEARED)
             failure.append(ERROR_TYPE_SET)
         selection = sql.SQL(_INODES_TO_COPY).format(to_copy=to_copy)
+        range_select = sql.SQL(SQL_RANGE_WORK).format(to_copy=to_copy)
         return cls(
-            range_work=sql.SQL(SQL_RANGE_WORK).format(to_copy=to_copy),
+            range_select=range_select,
+            range_work=sql.SQL(COPY_OUT).format(range_select),
             mark_inodes=sql.SQL(SQL_MARK_INODES).format(success=sql.SQL("".join(success))),
             inode_errors=sql.SQL(SQL_INODE_ERRORS).format(failure=sql.SQL("".join(failure))),
-            plan=sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(selection),
+            plan=sql.SQL(COPY_OUT).format(selection),
             plan_count=sql.SQL("SELECT count(*) FROM ({}) AS todo").format(selection),
         )
 

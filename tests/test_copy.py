@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -10,10 +11,11 @@ import time
 
 import blake3
 import psycopg
+from psycopg import sql
 import pytest
 
 from relinker import copy as copy_mode, db, scan
-from relinker.catalogue import EMPTY_BLAKE3, EMPTY_SHA256, content_matches
+from relinker.catalogue import EMPTY_BLAKE3, EMPTY_SHA256, InodeColumns, content_matches
 from relinker.cli import main
 import relinker.content
 import relinker.store
@@ -298,6 +300,30 @@ def test_a_content_in_many_ranges_ends_with_the_counts_of_all_its_paths(world, c
     assert world.conn.execute("SELECT n_hardlinks, expected_hardlinks FROM blobs WHERE blobid = %s",
                               (shared,)).fetchone() == (13, 13)  # 12 inodes, one with two paths
     world.assert_complete(summary["run_id"])
+
+
+def test_a_range_reads_only_its_own_slice_of_the_mediums_paths(world):
+    """The range query finds paths by the range's inode numbers, not by a pass over the medium's paths.
+
+    Planned without the range on path, PostgreSQL read every path of the
+    medium for each range, however few inodes the range held.
+    """
+    medium = world.medium("big")
+    world.conn.execute("INSERT INTO inode (medium_hash, ino, size, fs_type) "
+                       "SELECT %s, n, 1, 'f' FROM generate_series(1, 20000) AS n", (medium,))
+    world.conn.execute("INSERT INTO path (medium_hash, ino, path) "
+                       "SELECT %s, n, ('/big/d' || n / 100 || '/f' || n)::bytea FROM generate_series(1, 20000) AS n",
+                       (medium,))
+    world.conn.execute("VACUUM ANALYZE inode, path")
+    statements = copy_mode.CopyStatements.for_catalogue(InodeColumns.of(world.conn), retry_permanent=False)
+    with db.connect_for_ranges(world.dsn) as conn:
+        plan = [row[0] for row in conn.execute(
+            sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) {}").format(statements.range_select),
+            {"medium": medium, "ino_lo": 5001, "ino_hi": 7001})]
+    text = "\n".join(plan)
+    [path_scan] = [line for line in plan if " on path_" in line]
+    assert "Seq Scan" not in path_scan, text
+    assert float(re.search(r"rows=([\d.]+)", path_scan).group(1)) == 2000, text  # not the medium's 20,000
 
 
 def store_one(store, fd, size=None, on_chunk=None):
