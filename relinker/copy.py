@@ -93,6 +93,7 @@ SELECT blobid FROM blobs WHERE blobid = ANY(%(lock_blobids)s::text[]) ORDER BY b
 # Only inodes still without content: one stored meanwhile (by another
 # tool, or a run whose commit reply was lost) is someone else's record now.
 # path.blobid, the denormalised copy, follows for exactly the inodes marked.
+# Returns the inodes it marked.
 SQL_MARK_INODES = """
 WITH marked AS (
     UPDATE inode AS i
@@ -100,10 +101,12 @@ WITH marked AS (
     FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
     WHERE i.medium_hash = %(medium)s AND i.ino = c.ino AND i.blobid IS NULL
     RETURNING i.ino, i.blobid
+), paths AS (
+    UPDATE path AS p SET blobid = m.blobid
+    FROM marked AS m
+    WHERE p.medium_hash = %(medium)s AND p.ino = m.ino AND p.blobid IS DISTINCT FROM m.blobid
 )
-UPDATE path AS p SET blobid = m.blobid
-FROM marked AS m
-WHERE p.medium_hash = %(medium)s AND p.ino = m.ino AND p.blobid IS DISTINCT FROM m.blobid
+SELECT ino FROM marked
 """
 # The status model's success, as the NTT copier wrote it; error_type
 # describes a failure, and this inode has none any more.
@@ -125,14 +128,21 @@ STATUS_FAILED = """, status = CASE WHEN i.status = 'failed_permanent' AND c.stat
                            THEN i.status ELSE c.state END"""
 ERROR_TYPE_SET = """, error_type = CASE WHEN i.status = 'failed_permanent' AND c.state = 'failed_retryable'
                                THEN i.error_type ELSE c.kind END"""
+# A blob row that existed gains the paths of the inodes this range marked:
+# counting all of a blob's paths again would cost, for every range holding
+# an empty file, a pass over the empty blob's millions of paths. Only a blob
+# whose expected count was never written is counted (COALESCE evaluates its
+# second argument only when the first is NULL); `relinker count` recounts.
 SQL_BLOB_COUNTS = """
 UPDATE blobs AS b
 SET n_hardlinks = least(c.links, e.expected), expected_hardlinks = e.expected
-FROM unnest(%(count_blobids)s::text[], %(links)s::int[]) AS c(blobid, links)
+FROM unnest(%(count_blobids)s::text[], %(links)s::int[], %(added)s::int[]) AS c(blobid, links, added)
+JOIN blobs AS known ON known.blobid = c.blobid
 CROSS JOIN LATERAL (
-    SELECT count(DISTINCT p.path)::int AS expected
-    FROM inode AS i JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
-    WHERE i.blobid = c.blobid AND i.fs_type = 'f' AND p.exclude_reason IS NULL
+    SELECT coalesce(known.expected_hardlinks + c.added, (
+        SELECT count(DISTINCT p.path)::int
+        FROM inode AS i JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
+        WHERE i.blobid = c.blobid AND i.fs_type = 'f' AND p.exclude_reason IS NULL)) AS expected
 ) AS e
 WHERE b.blobid = c.blobid
 """
@@ -261,11 +271,13 @@ class CopyWork:
             existing = [b for b in count_blobids if b not in inserted]
             if existing:
                 conn.execute(SQL_LOCK_BLOBS, {"lock_blobids": db.text_array(existing)})
-            conn.execute(statements.mark_inodes, params)
+            newly_marked = {ino for ino, in conn.execute(statements.mark_inodes, params)}
             if failed:
                 conn.execute(statements.inode_errors, params)
             if existing:
-                conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(existing), "links": links(existing)})
+                added = marked.paths_marked(newly_marked)
+                conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(existing), "links": links(existing),
+                                               "added": db.int_array(added.get(b, 0) for b in existing)})
             # The catalogue may say these contents are stored only once their
             # names are durable: the range's commit follows this.
             names_synced.wait()
@@ -338,6 +350,7 @@ class StoredInodes:
     def __init__(self):
         self.inos: list[int] = []
         self.blobids: list[str] = []
+        self.n_paths: list[int] = []
         self.paths: dict[str, bytes] = {}
         #: the catalogued paths of each blob's inodes in the range (one medium: all distinct)
         self.expected: dict[str, int] = {}
@@ -345,8 +358,19 @@ class StoredInodes:
     def add(self, ino: int, stored: Stored, n_paths: int) -> None:
         self.inos.append(ino)
         self.blobids.append(stored.blobid)
+        self.n_paths.append(n_paths)
         self.paths[stored.blobid] = stored.path
         self.expected[stored.blobid] = self.expected.get(stored.blobid, 0) + n_paths
+
+    def paths_marked(self, marked: set[int]) -> dict[str, int]:
+        """Catalogued paths per blob of the inodes in ``marked`` (those SQL_MARK_INODES wrote)."""
+        if len(marked) == len(self.inos):
+            return self.expected
+        counts: dict[str, int] = {}
+        for ino, blobid, n in zip(self.inos, self.blobids, self.n_paths):
+            if ino in marked:
+                counts[blobid] = counts.get(blobid, 0) + n
+        return counts
 
 
 class FailedInodes:

@@ -302,6 +302,50 @@ def test_a_content_in_many_ranges_ends_with_the_counts_of_all_its_paths(world, c
     world.assert_complete(summary["run_id"])
 
 
+def test_a_stored_contents_expected_count_grows_by_the_paths_copied_without_a_recount(world, capsys, tmp_path):
+    """Production's empty blob has millions of paths: each range adds its own instead of counting them all again.
+
+    Only a blob whose expected count was never written is counted in full.
+    """
+    popular = world.blob(b"popular content")
+    world.conn.execute("UPDATE blobs SET expected_hardlinks = 70000 WHERE blobid = %s", (popular,))
+    unwritten = world.blob(b"never counted")
+    world.inode(world.medium("older"), [b"/older/a", b"/older/b"], unwritten)
+    root = tmp_path / "disk"
+    root.mkdir()
+    for name in ("p1", "p2", "p3"):
+        (root / name).write_bytes(b"popular content")
+    os.link(root / "p1", root / "p1-again")
+    (root / "n1").write_bytes(b"never counted")
+    scan.scan_tree(world.conn, "disk", os.fsencode(root))
+    code, summary = copy(world, capsys)
+    assert code == 0 and summary["problems"] == 0 and summary["files_copied"] == 0, summary
+    counts = dict((b, (n, e)) for b, n, e in world.conn.execute(
+        "SELECT blobid, n_hardlinks, expected_hardlinks FROM blobs"))
+    assert counts[popular] == (4, 70004)  # its four new paths are its only links
+    assert counts[unwritten] == (1, 3)  # counted: the older medium's two paths and the new one
+
+
+def test_an_inode_stored_meanwhile_is_neither_marked_again_nor_counted(world):
+    """Another tool stored one of the range's inodes while it was worked: its row and its paths are left alone."""
+    medium = world.medium("disk")
+    blob = world.blob(b"content")
+    ours = world.inode(medium, [b"/disk/ours"], None)
+    theirs = world.inode(medium, [b"/disk/theirs", b"/disk/theirs-again"], None)
+    world.conn.execute("UPDATE inode SET blobid = 'stored-by-someone-else' WHERE ino = %s", (theirs,))
+    stored = Stored(blob, b"/by-hash/x", True, 7, (0, 0))
+    marked = copy_mode.StoredInodes()
+    marked.add(ours, stored, 1)
+    marked.add(theirs, stored, 2)
+    statements = copy_mode.CopyStatements.for_catalogue(InodeColumns.of(world.conn), retry_permanent=False)
+    newly_marked = {ino for ino, in world.conn.execute(statements.mark_inodes, dict(
+        medium=medium, inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids)))}
+    assert newly_marked == {ours}
+    assert marked.paths_marked(newly_marked) == {blob: 1}
+    assert dict(world.conn.execute("SELECT ino, blobid FROM inode WHERE medium_hash = %s", (medium,))) == {
+        ours: blob, theirs: "stored-by-someone-else"}
+
+
 def test_a_range_reads_only_its_own_slice_of_the_mediums_paths(world):
     """The range query finds paths by the range's inode numbers, not by a pass over the medium's paths.
 
