@@ -130,16 +130,18 @@ ERROR_TYPE_SET = """, error_type = CASE WHEN i.status = 'failed_permanent' AND c
                                THEN i.error_type ELSE c.kind END"""
 # A blob row that existed gains the paths of the inodes this range marked:
 # counting all of a blob's paths again would cost, for every range holding
-# an empty file, a pass over the empty blob's millions of paths. Only a blob
-# whose expected count was never written is counted (COALESCE evaluates its
-# second argument only when the first is NULL); `relinker count` recounts.
+# an empty file, a pass over the empty blob's millions of paths. A blob is
+# counted only if its expected count was never written, or if its file has
+# more links than that count plus the range's paths (others added paths
+# since); COALESCE evaluates the count only then.
 SQL_BLOB_COUNTS = """
 UPDATE blobs AS b
 SET n_hardlinks = least(c.links, e.expected), expected_hardlinks = e.expected
 FROM unnest(%(count_blobids)s::text[], %(links)s::int[], %(added)s::int[]) AS c(blobid, links, added)
 JOIN blobs AS known ON known.blobid = c.blobid
 CROSS JOIN LATERAL (
-    SELECT coalesce(known.expected_hardlinks + c.added, (
+    SELECT coalesce(CASE WHEN c.links <= known.expected_hardlinks + c.added
+                         THEN known.expected_hardlinks + c.added END, (
         SELECT count(DISTINCT p.path)::int
         FROM inode AS i JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
         WHERE i.blobid = c.blobid AND i.fs_type = 'f' AND p.exclude_reason IS NULL)) AS expected

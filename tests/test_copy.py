@@ -305,18 +305,27 @@ def test_a_content_in_many_ranges_ends_with_the_counts_of_all_its_paths(world, c
 def test_a_stored_contents_expected_count_grows_by_the_paths_copied_without_a_recount(world, capsys, tmp_path):
     """Production's empty blob has millions of paths: each range adds its own instead of counting them all again.
 
-    Only a blob whose expected count was never written is counted in full.
+    A blob is counted in full only if its expected count was never written,
+    or if its file has more links than that count could hold.
     """
     popular = world.blob(b"popular content")
     world.conn.execute("UPDATE blobs SET expected_hardlinks = 70000 WHERE blobid = %s", (popular,))
     unwritten = world.blob(b"never counted")
     world.inode(world.medium("older"), [b"/older/a", b"/older/b"], unwritten)
+    # Paths another tool added and linked after the blob was counted: its file has more links than the count.
+    outdated = world.blob(b"counted before")
+    world.conn.execute("UPDATE blobs SET expected_hardlinks = 1 WHERE blobid = %s", (outdated,))
+    for path in (b"/older/c", b"/older/d"):
+        world.inode(world.medium("older"), [path], outdated)
+        os.makedirs(os.path.dirname(world.archive_path(path)), exist_ok=True)
+        os.link(by_hash_path_of(world, outdated), world.archive_path(path))
     root = tmp_path / "disk"
     root.mkdir()
     for name in ("p1", "p2", "p3"):
         (root / name).write_bytes(b"popular content")
     os.link(root / "p1", root / "p1-again")
     (root / "n1").write_bytes(b"never counted")
+    (root / "o1").write_bytes(b"counted before")
     scan.scan_tree(world.conn, "disk", os.fsencode(root))
     code, summary = copy(world, capsys)
     assert code == 0 and summary["problems"] == 0 and summary["files_copied"] == 0, summary
@@ -324,6 +333,7 @@ def test_a_stored_contents_expected_count_grows_by_the_paths_copied_without_a_re
         "SELECT blobid, n_hardlinks, expected_hardlinks FROM blobs"))
     assert counts[popular] == (4, 70004)  # its four new paths are its only links
     assert counts[unwritten] == (1, 3)  # counted: the older medium's two paths and the new one
+    assert counts[outdated] == (3, 3)  # counted again: 1 + 1 would undercount its three links
 
 
 def test_an_inode_stored_meanwhile_is_neither_marked_again_nor_counted(world):
