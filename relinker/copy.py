@@ -199,7 +199,6 @@ class CopyWork:
         outcomes: dict[str, Stored | InodeProblem] = {}
         counted: set[str] = set()
         mounted = os.path.isdir(medium_mount(r.medium_hash, self.remaps))
-        statements = self.statements()
 
         def fail(ino: int, paths: list[bytes], problem: InodeProblem) -> None:
             ctx.problem(problem.kind, problem.detail, path=paths[0])
@@ -254,7 +253,12 @@ class CopyWork:
         settle(sealed, self.store.place_sealed())
         settle(waiting, self.store.place_pending())
         # The range's statements run while the new names are synced.
-        names_synced = self.store.start_sync()
+        return self._finalizer(r, marked, failed, self.store.start_sync())
+
+    def _finalizer(self, r: Range, marked: "StoredInodes", failed: "FailedInodes",
+                   names_synced) -> Callable[[psycopg.Connection], None]:
+        """The range's statements, to run in its finishing transaction once ``names_synced`` has returned."""
+        statements = self.statements()
         count_blobids = sorted(marked.paths)
         # Array literals, built once: the driver adapts a list element by element, for every statement.
         params = dict(medium=r.medium_hash, inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
