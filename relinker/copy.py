@@ -93,18 +93,22 @@ SELECT blobid FROM blobs WHERE blobid = ANY(%(lock_blobids)s::text[]) ORDER BY b
 # Only inodes still without content: one stored meanwhile (by another
 # tool, or a run whose commit reply was lost) is someone else's record now.
 # path.blobid, the denormalised copy, follows for exactly the inodes marked.
-# Returns the inodes it marked.
+# Returns the inodes it marked. The range's bounds, as in SQL_RANGE_WORK,
+# keep both updates on the range's slice of each table's index (without
+# them: a sequential scan of the medium's inodes and one of its paths).
 SQL_MARK_INODES = """
 WITH marked AS (
     UPDATE inode AS i
     SET blobid = c.blobid, by_hash_created = true, copied = true, processed_at = now() {success}
     FROM unnest(%(inos)s::bigint[], %(inode_blobids)s::text[]) AS c(ino, blobid)
-    WHERE i.medium_hash = %(medium)s AND i.ino = c.ino AND i.blobid IS NULL
+    WHERE i.medium_hash = %(medium)s AND i.ino >= %(ino_lo)s AND i.ino < %(ino_hi)s
+      AND i.ino = c.ino AND i.blobid IS NULL
     RETURNING i.ino, i.blobid
 ), paths AS (
     UPDATE path AS p SET blobid = m.blobid
     FROM marked AS m
-    WHERE p.medium_hash = %(medium)s AND p.ino = m.ino AND p.blobid IS DISTINCT FROM m.blobid
+    WHERE p.medium_hash = %(medium)s AND p.ino >= %(ino_lo)s AND p.ino < %(ino_hi)s
+      AND p.ino = m.ino AND p.blobid IS DISTINCT FROM m.blobid
 )
 SELECT ino FROM marked
 """
@@ -120,7 +124,8 @@ SET errors = CASE WHEN c.error = ANY(coalesce(i.errors, '{{}}')) THEN i.errors
                   ELSE array_append(coalesce(i.errors, '{{}}'), c.error) END {failure}
 FROM unnest(%(error_inos)s::bigint[], %(errors)s::text[], %(error_kinds)s::text[],
             %(error_states)s::text[]) AS c(ino, error, kind, state)
-WHERE i.medium_hash = %(medium)s AND i.ino = c.ino AND i.blobid IS NULL
+WHERE i.medium_hash = %(medium)s AND i.ino >= %(ino_lo)s AND i.ino < %(ino_hi)s
+  AND i.ino = c.ino AND i.blobid IS NULL
 """
 # A retryable failure (say, the medium is not mounted: nothing was tried)
 # never turns a permanent one back into something to retry.
@@ -261,7 +266,8 @@ class CopyWork:
         statements = self.statements()
         count_blobids = sorted(marked.paths)
         # Array literals, built once: the driver adapts a list element by element, for every statement.
-        params = dict(medium=r.medium_hash, inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
+        params = dict(medium=r.medium_hash, ino_lo=r.ino_lo, ino_hi=r.ino_hi,
+                      inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
                       count_blobids=db.text_array(count_blobids),
                       expected=db.int_array(marked.expected[b] for b in count_blobids), **failed.params())
 

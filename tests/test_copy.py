@@ -349,18 +349,19 @@ def test_an_inode_stored_meanwhile_is_neither_marked_again_nor_counted(world):
     marked.add(theirs, stored, 2)
     statements = copy_mode.CopyStatements.for_catalogue(InodeColumns.of(world.conn), retry_permanent=False)
     newly_marked = {ino for ino, in world.conn.execute(statements.mark_inodes, dict(
-        medium=medium, inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids)))}
+        medium=medium, ino_lo=min(ours, theirs), ino_hi=max(ours, theirs) + 1,
+        inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids)))}
     assert newly_marked == {ours}
     assert marked.paths_marked(newly_marked) == {blob: 1}
     assert dict(world.conn.execute("SELECT ino, blobid FROM inode WHERE medium_hash = %s", (medium,))) == {
         ours: blob, theirs: "stored-by-someone-else"}
 
 
-def test_a_range_reads_only_its_own_slice_of_the_mediums_paths(world):
-    """The range query finds paths by the range's inode numbers, not by a pass over the medium's paths.
+def test_a_ranges_statements_read_only_its_own_slice_of_the_medium(world):
+    """The range query and the marking find inodes and paths by the range's inode numbers.
 
-    Planned without the range on path, PostgreSQL read every path of the
-    medium for each range, however few inodes the range held.
+    Without the range on each table, PostgreSQL read every inode and every
+    path of the medium for each range, however few inodes the range held.
     """
     medium = world.medium("big")
     world.conn.execute("INSERT INTO inode (medium_hash, ino, size, fs_type) "
@@ -370,14 +371,20 @@ def test_a_range_reads_only_its_own_slice_of_the_mediums_paths(world):
                        (medium,))
     world.conn.execute("VACUUM ANALYZE inode, path")
     statements = copy_mode.CopyStatements.for_catalogue(InodeColumns.of(world.conn), retry_permanent=False)
-    with db.connect_for_ranges(world.dsn) as conn:
-        plan = [row[0] for row in conn.execute(
-            sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) {}").format(statements.range_select),
-            {"medium": medium, "ino_lo": 5001, "ino_hi": 7001})]
-    text = "\n".join(plan)
-    [path_scan] = [line for line in plan if " on path_" in line]
-    assert "Seq Scan" not in path_scan, text
-    assert float(re.search(r"rows=([\d.]+)", path_scan).group(1)) == 2000, text  # not the medium's 20,000
+    inos = list(range(5001, 7001))
+    params = {"medium": medium, "ino_lo": inos[0], "ino_hi": inos[-1] + 1, "inos": db.int_array(inos),
+              "inode_blobids": db.text_array(["ab" * 32] * len(inos))}
+
+    def plan(statement) -> list[str]:
+        with db.connect_for_ranges(world.dsn) as conn, conn.transaction(force_rollback=True):
+            return [row[0] for row in conn.execute(sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) {}").format(statement),
+                                                   params)]
+
+    reading = plan(statements.range_select)
+    [path_scan] = [line for line in reading if " on path_" in line]
+    assert float(re.search(r"rows=([\d.]+)", path_scan).group(1)) == 2000, "\n".join(reading)  # not 20,000
+    for lines in (reading, plan(statements.mark_inodes)):
+        assert not any("Seq Scan" in line for line in lines), "\n".join(lines)
 
 
 def store_one(store, fd, size=None, on_chunk=None):
