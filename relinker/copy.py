@@ -22,7 +22,10 @@ NULL: an inode the NTT copier stored has its ``blobid`` whatever
 
 ``n_hardlinks`` here is the by-hash file's link count minus one, capped at the
 blob's catalogued path count: exact while no links exist outside the
-catalogue (``relinker count`` recounts path by path).
+catalogue (``relinker count`` recounts path by path). That path count
+(``expected_hardlinks``) is the range's own for a new row and grows by the
+range's paths for a row that existed (see SQL_BLOB_COUNTS for when it is
+counted again).
 """
 
 from __future__ import annotations
