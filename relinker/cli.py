@@ -266,12 +266,13 @@ def _interrupt(signum, frame) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relinker`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    # SIGTERM stops a command as Ctrl-C does, with exit 3, wherever it lands
-    # (planning, preflight, the summary); the process pool has its own
-    # handlers while it runs.
-    previous = None
+    # SIGINT and SIGTERM stop a command with exit 3 wherever they land
+    # (planning, preflight, the summary), as the process pool's own handlers
+    # do while it runs: SIGINT too, which a script's background job inherits
+    # ignored and Python would then leave ignored.
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args, settings = parse(argv)
         setup_logging(settings.verbose, settings.log_file)
@@ -286,8 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("relinker: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

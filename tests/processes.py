@@ -16,11 +16,17 @@ import psutil
 NEUTRAL_DIRECTORY = os.path.abspath(os.sep)
 
 
-def start(argv: list[str], **kwargs) -> subprocess.Popen:
-    """`python -m relinker ARGV` in its own process group (so the group can be killed)."""
+def start(argv: list[str], *, ignore_sigint: bool = False, **kwargs) -> subprocess.Popen:
+    """`python -m relinker ARGV` in its own process group (so the group can be killed).
+
+    ``ignore_sigint``: started with SIGINT ignored, as a script's background job is.
+    """
     kwargs.setdefault("cwd", NEUTRAL_DIRECTORY)
-    return subprocess.Popen([sys.executable, "-m", "relinker", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+    command = [sys.executable, "-m", "relinker", *argv]
+    if ignore_sigint:
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            **kwargs)
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
