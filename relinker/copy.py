@@ -271,8 +271,9 @@ class CopyWork:
         # Array literals, built once: the driver adapts a list element by element, for every statement.
         params = dict(medium=r.medium_hash, ino_lo=r.ino_lo, ino_hi=r.ino_hi,
                       inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
-                      count_blobids=db.text_array(count_blobids),
-                      expected=db.int_array(marked.expected[b] for b in count_blobids), **failed.params())
+                      count_blobids=db.text_array(count_blobids), **failed.params())
+        expected = marked.paths_per_blob()
+        params["expected"] = db.int_array(expected[b] for b in count_blobids)
 
         def links(blobids) -> str:
             return db.int_array(os.lstat(marked.paths[b]).st_nlink - 1 for b in blobids)
@@ -290,7 +291,7 @@ class CopyWork:
             if failed:
                 conn.execute(statements.inode_errors, params)
             if existing:
-                added = marked.paths_marked(newly_marked)
+                added = marked.paths_per_blob(newly_marked)
                 conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(existing), "links": links(existing),
                                                "added": db.int_array(added.get(b, 0) for b in existing)})
             # The catalogue may say these contents are stored only once their
@@ -365,25 +366,21 @@ class StoredInodes:
     def __init__(self):
         self.inos: list[int] = []
         self.blobids: list[str] = []
+        #: each inode's catalogued paths (a range is one medium: all distinct)
         self.n_paths: list[int] = []
         self.paths: dict[str, bytes] = {}
-        #: the catalogued paths of each blob's inodes in the range (one medium: all distinct)
-        self.expected: dict[str, int] = {}
 
     def add(self, ino: int, stored: Stored, n_paths: int) -> None:
         self.inos.append(ino)
         self.blobids.append(stored.blobid)
         self.n_paths.append(n_paths)
         self.paths[stored.blobid] = stored.path
-        self.expected[stored.blobid] = self.expected.get(stored.blobid, 0) + n_paths
 
-    def paths_marked(self, marked: set[int]) -> dict[str, int]:
-        """Catalogued paths per blob of the inodes in ``marked`` (those SQL_MARK_INODES wrote)."""
-        if len(marked) == len(self.inos):
-            return self.expected
+    def paths_per_blob(self, marked: set[int] | None = None) -> dict[str, int]:
+        """Catalogued paths per blob of the range's inodes, or only of those in ``marked`` (SQL_MARK_INODES's)."""
         counts: dict[str, int] = {}
         for ino, blobid, n in zip(self.inos, self.blobids, self.n_paths):
-            if ino in marked:
+            if marked is None or ino in marked:
                 counts[blobid] = counts.get(blobid, 0) + n
         return counts
 

@@ -352,7 +352,8 @@ def test_an_inode_stored_meanwhile_is_neither_marked_again_nor_counted(world):
         medium=medium, ino_lo=min(ours, theirs), ino_hi=max(ours, theirs) + 1,
         inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids)))}
     assert newly_marked == {ours}
-    assert marked.paths_marked(newly_marked) == {blob: 1}
+    assert marked.paths_per_blob() == {blob: 3}
+    assert marked.paths_per_blob(newly_marked) == {blob: 1}
     assert dict(world.conn.execute("SELECT ino, blobid FROM inode WHERE medium_hash = %s", (medium,))) == {
         ours: blob, theirs: "stored-by-someone-else"}
 
