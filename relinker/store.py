@@ -21,6 +21,8 @@ filesystem); a worker removes its directory when it is done, and removes
 the directories of this host's workers that are no longer alive when it
 starts. Named, not unnamed (``O_TMPFILE``): ext4 keeps every unnamed file on
 one orphan list under one lock, and two workers creating files queue on it.
+The store names its files relative to descriptors of its root and of that
+directory: a path from ``/`` costs a lookup per component on every call.
 """
 
 from __future__ import annotations
@@ -104,7 +106,9 @@ class Pending:
     final: bytes
     size: int
     fd: int
-    #: None once the temporary has its by-hash name
+    #: ``final`` relative to the store's root
+    relative: bytes
+    #: the temporary's name in the worker's temporaries directory; None once it has its by-hash name
     temp_name: bytes | None
 
 
@@ -122,6 +126,7 @@ class ByHashStore:
         self._syncer = _Syncer(self._root_fd)
         self._pending_bytes = 0
         self._temp_directory: bytes | None = None
+        self._temp_fd = -1
         self._temp_numbers = itertools.count()
         # Temporaries are created 0444; only a umask taking some of that away needs an fchmod.
         umask = os.umask(0)
@@ -135,6 +140,8 @@ class ByHashStore:
         if self._temp_directory is not None:
             shutil.rmtree(self._temp_directory, ignore_errors=True)
             self._temp_directory = None
+            os.close(self._temp_fd)
+            self._temp_fd = -1
         self._syncer.stop()
         if self._root_fd >= 0:
             os.close(self._root_fd)
@@ -174,15 +181,15 @@ class ByHashStore:
             except content.SourceReadError as exc:
                 raise SourceProblem("source-unreadable", exc.error.strerror) from None
             _unchanged(source_fd, before, size)
-            blobid, final = self._names(digest, size)
-            known = self._known(blobid, final, size)
+            blobid, final, relative = self._names(digest, size)
+            known = self._known(blobid, final, relative, size)
             if known is not None:
                 return known
             kept = True
-            return self._wait(blobid, final, size, temp_fd, temp_name)
+            return self._wait(blobid, final, relative, size, temp_fd, temp_name)
         finally:
             if not kept:
-                _discard(temp_fd, temp_name)
+                _discard(temp_fd, temp_name, self._temp_fd)
 
     def _read_in_small(self, source_fd: int, before: os.stat_result) -> Stored | Pending:
         """read_in for a content that fits in one read: hashed before any temporary exists.
@@ -199,38 +206,39 @@ class ByHashStore:
             raise SourceProblem("source-changed", "grew while being read")
         digest, data = read
         _unchanged(source_fd, before, len(data))
-        blobid, final = self._names(digest, len(data))
-        known = self._known(blobid, final, len(data))
+        blobid, final, relative = self._names(digest, len(data))
+        known = self._known(blobid, final, relative, len(data))
         if known is not None:
             return known
         temp_fd, temp_name = self._temporary()
         try:
             content.write_all(temp_fd, data)
-            return self._wait(blobid, final, len(data), temp_fd, temp_name)
+            return self._wait(blobid, final, relative, len(data), temp_fd, temp_name)
         except BaseException:
-            _discard(temp_fd, temp_name)
+            _discard(temp_fd, temp_name, self._temp_fd)
             raise
 
-    def _names(self, digest: str, size: int) -> tuple[str, bytes]:
-        """A content's blob ID (the catalogue's empty blob for no bytes) and its by-hash path."""
+    def _names(self, digest: str, size: int) -> tuple[str, bytes, bytes]:
+        """A content's blob ID (the catalogue's empty blob for no bytes), its by-hash path, and that relative to the root."""
         blobid = digest if size else self.empty_blobid
-        return blobid, self.root + b"/" + by_hash_relpath(blobid)
+        relative = by_hash_relpath(blobid)
+        return blobid, self.root + b"/" + relative, relative
 
-    def _known(self, blobid: str, final: bytes, size: int) -> Stored | Pending | None:
+    def _known(self, blobid: str, final: bytes, relative: bytes, size: int) -> Stored | Pending | None:
         """The content's by-hash file, or its temporary waiting in this batch; None if the store lacks it."""
         waiting = self._pending.get(blobid) or self._sealed.get(blobid)
         if waiting is not None:
             return waiting
-        st = _holds_the_content(final, size)
+        st = _holds_the_content(self._root_fd, relative, final, size)
         if st is not None:
             return Stored(blobid, final, False, size, (st.st_dev, st.st_ino))
         return None
 
-    def _wait(self, blobid: str, final: bytes, size: int, temp_fd: int, temp_name: bytes) -> Pending:
+    def _wait(self, blobid: str, final: bytes, relative: bytes, size: int, temp_fd: int, temp_name: bytes) -> Pending:
         """Keep a complete temporary in the batch, to be named ``final`` after the batch's sync."""
         if self._fix_mode:
             os.fchmod(temp_fd, FILE_MODE)
-        pending = self._pending[blobid] = Pending(blobid, final, size, temp_fd, temp_name)
+        pending = self._pending[blobid] = Pending(blobid, final, size, temp_fd, relative, temp_name)
         self._pending_bytes += size
         return pending
 
@@ -264,7 +272,7 @@ class ByHashStore:
                         pending.temp_name = None  # nothing left to remove
                         st = os.fstat(pending.fd)
                     else:
-                        st = _holds_the_content(pending.final, pending.size)
+                        st = _holds_the_content(self._root_fd, pending.relative, pending.final, pending.size)
                         if st is None:
                             raise ByHashProblem("bad-by-hash",
                                                 f"{display(pending.final)} vanished while it was stored")
@@ -297,7 +305,7 @@ class ByHashStore:
         """Drop the temporaries waiting for a sync, sealed or not (an attempt that will be redone)."""
         self._discard_sealed()
         for pending in self._pending.values():
-            _discard(pending.fd, pending.temp_name)
+            _discard(pending.fd, pending.temp_name, self._temp_fd)
         self._pending.clear()
         self._pending_bytes = 0
 
@@ -306,30 +314,31 @@ class ByHashStore:
             self._sealed_sync.wait(raise_error=False)  # nothing of the batch left in flight
             self._sealed_sync = None
         for pending in self._sealed.values():
-            _discard(pending.fd, pending.temp_name)
+            _discard(pending.fd, pending.temp_name, self._temp_fd)
         self._sealed.clear()
 
     def _link_into_place(self, pending: Pending) -> bool:
         """Give a complete, durable temporary its by-hash name; False if the name exists."""
         # The rename first: in a store of some size, ab/cd/ is there already.
         try:
-            return _rename_noreplace(pending.temp_name, pending.final)
+            return _rename_noreplace(self._temp_fd, pending.temp_name, self._root_fd, pending.relative)
         except FileNotFoundError:
-            level2 = os.path.dirname(pending.final)
-            _mkdir(os.path.dirname(level2), self._fix_directory_mode)
-            _mkdir(level2, self._fix_directory_mode)
-        return _rename_noreplace(pending.temp_name, pending.final)
+            level2 = os.path.dirname(pending.relative)
+            _mkdir(os.path.dirname(level2), self._fix_directory_mode, self._root_fd)
+            _mkdir(level2, self._fix_directory_mode, self._root_fd)
+        return _rename_noreplace(self._temp_fd, pending.temp_name, self._root_fd, pending.relative)
 
     def _temporary(self, direct: bool = False) -> tuple[int, bytes]:
         """A new temporary file, opened for direct I/O if asked and the filesystem allows it."""
         if self._temp_directory is None:
             self._temp_directory = _worker_directory(self.root + b"/" + TEMP_DIRECTORY)
+            self._temp_fd = os.open(self._temp_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
         while True:
             # The directory is this worker's alone: a counter names without collisions.
-            name = b"%s/%d" % (self._temp_directory, next(self._temp_numbers))
+            name = b"%d" % next(self._temp_numbers)
             try:
-                fd = os.open(name, flags, FILE_MODE)
+                fd = os.open(name, flags, FILE_MODE, dir_fd=self._temp_fd)
             except FileExistsError:
                 continue
             if direct:
@@ -398,22 +407,22 @@ def _unchanged(source_fd: int, before: os.stat_result, size: int) -> None:
         raise SourceProblem("source-changed", "changed while being read")
 
 
-def _mkdir(path: bytes, fix_mode: bool = True) -> None:
+def _mkdir(path: bytes, fix_mode: bool = True, dir_fd: int | None = None) -> None:
     """Make the directory if it is not there, rwxr-xr-x whatever the umask (``fix_mode``: it takes some away)."""
     try:
-        os.mkdir(path, DIRECTORY_MODE)
+        os.mkdir(path, DIRECTORY_MODE, dir_fd=dir_fd)
     except FileExistsError:
         return
     if fix_mode:
-        os.chmod(path, DIRECTORY_MODE)
+        os.chmod(path, DIRECTORY_MODE, dir_fd=dir_fd)
 
 
-def _discard(fd: int, temp_name: bytes | None) -> None:
+def _discard(fd: int, temp_name: bytes | None, dir_fd: int) -> None:
     os.close(fd)
     if temp_name is None:
         return  # named
     try:
-        os.unlink(temp_name)
+        os.unlink(temp_name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 
@@ -472,7 +481,7 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
-def _rename_noreplace(source: bytes, target: bytes) -> bool:
+def _rename_noreplace(source_dir: int, source: bytes, target_dir: int, target: bytes) -> bool:
     """Rename ``source`` to ``target`` unless ``target`` exists (False then; ``source`` stays).
 
     ``renameat2(RENAME_NOREPLACE)`` where the system and filesystem have it;
@@ -480,7 +489,7 @@ def _rename_noreplace(source: bytes, target: bytes) -> bool:
     temporary's removal.
     """
     if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, source, _AT_FDCWD, target, _RENAME_NOREPLACE) == 0:
+        if _RENAMEAT2(source_dir, source, target_dir, target, _RENAME_NOREPLACE) == 0:
             return True
         error = ctypes.get_errno()
         if error == errno.EEXIST:
@@ -488,14 +497,14 @@ def _rename_noreplace(source: bytes, target: bytes) -> bool:
         if error not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise OSError(error, os.strerror(error), target)
     try:
-        os.link(source, target, follow_symlinks=False)
+        os.link(source, target, src_dir_fd=source_dir, dst_dir_fd=target_dir, follow_symlinks=False)
     except FileExistsError:
         return False
-    os.unlink(source)
+    os.unlink(source, dir_fd=source_dir)
     return True
 
 
-def _holds_the_content(final: bytes, size: int) -> os.stat_result | None:
+def _holds_the_content(dir_fd: int, relative: bytes, final: bytes, size: int) -> os.stat_result | None:
     """The by-hash file under ``final``, for a content of ``size`` bytes (None: no entry).
 
     Anything else under the name (truncated, a symlink, a directory: a
@@ -503,7 +512,7 @@ def _holds_the_content(final: bytes, size: int) -> os.stat_result | None:
     :class:`ByHashProblem` for a person to look at.
     """
     try:
-        st = os.lstat(final)
+        st = os.lstat(relative, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(st.st_mode):

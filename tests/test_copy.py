@@ -507,6 +507,31 @@ def test_names_are_made_only_for_synced_data_and_duplicates_are_never_synced(tmp
     assert len(stored_names(root)) == 2  # closing dropped the waiting temporary: nothing named for it
 
 
+def test_the_store_works_relative_to_its_root_whatever_the_working_directory_and_umask(tmp_path, monkeypatch):
+    """Its calls name files relative to its root's descriptor, and its directories are rwxr-xr-x."""
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    source = open_content(tmp_path, b"content")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    umask = os.umask(0o077)
+    try:
+        store = ByHashStore(os.fsencode(root))
+        try:
+            stored = store_one(store, source)
+        finally:
+            store.close()
+    finally:
+        os.umask(umask)
+        os.close(source)
+    assert stored.written and stored.path == by_hash_path(os.fsencode(root), stored.blobid)
+    assert os.stat(stored.path).st_mode & 0o777 == 0o444
+    level2 = os.path.dirname(stored.path)
+    assert [os.stat(d).st_mode & 0o777 for d in (os.path.dirname(level2), level2)] == [0o755, 0o755]
+    assert os.listdir(elsewhere) == [] and temporaries(root) == []
+
+
 def test_a_stores_syncs_run_one_after_another_in_one_thread_that_ends_with_the_store(tmp_path, monkeypatch):
     """Asking for a sync never waits for a thread to start: a thread per sync cost a few percent of a copy."""
     root = tmp_path / "by-hash"
