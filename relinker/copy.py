@@ -278,8 +278,14 @@ class CopyWork:
         def links(blobids) -> str:
             return db.int_array(os.lstat(marked.paths[b]).st_nlink - 1 for b in blobids)
 
+        def links_of_new(blobids) -> str:
+            # A new row's count is capped at the range's paths: a blob with all
+            # of them linked gets that count whatever else links to its file.
+            return db.int_array(expected[b] if marked.linked[b] >= expected[b]
+                                else os.lstat(marked.paths[b]).st_nlink - 1 for b in blobids)
+
         def finalize(conn: psycopg.Connection) -> None:
-            params["links"] = links(count_blobids)
+            params["links"] = links_of_new(count_blobids)
             inserted = {blobid for blobid, in conn.execute(SQL_NEW_BLOBS, params)}
             # Workers copying other inodes of the same content link to the
             # same by-hash file: holding the blob rows while reading the link
@@ -311,8 +317,7 @@ class CopyWork:
         if written:
             counters.files_copied += 1
             counters.bytes_copied += stored.size
-        marked.add(ino, stored, len(paths))
-        self._link_all(stored, paths, ctx)
+        marked.add(ino, stored, len(paths), self._link_all(stored, paths, ctx))
 
     def _copy(self, medium_hash: str, mounted: bool, paths: list[bytes], size: int | None,
               on_chunk: Callable[[], None]) -> Stored | Pending:
@@ -347,17 +352,19 @@ class CopyWork:
             detail = f"medium not mounted at {display(medium_mount(medium_hash, self.remaps))}; {detail}"
         raise SourceProblem("source-unreadable", detail, permanent=permanent)
 
-    def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> None:
+    def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> int:
+        """Link the inode's paths to its by-hash file; how many are now correctly linked."""
         tally = new_tally()
 
         def problem(path: bytes, kind: str, detail: str) -> None:
             ctx.problem(kind, detail, blobid=stored.blobid, path=path)
 
-        self.linker.link_all(stored.path, stored.identity, paths, tally, problem)
+        linked = self.linker.link_all(stored.path, stored.identity, paths, tally, problem)
         counters = ctx.counters
         counters.links_created += tally[Outcome.CREATED]
         counters.links_present += tally[Outcome.PRESENT]
         counters.links_replaced += tally[Outcome.REPLACED]
+        return linked
 
 
 class StoredInodes:
@@ -369,12 +376,15 @@ class StoredInodes:
         #: each inode's catalogued paths (a range is one medium: all distinct)
         self.n_paths: list[int] = []
         self.paths: dict[str, bytes] = {}
+        #: paths of the range's inodes now correctly linked, per blob
+        self.linked: dict[str, int] = {}
 
-    def add(self, ino: int, stored: Stored, n_paths: int) -> None:
+    def add(self, ino: int, stored: Stored, n_paths: int, linked: int) -> None:
         self.inos.append(ino)
         self.blobids.append(stored.blobid)
         self.n_paths.append(n_paths)
         self.paths[stored.blobid] = stored.path
+        self.linked[stored.blobid] = self.linked.get(stored.blobid, 0) + linked
 
     def paths_per_blob(self, marked: set[int] | None = None) -> dict[str, int]:
         """Catalogued paths per blob of the range's inodes, or only of those in ``marked`` (SQL_MARK_INODES's)."""

@@ -257,6 +257,26 @@ def test_an_entry_under_a_by_hash_name_that_is_not_the_content_is_a_problem_and_
     assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (0,)
 
 
+def test_a_path_that_cannot_be_linked_is_a_problem_and_the_count_says_so(world, capsys, tmp_path):
+    """A new content with one of its paths blocked: stored, counted with the links that exist."""
+    source = tmp_path / "disk"
+    source.mkdir()
+    content = b"shared by two names " * 100
+    (source / "open").write_bytes(content)
+    os.link(source / "open", source / "blocked")  # one inode, two paths
+    (source / "alone").write_bytes(b"another content")
+    blocked = world.archive_path(os.fsencode(source / "blocked"))
+    os.makedirs(blocked + b"/keep")
+    scan.scan_tree(world.conn, "disk", os.fsencode(source))
+    code, summary = copy(world, capsys)
+    assert code == 1 and summary["problems_by_kind"] == {"is-a-directory": 1}, summary
+    blobid = blake3.blake3(content).hexdigest()
+    assert world.linked(blobid, os.fsencode(source / "open")) and os.path.isdir(blocked + b"/keep")
+    counts = dict(world.conn.execute("SELECT blobid, array[n_hardlinks, expected_hardlinks] FROM blobs"))
+    assert counts == {blobid: [1, 2], blake3.blake3(b"another content").hexdigest(): [1, 1]}
+    assert os.stat(by_hash_path_of(world, blobid)).st_nlink == 2
+
+
 def test_a_content_already_stored_is_never_written_again(world, capsys, tmp_path):
     """A second medium with the same contents: every by-hash file stays the very file it was."""
     for name in ("first", "second"):
@@ -345,8 +365,8 @@ def test_an_inode_stored_meanwhile_is_neither_marked_again_nor_counted(world):
     world.conn.execute("UPDATE inode SET blobid = 'stored-by-someone-else' WHERE ino = %s", (theirs,))
     stored = Stored(blob, b"/by-hash/x", True, 7, (0, 0))
     marked = copy_mode.StoredInodes()
-    marked.add(ours, stored, 1)
-    marked.add(theirs, stored, 2)
+    marked.add(ours, stored, 1, linked=1)
+    marked.add(theirs, stored, 2, linked=2)
     statements = copy_mode.CopyStatements.for_catalogue(InodeColumns.of(world.conn), retry_permanent=False)
     newly_marked = {ino for ino, in world.conn.execute(statements.mark_inodes, dict(
         medium=medium, ino_lo=min(ours, theirs), ino_hi=max(ours, theirs) + 1,
