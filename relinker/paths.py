@@ -121,13 +121,13 @@ def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes,
     OLD=NEW``) move a prefix to where the medium is mounted now; the first
     matching one applies.
     """
-    path = _LEGACY_PARTITION_PREFIX.sub(b"", stored)
-    mount = _ntt_mount(medium_hash)
-    if path == mount or path.startswith(mount + b"/"):
-        candidates = [path]
-    else:
-        candidates = [mount + path] if medium_mounted else [path]
-    return list(dict.fromkeys(_remap(c, remaps) for c in candidates))
+    # Called for every inode copy reads: the pattern only where it can match.
+    path = _LEGACY_PARTITION_PREFIX.sub(b"", stored) if stored[:1] == b"p" else stored
+    if medium_mounted:
+        mount = _ntt_mount(medium_hash)
+        if not (path.startswith(mount) and path[len(mount):len(mount) + 1] in (b"", b"/")):
+            path = mount + path
+    return [_remap(path, remaps)]
 
 
 def _remap(path: bytes, remaps) -> bytes:

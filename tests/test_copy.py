@@ -200,6 +200,9 @@ def test_sources_of_each_path_form_most_likely_first():
     mount = b"/mnt/ntt/" + m.encode()
     assert source_candidates(mount + b"/p5/f", m) == [mount + b"/p5/f"]
     assert source_candidates(b"p5:" + mount + b"/p5/f", m) == [mount + b"/p5/f"]  # legacy prefix dropped
+    assert source_candidates(b"p5:/f", m) == [mount + b"/f"] and source_candidates(b"/p5:/f", m) == [mount + b"/p5:/f"]
+    # another medium whose hash starts with this one's is not under this mount
+    assert source_candidates(mount + b"ff/f", m) == [mount + mount + b"ff/f"]
     # The relative form is the medium's: while it is mounted, never this machine's file of that name.
     assert source_candidates(b"/etc/hostname", m, medium_mounted=True) == [mount + b"/etc/hostname"]
     # No medium mounted: a tree catalogued where it lies (relinker scan).
