@@ -64,7 +64,7 @@ TARGETS = {"copy": 0.8, "verify --hash": 0.8, "verify": 0.5}
 #: Peak RSS of any one process, at most (MB).
 RSS_TARGET_MB = 300
 #: A baseline whose median run took this many times its fastest measured a
-#: filesystem that was not quiet (cp -a of the same tree: 4 s or 10 s): no verdict.
+#: machine that was not quiet (cp -a of the same tree: 4 s or 10 s): no verdict.
 UNSTEADY_SPREAD = 1.5
 
 
@@ -490,8 +490,8 @@ def print_report(pairs: list[Pair], context: dict) -> None:
             runs = p.baseline.detail["seconds_all"]
             print(f"unsteady baseline: {p.tree}, {p.what}: its median run took {p.baseline.seconds:.2f} s, "
                   f"more than {UNSTEADY_SPREAD}x its fastest ({min(runs):.2f} s)")
-        print("the filesystem was not quiet (benchmarks/README.md: run at least five minutes after any large "
-              "removal); those ratios are not verdicts, run again")
+        print("the machine was not quiet: a large removal less than five minutes before, or memory long free "
+              "(benchmarks/README.md); those ratios are not verdicts, run again")
     floors = [p for p in pairs if p.floor is not None]
     if floors:
         print()
