@@ -219,7 +219,7 @@ class ByHashStore:
             raise
 
     def _names(self, digest: str, size: int) -> tuple[str, bytes, bytes]:
-        """A content's blob ID (the catalogue's empty blob for no bytes), its by-hash path, and that relative to the root."""
+        """A content's blob ID (the catalogue's empty blob for no bytes), its by-hash path, that below the root."""
         blobid = digest if size else self.empty_blobid
         relative = by_hash_relpath(blobid)
         return blobid, self.root + b"/" + relative, relative
