@@ -83,7 +83,7 @@ class SourceProblem(InodeProblem):
 
 
 class ByHashProblem(InodeProblem):
-    """Something that is not this content's file holds its by-hash name (never replaced; retryable)."""
+    """Something not this content's file holds its by-hash name, or its directory's (kept; retryable)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +160,10 @@ class ByHashStore:
         its temporary dropped, unsynced, or for a content smaller than a
         read never made); so is a content already waiting in this batch (the
         same :class:`Pending`). Trouble with the source is a
-        :class:`SourceProblem`, a foreign entry under the by-hash name a
-        :class:`ByHashProblem`; any other ``OSError`` is trouble with the
-        store itself and propagates. ``on_chunk`` is called after each chunk
+        :class:`SourceProblem`, a foreign entry under the by-hash name (or
+        in the way of its directories) a :class:`ByHashProblem`; any other
+        ``OSError`` is trouble with the store itself and propagates, naming
+        the whole path. ``on_chunk`` is called after each chunk
         read (whatever it raises stops the copy and leaves nothing behind).
         """
         before = os.fstat(source_fd)
@@ -321,12 +322,15 @@ class ByHashStore:
         """Give a complete, durable temporary its by-hash name; False if the name exists."""
         # The rename first: in a store of some size, ab/cd/ is there already.
         try:
+            try:
+                return _rename_noreplace(self._temp_fd, pending.temp_name, self._root_fd, pending.relative)
+            except FileNotFoundError:
+                level2 = os.path.dirname(pending.relative)
+                _mkdir(os.path.dirname(level2), self._fix_directory_mode, self._root_fd)
+                _mkdir(level2, self._fix_directory_mode, self._root_fd)
             return _rename_noreplace(self._temp_fd, pending.temp_name, self._root_fd, pending.relative)
-        except FileNotFoundError:
-            level2 = os.path.dirname(pending.relative)
-            _mkdir(os.path.dirname(level2), self._fix_directory_mode, self._root_fd)
-            _mkdir(level2, self._fix_directory_mode, self._root_fd)
-        return _rename_noreplace(self._temp_fd, pending.temp_name, self._root_fd, pending.relative)
+        except OSError as exc:
+            raise _naming(exc, pending.final) from None
 
     def _temporary(self, direct: bool = False) -> tuple[int, bytes]:
         """A new temporary file, opened for direct I/O if asked and the filesystem allows it."""
@@ -341,6 +345,8 @@ class ByHashStore:
                 fd = os.open(name, flags, FILE_MODE, dir_fd=self._temp_fd)
             except FileExistsError:
                 continue
+            except OSError as exc:
+                raise _naming(exc, self._temp_directory + b"/" + name) from None
             if direct:
                 try:
                     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
@@ -405,6 +411,11 @@ def _unchanged(source_fd: int, before: os.stat_result, size: int) -> None:
     after = os.fstat(source_fd)
     if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise SourceProblem("source-changed", "changed while being read")
+
+
+def _naming(exc: OSError, path: bytes) -> OSError:
+    """``exc`` naming ``path`` in full: the store's calls name paths below its descriptors."""
+    return OSError(exc.errno, exc.strerror, path)
 
 
 def _mkdir(path: bytes, fix_mode: bool = True, dir_fd: int | None = None) -> None:
@@ -515,6 +526,10 @@ def _holds_the_content(dir_fd: int, relative: bytes, final: bytes, size: int) ->
         st = os.lstat(relative, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise ByHashProblem("bad-by-hash", f"{display(final)}: a directory above it is not one (kept)") from None
+    except OSError as exc:
+        raise _naming(exc, final) from None
     if not stat.S_ISREG(st.st_mode):
         raise ByHashProblem("bad-by-hash", f"{display(final)} is not a regular file (kept)")
     if st.st_size != size:

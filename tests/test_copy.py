@@ -280,6 +280,47 @@ def test_a_path_that_cannot_be_linked_is_a_problem_and_the_count_says_so(world, 
     assert os.stat(by_hash_path_of(world, blobid)).st_nlink == 2
 
 
+def test_a_file_where_the_store_needs_a_directory_is_a_problem_for_its_contents_only(world, capsys, tmp_path):
+    """Something else at ab/ blocks the contents below it, each a problem; the others are stored."""
+    source = tmp_path / "disk"
+    source.mkdir()
+    (source / "blocked").write_bytes(b"blocked content")
+    (source / "fine").write_bytes(b"fine content")
+    blocked = blake3.blake3(b"blocked content").hexdigest()
+    assert blocked[:2] != blake3.blake3(b"fine content").hexdigest()[:2]
+    in_the_way = world.by_hash_root + b"/" + blocked[:2].encode()
+    with open(in_the_way, "wb") as f:
+        f.write(b"left by some other tool")
+    scan.scan_tree(world.conn, "disk", os.fsencode(source))
+    code, summary = copy(world, capsys)
+    assert code == 1 and summary["problems_by_kind"] == {"bad-by-hash": 1} and summary["files_copied"] == 1, summary
+    assert open(in_the_way, "rb").read() == b"left by some other tool"
+    assert summary["ranges_done"] == summary["ranges_total"]
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE blobid IS NOT NULL").fetchone() == (1,)
+
+
+def test_trouble_with_the_store_names_the_by_hash_path_in_full(tmp_path):
+    """The store's calls name paths below its root; the error a range fails with names the whole path."""
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    store = ByHashStore(os.fsencode(root))
+    source = open_content(tmp_path, b"content")
+    try:
+        pending = store.read_in(source, None)
+        assert isinstance(pending, Pending)
+        level1 = os.path.dirname(os.path.dirname(pending.final))
+        os.mkdir(level1)
+        with open(os.path.dirname(pending.final), "wb"):  # appeared since the content was read in
+            pass
+        with pytest.raises(NotADirectoryError) as raised:
+            store.place_pending()
+        assert raised.value.filename == pending.final
+    finally:
+        os.close(source)
+        store.close()
+    assert temporaries(root) == []
+
+
 def test_a_content_already_stored_is_never_written_again(world, capsys, tmp_path):
     """A second medium with the same contents: every by-hash file stays the very file it was."""
     for name in ("first", "second"):
