@@ -275,17 +275,16 @@ class CopyWork:
         expected = marked.paths_per_blob()
         params["expected"] = db.int_array(expected[b] for b in count_blobids)
 
-        def links(blobids) -> str:
-            return db.int_array(os.lstat(marked.paths[b]).st_nlink - 1 for b in blobids)
+        def links(blobid: str) -> int:
+            return os.lstat(marked.paths[blobid]).st_nlink - 1
 
-        def links_of_new(blobids) -> str:
+        def links_of_new(blobid: str) -> int:
             # A new row's count is capped at the range's paths: a blob with all
             # of them linked gets that count whatever else links to its file.
-            return db.int_array(expected[b] if marked.linked[b] >= expected[b]
-                                else os.lstat(marked.paths[b]).st_nlink - 1 for b in blobids)
+            return expected[blobid] if marked.linked[blobid] >= expected[blobid] else links(blobid)
 
         def finalize(conn: psycopg.Connection) -> None:
-            params["links"] = links_of_new(count_blobids)
+            params["links"] = db.int_array(links_of_new(b) for b in count_blobids)
             inserted = {blobid for blobid, in conn.execute(SQL_NEW_BLOBS, params)}
             # Workers copying other inodes of the same content link to the
             # same by-hash file: holding the blob rows while reading the link
@@ -298,7 +297,8 @@ class CopyWork:
                 conn.execute(statements.inode_errors, params)
             if existing:
                 added = marked.paths_per_blob(newly_marked)
-                conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(existing), "links": links(existing),
+                conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(existing),
+                                               "links": db.int_array(links(b) for b in existing),
                                                "added": db.int_array(added.get(b, 0) for b in existing)})
             # The catalogue may say these contents are stored only once their
             # names are durable: the range's commit follows this.

@@ -488,7 +488,6 @@ def _load_libc_function(name: str, argtypes: list):
 
 _RENAMEAT2 = _load_libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                                                ctypes.c_uint])
-_AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 

@@ -80,7 +80,7 @@ def test_a_signal_before_the_pool_starts_is_exit_3_too(signum, inherited_ignored
         silent.settimeout(0.05)
         port = silent.getsockname()[1]
         argv = ["--db-url", f"host=127.0.0.1 port={port} user=nobody dbname=nothing", "status"]
-        job = start(argv, ignore_sigint=True) if inherited_ignored else start(argv)
+        job = start(argv, ignore_sigint=inherited_ignored)
         wait_for(relinker_connected, what="relinker to connect")
         time.sleep(0.2)  # into the wait for the server's answer
         job.send_signal(signum)
