@@ -454,6 +454,19 @@ def cpu(m: Measurement) -> str:
     return "-" if m.client_cpu is None else f"{m.client_cpu:.2f}"
 
 
+def ideal_seconds(pair: Pair, cores: int) -> float | None:
+    """What a copy could take at best: the floor's CPU plus relinker's server CPU, spread evenly over ``cores``.
+
+    No copy into the layout issues fewer system calls than the floor, and
+    the catalogue's writes cost the server what they cost it in the run;
+    a copy that also wastes no interpreter time and never leaves a core
+    idle takes this long. None without the CPU figures.
+    """
+    if pair.floor is None or pair.floor.client_cpu is None or pair.relinker.server_cpu is None:
+        return None
+    return (pair.floor.client_cpu + pair.relinker.server_cpu) / cores
+
+
 def print_report(pairs: list[Pair], context: dict) -> None:
     print()
     source = f" ({context['relinker_source']})" if context["relinker_source"] else ""
@@ -496,10 +509,17 @@ def print_report(pairs: list[Pair], context: dict) -> None:
     if floors:
         print()
         print("the floor of a copy into the by-hash layout (no catalogue, one process, one sync), against cp:")
+        cores = max(1, min(context["workers"], context["cpu_count"] or 1))
         for p in floors:
             ratio = f"{p.floor.rate / p.baseline.rate:.2f}" if p.floor.rate and p.baseline.rate else "-"
             print(f"  {p.tree}: {p.floor.seconds:.2f} s ({rate(p.floor)}), ratio {ratio}; every run: "
                   + " ".join(f"{x:.2f}" for x in p.floor.detail.get("seconds_all", [])))
+            best = ideal_seconds(p, cores)
+            if best is not None:
+                print(f"    at best, the floor's CPU and the server's shared by {cores} cores without a moment "
+                      f"idle: {best:.2f} s, ratio {p.baseline.seconds / best:.2f} against cp's median, "
+                      f"{min(p.baseline.detail.get('seconds_all') or [p.baseline.seconds]) / best:.2f} against "
+                      "its fastest run")
     print()
     print("CPU seconds of the median runs (baseline | relinker, + the server's for the catalogue):")
     for p in pairs:

@@ -108,3 +108,21 @@ def test_content_bench_gives_no_verdict_on_a_baseline_whose_runs_disagree():
     assert pair([4.16, 9.69, 9.09], 8.99).verdict() == "unsteady baseline"  # a ratio of 1.01 is no verdict
     assert pair([4.35, 8.61, 4.03], 8.62).verdict() == "NOT met"  # one slow run leaves the median alone
     assert pair([4.35, 4.03, 4.60], 4.50).verdict() == "met"
+
+
+def test_content_bench_bounds_a_copy_by_the_floors_cpu_and_the_servers_shared_by_the_cores():
+    """The floor took 6 s of CPU and the catalogue 2 s of the server's: on 2 cores no copy beats 4 s."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import content_bench
+        from benchlib import Measurement
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    baseline = Measurement("baseline: cp", 4.0, 100, "B", None, client_cpu=3.0)
+    floor = Measurement("floor", 7.0, 100, "B", None, client_cpu=6.0)
+    ours = Measurement("relinker copy", 7.5, 100, "B", 40, client_cpu=8.5, server_cpu=2.0)
+    pair = content_bench.Pair("many small files", "copy", baseline, ours, floor)
+    assert content_bench.ideal_seconds(pair, 2) == 4.0
+    assert content_bench.ideal_seconds(pair, 1) == 8.0
+    ours.server_cpu = None  # a server whose CPU cannot be read (another machine's)
+    assert content_bench.ideal_seconds(pair, 2) is None
