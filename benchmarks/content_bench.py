@@ -460,11 +460,16 @@ def ideal_seconds(pair: Pair, cores: int) -> float | None:
     No copy into the layout issues fewer system calls than the floor, and
     the catalogue's writes cost the server what they cost it in the run;
     a copy that also wastes no interpreter time and never leaves a core
-    idle takes this long. None without the CPU figures.
+    idle takes this long. None without the CPU figures, and where relinker
+    used less CPU than the floor (large contents: relinker writes them with
+    direct I/O, the floor through the page cache), which is no floor then.
     """
-    if pair.floor is None or pair.floor.client_cpu is None or pair.relinker.server_cpu is None:
+    floor, ours = pair.floor, pair.relinker
+    if floor is None or floor.client_cpu is None or ours.server_cpu is None or ours.client_cpu is None:
         return None
-    return (pair.floor.client_cpu + pair.relinker.server_cpu) / cores
+    if ours.client_cpu < floor.client_cpu:
+        return None
+    return (floor.client_cpu + ours.server_cpu) / cores
 
 
 def print_report(pairs: list[Pair], context: dict) -> None:
