@@ -45,7 +45,7 @@ from relinker.checkpoint import Bounds, Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
-from relinker.paths import display, medium_mount, source_candidates
+from relinker.paths import display, medium_mount, remap, source_candidates
 from relinker.pool import RangeContext, WorkSpec
 from relinker.store import ByHashStore, InodeProblem, Pending, SourceProblem, Stored
 
@@ -158,6 +158,43 @@ WHERE b.blobid = c.blobid
 """
 
 
+SQL_SCANNED_ROOT = "SELECT root FROM relinker_scanned_medium WHERE medium_hash = %(medium)s"
+
+
+@dataclasses.dataclass(frozen=True)
+class MediumAccess:
+    """Where copy reads one medium's files now."""
+
+    #: its NTT mount, or the root of the tree ``relinker scan`` catalogued, as ``--source-prefix`` moves them
+    where: bytes
+    #: a tree catalogued where it lies: its paths are read as they are
+    scanned: bool
+    #: the medium is there (see medium_present): a file missing from it is gone for good
+    present: bool
+
+    def absent(self) -> str:
+        """What the problem of an inode says while the medium is not there."""
+        if self.scanned:
+            return f"scanned tree not found at {display(self.where)}"
+        return f"medium not mounted at {display(self.where)}"
+
+
+def medium_present(directory: bytes) -> bool:
+    """Whether ``directory`` holds a medium: a mount point, or a directory with entries.
+
+    An unmounted medium usually leaves its mount point behind, empty: its
+    files are missing from that directory, not gone from the medium. A
+    ``--source-prefix`` target need not be a mount point.
+    """
+    try:
+        if os.path.ismount(directory):
+            return True
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
+
+
 class CopyWork:
     """Processes copy ranges (inodes of one medium) in one worker process."""
 
@@ -169,6 +206,7 @@ class CopyWork:
         self.linker = None if spec.dry_run else ArchiveLinker(spec.archive_root)
         self.data = db.RangeConnection(spec.dsn)
         self._statements = None
+        self._scanned_roots: dict[str, bytes | None] = {}
 
     def reset(self) -> None:
         self.data.reset()
@@ -186,6 +224,15 @@ class CopyWork:
             self._statements = CopyStatements.for_catalogue(
                 InodeColumns.of(self.data.get()), bool(self.spec.options.get("retry_permanent")))
         return self._statements
+
+    def access(self, medium_hash: str) -> MediumAccess:
+        """Where the medium's files are read now, and whether it is there."""
+        if medium_hash not in self._scanned_roots:
+            row = self.data.get().execute(SQL_SCANNED_ROOT, {"medium": medium_hash}).fetchone()
+            self._scanned_roots[medium_hash] = row[0] if row else None
+        root = self._scanned_roots[medium_hash]
+        where = remap(root, self.remaps) if root is not None else medium_mount(medium_hash, self.remaps)
+        return MediumAccess(where, root is not None, medium_present(where))
 
     def _inodes(self, r: Range):
         """(ino, size, [paths]) of the range, streamed."""
@@ -206,7 +253,7 @@ class CopyWork:
         sealed: list[tuple[int, list[bytes], Pending]] = []
         outcomes: dict[str, Stored | InodeProblem] = {}
         counted: set[str] = set()
-        mounted = os.path.isdir(medium_mount(r.medium_hash, self.remaps))
+        access = self.access(r.medium_hash)
 
         def fail(ino: int, paths: list[bytes], problem: InodeProblem) -> None:
             ctx.problem(problem.kind, problem.detail, path=paths[0])
@@ -242,7 +289,7 @@ class CopyWork:
                 # A tick per chunk: the range's heartbeat must go on while one
                 # large file is read (gigabytes from a slow medium take longer
                 # than the lease), or another worker takes the range over.
-                got = self._copy(r.medium_hash, mounted, paths, size, ctx.tick)
+                got = self._copy(r.medium_hash, access, paths, size, ctx.tick)
             except InodeProblem as exc:
                 fail(ino, paths, exc)
                 continue
@@ -319,19 +366,18 @@ class CopyWork:
             counters.bytes_copied += stored.size
         marked.add(ino, stored, len(paths), self._link_all(stored, paths, ctx))
 
-    def _copy(self, medium_hash: str, mounted: bool, paths: list[bytes], size: int | None,
+    def _copy(self, medium_hash: str, access: MediumAccess, paths: list[bytes], size: int | None,
               on_chunk: Callable[[], None]) -> Stored | Pending:
         """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.read_in.
 
-        ``mounted``: whether the medium's mount directory is there (see
-        source_candidates). The problem raised when no source works is
-        permanent only if the medium is mounted and none of the inode's
-        paths is there as a file any more.
+        The problem raised when no source works is permanent only if the
+        medium is there (``access.present``) and none of the inode's paths
+        is there as a file any more.
         """
         failures = []
-        permanent = mounted
+        permanent = access.present
         for stored_path in paths:
-            for candidate in source_candidates(stored_path, medium_hash, self.remaps, mounted):
+            for candidate in source_candidates(stored_path, medium_hash, self.remaps, access.present, access.scanned):
                 try:
                     fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
                 except OSError as exc:
@@ -347,10 +393,10 @@ class CopyWork:
                     permanent = permanent and exc.permanent
                 finally:
                     os.close(fd)
-        detail = "; ".join(f"{display(candidate)}: {why}" for candidate, why in failures[:3]) or "no source path"
-        if not mounted:
-            detail = f"medium not mounted at {display(medium_mount(medium_hash, self.remaps))}; {detail}"
-        raise SourceProblem("source-unreadable", detail, permanent=permanent)
+        details = [f"{display(candidate)}: {why}" for candidate, why in failures[:3]]
+        if not access.present:
+            details.insert(0, access.absent())
+        raise SourceProblem("source-unreadable", "; ".join(details) or "no source path", permanent=permanent)
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> int:
         """Link the inode's paths to its by-hash file; how many are now correctly linked."""

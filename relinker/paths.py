@@ -102,35 +102,38 @@ def _ntt_mount(medium_hash: str) -> bytes:
 
 def medium_mount(medium_hash: str, remaps: list[tuple[bytes, bytes]] = ()) -> bytes:
     """Where the medium is mounted now: its NTT mount, moved by the first matching ``remaps``."""
-    return _remap(_ntt_mount(medium_hash), remaps)
+    return remap(_ntt_mount(medium_hash), remaps)
 
 
 def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, bytes]] = (),
-                      medium_mounted: bool = True) -> list[bytes]:
+                      medium_mounted: bool = True, scanned: bool = False) -> list[bytes]:
     """Where the content of a catalogued path may be read now, most likely first.
 
     Stored paths come in three forms: the full mount path
     (``/mnt/ntt/<medium>/file``), a path relative to the medium's mount with a
     leading slash (``/file``), and a legacy form with a partition prefix
-    (``p5:/mnt/ntt/<medium>/p5/file``). A path under the mount is read there;
-    any other path is read under the mount while the medium is mounted, and
-    as it is when it is not (``medium_mounted`` false: a tree catalogued where
-    it lies, as ``relinker scan`` does; nothing is there under a mount that is
-    absent). While the medium is there, ``/etc/hostname`` is the disk's, never
-    this machine's. ``remaps`` (``--source-prefix
-    OLD=NEW``) move a prefix to where the medium is mounted now; the first
-    matching one applies.
+    (``p5:/mnt/ntt/<medium>/p5/file``). A path under the mount is read there,
+    any other path under the mount too: ``/etc/hostname`` is the disk's, never
+    this machine's. A medium that is not mounted has no path to read (none
+    while ``medium_mounted`` is false), unless ``scanned``: a tree that
+    ``relinker scan`` catalogued where it lies, read as it is. ``remaps``
+    (``--source-prefix OLD=NEW``) move a prefix to where the medium is now;
+    the first matching one applies.
     """
     # Called for every inode copy reads: the pattern only where it can match.
     path = _LEGACY_PARTITION_PREFIX.sub(b"", stored) if stored[:1] == b"p" else stored
-    if medium_mounted:
-        mount = _ntt_mount(medium_hash)
-        if not (path.startswith(mount) and path[len(mount):len(mount) + 1] in (b"", b"/")):
-            path = mount + path
-    return [_remap(path, remaps)]
+    if scanned:
+        return [remap(path, remaps)]
+    if not medium_mounted:
+        return []
+    mount = _ntt_mount(medium_hash)
+    if not (path.startswith(mount) and path[len(mount):len(mount) + 1] in (b"", b"/")):
+        path = mount + path
+    return [remap(path, remaps)]
 
 
-def _remap(path: bytes, remaps) -> bytes:
+def remap(path: bytes, remaps: list[tuple[bytes, bytes]]) -> bytes:
+    """``path`` moved by the first of ``remaps`` (``--source-prefix OLD=NEW``) whose OLD prefixes it."""
     for old, new in remaps:
         if path == old or path.startswith(old + b"/"):
             return new + path[len(old):]

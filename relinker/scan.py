@@ -18,7 +18,7 @@ import blake3
 import psycopg
 from psycopg import sql
 
-from relinker import db
+from relinker import db, migrations
 from relinker.errors import UserError
 from relinker.paths import display
 
@@ -37,6 +37,11 @@ FS_TYPES = {
 SQL_UPSERT_MEDIUM = """
 INSERT INTO medium (medium_hash, medium_human) VALUES (%s, %s)
 ON CONFLICT (medium_hash) DO UPDATE SET medium_human = EXCLUDED.medium_human
+"""
+# copy reads a scanned medium's paths as they are (see relinker.paths.source_candidates).
+SQL_RECORD_SCAN = """
+INSERT INTO relinker_scanned_medium (medium_hash, root) VALUES (%s, %s)
+ON CONFLICT (medium_hash) DO UPDATE SET root = EXCLUDED.root, scanned_at = now()
 """
 SQL_DELETE_PATHS = "DELETE FROM path WHERE medium_hash = %s"
 SQL_DELETE_INODES = "DELETE FROM inode WHERE medium_hash = %s"
@@ -72,7 +77,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     Entries whose name matches one of the ``exclude`` shell patterns (bytes,
     fnmatch rules) are left out, and excluded directories are not entered.
     """
-    db.require_catalogue(conn)
+    migrations.require_migrated(conn)
     root = os.path.abspath(root)
     try:
         root_stat = os.lstat(root)
@@ -86,6 +91,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     inodes: dict[int, tuple] = {}
     with conn.transaction():
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
+        conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
         ensure_medium_partitions(conn, result.medium_hash)
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
