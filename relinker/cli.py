@@ -84,7 +84,7 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
                             help="only the blob IDs listed in FILE ('-': stdin), one per line, # comments")
     relink_cmd.add_argument("--only-incomplete", action="store_true",
                             help="only blobs with n_hardlinks < expected_hardlinks (expected computed where NULL)")
-    relink_cmd.add_argument("--on-conflict", choices=("replace", "keep"), default="replace",
+    relink_cmd.add_argument("--on-conflict", choices=("replace", "keep"),
                             help="a different regular file at an archive path: replace it atomically "
                             "(default) or keep it and record a problem")
     relink_cmd.set_defaults(handler=cmd_relink)
@@ -140,9 +140,9 @@ exit codes: 0 every blob passed; 1 some failed; 2 usage or preflight error; 3 in
     which_blobs = verify_cmd.add_mutually_exclusive_group()
     which_blobs.add_argument("--all", action="store_true", help="every blob of the catalogue")
     which_blobs.add_argument("--from-file", metavar="FILE", help="the blob IDs listed in FILE ('-': stdin)")
-    verify_cmd.add_argument("--count", type=positive_int, default=100, metavar="N",
-                            help="how many blobs (default %(default)s)")
-    verify_cmd.add_argument("--mode", choices=verify.SELECTIONS, default="never",
+    verify_cmd.add_argument("--count", type=positive_int, metavar="N",
+                            help=f"how many blobs (default {VERIFY_COUNT})")
+    verify_cmd.add_argument("--mode", choices=verify.SELECTIONS,
                             help="never checked (default), least recently checked, or a random sample")
     verify_cmd.add_argument("--hash", action="store_true", help="also re-hash the content (reads every byte)")
     verify_cmd.add_argument("--failed-ids", metavar="FILE",
@@ -335,6 +335,8 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
             raise UserError("--limit and --from-file cannot be combined: the list says which blobs")
         request.blobids = listed_blobs(args.from_file)
         options["from_file"] = verify.listing_fingerprint(request.blobids)
+    request.given = jobs.given_options(options)
+    options["on_conflict"] = args.on_conflict or "replace"
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
     return report(summary, code, args.json, f"relinker relink --run {summary.run_id}")
 
@@ -349,14 +351,22 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
     options = {"medium": args.medium, "limit": args.limit, "retry_permanent": args.retry_permanent}
     local = {"source_prefix": [(os.fsdecode(old), os.fsdecode(new)) for old, new in remaps]}
     request = job_request(args, settings, options)
+    request.given = jobs.given_options(options)
     request.local = local
     summary, code = jobs.run_job(copy.MODE_SPEC, request)
     return report(summary, code, args.json, f"relinker copy --run {summary.run_id}")
 
 
 def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
-    summary, code = jobs.run_job(relink.COUNT_MODE_SPEC, job_request(args, settings, {"limit": args.limit}))
+    request = job_request(args, settings, {"limit": args.limit})
+    request.given = jobs.given_options(request.options)
+    summary, code = jobs.run_job(relink.COUNT_MODE_SPEC, request)
     return report(summary, code, args.json, f"relinker count --run {summary.run_id}")
+
+
+#: verify without --all or --from-file: this many blobs, never checked first.
+VERIFY_COUNT = 100
+VERIFY_SELECTION = "never"
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -371,6 +381,11 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         options["selection"] = "all"
     else:
         options.update(selection=args.mode, count=args.count)
+    request.given = jobs.given_options(options)
+    if not options.get("selection"):
+        options.update(selection=VERIFY_SELECTION, count=args.count or VERIFY_COUNT)
+    elif options["selection"] in verify.SELECTIONS:
+        options["count"] = args.count or VERIFY_COUNT
     summary, code = jobs.run_job(verify.MODE_SPEC, request)
     if args.failed_ids and summary.run_id is not None:
         with db.connect_for_user(settings.db_url, autocommit=True) as conn:

@@ -74,6 +74,8 @@ class JobRequest:
     progress: bool = False
     lease: float = checkpoint.DEFAULT_LEASE
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
+    #: the options of ``options`` given on the command line (or in a config file), not defaulted
+    given: dict = dataclasses.field(default_factory=dict)
 
 
 def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[bytes, bytes]:
@@ -242,6 +244,12 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
             raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
         if run.mode != mode.name:
             raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
+        conflicts = _conflicting_options(run, request.given)
+        if conflicts:
+            # The run goes on as it was planned: an option asked for now
+            # (--on-conflict keep) must never be ignored silently.
+            raise UserError(f"run {run.run_id} was planned for other work ({conflicts}): resume it without "
+                            f"those options, or plan a new run with --new")
         if (run.by_hash_root, run.archive_root) != (by_hash_root, archive_root):
             log.warning("run %d was planned with roots %s and %s; working with %s and %s",
                         run.run_id, display(run.by_hash_root), display(run.archive_root),
@@ -297,6 +305,18 @@ def _changed_options(run: RunInfo, requested: dict) -> str:
         planned_with, keys = run.options, set(asked)
     return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked.get(key)!r}" for key in sorted(keys)
                      if _given(planned_with.get(key)) != _given(asked.get(key)))
+
+
+def given_options(options: dict) -> dict:
+    """The options of ``options`` that were given (a value, a flag set), as a run keeps them."""
+    return {key: value for key, value in _as_stored(options).items() if _given(value) is not None}
+
+
+def _conflicting_options(run: RunInfo, given: dict) -> str:
+    """The options given now that the run was planned otherwise ('' when none)."""
+    planned_with = run.options.get(REQUESTED, run.options)
+    return ", ".join(f"{key} {planned_with.get(key)!r}, now {value!r}" for key, value in sorted(given.items())
+                     if _given(planned_with.get(key)) != value)
 
 
 def _given(value):

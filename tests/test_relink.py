@@ -139,6 +139,27 @@ def test_a_plain_resume_never_finishes_a_run_asked_for_other_work(small, capsys)
     assert code == 0 and summary["run_id"] == limited
 
 
+def test_a_run_resumed_by_its_id_refuses_options_it_was_not_planned_with(small, capsys):
+    """``relink --run N --on-conflict keep`` of a run planned to replace must not replace: it is refused."""
+    code, summary = relink(small, capsys)
+    run_id = summary["run_id"]
+    small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (run_id,))
+    small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
+    stored = sorted(small.expected()[small.blob(b"hello")])[0]
+    kept = small.replace_with_stale_copy(stored, b"mine, keep it")
+    for asked in (["--on-conflict", "keep"], ["--limit", "1"], ["--only-incomplete"]):
+        code = main(small.argv("relink", "--json", "--workers", "1", "--run", str(run_id), *asked))
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == ""
+        assert captured.err.startswith(f"relinker: error: run {run_id} was planned for other work (") and \
+            captured.err.count("\n") == 1, captured.err
+    with open(kept, "rb") as f:
+        assert f.read() == b"mine, keep it"
+    # Options it was planned with, or none, resume it as planned.
+    code, summary = relink(small, capsys, "--run", str(run_id), "--on-conflict", "replace")
+    assert code == 0 and summary["run_id"] == run_id and summary["links_replaced"] == 1
+
+
 def counts(world):
     return {blobid: (n, expected) for blobid, n, expected in world.conn.execute(
         "SELECT blobid, n_hardlinks, expected_hardlinks FROM blobs")}
