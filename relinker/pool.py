@@ -110,15 +110,20 @@ class RangeContext:
         self.counters = Counters()
         self.problems: list[Problem] = []
         self.problem_kinds: collections.Counter[str] = collections.Counter()
-        #: blob IDs some problem of this range names
+        #: blob IDs some problem of this range names as the blob's failure
         self.problem_blobs: set[str] = set()
         self._next_check = 0.0
 
-    def problem(self, kind: str, detail: str, *, blobid: str | None = None, path: bytes | None = None) -> None:
-        """Record a per-path (or per-blob) problem: counted, never fatal."""
+    def problem(self, kind: str, detail: str, *, blobid: str | None = None, path: bytes | None = None,
+                fails_blob: bool = True) -> None:
+        """Record a per-path (or per-blob) problem: counted, never fatal.
+
+        ``fails_blob`` false: a limit of the filesystem, not something wrong
+        with the blob (``too-many-links``); recorded all the same.
+        """
         self.counters.problems += 1
         self.problem_kinds[kind] += 1
-        if blobid is not None:
+        if blobid is not None and fails_blob:
             self.problem_blobs.add(blobid)
         if self._worker.spec.dry_run:
             if len(self._worker.samples) < DRY_RUN_SAMPLES:

@@ -74,12 +74,15 @@ class VerifyWork(CountWork):
         self._sizes: dict[str, list[int]] = {}
         #: blobs of the range without a usable by-hash file (their links were not checked)
         self._unusable: set[str] = set()
+        #: by-hash files of the range: whether each has all the links its filesystem allows
+        self._link_limits: dict[bytes, bool] = {}
 
     def process(self, r, ctx: RangeContext):
         scope = RangeScope.of(r)
         query = sql.SQL(SQL_SIZES).format(scope=scope.where("i"))
         self._sizes = dict(self.data.get().execute(query, scope.params, prepare=False).fetchall())
         self._unusable = set()
+        self._link_limits = {}
         return super().process(r, ctx)
 
     def _source(self, blobid: str, ctx: RangeContext):
@@ -121,8 +124,33 @@ class VerifyWork(CountWork):
                                      general=lambda path: self.settle(source, source_id, path, tally, problem))
 
     def settle(self, source, source_id, path, tally, problem) -> bool:
-        """One path that is not simply a link of the blob: say what is wrong with it."""
-        return self.linker.check_one(source_id, path, tally, problem)
+        """One path that is not simply a link of the blob: say what is wrong with it.
+
+        A path missing while the by-hash file has all the links its
+        filesystem allows is what relink records as ``too-many-links``: a
+        limit, not damage; the blob passes if nothing else is wrong.
+        """
+        def checked(where: bytes, kind: str, detail: str) -> None:
+            if kind == "link-missing" and self._at_link_limit(source):
+                problem(where, "too-many-links", "no archive entry: the by-hash file has as many links as the "
+                        "filesystem allows", fails_blob=False)
+            else:
+                problem(where, kind, detail)
+
+        return self.linker.check_one(source_id, path, tally, checked)
+
+    def _at_link_limit(self, source: bytes) -> bool:
+        """Whether the by-hash file has as many links as its filesystem allows (asked once per range)."""
+        if source not in self._link_limits:
+            try:
+                fd = self.linker.open_source(source)
+                try:
+                    self._link_limits[source] = os.fstat(fd).st_nlink >= os.fpathconf(fd, "PC_LINK_MAX")
+                finally:
+                    os.close(fd)
+            except OSError:
+                self._link_limits[source] = False
+        return self._link_limits[source]
 
     def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
         # The walk took each by-hash file by lstat alone (the C walker asks

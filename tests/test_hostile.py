@@ -158,5 +158,12 @@ def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):
         assert summary["problems_by_kind"] == {"too-many-links": overflow}
         assert summary["links_created"] == by_hash_links - 1
         assert world.n_hardlinks()[empty] == by_hash_links - 1
+        # verify says the same, and the blob passes: a limit of the filesystem, not damage.
+        code = main(world.argv("verify", "--all", "--json", "--workers", "2", "--no-progress"))
+        checked = json.loads(capsys.readouterr().out)
+        assert code == 1 and checked["problems_by_kind"] == {"too-many-links": overflow}
+        assert checked["failed"] == 0 and checked["passed"] == 1
+        assert world.conn.execute("SELECT last_checked IS NOT NULL FROM blobs WHERE blobid = %s",
+                                  (empty,)).fetchone() == (True,)
     else:
         assert code == 0 and summary["links_created"] == n
