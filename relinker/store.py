@@ -186,8 +186,9 @@ class ByHashStore:
             known = self._known(blobid, final, relative, size)
             if known is not None:
                 return known
+            pending = self._wait(blobid, final, relative, size, temp_fd, temp_name)
             kept = True
-            return self._wait(blobid, final, relative, size, temp_fd, temp_name)
+            return pending
         finally:
             if not kept:
                 _discard(temp_fd, temp_name, self._temp_fd)

@@ -376,6 +376,30 @@ def test_trouble_with_the_store_names_the_by_hash_path_in_full(tmp_path):
     assert temporaries(root) == []
 
 
+@pytest.mark.parametrize("size", [100, relinker.content.CHUNK + 1])
+def test_a_temporary_that_cannot_be_kept_is_closed_and_removed(tmp_path, monkeypatch, size):
+    """A failure after the content is read in (here: fixing the mode for a strict umask) leaves nothing open."""
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    source = open_content(tmp_path, b"x" * size)
+    open_before = sorted(os.listdir("/proc/self/fd"))
+    store = ByHashStore(os.fsencode(root))
+    store._fix_mode = True  # as under umask 077
+
+    def refuse(fd, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(relinker.store.os, "fchmod", refuse)
+    try:
+        with pytest.raises(PermissionError):
+            store.read_in(source, None)
+        assert temporaries(root) == []
+    finally:
+        store.close()
+    assert sorted(os.listdir("/proc/self/fd")) == open_before
+    os.close(source)
+
+
 def test_a_content_already_stored_is_never_written_again(world, capsys, tmp_path):
     """A second medium with the same contents: every by-hash file stays the very file it was."""
     for name in ("first", "second"):
