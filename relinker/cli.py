@@ -186,6 +186,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def at_most(maximum: int):
+    """An argparse type: a whole number from 1 to ``maximum``."""
+    def parse_count(text: str) -> int:
+        value = positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, not {value}")
+        return value
+    parse_count.__name__ = "count"
+    return parse_count
+
+
 def seconds_at_least(minimum: float):
     """An argparse type: a number of seconds, ``minimum`` or more."""
     def parse_seconds(text: str) -> float:
@@ -209,14 +227,15 @@ def add_job_options(command: argparse.ArgumentParser, *, limit: bool = True) -> 
     """Options shared by the checkpointed commands (relink, copy, count, verify)."""
     command.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                          help="worker processes (default: CPU count)")
-    command.add_argument("--ranges", type=positive_int, metavar="N",
+    command.add_argument("--ranges", type=at_most(checkpoint.MAX_RANGES), metavar="N",
                          help="split a new run into N ranges (default: scales with the number of blobs)")
     which = command.add_mutually_exclusive_group()
     which.add_argument("--run", type=int, metavar="RUN_ID", dest="run_id",
                        help="work on this run (also while other coordinators work on it)")
     which.add_argument("--new", action="store_true", help="start a new run even if one is unfinished")
     if limit:
-        command.add_argument("--limit", type=int, metavar="N", help="only the first N blobs (in blob-ID order)")
+        command.add_argument("--limit", type=non_negative_int, metavar="N",
+                             help="only the first N blobs (in blob-ID order)")
     command.add_argument("--dry-run", action="store_true",
                          help="read catalogue and disk, report what would happen, write nothing")
     command.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -250,6 +269,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     parser = build_parser(config_files_from(argv))
     try:
         args = parser.parse_args(argv)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the config file is not UTF-8 text ({exc})") from None
     except ValueError as exc:
         # ConfigArgParse turns a count setting (RELINKER_VERBOSE, verbose in
         # a config file) into repeated flags with int(), unchecked.

@@ -94,6 +94,11 @@ def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
         return []
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"config file {path}: {exc.strerror}") from None
     return [path]
 
 

@@ -1,5 +1,6 @@
 """Configuration: command line beats environment beats config file."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,27 @@ def test_log_file_gets_timestamped_lines(db_url, tmp_path):
     assert main(["--db-url", db_url, "--log-file", str(log_file), "-v", "migrate", "--base"]) == 0
     lines = log_file.read_text().splitlines()
     assert lines and all(line[:4].isdigit() and " INFO " in line for line in lines)
+
+
+def test_a_config_file_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):
+    """Unreadable, or not text: one line naming the trouble, exit 2, no traceback."""
+    unreadable = tmp_path / "secret.conf"
+    unreadable.write_text("workers = 2\n")
+    unreadable.chmod(0)
+    binary = tmp_path / "binary.conf"
+    binary.write_bytes(b"workers = \xff\xfe\n")
+    for path, says in ((unreadable, "Permission denied"), (binary, "not UTF-8 text")):
+        if path is unreadable and os.access(path, os.R_OK):
+            continue  # root reads whatever the mode says
+        assert main(["--config", str(path), "migrate"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("relinker: error: ") and says in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("option", [["--limit", "-3"], ["--ranges", "2000000000"], ["--ranges", "0"]])
+def test_counts_out_of_range_are_usage_errors(option, capsys):
+    """Refused while parsing (exit 2), before any database is asked or any memory spent on ranges."""
+    with pytest.raises(SystemExit) as stopped:
+        parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", "relink", *option])
+    assert stopped.value.code == 2
+    assert f"argument {option[0]}: must be at" in capsys.readouterr().err
