@@ -394,6 +394,11 @@ VERIFY_SELECTION = "never"
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if args.failed_ids and args.dry_run:
         raise UserError("--failed-ids needs a recorded run: a --dry-run keeps no list of failures")
+    if args.failed_ids:
+        # Checked now: an overnight run must not end unable to write its list.
+        directory = os.path.dirname(os.path.abspath(args.failed_ids))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            raise UserError(f"--failed-ids {args.failed_ids}: cannot write into {directory}")
     options = {"hash": args.hash}
     request = job_request(args, settings, options)
     if args.from_file:
@@ -414,8 +419,12 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             try:
                 written = verify.write_failed_ids(conn, summary.run_id, args.failed_ids)
             except OSError as exc:
-                raise UserError(f"--failed-ids {args.failed_ids}: {exc.strerror}") from None
-        log.info("wrote %d failed blob IDs to %s", written, args.failed_ids)
+                # The run is recorded: its summary still goes out, and the list can be written later.
+                log.error("--failed-ids %s: %s (the run is recorded: relinker verify --run %d --failed-ids "
+                          "FILE writes it)", args.failed_ids, exc.strerror, summary.run_id)
+                code = max(code, EXIT_PROBLEMS)
+            else:
+                log.info("wrote %d failed blob IDs to %s", written, args.failed_ids)
     return report(summary, code, args.json, f"relinker verify --run {summary.run_id}")
 
 

@@ -243,11 +243,15 @@ def test_verify_dry_run_writes_nothing(linked, capsys):
     (["verify", "--all", "--dry-run", "--failed-ids", "x"], "--failed-ids needs a recorded run"),
     (["relink", "--from-file", "-", "--limit", "3"], "--limit and --from-file cannot be combined"),
     (["relink", "--from-file", "/nonexistent/list"], "--from-file /nonexistent/list: No such file"),
+    # before the run, not after a night of it
+    (["verify", "--all", "--failed-ids", "/nonexistent/dir/x"], "cannot write into /nonexistent/dir"),
 ])
 def test_list_options_a_user_can_get_wrong_are_one_line_and_exit_2(linked, capsys, argv, message):
+    runs = linked.conn.execute("SELECT count(*) FROM relinker_run").fetchone()
     assert main(linked.argv(*argv)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert linked.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == runs
 
 
 def test_a_list_of_blobs_is_split_into_ranges_that_carry_their_ids():
