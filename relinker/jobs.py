@@ -97,6 +97,9 @@ def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[by
             raise UserError(f"{label} {display(root)}: {exc.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise UserError(f"{label} {display(root)} is not a directory")
+        # Every mode reads both: a worker that cannot would die at its start, again and again.
+        if not os.access(root, os.R_OK | os.X_OK, effective_ids=True):
+            raise UserError(f"{label} {display(root)} is not readable")
         found.append((root, st))
     (by_hash_root, by_hash_stat), (archive_root, archive_stat) = found
     if by_hash_stat.st_dev != archive_stat.st_dev:

@@ -339,6 +339,10 @@ def test_modes_that_write_nothing_accept_read_only_roots(small, tmp_path):
                 jobs.check_roots(settings, frozenset({"archive"}))
             with pytest.raises(UserError, match="--by-hash-root .* is not writable"):
                 jobs.check_roots(settings, frozenset({"by-hash"}))
+            # ... but they must read them: refused in one line, not workers dying at their start.
+            os.chmod(small.archive, 0)
+            with pytest.raises(UserError, match="--archive-root .* is not readable"):
+                jobs.check_roots(settings)
     finally:
         os.chmod(small.archive, 0o755)
         os.chmod(small.by_hash, 0o755)
