@@ -213,7 +213,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             mode=mode.name, dry_run=True, interrupted=outcome.interrupted, counters=outcome.counters,
             problems_by_kind=dict(outcome.problem_kinds.most_common()), problem_samples=outcome.samples,
             ranges_total=ranges_total, ranges_failed=outcome.failed_ranges,
-            ranges_done=0 if outcome.interrupted else ranges_total - outcome.failed_ranges,
+            # A range whose worker died is not done: a dry run never hands it out again.
+            ranges_done=0 if outcome.interrupted else outcome.ranges_done,
             options=spec.options,
         )
         summary.links_this_session = outcome.counters.links

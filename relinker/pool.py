@@ -320,6 +320,8 @@ class PoolOutcome:
     problem_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     samples: list[Problem] = dataclasses.field(default_factory=list)
     failed_ranges: int = 0
+    #: ranges its workers reported done (a dry run has no other record of them)
+    ranges_done: int = 0
 
 
 class _ForcedStop(Exception):
@@ -430,5 +432,6 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
         for s, handler in previous.items():
             signal.signal(s, handler)
     outcome.interrupted = stopping
+    outcome.ranges_done = ranges_done
     del outcome.samples[DRY_RUN_SAMPLES:]
     return outcome

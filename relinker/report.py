@@ -64,7 +64,9 @@ class Summary:
 
     @property
     def complete(self) -> bool:
-        return self.status == "done" or (self.dry_run and not self.interrupted)
+        if self.dry_run:  # no record but what its workers reported: a dead worker's range was not done
+            return not self.interrupted and self.ranges_done == self.ranges_total
+        return self.status == "done"
 
     @property
     def _seconds(self) -> float:

@@ -37,3 +37,13 @@ def test_a_verify_summary_says_what_passed_and_how_fast_content_was_read():
 def test_human_bytes():
     assert [human_bytes(n) for n in (0, 999, 1000, 3_800_000_000, None)] == [
         "0 bytes", "999 bytes", "1.0 kB", "3.8 GB", "0 bytes"]
+
+
+def test_a_dry_run_is_complete_only_if_every_range_was_reported_done():
+    """A dry run keeps no record: a range whose worker died (or that failed) leaves it incomplete, exit 1."""
+    def dry(done, total, interrupted=False):
+        return Summary(mode="relink", dry_run=True, ranges_total=total, ranges_done=done, interrupted=interrupted)
+
+    assert dry(3, 3).complete
+    assert not dry(2, 3).complete and "not complete" in dry(2, 3).as_text()
+    assert not dry(0, 3, interrupted=True).complete
