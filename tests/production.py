@@ -16,8 +16,14 @@ on ``blobs``, ``medium.problems``/``diagnostics``), then:
   (``status = 'pending'``); its inode numbers are the stored medium's, one
   of its files has a content the stored medium already has, one is empty.
 
-Paths are stored in the NTT mount form (``/mnt/ntt/<medium_hash>/...``); the
-fresh medium is "mounted" under the test's directory (``--source-prefix``).
+Paths are stored in the NTT mount form (``/mnt/ntt/<medium_hash>/...``), and
+on the fresh medium also in the two other forms the reference names: relative
+to the mount with a leading slash (``/new/relative.txt``, read under the
+mount) and the legacy partition prefix (``p5:/mnt/ntt/<medium_hash>/p5/...``);
+one name there is not UTF-8 and holds a newline. One stored path's
+``path.blobid`` (the denormalised copy) is stale, NULL: ``inode.blobid`` is
+the truth. The fresh medium is "mounted" under the test's directory
+(``--source-prefix``); the stored medium's mount point is left behind, empty.
 """
 
 from __future__ import annotations
@@ -198,6 +204,10 @@ class ProductionWorld(ArchiveWorld):
         self._ntt_inode(m, self._next_ino(), [self.mount_path(m, "docs")], 4096, fs_type="d")
         self._ntt_inode(m, self._next_ino(), [self.mount_path(m, "bad/sector.bin")], 512, status="failed_permanent",
                         error_type="io_error", errors=["[Errno 5] Input/output error"])
+        # path.blobid is a denormalised copy: here a stale one (inode.blobid is the truth)
+        self.conn.execute("UPDATE path SET blobid = NULL WHERE path = %s", (self.mount_path(m, "docs/COPYING"),))
+        # unmounted: what the umount left behind is an empty directory
+        (self.mounts / self.stored).mkdir(parents=True)
         # the copier's n_hardlinks: one per inode, not one per path
         self.conn.execute("""
             UPDATE blobs AS b SET n_hardlinks = c.inodes
@@ -206,16 +216,21 @@ class ProductionWorld(ArchiveWorld):
 
     # the fresh medium: enumerated, loaded, mounted, not copied ---------------
 
-    def _fresh_file(self, relatives: list[str], content: bytes) -> int:
-        """A file of the fresh medium on its mounted disk (hardlinked for several paths) and its rows."""
-        first = self.fresh_mount / relatives[0]
-        first.parent.mkdir(parents=True, exist_ok=True)
-        first.write_bytes(content)
-        for other in relatives[1:]:
-            (self.fresh_mount / other).parent.mkdir(parents=True, exist_ok=True)
-            os.link(first, self.fresh_mount / other)
+    def _fresh_file(self, relatives: list[str], content: bytes, stored: list[bytes] | None = None) -> int:
+        """A file of the fresh medium on its mounted disk (hardlinked for several paths) and its rows.
+
+        ``stored``: its paths as the catalogue holds them, if not in the mount form.
+        """
+        mount = os.fsencode(self.fresh_mount)
+        on_disk = [mount + b"/" + os.fsencode(r) for r in relatives]
+        os.makedirs(os.path.dirname(on_disk[0]), exist_ok=True)
+        with open(on_disk[0], "wb") as f:
+            f.write(content)
+        for other in on_disk[1:]:
+            os.makedirs(os.path.dirname(other), exist_ok=True)
+            os.link(on_disk[0], other)
         ino = self._next_ino()
-        self._ntt_inode(self.fresh, ino, [self.mount_path(self.fresh, r) for r in relatives], len(content))
+        self._ntt_inode(self.fresh, ino, stored or [self.mount_path(self.fresh, r) for r in relatives], len(content))
         return ino
 
     def _fill_fresh_medium(self) -> None:
@@ -224,6 +239,12 @@ class ProductionWorld(ArchiveWorld):
         self._fresh_file(["new/COPYING"], b"MIT licence text\n" * 50)  # content the store already has
         self._fresh_file(["new/empty"], b"")
         self._fresh_file(["new/data.bin"], os.urandom(200_000))
+        # the reference's other path forms, and a name that is not UTF-8
+        self._fresh_file(["new/relative.txt"], b"stored relative to the mount\n", stored=[b"/new/relative.txt"])
+        mount_form = self.mount_path(self.fresh, "p5/partition.txt")
+        self._fresh_file(["p5/partition.txt"], b"on partition 5\n", stored=[b"p5:" + mount_form])
+        self._fresh_file([os.fsdecode(b"new/caf\xe9\nlist")], b"a newline in the name\n",
+                         stored=[self.mount_path(self.fresh, "new/") + b"caf\xe9\nlist"])
         self._ntt_inode(self.fresh, self._next_ino(), [self.mount_path(self.fresh, "new")], 4096, fs_type="d")
 
     # what tests compare ------------------------------------------------------

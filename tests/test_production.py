@@ -60,7 +60,7 @@ def test_migrate_twice_adds_only_relinkers_own(production, capsys):
 def test_copy_plans_exactly_the_inodes_without_content(production, capsys):
     migrate(production, capsys)
     code, summary = run(production, capsys, "copy", "--dry-run")
-    assert code == 0 and summary["blobs"] == 4, summary  # the fresh medium's regular files
+    assert code == 0 and summary["blobs"] == 7, summary  # the fresh medium's regular files
     assert summary["options"]["empty_blobid"] == EMPTY_SHA256
 
 
@@ -71,8 +71,9 @@ def test_copy_relink_count_verify_change_only_what_they_should(production, capsy
 
     code, summary = run(p, capsys, "copy", "--source-prefix", p.source_prefix())
     assert code == 0, summary
-    assert summary["blobs"] == 4 and summary["problems"] == 0
-    assert summary["files_copied"] == 2  # notes and data.bin; the licence and the empty content were stored
+    assert summary["blobs"] == 7 and summary["problems"] == 0
+    # notes, data.bin and the three in other path forms; the licence and the empty content were stored
+    assert summary["files_copied"] == 5
     assert summary["bytes_read"] == sum(size for (size,) in p.conn.execute(
         "SELECT size FROM inode WHERE medium_hash = %s AND fs_type = 'f'", (p.fresh,)))
     fresh = p.conn.execute(
@@ -166,16 +167,34 @@ def test_an_unmounted_medium_fails_retryably_and_is_copied_once_mounted(producti
     migrate(p, capsys)
     os.rename(p.fresh_mount, p.mounts / "elsewhere")
     code, summary = run(p, capsys, "copy", "--source-prefix", p.source_prefix())
-    assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 4}
+    assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 7}
     assert "medium not mounted" in summary["problem_samples"][0]["detail"]
     assert p.conn.execute(
         "SELECT DISTINCT status, error_type, processed_at FROM inode WHERE medium_hash = %s AND fs_type = 'f'",
         (p.fresh,)).fetchall() == [("failed_retryable", "source-unreadable", None)]
     os.rename(p.mounts / "elsewhere", p.fresh_mount)
     code, summary = run(p, capsys, "copy", "--new", "--source-prefix", p.source_prefix())
-    assert code == 0 and summary["blobs"] == 4
+    assert code == 0 and summary["blobs"] == 7
     assert p.conn.execute("SELECT DISTINCT status, error_type FROM inode WHERE medium_hash = %s AND fs_type = 'f'",
                           (p.fresh,)).fetchall() == [("success", None)]
+
+
+def test_an_empty_mount_point_is_no_medium_and_gives_up_on_nothing(production, capsys):
+    """The stored medium was unmounted: its mount point is there, empty; retrying its failure proves nothing."""
+    p = production
+    migrate(p, capsys)
+    mount_point = p.mounts / p.stored
+    assert mount_point.is_dir() and not any(mount_point.iterdir())
+    code, summary = run(p, capsys, "copy", "--retry-permanent", "--medium", "stored-by-ntt",
+                        "--source-prefix", f"/mnt/ntt/{p.stored}={mount_point}")
+    assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 1}
+    assert summary["problem_samples"][0]["detail"] == f"medium not mounted at {mount_point}"
+    status, error_type, errors = p.conn.execute(
+        "SELECT status, error_type, errors FROM inode WHERE medium_hash = %s AND blobid IS NULL AND fs_type = 'f'",
+        (p.stored,)).fetchone()
+    assert (status, error_type) == ("failed_permanent", "io_error")  # the copier's verdict stands
+    assert errors == ["[Errno 5] Input/output error",
+                      f"relinker copy: source-unreadable: medium not mounted at {mount_point}"]
 
 
 @pytest.mark.parametrize("shape", ["no status model", "status without error_type"])
@@ -187,7 +206,7 @@ def test_copy_on_a_catalogue_without_the_status_model(production, capsys, shape)
     migrate(p, capsys)
     os.unlink(p.fresh_mount / "new" / "COPYING")
     code, summary = run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix())
-    assert code == 1 and summary["blobs"] == 3 and summary["problems_by_kind"] == {"source-unreadable": 1}
+    assert code == 1 and summary["blobs"] == 6 and summary["problems_by_kind"] == {"source-unreadable": 1}
     failed = p.conn.execute("SELECT processed_at, cardinality(errors) FROM inode "
                             "WHERE medium_hash = %s AND fs_type = 'f' AND blobid IS NULL", (p.fresh,)).fetchall()
     assert failed == [(None, 1)]
