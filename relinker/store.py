@@ -322,14 +322,20 @@ class ByHashStore:
     def _link_into_place(self, pending: Pending) -> bool:
         """Give a complete, durable temporary its by-hash name; False if the name exists."""
         # The rename first: in a store of some size, ab/cd/ is there already.
+        level2 = os.path.dirname(pending.relative)
         try:
             try:
                 return _rename_noreplace(self._temp_fd, pending.temp_name, self._root_fd, pending.relative)
             except FileNotFoundError:
-                level2 = os.path.dirname(pending.relative)
                 _mkdir(os.path.dirname(level2), self._fix_directory_mode, self._root_fd)
                 _mkdir(level2, self._fix_directory_mode, self._root_fd)
             return _rename_noreplace(self._temp_fd, pending.temp_name, self._root_fd, pending.relative)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            # A dangling symlink or a file where ab/ or ab/cd/ belongs: this content's trouble, not the range's.
+            if not _is_directory(os.path.dirname(level2), self._root_fd) or not _is_directory(level2, self._root_fd):
+                raise ByHashProblem("bad-by-hash", f"{display(pending.final)}: a directory above it is not one "
+                                    "(kept)") from None
+            raise _naming(exc, pending.final) from None
         except OSError as exc:
             raise _naming(exc, pending.final) from None
 
@@ -427,6 +433,14 @@ def _mkdir(path: bytes, fix_mode: bool = True, dir_fd: int | None = None) -> Non
         return
     if fix_mode:
         os.chmod(path, DIRECTORY_MODE, dir_fd=dir_fd)
+
+
+def _is_directory(path: bytes, dir_fd: int) -> bool:
+    """Whether ``path`` (below ``dir_fd``) is a directory itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
 
 
 def _discard(fd: int, temp_name: bytes | None, dir_fd: int) -> None:

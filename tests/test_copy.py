@@ -335,21 +335,31 @@ def test_a_path_that_cannot_be_linked_is_a_problem_and_the_count_says_so(world, 
     assert os.stat(by_hash_path_of(world, blobid)).st_nlink == 2
 
 
-def test_a_file_where_the_store_needs_a_directory_is_a_problem_for_its_contents_only(world, capsys, tmp_path):
-    """Something else at ab/ blocks the contents below it, each a problem; the others are stored."""
+@pytest.mark.parametrize("in_the_way", ["a file at ab/", "a dangling symlink at ab/cd/"])
+def test_a_file_where_the_store_needs_a_directory_is_a_problem_for_its_contents_only(
+        world, capsys, tmp_path, in_the_way):
+    """Something else at ab/ or ab/cd/ blocks the contents below it, each a problem; the others are stored."""
     source = tmp_path / "disk"
     source.mkdir()
     (source / "blocked").write_bytes(b"blocked content")
     (source / "fine").write_bytes(b"fine content")
     blocked = blake3.blake3(b"blocked content").hexdigest()
     assert blocked[:2] != blake3.blake3(b"fine content").hexdigest()[:2]
-    in_the_way = world.by_hash_root + b"/" + blocked[:2].encode()
-    with open(in_the_way, "wb") as f:
-        f.write(b"left by some other tool")
+    level1 = world.by_hash_root + b"/" + blocked[:2].encode()
+    if in_the_way == "a file at ab/":
+        with open(level1, "wb") as f:
+            f.write(b"left by some other tool")
+    else:  # lstat of ab/cd/<hex> says "no entry": found out at the rename
+        os.mkdir(level1)
+        os.symlink(tmp_path / "gone", level1 + b"/" + blocked[2:4].encode())
     scan.scan_tree(world.conn, "disk", os.fsencode(source))
     code, summary = copy(world, capsys)
     assert code == 1 and summary["problems_by_kind"] == {"bad-by-hash": 1} and summary["files_copied"] == 1, summary
-    assert open(in_the_way, "rb").read() == b"left by some other tool"
+    if in_the_way == "a file at ab/":
+        assert open(level1, "rb").read() == b"left by some other tool"
+    else:
+        assert os.readlink(level1 + b"/" + blocked[2:4].encode()) == os.fsencode(tmp_path / "gone")
+        assert not os.path.lexists(tmp_path / "gone")
     assert summary["ranges_done"] == summary["ranges_total"]
     assert world.conn.execute("SELECT count(*) FROM inode WHERE blobid IS NOT NULL").fetchone() == (1,)
 
@@ -363,11 +373,8 @@ def test_trouble_with_the_store_names_the_by_hash_path_in_full(tmp_path):
     try:
         pending = store.read_in(source, None)
         assert isinstance(pending, Pending)
-        level1 = os.path.dirname(os.path.dirname(pending.final))
-        os.mkdir(level1)
-        with open(os.path.dirname(pending.final), "wb"):  # appeared since the content was read in
-            pass
-        with pytest.raises(NotADirectoryError) as raised:
+        os.unlink(pending.temp_name, dir_fd=store._temp_fd)  # the worker's temporary, gone
+        with pytest.raises(FileNotFoundError) as raised:
             store.place_pending()
         assert raised.value.filename == pending.final
     finally:
