@@ -18,7 +18,7 @@ from typing import Sequence
 import psycopg
 
 from relinker import __version__, checkpoint, copy, db, jobs, migrations, relink, scan, verify
-from relinker.config import Settings, add_command, config_files_from, new_parser, new_subparsers
+from relinker.config import Settings, add_command, check_config_keys, config_files_from, new_parser, new_subparsers
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
 from relinker.logs import setup_logging
 from relinker.report import Summary
@@ -266,8 +266,10 @@ def report(summary: Summary, exit_code: int, as_json: bool, resume_hint: str) ->
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     """Parse a command line (with environment and config file) into settings."""
     argv = list(argv)
-    parser = build_parser(config_files_from(argv))
+    config_files = config_files_from(argv)
+    parser = build_parser(config_files)
     try:
+        check_config_keys(parser, config_files)
         args = parser.parse_args(argv)
     except UnicodeDecodeError as exc:
         raise UserError(f"the config file is not UTF-8 text ({exc})") from None

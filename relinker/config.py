@@ -4,13 +4,15 @@ Precedence is command line, then environment (``RELINKER_*``), then the
 config file (``--config FILE`` or ``RELINKER_CONFIG``), then defaults. Global
 options may be written before or after the command name. Every long option is
 also a config-file key (``db-url = ...``, ``workers = 4``); keys that belong to
-another command are ignored, so one file serves every command.
+another command are ignored, so one file serves every command; a key no
+command knows is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 from typing import Sequence
 
@@ -130,6 +132,30 @@ def add_command(subparsers, name: str, config_files: list[str], **kwargs) -> con
         action = group.add_argument(*flags, default=argparse.SUPPRESS, **options)
         action.relinker_global = True
     return command
+
+
+def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[str]) -> None:
+    """UserError for a config-file key that no command knows: a misspelt ``db_url`` must not be ignored.
+
+    Keys of other commands are fine (one file serves every command).
+    """
+    known = {option.lstrip("-") for option in _long_options(parser)}
+    for path in config_files:
+        with open(path, encoding="utf-8") as stream:
+            keys = parser._config_file_parser.parse(stream)
+        for key in keys:
+            if key not in known:
+                close = difflib.get_close_matches(key.replace("_", "-"), sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UserError(f"config file {path}: unknown key {key!r}{hint}")
+
+
+def _long_options(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield from (option for option in action.option_strings if option.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield from _long_options(command)
 
 
 def new_subparsers(parser: configargparse.ArgumentParser):

@@ -159,3 +159,16 @@ def test_counts_out_of_range_are_usage_errors(option, capsys):
         parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", "relink", *option])
     assert stopped.value.code == 2
     assert f"argument {option[0]}: must be at" in capsys.readouterr().err
+
+
+def test_a_config_key_no_command_knows_is_a_usage_error(tmp_path, capsys):
+    """``db_url`` for ``db-url`` would be ignored, and libpq's defaults reach another database: refused."""
+    config = tmp_path / "relinker.conf"
+    config.write_text("db_url = postgresql:///catalogue\nworkers = 3\n")
+    assert main(["--config", str(config), "status"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"relinker: error: config file {config}: unknown key 'db_url' (did you mean 'db-url'?)\n"
+    # keys of other commands are fine: one file serves them all
+    config.write_text("on-conflict = keep\nhash = true\nworkers = 3\n")
+    args, _ = parse(["--config", str(config), "count"])
+    assert args.workers == 3
