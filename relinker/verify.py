@@ -227,7 +227,8 @@ def read_blob_ids(source: Iterable[str]) -> list[str]:
     """Blob IDs listed one per line (blank lines and # comments ignored)."""
     ids = []
     for line in source:
-        line = line.split("#", 1)[0].strip()
+        # A NUL is no character PostgreSQL's text takes: U+FFFD, as for bytes that are not UTF-8.
+        line = line.split("#", 1)[0].strip().replace("\0", "\ufffd")
         if line:
             ids.append(line.lower())
     return ids

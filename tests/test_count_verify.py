@@ -173,6 +173,15 @@ def test_verify_accepts_the_catalogues_empty_blob(world, capsys):
 
 def test_read_blob_ids_ignores_comments_and_blanks():
     assert verify_module.read_blob_ids(["# x\n", "\n", "ABC # trailing\n", " def \n"]) == ["abc", "def"]
+    # a NUL, which no text column takes, is a malformed ID like any other
+    assert verify_module.read_blob_ids(["ab\0cd\n"]) == ["ab\ufffdcd"]
+
+
+def test_a_list_with_a_nul_byte_is_malformed_ids_not_a_database_error(linked, capsys, tmp_path):
+    listed = tmp_path / "ids.txt"
+    listed.write_bytes(linked.blobs["a"].encode() + b"\n" + b"ab\0cd\n")
+    code, result = run(linked, capsys, "relink", "--no-progress", "--from-file", str(listed))
+    assert code == 1 and result["problems_by_kind"] == {"unknown-blob": 1}, result
 
 
 def test_verify_run_shows_in_the_progress_view(linked, capsys):
