@@ -342,8 +342,7 @@ class ByHashStore:
     def _temporary(self, direct: bool = False) -> tuple[int, bytes]:
         """A new temporary file, opened for direct I/O if asked and the filesystem allows it."""
         if self._temp_directory is None:
-            self._temp_directory = _worker_directory(self.root + b"/" + TEMP_DIRECTORY)
-            self._temp_fd = os.open(self._temp_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._temp_directory, self._temp_fd = _worker_directory(self.root + b"/" + TEMP_DIRECTORY)
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
         while True:
             # The directory is this worker's alone: a counter names without collisions.
@@ -453,8 +452,14 @@ def _discard(fd: int, temp_name: bytes | None, dir_fd: int) -> None:
         pass
 
 
-def _worker_directory(parent: bytes) -> bytes:
-    """A new temporaries directory for this process, after removing those of this host's dead workers."""
+def _worker_directory(parent: bytes) -> tuple[bytes, int]:
+    """A new temporaries directory for this process, and a descriptor of it that holds its lock.
+
+    The directories of this host's dead workers are removed first. A worker
+    holds an exclusive ``flock`` on its directory for as long as it lives: a
+    process of another PID namespace (a container with the same host name)
+    may carry a pid that looks dead from here, and its directory is locked.
+    """
     _mkdir(parent)
     host = socket.gethostname().encode("utf-8", "replace").replace(b"+", b"-")
     with os.scandir(parent) as entries:
@@ -462,10 +467,28 @@ def _worker_directory(parent: bytes) -> bytes:
             owner, _, rest = entry.name.partition(b"+")
             pid, _, _ = rest.partition(b"+")
             if owner == host and pid.isdigit() and not _alive(int(pid)) and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _remove_unless_locked(entry.path)
     directory = b"%s/%s+%d+%s" % (parent, host, os.getpid(), secrets.token_hex(4).encode())
     os.mkdir(directory, 0o700)
-    return directory
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return directory, fd
+
+
+def _remove_unless_locked(directory: bytes) -> None:
+    """Remove a worker's temporaries directory unless a live worker holds its lock."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # locked: its worker lives
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

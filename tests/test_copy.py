@@ -1,6 +1,7 @@
 """`relinker copy` (the seed's normal mode) on real trees, including a kill and a resume."""
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -815,10 +816,13 @@ def test_a_dead_workers_temporaries_are_removed_and_no_one_elses(tmp_path):
     leftovers = {name: temporaries / name for name in (
         f"{host}+{dead.pid}+0bad",        # killed: removed
         f"{host}+{os.getpid()}+0a11",     # alive (this process): kept
+        f"{host}+{dead.pid}+10cc",        # a live worker of another PID namespace, its pid dead here: locked, kept
         f"elsewhere+{dead.pid}+0bad")}    # another host's, whatever its pid: kept
     for directory in leftovers.values():
         directory.mkdir(parents=True)
         (directory / "partial").write_bytes(b"half a file")
+    other_namespace = os.open(leftovers[f"{host}+{dead.pid}+10cc"], os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(other_namespace, fcntl.LOCK_EX)
     source = tmp_path / "source"
     source.write_bytes(b"x")
     store = ByHashStore(os.fsencode(root))
@@ -832,8 +836,11 @@ def test_a_dead_workers_temporaries_are_removed_and_no_one_elses(tmp_path):
         n for n in os.listdir(temporaries) if n.startswith(f"{host}+{os.getpid()}+") and n not in leftovers]
     assert not leftovers[f"{host}+{dead.pid}+0bad"].exists()
     assert leftovers[f"{host}+{os.getpid()}+0a11"].exists() and leftovers[f"elsewhere+{dead.pid}+0bad"].exists()
+    assert (leftovers[f"{host}+{dead.pid}+10cc"] / "partial").exists()
     store.close()
-    assert sorted(os.listdir(temporaries)) == sorted([f"{host}+{os.getpid()}+0a11", f"elsewhere+{dead.pid}+0bad"])
+    os.close(other_namespace)
+    assert sorted(os.listdir(temporaries)) == sorted(
+        [f"{host}+{os.getpid()}+0a11", f"{host}+{dead.pid}+10cc", f"elsewhere+{dead.pid}+0bad"])
 
 
 def test_source_changing_while_read_is_detected(tmp_path):
