@@ -204,8 +204,8 @@ def at_most(maximum: int):
     return parse_count
 
 
-def seconds_at_least(minimum: float):
-    """An argparse type: a number of seconds, ``minimum`` or more."""
+def seconds_at_least(minimum: float, maximum: float = math.inf):
+    """An argparse type: a number of seconds, ``minimum`` or more (and below ``maximum``)."""
     def parse_seconds(text: str) -> float:
         try:
             value = float(text)
@@ -213,6 +213,8 @@ def seconds_at_least(minimum: float):
             raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
         if not minimum <= value < math.inf:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g} s, not {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g} s, not {text}")
         return value
     parse_seconds.__name__ = "seconds"
     return parse_seconds
@@ -221,6 +223,8 @@ def seconds_at_least(minimum: float):
 #: Workers heartbeat every lease/4 (0.2 s at least): a shorter lease would
 #: take ranges away from workers that are alive and well.
 MINIMUM_LEASE = 1.0
+#: A week: the server takes the lease as an interval, and a stalled range should not wait longer.
+MAXIMUM_LEASE = 7 * 24 * 3600.0
 
 
 def add_job_options(command: argparse.ArgumentParser, *, limit: bool = True) -> None:
@@ -240,7 +244,8 @@ def add_job_options(command: argparse.ArgumentParser, *, limit: bool = True) -> 
                          help="read catalogue and disk, report what would happen, write nothing")
     command.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
-    command.add_argument("--lease", type=seconds_at_least(MINIMUM_LEASE), default=checkpoint.DEFAULT_LEASE,
+    command.add_argument("--lease", type=seconds_at_least(MINIMUM_LEASE, MAXIMUM_LEASE),
+                         default=checkpoint.DEFAULT_LEASE,
                          metavar="SECONDS",
                          help="heartbeat age after which a stalled worker's range is taken over (default %(default)s)")
     command.add_argument("--retry-timeout", type=seconds_at_least(0), default=db.DEFAULT_RETRY_TIMEOUT,

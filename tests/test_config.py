@@ -152,7 +152,8 @@ def test_a_config_file_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):
         assert err.startswith("relinker: error: ") and says in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("option", [["--limit", "-3"], ["--ranges", "2000000000"], ["--ranges", "0"]])
+@pytest.mark.parametrize("option", [["--limit", "-3"], ["--ranges", "2000000000"], ["--ranges", "0"],
+                                    ["--lease", "1e300"], ["--lease", "0.5"]])
 def test_counts_out_of_range_are_usage_errors(option, capsys):
     """Refused while parsing (exit 2), before any database is asked or any memory spent on ranges."""
     with pytest.raises(SystemExit) as stopped:
