@@ -102,6 +102,11 @@ def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[by
             raise UserError(f"{label} {display(root)} is not readable")
         found.append((root, st))
     (by_hash_root, by_hash_stat), (archive_root, archive_stat) = found
+    # One inside the other: a catalogued path could name a by-hash file, and replacing it would corrupt the store.
+    real_store, real_archive = os.path.realpath(by_hash_root), os.path.realpath(archive_root)
+    if _within(real_store, real_archive) or _within(real_archive, real_store):
+        raise UserError(f"{display(by_hash_root)} and {display(archive_root)} overlap: the store and the archive "
+                        "must be separate trees")
     if by_hash_stat.st_dev != archive_stat.st_dev:
         raise UserError(
             f"{display(by_hash_root)} and {display(archive_root)} are on different filesystems: "
@@ -112,6 +117,11 @@ def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[by
     if "archive" in writes:
         _probe_link(by_hash_root, archive_root, can_write_store="by-hash" in writes)
     return by_hash_root, archive_root
+
+
+def _within(path: bytes, directory: bytes) -> bool:
+    """Whether ``path`` is ``directory`` or below it (both resolved)."""
+    return path == directory or path.startswith(directory.rstrip(b"/") + b"/")
 
 
 def _probe_link(by_hash_root: bytes, archive_root: bytes, can_write_store: bool) -> None:

@@ -267,6 +267,22 @@ def test_missing_root_is_a_preflight_error(small, capsys, tmp_path):
     assert "--by-hash-root" in err and "No such file" in err
 
 
+@pytest.mark.parametrize("layout", ["store inside the archive", "archive inside the store", "one directory"])
+def test_roots_that_overlap_are_a_preflight_error(small, capsys, tmp_path, layout):
+    """With the store under the archive root, a catalogued path could name a by-hash file and replace it."""
+    store, archive = {
+        "store inside the archive": (small.archive / "by-hash", small.archive),
+        "archive inside the store": (small.by_hash, small.by_hash / "archive"),
+        "one directory": (small.archive, small.archive / "." / "sub" / ".."),
+    }[layout]
+    os.makedirs(store, exist_ok=True)
+    os.makedirs(archive, exist_ok=True)
+    assert main(["--db-url", small.dsn, "--by-hash-root", str(store), "--archive-root", str(archive), "relink"]) == 2
+    err = capsys.readouterr().err
+    assert "overlap: the store and the archive must be separate trees" in err and err.count("\n") == 1
+    assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (0,)
+
+
 def test_roots_on_different_filesystems_are_a_preflight_error(small, capsys, tmp_path):
     if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("no second filesystem")
