@@ -21,9 +21,10 @@ only to open a directory seen for the first time, get at most a quarter of
 the cache; the rest goes to the directories files are linked into. A
 read-only check (an ``fstatat`` that finds the link already right) below a
 directory this linker has already walked safely goes by its path from the
-root instead, with no descriptor at all: nothing is created that way, so a
-directory swapped for a symlink behind our back could only make the check
-miss, and the path then takes the descriptor route. In checking mode the C
+root instead, with no descriptor at all: nothing is created that way. A
+directory swapped for a symlink behind our back after the walk is followed
+by that path (only its last component is not): such a check can count a
+link outside the archive as present, though nothing is ever written there. In checking mode the C
 route reads a cached directory once and answers later checks of names found
 there with the blob's inode from what it read (``DirectoryListings`` in
 _speedups.c: a bounded cache; a name seen with another inode is forgotten,
@@ -37,6 +38,7 @@ import errno
 import functools
 import os
 import resource
+import secrets
 import stat
 import sys
 
@@ -416,10 +418,14 @@ class ArchiveLinker:
             try:
                 os.link(source, temp, src_dir_fd=self._source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             except FileExistsError:
-                os.unlink(temp, dir_fd=dir_fd)
+                if self._own_leftover(source, dir_fd, temp):
+                    os.unlink(temp, dir_fd=dir_fd)
+                else:  # an archive file of that very name: never ours to remove
+                    temp = TEMP_PREFIX + secrets.token_hex(8).encode() + TEMP_SUFFIX
                 os.link(source, temp, src_dir_fd=self._source_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             self._changed(dir_fd, name)
+            self._changed(dir_fd, temp)
         except OSError as exc:
             try:
                 os.unlink(temp, dir_fd=dir_fd)
@@ -427,6 +433,15 @@ class ArchiveLinker:
                 pass
             raise _link_problem(exc, self.source_path(source), stored) from None
         return Outcome.REPLACED
+
+    def _own_leftover(self, source: bytes, dir_fd: int, temp: bytes) -> bool:
+        """Whether ``temp`` is a link of ``source`` that a replace interrupted before its rename left."""
+        try:
+            found = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
+            ours = os.stat(source, dir_fd=self._source_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISREG(found.st_mode) and (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino)
 
     def _changed(self, dir_fd: int, name: bytes) -> None:
         # A listing read before this process linked or replaced the name

@@ -167,3 +167,24 @@ def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):
                                   (empty,)).fetchone() == (True,)
     else:
         assert code == 0 and summary["links_created"] == n
+
+
+def test_a_catalogued_file_named_like_a_replace_temporary_is_never_removed(world, capsys):
+    """Replacing /d/foo links through a temporary of a fixed name; an archive file of that name stays."""
+    import blake3
+
+    from relinker.linker import TEMP_PREFIX, TEMP_SUFFIX
+
+    m = world.medium("disk")
+    foo, other = world.blob(b"foo's content"), world.blob(b"another content")
+    temp_name = TEMP_PREFIX + blake3.blake3(b"foo").hexdigest()[:16].encode() + TEMP_SUFFIX
+    world.inode(m, [b"/d/foo"], foo)
+    world.inode(m, [b"/d/" + temp_name], other)
+    code, summary = relink(world, capsys)
+    assert code == 0 and summary["links_created"] == 2
+    stale = world.replace_with_stale_copy(b"/d/foo")  # foo must be replaced, through that temporary
+    code, summary = relink(world, capsys, "--new")
+    assert code == 0 and summary["links_replaced"] == 1 and summary["links_present"] == 1, summary
+    assert world.linked(foo, b"/d/foo") and world.linked(other, b"/d/" + temp_name)
+    assert os.path.basename(stale) == b"foo"
+    assert sorted(os.listdir(world.archive_root + b"/d")) == sorted([b"foo", temp_name])  # no temporary left
