@@ -145,15 +145,34 @@ def retrying(timeout: float = DEFAULT_RETRY_TIMEOUT) -> tenacity.Retrying:
     """A tenacity policy for transient database errors.
 
     Exponential backoff with full jitter (so a pool of workers does not
-    reconnect in lockstep after a server restart), bounded by ``timeout``.
+    reconnect in lockstep after a server restart), for ``timeout`` seconds
+    from the first failure.
     """
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),
         wait=tenacity.wait_random_exponential(multiplier=0.1, max=5),
-        stop=tenacity.stop_after_delay(timeout),
+        stop=_StopAfterOutage(timeout),
         before_sleep=_log_retry,
         reraise=True,
     )
+
+
+class _StopAfterOutage(tenacity.stop.stop_base):
+    """Stop once failures have gone on for ``timeout`` seconds, counted from the first.
+
+    Not from the first attempt's start (tenacity's ``stop_after_delay``): a
+    range's work before its first failure (an hour of ``verify --hash``) is
+    no outage, and a server restart late in it must be retried like any other.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._first_failure: float | None = None
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
+        if self._first_failure is None:
+            self._first_failure = state.outcome_timestamp
+        return state.outcome_timestamp - self._first_failure >= self.timeout
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:

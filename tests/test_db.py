@@ -40,3 +40,28 @@ def test_a_connection_lost_for_real_is_retried(db_url):
         with pytest.raises(psycopg.Error) as closed:  # and the closed connection after it
             victim.execute("SELECT 1")
         assert db.is_transient(closed.value)
+
+
+def test_the_retry_budget_starts_at_the_first_failure_not_at_the_work(db_url):
+    """A connection lost after longer than --retry-timeout of work is retried all the same."""
+    import time
+
+    attempts = []
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        for attempt in db.retrying(timeout=0.5):
+            with attempt:
+                with psycopg.connect(db_url, autocommit=True) as worker:
+                    attempts.append(time.monotonic())
+                    if len(attempts) == 1:
+                        time.sleep(0.8)  # a range's work, longer than the budget
+                        admin.execute("SELECT pg_terminate_backend(%s)", (worker.info.backend_pid,))
+                    worker.execute("SELECT 1")
+    assert len(attempts) == 2
+
+    # An outage longer than the budget still ends it.
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        for attempt in db.retrying(timeout=0.5):
+            with attempt:
+                raise psycopg.OperationalError("the server is gone")
+    assert 0.5 <= time.monotonic() - started < 10
