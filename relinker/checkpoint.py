@@ -8,8 +8,9 @@ LOCKED`` and holds a session advisory lock on it while it works, so:
   the moment PostgreSQL notices the dropped session, and the next claim takes
   it over without waiting for a lease;
 - a worker that hangs while its session stays open stops sending heartbeats;
-  once ``heartbeat_at`` is older than the lease, a claimer terminates the
-  stalled session and takes the range over;
+  once ``heartbeat_at`` is older than the lease its worker claimed it with
+  (not the claimer's own), a claimer terminates the stalled session and
+  takes the range over;
 - every write a worker makes for a range checks that it still owns the claim
   (same ``worker`` and ``attempts``), so a worker that lost its range can
   never mark it done or overwrite the new owner's counters.
@@ -262,13 +263,13 @@ def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> None:
 # pg_locks as classid = run_id, objid = range_no, objsubid = 2.
 SQL_CLAIM_CANDIDATE = """
 SELECT r.range_no, r.lo, r.hi, r.medium_hash, r.ino_lo, r.ino_hi, r.blobids, r.bytes_planned, r.status,
-       r.heartbeat_at < now() - make_interval(secs => %(lease)s) AS stale
+       r.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s)) AS stale
 FROM relinker_range r
 WHERE r.run_id = %(run_id)s AND r.status <> 'done'
   AND (r.status = 'pending'
        OR (r.status = 'failed' AND r.finished_at < %(since)s)
        OR (r.status = 'running'
-           AND (r.heartbeat_at < now() - make_interval(secs => %(lease)s)
+           AND (r.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s))
                 OR NOT EXISTS (
                     SELECT 1 FROM pg_locks l
                     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
@@ -299,7 +300,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
 SQL_TERMINATE = "SELECT pg_terminate_backend(%s)"
 SQL_TAKE_RANGE = """
 UPDATE relinker_range
-SET status = 'running', worker = %(worker)s, attempts = attempts + 1,
+SET status = 'running', worker = %(worker)s, attempts = attempts + 1, lease_seconds = %(lease)s,
     claimed_at = now(), heartbeat_at = now(), finished_at = NULL,
     blobs = 0, links_created = 0, links_present = 0, links_replaced = 0, problems = 0,
     links_missing = 0, files_copied = 0, bytes_copied = 0, bytes_read = 0, blobs_failed = 0
@@ -437,7 +438,7 @@ class CheckpointStore:
                 if status == "running":
                     log.warning("taking over range %d of run %d (its worker is gone)", range_no, self.run_id)
                 attempt = conn.execute(SQL_TAKE_RANGE, dict(
-                    worker=self.worker, run_id=self.run_id, range_no=range_no)).fetchone()[0]
+                    worker=self.worker, run_id=self.run_id, range_no=range_no, lease=self.lease)).fetchone()[0]
                 conn.execute(SQL_CLEAR_PROBLEMS, (self.run_id, range_no))
         except BaseException:
             # Session advisory locks survive a rollback: release ours.

@@ -103,3 +103,26 @@ def test_two_claims_at_the_same_moment_both_get_a_range(world):
             assert store.claim().range_no == 1
         finally:
             store.close()
+
+
+def test_a_range_is_stale_by_its_owners_lease_not_the_claimers(world):
+    """A second host started with --lease 1 must not take a range from a healthy worker leasing 60 s."""
+    run_id = new_run(world, 1)
+    since = world.conn.execute("SELECT now()").fetchone()[0]
+    owner = store_for(world, run_id, "host-a:1")  # lease 60
+    hasty = checkpoint.CheckpointStore(world.dsn, run_id, worker="host-b:1", lease=1, retry_timeout=5, since=since)
+    try:
+        mine = owner.claim()
+        world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '5 seconds' "
+                           "WHERE run_id = %s", (run_id,))  # the owner's last beat, well within its 60 s
+        owner_session = owner._connection().info.backend_pid
+        assert hasty.claim() is None
+        time.sleep(0.2)
+        assert alive(world, owner_session)  # not ended as a stalled worker's
+        assert hasty.claim() is None
+        owner.finish(mine, checkpoint.Counters(), [], lambda conn: None)  # still the owner's to finish
+        assert world.conn.execute("SELECT status, worker FROM relinker_range WHERE run_id = %s",
+                                  (run_id,)).fetchone() == ("done", "host-a:1")
+    finally:
+        owner.close()
+        hasty.close()
