@@ -167,8 +167,11 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
             else:
                 _apply_in_transaction(conn, migration)
             applied_now.append(f"{migration.version:04d}_{migration.name}")
-        with conn.transaction():
-            conn.execute(_read(VIEWS_FILE))
+        try:
+            _briefly_locking(conn, _read(VIEWS_FILE), "re-creating relinker's views")
+        except psycopg.errors.DependentObjectsStillExist as exc:
+            raise UserError(f"re-creating relinker's views: {db.first_line(exc)} (a view of yours built on one "
+                            "of relinker's: drop it, migrate, create it again)") from None
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     return applied_now
@@ -210,6 +213,31 @@ def _apply_in_transaction(conn: psycopg.Connection, migration: Migration) -> Non
             "`relinker migrate` again once it is over") from None
 
 
+#: Attempts of a statement that takes a strong lock before migrate gives up (see _briefly_locking).
+LOCK_ATTEMPTS = 3
+
+
+def _briefly_locking(conn: psycopg.Connection, statement, what: str) -> None:
+    """Run ``statement`` in a transaction that waits at most LOCK_TIMEOUT for its locks, a few times.
+
+    A lock request queued behind a long transaction blocks every later
+    reader of that table while it waits: on a live catalogue each try gives
+    up soon, and after the last one migrate says why and changes nothing more.
+    """
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+                conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == LOCK_ATTEMPTS:
+                raise UserError(
+                    f"{what} waited {LOCK_TIMEOUT} for a lock another session holds, {LOCK_ATTEMPTS} times (a long "
+                    "transaction: see pg_stat_activity); run `relinker migrate` again once it is over") from None
+            time.sleep(attempt)
+
+
 def _apply_online(conn: psycopg.Connection, text: str) -> None:
     statements = re.findall(r"^CREATE INDEX", text, re.IGNORECASE | re.MULTILINE)
     if len(statements) != len(ONLINE_INDEX.findall(text)):
@@ -246,11 +274,8 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
     if db.relkind(conn, table) != "p":
         _build_concurrently(conn, name, table, cols)
         return
-    conn.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
-            sql.Identifier(name), sql.Identifier(table), cols
-        )
-    )
+    _briefly_locking(conn, sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
+        sql.Identifier(name), sql.Identifier(table), cols), f"creating index {name} on {table}")
     for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
         child = None if where_null else conn.execute(SQL_EQUIVALENT_INDEX, dict(wanted, table=partition)).fetchone()
         if child and child[1]:
@@ -261,9 +286,8 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
             child_oid = conn.execute(SQL_INDEX_OID, (child_name,)).fetchone()[0]
             child_index = sql.Identifier(child_name)
         if not conn.execute(SQL_INDEX_ATTACHED, {"child": child_oid, "parent": name}).fetchone():
-            conn.execute(
-                sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(sql.Identifier(name), child_index)
-            )
+            _briefly_locking(conn, sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                sql.Identifier(name), child_index), f"attaching the index of {partition} to {name}")
 
 
 def _build_concurrently(conn: psycopg.Connection, name: str, table: str, cols: sql.Composable) -> None:

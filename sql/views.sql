@@ -1,8 +1,9 @@
 -- Views for psql users and for relinker itself. Re-created on every
--- `relinker migrate`, so they always match the current tables.
+-- `relinker migrate`, so they always match the current tables. Never CASCADE:
+-- a view someone built on one of these is theirs (migrate stops and says so).
 
 DROP VIEW IF EXISTS relinker_run_progress, relinker_open_ranges,
-    relinker_problem_kinds, relinker_incomplete_blobs, relinker_path CASCADE;
+    relinker_problem_kinds, relinker_incomplete_blobs, relinker_path;
 
 -- relinker_path: path rows with `path` as bytea whatever the catalogue's
 -- shape. Older catalogues store path.path as text; convert_to() into the

@@ -197,6 +197,28 @@ def test_a_migration_behind_a_long_transaction_gives_up_with_one_line(db_url, ca
     assert main(["--db-url", db_url, "migrate"]) == 0  # once the reader is gone
 
 
+def test_views_behind_a_long_transaction_and_a_users_own_view_stop_migrate_in_one_line(
+        db_url, capsys, monkeypatch):
+    """Re-creating relinker's views never queues for long behind a reader, and never drops a view of the user's."""
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT", "200ms")
+    monkeypatch.setattr(migrations.time, "sleep", lambda seconds: None)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        migrations.migrate(conn, base=True)
+    with psycopg.connect(db_url) as long_reader:
+        long_reader.execute("SELECT count(*) FROM relinker_open_ranges").fetchone()  # holds its lock
+        assert main(["--db-url", db_url, "migrate"]) == 2
+        err = capsys.readouterr().err
+        assert "re-creating relinker's views waited 200ms" in err and err.count("\n") == 1
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE VIEW my_open_ranges AS SELECT * FROM relinker_open_ranges")
+        assert main(["--db-url", db_url, "migrate"]) == 2
+        err = capsys.readouterr().err
+        assert "a view of yours built on one of relinker's" in err and err.count("\n") == 1
+        assert conn.execute("SELECT count(*) FROM pg_views WHERE viewname = 'my_open_ranges'").fetchone() == (1,)
+        conn.execute("DROP VIEW my_open_ranges")
+    assert main(["--db-url", db_url, "migrate"]) == 0
+
+
 def test_hardlink_columns_already_there_take_no_lock(db_url, capsys, monkeypatch):
     """Production has the seed's columns: migrating it must not queue behind its readers on inode and blobs."""
     monkeypatch.setattr(migrations, "LOCK_TIMEOUT", "300ms")
