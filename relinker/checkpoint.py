@@ -397,8 +397,11 @@ class CheckpointStore:
             with attempt:
                 try:
                     return operation(self._connection())
-                except Exception as exc:
-                    if db.is_transient(exc):
+                except Exception:
+                    # Only a lost session is replaced: closing one that is fine (a
+                    # serialization failure, a deadlock) would drop the advisory lock
+                    # of the range it holds, free for any claim before the retry.
+                    if self._conn is not None and (self._conn.broken or self._conn.closed):
                         self.close()
                     raise
         raise AssertionError("unreachable")
@@ -500,13 +503,22 @@ class CheckpointStore:
         self._release(r)
 
     def give_back(self, r: Range) -> None:
-        """Return a range to pending (interrupted): the next claim redoes it."""
-        self._call(lambda conn: conn.execute(SQL_RANGE_GIVE_BACK, self._owned_params(r)))
+        """Return a range to pending (interrupted): the next claim redoes it.
+
+        A range taken over meanwhile is its new owner's: nothing to give back.
+        """
+        try:
+            self._call(lambda conn: conn.execute(SQL_RANGE_GIVE_BACK, self._owned_params(r)))
+        except LostRange:
+            pass
         self._release(r)
 
     def fail(self, r: Range, error: str) -> None:
-        """Mark a range failed with ``last_error``; the run goes on without it."""
-        self._call(lambda conn: conn.execute(SQL_RANGE_FAILED, self._owned_params(r, error=error)))
+        """Mark a range failed with ``last_error``; the run goes on without it (unless taken over meanwhile)."""
+        try:
+            self._call(lambda conn: conn.execute(SQL_RANGE_FAILED, self._owned_params(r, error=error)))
+        except LostRange:
+            pass
         self._release(r)
 
     def open_ranges(self) -> int:

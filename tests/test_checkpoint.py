@@ -126,3 +126,47 @@ def test_a_range_is_stale_by_its_owners_lease_not_the_claimers(world):
     finally:
         owner.close()
         hasty.close()
+
+
+def test_a_serialization_failure_keeps_the_session_and_the_ranges_lock(world):
+    """Retried on the same session: closing it would free the range for any claim before the retry."""
+    run_id = new_run(world, 1)
+    store = store_for(world, run_id)
+    try:
+        store.claim()
+        session = store._connection().info.backend_pid
+        tries = []
+
+        def flaky(conn):
+            tries.append(conn.info.backend_pid)
+            if len(tries) == 1:
+                conn.execute("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            return "done"
+
+        assert store._call(flaky) == "done" and tries == [session, session]
+        assert world.conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s",
+                                  (session,)).fetchone() == (1,)
+    finally:
+        store.close()
+
+
+def test_giving_back_or_failing_a_range_taken_over_meanwhile_leaves_it_to_its_new_owner(world):
+    """The worker's session died and another took the range: give-back and fail touch nothing, raise nothing."""
+    run_id = new_run(world, 1)
+    for end in ("give_back", "fail"):
+        store = store_for(world, run_id)
+        try:
+            mine = store.claim()
+            world.conn.execute("SELECT pg_terminate_backend(%s)", (store._connection().info.backend_pid,))
+            world.conn.execute("UPDATE relinker_range SET worker = 'other:1', attempts = attempts + 1 "
+                               "WHERE run_id = %s", (run_id,))
+            if end == "give_back":
+                store.give_back(mine)
+            else:
+                store.fail(mine, "boom")
+            assert world.conn.execute("SELECT status, worker, last_error FROM relinker_range WHERE run_id = %s",
+                                      (run_id,)).fetchone() == ("running", "other:1", None)
+        finally:
+            store.close()
+        world.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s",
+                           (run_id,))
