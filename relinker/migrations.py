@@ -75,9 +75,10 @@ SELECT c.oid, c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
 WHERE h.inhparent = to_regclass(%s) ORDER BY c.relname
 """
 SQL_INDEX_STATE = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)"
-SQL_INDEX_OID = "SELECT to_regclass(%s)::oid"
-SQL_INDEX_ATTACHED = """
-SELECT 1 FROM pg_inherits WHERE inhrelid = %(child)s::oid AND inhparent = to_regclass(%(parent)s)
+# Whether some index of the partition is attached to the parent index already.
+SQL_PARTITION_ATTACHED = """
+SELECT 1 FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid
+WHERE h.inhparent = to_regclass(%(parent)s) AND i.indrelid = to_regclass(quote_ident(%(partition)s))
 """
 
 
@@ -276,18 +277,26 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
         return
     _briefly_locking(conn, sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
         sql.Identifier(name), sql.Identifier(table), cols), f"creating index {name} on {table}")
+    def attach(child_index: sql.Identifier) -> None:
+        _briefly_locking(conn, sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+            sql.Identifier(name), child_index), f"attaching the index of {partition} to {name}")
+
     for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
+        if conn.execute(SQL_PARTITION_ATTACHED, {"partition": partition, "parent": name}).fetchone():
+            continue
         child = None if where_null else conn.execute(SQL_EQUIVALENT_INDEX, dict(wanted, table=partition)).fetchone()
         if child and child[1]:
-            child_oid, child_index = child[0], sql.Identifier(child[2], child[3])
-        else:
-            child_name = f"{name[:40]}_{_oid}"
-            _build_concurrently(conn, child_name, partition, cols)
-            child_oid = conn.execute(SQL_INDEX_OID, (child_name,)).fetchone()[0]
-            child_index = sql.Identifier(child_name)
-        if not conn.execute(SQL_INDEX_ATTACHED, {"child": child_oid, "parent": name}).fetchone():
-            _briefly_locking(conn, sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
-                sql.Identifier(name), child_index), f"attaching the index of {partition} to {name}")
+            try:
+                attach(sql.Identifier(child[2], child[3]))
+                continue
+            except psycopg.errors.InvalidObjectDefinition:
+                # It leads with our columns but is not identical (more columns, other
+                # INCLUDEs, an operator class): ATTACH takes only an identical one.
+                log.info("index %s of %s serves our lookups but cannot be attached: building %s's own",
+                         child[3], partition, name)
+        child_name = f"{name[:40]}_{_oid}"
+        _build_concurrently(conn, child_name, partition, cols)
+        attach(sql.Identifier(child_name))
 
 
 def _build_concurrently(conn: psycopg.Connection, name: str, table: str, cols: sql.Composable) -> None:

@@ -259,3 +259,18 @@ def test_a_second_migrate_waits_for_the_first(db_url):
             waiting.join(timeout=30)
     assert "idle" in states
     assert done == [[]]
+
+
+@pytest.mark.parametrize("theirs", ["(medium_hash, ino, dev)", "(medium_hash, ino) INCLUDE (dev)"])
+def test_a_partitions_index_that_only_starts_like_ours_is_not_attached_but_built_beside(db_url, theirs):
+    """ATTACH takes only an identical index: one that merely leads with our columns gets ours beside it."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        partition = conn.execute("SELECT c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
+                                 "WHERE h.inhparent = 'path'::regclass LIMIT 1").fetchone()[0]
+        conn.execute(f"CREATE INDEX theirs ON {partition} {theirs}")
+        migrations.build_index_online(conn, "relinker_path_inode_idx", "path", ["medium_hash", "ino"])
+        valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'relinker_path_inode_idx'::regclass")
+        assert valid.fetchone() == (True,)
+        assert conn.execute("SELECT count(*) FROM pg_index WHERE indexrelid = 'theirs'::regclass").fetchone() == (1,)
+        migrations.build_index_online(conn, "relinker_path_inode_idx", "path", ["medium_hash", "ino"])  # twice
