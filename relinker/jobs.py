@@ -54,6 +54,27 @@ class Mode:
     writes: frozenset = frozenset({"archive"})
     #: Whether a run with these options is content work, measured in bytes (copy, verify --hash).
     in_bytes: Callable[[dict], bool] = lambda options: False
+    #: The catalogue's tables a run writes and how, as has_table_privilege names it ("blobs": "UPDATE").
+    catalogue_writes: tuple[tuple[str, str], ...] = (("blobs", "UPDATE"),)
+
+
+#: What every run writes: its checkpoints.
+CHECKPOINT_WRITES = (("relinker_run", "INSERT"), ("relinker_run", "UPDATE"), ("relinker_range", "INSERT"),
+                     ("relinker_range", "UPDATE"), ("relinker_problem", "INSERT"), ("relinker_problem", "DELETE"))
+SQL_MAY = "SELECT has_table_privilege(%s, %s)"
+
+
+def check_privileges(conn: psycopg.Connection, mode: Mode) -> None:
+    """UserError unless this role may write what a run of ``mode`` writes.
+
+    A worker refused a write fails its range, or dies at its first claim and
+    is started again and again: one line before any work instead.
+    """
+    for table, privilege in CHECKPOINT_WRITES + mode.catalogue_writes:
+        if not conn.execute(SQL_MAY, (table, privilege)).fetchone()[0]:
+            user = conn.info.user
+            raise UserError(f"role {user} may not {privilege} {table}, which a {mode.name} run writes "
+                            f"(GRANT {privilege} ON {table} TO {user})")
 
 
 @dataclasses.dataclass
@@ -187,6 +208,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     started = time.monotonic()
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         migrations.require_migrated(conn)
+        if not request.dry_run:
+            check_privileges(conn, mode)
         spec = WorkSpec(
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,

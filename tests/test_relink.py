@@ -527,3 +527,26 @@ def test_a_range_redone_after_a_lost_connection_records_its_problems_once(world)
                                   (run_id,)).fetchall()
     assert (status, problems, present) == ("done", 3, 1)
     assert recorded == [("missing-by-hash", 3)]
+
+
+def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
+    """Workers refused their first write would die and be restarted again and again: one line, exit 2."""
+    from psycopg.conninfo import make_conninfo
+
+    role = "relinker_reader_%d" % os.getpid()
+    small.conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        small.conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+        small.conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        reader = make_conninfo(small.dsn, user=role)
+        argv = ["--db-url", reader, "--by-hash-root", str(small.by_hash), "--archive-root", str(small.archive)]
+        assert main([*argv, "count", "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"relinker: error: role {role} may not INSERT relinker_run, which a count run writes "
+                       f"(GRANT INSERT ON relinker_run TO {role})\n")
+        # a dry run writes nothing: reading is all it needs
+        assert main([*argv, "count", "--workers", "1", "--dry-run", "--json"]) == 0
+        capsys.readouterr()
+    finally:
+        small.conn.execute(f"DROP OWNED BY {role}")
+        small.conn.execute(f"DROP ROLE {role}")
