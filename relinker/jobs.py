@@ -258,8 +258,9 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             checkpoint.finish_run_if_complete(conn, spec.run_id)
             summary = Summary.from_run(conn, spec.run_id, open_ranges=True)
         summary.interrupted = outcome.interrupted and not summary.complete
-        summary.links_this_session = summary.counters.links - links_before
-        summary.bytes_this_session = summary.counters.bytes_read - bytes_before
+        # What this coordinator's workers finished: another host on the same run has a rate of its own.
+        summary.links_this_session = outcome.counters.links
+        summary.bytes_this_session = outcome.counters.bytes_read
     summary.elapsed_seconds = elapsed
     summary.working_seconds = None  # this session's rate: its links over its own time
     return summary, _exit_code(summary)

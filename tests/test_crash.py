@@ -73,9 +73,11 @@ def test_two_coordinators_share_one_run(busy):
     rows = busy.conn.execute("SELECT attempts, worker FROM relinker_range WHERE run_id = 1").fetchall()
     assert all(attempts == 1 for attempts, _ in rows), "a range was worked twice"
     assert len({worker for _, worker in rows}) >= 3, "the second coordinator did not take part"
-    # both report the whole run, counted once
-    for _code, out, _err in results:
-        assert json.loads(out)["links_created"] == 60000
+    # both report the whole run, counted once, and each its own rate: the links its workers made
+    summaries = [json.loads(out) for _code, out, _err in results]
+    assert all(s["links_created"] == 60000 for s in summaries)
+    own = [s["links_per_second"] * s["elapsed_seconds"] for s in summaries]
+    assert all(links > 0 for links in own) and abs(sum(own) - 60000) < 600, own
 
 
 def test_survivor_takes_over_from_a_killed_coordinator(busy):
