@@ -330,6 +330,15 @@ SET status = 'done', finished_at = now(), heartbeat_at = now(), last_error = NUL
 # finished_at of a given-back range is when its worker stopped: the span it
 # worked counts in relinker_run_progress.working (its partial counters count
 # in the links).
+# The problems a range's last heartbeat recorded: a retry of a heartbeat whose
+# commit went through but whose reply was lost finds its own count there.
+SQL_PROBLEMS_RECORDED = "SELECT problems FROM relinker_range" + _OWNED_WHERE + "FOR UPDATE"
+# A finish retried after its commit's reply was lost: done already, by this very attempt.
+SQL_DONE_BY_THIS_ATTEMPT = """
+SELECT 1 FROM relinker_range
+WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'done'
+  AND worker = %(worker)s AND attempts = %(attempt)s
+"""
 SQL_RANGE_GIVE_BACK = """
 UPDATE relinker_range SET status = 'pending', worker = NULL, heartbeat_at = NULL, finished_at = now()
 """ + _OWNED_WHERE
@@ -387,7 +396,10 @@ class CheckpointStore:
         if not conn.execute(SQL_TRY_LOCK, (held.run_id, held.range_no)).fetchone()[0]:
             self._held = None
             raise LostRange(f"range {held.range_no} is locked by another worker")
-        if conn.execute(SQL_OWNED, self._owned_params(held)).fetchone() is None:
+        owned = self._owned_params(held)
+        # Done by this attempt: a finish whose reply was lost (its retry finds it so).
+        if (conn.execute(SQL_OWNED, owned).fetchone() is None
+                and conn.execute(SQL_DONE_BY_THIS_ATTEMPT, owned).fetchone() is None):
             conn.execute(SQL_UNLOCK, (held.run_id, held.range_no))
             self._held = None
             raise LostRange(f"range {held.range_no} was taken over")
@@ -483,7 +495,11 @@ class CheckpointStore:
         """Record liveness and partial counters; flush buffered problems."""
         def beat(conn):
             with conn.transaction():
-                self._write_problems(conn, r, problems)
+                recorded = conn.execute(SQL_PROBLEMS_RECORDED, self._owned_params(r)).fetchone()
+                if recorded is None:
+                    raise LostRange(f"range {r.range_no} was taken over")
+                if recorded[0] != counters.problems:  # else written by this very heartbeat, its reply lost
+                    self._write_problems(conn, r, problems)
                 if conn.execute(SQL_HEARTBEAT, self._owned_params(r, **counters.as_dict())).rowcount != 1:
                     raise LostRange(f"range {r.range_no} was taken over")
         self._call(beat)
@@ -494,6 +510,8 @@ class CheckpointStore:
         """Commit a range: its problems, the mode's catalogue updates and status done, atomically."""
         def commit(conn):
             with conn.transaction():
+                if conn.execute(SQL_DONE_BY_THIS_ATTEMPT, self._owned_params(r)).fetchone():
+                    return  # a retry: the commit went through, its reply was lost
                 self._write_problems(conn, r, problems)
                 finalize(conn)
                 if conn.execute(SQL_RANGE_DONE, self._owned_params(r, **counters.as_dict())).rowcount != 1:

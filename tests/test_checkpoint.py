@@ -170,3 +170,31 @@ def test_giving_back_or_failing_a_range_taken_over_meanwhile_leaves_it_to_its_ne
             store.close()
         world.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s",
                            (run_id,))
+
+
+def test_a_heartbeat_or_finish_retried_after_a_lost_reply_writes_nothing_twice(world):
+    """The commit went through, its reply did not: the retry finds its own work there and adds nothing."""
+    run_id = new_run(world, 1)
+    store = store_for(world, run_id)
+    try:
+        mine = store.claim()
+        counters = checkpoint.Counters(problems=2)
+        problems = [checkpoint.Problem("link-missing", "no archive entry", None, b"/a"),
+                    checkpoint.Problem("link-missing", "no archive entry", None, b"/b")]
+        store.heartbeat(mine, counters, list(problems))
+        store.heartbeat(mine, counters, list(problems))  # the same call again, as its retry makes it
+        counters.problems = 3
+        last = [checkpoint.Problem("wrong-inode", "archive entry is not the by-hash file", None, b"/c")]
+        finalized = []
+        store.finish(mine, counters, list(last), lambda conn: finalized.append(1))
+        # Its retry, as after a reply lost with the connection: a new session, the range's lock taken back.
+        store._held = mine
+        world.conn.execute("SELECT pg_terminate_backend(%s)", (store._connection().info.backend_pid,))
+        store.finish(mine, counters, list(last), lambda conn: finalized.append(1))  # no LostRange
+        assert finalized == [1]
+        assert world.conn.execute("SELECT path FROM relinker_problem WHERE run_id = %s ORDER BY path",
+                                  (run_id,)).fetchall() == [(b"/a",), (b"/b",), (b"/c",)]
+        assert world.conn.execute("SELECT status, problems FROM relinker_range WHERE run_id = %s",
+                                  (run_id,)).fetchone() == ("done", 3)
+    finally:
+        store.close()
