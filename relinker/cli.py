@@ -163,10 +163,11 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
     demo = add_command(
         commands, "demo", config_files,
         help="the whole story on real files and an embedded PostgreSQL",
-        description="Start an embedded PostgreSQL under DIR (unless --db-url names a scratch database), "
-        "catalogue a real tree (default: this Python's standard library), copy it into by-hash and an "
-        "archive, break a quarter of the archive's links, relink, verify, and print the psql command "
-        "to look around. Running it again starts over.",
+        description="Start an embedded PostgreSQL under DIR (always its own: a catalogue named by --db-url, "
+        "RELINKER_DB_URL or a config file is never touched), catalogue a real tree (default: this Python's "
+        "standard library), copy it into DIR/by-hash and an archive in DIR/archive (the root options are not "
+        "used), break a quarter of the archive's links, relink, verify, and print the psql command to look "
+        "around. Running it again starts over. Ctrl-C stops it with exit 3.",
         epilog="examples:\n  relinker demo\n  relinker demo /tmp/demo --source /usr/share/doc --keep",
     )
     demo.add_argument("demo_dir", nargs="?", default="relinker-demo", metavar="DIR",

@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relinker import copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import Settings
-from relinker.errors import EXIT_OK, EXIT_PROBLEMS, UserError
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, UserError
 
 MARKER = ".relinker-demo"
 DATABASE = "relinker_demo"
@@ -131,12 +131,17 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
         step(f"relinker scan --medium {MEDIUM} {source}  (metadata only; site-packages left out)")
         result = scan.scan_tree(conn, MEDIUM, os.fsencode(source), EXCLUDE)
         print(f"  {result.paths:,} paths, {result.inodes:,} inodes, {result.files:,} regular files")
+        if result.files < MIN_FILES:  # symlinks and left-out files are no content to copy
+            raise UserError(f"--source {source} has {result.files} regular files to copy: too few for the demo "
+                            f"(at least {MIN_FILES})")
 
     step("relinker copy: each content once into by-hash/ab/cd/<blake3>, every path hardlinked into the archive")
     request = jobs.JobRequest(settings=settings, options={"medium": None, "limit": None}, workers=workers,
                               progress=progress)
-    summary, _ = jobs.run_job(copy.MODE_SPEC, request)
+    summary, code = jobs.run_job(copy.MODE_SPEC, request)
     print(_indent(summary.as_text()))
+    if code == EXIT_INTERRUPTED:
+        return code
     print(f"  {summary.counters.blobs - summary.counters.files_copied:,} of {summary.counters.blobs:,} "
           "files had a content already in by-hash: stored once, linked from every path")
 
@@ -150,6 +155,8 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
                                                           "limit": None}, workers=workers, progress=progress)
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
     print(_indent(summary.as_text()))
+    if code == EXIT_INTERRUPTED:
+        return code
     repaired = summary.counters.links_created == deleted and summary.counters.links_replaced == stale
 
     step("relinker verify --all --hash: every blob, every link, every count, every byte")
@@ -157,6 +164,8 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
                               progress=progress)
     checked, verified = jobs.run_job(verify.MODE_SPEC, request)
     print(_indent(checked.as_text()))
+    if verified == EXIT_INTERRUPTED:
+        return verified
     ok = code == EXIT_OK and repaired and verified == EXIT_OK
     print(f"\n  {'everything repaired and verified' if ok else 'something did not add up (see above)'}")
     return EXIT_OK if ok else EXIT_PROBLEMS

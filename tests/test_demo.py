@@ -75,3 +75,13 @@ def test_demo_on_a_tree_too_small_says_so(tmp_path):
     result = demo(str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src", files=5)))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "fewer than 20 files" in result.stderr
+
+
+def test_demo_on_a_tree_of_symlinks_says_it_has_too_few_files_to_copy(tmp_path):
+    """Names are not contents: a tree of symlinks passes the first count, and the scan's count refuses it."""
+    source = small_tree(tmp_path / "src", files=2)
+    for i in range(25):
+        (source / "a" / f"link{i}").symlink_to("f0")
+    result = demo(str(tmp_path / "d"), "--source", str(source))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "has 2 regular files to copy: too few for the demo" in result.stderr
