@@ -162,7 +162,16 @@ class Summary:
             + (f", {self.ranges_running:,} running" if self.ranges_running else ""),
         )]
         problems = ("problems", f"{c.problems:,}" + (f" ({kinds})" if kinds else ""))
-        if self.mode == "verify":
+        if self.mode == "copy" and self.dry_run:
+            # What the catalogue plans, not what a copy would do: it reads no
+            # content, so it cannot tell the contents and links already there.
+            rows += [
+                ("inodes to store", f"{c.blobs:,}"),
+                ("paths to link", f"{c.links_created:,} (those already linked are left as they are)"),
+                problems,
+                ("content to read", f"{human_bytes(c.bytes_read)} (written only where the store lacks it)"),
+            ]
+        elif self.mode == "verify":
             rows += [
                 ("blobs", f"{c.blobs:,} checked, {c.blobs - c.blobs_failed:,} passed, {c.blobs_failed:,} failed"),
                 ("links present", f"{c.links_present:,}"),
@@ -179,9 +188,9 @@ class Summary:
             ]
             if self.mode == "count" or c.links_missing:
                 rows.append(("links missing", f"{c.links_missing:,}"))
-        if self.mode == "copy":
-            rows.append((f"by-hash files {verb}written", f"{c.files_copied:,} ({human_bytes(c.bytes_copied)})"))
-        if c.bytes_read or self.bytes_planned:
+        if self.mode == "copy" and not self.dry_run:
+            rows.append(("by-hash files written", f"{c.files_copied:,} ({human_bytes(c.bytes_copied)})"))
+        if (c.bytes_read or self.bytes_planned) and not (self.mode == "copy" and self.dry_run):
             planned = f" of {human_bytes(self.bytes_planned)}" if self.bytes_planned else ""
             rows.append(("content read", f"{human_bytes(c.bytes_read)}{planned} ({self.mb_per_second:,.1f} MB/s)"))
         rate = f"{self.links_per_second:,.0f} links/s"

@@ -47,3 +47,12 @@ def test_a_dry_run_is_complete_only_if_every_range_was_reported_done():
     assert dry(3, 3).complete
     assert not dry(2, 3).complete and "not complete" in dry(2, 3).as_text()
     assert not dry(0, 3, interrupted=True).complete
+
+
+def test_a_copy_dry_run_says_what_is_planned_not_what_a_copy_would_write():
+    """A dry run reads no content: it cannot know which contents and links are there already."""
+    counters = Counters(blobs=4, links_created=6, bytes_read=2_500_000, files_copied=4, bytes_copied=2_500_000)
+    text = Summary(mode="copy", dry_run=True, counters=counters, ranges_total=1, ranges_done=1,
+                   elapsed_seconds=0.5).as_text()
+    assert "inodes to store  4" in text and "paths to link    6" in text and "content to read  2.5 MB" in text
+    assert "would be written" not in text and "MB/s" not in text and "would be created" not in text
