@@ -9,7 +9,7 @@ import sys
 import psycopg
 import tqdm
 
-from relinker.checkpoint import Counters, Problem
+from relinker.checkpoint import DEFAULT_LEASE, Counters, Problem
 from relinker.paths import display
 
 SQL_RUN_PROGRESS = """
@@ -25,7 +25,8 @@ SQL_PROBLEM_SAMPLES = """
 SELECT kind, detail, blobid, path FROM relinker_problem WHERE run_id = %s ORDER BY problem_id LIMIT %s
 """
 SQL_OPEN_RANGES = """
-SELECT range_no, status, lo, hi, worker, attempts, extract(epoch FROM heartbeat_age)::float8, last_error
+SELECT range_no, status, lo, hi, worker, attempts, extract(epoch FROM heartbeat_age)::float8, last_error,
+       lease_seconds
 FROM relinker_open_ranges WHERE run_id = %s ORDER BY range_no LIMIT %s
 """
 SAMPLE_LIMIT = 20
@@ -105,8 +106,8 @@ class Summary:
         if open_ranges:
             summary.open_ranges = [
                 dict(range_no=n, status=s, lo=lo, hi=hi, worker=w, attempts=a, heartbeat_age_seconds=age,
-                     last_error=err)
-                for n, s, lo, hi, w, a, age, err in conn.execute(SQL_OPEN_RANGES, (run_id, SAMPLE_LIMIT))
+                     last_error=err, stale=s == "running" and age is not None and age > (lease or DEFAULT_LEASE))
+                for n, s, lo, hi, w, a, age, err, lease in conn.execute(SQL_OPEN_RANGES, (run_id, SAMPLE_LIMIT))
             ]
         return summary
 
@@ -200,7 +201,10 @@ class Summary:
                                     f"({rate})"))
         else:
             rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({rate})"))
-        if self.eta_seconds and not self.complete:
+        running = [r for r in self.open_ranges if r["status"] == "running"]
+        if running and all(r.get("stale") for r in running):
+            rows.append(("eta", "none: no worker is at work (resume the run)"))
+        elif self.eta_seconds and not self.complete:
             rows.append(("eta", f"{self.eta_seconds:,.0f} s"))
         width = max(len(label) for label, _ in rows) + 2
         lines += [f"  {label:<{width}}{value}" for label, value in rows]
@@ -208,9 +212,14 @@ class Summary:
             where = display(p.path) if p.path is not None else p.blobid or ""
             lines.append(f"  ! {p.kind}: {where}: {p.detail}")
         for r in self.open_ranges:
+            beat = r.get("heartbeat_age_seconds")
             lines.append(f"  range {r['range_no']} {r['status']}"
                          + (f" by {r['worker']}" if r["worker"] else "")
                          + (f" (attempts {r['attempts']})" if r["attempts"] else "")
+                         + (f", last heartbeat {beat:,.0f} s ago" if r["status"] == "running" and beat is not None
+                            else "")
+                         + (": stale, its worker is gone or stuck (the next claim takes it over)"
+                            if r.get("stale") else "")
                          + (f": {r['last_error']}" if r["last_error"] else ""))
         return "\n".join(lines)
 

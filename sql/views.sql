@@ -108,7 +108,7 @@ SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.in
        now() - g.heartbeat_at AS heartbeat_age,
        g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
        g.links_missing, g.files_copied, g.bytes_copied, g.bytes_read, g.bytes_planned, g.blobs_failed,
-       cardinality(g.blobids) AS listed_blobs, g.last_error
+       cardinality(g.blobids) AS listed_blobs, g.last_error, g.lease_seconds
 FROM relinker_range g
 WHERE g.status <> 'done';
 

@@ -56,3 +56,25 @@ def test_a_copy_dry_run_says_what_is_planned_not_what_a_copy_would_write():
                    elapsed_seconds=0.5).as_text()
     assert "inodes to store  4" in text and "paths to link    6" in text and "content to read  2.5 MB" in text
     assert "would be written" not in text and "MB/s" not in text and "would be created" not in text
+
+
+def test_status_shows_a_range_whose_worker_is_gone_as_stale_with_no_eta(world):
+    """kill -9 of a whole run: its ranges stay 'running' until claimed; status says so instead of an ETA."""
+    from relinker import checkpoint
+
+    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
+                                   checkpoint.split_blob_space(2))
+    world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'gone:1', attempts = 1, "
+                       "lease_seconds = 60, claimed_at = now() - interval '10 minutes', "
+                       "heartbeat_at = now() - interval '137 seconds' WHERE run_id = %s", (run_id,))
+    world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '5 seconds', worker = 'alive:1' "
+                       "WHERE run_id = %s AND range_no = 1", (run_id,))
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert [r["stale"] for r in summary.open_ranges] == [True, False]
+    text = summary.as_text()
+    assert "range 0 running by gone:1 (attempts 1), last heartbeat 137 s ago: stale" in text
+    assert "no worker is at work" not in text  # one live worker: its ETA stands
+    world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '1 hour' WHERE run_id = %s",
+                       (run_id,))
+    text = Summary.from_run(world.conn, run_id, open_ranges=True).as_text()
+    assert "none: no worker is at work (resume the run)" in text
