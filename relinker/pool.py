@@ -329,7 +329,8 @@ class _ForcedStop(Exception):
 
 
 class Progress(Protocol):
-    def update(self, paths_done: int, ranges_done: int, bytes_done: int = 0) -> None: ...
+    def update(self, paths_done: int, ranges_done: int, bytes_done: int = 0,
+               finished_work: tuple[int, int] | None = None) -> None: ...
 
 
 def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> PoolOutcome:
@@ -422,7 +423,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     idle.clear()
             if progress is not None:
                 progress.update(finished_paths + sum(p for p, _ in in_flight.values()), ranges_done,
-                                finished_bytes + sum(b for _, b in in_flight.values()))
+                                finished_bytes + sum(b for _, b in in_flight.values()),
+                                (finished_paths, finished_bytes))
     except _ForcedStop:
         for process in live.values():
             process.kill()

@@ -24,6 +24,16 @@ def test_without_a_planned_total_the_bar_extrapolates_from_finished_ranges(capsy
     paths.close()
 
 
+def test_the_extrapolated_total_counts_finished_ranges_only_not_those_in_flight(capsys):
+    """Two of four 1 GB ranges finished, two halfway: the total stays 4 GB, whatever the halfway ones add."""
+    bar = ProgressBar(4, 0, 0, enabled=True, in_bytes=True)
+    bar.update(paths_done=4, ranges_done=2, bytes_done=3_000_000_000, finished_work=(2, 2_000_000_000))
+    assert (bar._bar.n, bar._bar.total) == (3_000_000_000, 4_000_000_000)
+    bar.update(paths_done=4, ranges_done=2, bytes_done=3_900_000_000, finished_work=(2, 2_000_000_000))
+    assert bar._bar.total == 4_000_000_000
+    bar.close()
+
+
 def test_a_verify_summary_says_what_passed_and_how_fast_content_was_read():
     summary = Summary(mode="verify", run_id=3, status="done", elapsed_seconds=2.0,
                       counters=Counters(blobs=10, blobs_failed=2, links_present=30, bytes_read=4_000_000))
