@@ -188,6 +188,7 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
@@ -206,7 +207,7 @@ def at_most(maximum: int):
 
 
 def seconds_at_least(minimum: float, maximum: float = math.inf):
-    """An argparse type: a number of seconds, ``minimum`` or more (and below ``maximum``)."""
+    """An argparse type: a number of seconds from ``minimum`` to ``maximum``."""
     def parse_seconds(text: str) -> float:
         try:
             value = float(text)
