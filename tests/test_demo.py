@@ -85,3 +85,25 @@ def test_demo_on_a_tree_of_symlinks_says_it_has_too_few_files_to_copy(tmp_path):
     result = demo(str(tmp_path / "d"), "--source", str(source))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "has 2 regular files to copy: too few for the demo" in result.stderr
+
+
+def test_an_interrupted_step_stops_the_demo_with_exit_3(db_url, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the copy: no archive broken, no relink or verify of a copy never finished."""
+    from relinker import demo as demo_module, jobs
+    from relinker.config import Settings
+    from relinker.errors import EXIT_INTERRUPTED
+    from relinker.report import Summary
+
+    asked = []
+
+    def interrupted(mode, request):  # what run_job returns when the operator pressed Ctrl-C
+        asked.append(mode.name)
+        return Summary(mode=mode.name, run_id=1, status="open", interrupted=True), EXIT_INTERRUPTED
+
+    monkeypatch.setattr(jobs, "run_job", interrupted)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    settings = Settings(db_url=db_url, by_hash_root=os.fsencode(tmp_path), archive_root=os.fsencode(archive))
+    code = demo_module._story(demo_module.Step(), settings, str(small_tree(tmp_path / "src")), 1, False)
+    assert code == EXIT_INTERRUPTED and asked == ["copy"]
+    assert "break the archive" not in capsys.readouterr().out
