@@ -169,7 +169,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                 _apply_in_transaction(conn, migration)
             applied_now.append(f"{migration.version:04d}_{migration.name}")
         try:
-            _briefly_locking(conn, _read(VIEWS_FILE), "re-creating relinker's views")
+            _briefly_locking(conn, [(_read(VIEWS_FILE), None)], "re-creating relinker's views")
         except psycopg.errors.DependentObjectsStillExist as exc:
             raise UserError(f"re-creating relinker's views: {db.first_line(exc)} (a view of yours built on one "
                             "of relinker's: drop it, migrate, create it again)") from None
@@ -194,48 +194,38 @@ def _wait_for_the_migrate_lock(conn: psycopg.Connection) -> None:
         time.sleep(MIGRATE_LOCK_POLL)
 
 
-#: How long an ordinary migration waits for a table lock (see _apply_in_transaction).
+#: How long a statement that takes a strong lock waits for it (see _briefly_locking).
 LOCK_TIMEOUT = "10s"
-
-
-def _apply_in_transaction(conn: psycopg.Connection, migration: Migration) -> None:
-    # A DDL statement queued behind a long transaction (a copier's, a
-    # report's) blocks every later reader of that table while it waits: on
-    # a live catalogue, give up soon and say why instead.
-    try:
-        with conn.transaction():
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
-            conn.execute(migration.text)
-            conn.execute(SQL_RECORD_MIGRATION, (migration.version, migration.name))
-    except psycopg.errors.LockNotAvailable:
-        raise UserError(
-            f"migration {migration.version:04d}_{migration.name} waited {LOCK_TIMEOUT} for a table another "
-            "session holds (a long transaction: see pg_stat_activity); nothing was changed, run "
-            "`relinker migrate` again once it is over") from None
-
-
-#: Attempts of a statement that takes a strong lock before migrate gives up (see _briefly_locking).
+#: Tries of such a statement that can simply be run again (an index attach, the views) before migrate gives up.
 LOCK_ATTEMPTS = 3
 
 
-def _briefly_locking(conn: psycopg.Connection, statement, what: str) -> None:
-    """Run ``statement`` in a transaction that waits at most LOCK_TIMEOUT for its locks, a few times.
+def _apply_in_transaction(conn: psycopg.Connection, migration: Migration) -> None:
+    _briefly_locking(conn, [(migration.text, None), (SQL_RECORD_MIGRATION, (migration.version, migration.name))],
+                     f"migration {migration.version:04d}_{migration.name}", attempts=1)
 
-    A lock request queued behind a long transaction blocks every later
-    reader of that table while it waits: on a live catalogue each try gives
-    up soon, and after the last one migrate says why and changes nothing more.
+
+def _briefly_locking(conn: psycopg.Connection, statements, what: str, attempts: int = LOCK_ATTEMPTS) -> None:
+    """Run ``statements`` ((query, params) pairs) in one transaction that waits at most LOCK_TIMEOUT for its locks.
+
+    A DDL statement queued behind a long transaction (a copier's, a
+    report's) blocks every later reader of that table while it waits: on a
+    live catalogue each try gives up soon, and after the last of
+    ``attempts`` migrate says why, the transaction undone.
     """
-    for attempt in range(1, LOCK_ATTEMPTS + 1):
+    for attempt in range(1, attempts + 1):
         try:
             with conn.transaction():
                 conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
-                conn.execute(statement)
+                for query, params in statements:
+                    conn.execute(query, params)
             return
         except psycopg.errors.LockNotAvailable:
-            if attempt == LOCK_ATTEMPTS:
+            if attempt == attempts:
+                tries = f", {attempts} times" if attempts > 1 else ""
                 raise UserError(
-                    f"{what} waited {LOCK_TIMEOUT} for a lock another session holds, {LOCK_ATTEMPTS} times (a long "
-                    "transaction: see pg_stat_activity); run `relinker migrate` again once it is over") from None
+                    f"{what} waited {LOCK_TIMEOUT} for a lock another session holds{tries} (a long transaction: "
+                    "see pg_stat_activity); it was not done, run `relinker migrate` again once it is over") from None
             time.sleep(attempt)
 
 
@@ -275,11 +265,11 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
     if db.relkind(conn, table) != "p":
         _build_concurrently(conn, name, table, cols)
         return
-    _briefly_locking(conn, sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
-        sql.Identifier(name), sql.Identifier(table), cols), f"creating index {name} on {table}")
+    _briefly_locking(conn, [(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
+        sql.Identifier(name), sql.Identifier(table), cols), None)], f"creating index {name} on {table}")
     def attach(child_index: sql.Identifier) -> None:
-        _briefly_locking(conn, sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
-            sql.Identifier(name), child_index), f"attaching the index of {partition} to {name}")
+        _briefly_locking(conn, [(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+            sql.Identifier(name), child_index), None)], f"attaching the index of {partition} to {name}")
 
     for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
         if conn.execute(SQL_PARTITION_ATTACHED, {"partition": partition, "parent": name}).fetchone():
