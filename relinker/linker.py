@@ -49,6 +49,8 @@ from relinker.paths import UnsafePath, display, split_archive_path
 # O_PATH: a handle for *at() calls only, cheaper to open and close.
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIRECTORY_MODE = 0o755
+#: The detail of a ``too-many-links`` problem (relink's, and verify's for the same paths).
+AT_LINK_LIMIT = "the by-hash file has as many links as the filesystem allows"
 TEMP_PREFIX = b".relinker-"
 TEMP_SUFFIX = b".tmp"
 #: Upper bound of directory descriptors kept open per linker; the real bound
@@ -770,7 +772,7 @@ def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: bytes) 
 
 def _link_problem(exc: OSError, source: bytes | None, stored: bytes) -> LinkProblem:
     if exc.errno == errno.EMLINK:
-        return LinkProblem("too-many-links", "the by-hash file has as many links as the filesystem allows")
+        return LinkProblem("too-many-links", AT_LINK_LIMIT)
     if exc.errno == errno.ENAMETOOLONG:
         return LinkProblem("name-too-long", "the file name is too long for the filesystem")
     if exc.errno == errno.ENOENT and source is not None and not os.path.lexists(source):

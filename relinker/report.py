@@ -163,7 +163,8 @@ class Summary:
             + (f", {self.ranges_running:,} running" if self.ranges_running else ""),
         )]
         problems = ("problems", f"{c.problems:,}" + (f" ({kinds})" if kinds else ""))
-        if self.mode == "copy" and self.dry_run:
+        copy_planned = self.mode == "copy" and self.dry_run
+        if copy_planned:
             # What the catalogue plans, not what a copy would do: it reads no
             # content, so it cannot tell the contents and links already there.
             rows += [
@@ -191,7 +192,7 @@ class Summary:
                 rows.append(("links missing", f"{c.links_missing:,}"))
         if self.mode == "copy" and not self.dry_run:
             rows.append(("by-hash files written", f"{c.files_copied:,} ({human_bytes(c.bytes_copied)})"))
-        if (c.bytes_read or self.bytes_planned) and not (self.mode == "copy" and self.dry_run):
+        if (c.bytes_read or self.bytes_planned) and not copy_planned:
             planned = f" of {human_bytes(self.bytes_planned)}" if self.bytes_planned else ""
             rows.append(("content read", f"{human_bytes(c.bytes_read)}{planned} ({self.mb_per_second:,.1f} MB/s)"))
         rate = f"{self.links_per_second:,.0f} links/s"

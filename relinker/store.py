@@ -333,8 +333,7 @@ class ByHashStore:
         except (FileNotFoundError, NotADirectoryError) as exc:
             # A dangling symlink or a file where ab/ or ab/cd/ belongs: this content's trouble, not the range's.
             if not _is_directory(os.path.dirname(level2), self._root_fd) or not _is_directory(level2, self._root_fd):
-                raise ByHashProblem("bad-by-hash", f"{display(pending.final)}: a directory above it is not one "
-                                    "(kept)") from None
+                raise _blocked_directory(pending.final) from None
             raise _naming(exc, pending.final) from None
         except OSError as exc:
             raise _naming(exc, pending.final) from None
@@ -432,6 +431,11 @@ def _mkdir(path: bytes, fix_mode: bool = True, dir_fd: int | None = None) -> Non
         return
     if fix_mode:
         os.chmod(path, DIRECTORY_MODE, dir_fd=dir_fd)
+
+
+def _blocked_directory(final: bytes) -> ByHashProblem:
+    """The problem of a content whose ``ab/`` or ``ab/cd/`` is something else (a file, a dangling symlink)."""
+    return ByHashProblem("bad-by-hash", f"{display(final)}: a directory above it is not one (kept)")
 
 
 def _is_directory(path: bytes, dir_fd: int) -> bool:
@@ -564,7 +568,7 @@ def _holds_the_content(dir_fd: int, relative: bytes, final: bytes, size: int) ->
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise ByHashProblem("bad-by-hash", f"{display(final)}: a directory above it is not one (kept)") from None
+        raise _blocked_directory(final) from None
     except OSError as exc:
         raise _naming(exc, final) from None
     if not stat.S_ISREG(st.st_mode):

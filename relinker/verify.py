@@ -30,6 +30,7 @@ from psycopg import sql
 from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
 from relinker.jobs import Mode
+from relinker.linker import AT_LINK_LIMIT
 from relinker.paths import by_hash_relpath, display
 from relinker.pool import RangeContext, WorkSpec
 from relinker.relink import UNUSABLE, CountWork, RangeScope, plan_list
@@ -132,8 +133,7 @@ class VerifyWork(CountWork):
         """
         def checked(where: bytes, kind: str, detail: str) -> None:
             if kind == "link-missing" and self._at_link_limit(source):
-                problem(where, "too-many-links", "no archive entry: the by-hash file has as many links as the "
-                        "filesystem allows", fails_blob=False)
+                problem(where, "too-many-links", f"no archive entry: {AT_LINK_LIMIT}", fails_blob=False)
             else:
                 problem(where, kind, detail)
 
