@@ -219,21 +219,30 @@ def test_sources_of_each_path_form_most_likely_first():
     assert source_candidates(b"/srv/tree/f", m, moved, scanned=True) == [b"/data/tree/f"]
 
 
+def put(path: bytes, content: bytes) -> bytes:
+    """A file of ``content`` at ``path``, its directories made; ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+def catalogued(world, medium: str, stored: bytes, size: int) -> int:
+    """An inode of ``medium`` not stored yet, of ``size`` bytes, with the one path ``stored``."""
+    ino = world.inode(medium, [stored], None)
+    world.conn.execute("UPDATE inode SET size = %s WHERE ino = %s", (size, ino))
+    return ino
+
+
 def test_a_relative_path_is_read_from_the_mounted_medium_not_from_this_machine(world, capsys, tmp_path):
     """``/etc/version`` of a disk is the disk's: the machine's own file of that name is never read."""
     medium = world.medium("system-disk")
     mount = tmp_path / "mounted-medium"
     here = tmp_path / "this-machine"
     # The catalogued path also exists on this machine (here, under tmp_path), with the same size.
-    stored = os.fsencode(here / "etc" / "version")
-    (here / "etc").mkdir(parents=True)
-    (here / "etc" / "version").write_bytes(b"12.4\n")
-    on_medium = os.fsencode(mount) + stored
-    os.makedirs(os.path.dirname(on_medium))
-    with open(on_medium, "wb") as f:
-        f.write(b"12.5\n")
-    ino = world.inode(medium, [stored], None)
-    world.conn.execute("UPDATE inode SET size = 5 WHERE ino = %s", (ino,))
+    stored = put(os.fsencode(here / "etc" / "version"), b"12.4\n")
+    put(os.fsencode(mount) + stored, b"12.5\n")
+    ino = catalogued(world, medium, stored, 5)
     code, summary = copy(world, capsys, "--source-prefix", f"/mnt/ntt/{medium}={mount}")
     assert code == 0, summary
     blobid = world.conn.execute("SELECT blobid FROM inode WHERE ino = %s", (ino,)).fetchone()[0]
@@ -249,12 +258,8 @@ def test_a_relative_path_of_a_medium_not_mounted_is_never_read_from_this_machine
     if mount_point == "left empty":
         mount.mkdir()  # what an umount leaves behind
     # The catalogued path names a file of this machine with the content's very size.
-    stored = os.fsencode(tmp_path / "this-machine" / "version")
-    os.makedirs(os.path.dirname(stored))
-    with open(stored, "wb") as f:
-        f.write(b"12.4\n")
-    ino = world.inode(medium, [stored], None)
-    world.conn.execute("UPDATE inode SET size = 5 WHERE ino = %s", (ino,))
+    stored = put(os.fsencode(tmp_path / "this-machine" / "version"), b"12.4\n")
+    ino = catalogued(world, medium, stored, 5)
     code, summary = copy(world, capsys, "--source-prefix", f"/mnt/ntt/{medium}={mount}")
     assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 1}
     blobid, errors = world.conn.execute("SELECT blobid, errors FROM inode WHERE ino = %s", (ino,)).fetchone()
@@ -264,10 +269,7 @@ def test_a_relative_path_of_a_medium_not_mounted_is_never_read_from_this_machine
         assert world.conn.execute("SELECT status FROM inode WHERE ino = %s", (ino,)).fetchone() == (
             "failed_retryable",)
     # Mounted at last: the next run reads the medium's file, never this machine's.
-    on_medium = os.fsencode(mount) + stored
-    os.makedirs(os.path.dirname(on_medium))
-    with open(on_medium, "wb") as f:
-        f.write(b"12.5\n")
+    put(os.fsencode(mount) + stored, b"12.5\n")
     code, summary = copy(world, capsys, "--new", "--source-prefix", f"/mnt/ntt/{medium}={mount}")
     assert code == 0, summary
     assert world.conn.execute("SELECT blobid FROM inode WHERE ino = %s", (ino,)).fetchone() == (
