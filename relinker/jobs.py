@@ -61,7 +61,13 @@ class Mode:
 #: What every run writes: its checkpoints.
 CHECKPOINT_WRITES = (("relinker_run", "INSERT"), ("relinker_run", "UPDATE"), ("relinker_range", "INSERT"),
                      ("relinker_range", "UPDATE"), ("relinker_problem", "INSERT"), ("relinker_problem", "DELETE"))
-SQL_MAY = "SELECT has_table_privilege(%s, %s)"
+#: The (table, privilege) pairs of the lists given that this role lacks, in their order.
+SQL_REFUSED = """
+SELECT t.name, t.privilege
+FROM unnest(%(tables)s::text[], %(privileges)s::text[]) WITH ORDINALITY AS t(name, privilege, n)
+WHERE NOT has_table_privilege(t.name, t.privilege)
+ORDER BY t.n
+"""
 
 
 def check_privileges(conn: psycopg.Connection, mode: Mode) -> None:
@@ -70,11 +76,14 @@ def check_privileges(conn: psycopg.Connection, mode: Mode) -> None:
     A worker refused a write fails its range, or dies at its first claim and
     is started again and again: one line before any work instead.
     """
-    for table, privilege in CHECKPOINT_WRITES + mode.catalogue_writes:
-        if not conn.execute(SQL_MAY, (table, privilege)).fetchone()[0]:
-            user = conn.info.user
-            raise UserError(f"role {user} may not {privilege} {table}, which a {mode.name} run writes "
-                            f"(GRANT {privilege} ON {table} TO {user})")
+    writes = CHECKPOINT_WRITES + mode.catalogue_writes
+    refused = conn.execute(SQL_REFUSED, {"tables": [t for t, _ in writes],
+                                         "privileges": [p for _, p in writes]}).fetchone()
+    if refused:
+        table, privilege = refused
+        user = conn.info.user
+        raise UserError(f"role {user} may not {privilege} {table}, which a {mode.name} run writes "
+                        f"(GRANT {privilege} ON {table} TO {user})")
 
 
 @dataclasses.dataclass

@@ -547,6 +547,15 @@ def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
         # a dry run writes nothing: reading is all it needs
         assert main([*argv, "count", "--workers", "1", "--dry-run", "--json"]) == 0
         capsys.readouterr()
+        # allowed its checkpoints, it still may not write the counts into blobs
+        small.conn.execute(f"GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem TO {role}")
+        small.conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        assert main([*argv, "count", "--workers", "1"]) == 2
+        assert capsys.readouterr().err == (f"relinker: error: role {role} may not UPDATE blobs, which a count run "
+                                           f"writes (GRANT UPDATE ON blobs TO {role})\n")
+        small.conn.execute(f"GRANT UPDATE ON blobs TO {role}")
+        assert main([*argv, "count", "--workers", "1", "--json"]) == 0
+        capsys.readouterr()
     finally:
         small.conn.execute(f"DROP OWNED BY {role}")
         small.conn.execute(f"DROP ROLE {role}")
