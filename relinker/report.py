@@ -260,20 +260,16 @@ class ProgressBar:
             smoothing=0.05, mininterval=0.5, **unit,
         )
 
-    def update(self, paths_done: int, ranges_done: int, bytes_done: int = 0,
-               finished_work: tuple[int, int] | None = None) -> None:
-        """Work done this session (finished ranges and those in flight); ``finished_work``: the
-        (paths, bytes) of the finished ones alone, which the total is extrapolated from."""
+    def update(self, paths_done: int, ranges_done: int, bytes_done: int, finished_work: tuple[int, int]) -> None:
+        """Work done this session: ``paths_done`` and ``bytes_done`` by the finished ranges and those
+        in flight, ``finished_work`` the (paths, bytes) of the finished ones alone."""
         paths = self.paths_before + paths_done
         current = self.bytes_before + bytes_done if self.in_bytes else paths
         finished = self.ranges_before + ranges_done
         if self.known_total is None and finished and self.ranges_total:
             # Per finished range: counting ranges in flight would make the total
             # swing with how far each of them happens to be.
-            if finished_work is None:
-                done = current
-            else:
-                done = self.bytes_before + finished_work[1] if self.in_bytes else self.paths_before + finished_work[0]
+            done = self.bytes_before + finished_work[1] if self.in_bytes else self.paths_before + finished_work[0]
             estimate = int(done / finished * self.ranges_total) if finished < self.ranges_total else current
             self._bar.total = max(estimate, current)
         if self.in_bytes:

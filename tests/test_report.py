@@ -6,7 +6,7 @@ from relinker.report import ProgressBar, Summary, human_bytes
 
 def test_content_work_shows_bytes_against_the_planned_total(capsys):
     bar = ProgressBar(4, 1, 10, enabled=True, bytes_done_before=100, in_bytes=True, bytes_total=1000)
-    bar.update(paths_done=5, ranges_done=1, bytes_done=400)
+    bar.update(paths_done=5, ranges_done=1, bytes_done=400, finished_work=(5, 400))
     assert (bar._bar.n, bar._bar.total) == (500, 1000)  # done before this session, and now
     bar.close()
     shown = capsys.readouterr().err
@@ -15,10 +15,10 @@ def test_content_work_shows_bytes_against_the_planned_total(capsys):
 
 def test_without_a_planned_total_the_bar_extrapolates_from_finished_ranges(capsys):
     bar = ProgressBar(10, 0, 0, enabled=True, in_bytes=True)
-    bar.update(paths_done=3, ranges_done=2, bytes_done=200)
+    bar.update(paths_done=3, ranges_done=2, bytes_done=200, finished_work=(3, 200))
     assert bar._bar.total == 1000
     paths = ProgressBar(10, 0, 0, enabled=True)
-    paths.update(paths_done=30, ranges_done=3)
+    paths.update(paths_done=30, ranges_done=3, bytes_done=0, finished_work=(30, 0))
     assert (paths._bar.n, paths._bar.total) == (30, 100)
     bar.close()
     paths.close()
