@@ -408,6 +408,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         directory = os.path.dirname(os.path.abspath(args.failed_ids))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
             raise UserError(f"--failed-ids {args.failed_ids}: cannot write into {directory}")
+    if (args.all or args.from_file) and (args.count or args.mode):
+        chooser = "--count" if args.count else "--mode"
+        raise UserError(f"{chooser} chooses which blobs: not with {'--all' if args.all else '--from-file'}")
     options = {"hash": args.hash}
     request = job_request(args, settings, options)
     if args.from_file:

@@ -51,6 +51,9 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIRECTORY_MODE = 0o755
 #: The detail of a ``too-many-links`` problem (relink's, and verify's for the same paths).
 AT_LINK_LIMIT = "the by-hash file has as many links as the filesystem allows"
+#: What glibc's pathconf answers for a filesystem it has no figure for
+#: (LINUX_LINK_MAX): tmpfs, overlayfs, ZFS, whose real limit is far higher or none.
+_UNKNOWN_LINK_MAX = 127
 TEMP_PREFIX = b".relinker-"
 TEMP_SUFFIX = b".tmp"
 #: Upper bound of directory descriptors kept open per linker; the real bound
@@ -168,6 +171,10 @@ class ArchiveLinker:
         Raises OSError as :func:`os.stat` does.
         """
         return lstat_identity(source, self._source_fd)
+
+    def stat_source(self, source: bytes) -> os.stat_result:
+        """The lstat of a source, relative to ``source_root`` when not absolute (no read permission needed)."""
+        return os.stat(source, dir_fd=self._source_fd, follow_symlinks=False)
 
     def open_source(self, source: bytes) -> int:
         """A read-only descriptor of a source (never through a symlink); the caller closes it."""
@@ -768,6 +775,15 @@ def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: bytes) 
     if exc.errno == errno.ENAMETOOLONG:
         return LinkProblem("name-too-long", f"a component of {location} is too long")
     return LinkProblem("os-error", f"{location}: {exc.strerror}")
+
+
+def filesystem_link_limit(path: bytes) -> int | None:
+    """The most links a file may have on ``path``'s filesystem, or None where that is not known."""
+    try:
+        limit = os.pathconf(path, "PC_LINK_MAX")
+    except (OSError, ValueError):
+        return None
+    return None if limit in (-1, _UNKNOWN_LINK_MAX) else limit
 
 
 def _link_problem(exc: OSError, source: bytes | None, stored: bytes) -> LinkProblem:

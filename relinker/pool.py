@@ -97,6 +97,11 @@ class RangeWork(Protocol):
         """Release everything."""
 
 
+#: Problems that record a limit of the filesystem, not damage: they fail no
+#: blob (verify passes it, ``--failed-ids`` leaves it out).
+LIMIT_KINDS = frozenset({"too-many-links"})
+
+
 class RangeContext:
     """Per-range bookkeeping handed to ``RangeWork.process``.
 
@@ -114,16 +119,15 @@ class RangeContext:
         self.problem_blobs: set[str] = set()
         self._next_check = 0.0
 
-    def problem(self, kind: str, detail: str, *, blobid: str | None = None, path: bytes | None = None,
-                fails_blob: bool = True) -> None:
+    def problem(self, kind: str, detail: str, *, blobid: str | None = None, path: bytes | None = None) -> None:
         """Record a per-path (or per-blob) problem: counted, never fatal.
 
-        ``fails_blob`` false: a limit of the filesystem, not something wrong
-        with the blob (``too-many-links``); recorded all the same.
+        A kind of LIMIT_KINDS (a limit of the filesystem, not something wrong
+        with the blob) is recorded all the same, but fails no blob.
         """
         self.counters.problems += 1
         self.problem_kinds[kind] += 1
-        if blobid is not None and fails_blob:
+        if blobid is not None and kind not in LIMIT_KINDS:
             self.problem_blobs.add(blobid)
         if self._worker.spec.dry_run:
             if len(self._worker.samples) < DRY_RUN_SAMPLES:

@@ -219,8 +219,8 @@ class RelinkWork:
         current_blob, current_paths, seen = None, [], None
         tick = 0
 
-        def problem(path: bytes, kind: str, detail: str, fails_blob: bool = True) -> None:
-            ctx.problem(kind, detail, blobid=current_blob, path=path, fails_blob=fails_blob)
+        def problem(path: bytes, kind: str, detail: str) -> None:
+            ctx.problem(kind, detail, blobid=current_blob, path=path)
 
         for blobid, paths in rows:
             tick += 1
@@ -257,8 +257,8 @@ class RelinkWork:
         linker = self.linker
         settle = self.settle
 
-        def problem(path: bytes, kind: str, detail: str, fails_blob: bool = True) -> None:
-            ctx.problem(kind, detail, blobid=walker.blobid, path=path, fails_blob=fails_blob)
+        def problem(path: bytes, kind: str, detail: str) -> None:
+            ctx.problem(kind, detail, blobid=walker.blobid, path=path)
 
         while (event := walker.step(rows)) is not None:
             kind = event[0]

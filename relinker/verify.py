@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import secrets
+import stat
 import sys
 from typing import Iterable
 
@@ -30,9 +31,9 @@ from psycopg import sql
 from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
 from relinker.jobs import Mode
-from relinker.linker import AT_LINK_LIMIT
+from relinker.linker import AT_LINK_LIMIT, LinkProblem, filesystem_link_limit
 from relinker.paths import by_hash_relpath, display
-from relinker.pool import RangeContext, WorkSpec
+from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
 from relinker.relink import UNUSABLE, CountWork, RangeScope, plan_list
 
 MODE = "verify"
@@ -62,7 +63,9 @@ UPDATE blobs AS b SET last_checked = now()
 WHERE b.blobid = ANY(%(passed)s::text[]) AND {scope}
 """
 SQL_FAILED_BLOBS = """
-SELECT DISTINCT blobid FROM relinker_problem WHERE run_id = %s AND blobid IS NOT NULL ORDER BY blobid
+SELECT DISTINCT blobid FROM relinker_problem
+WHERE run_id = %(run_id)s AND blobid IS NOT NULL AND kind <> ALL(%(limits)s::text[])
+ORDER BY blobid
 """
 
 
@@ -75,15 +78,17 @@ class VerifyWork(CountWork):
         self._sizes: dict[str, list[int]] = {}
         #: blobs of the range without a usable by-hash file (their links were not checked)
         self._unusable: set[str] = set()
-        #: by-hash files of the range: whether each has all the links its filesystem allows
-        self._link_limits: dict[bytes, bool] = {}
+        #: by-hash files of the range: their size if they have all the links their filesystem allows, else None
+        self._at_limit: dict[bytes, int | None] = {}
+        #: the store's filesystem's link limit (None: not known, or none)
+        self._link_max = filesystem_link_limit(spec.by_hash_root) if spec.by_hash_root else None
 
     def process(self, r, ctx: RangeContext):
         scope = RangeScope.of(r)
         query = sql.SQL(SQL_SIZES).format(scope=scope.where("i"))
         self._sizes = dict(self.data.get().execute(query, scope.params, prepare=False).fetchall())
         self._unusable = set()
-        self._link_limits = {}
+        self._at_limit = {}
         return super().process(r, ctx)
 
     def _source(self, blobid: str, ctx: RangeContext):
@@ -93,20 +98,23 @@ class VerifyWork(CountWork):
         return source
 
     def check_source(self, blobid: str, relpath: bytes, ctx: RangeContext) -> None:
-        """The by-hash file's size against the catalogue's, and with ``--hash`` its content against its ID."""
+        """The by-hash file's size against the catalogue's, and with ``--hash`` its content against its ID.
+
+        Without ``--hash`` the size is an lstat's: no read permission is needed.
+        """
         path = self.linker.source_path(relpath)
         try:
-            fd = self.linker.open_source(relpath)
+            fd = self.linker.open_source(relpath) if self.rehash else None
+            size = (os.fstat(fd) if fd is not None else self.linker.stat_source(relpath)).st_size
         except OSError as exc:
             ctx.problem("content-unreadable", f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
             return
         try:
-            size = os.fstat(fd).st_size
             sizes = self._sizes.get(blobid)
             if sizes and size not in sizes:
                 ctx.problem("size-mismatch", f"by-hash file has {size} bytes, catalogue says {sorted(sizes)}",
                             blobid=blobid, path=path)
-            if not self.rehash:
+            if fd is None:
                 return
             try:
                 digest, read = content.hash_fd(fd, ctx.tick)
@@ -118,7 +126,8 @@ class VerifyWork(CountWork):
             if not catalogue.content_matches(blobid, digest, read):
                 ctx.problem("content-mismatch", "content does not hash to its blob ID", blobid=blobid, path=path)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def visit(self, source, source_id, paths, tally, problem) -> int:
         return self.linker.probe_all(source_id, paths, tally, problem,
@@ -127,30 +136,42 @@ class VerifyWork(CountWork):
     def settle(self, source, source_id, path, tally, problem) -> bool:
         """One path that is not simply a link of the blob: say what is wrong with it.
 
-        A path missing while the by-hash file has all the links its
-        filesystem allows is what relink records as ``too-many-links``: a
-        limit, not damage; the blob passes if nothing else is wrong.
+        While the by-hash file has all the links its filesystem allows, a
+        path that relink could not link for that reason is what relink
+        records as ``too-many-links``: a limit, not damage, and the blob
+        passes if nothing else is wrong. That is a missing path, or one
+        holding a regular file of the content's size (the copier's own copy,
+        as of the empty content); any other file there is ``wrong-inode``.
         """
         def checked(where: bytes, kind: str, detail: str) -> None:
-            if kind == "link-missing" and self._at_link_limit(source):
-                problem(where, "too-many-links", f"no archive entry: {AT_LINK_LIMIT}", fails_blob=False)
+            limit_size = self._size_at_link_limit(source) if kind in ("link-missing", "wrong-inode") else None
+            if limit_size is not None and (kind == "link-missing" or self._holds_size(where, limit_size)):
+                what = "no archive entry" if kind == "link-missing" else "a copy of the content's size, not a link"
+                problem(where, "too-many-links", f"{what}: {AT_LINK_LIMIT}")
             else:
                 problem(where, kind, detail)
 
         return self.linker.check_one(source_id, path, tally, checked)
 
-    def _at_link_limit(self, source: bytes) -> bool:
-        """Whether the by-hash file has as many links as its filesystem allows (asked once per range)."""
-        if source not in self._link_limits:
+    def _size_at_link_limit(self, source: bytes) -> int | None:
+        """The by-hash file's size if it has as many links as its filesystem allows, else None (once per range)."""
+        if self._link_max is None:
+            return None
+        if source not in self._at_limit:
             try:
-                fd = self.linker.open_source(source)
-                try:
-                    self._link_limits[source] = os.fstat(fd).st_nlink >= os.fpathconf(fd, "PC_LINK_MAX")
-                finally:
-                    os.close(fd)
+                found = self.linker.stat_source(source)
+                self._at_limit[source] = found.st_size if found.st_nlink >= self._link_max else None
             except OSError:
-                self._link_limits[source] = False
-        return self._link_limits[source]
+                self._at_limit[source] = None
+        return self._at_limit[source]
+
+    def _holds_size(self, path: bytes, size: int) -> bool:
+        """Whether an archive path is a regular file of ``size`` bytes."""
+        try:
+            found = self.linker.probe(path)
+        except LinkProblem:
+            return False
+        return found is not None and stat.S_ISREG(found.st_mode) and found.st_size == size
 
     def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
         # The walk took each by-hash file by lstat alone (the C walker asks
@@ -256,7 +277,7 @@ def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) ->
     Written to a temporary name and renamed into place, so a reader never
     sees half a list. Returns how many IDs were written.
     """
-    failed = [blobid for (blobid,) in conn.execute(SQL_FAILED_BLOBS, (run_id,))]
+    failed = [blobid for (blobid,) in conn.execute(SQL_FAILED_BLOBS, {"run_id": run_id, "limits": sorted(LIMIT_KINDS)})]
     temporary = f"{destination}.relinker-{secrets.token_hex(4)}"
     with open(temporary, "w", encoding="utf-8") as f:
         f.write(f"# blobs that failed relinker verify run {run_id}; repair: relinker relink --from-file FILE\n")

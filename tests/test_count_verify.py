@@ -135,11 +135,13 @@ def test_verify_reads_ids_from_stdin(linked, capsys, monkeypatch):
     assert sorted(p["kind"] for p in result["problem_samples"]) == ["unknown-blob", "unknown-blob"]
 
 
-def test_verify_hash_of_an_unreadable_by_hash_file_is_a_failure(linked):
-    """A by-hash file that cannot be opened is content-unreadable, never a traceback."""
+@pytest.mark.parametrize("rehash", [True, False])
+def test_an_unreadable_by_hash_file_fails_verify_hash_only(linked, rehash):
+    """--hash cannot read it: content-unreadable, never a traceback. Without --hash no content is read,
+    and its size is an lstat's: nothing wrong."""
     b = linked.blobs["b"]
     os.chmod(by_hash_path(linked.by_hash_root, b), 0)
-    work = verify_module.VerifyWork(WorkSpec(work=verify_module.VerifyWork, dsn="", options={"hash": True},
+    work = verify_module.VerifyWork(WorkSpec(work=verify_module.VerifyWork, dsn="", options={"hash": rehash},
                                              by_hash_root=linked.by_hash_root, archive_root=linked.archive_root))
     ctx = Context()
     try:
@@ -148,8 +150,19 @@ def test_verify_hash_of_an_unreadable_by_hash_file_is_a_failure(linked):
             work.check_source(linked.blobs["a"], by_hash_relpath(linked.blobs["a"]), ctx)
     finally:
         work.close()
-    assert [(kind, blobid) for kind, blobid, _ in ctx.problems] == [("content-unreadable", b)]
-    assert ctx.counters.bytes_read == len(b"alpha")
+    assert [(kind, blobid) for kind, blobid, _ in ctx.problems] == ([("content-unreadable", b)] if rehash else [])
+    assert ctx.counters.bytes_read == (len(b"alpha") if rehash else 0)
+
+
+@pytest.mark.parametrize("given", [["--all", "--count", "5"], ["--all", "--mode", "random"],
+                                   ["--from-file", "-", "--mode", "oldest"]])
+def test_verify_refuses_a_count_or_mode_beside_another_selection(linked, capsys, given):
+    """--count and --mode choose blobs: beside --all or --from-file they would be dropped without a word."""
+    assert main(linked.argv("verify", "--no-progress", *given)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: error: --") and "chooses which blobs: not with --" in err
+    assert err.count("\n") == 1
+    assert linked.conn.execute("SELECT count(*) FROM relinker_run WHERE mode = 'verify'").fetchone() == (0,)
 
 
 def test_verify_accepts_the_catalogues_empty_blob(world, capsys):
@@ -200,8 +213,7 @@ def test_failed_ids_then_relink_from_file_is_a_two_line_repair(linked, capsys, t
     linked.replace_with_stale_copy(b"/e/b2", b"bravo")
     linked.conn.execute("UPDATE blobs SET n_hardlinks = 7 WHERE blobid = %s", (c,))  # wrong, and not listed
     failed = tmp_path / "failed.txt"
-    code, result = run(linked, capsys, "verify", "--all", "--no-progress", "--failed-ids", str(failed),
-                       "--count", "2")
+    code, result = run(linked, capsys, "verify", "--all", "--no-progress", "--failed-ids", str(failed))
     assert code == 1
     assert verify_module.blob_ids_from(str(failed)) == sorted([a, b, c])
     # a list of our own: c's wrong count is not the repair's business

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -166,8 +169,51 @@ def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):
         assert checked["failed"] == 0 and checked["passed"] == 1
         assert world.conn.execute("SELECT last_checked IS NOT NULL FROM blobs WHERE blobid = %s",
                                   (empty,)).fetchone() == (True,)
+        # An overflow path holding the copier's own copy of the content is the same limit (relink
+        # could not replace it either); passed, it is never in --failed-ids.
+        (overflowed,) = world.conn.execute("SELECT path FROM relinker_problem WHERE kind = 'too-many-links' "
+                                           "ORDER BY path LIMIT 1").fetchone()
+        copy = world.archive_path(bytes(overflowed))
+        open(copy, "wb").close()
+        failed_ids = tmp_path / "failed.txt"
+        code = main(world.argv("verify", "--all", "--json", "--no-progress", "--failed-ids", str(failed_ids)))
+        checked = json.loads(capsys.readouterr().out)
+        assert checked["problems_by_kind"] == {"too-many-links": overflow} and checked["passed"] == 1
+        assert failed_ids.read_text().splitlines()[1:] == []
+        # another content there is damage, whatever the limit
+        with open(copy, "wb") as f:
+            f.write(b"not empty")
+        code = main(world.argv("verify", "--all", "--json", "--no-progress", "--failed-ids", str(failed_ids)))
+        checked = json.loads(capsys.readouterr().out)
+        assert checked["problems_by_kind"] == {"too-many-links": overflow - 1, "wrong-inode": 1}
+        assert checked["failed"] == 1 and failed_ids.read_text().splitlines()[1:] == [empty]
     else:
         assert code == 0 and summary["links_created"] == n
+
+
+def test_a_lost_link_is_damage_where_the_link_limit_is_not_known(catalogue_url, capsys):
+    """glibc guesses 127 links for a filesystem it does not know (tmpfs, ZFS): a blob with more
+    links that lost one has lost it, not met a limit."""
+    from support import ArchiveWorld
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no tmpfs at /dev/shm")
+    root = tempfile.mkdtemp(dir="/dev/shm", prefix="relinker-test-")
+    world = ArchiveWorld(catalogue_url, pathlib.Path(root))
+    try:
+        m = world.medium("disk")
+        licence = world.blob(b"a licence text many packages carry")
+        world.inode(m, [b"/lic/%03d/LICENSE" % i for i in range(200)], licence)
+        code, summary = relink(world, capsys)
+        assert code == 0 and summary["links_created"] == 200
+        os.unlink(world.archive_path(b"/lic/007/LICENSE"))
+        code = main(world.argv("verify", "--all", "--json", "--no-progress"))
+        checked = json.loads(capsys.readouterr().out)
+        assert checked["problems_by_kind"] == {"link-missing": 1, "count-mismatch": 1}
+        assert checked["failed"] == 1
+    finally:
+        world.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_catalogued_file_named_like_a_replace_temporary_is_never_removed(world, capsys):

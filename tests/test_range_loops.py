@@ -35,7 +35,7 @@ class Context:
     def tick(self):
         self.ticks += 1
 
-    def problem(self, kind, detail, *, blobid=None, path=None, fails_blob=True):
+    def problem(self, kind, detail, *, blobid=None, path=None):
         # by-hash paths in problems name this tree's store: compared without it
         if path is not None and self.base and path.startswith(self.base):
             path = b"<base>" + path[len(self.base):]
