@@ -105,7 +105,8 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
     add_job_options(copy_cmd)
     copy_cmd.add_argument("--medium", metavar="NAME_OR_HASH", help="only this medium")
     copy_cmd.add_argument("--source-prefix", action="append", default=[], metavar="OLD=NEW",
-                          help="read paths under OLD from NEW instead (repeatable)")
+                          help="read paths under OLD from NEW instead (repeatable; the longest OLD that matches "
+                          "applies, so one partition may move apart from its medium)")
     copy_cmd.add_argument("--retry-permanent", action="store_true",
                           help="also try inodes whose status is failed_permanent (left alone by default)")
     copy_cmd.set_defaults(handler=cmd_copy)

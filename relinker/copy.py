@@ -31,6 +31,7 @@ counted again).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -45,8 +46,9 @@ from relinker.checkpoint import Bounds, Range
 from relinker.errors import UserError
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
-from relinker.paths import display, medium_mount, remap, source_candidates
+from relinker.paths import UnsafePath, display, order_remaps
 from relinker.pool import RangeContext, WorkSpec
+from relinker.sources import MediumSources, holds_place
 from relinker.store import ByHashStore, InodeProblem, Pending, SourceProblem, Stored
 
 log = logging.getLogger(__name__)
@@ -161,46 +163,13 @@ WHERE b.blobid = c.blobid
 SQL_SCANNED_ROOT = "SELECT root FROM relinker_scanned_medium WHERE medium_hash = %(medium)s"
 
 
-@dataclasses.dataclass(frozen=True)
-class MediumAccess:
-    """Where copy reads one medium's files now."""
-
-    #: its NTT mount, or the root of the tree ``relinker scan`` catalogued, as ``--source-prefix`` moves them
-    where: bytes
-    #: a tree catalogued where it lies: its paths are read as they are
-    scanned: bool
-    #: the medium is there (see medium_present): a file missing from it is gone for good
-    present: bool
-
-    def absent(self) -> str:
-        """What the problem of an inode says while the medium is not there."""
-        if self.scanned:
-            return f"scanned tree not found at {display(self.where)}"
-        return f"medium not mounted at {display(self.where)}"
-
-
-def medium_present(directory: bytes) -> bool:
-    """Whether ``directory`` holds a medium: a mount point, or a directory with entries.
-
-    An unmounted medium usually leaves its mount point behind, empty: its
-    files are missing from that directory, not gone from the medium. A
-    ``--source-prefix`` target need not be a mount point.
-    """
-    try:
-        if os.path.ismount(directory):
-            return True
-        with os.scandir(directory) as entries:
-            return next(entries, None) is not None
-    except OSError:
-        return False
-
-
 class CopyWork:
     """Processes copy ranges (inodes of one medium) in one worker process."""
 
     def __init__(self, spec: WorkSpec):
         self.spec = spec
-        self.remaps = [(os.fsencode(old), os.fsencode(new)) for old, new in spec.local.get("source_prefix", [])]
+        self.remaps = order_remaps([(os.fsencode(old), os.fsencode(new))
+                                    for old, new in spec.local.get("source_prefix", [])])
         self.store = None if spec.dry_run else ByHashStore(
             spec.by_hash_root, spec.options.get("empty_blobid") or catalogue.EMPTY_SHA256)
         self.linker = None if spec.dry_run else ArchiveLinker(spec.archive_root)
@@ -225,14 +194,12 @@ class CopyWork:
                 InodeColumns.of(self.data.get()), bool(self.spec.options.get("retry_permanent")))
         return self._statements
 
-    def access(self, medium_hash: str) -> MediumAccess:
-        """Where the medium's files are read now, and whether it is there."""
+    def sources(self, medium_hash: str) -> MediumSources:
+        """Where the medium's files are read now (the caller closes it)."""
         if medium_hash not in self._scanned_roots:
             row = self.data.get().execute(SQL_SCANNED_ROOT, {"medium": medium_hash}).fetchone()
             self._scanned_roots[medium_hash] = row[0] if row else None
-        root = self._scanned_roots[medium_hash]
-        where = remap(root, self.remaps) if root is not None else medium_mount(medium_hash, self.remaps)
-        return MediumAccess(where, root is not None, medium_present(where))
+        return MediumSources(medium_hash, self._scanned_roots[medium_hash], self.remaps)
 
     def _inodes(self, r: Range):
         """(ino, size, [paths]) of the range, streamed."""
@@ -253,7 +220,7 @@ class CopyWork:
         sealed: list[tuple[int, list[bytes], Pending]] = []
         outcomes: dict[str, Stored | InodeProblem] = {}
         counted: set[str] = set()
-        access = self.access(r.medium_hash)
+        sources = self.sources(r.medium_hash)
 
         def fail(ino: int, paths: list[bytes], problem: InodeProblem) -> None:
             ctx.problem(problem.kind, problem.detail, path=paths[0])
@@ -276,33 +243,36 @@ class CopyWork:
 
         if self.store is not None:
             self.store.discard_pending()  # an attempt redone after an error starts afresh
-        for ino, size, paths in self._inodes(r):
-            ctx.tick()
-            if self.spec.dry_run:
-                counters.blobs += 1
-                counters.links_created += len(paths)
-                counters.files_copied += 1
-                counters.bytes_copied += size or 0
-                counters.bytes_read += size or 0
-                continue
-            try:
-                # A tick per chunk: the range's heartbeat must go on while one
-                # large file is read (gigabytes from a slow medium take longer
-                # than the lease), or another worker takes the range over.
-                got = self._copy(r.medium_hash, access, paths, size, ctx.tick)
-            except InodeProblem as exc:
-                fail(ino, paths, exc)
-                continue
-            counters.bytes_read += got.size
-            if isinstance(got, Pending):
-                waiting.append((ino, paths, got))
-                if self.store.batch_full:
-                    # The sealed batch's sync ran while this batch was read.
-                    settle(sealed, self.store.place_sealed())
-                    self.store.seal_batch()
-                    sealed, waiting = waiting, sealed
-            else:
-                self._stored(ino, paths, got, got.written, marked, ctx)
+        try:
+            for ino, size, paths in self._inodes(r):
+                ctx.tick()
+                if self.spec.dry_run:
+                    counters.blobs += 1
+                    counters.links_created += len(paths)
+                    counters.files_copied += 1
+                    counters.bytes_copied += size or 0
+                    counters.bytes_read += size or 0
+                    continue
+                try:
+                    # A tick per chunk: the range's heartbeat must go on while one
+                    # large file is read (gigabytes from a slow medium take longer
+                    # than the lease), or another worker takes the range over.
+                    got = self._copy(sources, paths, size, ctx.tick)
+                except InodeProblem as exc:
+                    fail(ino, paths, exc)
+                    continue
+                counters.bytes_read += got.size
+                if isinstance(got, Pending):
+                    waiting.append((ino, paths, got))
+                    if self.store.batch_full:
+                        # The sealed batch's sync ran while this batch was read.
+                        settle(sealed, self.store.place_sealed())
+                        self.store.seal_batch()
+                        sealed, waiting = waiting, sealed
+                else:
+                    self._stored(ino, paths, got, got.written, marked, ctx)
+        finally:
+            sources.close()
         if self.spec.dry_run:
             return lambda conn: None
         settle(sealed, self.store.place_sealed())
@@ -366,36 +336,49 @@ class CopyWork:
             counters.bytes_copied += stored.size
         marked.add(ino, stored, len(paths), self._link_all(stored, paths, ctx))
 
-    def _copy(self, medium_hash: str, access: MediumAccess, paths: list[bytes], size: int | None,
+    def _copy(self, sources: MediumSources, paths: list[bytes], size: int | None,
               on_chunk: Callable[[], None]) -> Stored | Pending:
         """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.read_in.
 
-        The problem raised when no source works is permanent only if the
-        medium is there (``access.present``) and none of the inode's paths
-        is there as a file any more.
+        The problem raised when no source works is permanent only if none of
+        the inode's paths can be a file any more: unsafe, or missing while
+        the medium is there to hold it (judged at that moment: a medium may
+        be unmounted while its range is read).
         """
         failures = []
-        permanent = access.present
+        absent = []
+        permanent = True
         for stored_path in paths:
-            for candidate in source_candidates(stored_path, medium_hash, self.remaps, access.present, access.scanned):
-                try:
-                    fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-                except OSError as exc:
-                    failures.append((candidate, exc.strerror))  # formatted only if no source works
-                    permanent = permanent and exc.errno in catalogue.GONE_FROM_MEDIUM
+            try:
+                top, below = sources.locate(stored_path)
+            except UnsafePath as exc:
+                failures.append((stored_path, f"not read ({exc})"))
+                continue
+            try:
+                fd = sources.open(top, below)
+            except OSError as exc:
+                gone = exc.errno in catalogue.GONE_FROM_MEDIUM
+                if gone and not holds_place(top, below):
+                    permanent = False  # the medium is not there: nothing says the file is gone
+                    if top not in absent:
+                        absent.append(top)
                     continue
-                try:
-                    return self.store.read_in(fd, size, on_chunk)
-                except SourceProblem as exc:
-                    if exc.kind == "source-changed":
-                        raise
-                    failures.append((candidate, exc.detail))
-                    permanent = permanent and exc.permanent
-                finally:
-                    os.close(fd)
-        details = [f"{display(candidate)}: {why}" for candidate, why in failures[:3]]
-        if not access.present:
-            details.insert(0, access.absent())
+                permanent = permanent and gone
+                # formatted only if no source works
+                why = "a symlink in its place or on its way (not followed)" if exc.errno == errno.ELOOP else exc.strerror
+                failures.append((top + b"/" + below, why))
+                continue
+            try:
+                return self.store.read_in(fd, size, on_chunk)
+            except SourceProblem as exc:
+                if exc.kind == "source-changed":
+                    raise
+                failures.append((top + b"/" + below, exc.detail))
+                permanent = permanent and exc.permanent
+            finally:
+                os.close(fd)
+        details = [sources.absent(top) for top in absent]
+        details += [f"{display(candidate)}: {why}" for candidate, why in failures[:3]]
         raise SourceProblem("source-unreadable", "; ".join(details) or "no source path", permanent=permanent)
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> int:

@@ -100,41 +100,55 @@ def _ntt_mount(medium_hash: str) -> bytes:
     return NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace")
 
 
-def medium_mount(medium_hash: str, remaps: list[tuple[bytes, bytes]] = ()) -> bytes:
-    """Where the medium is mounted now: its NTT mount, moved by the first matching ``remaps``."""
-    return remap(_ntt_mount(medium_hash), remaps)
+def _under(path: bytes, prefix: bytes) -> bool:
+    return path == prefix or path.startswith(prefix + b"/")
 
 
-def source_candidates(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, bytes]] = (),
-                      medium_mounted: bool = True, scanned: bool = False) -> list[bytes]:
-    """Where the content of a catalogued path may be read now, most likely first.
+def order_remaps(remaps: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``--source-prefix`` pairs, the most specific OLD first: a partition's move wins over its medium's."""
+    return sorted(remaps, key=lambda pair: len(pair[0]), reverse=True)
 
-    Stored paths come in three forms: the full mount path
-    (``/mnt/ntt/<medium>/file``), a path relative to the medium's mount with a
-    leading slash (``/file``), and a legacy form with a partition prefix
-    (``p5:/mnt/ntt/<medium>/p5/file``). A path under the mount is read there,
-    any other path under the mount too: ``/etc/hostname`` is the disk's, never
-    this machine's. A medium that is not mounted has no path to read (none
-    while ``medium_mounted`` is false), unless ``scanned``: a tree that
-    ``relinker scan`` catalogued where it lies, read as it is. ``remaps``
-    (``--source-prefix OLD=NEW``) move a prefix to where the medium is now;
-    the first matching one applies.
+
+def source_location(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, bytes]] = (),
+                    scanned_root: bytes | None = None) -> tuple[bytes, bytes]:
+    """Where the content of a catalogued path lies now: ``(top, below)``.
+
+    ``top`` is the directory it is read beneath (the medium's mount, or the
+    tree ``relinker scan`` catalogued where it lies, ``scanned_root``), and
+    ``below`` its path from there, never leaving it. Stored paths come in
+    three forms: the full mount path (``/mnt/ntt/<medium>/file``), a path
+    relative to the medium's mount with a leading slash (``/file``), and a
+    legacy form with a partition prefix (``p5:/mnt/ntt/<medium>/p5/file``).
+    Any path not under the mount is read under it: ``/etc/hostname`` is the
+    disk's, never this machine's. ``remaps`` (``--source-prefix OLD=NEW``;
+    the first whose OLD matches applies, see order_remaps) move the whole
+    medium, or a part of it such as one partition, to where it is now.
+
+    Raises :class:`UnsafePath` for a path that could leave its top ('..'),
+    that no system call takes (NUL), that names no file below the top, or a
+    scanned medium's path outside its tree.
     """
     # Called for every inode copy reads: the pattern only where it can match.
     path = _LEGACY_PARTITION_PREFIX.sub(b"", stored) if stored[:1] == b"p" else stored
-    if scanned:
-        return [remap(path, remaps)]
-    if not medium_mounted:
-        return []
-    mount = _ntt_mount(medium_hash)
-    if not (path.startswith(mount) and path[len(mount):len(mount) + 1] in (b"", b"/")):
-        path = mount + path
-    return [remap(path, remaps)]
-
-
-def remap(path: bytes, remaps: list[tuple[bytes, bytes]]) -> bytes:
-    """``path`` moved by the first of ``remaps`` (``--source-prefix OLD=NEW``) whose OLD prefixes it."""
+    base = _ntt_mount(medium_hash) if scanned_root is None else scanned_root.rstrip(b"/")
+    if not _under(path, base):
+        if scanned_root is not None:
+            raise UnsafePath("not in the scanned tree")
+        path = base + path if path[:1] == b"/" else base + b"/" + path
+    if b"\0" in path:
+        raise UnsafePath("NUL byte in path")
+    components = [c for c in path[len(base):].split(b"/") if c and c != b"."]
+    if b".." in components:
+        raise UnsafePath("'..' component")
+    if not components:
+        raise UnsafePath("path names no file")
     for old, new in remaps:
-        if path == old or path.startswith(old + b"/"):
-            return new + path[len(old):]
-    return path
+        if _under(path, old):
+            if len(old) > len(base):  # a part of the medium, moved on its own
+                below = [c for c in path[len(old):].split(b"/") if c and c != b"."]
+                if below:
+                    return new, b"/".join(below)
+                continue
+            return new + base[len(old):], b"/".join(components)
+    return base, b"/".join(components)
+

@@ -38,7 +38,7 @@ SQL_UPSERT_MEDIUM = """
 INSERT INTO medium (medium_hash, medium_human) VALUES (%s, %s)
 ON CONFLICT (medium_hash) DO UPDATE SET medium_human = EXCLUDED.medium_human
 """
-# copy reads a scanned medium's paths as they are (see relinker.paths.source_candidates).
+# copy reads a scanned medium's paths as they are (see relinker.paths.source_location).
 SQL_RECORD_SCAN = """
 INSERT INTO relinker_scanned_medium (medium_hash, root) VALUES (%s, %s)
 ON CONFLICT (medium_hash) DO UPDATE SET root = EXCLUDED.root, scanned_at = now()

@@ -21,7 +21,7 @@ from relinker.cli import main
 import relinker.content
 import relinker.store
 from relinker.store import ByHashStore, Pending, SourceProblem, Stored
-from relinker.paths import by_hash_path, display, source_candidates
+from relinker.paths import UnsafePath, by_hash_path, display, order_remaps, source_location
 from processes import finish, kill_group, range_states, start, wait_for
 
 
@@ -177,7 +177,8 @@ def test_unreadable_and_changed_sources_are_problems(world, capsys, tree):
     # The line names the path as messages do (backslash escapes): intact through the array literal.
     symlinked = os.fsencode(tree) + b"/caf\xe9\r"
     [line] = errors[symlinked]
-    assert line == f"relinker copy: source-unreadable: {display(symlinked)}: Too many levels of symbolic links"
+    assert line == (f"relinker copy: source-unreadable: {display(symlinked)}: "
+                    "a symlink in its place or on its way (not followed)")
     assert "\\xe9\\x0d" in line
     assert world.conn.execute("SELECT count(*) FROM inode WHERE by_hash_created").fetchone() == (2,)
     # A rerun meets the same trouble: the same lines, not a second copy of each.
@@ -198,25 +199,32 @@ def test_source_prefix_reads_a_medium_mounted_elsewhere(world, capsys, tree, tmp
     assert os.path.exists(world.archive_path(os.fsencode(tree) + b"/docs/notes.txt"))
 
 
-def test_sources_of_each_path_form_most_likely_first():
-    """Pure path logic: where copy looks for the content of a catalogued path."""
+def test_where_each_path_form_is_read_beneath_its_medium():
+    """Pure path logic: the directory copy reads a catalogued path beneath, and the path below it."""
     m = "0123abcd"
     mount = b"/mnt/ntt/" + m.encode()
-    assert source_candidates(mount + b"/p5/f", m) == [mount + b"/p5/f"]
-    assert source_candidates(b"p5:" + mount + b"/p5/f", m) == [mount + b"/p5/f"]  # legacy prefix dropped
-    assert source_candidates(b"p5:/f", m) == [mount + b"/f"] and source_candidates(b"/p5:/f", m) == [mount + b"/p5:/f"]
+    assert source_location(mount + b"/p5/f", m) == (mount, b"p5/f")
+    assert source_location(b"p5:" + mount + b"/p5/f", m) == (mount, b"p5/f")  # legacy prefix dropped
+    assert source_location(b"p5:/f", m) == (mount, b"f") and source_location(b"/p5:/f", m) == (mount, b"p5:/f")
     # another medium whose hash starts with this one's is not under this mount
-    assert source_candidates(mount + b"ff/f", m) == [mount + mount + b"ff/f"]
-    # The relative form is the medium's: while it is mounted, never this machine's file of that name.
-    assert source_candidates(b"/etc/hostname", m, medium_mounted=True) == [mount + b"/etc/hostname"]
-    # Not mounted: nothing of this machine is the medium's, whatever the path's form.
-    assert source_candidates(b"/etc/hostname", m, medium_mounted=False) == []
-    assert source_candidates(mount + b"/f", m, medium_mounted=False) == []
-    # A tree catalogued where it lies (relinker scan) is read as it is.
-    assert source_candidates(b"/srv/tree/f", m, medium_mounted=False, scanned=True) == [b"/srv/tree/f"]
-    moved = [(mount, b"/media/usb"), (b"/srv/tree", b"/data/tree")]
-    assert source_candidates(b"/etc/hostname", m, moved) == [b"/media/usb/etc/hostname"]
-    assert source_candidates(b"/srv/tree/f", m, moved, scanned=True) == [b"/data/tree/f"]
+    assert source_location(mount + b"ff/f", m) == (mount, mount[1:] + b"ff/f")
+    # The relative form is the medium's, never this machine's file of that name.
+    assert source_location(b"/etc/hostname", m) == (mount, b"etc/hostname")
+    assert source_location(b"/a//b/./c", m) == (mount, b"a/b/c")
+    # A tree catalogued where it lies (relinker scan) is read beneath it, as it is.
+    assert source_location(b"/srv/tree/d/f", m, scanned_root=b"/srv/tree") == (b"/srv/tree", b"d/f")
+    # --source-prefix moves the whole medium, or one part of it (a partition mounted elsewhere)
+    moved = order_remaps([(mount, b"/media/usb"), (b"/srv", b"/data"), (mount + b"/p5", b"/media/p5")])
+    assert source_location(b"/etc/hostname", m, moved) == (b"/media/usb", b"etc/hostname")
+    assert source_location(b"p5:" + mount + b"/p5/f", m, moved) == (b"/media/p5", b"f")
+    assert source_location(b"/srv/tree/f", m, moved, scanned_root=b"/srv/tree") == (b"/data/tree", b"f")
+    # Nothing may leave the medium, or reach a system call it cannot take.
+    for stored, why in ((b"/../../etc/shadow", "'..'"), (mount + b"/d/../../x", "'..'"),
+                        (b"/bad\0name", "NUL"), (mount, "names no file"), (b"/./", "names no file")):
+        with pytest.raises(UnsafePath, match=why):
+            source_location(stored, m)
+    with pytest.raises(UnsafePath, match="not in the scanned tree"):
+        source_location(b"/etc/passwd", m, scanned_root=b"/srv/tree")
 
 
 def put(path: bytes, content: bytes) -> bytes:
@@ -289,7 +297,7 @@ def test_a_scanned_tree_is_read_where_it_lies_and_a_moved_one_is_not_given_up(wo
     code, summary = copy(world, capsys)
     assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 1}
     [errors] = world.conn.execute("SELECT errors FROM inode WHERE fs_type = 'f'").fetchone()
-    assert errors[0].startswith(f"relinker copy: source-unreadable: scanned tree not found at {tree}; ")
+    assert errors == [f"relinker copy: source-unreadable: scanned tree not found at {tree}"]
     code, summary = copy(world, capsys, "--new", "--source-prefix", f"{tree}={moved}")
     assert code == 0 and summary["blobs"] == 1, summary
 
@@ -988,3 +996,56 @@ def test_a_large_content_written_directly_reads_back_byte_for_byte(tmp_path):
     assert stored.written and stored.blobid == blake3.blake3(content).hexdigest()
     with open(stored.path, "rb") as f:
         assert f.read() == content
+
+
+def test_a_missing_file_is_gone_for_good_only_where_its_medium_is_there(tmp_path):
+    """holds_place, on a real tree: mount points and the file's own directory decide, never an empty one."""
+    from relinker.sources import holds_place
+
+    top = tmp_path / "mnt-ntt-medium"
+    assert not holds_place(os.fsencode(top), b"new/f")             # no mount point at all
+    top.mkdir()
+    assert not holds_place(os.fsencode(top), b"new/f")             # the empty mount point umount leaves
+    (top / "p1").mkdir()
+    (top / "p5").mkdir()
+    assert not holds_place(os.fsencode(top), b"p5/f")              # a medium mounted by partitions, unmounted
+    assert not holds_place(os.fsencode(top), b"f")
+    (top / "new").mkdir()
+    assert not holds_place(os.fsencode(top), b"new/f")             # its directory, empty: proves nothing
+    (top / "new" / "other").write_bytes(b"x")
+    assert holds_place(os.fsencode(top), b"new/f")                 # its directory with other files: gone
+    assert not holds_place(os.fsencode(top), b"new/sub/f")         # a directory missing from no mount point
+    (top / "new" / "sub").write_bytes(b"a file where a directory was")
+    assert holds_place(os.fsencode(top), b"new/sub/f")
+    assert holds_place(b"/", os.fsencode(tmp_path.name) + b"-absent/f")  # below a mount point: gone
+
+
+def test_a_source_is_never_opened_through_a_symlink(tmp_path):
+    """openat2 (Linux 5.6+) refuses a symlink anywhere on the way; elsewhere only the last component is
+    guarded (and '..' never reaches it: source_location refuses it)."""
+    import errno
+
+    from relinker import sources
+
+    medium = tmp_path / "medium"
+    (medium / "d").mkdir(parents=True)
+    (medium / "d" / "f").write_bytes(b"the medium's")
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "f").write_bytes(b"this machine's")
+    os.symlink(tmp_path / "host", medium / "lib")
+    os.symlink(tmp_path / "host" / "f", medium / "d" / "link")
+    top = os.open(medium, os.O_PATH | os.O_DIRECTORY)
+    try:
+        fd = sources.open_beneath(top, b"d/f")
+        assert os.read(fd, 100) == b"the medium's"
+        os.close(fd)
+        with pytest.raises(OSError) as last:
+            sources.open_beneath(top, b"d/link")
+        assert last.value.errno == errno.ELOOP
+        if sources._SYSCALL is None:
+            pytest.skip("no openat2 here: a symlink on the way is followed")
+        with pytest.raises(OSError) as on_the_way:
+            sources.open_beneath(top, b"lib/f")
+        assert on_the_way.value.errno in (errno.ELOOP, errno.EXDEV)
+    finally:
+        os.close(top)

@@ -234,3 +234,91 @@ def test_the_readmes_backfill_of_by_hash_created(production, capsys):
     assert marked and all(marked.values())
     assert p.conn.execute("SELECT count(*) FROM inode WHERE medium_hash = %s AND by_hash_created",
                           (p.fresh,)).fetchone() == (0,)
+
+
+def fresh_statuses(p) -> dict[bytes, str]:
+    """The status of each file of the fresh medium, by its first catalogued path."""
+    return dict(p.conn.execute(
+        "SELECT min(p.path), i.status FROM inode i JOIN path p USING (medium_hash, ino) "
+        "WHERE i.medium_hash = %s AND i.fs_type = 'f' GROUP BY i.ino, i.status", (p.fresh,)).fetchall())
+
+
+def test_a_medium_mounted_by_partitions_and_unmounted_gives_up_on_nothing(production, capsys):
+    """Unmounted, a medium mounted partition by partition leaves p1/ and p5/ empty under its mount
+    directory: not empty itself, it still holds none of its files."""
+    p = production
+    migrate(p, capsys)
+    os.rename(p.fresh_mount, p.mounts / "elsewhere")
+    (p.fresh_mount / "p1").mkdir(parents=True)
+    (p.fresh_mount / "p5").mkdir()
+    code, summary = run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix())
+    assert code == 1 and summary["blobs"] == 0
+    assert set(fresh_statuses(p).values()) == {"failed_retryable"}
+    # Partition 5 mounted (here: its files back), the rest not: only its file is read, and nothing is given up.
+    os.rename(p.mounts / "elsewhere" / "p5", p.fresh_mount / "p5.mounted")
+    os.rmdir(p.fresh_mount / "p5")
+    os.rename(p.fresh_mount / "p5.mounted", p.fresh_mount / "p5")
+    code, summary = run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix())
+    statuses = fresh_statuses(p)
+    assert statuses.pop(b"p5:" + p.mount_path(p.fresh, "p5/partition.txt")) == "success"
+    assert set(statuses.values()) == {"failed_retryable"}
+
+
+def test_a_medium_unmounted_while_its_range_is_read_gives_up_on_nothing(production, capsys, monkeypatch):
+    """Whether a missing file is gone for good is judged when it fails, not once per range."""
+    from relinker import sources
+
+    p = production
+    migrate(p, capsys)
+    os.unlink(p.fresh_mount / "new" / "COPYING")  # gone from the medium: permanent, while it is mounted
+    real_open = sources.MediumSources.open
+    unmounted = p.mounts / "unmounted-meanwhile"
+
+    def open_then_unmount(self, top, below):
+        if below == b"new/data.bin" and not unmounted.exists():
+            os.rename(p.fresh_mount, unmounted)  # umount: the mount point stays, empty
+            p.fresh_mount.mkdir()
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(self, top, below)
+
+    monkeypatch.setattr(sources.MediumSources, "open", open_then_unmount)
+    run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix(), "--workers", "1")
+    statuses = fresh_statuses(p)
+    assert statuses[p.mount_path(p.fresh, "new/data.bin")] == "failed_retryable"
+    assert "failed_permanent" not in set(statuses.values()) - {statuses[p.mount_path(p.fresh, "new/COPYING")]}
+
+
+def test_a_partition_mounted_elsewhere_is_read_there(production, capsys):
+    """--source-prefix may move one partition of a medium: /mnt/ntt/<m>/p5=/media/p5."""
+    p = production
+    migrate(p, capsys)
+    elsewhere = p.mounts / "partition-5-here"
+    os.rename(p.fresh_mount / "p5", elsewhere)
+    code, summary = run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix(),
+                        "--source-prefix", f"/mnt/ntt/{p.fresh}/p5={elsewhere}")
+    assert code == 0 and set(fresh_statuses(p).values()) == {"success"}, summary
+
+
+def test_a_copy_never_reads_outside_the_medium(production, capsys, tmp_path):
+    """'..' in a catalogued path, or a symlink on the medium in a directory's place, never reaches this
+    machine's files; a NUL in one path fails that inode, not its range."""
+    p = production
+    migrate(p, capsys)
+    secret = tmp_path / "this-machines-file"
+    secret.write_bytes(b"not the medium's\n")
+    dotdot = p._next_ino()
+    p._ntt_inode(p.fresh, dotdot, [b"/.." * 30 + os.fsencode(secret)], secret.stat().st_size)
+    via_symlink = p._next_ino()
+    os.symlink(tmp_path, p.fresh_mount / "lib")  # an absolute symlink on the medium
+    p._ntt_inode(p.fresh, via_symlink, [p.mount_path(p.fresh, "lib/this-machines-file")], secret.stat().st_size)
+    nul = p._next_ino()
+    p._ntt_inode(p.fresh, nul, [p.mount_path(p.fresh, "new/bad") + b"\0name"], 5)
+    code, summary = run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix())
+    assert code == 1 and summary["ranges_failed"] == 0
+    rows = dict(p.conn.execute("SELECT ino, (status, blobid) FROM inode WHERE medium_hash = %s AND ino = ANY(%s)",
+                               (p.fresh, [dotdot, via_symlink, nul])).fetchall())
+    assert rows == {dotdot: ("failed_permanent", None), via_symlink: ("failed_permanent", None),
+                    nul: ("failed_permanent", None)}
+    assert [s for ino, s in fresh_statuses(p).items() if s != "success"] == ["failed_permanent"] * 3
+    import blake3
+    assert not os.path.exists(by_hash_path(p.by_hash_root, blake3.blake3(secret.read_bytes()).hexdigest()))
