@@ -57,7 +57,7 @@ def build_parser(config_files: list[str]) -> argparse.ArgumentParser:
         "File content is not read. Re-scanning a medium replaces its rows.",
         epilog="example:\n  relinker scan --medium photos-2019 /mnt/photos",
     )
-    scan_cmd.add_argument("--medium", required=True, metavar="NAME", help="medium name (its hash derives from it)")
+    scan_cmd.add_argument("--medium", required=True, type=medium_name, metavar="NAME", help="medium name (its hash derives from it)")
     scan_cmd.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                           help="leave out entries whose name matches PATTERN (shell wildcards; repeatable)")
     scan_cmd.add_argument("directory", metavar="DIR", help="root of the tree to catalogue")
@@ -103,7 +103,7 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
   relinker copy --source-prefix /mnt/ntt/abc=/media/usb1   the medium is mounted elsewhere now""",
     )
     add_job_options(copy_cmd)
-    copy_cmd.add_argument("--medium", metavar="NAME_OR_HASH", help="only this medium")
+    copy_cmd.add_argument("--medium", type=medium_name, metavar="NAME_OR_HASH", help="only this medium")
     copy_cmd.add_argument("--source-prefix", action="append", default=[], metavar="OLD=NEW",
                           help="read paths under OLD from NEW instead (repeatable; the longest OLD that matches "
                           "applies, so one partition may move apart from its medium)")
@@ -179,6 +179,17 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
                       help="worker processes (default: CPU count)")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def medium_name(text: str) -> str:
+    """An argparse type: a medium's name, text the catalogue can hold (UTF-8, no NUL)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8") from None
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a NUL is no character of a name")
+    return text
 
 
 def positive_int(text: str) -> int:

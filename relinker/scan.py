@@ -43,6 +43,7 @@ SQL_RECORD_SCAN = """
 INSERT INTO relinker_scanned_medium (medium_hash, root) VALUES (%s, %s)
 ON CONFLICT (medium_hash) DO UPDATE SET root = EXCLUDED.root, scanned_at = now()
 """
+SQL_OTHER_NAMESAKE = "SELECT medium_hash FROM medium WHERE medium_human = %s AND medium_hash <> %s LIMIT 1"
 SQL_DELETE_PATHS = "DELETE FROM path WHERE medium_hash = %s"
 SQL_DELETE_INODES = "DELETE FROM inode WHERE medium_hash = %s"
 SQL_COPY_INODES = """
@@ -90,6 +91,11 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     result = ScanResult(medium_hash_for(name))
     inodes: dict[int, tuple] = {}
     with conn.transaction():
+        # A medium is named by its name in copy --medium: two of one name could be told apart by hash only.
+        namesake = conn.execute(SQL_OTHER_NAMESAKE, (name, result.medium_hash)).fetchone()
+        if namesake:
+            raise UserError(f"medium {name!r} exists already ({namesake[0]}, not catalogued by relinker scan): "
+                            "choose another name")
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
         conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
         ensure_medium_partitions(conn, result.medium_hash)

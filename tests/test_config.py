@@ -173,3 +173,15 @@ def test_a_config_key_no_command_knows_is_a_usage_error(tmp_path, capsys):
     config.write_text("on-conflict = keep\nhash = true\nworkers = 3\n")
     args, _ = parse(["--config", str(config), "count"])
     assert args.workers == 3
+
+
+@pytest.mark.parametrize("command", [["scan", "--medium", os.fsdecode(b"disk-\xe9"), "/srv/tree"],
+                                     ["copy", "--medium", os.fsdecode(b"disk-\xe9")],
+                                     ["copy", "--medium", "disk\0one"]])
+def test_a_medium_name_the_catalogue_cannot_hold_is_a_usage_error(command, capsys):
+    """A name of bytes that are not UTF-8 (from the shell) or with a NUL: refused while parsing, no traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", *command])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --medium: " in err and ("is not UTF-8" in err or "NUL" in err) and "Traceback" not in err

@@ -118,3 +118,15 @@ def test_scan_gives_the_planner_statistics_of_the_new_medium_only(conn, tree):
         "OR relname LIKE 'path\\_%'").fetchall())
     assert analyzed == {f"inode_{medium_hash}": True, f"path_{medium_hash}": True,
                         f"inode_{other}": False, f"path_{other}": False}
+
+
+def test_scan_never_gives_a_second_medium_an_existing_medium_s_name(conn, catalogue_url, tree, capsys):
+    """copy --medium NAME must name one medium: a name the NTT copier gave stays its medium's alone."""
+    conn.execute("INSERT INTO medium (medium_hash, medium_human) VALUES ('0123456789abcdef', 'usb-disk')")
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "usb-disk", os.fsdecode(tree)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("relinker: error: medium 'usb-disk' exists already (0123456789abcdef, not catalogued by "
+                   "relinker scan): choose another name\n")
+    assert conn.execute("SELECT medium_hash FROM medium WHERE medium_human = 'usb-disk'").fetchall() == [
+        ("0123456789abcdef",)]
+    assert conn.execute("SELECT count(*) FROM path").fetchone() == (0,)
