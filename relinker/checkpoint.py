@@ -298,12 +298,12 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
   AND l.classid = %s::bigint::oid AND l.objid = %s::oid AND l.pid <> pg_backend_pid()
 """
 SQL_TERMINATE = "SELECT pg_terminate_backend(%s)"
+_COUNTER_ASSIGNMENTS = ", ".join(f"{f.name} = %({f.name})s" for f in dataclasses.fields(Counters))
+_COUNTERS_ZEROED = ", ".join(f"{f.name} = 0" for f in dataclasses.fields(Counters))
 SQL_TAKE_RANGE = """
 UPDATE relinker_range
 SET status = 'running', worker = %(worker)s, attempts = attempts + 1, lease_seconds = %(lease)s,
-    claimed_at = now(), heartbeat_at = now(), finished_at = NULL,
-    blobs = 0, links_created = 0, links_present = 0, links_replaced = 0, problems = 0,
-    links_missing = 0, files_copied = 0, bytes_copied = 0, bytes_read = 0, blobs_failed = 0
+    claimed_at = now(), heartbeat_at = now(), finished_at = NULL, """ + _COUNTERS_ZEROED + """
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s
 RETURNING attempts
 """
@@ -313,11 +313,12 @@ SELECT 1 FROM relinker_range
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
   AND worker = %(worker)s AND attempts = %(attempt)s
 """
-_COUNTER_ASSIGNMENTS = ", ".join(f"{f.name} = %({f.name})s" for f in dataclasses.fields(Counters))
 _OWNED_WHERE = """
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
   AND worker = %(worker)s AND attempts = %(attempt)s
 """
+# A range redone by its owner after a transient error starts from nothing, as a claimed one does.
+SQL_REDO_RANGE = "UPDATE relinker_range SET " + _COUNTERS_ZEROED + _OWNED_WHERE
 SQL_HEARTBEAT = """
 UPDATE relinker_range
 SET heartbeat_at = now(), """ + _COUNTER_ASSIGNMENTS + """
@@ -478,12 +479,13 @@ class CheckpointStore:
         """After a transient error, before ``r`` is redone: make sure we still own it (raises LostRange).
 
         Asks the server (a connection that died with it may not know yet; a
-        new one takes the range's lock back), and deletes the problems the
-        failed attempt's heartbeats recorded: the redo finds them again.
+        new one takes the range's lock back), and deletes the problems and
+        counters the failed attempt's heartbeats recorded: the redo finds
+        them again (a heartbeat that found its count recorded would write none).
         """
         def still_ours(conn) -> bool:
             with conn.transaction():
-                if conn.execute(SQL_OWNED, self._owned_params(r)).fetchone() is None:
+                if conn.execute(SQL_REDO_RANGE, self._owned_params(r)).rowcount != 1:
                     return False
                 conn.execute(SQL_CLEAR_PROBLEMS, (r.run_id, r.range_no))
                 return True

@@ -485,15 +485,18 @@ def test_counts_to_write_lists_only_the_blobs_whose_counts_change():
 
 
 class _DataConnectionDropsOnce(RelinkWork):
-    """The range's first attempt flushes its problems with a heartbeat, then loses its data connection for real."""
+    """The range's first attempt flushes its problems with a heartbeat, then loses its data connection for real;
+    with ``redo_heartbeats`` the redo's problems go by a heartbeat too (a range longer than a quarter lease)."""
 
     attempts = 0
+    redo_heartbeats = False
 
     def process(self, r, ctx):
         finalize = super().process(r, ctx)
         type(self).attempts += 1
-        if type(self).attempts == 1:
+        if type(self).attempts == 1 or self.redo_heartbeats:
             ctx._worker.store.heartbeat(r, ctx.counters, ctx.problems)
+        if type(self).attempts == 1:
             conn = self.data.get()
             with psycopg.connect(self.spec.dsn, autocommit=True) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
@@ -501,8 +504,12 @@ class _DataConnectionDropsOnce(RelinkWork):
         return finalize
 
 
-def test_a_range_redone_after_a_lost_connection_records_its_problems_once(world):
-    """What a failed attempt's heartbeats recorded is deleted before the redo finds it again."""
+@pytest.mark.parametrize("redo_heartbeats", [False, True])
+def test_a_range_redone_after_a_lost_connection_records_its_problems_once(world, monkeypatch, redo_heartbeats):
+    """What a failed attempt's heartbeats recorded is deleted before the redo finds it again, counters with
+    it: a redo's heartbeat that found the same count recorded took its problems for written."""
+    monkeypatch.setattr(_DataConnectionDropsOnce, "attempts", 0)
+    monkeypatch.setattr(_DataConnectionDropsOnce, "redo_heartbeats", redo_heartbeats)
     medium = world.medium("disk-1")
     for n in range(3):
         world.inode(medium, [b"/mnt/ntt/%s/gone-%d" % (medium.encode(), n)], world.blob(b"gone %d" % n, store=False))
