@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import gc
 import logging
 import multiprocessing
@@ -31,6 +32,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -158,11 +160,38 @@ def _on_worker_signal(signum, frame) -> None:
         os._exit(EXIT_INTERRUPTED)  # second signal: stop at once
 
 
+class _SharedCounter:
+    """A counter the pool's processes draw from, whose lock dies with a process killed holding it.
+
+    multiprocessing's locks are semaphores: a worker killed while holding
+    one leaves every other process blocked on it for good. POSIX record
+    locks are the kernel's, released with their process.
+    """
+
+    def __init__(self, context):
+        self._value = context.RawValue("q", 0)
+        self._lock_file = tempfile.TemporaryFile()
+
+    def next(self) -> int:
+        fd = self._lock_file.fileno()
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            value = self._value.value
+            self._value.value = value + 1
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        return value
+
+    def close(self) -> None:
+        self._lock_file.close()
+
+
 class _Worker:
-    def __init__(self, spec: WorkSpec, pipe, stop_event, dry_next):
+    def __init__(self, spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter | None):
         self.spec = spec
         self.pipe = pipe
-        self.stop_event = stop_event
+        #: set by the parent on the first stop signal; a lock-free byte (see _SharedCounter)
+        self.stop_flag = stop_flag
         self.dry_next = dry_next
         self.parent = os.getppid()
         self.samples: list[Problem] = []
@@ -181,7 +210,7 @@ class _Worker:
             pass  # the parent is gone; check_stop() will notice
 
     def check_stop(self) -> None:
-        if _signals_received or self.stop_event.is_set() or os.getppid() != self.parent:
+        if _signals_received or self.stop_flag.value or os.getppid() != self.parent:
             raise Interrupted()
 
     def maybe_heartbeat(self, ctx: RangeContext, now: float) -> None:
@@ -192,9 +221,7 @@ class _Worker:
     def claim(self) -> Range | None:
         if self.store is not None:
             return self.store.claim()
-        with self.dry_next.get_lock():
-            index = self.dry_next.value
-            self.dry_next.value += 1
+        index = self.dry_next.next()
         return self.spec.dry_ranges[index] if index < len(self.spec.dry_ranges) else None
 
     def nothing_left(self) -> bool:
@@ -298,7 +325,7 @@ def _collector_paused():
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
+def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter) -> None:
     # Forked with the stop signals blocked (see start_worker): handlers first, then let them in.
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _on_worker_signal)
@@ -307,7 +334,7 @@ def _worker_main(spec: WorkSpec, pipe, stop_event, dry_next) -> None:
 
     raise_open_file_limit()
     try:
-        _Worker(spec, pipe, stop_event, dry_next).run()
+        _Worker(spec, pipe, stop_flag, dry_next).run()
     except Exception as exc:  # a worker must never die silently
         log.error("worker failed: %s", db.first_line(exc), exc_info=spec.verbose > 1)
         sys.exit(1)
@@ -347,8 +374,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
         log.warning("forking workers from a process that runs %d threads: a lock one of them holds "
                     "stays held in every worker", threading.active_count())
     context = multiprocessing.get_context("fork")
-    stop_event = context.Event()
-    dry_next = context.Value("i", 0)
+    stop_flag = context.RawValue("b", 0)
+    dry_next = _SharedCounter(context)
     outcome = PoolOutcome()
     live: dict[Any, multiprocessing.Process] = {}  # pipe reader -> process
     in_flight: dict[int, tuple[int, int]] = {}  # range_no -> (paths, bytes) so far (this coordinator)
@@ -360,7 +387,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
 
     def start_worker() -> None:
         reader, writer = context.Pipe(duplex=True)  # the parent answers "idle" with "wake"
-        process = context.Process(target=_worker_main, args=(spec, writer, stop_event, dry_next),
+        process = context.Process(target=_worker_main, args=(spec, writer, stop_flag, dry_next),
                                   name="relinker-worker", daemon=False)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
@@ -380,7 +407,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
             forced = True
             raise _ForcedStop()
         stopping = True
-        stop_event.set()
+        stop_flag.value = 1
         print(f"\nrelinker: {signal.Signals(signum).name} received: finishing up and giving unfinished "
               "ranges back (send it again to stop at once)", file=sys.stderr)
 
@@ -437,6 +464,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        dry_next.close()
     outcome.interrupted = stopping
     outcome.ranges_done = ranges_done
     del outcome.samples[DRY_RUN_SAMPLES:]

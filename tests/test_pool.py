@@ -2,6 +2,7 @@
 
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -130,3 +131,55 @@ def test_a_pool_started_beside_other_threads_says_so(catalogue_url, tmp_path, ca
         release.set()
         bystander.join()
     assert any("forking workers from a process that runs 2 threads" in r.getMessage() for r in caplog.records)
+
+
+class _KilledHoldingTheDrawLock:
+    """Dry range 0: its worker dies by SIGKILL while it holds the lock the pool's workers draw ranges under."""
+
+    def __init__(self, spec: WorkSpec):
+        pass
+
+    def process(self, r, ctx):
+        if r.range_no == 0:
+            import fcntl
+            fcntl.lockf(ctx._worker.dry_next._lock_file.fileno(), fcntl.LOCK_EX)
+            os.kill(os.getpid(), signal.SIGKILL)
+        ctx.tick()  # reads the stop flag: no lock to be left held either
+        return lambda conn: None
+
+    def reset(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_worker_killed_holding_a_shared_lock_leaves_none_held(catalogue_url):
+    """A kill -9 (or the OOM killer) may land while a worker holds a lock the pool shares: the others go on.
+
+    multiprocessing's own locks would stay held by the dead worker and stop every other process for good.
+    """
+    from relinker.checkpoint import Range
+
+    spec = WorkSpec(work=_KilledHoldingTheDrawLock, dsn=catalogue_url, by_hash_root=b"/nowhere",
+                    archive_root=b"/nowhere", options={},
+                    dry_ranges=[Range.of(None, n, b) for n, b in enumerate(split_blob_space(6))])
+    # In a process of its own: a pool that hangs must not hang the test.
+    reader, writer = multiprocessing.get_context("fork").Pipe(duplex=False)
+    coordinator = multiprocessing.get_context("fork").Process(
+        target=lambda: writer.send(pool.run_pool(spec, 2).ranges_done))
+    coordinator.start()
+    coordinator.join(30)
+    hung = coordinator.is_alive()
+    if hung:
+        for child in _children(coordinator.pid):
+            os.kill(child, signal.SIGKILL)
+        coordinator.kill()
+        coordinator.join()
+    assert not hung, "the pool hung on a lock its dead worker held"
+    assert reader.poll(1) and reader.recv() == 5
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]

@@ -519,7 +519,7 @@ def test_a_range_redone_after_a_lost_connection_records_its_problems_once(world,
     spec = WorkSpec(work=_DataConnectionDropsOnce, dsn=world.dsn, by_hash_root=world.by_hash_root,
                     archive_root=world.archive_root, options={}, run_id=run_id,
                     since=world.conn.execute("SELECT now()").fetchone()[0], retry_timeout=30)
-    worker = _Worker(spec, pipe=None, stop_event=None, dry_next=None)
+    worker = _Worker(spec, pipe=None, stop_flag=None, dry_next=None)
     worker.send = lambda *message: None
     try:
         worker.run_range(worker.store.claim())
