@@ -319,6 +319,8 @@ WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
 """
 # A range redone by its owner after a transient error starts from nothing, as a claimed one does.
 SQL_REDO_RANGE = "UPDATE relinker_range SET " + _COUNTERS_ZEROED + _OWNED_WHERE
+# A heartbeat from outside the range's own session, counters unchanged (see CheckpointStore.keep_alive).
+SQL_KEEP_ALIVE = "UPDATE relinker_range SET heartbeat_at = now()" + _OWNED_WHERE
 SQL_HEARTBEAT = """
 UPDATE relinker_range
 SET heartbeat_at = now(), """ + _COUNTER_ASSIGNMENTS + """
@@ -371,11 +373,28 @@ class CheckpointStore:
         self.since = since
         self._conn: psycopg.Connection | None = None
         self._held: Range | None = None
+        #: opened only when the control connection waits inside a finishing transaction (keep_alive)
+        self._side: psycopg.Connection | None = None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._side):
+            if conn is not None:
+                conn.close()
+        self._conn = self._side = None
+
+    def keep_alive(self, r: Range) -> None:
+        """Refresh ``r``'s heartbeat while the control connection waits in the range's finishing transaction.
+
+        A wait there (for a sync) may outlast the lease, and a claimer would
+        end the session in the middle of the commit. Best effort over a
+        connection of its own: the finish itself says whether the range is still ours.
+        """
+        try:
+            if self._side is None or self._side.closed or self._side.broken:
+                self._side = db.connect(self.dsn, autocommit=True)
+            self._side.execute(SQL_KEEP_ALIVE, self._owned_params(r))
+        except psycopg.Error as exc:
+            log.debug("range %d: keep-alive failed: %s", r.range_no, db.first_line(exc))
 
     # connection management -------------------------------------------------
 

@@ -266,7 +266,7 @@ class CopyWork:
                     waiting.append((ino, paths, got))
                     if self.store.batch_full:
                         # The sealed batch's sync ran while this batch was read.
-                        settle(sealed, self.store.place_sealed())
+                        settle(sealed, self.store.place_sealed(ctx.tick))
                         self.store.seal_batch()
                         sealed, waiting = waiting, sealed
                 else:
@@ -275,14 +275,15 @@ class CopyWork:
             sources.close()
         if self.spec.dry_run:
             return lambda conn: None
-        settle(sealed, self.store.place_sealed())
-        settle(waiting, self.store.place_pending())
+        settle(sealed, self.store.place_sealed(ctx.tick))
+        settle(waiting, self.store.place_pending(ctx.tick))
         # The range's statements run while the new names are synced.
-        return self._finalizer(r, marked, failed, self.store.start_sync())
+        return self._finalizer(r, marked, failed, self.store.start_sync(), ctx.keep_alive)
 
-    def _finalizer(self, r: Range, marked: "StoredInodes", failed: "FailedInodes",
-                   names_synced) -> Callable[[psycopg.Connection], None]:
-        """The range's statements, to run in its finishing transaction once ``names_synced`` has returned."""
+    def _finalizer(self, r: Range, marked: "StoredInodes", failed: "FailedInodes", names_synced,
+                   keep_alive: Callable[[], None]) -> Callable[[psycopg.Connection], None]:
+        """The range's statements, to run in its finishing transaction once ``names_synced`` has
+        returned (``keep_alive`` meanwhile)."""
         statements = self.statements()
         count_blobids = sorted(marked.paths)
         # Array literals, built once: the driver adapts a list element by element, for every statement.
@@ -319,7 +320,7 @@ class CopyWork:
                                                "added": db.int_array(added.get(b, 0) for b in existing)})
             # The catalogue may say these contents are stored only once their
             # names are durable: the range's commit follows this.
-            names_synced.wait()
+            names_synced.wait(while_waiting=keep_alive, every=self.spec.heartbeat_interval)
 
         return finalize
 

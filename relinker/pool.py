@@ -137,6 +137,11 @@ class RangeContext:
         else:
             self.problems.append(Problem(kind, detail, blobid, path))
 
+    def keep_alive(self) -> None:
+        """Call every few seconds while the range's finishing step waits (inside its transaction)."""
+        if self._worker.store is not None:
+            self._worker.store.keep_alive(self.range)
+
     def tick(self) -> None:
         """Call often (every few hundred paths): stop, progress and heartbeat checks."""
         now = time.monotonic()

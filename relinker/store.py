@@ -256,8 +256,9 @@ class ByHashStore:
         self._sealed, self._pending, self._pending_bytes = self._pending, {}, 0
         self._sealed_sync = self._syncer.request()
 
-    def place_sealed(self) -> dict[str, Stored | ByHashProblem]:
-        """Wait for the sealed batch's sync, then give each of its temporaries its by-hash name.
+    def place_sealed(self, while_waiting: Callable[[], None] | None = None) -> dict[str, Stored | ByHashProblem]:
+        """Wait for the sealed batch's sync (calling ``while_waiting`` now and then), then give each of
+        its temporaries its by-hash name.
 
         Returns what became of each content, by blob ID: where it is
         stored, or the problem that kept it from its name.
@@ -266,7 +267,7 @@ class ByHashStore:
             return {}
         placed: dict[str, Stored | ByHashProblem] = {}
         try:
-            self._sealed_sync.wait()
+            self._sealed_sync.wait(while_waiting=while_waiting)
             for blobid, pending in self._sealed.items():
                 try:
                     written = self._link_into_place(pending)
@@ -285,14 +286,14 @@ class ByHashStore:
             self._discard_sealed()
         return placed
 
-    def place_pending(self) -> dict[str, Stored | ByHashProblem]:
+    def place_pending(self, while_waiting: Callable[[], None] | None = None) -> dict[str, Stored | ByHashProblem]:
         """Place the sealed batch, then make the waiting temporaries durable and give them their names.
 
         Returns what became of each content of both, by blob ID (as :meth:`place_sealed`).
         """
-        placed = self.place_sealed()
+        placed = self.place_sealed(while_waiting)
         self.seal_batch()
-        placed.update(self.place_sealed())
+        placed.update(self.place_sealed(while_waiting))
         return placed
 
     def start_sync(self) -> "_Sync":
@@ -404,9 +405,15 @@ class _Sync:
         self.error: OSError | None = None
         self.done = threading.Event()
 
-    def wait(self, raise_error: bool = True) -> None:
-        """Until the sync has returned; then raise its error, if it failed and ``raise_error``."""
-        self.done.wait()
+    def wait(self, raise_error: bool = True, while_waiting: Callable[[], None] | None = None,
+             every: float = 1.0) -> None:
+        """Until the sync has returned; then raise its error, if it failed and ``raise_error``.
+
+        ``while_waiting`` is called every ``every`` seconds meanwhile: a sync
+        of a busy filesystem may take longer than a range's lease.
+        """
+        while not self.done.wait(every if while_waiting is not None else None):
+            while_waiting()
         if self.error is not None and raise_error:
             raise self.error
 

@@ -1049,3 +1049,21 @@ def test_a_source_is_never_opened_through_a_symlink(tmp_path):
         assert on_the_way.value.errno in (errno.ELOOP, errno.EXDEV)
     finally:
         os.close(top)
+
+
+def test_a_sync_longer_than_the_lease_keeps_the_range(world, capsys, tree, monkeypatch):
+    """A sync of a busy filesystem may outlast --lease, inside the range's finishing transaction or while a
+    batch waits: the range keeps its heartbeat, and no other worker takes it over and copies it again."""
+    from relinker import store
+
+    real_syncfs = store.syncfs
+
+    def slow_syncfs(fd):
+        time.sleep(2.5)
+        real_syncfs(fd)
+
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    monkeypatch.setattr(store, "syncfs", slow_syncfs)  # the forked workers inherit it
+    code, summary = copy(world, capsys, "--lease", "1", "--ranges", "3")
+    assert code == 0 and summary["blobs"] == 5, summary
+    assert world.conn.execute("SELECT max(attempts) FROM relinker_range").fetchone() == (1,)
