@@ -245,6 +245,20 @@ def open_runs(conn: psycopg.Connection, mode: str, by_hash_root: bytes, archive_
     return [_run_info(row) for row in conn.execute(SQL_OPEN_RUNS, (mode, by_hash_root, archive_root))]
 
 
+SQL_UNFINISHED_RANGES = """
+SELECT range_no, lo, hi, medium_hash, ino_lo, ino_hi, blobids, bytes_planned
+FROM relinker_range WHERE run_id = %s AND status <> 'done' ORDER BY range_no
+"""
+
+
+def unfinished_ranges(conn: psycopg.Connection, run_id: int) -> list[Range]:
+    """The ranges of a run not done yet, as planned (what resuming it would work)."""
+    return [Range(lo, hi, medium_hash, ino_lo, ino_hi, None if blobids is None else tuple(blobids), bytes_planned,
+                  run_id=None, range_no=range_no)
+            for range_no, lo, hi, medium_hash, ino_lo, ino_hi, blobids, bytes_planned
+            in conn.execute(SQL_UNFINISHED_RANGES, (run_id,))]
+
+
 SQL_FINISH_RUN = """
 UPDATE relinker_run SET status = 'done', finished_at = now()
 WHERE run_id = %(run_id)s AND status = 'open'

@@ -18,7 +18,8 @@ from typing import Sequence
 import psycopg
 
 from relinker import __version__, checkpoint, copy, db, jobs, migrations, relink, scan, verify
-from relinker.config import Settings, add_command, check_config_keys, config_files_from, new_parser, new_subparsers
+from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
+                             new_subparsers)
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
 from relinker.logs import setup_logging
 from relinker.report import Summary
@@ -278,7 +279,10 @@ def job_request(args: argparse.Namespace, settings: Settings, options: dict) -> 
 def report(summary: Summary, exit_code: int, as_json: bool, resume_hint: str) -> int:
     print(summary.as_json() if as_json else summary.as_text())
     if exit_code == EXIT_INTERRUPTED:
-        print(f"relinker: interrupted; resume with: {resume_hint}", file=sys.stderr)
+        if summary.run_id is None:
+            print("relinker: interrupted (a dry run keeps nothing to resume)", file=sys.stderr)
+        else:
+            print(f"relinker: interrupted; resume with: {resume_hint}", file=sys.stderr)
     return exit_code
 
 
@@ -288,6 +292,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     config_files = config_files_from(argv)
     parser = build_parser(config_files)
     try:
+        check_verbosity(os.environ.get("RELINKER_VERBOSE"), "RELINKER_VERBOSE")
         check_config_keys(parser, config_files)
         args = parser.parse_args(argv)
     except UnicodeDecodeError as exc:
@@ -420,6 +425,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         directory = os.path.dirname(os.path.abspath(args.failed_ids))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
             raise UserError(f"--failed-ids {args.failed_ids}: cannot write into {directory}")
+        if os.path.lexists(args.failed_ids) and not os.path.isfile(args.failed_ids):
+            raise UserError(f"--failed-ids {args.failed_ids}: not a file (the list replaces a file, nothing else)")
     if (args.all or args.from_file) and (args.count or args.mode):
         chooser = "--count" if args.count else "--mode"
         raise UserError(f"{chooser} chooses which blobs: not with {'--all' if args.all else '--from-file'}")

@@ -53,8 +53,13 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
+        db_url = args.db_url or ""
+        try:
+            db_url.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("--db-url (or RELINKER_DB_URL, or db-url in the config file) is not UTF-8") from None
         return cls(
-            db_url=args.db_url or "",
+            db_url=db_url,
             by_hash_root=_root(args.by_hash_root),
             archive_root=_root(args.archive_root),
             verbose=args.verbose or 0,
@@ -134,10 +139,27 @@ def add_command(subparsers, name: str, config_files: list[str], **kwargs) -> con
     return command
 
 
+#: Beyond this, more verbosity says nothing more; ConfigArgParse would expand
+#: RELINKER_VERBOSE (or a config file's verbose) into that many -v flags, in a
+#: time that grows with its square (a million: hours).
+MAX_VERBOSITY = 10
+
+
+def check_verbosity(value: str | None, where: str) -> None:
+    """UserError for a verbosity setting above MAX_VERBOSITY (one that is no number, parse() refuses)."""
+    try:
+        level = int(value)
+    except (TypeError, ValueError):
+        return
+    if level > MAX_VERBOSITY:
+        raise UserError(f"{where} must be at most {MAX_VERBOSITY}, not {level}")
+
+
 def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[str]) -> None:
     """UserError for a config-file key that no command knows: a misspelt ``db_url`` must not be ignored.
 
-    Keys of other commands are fine (one file serves every command).
+    Keys of other commands are fine (one file serves every command). A
+    verbosity above MAX_VERBOSITY is refused too, before it is expanded.
     """
     known = {option.lstrip("-") for option in _long_options(parser)}
     for path in config_files:
@@ -148,6 +170,8 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
                 close = difflib.get_close_matches(key.replace("_", "-"), sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UserError(f"config file {path}: unknown key {key!r}{hint}")
+            if key == "verbose":
+                check_verbosity(keys[key], f"config file {path}: verbose")
 
 
 def _long_options(parser: argparse.ArgumentParser):

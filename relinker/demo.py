@@ -65,10 +65,16 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
         raise UserError(f"--source {source} is not a directory")
     if _count_files(source, MIN_FILES) < MIN_FILES:
         raise UserError(f"--source {source} has fewer than {MIN_FILES} files: too few for the demo")
-    _prepare(root)
+    if os.path.commonpath([root, source]) == source:
+        # It would catalogue its own database and store while they change.
+        raise UserError(f"the demo directory {root} lies inside --source {source}: choose another place for one")
     by_hash, archive = os.path.join(root, "by-hash"), os.path.join(root, "archive")
-    os.makedirs(by_hash)
-    os.makedirs(archive)
+    try:
+        _prepare(root)
+        os.makedirs(by_hash)
+        os.makedirs(archive)
+    except OSError as exc:
+        raise UserError(f"cannot make the demo directory {root}: {exc.strerror}") from None
     step = Step()
     server, dsn = _start_embedded(root, keep)
     print(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
@@ -138,10 +144,10 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
     step("relinker copy: each content once into by-hash/ab/cd/<blake3>, every path hardlinked into the archive")
     request = jobs.JobRequest(settings=settings, options={"medium": None, "limit": None}, workers=workers,
                               progress=progress)
-    summary, code = jobs.run_job(copy.MODE_SPEC, request)
+    summary, copied = jobs.run_job(copy.MODE_SPEC, request)
     print(_indent(summary.as_text()))
-    if code == EXIT_INTERRUPTED:
-        return code
+    if copied == EXIT_INTERRUPTED:
+        return copied
     print(f"  {summary.counters.blobs - summary.counters.files_copied:,} of {summary.counters.blobs:,} "
           "files had a content already in by-hash: stored once, linked from every path")
 
@@ -166,7 +172,7 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
     print(_indent(checked.as_text()))
     if verified == EXIT_INTERRUPTED:
         return verified
-    ok = code == EXIT_OK and repaired and verified == EXIT_OK
+    ok = copied == EXIT_OK and code == EXIT_OK and repaired and verified == EXIT_OK
     print(f"\n  {'everything repaired and verified' if ok else 'something did not add up (see above)'}")
     return EXIT_OK if ok else EXIT_PROBLEMS
 

@@ -225,10 +225,16 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             verbose=settings.verbose,
         )
         if request.dry_run:
-            bounds = mode.plan(conn, spec.options, request.blobids, request.workers, request.ranges)
-            spec.dry_ranges = [Range.of(None, n, b) for n, b in enumerate(bounds)]
-            ranges_total, done_before, links_before, problems_before, bytes_before = len(bounds), 0, 0, 0, 0
-            bytes_total = sum(b.bytes_planned or 0 for b in bounds)
+            if request.run_id is not None:
+                # What resuming that run would do: its own options, its ranges not done.
+                run = _named_run(conn, mode, request, by_hash_root, archive_root)
+                spec.options = run.options
+                spec.dry_ranges = checkpoint.unfinished_ranges(conn, run.run_id)
+            else:
+                bounds = mode.plan(conn, spec.options, request.blobids, request.workers, request.ranges)
+                spec.dry_ranges = [Range.of(None, n, b) for n, b in enumerate(bounds)]
+            ranges_total, done_before, links_before, problems_before, bytes_before = len(spec.dry_ranges), 0, 0, 0, 0
+            bytes_total = sum(r.bytes_planned or 0 for r in spec.dry_ranges)
         else:
             run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
             spec.run_id = run.run_id
@@ -283,25 +289,30 @@ def _exit_code(summary: Summary) -> int:
     return EXIT_OK
 
 
+def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archive_root: bytes) -> RunInfo:
+    """The run ``--run`` names, if it is one of this mode that the options given do not contradict."""
+    run = checkpoint.get_run(conn, request.run_id)
+    if run is None:
+        raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
+    if run.mode != mode.name:
+        raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
+    conflicts = _conflicting_options(run, request.given)
+    if conflicts:
+        # The run goes on as it was planned: an option asked for now
+        # (--on-conflict keep) must never be ignored silently.
+        raise UserError(f"run {run.run_id} was planned for other work ({conflicts}): resume it without "
+                        f"those options, or plan a new run with --new")
+    if (run.by_hash_root, run.archive_root) != (by_hash_root, archive_root):
+        log.warning("run %d was planned with roots %s and %s; working with %s and %s",
+                    run.run_id, display(run.by_hash_root), display(run.archive_root),
+                    display(by_hash_root), display(archive_root))
+    return run
+
+
 def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
                 by_hash_root: bytes, archive_root: bytes) -> RunInfo:
     if request.run_id is not None:
-        run = checkpoint.get_run(conn, request.run_id)
-        if run is None:
-            raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
-        if run.mode != mode.name:
-            raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
-        conflicts = _conflicting_options(run, request.given)
-        if conflicts:
-            # The run goes on as it was planned: an option asked for now
-            # (--on-conflict keep) must never be ignored silently.
-            raise UserError(f"run {run.run_id} was planned for other work ({conflicts}): resume it without "
-                            f"those options, or plan a new run with --new")
-        if (run.by_hash_root, run.archive_root) != (by_hash_root, archive_root):
-            log.warning("run %d was planned with roots %s and %s; working with %s and %s",
-                        run.run_id, display(run.by_hash_root), display(run.archive_root),
-                        display(by_hash_root), display(archive_root))
-        return run
+        return _named_run(conn, mode, request, by_hash_root, archive_root)
     if not request.new:
         for run in checkpoint.open_runs(conn, mode.name, by_hash_root, archive_root):
             differ = _changed_options(run, request.options)

@@ -17,6 +17,7 @@ run checks exactly the blobs it was asked to.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -279,10 +280,15 @@ def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) ->
     """
     failed = [blobid for (blobid,) in conn.execute(SQL_FAILED_BLOBS, {"run_id": run_id, "limits": sorted(LIMIT_KINDS)})]
     temporary = f"{destination}.relinker-{secrets.token_hex(4)}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(f"# blobs that failed relinker verify run {run_id}; repair: relinker relink --from-file FILE\n")
-        f.writelines(blobid + "\n" for blobid in failed)
-    os.replace(temporary, destination)
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(f"# blobs that failed relinker verify run {run_id}; repair: relinker relink --from-file FILE\n")
+            f.writelines(blobid + "\n" for blobid in failed)
+        os.replace(temporary, destination)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     return len(failed)
 
 

@@ -185,3 +185,23 @@ def test_a_medium_name_the_catalogue_cannot_hold_is_a_usage_error(command, capsy
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "argument --medium: " in err and ("is not UTF-8" in err or "NUL" in err) and "Traceback" not in err
+
+
+def test_a_db_url_that_is_not_utf8_is_a_usage_error(capsys):
+    assert main(["--db-url", os.fsdecode(b"dbname=\xff"), "status"]) == 2
+    err = capsys.readouterr().err
+    assert err == "relinker: error: --db-url (or RELINKER_DB_URL, or db-url in the config file) is not UTF-8\n"
+
+
+@pytest.mark.parametrize("where", ["environment", "config file"])
+def test_a_verbosity_beyond_any_use_is_refused_before_it_is_expanded(where, tmp_path, monkeypatch, capsys):
+    """ConfigArgParse turns verbose = N into N flags, in a time growing with N squared: a million took hours."""
+    argv = ["--db-url", "postgresql://nobody@127.0.0.1:1/x", "status"]
+    if where == "environment":
+        monkeypatch.setenv("RELINKER_VERBOSE", "1000000")
+    else:
+        config = tmp_path / "relinker.conf"
+        config.write_text("verbose = 1000000\n")
+        argv = ["--config", str(config), *argv]
+    assert main(argv) == 2
+    assert "must be at most 10, not 1000000" in capsys.readouterr().err

@@ -309,3 +309,23 @@ def test_last_checked_is_written_through_the_ranges_slice_of_the_primary_key(con
         assert conn.execute("SELECT count(*) FROM blobs WHERE last_checked IS NOT NULL").fetchone()[0] == len(passed)
     assert "Seq Scan" not in plan, plan
     assert "blobid >= " in plan, plan
+
+
+def test_failed_ids_that_cannot_be_a_file_are_refused_before_the_run(linked, capsys, tmp_path):
+    """A directory named by --failed-ids would end a night's run unable to write its list."""
+    (tmp_path / "ids").mkdir()
+    assert main(linked.argv("verify", "--all", "--no-progress", "--failed-ids", str(tmp_path / "ids"))) == 2
+    assert "not a file" in capsys.readouterr().err
+    assert linked.conn.execute("SELECT count(*) FROM relinker_run WHERE mode = 'verify'").fetchone() == (0,)
+
+
+def test_a_failed_ids_list_that_cannot_be_written_leaves_no_temporary(linked, tmp_path, monkeypatch):
+    def refused(source, destination):
+        raise PermissionError(13, "Permission denied", destination)
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError):
+        verify_module.write_failed_ids(linked.conn, 1, str(lists / "failed.txt"))
+    assert os.listdir(lists) == []

@@ -107,3 +107,35 @@ def test_an_interrupted_step_stops_the_demo_with_exit_3(db_url, tmp_path, monkey
     code = demo_module._story(demo_module.Step(), settings, str(small_tree(tmp_path / "src")), 1, False)
     assert code == EXIT_INTERRUPTED and asked == ["copy"]
     assert "break the archive" not in capsys.readouterr().out
+
+
+def test_demo_refuses_to_catalogue_itself_or_a_place_it_cannot_make(tmp_path):
+    """--source holding the demo directory would scan the demo's own database as it changes."""
+    source = small_tree(tmp_path / "src")
+    result = demo(str(source / "demo"), "--source", str(source))
+    assert result.returncode == 2 and "lies inside --source" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "a-file").write_text("")
+    result = demo(str(tmp_path / "a-file" / "demo"), "--source", str(source))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot make the demo directory" in result.stderr
+
+
+def test_a_copy_with_problems_is_no_demo_success(db_url, tmp_path, monkeypatch, capsys):
+    """The verdict weighs every step: a copy that recorded problems is 'something did not add up'."""
+    from relinker import demo as demo_module, jobs
+    from relinker.config import Settings
+    from relinker.errors import EXIT_PROBLEMS
+
+    real_run_job = jobs.run_job
+
+    def copy_with_problems(mode, request):
+        summary, code = real_run_job(mode, request)
+        return summary, (EXIT_PROBLEMS if mode.name == "copy" else code)
+
+    monkeypatch.setattr(jobs, "run_job", copy_with_problems)
+    for name in ("by-hash", "archive"):
+        (tmp_path / name).mkdir()
+    settings = Settings(db_url=db_url, by_hash_root=os.fsencode(tmp_path / "by-hash"),
+                        archive_root=os.fsencode(tmp_path / "archive"))
+    code = demo_module._story(demo_module.Step(), settings, str(small_tree(tmp_path / "src")), 1, False)
+    assert code == EXIT_PROBLEMS and "something did not add up" in capsys.readouterr().out

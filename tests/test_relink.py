@@ -566,3 +566,36 @@ def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
     finally:
         small.conn.execute(f"DROP OWNED BY {role}")
         small.conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_dry_run_of_a_named_run_shows_what_resuming_it_would_do(world, capsys):
+    """--run N --dry-run: that run's options and its ranges not done, never a fresh plan of everything."""
+    m = world.medium("disk")
+    for i in range(20):
+        world.inode(m, [b"/a/%d" % i], world.blob(b"content %d" % i))
+    code, summary = relink(world, capsys, "--limit", "3")
+    assert code == 0 and summary["blobs"] == 3
+    linked = sorted(os.listdir(world.archive_path(b"/a")))
+    assert len(linked) == 3
+    os.unlink(world.archive_path(b"/a/" + linked[0]))
+    code, summary = relink(world, capsys, "--run", str(summary["run_id"]), "--dry-run")
+    assert summary["dry_run"] and summary["ranges_total"] == 0 and summary["blobs"] == 0  # all done
+    world.conn.execute("UPDATE relinker_range SET status = 'pending'")
+    code, summary = relink(world, capsys, "--run", "1", "--dry-run")
+    assert summary["blobs"] == 3 and summary["links_created"] == 1 and summary["options"]["limit"] == 3
+    # as for a real resume: an unknown run, or another mode's, is a usage error
+    assert main(world.argv("relink", "--run", "999", "--dry-run", "--no-progress")) == 2
+    assert "unknown run 999" in capsys.readouterr().err
+    assert main(world.argv("count", "--run", "1", "--dry-run", "--no-progress")) == 2
+    assert "run 1 is a relink run, not a count run" in capsys.readouterr().err
+
+
+def test_an_interrupted_dry_run_offers_no_resume(world, capsys, monkeypatch):
+    """A dry run keeps nothing: 'resume with --run None' would be a command that cannot work."""
+    from relinker import jobs
+    from relinker.report import Summary
+
+    monkeypatch.setattr(jobs, "run_job", lambda mode, request: (
+        Summary(mode="relink", dry_run=True, interrupted=True), 3))
+    assert main(world.argv("relink", "--dry-run", "--no-progress")) == 3
+    assert capsys.readouterr().err == "relinker: interrupted (a dry run keeps nothing to resume)\n"
