@@ -22,9 +22,11 @@ _CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(32), 127]}
 def display(path: bytes) -> str:
     """A printable, one-line rendering of a bytes path, for messages only.
 
-    Invalid UTF-8 and control bytes (``Icon\\r``) appear as ``\\xNN``.
+    Invalid UTF-8 and control bytes (``Icon\\r``) appear as ``\\xNN``, a
+    backslash as two: no two paths look alike (a JSON reader can tell the
+    byte 0xff from the four characters ``\\xff``).
     """
-    return path.decode("utf-8", "backslashreplace").translate(_CONTROL_ESCAPES)
+    return path.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_CONTROL_ESCAPES)
 
 
 def is_blobid(blobid: str) -> bool:

@@ -235,3 +235,13 @@ def test_a_catalogued_file_named_like_a_replace_temporary_is_never_removed(world
     assert world.linked(foo, b"/d/foo") and world.linked(other, b"/d/" + temp_name)
     assert os.path.basename(stale) == b"foo"
     assert sorted(os.listdir(world.archive_root + b"/d")) == sorted([b"foo", temp_name])  # no temporary left
+
+
+def test_no_two_paths_look_alike_in_messages_and_json():
+    """display() is how a path reaches a message, a problem's detail and --json: it must be reversible."""
+    from relinker.paths import display
+
+    names = [b"a\xff", b"a\\xff", b"a\\\\xff", b"Icon\r", b"Icon\\x0d", b"caf\xc3\xa9", b"caf\xe9", b"a\\"]
+    assert len({display(n) for n in names}) == len(names)
+    assert display(b"a\xff") == "a\\xff" and display(b"a\\xff") == "a\\\\xff"
+    assert all("\n" not in display(n) and "\r" not in display(n) for n in names + [b"x\ny"])
