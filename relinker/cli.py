@@ -200,11 +200,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: The largest count the catalogue's bigint takes (--limit).
+BIGINT_MAX = 2**63 - 1
+
+
 def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number, 0 or more."""
+    """An argparse type: a whole number, 0 or more (and a bigint)."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    if value > BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {BIGINT_MAX}, not {value}")
     return value
 
 
@@ -226,9 +232,11 @@ def seconds_at_least(minimum: float, maximum: float = math.inf):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if not minimum <= value < math.inf:  # also refuses nan
+        if math.isnan(value):
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+        if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g} s, not {text}")
-        if value > maximum:
+        if value > maximum or math.isinf(value):
             raise argparse.ArgumentTypeError(f"must be at most {maximum:g} s, not {text}")
         return value
     parse_seconds.__name__ = "seconds"
