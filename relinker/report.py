@@ -9,7 +9,7 @@ import sys
 import psycopg
 import tqdm
 
-from relinker.checkpoint import DEFAULT_LEASE, Counters, Problem
+from relinker.checkpoint import Counters, Problem
 from relinker.paths import display
 
 SQL_RUN_PROGRESS = """
@@ -17,7 +17,7 @@ SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_p
        blobs, links_created, links_present, links_replaced, problems, links_missing, files_copied,
        bytes_copied, bytes_read, blobs_failed, bytes_planned, extract(epoch FROM elapsed)::float8, extract(epoch FROM working)::float8,
        extract(epoch FROM eta)::float8,
-       by_hash_root, archive_root, options
+       by_hash_root, archive_root, options, ranges_at_work
 FROM relinker_run_progress WHERE run_id = %s
 """
 SQL_PROBLEM_KINDS = "SELECT kind, problems FROM relinker_problem_kinds WHERE run_id = %s ORDER BY problems DESC, kind"
@@ -26,7 +26,7 @@ SELECT kind, detail, blobid, path FROM relinker_problem WHERE run_id = %s ORDER 
 """
 SQL_OPEN_RANGES = """
 SELECT range_no, status, lo, hi, worker, attempts, extract(epoch FROM heartbeat_age)::float8, last_error,
-       lease_seconds
+       held, at_work
 FROM relinker_open_ranges WHERE run_id = %s ORDER BY range_no LIMIT %s
 """
 SAMPLE_LIMIT = 20
@@ -49,6 +49,8 @@ class Summary:
     ranges_running: int = 0
     ranges_pending: int = 0
     ranges_failed: int = 0
+    #: of a run read back from the catalogue: its ranges being worked right now (held, heartbeat fresh)
+    ranges_at_work: int | None = None
     elapsed_seconds: float = 0.0
     #: of a run read back from the catalogue: the time its ranges were worked (the rate's divisor)
     working_seconds: float | None = None
@@ -89,7 +91,7 @@ class Summary:
         if row is None:
             raise LookupError(run_id)
         (run_id, mode, status, total, done, running, pending, failed, *counters, bytes_planned,
-         elapsed, working, eta, by_hash_root, archive_root, options) = row
+         elapsed, working, eta, by_hash_root, archive_root, options, at_work) = row
         summary = cls(
             mode=mode, run_id=run_id, status=status,
             counters=Counters(*counters),
@@ -98,7 +100,7 @@ class Summary:
                              for kind, detail, blobid, path in conn.execute(SQL_PROBLEM_SAMPLES, (run_id, SAMPLE_LIMIT))],
             ranges_total=total, ranges_done=done, ranges_running=running, ranges_pending=pending,
             ranges_failed=failed, elapsed_seconds=elapsed or 0.0, working_seconds=working or 0.0,
-            eta_seconds=eta, bytes_planned=bytes_planned,
+            eta_seconds=eta, bytes_planned=bytes_planned, ranges_at_work=at_work,
             by_hash_root=by_hash_root, archive_root=archive_root, options=options or {},
         )
         summary.links_this_session = summary.counters.links
@@ -106,8 +108,9 @@ class Summary:
         if open_ranges:
             summary.open_ranges = [
                 dict(range_no=n, status=s, lo=lo, hi=hi, worker=w, attempts=a, heartbeat_age_seconds=age,
-                     last_error=err, stale=s == "running" and age is not None and age > (lease or DEFAULT_LEASE))
-                for n, s, lo, hi, w, a, age, err, lease in conn.execute(SQL_OPEN_RANGES, (run_id, SAMPLE_LIMIT))
+                     last_error=err, stale=s == "running" and not at_work, worker_gone=s == "running" and not held)
+                for n, s, lo, hi, w, a, age, err, held, at_work in conn.execute(SQL_OPEN_RANGES,
+                                                                                 (run_id, SAMPLE_LIMIT))
             ]
         return summary
 
@@ -132,6 +135,7 @@ class Summary:
             "ranges_running": self.ranges_running,
             "ranges_pending": self.ranges_pending,
             "ranges_failed": self.ranges_failed,
+            "ranges_at_work": self.ranges_at_work,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "working_seconds": None if self.working_seconds is None else round(self.working_seconds, 3),
             "links_per_second": round(self.links_per_second, 1),
@@ -202,8 +206,7 @@ class Summary:
                                     f"({rate})"))
         else:
             rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({rate})"))
-        running = [r for r in self.open_ranges if r["status"] == "running"]
-        if running and all(r.get("stale") for r in running):
+        if self.ranges_at_work == 0 and not self.complete:
             rows.append(("eta", "none: no worker is at work (resume the run)"))
         elif self.eta_seconds and not self.complete:
             rows.append(("eta", f"{self.eta_seconds:,.0f} s"))
@@ -219,8 +222,9 @@ class Summary:
                          + (f" (attempts {r['attempts']})" if r["attempts"] else "")
                          + (f", last heartbeat {beat:,.0f} s ago" if r["status"] == "running" and beat is not None
                             else "")
-                         + (": stale, its worker is gone or stuck (the next claim takes it over)"
-                            if r.get("stale") else "")
+                         + (": its worker is gone (the next claim takes it over)" if r.get("worker_gone")
+                            else ": stale, its worker is stuck (the next claim takes it over)" if r.get("stale")
+                            else "")
                          + (f": {r['last_error']}" if r["last_error"] else ""))
         return "\n".join(lines)
 

@@ -7,12 +7,14 @@ empty file), every expected archive path is a hardlink of it, and
 ``n_hardlinks`` is the number of links found. Every failure is a problem of
 the verify run, with blob and path; the blobs of a range that passed all of
 it get ``blobs.last_checked = now()`` in the transaction that marks the range
-done. Nothing else is written.
+done, and the catalogue's blobs that failed a row in relinker's own
+``relinker_verify_failure`` (until they pass). Nothing else is written.
 
 Which blobs: every one (``--all``: ranges of blob IDs, like relink), or a
 selection fixed when the run is planned (``--count N --mode never|oldest|random``,
 ``--from-file``), split into ranges that carry their blob IDs, so a resumed
-run checks exactly the blobs it was asked to.
+run checks exactly the blobs it was asked to. A failed check is a check:
+``never`` skips blobs that failed, ``oldest`` orders them by their failure.
 """
 
 from __future__ import annotations
@@ -40,8 +42,24 @@ from relinker.relink import UNUSABLE, CountWork, RangeScope, plan_list
 MODE = "verify"
 SELECTIONS = ("never", "oldest", "random")
 
-SQL_NEVER = "SELECT blobid FROM blobs WHERE last_checked IS NULL ORDER BY blobid LIMIT %(n)s"
-SQL_OLDEST = "SELECT blobid FROM blobs ORDER BY last_checked NULLS FIRST, blobid LIMIT %(n)s"
+# A check is a pass (blobs.last_checked) or a failure (relinker_verify_failure, until a pass).
+SQL_NEVER = """
+SELECT b.blobid FROM blobs AS b
+WHERE b.last_checked IS NULL
+  AND NOT EXISTS (SELECT 1 FROM relinker_verify_failure AS f WHERE f.blobid = b.blobid)
+ORDER BY b.blobid LIMIT %(n)s
+"""
+SQL_OLDEST = """
+SELECT blobid FROM (
+    (SELECT b.blobid, b.last_checked AS checked FROM blobs AS b
+     WHERE NOT EXISTS (SELECT 1 FROM relinker_verify_failure AS f WHERE f.blobid = b.blobid)
+     ORDER BY b.last_checked NULLS FIRST, b.blobid LIMIT %(n)s)
+    UNION ALL
+    (SELECT f.blobid, f.failed_at FROM relinker_verify_failure AS f JOIN blobs AS b USING (blobid)
+     ORDER BY f.failed_at, f.blobid LIMIT %(n)s)
+) AS candidates
+ORDER BY checked NULLS FIRST, blobid LIMIT %(n)s
+"""
 # One index probe per random start point: a uniform sample of uniformly
 # distributed IDs without sorting or scanning the table.
 SQL_RANDOM = """
@@ -62,6 +80,13 @@ GROUP BY i.blobid
 SQL_CHECKED = """
 UPDATE blobs AS b SET last_checked = now()
 WHERE b.blobid = ANY(%(passed)s::text[]) AND {scope}
+"""
+# A blob that passed is no failure any more; one that failed is, as of now.
+SQL_RECORD_FAILURES = """
+WITH passed AS (DELETE FROM relinker_verify_failure WHERE blobid = ANY(%(passed)s::text[]))
+INSERT INTO relinker_verify_failure (blobid, run_id)
+SELECT unnest(%(failed)s::text[]), %(run_id)s
+ON CONFLICT (blobid) DO UPDATE SET run_id = EXCLUDED.run_id, failed_at = now()
 """
 SQL_FAILED_BLOBS = """
 SELECT DISTINCT blobid FROM relinker_problem
@@ -188,17 +213,22 @@ class VerifyWork(CountWork):
         super().after_range(ctx, linked, expected, [row for row in recorded if row[0] not in self._unusable])
 
     def finalize_step(self, ctx: RangeContext, scope: RangeScope, linked, expected, recorded):
-        """``last_checked`` for the range's blobs that passed, nothing else."""
-        checked = {blobid for blobid, _, _ in recorded} | set(ctx.range.blobids or ())
+        """``last_checked`` for the range's blobs that passed; the failed ones into relinker_verify_failure."""
+        known = {blobid for blobid, _, _ in recorded}
+        checked = known | set(ctx.range.blobids or ())
         failed = checked & ctx.problem_blobs
         ctx.counters.blobs = len(checked)
         ctx.counters.blobs_failed = len(failed)
         params = {"passed": db.text_array(sorted(checked - failed)), **scope.params}
+        # Only blobs of the catalogue: an unknown ID of a --from-file list fails, and is no blob.
+        failures = {"passed": params["passed"], "failed": db.text_array(sorted(failed & known)),
+                    "run_id": ctx.range.run_id}
         statement = checked_statement(scope)
 
         def finalize(conn: psycopg.Connection) -> None:
             # prepare=False: a generic plan cannot see the range bounds.
             conn.execute(statement, params, prepare=False)
+            conn.execute(SQL_RECORD_FAILURES, failures)
 
         return finalize
 
@@ -293,4 +323,6 @@ def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) ->
 
 
 MODE_SPEC = Mode(name=MODE, work=VerifyWork, plan=plan, writes=frozenset(),  # the catalogue only
+                 catalogue_writes=(("blobs", "UPDATE"), ("relinker_verify_failure", "INSERT"),
+                                   ("relinker_verify_failure", "UPDATE"), ("relinker_verify_failure", "DELETE")),
                  in_bytes=lambda options: bool(options.get("hash")))

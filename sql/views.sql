@@ -23,13 +23,38 @@ BEGIN
 END
 $$;
 
+-- Which ranges of a run are not done yet, who holds them, what went wrong.
+-- `held`: a worker's session holds the range's advisory lock (a killed
+-- worker's is gone at once); `at_work`: held, and its heartbeat younger than
+-- its lease (a stuck worker holds it, and goes stale).
+CREATE VIEW relinker_open_ranges AS
+SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.ino_hi,
+       g.worker, g.attempts, g.claimed_at, g.heartbeat_at,
+       now() - g.heartbeat_at AS heartbeat_age,
+       g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
+       g.links_missing, g.files_copied, g.bytes_copied, g.bytes_read, g.bytes_planned, g.blobs_failed,
+       cardinality(g.blobids) AS listed_blobs, g.last_error, g.lease_seconds,
+       held.held,
+       g.status = 'running' AND held.held
+           AND g.heartbeat_at >= now() - make_interval(secs => coalesce(g.lease_seconds, 120)) AS at_work
+FROM relinker_range g
+CROSS JOIN LATERAL (
+    SELECT g.status = 'running' AND EXISTS (
+        SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid = g.run_id::oid AND l.objid = g.range_no::oid) AS held
+) AS held
+WHERE g.status <> 'done';
+
 -- How far is a run: ranges by status, counters summed over its ranges
 -- (running ranges report their partial counters), rate and ETA. `working` is
 -- the time some range of the run was being worked (the union of the ranges'
 -- claimed..finished spans, claimed..last heartbeat while running,
 -- claimed..given back for a range an interrupted worker gave back): a run
 -- interrupted on Friday and resumed on Monday did not work over the weekend,
--- and its rate and ETA come from `working`, not from `elapsed`.
+-- and its rate and ETA come from `working`, not from `elapsed`. No ETA while
+-- no range is at work (see relinker_open_ranges).
 CREATE VIEW relinker_run_progress AS
 SELECT r.run_id,
        r.mode,
@@ -66,6 +91,8 @@ SELECT r.run_id,
        -- bytes where the ranges' bytes were planned (copy: one large file
        -- makes one range far longer than the others)
        CASE WHEN r.status = 'done' THEN interval '0'
+            -- nobody at work (interrupted, killed, stuck): no end in sight until it is resumed
+            WHEN live.ranges_at_work = 0 THEN NULL
             ELSE greatest(
                 CASE WHEN count(g.range_no) FILTER (WHERE g.status = 'done') > 0
                      THEN coalesce(busy.working, interval '0')
@@ -78,9 +105,13 @@ SELECT r.run_id,
        END AS eta,
        encode(r.by_hash_root, 'escape') AS by_hash_root,
        encode(r.archive_root, 'escape') AS archive_root,
-       r.options
+       r.options,
+       live.ranges_at_work
 FROM relinker_run r
 LEFT JOIN relinker_range g USING (run_id)
+CROSS JOIN LATERAL (
+    SELECT count(*) AS ranges_at_work FROM relinker_open_ranges o WHERE o.run_id = r.run_id AND o.at_work
+) AS live
 LEFT JOIN LATERAL (
     -- gaps and islands: a span starts an island unless an earlier span reaches past its start
     SELECT sum(island_end - island_start) AS working
@@ -99,18 +130,7 @@ LEFT JOIN LATERAL (
                       WHERE span_end IS NOT NULL) AS ordered) AS numbered
           GROUP BY island) AS islands
 ) AS busy ON true
-GROUP BY r.run_id, busy.working;
-
--- Which ranges of a run are not done yet, who holds them, what went wrong.
-CREATE VIEW relinker_open_ranges AS
-SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.ino_hi,
-       g.worker, g.attempts, g.claimed_at, g.heartbeat_at,
-       now() - g.heartbeat_at AS heartbeat_age,
-       g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
-       g.links_missing, g.files_copied, g.bytes_copied, g.bytes_read, g.bytes_planned, g.blobs_failed,
-       cardinality(g.blobids) AS listed_blobs, g.last_error, g.lease_seconds
-FROM relinker_range g
-WHERE g.status <> 'done';
+GROUP BY r.run_id, busy.working, live.ranges_at_work;
 
 -- What broke, by kind, per run.
 CREATE VIEW relinker_problem_kinds AS

@@ -329,3 +329,26 @@ def test_a_failed_ids_list_that_cannot_be_written_leaves_no_temporary(linked, tm
     with pytest.raises(PermissionError):
         verify_module.write_failed_ids(linked.conn, 1, str(lists / "failed.txt"))
     assert os.listdir(lists) == []
+
+
+def test_a_failed_check_is_a_check_for_never_and_oldest(linked, capsys):
+    """last_checked is only ever written for blobs that pass: without their failures on record, a nightly
+    `verify --count N` would pick the same failing blobs every night and never get further."""
+    a, b, c = sorted(linked.blobs.values())
+    (size,) = linked.conn.execute("SELECT size FROM inode WHERE blobid = %s", (a,)).fetchone()
+    linked.conn.execute("UPDATE inode SET size = 999 WHERE blobid = %s", (a,))  # a fails, and stays failing
+
+    def pick(mode):
+        code, result = run(linked, capsys, "verify", "--count", "1", "--mode", mode, "--no-progress", "--new")
+        chosen = linked.conn.execute("SELECT blobids FROM relinker_range WHERE run_id = %s",
+                                     (result["run_id"],)).fetchone()
+        return (chosen[0][0] if chosen else None), result["failed"]
+
+    assert [pick("never") for _ in range(4)] == [(a, 1), (b, 0), (c, 0), (None, 0)]
+    assert linked.conn.execute("SELECT blobid FROM relinker_verify_failure").fetchall() == [(a,)]
+    # oldest: b and c passed after a failed, so a comes first again; then b and c in turn
+    assert [pick("oldest") for _ in range(3)] == [(a, 1), (b, 0), (c, 0)]
+    # repaired, a passes, and is a failure no more
+    linked.conn.execute("UPDATE inode SET size = %s WHERE blobid = %s", (size, a))
+    assert pick("oldest") == (a, 0)
+    assert linked.conn.execute("SELECT count(*) FROM relinker_verify_failure").fetchone() == (0,)

@@ -100,7 +100,7 @@ def test_migrate_existing_catalogue_twice(db_url, shape):
     with psycopg.connect(db_url) as conn:
         assert {"by_hash_created"} <= columns(conn, "inode")
         assert {"n_hardlinks", "expected_hardlinks"} <= columns(conn, "blobs")
-        for table in ("relinker_run", "relinker_range", "relinker_problem"):
+        for table in ("relinker_run", "relinker_range", "relinker_problem", "relinker_verify_failure"):
             assert columns(conn, table)
         for view in ("relinker_run_progress", "relinker_open_ranges", "relinker_problem_kinds",
                      "relinker_incomplete_blobs"):

@@ -68,23 +68,41 @@ def test_a_copy_dry_run_says_what_is_planned_not_what_a_copy_would_write():
     assert "would be written" not in text and "MB/s" not in text and "would be created" not in text
 
 
-def test_status_shows_a_range_whose_worker_is_gone_as_stale_with_no_eta(world):
-    """kill -9 of a whole run: its ranges stay 'running' until claimed; status says so instead of an ETA."""
+def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(world):
+    """A range is at work while a session holds its lock and heartbeats within its lease: kill -9 frees
+    the lock at once, a stuck worker stops heartbeating. With none at work there is no ETA."""
+    import psycopg
+
     from relinker import checkpoint
 
     run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
-                                   checkpoint.split_blob_space(2))
-    world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'gone:1', attempts = 1, "
+                                   checkpoint.split_blob_space(3))
+    world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'stuck:1', attempts = 1, "
                        "lease_seconds = 60, claimed_at = now() - interval '10 minutes', "
                        "heartbeat_at = now() - interval '137 seconds' WHERE run_id = %s", (run_id,))
-    world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '5 seconds', worker = 'alive:1' "
+    world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '5 seconds', worker = 'killed:1' "
                        "WHERE run_id = %s AND range_no = 1", (run_id,))
+    world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '5 seconds', worker = 'alive:1' "
+                       "WHERE run_id = %s AND range_no = 2", (run_id,))
+    world.conn.execute("UPDATE relinker_range SET status = 'done', finished_at = now() WHERE run_id = %s "
+                       "AND range_no = 2", (run_id,))
+    with psycopg.connect(world.dsn, autocommit=True) as workers:
+        workers.execute("SELECT pg_advisory_lock(%s, 0)", (run_id,))  # the stuck worker still holds its range
+        summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+        assert [(r["stale"], r["worker_gone"]) for r in summary.open_ranges] == [(True, False), (True, True)]
+        assert summary.ranges_at_work == 0 and summary.eta_seconds is None
+        text = summary.as_text()
+        assert "range 0 running by stuck:1 (attempts 1), last heartbeat 137 s ago: stale, its worker is stuck" in text
+        assert "range 1 running by killed:1 (attempts 1), last heartbeat 5 s ago: its worker is gone" in text
+        assert "none: no worker is at work (resume the run)" in text
+        # a live worker: lock held, heartbeat fresh; its ETA stands
+        world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() WHERE run_id = %s AND range_no = 0",
+                           (run_id,))
+        summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+        assert summary.ranges_at_work == 1 and summary.eta_seconds is not None
+        assert "no worker is at work" not in summary.as_text()
+    # interrupted: every range given back, none running
+    world.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s "
+                       "AND status = 'running'", (run_id,))
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
-    assert [r["stale"] for r in summary.open_ranges] == [True, False]
-    text = summary.as_text()
-    assert "range 0 running by gone:1 (attempts 1), last heartbeat 137 s ago: stale" in text
-    assert "no worker is at work" not in text  # one live worker: its ETA stands
-    world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '1 hour' WHERE run_id = %s",
-                       (run_id,))
-    text = Summary.from_run(world.conn, run_id, open_ranges=True).as_text()
-    assert "none: no worker is at work (resume the run)" in text
+    assert summary.eta_seconds is None and "none: no worker is at work (resume the run)" in summary.as_text()
