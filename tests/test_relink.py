@@ -237,18 +237,19 @@ def test_rate_and_eta_of_a_resumed_run_leave_out_the_time_it_was_stopped(small, 
                        "finished_at = finished_at - interval '60 hours' WHERE run_id = %s AND range_no < 2", (run_id,))
     small.conn.execute("UPDATE relinker_range SET status = 'pending', claimed_at = NULL, finished_at = NULL "
                        "WHERE run_id = %s AND range_no >= 2", (run_id,))
-    elapsed, working, eta = small.conn.execute(
-        "SELECT extract(epoch FROM elapsed), extract(epoch FROM working), extract(epoch FROM eta) "
-        "FROM relinker_run_progress WHERE run_id = %s", (run_id,)).fetchone()
-    assert elapsed > 60 * 3600
-    assert 0 < working < 60 and 0 < eta < 60  # two ranges worked in seconds: two more take about as long
-    assert main(small.argv("status", str(run_id))) == 0
-    assert "of it working" in capsys.readouterr().out
-    # A range worked for a while, then given back (Ctrl-C): its time counts, as its partial counters do.
+    # Monday: resumed, a worker at range 2
     store = checkpoint.CheckpointStore(small.dsn, run_id, worker="w:1", lease=60, retry_timeout=5,
                                        since=small.conn.execute("SELECT now()").fetchone()[0])
     try:
         r = store.claim()
+        elapsed, working, eta = small.conn.execute(
+            "SELECT extract(epoch FROM elapsed), extract(epoch FROM working), extract(epoch FROM eta) "
+            "FROM relinker_run_progress WHERE run_id = %s", (run_id,)).fetchone()
+        assert elapsed > 60 * 3600
+        assert 0 < working < 60 and 0 < eta < 60  # two ranges worked in seconds: two more take about as long
+        assert main(small.argv("status", str(run_id))) == 0
+        assert "of it working" in capsys.readouterr().out
+        # A range worked for a while, then given back (Ctrl-C): its time counts, as its partial counters do.
         time.sleep(0.5)
         store.heartbeat(r, Counters(links_present=1), [])
         store.give_back(r)
