@@ -149,7 +149,7 @@ def retrying(timeout: float = DEFAULT_RETRY_TIMEOUT) -> tenacity.Retrying:
     from the first failure.
     """
     return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_transient),
+        retry=_retry_transient,
         wait=tenacity.wait_random_exponential(multiplier=0.1, max=5),
         stop=_StopAfterOutage(timeout),
         before_sleep=_log_retry,
@@ -157,8 +157,26 @@ def retrying(timeout: float = DEFAULT_RETRY_TIMEOUT) -> tenacity.Retrying:
     )
 
 
+class _Outage:
+    """When this process's database calls began to fail without one succeeding since (None: they succeed).
+
+    One clock for every retry of the process: a heartbeat's retries, then
+    the range's, then its give-back's must not each wait ``--retry-timeout``
+    over again for a server that stays down.
+    """
+
+    since: float | None = None
+
+
+def _retry_transient(state: tenacity.RetryCallState) -> bool:
+    if not state.outcome.failed:
+        _Outage.since = None
+        return False
+    return is_transient(state.outcome.exception())
+
+
 class _StopAfterOutage(tenacity.stop.stop_base):
-    """Stop once failures have gone on for ``timeout`` seconds, counted from the first.
+    """Stop once failures have gone on for ``timeout`` seconds, counted from the first of the outage.
 
     Not from the first attempt's start (tenacity's ``stop_after_delay``): a
     range's work before its first failure (an hour of ``verify --hash``) is
@@ -167,12 +185,16 @@ class _StopAfterOutage(tenacity.stop.stop_base):
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._first_failure: float | None = None
 
     def __call__(self, state: tenacity.RetryCallState) -> bool:
-        if self._first_failure is None:
-            self._first_failure = state.outcome_timestamp
-        return state.outcome_timestamp - self._first_failure >= self.timeout
+        if _Outage.since is None:
+            _Outage.since = state.outcome_timestamp
+        return state.outcome_timestamp - _Outage.since >= self.timeout
+
+
+def outage_over_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a wait for the database that lasted the whole retry timeout (see _Outage)."""
+    return _Outage.since is not None and is_transient(exc)
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:

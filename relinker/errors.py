@@ -20,3 +20,9 @@ class UserError(Exception):
     """
 
     exit_code = EXIT_USAGE
+
+
+class RunStopped(UserError):
+    """A run that could not go on (its database out of reach): not complete, and resumable."""
+
+    exit_code = EXIT_PROBLEMS

@@ -21,7 +21,7 @@ import psycopg
 from relinker import checkpoint, db, migrations
 from relinker.checkpoint import Bounds, Range, RunInfo
 from relinker.config import Settings
-from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, UserError
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, UserError
 from relinker.paths import display
 from relinker.pool import WorkSpec, run_pool
 from relinker.report import ProgressBar, Summary
@@ -269,9 +269,16 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         summary.bytes_this_session = outcome.counters.bytes_read
         summary.bytes_planned = bytes_total or None
     else:
-        with db.connect_for_user(settings.db_url, autocommit=True) as conn:
-            checkpoint.finish_run_if_complete(conn, spec.run_id)
-            summary = Summary.from_run(conn, spec.run_id, open_ranges=True)
+        try:
+            with db.connect_for_user(settings.db_url, autocommit=True) as conn:
+                checkpoint.finish_run_if_complete(conn, spec.run_id)
+                summary = Summary.from_run(conn, spec.run_id, open_ranges=True)
+        except (UserError, psycopg.OperationalError):
+            if not outcome.database_gone:
+                raise
+            raise RunStopped(f"the catalogue database stayed out of reach for more than --retry-timeout "
+                             f"({request.retry_timeout:g} s): run {spec.run_id} stopped, not complete; once the "
+                             f"database is back, resume it with `relinker {mode.name} --run {spec.run_id}`") from None
         summary.interrupted = outcome.interrupted and not summary.complete
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links

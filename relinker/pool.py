@@ -328,6 +328,9 @@ def _collector_paused():
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: A worker's exit status when the database stayed out of reach for --retry-timeout (EX_TEMPFAIL):
+#: a new worker would only wait as long again.
+EXIT_DATABASE_GONE = 75
 
 
 def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter) -> None:
@@ -342,7 +345,7 @@ def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter) -> N
         _Worker(spec, pipe, stop_flag, dry_next).run()
     except Exception as exc:  # a worker must never die silently
         log.error("worker failed: %s", db.first_line(exc), exc_info=spec.verbose > 1)
-        sys.exit(1)
+        sys.exit(EXIT_DATABASE_GONE if db.outage_over_timeout(exc) else 1)
 
 
 # --- the parent ---------------------------------------------------------------
@@ -358,6 +361,8 @@ class PoolOutcome:
     failed_ranges: int = 0
     #: ranges its workers reported done (a dry run has no other record of them)
     ranges_done: int = 0
+    #: a worker gave up on the database after --retry-timeout: no new one was started
+    database_gone: bool = False
 
 
 class _ForcedStop(Exception):
@@ -428,9 +433,14 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     process = live.pop(reader)
                     process.join()
                     reader.close()
-                    if process.exitcode != 0 and not stopping:
+                    if process.exitcode == EXIT_DATABASE_GONE:
+                        if not outcome.database_gone:
+                            log.warning("the database stayed out of reach for --retry-timeout (%.0f s): "
+                                        "no new worker is started", spec.retry_timeout)
+                        outcome.database_gone = True  # the others find the same: let them end
+                    elif process.exitcode != 0 and not stopping:
                         log.warning("worker %d exited with %s", process.pid, process.exitcode)
-                        if respawns_left > 0:
+                        if respawns_left > 0 and not outcome.database_gone:
                             respawns_left -= 1
                             start_worker()
                     continue

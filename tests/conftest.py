@@ -123,6 +123,15 @@ def _isolated_environment(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _no_outage_left():
+    # One outage clock per process (relinker.db._Outage): a test that ends in
+    # the middle of an outage must not shorten the next test's retries.
+    from relinker import db
+
+    db._Outage.since = None
+
+
+@pytest.fixture(autouse=True)
 def _no_sync_thread_left():
     # Pools fork workers from the test process: a thread left running there
     # (a store's sync thread, ended by closing the store) would be in every fork.

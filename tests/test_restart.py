@@ -76,3 +76,31 @@ def test_server_down_at_start_is_exit_2(world, own_server):
     assert code == 2
     assert err.startswith("relinker: error: cannot connect to the catalogue database")
     assert "Traceback" not in err
+
+
+def test_a_server_down_longer_than_the_retry_timeout_stops_the_run_once(world, own_server):
+    """One outage clock per process: the heartbeat's retries, the range's and its give-back's do not each
+    wait --retry-timeout again, and no new worker is started only to wait as long. Exit 1, with the
+    command that resumes the run; once the server is back, it does."""
+    job = start(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "40",
+                           "--retry-timeout", "3"))
+    wait_for(lambda: range_states(world.conn).get("done", 0) >= 3, what="some ranges done")
+    world.conn.close()
+    pg_ctl(own_server, "-w", "-m", "fast", "stop")
+    stopped = time.monotonic()
+    try:
+        code, _out, err = finish(job, timeout=300)
+        took = time.monotonic() - stopped
+    finally:
+        start_again(own_server)
+    assert took < 20, took
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("relinker: error: the catalogue database stayed out of reach for more than "
+                           "--retry-timeout (3 s): run 1 stopped, not complete"), last
+    assert last.endswith("resume it with `relinker relink --run 1`")
+    assert err.count("no new worker is started") == 1 and "exited with" not in err
+    code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--run", "1")))
+    assert code == 0, err
+    world.conn = psycopg.connect(world.dsn, autocommit=True)
+    world.assert_complete(1)
