@@ -972,9 +972,11 @@ def test_the_eta_of_content_work_goes_by_bytes_when_ranges_hold_unequal_bytes(wo
         INSERT INTO relinker_range (run_id, range_no, status, claimed_at, heartbeat_at, finished_at,
                                     bytes_planned, bytes_read)
         VALUES (%(r)s, 0, 'done', now() - interval '10 s', now(), now(), 100, 100),
-               (%(r)s, 1, 'pending', NULL, NULL, NULL, 900, 0)""", {"r": run_id})
-    eta, working = world.conn.execute("SELECT eta, working FROM relinker_run_progress WHERE run_id = %s",
-                                      (run_id,)).fetchone()
+               (%(r)s, 1, 'running', now(), now(), NULL, 900, 0)""", {"r": run_id})
+    with psycopg.connect(world.dsn, autocommit=True) as worker:
+        worker.execute("SELECT pg_advisory_lock(%s, 1)", (run_id,))  # range 1 is at work
+        eta, working = world.conn.execute("SELECT eta, working FROM relinker_run_progress WHERE run_id = %s",
+                                          (run_id,)).fetchone()
     assert working.total_seconds() == pytest.approx(10, abs=0.5)
     assert eta.total_seconds() == pytest.approx(90, abs=5)
 
