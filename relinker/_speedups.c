@@ -453,12 +453,14 @@ cached_directory(PyObject *directories, PyObject *path, const char **name_out, i
      * which might change the list fast_route is walking. */
     if (!PyLong_CheckExact(value))
         return -1;
-    long fd = PyLong_AsLong(value);
+    int overflow;
+    long fd = PyLong_AsLongAndOverflow(value, &overflow);
     if (fd == -1 && PyErr_Occurred()) {
         *error = 1;
         return -1;
     }
-    if (fd < 0 || fd > INT_MAX)
+    /* beyond long, or beyond int: no descriptor; the walk stops there, as the twin's */
+    if (overflow || fd < 0 || fd > INT_MAX)
         return -1;
     *name_out = name;
     return (int)fd;

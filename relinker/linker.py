@@ -69,6 +69,8 @@ VERIFIED_LIMIT = 1_000_000
 FD_RESERVE = 384
 #: Cache value of a directory that does not exist (dry runs and probes only).
 _MISSING = -1
+#: No entry in the directory cache (None is a value like any other not an int, as for the C route).
+_NOT_CACHED = object()
 #: Directory entries the C route may keep from reading cached directories
 #: (16 bytes each, so at most 64MB per linker): a check of a name found there
 #: with the blob's inode needs no fstatat. See DirectoryListings in _speedups.c.
@@ -149,6 +151,12 @@ class ArchiveLinker:
         # Indexes descriptors of _directories: told to forget them before they close.
         self._walker = None
         self._walker_kind = None
+
+    def new_range(self) -> None:
+        """Forget the directories found missing: another process may have made them since (a relink
+        beside a count). Descriptors of directories that exist stay cached."""
+        for key in [key for key, fd in self._directories.items() if fd == _MISSING]:
+            del self._directories[key]
 
     def close(self) -> None:
         """Close every directory descriptor; the linker cannot be used afterwards."""
@@ -640,8 +648,8 @@ def _fast_route_python(paths, start: int, directories: dict[bytes, int], source_
             parent, _, name = stored.rpartition(b"/")
             if not name or name == b"." or name == b"..":
                 return created, present, index
-            dir_fd = directories.get(parent)
-            if (dir_fd is None and expect_present and verified is not None and parent[:1] == b"/"
+            dir_fd = directories.get(parent, _NOT_CACHED)
+            if (dir_fd is _NOT_CACHED and expect_present and verified is not None and parent[:1] == b"/"
                     and parent in verified):
                 # by the path from the root, as ArchiveLinker._stat_verified does
                 dir_fd, name = root_fd, stored[1:]

@@ -153,3 +153,23 @@ def test_sources_relative_to_a_store_root_reached_through_a_symlink(roots, tmp_p
     assert os.fsdecode(tmp_path / "store-link" / "ab" / "blob") in messages[0][2]
     assert os.stat(archive + b"/y/too").st_ino == source_id[1]
 
+
+
+def test_a_directory_found_missing_is_looked_for_again_in_the_next_range(tmp_path):
+    """count and verify keep one linker per worker for all their ranges: a directory a relink made
+    meanwhile must be seen, not remembered as missing."""
+    from relinker.linker import new_tally
+
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "by-hash").mkdir()
+    (tmp_path / "by-hash" / "f").write_bytes(b"x")
+    linker = ArchiveLinker(os.fsencode(tmp_path / "archive"), source_root=os.fsencode(tmp_path / "by-hash"))
+    try:
+        identity = linker.source_identity(b"f")[:2]
+        assert linker.probe_all(identity, [b"/d/f"], new_tally(), lambda *a: None) == 0
+        (tmp_path / "archive" / "d").mkdir()
+        os.link(tmp_path / "by-hash" / "f", tmp_path / "archive" / "d" / "f")
+        linker.new_range()
+        assert linker.probe_all(identity, [b"/d/f"], new_tally(), lambda *a: None) == 1
+    finally:
+        linker.close()

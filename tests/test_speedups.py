@@ -313,3 +313,22 @@ def test_directory_listings_can_be_switched_off(setting, listings):
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
                           cwd="/")
     assert done.stdout.split() == [str(listings), "relinker._speedups"]
+
+
+@pytest.mark.parametrize("value, verified", [(2**70, None), (None, {b"/d"}), ("3", None)])
+def test_both_routes_stop_alike_at_a_directory_value_that_is_no_descriptor(roots, value, verified):
+    """The twins' contract on values ArchiveLinker never stores: an int beyond C's long, None (a value,
+    not a missing key, even for a verified parent), a str. Each stops at that path, and raises nothing."""
+    if _speedups is None:
+        pytest.skip("relinker._speedups is not built")
+    archive, source, (dev, ino) = roots
+    os.makedirs(archive + b"/d")
+    os.link(source, archive + b"/d/f")
+    root_fd = os.open(archive, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        outcomes = [route([b"/d/f"], 0, {b"": root_fd, b"/d": value}, None, source, dev, ino, True, None,
+                          verified, root_fd)
+                    for route in (linker._fast_route_python, _speedups.fast_route)]
+    finally:
+        os.close(root_fd)
+    assert outcomes == [(0, 0, 0), (0, 0, 0)]
