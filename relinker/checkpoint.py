@@ -442,7 +442,9 @@ class CheckpointStore:
         for attempt in db.retrying(self.retry_timeout):
             with attempt:
                 try:
-                    return operation(self._connection())
+                    result = operation(self._connection())
+                    db.outage_ended()
+                    return result
                 except Exception:
                     # Only a lost session is replaced: closing one that is fine (a
                     # serialization failure, a deadlock) would drop the advisory lock

@@ -195,7 +195,7 @@ class CopyWork:
         return self._statements
 
     def sources(self, medium_hash: str) -> MediumSources:
-        """Where the medium's files are read now (the caller closes it)."""
+        """Where the medium's files are read now."""
         if medium_hash not in self._scanned_roots:
             row = self.data.get().execute(SQL_SCANNED_ROOT, {"medium": medium_hash}).fetchone()
             self._scanned_roots[medium_hash] = row[0] if row else None
@@ -243,36 +243,33 @@ class CopyWork:
 
         if self.store is not None:
             self.store.discard_pending()  # an attempt redone after an error starts afresh
-        try:
-            for ino, size, paths in self._inodes(r):
-                ctx.tick()
-                if self.spec.dry_run:
-                    counters.blobs += 1
-                    counters.links_created += len(paths)
-                    counters.files_copied += 1
-                    counters.bytes_copied += size or 0
-                    counters.bytes_read += size or 0
-                    continue
-                try:
-                    # A tick per chunk: the range's heartbeat must go on while one
-                    # large file is read (gigabytes from a slow medium take longer
-                    # than the lease), or another worker takes the range over.
-                    got = self._copy(sources, paths, size, ctx.tick)
-                except InodeProblem as exc:
-                    fail(ino, paths, exc)
-                    continue
-                counters.bytes_read += got.size
-                if isinstance(got, Pending):
-                    waiting.append((ino, paths, got))
-                    if self.store.batch_full:
-                        # The sealed batch's sync ran while this batch was read.
-                        settle(sealed, self.store.place_sealed(ctx.tick))
-                        self.store.seal_batch()
-                        sealed, waiting = waiting, sealed
-                else:
-                    self._stored(ino, paths, got, got.written, marked, ctx)
-        finally:
-            sources.close()
+        for ino, size, paths in self._inodes(r):
+            ctx.tick()
+            if self.spec.dry_run:
+                counters.blobs += 1
+                counters.links_created += len(paths)
+                counters.files_copied += 1
+                counters.bytes_copied += size or 0
+                counters.bytes_read += size or 0
+                continue
+            try:
+                # A tick per chunk: the range's heartbeat must go on while one
+                # large file is read (gigabytes from a slow medium take longer
+                # than the lease), or another worker takes the range over.
+                got = self._copy(sources, paths, size, ctx.tick)
+            except InodeProblem as exc:
+                fail(ino, paths, exc)
+                continue
+            counters.bytes_read += got.size
+            if isinstance(got, Pending):
+                waiting.append((ino, paths, got))
+                if self.store.batch_full:
+                    # The sealed batch's sync ran while this batch was read.
+                    settle(sealed, self.store.place_sealed(ctx.tick))
+                    self.store.seal_batch()
+                    sealed, waiting = waiting, sealed
+            else:
+                self._stored(ino, paths, got, got.written, marked, ctx)
         if self.spec.dry_run:
             return lambda conn: None
         settle(sealed, self.store.place_sealed(ctx.tick))

@@ -168,11 +168,20 @@ class _Outage:
     since: float | None = None
 
 
+def outage_ended() -> None:
+    """A database call succeeded: the next failure starts a new outage.
+
+    Call it where a retried call returns from inside its attempt (tenacity
+    then never sees the success).
+    """
+    _Outage.since = None
+
+
 def _retry_transient(state: tenacity.RetryCallState) -> bool:
-    if not state.outcome.failed:
-        _Outage.since = None
-        return False
-    return is_transient(state.outcome.exception())
+    if state.outcome.failed and is_transient(state.outcome.exception()):
+        return True
+    outage_ended()  # an answer, even an error that is no outage (a lost range): the database is there
+    return False
 
 
 class _StopAfterOutage(tenacity.stop.stop_base):

@@ -103,6 +103,7 @@ def _ntt_mount(medium_hash: str) -> bytes:
 
 
 def _under(path: bytes, prefix: bytes) -> bool:
+    # Prefixes are kept without their trailing slash: the root is b"".
     return path == prefix or path.startswith(prefix + b"/")
 
 
@@ -149,8 +150,8 @@ def source_location(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, b
             if len(old) > len(base):  # a part of the medium, moved on its own
                 below = [c for c in path[len(old):].split(b"/") if c and c != b"."]
                 if below:
-                    return new, b"/".join(below)
+                    return new or b"/", b"/".join(below)
                 continue
-            return new + base[len(old):], b"/".join(components)
-    return base, b"/".join(components)
+            return new + base[len(old):] or b"/", b"/".join(components)
+    return base or b"/", b"/".join(components)
 

@@ -393,6 +393,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     finished_paths = finished_bytes = 0
     ranges_done = 0
     respawns_left = 2 * workers + 5
+    lost_to_outage = 0  # workers that gave up on the database, not replaced while it seems gone
     stopping = False
 
     def start_worker() -> None:
@@ -438,6 +439,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                             log.warning("the database stayed out of reach for --retry-timeout (%.0f s): "
                                         "no new worker is started", spec.retry_timeout)
                         outcome.database_gone = True  # the others find the same: let them end
+                        lost_to_outage += 1
                     elif process.exitcode != 0 and not stopping:
                         log.warning("worker %d exited with %s", process.pid, process.exitcode)
                         if respawns_left > 0 and not outcome.database_gone:
@@ -450,6 +452,13 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                 elif kind == "progress":
                     in_flight[range_no] = (rest[0], rest[1])
                 elif kind == "done":
+                    if outcome.database_gone and not stopping:
+                        # A range committed: the database is there (only that worker could not reach it).
+                        outcome.database_gone = False
+                        for _ in range(min(lost_to_outage, respawns_left)):
+                            respawns_left -= 1
+                            start_worker()
+                        lost_to_outage = 0
                     counters, kinds, samples = rest
                     in_flight.pop(range_no, None)
                     done = Counters(**counters)

@@ -2,12 +2,13 @@
 
 A catalogued path says where a file was when its medium was enumerated
 (:func:`relinker.paths.source_location` says where it lies now). Each file
-is opened relative to a descriptor of that directory with ``openat2``'s
-``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS``: a symlink on the medium, in the
-file's place or in a directory's, is never followed (an absolute one would
-name this machine's files). Where the kernel (before Linux 5.6) or the
-architecture has no ``openat2``, the last component alone is opened
-without following a symlink.
+is opened relative to a descriptor of that directory, taken for that file
+alone (a medium mounted or unmounted meanwhile is seen, and never held
+busy), with ``openat2``'s ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS``: a
+symlink on the medium, in the file's place or in a directory's, is never
+followed (an absolute one would name this machine's files). Where the
+kernel (before Linux 5.6), the architecture or a sandbox has no
+``openat2``, the directories are opened one by one without following a symlink.
 
 A file that cannot be opened is gone for good only while the medium is
 there to hold it (:func:`holds_place`), judged when it fails: an unmounted
@@ -56,9 +57,10 @@ _HOW = _OpenHow(SOURCE_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESO
 
 
 def open_beneath(dir_fd: int, below: bytes) -> int:
-    """A read-only descriptor of ``below`` beneath ``dir_fd``, through no symlink where ``openat2`` exists.
+    """A read-only descriptor of ``below`` beneath ``dir_fd``, through no symlink.
 
-    Raises OSError (ELOOP for a symlink on the way).
+    ``below`` holds no '..' (source_location refuses it). Raises OSError
+    (ELOOP for a symlink on the way).
     """
     global _SYSCALL
     if _SYSCALL is not None:
@@ -66,10 +68,27 @@ def open_beneath(dir_fd: int, below: bytes) -> int:
         if fd >= 0:
             return fd
         code = ctypes.get_errno()
-        if code != errno.ENOSYS:
+        if code not in (errno.ENOSYS, errno.EPERM):
             raise OSError(code, os.strerror(code), below)
-        _SYSCALL = None  # an older kernel, or a sandbox that refuses it: from now on without
-    return os.open(below, SOURCE_FLAGS, dir_fd=dir_fd)
+        # An older kernel (ENOSYS), or a sandbox that refuses system calls it does not know (EPERM):
+        # from now on without, once the way without works.
+        fd = _open_component_by_component(dir_fd, below)
+        _SYSCALL = None
+        return fd
+    return _open_component_by_component(dir_fd, below)
+
+
+def _open_component_by_component(dir_fd: int, below: bytes) -> int:
+    *directories, name = below.split(b"/")
+    opened = []
+    try:
+        for directory in directories:
+            dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            opened.append(dir_fd)
+        return os.open(name, SOURCE_FLAGS, dir_fd=dir_fd)
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def holds_place(top: bytes, below: bytes) -> bool:
@@ -83,7 +102,7 @@ def holds_place(top: bytes, below: bytes) -> bool:
     """
     chain = [top]
     for part in below.split(b"/")[:-1]:
-        chain.append(chain[-1] + b"/" + part)
+        chain.append(chain[-1].rstrip(b"/") + b"/" + part)
     for deepest in range(len(chain) - 1, -1, -1):
         try:
             found = os.stat(chain[deepest], follow_symlinks=deepest == 0)
@@ -116,13 +135,12 @@ def _holds_files(directory: bytes) -> bool:
 
 
 class MediumSources:
-    """Where copy reads one medium's files now, for one range: its tops' descriptors, opened once."""
+    """Where copy reads one medium's files now."""
 
     def __init__(self, medium_hash: str, scanned_root: bytes | None, remaps: list[tuple[bytes, bytes]]):
         self.medium_hash = medium_hash
         self.scanned_root = scanned_root
         self.remaps = remaps
-        self._tops: dict[bytes, int | OSError] = {}
 
     def locate(self, stored: bytes) -> tuple[bytes, bytes]:
         """``(top, below)`` of a catalogued path (see source_location); raises UnsafePath."""
@@ -130,27 +148,15 @@ class MediumSources:
 
     def open(self, top: bytes, below: bytes) -> int:
         """A read-only descriptor of the file ``below`` beneath ``top``; raises OSError."""
-        fd = self._tops.get(top)
-        if fd is None:
-            try:
-                # The top itself may be reached through symlinks (a --source-prefix target).
-                fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                fd = exc
-            self._tops[top] = fd
-        if isinstance(fd, OSError):
-            raise fd
-        return open_beneath(fd, below)
+        # The top itself may be reached through symlinks (a --source-prefix target).
+        top_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return open_beneath(top_fd, below)
+        finally:
+            os.close(top_fd)
 
     def absent(self, top: bytes) -> str:
         """What an inode's problem says while the medium is not there to hold its file."""
         if self.scanned_root is not None:
             return f"scanned tree not found at {display(top)}"
         return f"medium not mounted at {display(top)}"
-
-    def close(self) -> None:
-        for fd in self._tops.values():
-            if isinstance(fd, int):
-                os.close(fd)
-        self._tops.clear()
-

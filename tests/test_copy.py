@@ -1022,13 +1022,23 @@ def test_a_missing_file_is_gone_for_good_only_where_its_medium_is_there(tmp_path
     assert holds_place(b"/", os.fsencode(tmp_path.name) + b"-absent/f")  # below a mount point: gone
 
 
-def test_a_source_is_never_opened_through_a_symlink(tmp_path):
-    """openat2 (Linux 5.6+) refuses a symlink anywhere on the way; elsewhere only the last component is
-    guarded (and '..' never reaches it: source_location refuses it)."""
+@pytest.mark.parametrize("openat2", ["kernel's", "missing (ENOSYS)", "refused by a sandbox (EPERM)"])
+def test_a_source_is_never_opened_through_a_symlink(tmp_path, monkeypatch, openat2):
+    """openat2 (Linux 5.6+) refuses a symlink anywhere on the way; without it (an older kernel, a seccomp
+    profile that refuses what it does not know), the directories are opened one by one, never followed."""
+    import ctypes
     import errno
 
     from relinker import sources
 
+    if openat2 != "kernel's":
+        code = errno.ENOSYS if "ENOSYS" in openat2 else errno.EPERM
+
+        def refused(*args):
+            ctypes.set_errno(code)
+            return -1
+
+        monkeypatch.setattr(sources, "_SYSCALL", refused)
     medium = tmp_path / "medium"
     (medium / "d").mkdir(parents=True)
     (medium / "d" / "f").write_bytes(b"the medium's")
@@ -1041,17 +1051,28 @@ def test_a_source_is_never_opened_through_a_symlink(tmp_path):
         fd = sources.open_beneath(top, b"d/f")
         assert os.read(fd, 100) == b"the medium's"
         os.close(fd)
-        with pytest.raises(OSError) as last:
-            sources.open_beneath(top, b"d/link")
-        assert last.value.errno == errno.ELOOP
-        if sources._SYSCALL is None:
-            pytest.skip("no openat2 here: a symlink on the way is followed")
-        with pytest.raises(OSError) as on_the_way:
-            sources.open_beneath(top, b"lib/f")
-        assert on_the_way.value.errno in (errno.ELOOP, errno.EXDEV)
+        if openat2 == "kernel's" and sources._SYSCALL is None:
+            pytest.skip("no openat2 on this machine")
+        for below in (b"d/link", b"lib/f"):
+            with pytest.raises(OSError) as refused_open:
+                sources.open_beneath(top, below)
+            assert refused_open.value.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV)
+        assert (sources._SYSCALL is None) == (openat2 != "kernel's")  # latched: no syscall per file in vain
     finally:
         os.close(top)
 
+
+def test_a_tree_scanned_at_the_root_is_read_beneath_it(tmp_path):
+    from relinker.sources import MediumSources
+
+    (tmp_path / "f").write_bytes(b"content")
+    for sources in (MediumSources("m", b"/", []), MediumSources("m", None, [(b"/mnt/ntt/m", b"")])):
+        stored = os.fsencode(tmp_path / "f") if sources.scanned_root else b"/mnt/ntt/m" + os.fsencode(tmp_path / "f")
+        top, below = sources.locate(stored)
+        assert top == b"/"
+        fd = sources.open(top, below)
+        assert os.read(fd, 100) == b"content"
+        os.close(fd)
 
 def test_a_sync_longer_than_the_lease_keeps_the_range(world, capsys, tree, monkeypatch):
     """A sync of a busy filesystem may outlast --lease, inside the range's finishing transaction or while a

@@ -65,3 +65,33 @@ def test_the_retry_budget_starts_at_the_first_failure_not_at_the_work(db_url):
             with attempt:
                 raise psycopg.OperationalError("the server is gone")
     assert 0.5 <= time.monotonic() - started < 10
+
+
+def test_an_outage_ends_with_the_first_call_the_database_answers(catalogue_url):
+    """One outage clock per process: a claim that failed once and then succeeded leaves no clock running,
+    or a deadlock an hour later would be given up at once."""
+    import time
+
+    from relinker import checkpoint
+
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        run_id = checkpoint.create_run(conn, "relink", b"/a", b"/b", {}, checkpoint.split_blob_space(2))
+    store = checkpoint.CheckpointStore(catalogue_url, run_id, worker="w:1", lease=60, retry_timeout=0.5,
+                                       since=None)
+    calls = []
+
+    def fails_once(conn):
+        calls.append(1)
+        if len(calls) == 1:
+            raise psycopg.errors.SerializationFailure("could not serialize access")
+        return conn.execute("SELECT 1").fetchone()[0]
+
+    try:
+        assert store._call(fails_once) == 1
+        assert db._Outage.since is None
+        time.sleep(0.6)  # longer than the budget, after the outage ended
+        calls.clear()
+        assert store._call(fails_once) == 1  # retried: a new outage, with a budget of its own
+        assert len(calls) == 2
+    finally:
+        store.close()

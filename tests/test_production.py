@@ -322,3 +322,29 @@ def test_a_copy_never_reads_outside_the_medium(production, capsys, tmp_path):
     assert [s for ino, s in fresh_statuses(p).items() if s != "success"] == ["failed_permanent"] * 3
     import blake3
     assert not os.path.exists(by_hash_path(p.by_hash_root, blake3.blake3(secret.read_bytes()).hexdigest()))
+
+
+def test_a_medium_mounted_while_its_range_is_read_is_read_from_then_on(production, capsys, monkeypatch):
+    """Each file is opened beneath the mount as it is at that moment: a medium mounted in mid-range is read
+    from there on (and one being unmounted is never held busy by a descriptor of the range)."""
+    from relinker import sources
+
+    p = production
+    migrate(p, capsys)
+    mounted_later = p.mounts / "not-mounted-yet"
+    os.rename(p.fresh_mount, mounted_later)
+    p.fresh_mount.mkdir()  # the empty mount point
+    real_open = sources.MediumSources.open
+    calls = []
+
+    def open_then_mount(self, top, below):
+        calls.append(below)
+        if len(calls) == 2:  # after the first file failed, and was judged, while nothing was mounted
+            os.rmdir(p.fresh_mount)
+            os.rename(mounted_later, p.fresh_mount)
+        return real_open(self, top, below)
+
+    monkeypatch.setattr(sources.MediumSources, "open", open_then_mount)
+    run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix(), "--workers", "1")
+    statuses = list(fresh_statuses(p).values())
+    assert "failed_permanent" not in statuses and statuses.count("success") >= len(statuses) - 1, statuses
