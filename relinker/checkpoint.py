@@ -391,10 +391,16 @@ class CheckpointStore:
         self._side: psycopg.Connection | None = None
 
     def close(self) -> None:
-        for conn in (self._conn, self._side):
-            if conn is not None:
-                conn.close()
-        self._conn = self._side = None
+        self._close_side()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _close_side(self) -> None:
+        # Opened for one long wait: not a third connection per worker for the rest of the run.
+        if self._side is not None:
+            self._side.close()
+            self._side = None
 
     def keep_alive(self, r: Range) -> None:
         """Refresh ``r``'s heartbeat while the control connection waits in the range's finishing transaction.
@@ -583,6 +589,7 @@ class CheckpointStore:
 
     def _release(self, r: Range) -> None:
         self._held = None
+        self._close_side()
         try:
             self._call(lambda conn: conn.execute(SQL_UNLOCK, (r.run_id, r.range_no)))
         except LostRange:

@@ -286,7 +286,9 @@ def job_request(args: argparse.Namespace, settings: Settings, options: dict) -> 
 
 def report(summary: Summary, exit_code: int, as_json: bool, resume_hint: str) -> int:
     print(summary.as_json() if as_json else summary.as_text())
-    if exit_code == EXIT_INTERRUPTED:
+    if summary.stopped:
+        print(f"relinker: {summary.stopped}; resume with: {resume_hint}", file=sys.stderr)
+    elif exit_code == EXIT_INTERRUPTED:
         if summary.run_id is None:
             print("relinker: interrupted (a dry run keeps nothing to resume)", file=sys.stderr)
         else:

@@ -48,7 +48,7 @@ from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
 from relinker.paths import UnsafePath, display, order_remaps
 from relinker.pool import RangeContext, WorkSpec
-from relinker.sources import MediumSources, holds_place
+from relinker.sources import MediumSources, holds_place, source_path
 from relinker.store import ByHashStore, InodeProblem, Pending, SourceProblem, Stored
 
 log = logging.getLogger(__name__)
@@ -364,14 +364,14 @@ class CopyWork:
                 permanent = permanent and gone
                 # formatted only if no source works
                 why = "a symlink in its place or on its way (not followed)" if exc.errno == errno.ELOOP else exc.strerror
-                failures.append((top + b"/" + below, why))
+                failures.append((source_path(top, below), why))
                 continue
             try:
                 return self.store.read_in(fd, size, on_chunk)
             except SourceProblem as exc:
                 if exc.kind == "source-changed":
                     raise
-                failures.append((top + b"/" + below, exc.detail))
+                failures.append((source_path(top, below), exc.detail))
                 permanent = permanent and exc.permanent
             finally:
                 os.close(fd)

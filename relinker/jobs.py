@@ -276,9 +276,10 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         except (UserError, psycopg.OperationalError):
             if not outcome.database_gone:
                 raise
-            raise RunStopped(f"the catalogue database stayed out of reach for more than --retry-timeout "
-                             f"({request.retry_timeout:g} s): run {spec.run_id} stopped, not complete; once the "
+            raise RunStopped(f"{_database_gone(request)}: run {spec.run_id} stopped, not complete; once the "
                              f"database is back, resume it with `relinker {mode.name} --run {spec.run_id}`") from None
+        if outcome.database_gone and not summary.complete:
+            summary.stopped = _database_gone(request)
         summary.interrupted = outcome.interrupted and not summary.complete
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links
@@ -286,6 +287,10 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     summary.elapsed_seconds = elapsed
     summary.working_seconds = None  # this session's rate: its links over its own time
     return summary, _exit_code(summary)
+
+
+def _database_gone(request: JobRequest) -> str:
+    return f"the catalogue database stayed out of reach for more than --retry-timeout ({request.retry_timeout:g} s)"
 
 
 def _exit_code(summary: Summary) -> int:

@@ -61,6 +61,8 @@ class Summary:
     #: content read this session (the MB/s's numerator)
     bytes_this_session: int = 0
     open_ranges: list[dict] = dataclasses.field(default_factory=list)
+    #: why the run stopped before it was complete, other than a signal (the database went away)
+    stopped: str | None = None
     by_hash_root: str | None = None
     archive_root: str | None = None
     options: dict = dataclasses.field(default_factory=dict)

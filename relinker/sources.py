@@ -83,12 +83,23 @@ def _open_component_by_component(dir_fd: int, below: bytes) -> int:
     opened = []
     try:
         for directory in directories:
-            dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except NotADirectoryError:
+                # A symlink in a directory's place says ENOTDIR here: ELOOP, as openat2 says it.
+                if stat.S_ISLNK(os.stat(directory, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), below) from None
+                raise
             opened.append(dir_fd)
         return os.open(name, SOURCE_FLAGS, dir_fd=dir_fd)
     finally:
         for fd in opened:
             os.close(fd)
+
+
+def source_path(top: bytes, below: bytes) -> bytes:
+    """The path of a source from the filesystem's root, for messages."""
+    return top.rstrip(b"/") + b"/" + below
 
 
 def holds_place(top: bytes, below: bytes) -> bool:

@@ -198,3 +198,26 @@ def test_a_heartbeat_or_finish_retried_after_a_lost_reply_writes_nothing_twice(w
                                   (run_id,)).fetchone() == ("done", 3)
     finally:
         store.close()
+
+
+def test_the_keep_alive_connection_lasts_one_range(catalogue_url):
+    """Opened for one long wait in a finishing transaction: not a third connection per worker for good."""
+    from relinker import db
+
+    def relinker_sessions(conn):
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                            "AND pid <> pg_backend_pid()", (db.APPLICATION_NAME,)).fetchone()[0]
+
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        run_id = checkpoint.create_run(conn, "copy", b"/a", b"/b", {}, checkpoint.split_blob_space(3))
+        store = checkpoint.CheckpointStore(catalogue_url, run_id, worker="w:1", lease=60, retry_timeout=5,
+                                           since=None)
+        try:
+            r = store.claim()
+            store.keep_alive(r)
+            assert relinker_sessions(conn) == 2
+            store.finish(r, checkpoint.Counters(), [], lambda c: None)
+            store.claim()
+            assert relinker_sessions(conn) == 1
+        finally:
+            store.close()

@@ -1056,7 +1056,7 @@ def test_a_source_is_never_opened_through_a_symlink(tmp_path, monkeypatch, opena
         for below in (b"d/link", b"lib/f"):
             with pytest.raises(OSError) as refused_open:
                 sources.open_beneath(top, below)
-            assert refused_open.value.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV)
+            assert refused_open.value.errno == errno.ELOOP  # copy's "a symlink ... (not followed)"
         assert (sources._SYSCALL is None) == (openat2 != "kernel's")  # latched: no syscall per file in vain
     finally:
         os.close(top)
@@ -1090,3 +1090,14 @@ def test_a_sync_longer_than_the_lease_keeps_the_range(world, capsys, tree, monke
     code, summary = copy(world, capsys, "--lease", "1", "--ranges", "3")
     assert code == 0 and summary["blobs"] == 5, summary
     assert world.conn.execute("SELECT max(attempts) FROM relinker_range").fetchone() == (1,)
+
+
+def test_a_file_of_a_tree_scanned_at_the_root_is_named_as_it_is():
+    from relinker.copy import CopyWork
+    from relinker.sources import MediumSources
+    from relinker.store import SourceProblem
+
+    work = object.__new__(CopyWork)  # _copy reads nothing of the worker before a source opens
+    with pytest.raises(SourceProblem) as problem:
+        work._copy(MediumSources("m", b"/", []), [b"/no-such-directory-here/file"], 1, lambda: None)
+    assert problem.value.detail.startswith("/no-such-directory-here/file: ")

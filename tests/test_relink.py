@@ -600,3 +600,22 @@ def test_an_interrupted_dry_run_offers_no_resume(world, capsys, monkeypatch):
         Summary(mode="relink", dry_run=True, interrupted=True), 3))
     assert main(world.argv("relink", "--dry-run", "--no-progress")) == 3
     assert capsys.readouterr().err == "relinker: interrupted (a dry run keeps nothing to resume)\n"
+
+
+def test_workers_that_gave_up_on_the_database_leave_the_resume_command(world, capsys, monkeypatch):
+    """Only the workers were refused (too many connections), or the outage ended just before the summary:
+    the run ends exit 1, saying why and how to resume."""
+    m = world.medium("disk")
+    for i in range(10):
+        world.inode(m, [b"/a/%d" % i], world.blob(b"content %d" % i))
+
+    def refused(self, conn):
+        raise psycopg.errors.TooManyConnections("sorry, too many clients already")
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "_claim_once", refused)  # the forked workers inherit it
+    code = main(world.argv("relink", "--json", "--no-progress", "--workers", "2", "--retry-timeout", "1"))
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["ranges_done"] == 0
+    assert err.count("no new worker is started") == 1
+    assert err.strip().splitlines()[-1] == ("relinker: the catalogue database stayed out of reach for more than "
+                                            "--retry-timeout (1 s); resume with: relinker relink --run 1")

@@ -104,3 +104,4 @@ def test_a_server_down_longer_than_the_retry_timeout_stops_the_run_once(world, o
     assert code == 0, err
     world.conn = psycopg.connect(world.dsn, autocommit=True)
     world.assert_complete(1)
+
