@@ -65,7 +65,7 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
         raise UserError(f"--source {source} is not a directory")
     if _count_files(source, MIN_FILES) < MIN_FILES:
         raise UserError(f"--source {source} has fewer than {MIN_FILES} files: too few for the demo")
-    if os.path.commonpath([root, source]) == source:
+    if os.path.commonpath([os.path.realpath(root), os.path.realpath(source)]) == os.path.realpath(source):
         # It would catalogue its own database and store while they change.
         raise UserError(f"the demo directory {root} lies inside --source {source}: choose another place for one")
     by_hash, archive = os.path.join(root, "by-hash"), os.path.join(root, "archive")

@@ -114,6 +114,9 @@ def test_demo_refuses_to_catalogue_itself_or_a_place_it_cannot_make(tmp_path):
     source = small_tree(tmp_path / "src")
     result = demo(str(source / "demo"), "--source", str(source))
     assert result.returncode == 2 and "lies inside --source" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "via").symlink_to(source)  # the same place by another name
+    result = demo(str(tmp_path / "via" / "demo"), "--source", str(source))
+    assert result.returncode == 2 and "lies inside --source" in result.stderr
     (tmp_path / "a-file").write_text("")
     result = demo(str(tmp_path / "a-file" / "demo"), "--source", str(source))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
