@@ -189,7 +189,7 @@ class RelinkWork:
 
         Returned as the step the commit transaction runs.
         """
-        changes = counts_to_write(recorded, linked, expected, unseen_are_empty=not self.only_incomplete)
+        changes = counts_to_write(recorded, linked, expected, only_incomplete=self.only_incomplete)
         arrays = {
             "blobids": db.text_array(blobid for blobid, _, _ in changes),
             "linked": db.int_array(n for _, n, _ in changes),
@@ -376,19 +376,21 @@ class CountWork(RelinkWork):
                             blobid=blobid)
 
 
-def counts_to_write(recorded, linked: dict, expected: dict, unseen_are_empty: bool) -> list[tuple[str, int, int]]:
+def counts_to_write(recorded, linked: dict, expected: dict, only_incomplete: bool) -> list[tuple[str, int, int]]:
     """``(blobid, n_hardlinks, expected_hardlinks)`` for each recorded blob whose counts must change.
 
     A blob the range found paths for gets what was found; any other blob of
-    the range has no path to link (0 of 0), unless ``unseen_are_empty`` is
-    false (``--only-incomplete`` looked at some blobs only).
+    the range has no path to link (0 of 0): under ``--only-incomplete``, one
+    that was incomplete (the walk looked for its paths and found none: no
+    regular-file inode names it any more), never one that was complete (not
+    looked at).
     """
     changes = []
     # One pass over every blob of the range: written without tuples to compare.
     for blobid, recorded_linked, recorded_expected in recorded:
         wanted_expected = expected.get(blobid)
         if wanted_expected is None:
-            if not unseen_are_empty:
+            if only_incomplete and recorded_expected is not None and (recorded_linked or 0) >= recorded_expected:
                 continue
             wanted_linked = wanted_expected = 0
         else:

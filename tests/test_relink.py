@@ -475,14 +475,16 @@ def test_the_range_query_reads_paths_from_the_covering_index_alone(world):
 
 
 def test_counts_to_write_lists_only_the_blobs_whose_counts_change():
-    recorded = [("same", 2, 2), ("fewer", 1, 2), ("never", None, None), ("gone", 3, 3), ("empty", 0, 0)]
+    recorded = [("same", 2, 2), ("fewer", 1, 2), ("never", None, None), ("gone", 3, 3), ("empty", 0, 0),
+                ("orphan", 1, 2), ("uncounted", None, None)]
     linked = {"same": 2, "fewer": 2, "never": 1}
     expected = {"same": 2, "fewer": 2, "never": 1}
     # a blob of the range with no path found has 0 of 0 ...
-    assert counts_to_write(recorded, linked, expected, unseen_are_empty=True) == [
-        ("fewer", 2, 2), ("never", 1, 1), ("gone", 0, 0)]
-    # ... unless only some blobs were looked at (--only-incomplete)
-    assert counts_to_write(recorded, linked, expected, unseen_are_empty=False) == [("fewer", 2, 2), ("never", 1, 1)]
+    assert counts_to_write(recorded, linked, expected, only_incomplete=False) == [
+        ("fewer", 2, 2), ("never", 1, 1), ("gone", 0, 0), ("orphan", 0, 0), ("uncounted", 0, 0)]
+    # ... under --only-incomplete only if it was incomplete: a complete one was not looked at
+    assert counts_to_write(recorded, linked, expected, only_incomplete=True) == [
+        ("fewer", 2, 2), ("never", 1, 1), ("orphan", 0, 0), ("uncounted", 0, 0)]
 
 
 class _DataConnectionDropsOnce(RelinkWork):
@@ -619,3 +621,30 @@ def test_workers_that_gave_up_on_the_database_leave_the_resume_command(world, ca
     assert err.count("no new worker is started") == 1
     assert err.strip().splitlines()[-1] == ("relinker: the catalogue database stayed out of reach for more than "
                                             "--retry-timeout (1 s); resume with: relinker relink --run 1")
+
+
+def counts_of(world) -> dict:
+    return {b: (n, e) for b, n, e in world.conn.execute("SELECT blobid, n_hardlinks, expected_hardlinks FROM blobs")}
+
+
+def test_only_incomplete_settles_an_incomplete_blob_no_inode_names_any_more(world, capsys):
+    """--only-incomplete looks for the paths of incomplete blobs; one it finds none for has 0 of 0, as a full
+    relink says, or it stays incomplete (and first in every --limit) for good."""
+    m = world.medium("disk")
+    a = world.blob(b"content a")
+    ino = world.inode(m, [b"/d/a1", b"/d/a2"], a)
+    assert relink(world, capsys)[0] == 0 and counts_of(world)[a] == (2, 2)
+    os.unlink(world.archive_path(b"/d/a2"))
+    main(world.argv("count", "--json", "--workers", "1"))
+    capsys.readouterr()
+    assert counts_of(world)[a] == (1, 2)
+    b = world.blob(b"content b")  # the inode stored again, as another content
+    world.conn.execute("UPDATE inode SET blobid = %s WHERE ino = %s", (b, ino))
+    # and blob rows nothing names, never counted, that sort before every other
+    orphans = ["0" * 62 + "%02d" % i for i in range(3)]
+    for orphan in orphans:
+        world.conn.execute("INSERT INTO blobs (blobid) VALUES (%s)", (orphan,))
+    code, summary = relink(world, capsys, "--only-incomplete", "--limit", "3")
+    assert code == 0 and [counts_of(world)[o] for o in orphans] == [(0, 0)] * 3
+    code, summary = relink(world, capsys, "--only-incomplete", "--new")
+    assert code == 0 and counts_of(world)[a] == (0, 0) and counts_of(world)[b] == (2, 2)
