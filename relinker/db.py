@@ -240,10 +240,10 @@ def relkind(conn: psycopg.Connection, table: str) -> str | None:
 
 
 def column_type(conn: psycopg.Connection, table: str, column: str) -> str | None:
-    """information_schema data type of ``table.column`` in the current schema."""
+    """The type of ``table.column`` (``bytea``, ``text``), ``table`` found as queries find it (search_path)."""
     row = conn.execute(
-        """SELECT data_type FROM information_schema.columns
-           WHERE table_schema = current_schema() AND table_name = %s AND column_name = %s""",
+        """SELECT format_type(a.atttypid, NULL) FROM pg_attribute AS a
+           WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped""",
         (table, column),
     ).fetchone()
     return row[0] if row else None

@@ -156,8 +156,12 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                 conn.execute(_read(BASE_FILE))
             applied_now.append(BASE_FILE)
         db.require_catalogue(conn)
-        conn.execute(SQL_CREATE_MIGRATION_TABLE)
         done = set(applied_versions(conn))
+        if any(migration.version not in done for migration in available()):
+            # Checked before anything is made: a table left by a role that could not finish would be
+            # in the way of the owner's own migrate.
+            _require_owner(conn)
+        conn.execute(SQL_CREATE_MIGRATION_TABLE)
         for migration in available():
             if migration.version in done:
                 continue
@@ -169,13 +173,64 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                 _apply_in_transaction(conn, migration)
             applied_now.append(f"{migration.version:04d}_{migration.name}")
         try:
-            _briefly_locking(conn, [(_read(VIEWS_FILE), None)], "re-creating relinker's views")
+            views = _read(VIEWS_FILE)
+            briefly_locking(conn, [(views, None), *_grants_of(conn, _view_names(views))],
+                             "re-creating relinker's views")
         except psycopg.errors.DependentObjectsStillExist as exc:
             raise UserError(f"re-creating relinker's views: {db.first_line(exc)} (a view of yours built on one "
                             "of relinker's: drop it, migrate, create it again)") from None
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     return applied_now
+
+
+# What the owner of relinker's views granted others on them: re-granted when they are made again.
+SQL_VIEW_GRANTS = """
+SELECT c.relname, a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,
+       a.is_grantable
+FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+WHERE c.oid IN (SELECT to_regclass(v) FROM unnest(%(views)s::text[]) AS v) AND c.relkind = 'v'
+  AND a.grantee <> c.relowner
+ORDER BY 1, 2, 3
+"""
+VIEW_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"})
+
+
+def _view_names(views_sql: str) -> list[str]:
+    return sorted(set(re.findall(r"CREATE VIEW (\w+)", views_sql)))
+
+
+def _grants_of(conn: psycopg.Connection, views: list[str]) -> list[tuple[sql.Composed, None]]:
+    """GRANT statements that give back what others may do with ``views`` now (dropped with them)."""
+    grants = []
+    for view, privilege, grantee, grantable in conn.execute(SQL_VIEW_GRANTS, {"views": views}):
+        if privilege not in VIEW_PRIVILEGES:
+            continue
+        statement = sql.SQL("GRANT {} ON {} TO {}").format(
+            sql.SQL(privilege), sql.Identifier(view), sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee))
+        if grantable:
+            statement = sql.Composed([statement, sql.SQL(" WITH GRANT OPTION")])
+        grants.append((statement, None))
+    return grants
+
+
+#: The NTT tables migrations change (columns, indexes) that this role does not own, with their owners.
+SQL_NOT_OWNED = """
+SELECT t.name, pg_get_userbyid(c.relowner)
+FROM unnest(%(names)s::text[]) WITH ORDINALITY AS t(name, n)
+JOIN pg_class AS c ON c.oid = to_regclass(t.name)
+WHERE NOT pg_has_role(current_user, c.relowner, 'USAGE')
+ORDER BY t.n
+"""
+
+
+def _require_owner(conn: psycopg.Connection) -> None:
+    """UserError unless this role owns (or is a member of the owner of) the tables migrations change."""
+    row = conn.execute(SQL_NOT_OWNED, {"names": ["inode", "path", "blobs"]}).fetchone()
+    if row:
+        table, owner = row
+        raise UserError(f"role {conn.info.user} does not own the catalogue's table {table}, which migrations "
+                        f"change: run `relinker migrate` as {owner} (its owner)")
 
 
 #: How often a migrate waiting for another one looks again (s).
@@ -194,24 +249,26 @@ def _wait_for_the_migrate_lock(conn: psycopg.Connection) -> None:
         time.sleep(MIGRATE_LOCK_POLL)
 
 
-#: How long a statement that takes a strong lock waits for it (see _briefly_locking).
+#: How long a statement that takes a strong lock waits for it (see briefly_locking).
 LOCK_TIMEOUT = "10s"
 #: Tries of such a statement that can simply be run again (an index attach, the views) before migrate gives up.
 LOCK_ATTEMPTS = 3
 
 
 def _apply_in_transaction(conn: psycopg.Connection, migration: Migration) -> None:
-    _briefly_locking(conn, [(migration.text, None), (SQL_RECORD_MIGRATION, (migration.version, migration.name))],
+    briefly_locking(conn, [(migration.text, None), (SQL_RECORD_MIGRATION, (migration.version, migration.name))],
                      f"migration {migration.version:04d}_{migration.name}", attempts=1)
 
 
-def _briefly_locking(conn: psycopg.Connection, statements, what: str, attempts: int = LOCK_ATTEMPTS) -> None:
+def briefly_locking(conn: psycopg.Connection, statements, what: str, attempts: int = LOCK_ATTEMPTS,
+                    again: str = "run `relinker migrate` again") -> None:
     """Run ``statements`` ((query, params) pairs) in one transaction that waits at most LOCK_TIMEOUT for its locks.
 
     A DDL statement queued behind a long transaction (a copier's, a
     report's) blocks every later reader of that table while it waits: on a
     live catalogue each try gives up soon, and after the last of
-    ``attempts`` migrate says why, the transaction undone.
+    ``attempts`` a UserError says why (and, with ``again``, what to run once
+    that transaction is over), the transaction undone.
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -225,7 +282,7 @@ def _briefly_locking(conn: psycopg.Connection, statements, what: str, attempts: 
                 tries = f", {attempts} times" if attempts > 1 else ""
                 raise UserError(
                     f"{what} waited {LOCK_TIMEOUT} for a lock another session holds{tries} (a long transaction: "
-                    "see pg_stat_activity); it was not done, run `relinker migrate` again once it is over") from None
+                    f"see pg_stat_activity); it was not done, {again} once it is over") from None
             time.sleep(attempt)
 
 
@@ -265,10 +322,10 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
     if db.relkind(conn, table) != "p":
         _build_concurrently(conn, name, table, cols)
         return
-    _briefly_locking(conn, [(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
+    briefly_locking(conn, [(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
         sql.Identifier(name), sql.Identifier(table), cols), None)], f"creating index {name} on {table}")
     def attach(child_index: sql.Identifier) -> None:
-        _briefly_locking(conn, [(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+        briefly_locking(conn, [(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
             sql.Identifier(name), child_index), None)], f"attaching the index of {partition} to {name}")
 
     for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():

@@ -16,7 +16,7 @@ import stat
 
 import blake3
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from relinker import db, migrations
 from relinker.errors import UserError
@@ -90,15 +90,15 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
 
     result = ScanResult(medium_hash_for(name))
     inodes: dict[int, tuple] = {}
+    # A medium is named by its name in copy --medium: two of one name could be told apart by hash only.
+    namesake = conn.execute(SQL_OTHER_NAMESAKE, (name, result.medium_hash)).fetchone()
+    if namesake:
+        raise UserError(f"medium {name!r} exists already ({namesake[0]}, not catalogued by relinker scan): "
+                        "choose another name")
+    ensure_medium_partitions(conn, result.medium_hash)
     with conn.transaction():
-        # A medium is named by its name in copy --medium: two of one name could be told apart by hash only.
-        namesake = conn.execute(SQL_OTHER_NAMESAKE, (name, result.medium_hash)).fetchone()
-        if namesake:
-            raise UserError(f"medium {name!r} exists already ({namesake[0]}, not catalogued by relinker scan): "
-                            "choose another name")
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
         conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
-        ensure_medium_partitions(conn, result.medium_hash)
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:
@@ -186,16 +186,20 @@ def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None
     """Give a new medium its own partition of inode and path, as NTT does.
 
     Only for partitioned catalogues; a partition some other tool created for
-    this medium under another name is fine too.
+    this medium under another name is fine too. Creating one locks its
+    table against every reader: each in a short transaction of its own,
+    waiting for that lock no longer than migrate's statements do. Commits
+    the connection's open transaction first: call it with nothing to keep.
     """
-    for table in ("inode", "path"):
-        if db.relkind(conn, table) != "p":
-            continue
+    partitioned = [table for table in ("inode", "path") if db.relkind(conn, table) == "p"]
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        conn.commit()  # else the partitions' transactions would only be savepoints of this one
+    for table in partitioned:
         statement = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})").format(
             sql.Identifier(f"{table}_{medium_hash}"), sql.Identifier(table), sql.Literal(medium_hash)
         )
         try:
-            with conn.transaction():
-                conn.execute(statement)
+            migrations.briefly_locking(conn, [(statement, None)], f"creating the medium's partition of {table}",
+                                       attempts=1, again="run `relinker scan` again")
         except psycopg.errors.InvalidObjectDefinition:
             pass  # "would overlap partition ...": the medium already has one

@@ -10,9 +10,9 @@ DROP VIEW IF EXISTS relinker_run_progress, relinker_open_ranges,
 -- database's own encoding returns the stored bytes unchanged.
 DO $$
 BEGIN
-    IF (SELECT data_type FROM information_schema.columns
-        WHERE table_schema = current_schema() AND table_name = 'path'
-          AND column_name = 'path') = 'bytea' THEN
+    -- `path` as every query here finds it (search_path), not as current_schema() names it
+    IF (SELECT format_type(atttypid, NULL) FROM pg_attribute
+        WHERE attrelid = to_regclass('path') AND attname = 'path' AND NOT attisdropped) = 'bytea' THEN
         EXECUTE 'CREATE VIEW relinker_path AS
                  SELECT medium_hash, ino, path, exclude_reason FROM path';
     ELSE

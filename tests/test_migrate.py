@@ -1,10 +1,12 @@
 """`relinker migrate` on both catalogue shapes, twice, and its errors."""
 
+import os
 import threading
 import time
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from relinker import migrations
 from relinker.cli import main
@@ -274,3 +276,62 @@ def test_a_partitions_index_that_only_starts_like_ours_is_not_attached_but_built
         assert valid.fetchone() == (True,)
         assert conn.execute("SELECT count(*) FROM pg_index WHERE indexrelid = 'theirs'::regclass").fetchone() == (1,)
         migrations.build_index_online(conn, "relinker_path_inode_idx", "path", ["medium_hash", "ino"])  # twice
+
+
+def test_a_second_migrate_keeps_what_was_granted_on_relinkers_views(catalogue_url):
+    """psql is a way in: a monitoring role granted SELECT on the views keeps it when migrate makes them again."""
+    role = f"monitor_{os.getpid()}"
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT SELECT ON relinker_run_progress, relinker_open_ranges, relinker_run, relinker_range "
+                     f"TO {role}")
+        conn.execute(f"GRANT SELECT ON relinker_problem_kinds TO {role} WITH GRANT OPTION")
+        before = sorted(conn.execute("SELECT relname, relacl::text FROM pg_class WHERE relname LIKE 'relinker%' "
+                                     "AND relkind = 'v'").fetchall())
+    try:
+        assert main(["--db-url", catalogue_url, "migrate"]) == 0
+        with psycopg.connect(make_conninfo(catalogue_url, user=role)) as monitor:
+            monitor.execute("SELECT * FROM relinker_run_progress").fetchall()
+        with psycopg.connect(catalogue_url, autocommit=True) as conn:
+            after = sorted(conn.execute("SELECT relname, relacl::text FROM pg_class WHERE relname LIKE 'relinker%' "
+                                        "AND relkind = 'v'").fetchall())
+        assert after == before
+    finally:
+        with psycopg.connect(catalogue_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_url, capsys):
+    """Refused before anything is made: a table it left would be in the way of the owner's migrate."""
+    suffix = os.getpid()
+    owner, other = f"owner_{suffix}", f"other_{suffix}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for role in (owner, other):
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+            conn.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+    try:
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)  # the catalogue's owner, no superuser
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {other}")
+        assert main(["--db-url", make_conninfo(db_url, user=other), "migrate"]) == 2
+        assert capsys.readouterr().err == (f"relinker: error: role {other} does not own the catalogue's table inode, "
+                                           f"which migrations change: run `relinker migrate` as {owner} (its owner)\n")
+        assert main(["--db-url", make_conninfo(db_url, user=owner), "migrate"]) == 0
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for role in (other, owner):
+                conn.execute(f"DROP OWNED BY {role}")
+                conn.execute(f"DROP ROLE {role}")
+
+
+def test_migrate_finds_the_catalogue_as_queries_find_it(db_url):
+    """A role with a schema of its own ("$user" first in search_path): the NTT tables are public's."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        conn.execute("CREATE SCHEMA AUTHORIZATION CURRENT_USER")
+        assert conn.execute("SELECT current_schema() <> 'public'").fetchone() == (True,)
+        migrations.migrate(conn)
+        assert conn.execute("SELECT pg_typeof(path)::text FROM relinker_path LIMIT 1").fetchone() == ("bytea",)
+        from relinker import db
+        assert db.column_type(conn, "path", "path") == "bytea"

@@ -239,7 +239,7 @@ def test_the_readmes_backfill_of_by_hash_created(production, capsys):
 def fresh_statuses(p) -> dict[bytes, str]:
     """The status of each file of the fresh medium, by its first catalogued path."""
     return dict(p.conn.execute(
-        "SELECT min(p.path), i.status FROM inode i JOIN path p USING (medium_hash, ino) "
+        "SELECT (array_agg(p.path ORDER BY p.path))[1], i.status FROM inode i JOIN path p USING (medium_hash, ino) "
         "WHERE i.medium_hash = %s AND i.fs_type = 'f' GROUP BY i.ino, i.status", (p.fresh,)).fetchall())
 
 

@@ -130,3 +130,57 @@ def test_scan_never_gives_a_second_medium_an_existing_medium_s_name(conn, catalo
     assert conn.execute("SELECT medium_hash FROM medium WHERE medium_human = 'usb-disk'").fetchall() == [
         ("0123456789abcdef",)]
     assert conn.execute("SELECT count(*) FROM path").fetchone() == (0,)
+
+
+def _scan_in_thread(url, tree, name, outcome, monkeypatch, pause_per_entry=0.0):
+    import threading
+    import time
+
+    real_walk = scan._walk
+
+    def slow_walk(*args):
+        for entry in real_walk(*args):
+            time.sleep(pause_per_entry)
+            yield entry
+
+    monkeypatch.setattr(scan, "_walk", slow_walk)
+    thread = threading.Thread(target=lambda: outcome.append(
+        main(["--db-url", url, "scan", "--medium", name, str(tree)])), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_scan_locks_no_reader_out_while_it_walks(catalogue_url, tmp_path, monkeypatch):
+    """A new medium's partitions take a lock on inode and path that stops every reader: briefly, in a
+    transaction of their own, never for the whole walk and load."""
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    for i in range(10):
+        (tree / "d" / f"f{i}").write_bytes(b"x")
+    outcome = []
+    thread = _scan_in_thread(catalogue_url, tree, "new-disk", outcome, monkeypatch, pause_per_entry=0.2)
+    import time
+    time.sleep(1.0)
+    with psycopg.connect(catalogue_url, autocommit=True) as reader:
+        reader.execute("SET lock_timeout = '1s'")
+        assert reader.execute("SELECT count(*) FROM inode").fetchone()[0] >= 0  # another medium's reader
+    thread.join(30)
+    assert outcome == [0]
+
+
+def test_a_scan_behind_a_long_transaction_gives_up_in_one_line(catalogue_url, tmp_path, monkeypatch, capsys):
+    """Its partition waits no longer than migrate's statements do (a queued lock stops every reader)."""
+    from relinker import migrations
+
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT", "500ms")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x")
+    with psycopg.connect(catalogue_url) as long_reader:
+        long_reader.execute("SELECT count(*) FROM path").fetchone()  # a report, a dump: its transaction open
+        assert main(["--db-url", catalogue_url, "scan", "--medium", "another-disk", str(tree)]) == 2
+        long_reader.rollback()
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: error: creating the medium's partition of ") and err.count("\n") == 1
+    assert "run `relinker scan` again once it is over" in err
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "another-disk", str(tree)]) == 0
