@@ -175,7 +175,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
         try:
             views = _read(VIEWS_FILE)
             briefly_locking(conn, [(views, None), *_grants_of(conn, _view_names(views))],
-                             "re-creating relinker's views")
+                            "re-creating relinker's views")
         except psycopg.errors.DependentObjectsStillExist as exc:
             raise UserError(f"re-creating relinker's views: {db.first_line(exc)} (a view of yours built on one "
                             "of relinker's: drop it, migrate, create it again)") from None
@@ -257,7 +257,7 @@ LOCK_ATTEMPTS = 3
 
 def _apply_in_transaction(conn: psycopg.Connection, migration: Migration) -> None:
     briefly_locking(conn, [(migration.text, None), (SQL_RECORD_MIGRATION, (migration.version, migration.name))],
-                     f"migration {migration.version:04d}_{migration.name}", attempts=1)
+                    f"migration {migration.version:04d}_{migration.name}", attempts=1)
 
 
 def briefly_locking(conn: psycopg.Connection, statements, what: str, attempts: int = LOCK_ATTEMPTS,
