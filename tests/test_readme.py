@@ -61,3 +61,15 @@ def test_every_option_is_in_the_readme():
                 if flag.startswith("--") and flag != "--help" and f"`{flag}" not in README:
                     missing.append(f"{name} {flag}")
     assert missing == []
+
+
+def test_every_test_the_readme_names_exists():
+    """The guarantees table names the test behind each guarantee: a renamed test must not leave it naming none."""
+    text = README
+    tests = Path(__file__).parent
+    defined = {name for path in tests.glob("test_*.py") for name in re.findall(r"^def (test_\w+)", path.read_text(),
+                                                                               re.MULTILINE)}
+    named = set(re.findall(r"::(test_\w+)", text))
+    assert named and named <= defined, sorted(named - defined)
+    files = set(re.findall(r"`(test_\w+\.py)", text))
+    assert files and all((tests / name).exists() for name in files)
