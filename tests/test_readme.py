@@ -28,6 +28,8 @@ def test_cookbook_recipe_runs_against_a_real_catalogue(world, capsys, recipe):
     world.inode(m, [b"/b/gone"], world.blob(b"lost", store=False))
     assert main(world.argv("relink", "--json", "--no-progress", "--workers", "1", "--ranges", "2")) == 1
     run_id = json.loads(capsys.readouterr().out)["run_id"]
+    assert main(world.argv("verify", "--all", "--no-progress", "--workers", "1")) == 1  # blobs that fail
+    capsys.readouterr()
     # and a range that failed, as ranges do when the catalogue has surprises
     world.conn.execute("UPDATE relinker_range SET status = 'failed', last_error = 'example' "
                        "WHERE run_id = %s AND range_no = 1", (run_id,))
