@@ -360,7 +360,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
-    with db.connect_for_user(settings.db_url) as conn:
+    with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         result = scan.scan_tree(conn, args.medium, os.fsencode(args.directory),
                                 [os.fsencode(pattern) for pattern in args.exclude])
     skipped = result.unreadable + result.other_filesystem + result.unrepresentable

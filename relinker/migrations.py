@@ -184,6 +184,13 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
     return applied_now
 
 
+# Who owns relinker's views now: a member of that role (or a superuser) migrating gives them back.
+SQL_VIEW_OWNERS = """
+SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class AS c
+WHERE c.oid IN (SELECT to_regclass(v) FROM unnest(%(views)s::text[]) AS v) AND c.relkind = 'v'
+  AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
+ORDER BY 1
+"""
 # What the owner of relinker's views granted others on them: re-granted when they are made again.
 SQL_VIEW_GRANTS = """
 SELECT c.relname, a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,
@@ -193,7 +200,8 @@ WHERE c.oid IN (SELECT to_regclass(v) FROM unnest(%(views)s::text[]) AS v) AND c
   AND a.grantee <> c.relowner
 ORDER BY 1, 2, 3
 """
-VIEW_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"})
+VIEW_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER",
+                             "MAINTAIN"})
 
 
 def _view_names(views_sql: str) -> list[str]:
@@ -201,8 +209,10 @@ def _view_names(views_sql: str) -> list[str]:
 
 
 def _grants_of(conn: psycopg.Connection, views: list[str]) -> list[tuple[sql.Composed, None]]:
-    """GRANT statements that give back what others may do with ``views`` now (dropped with them)."""
-    grants = []
+    """Statements that give ``views`` made again their owners and what others may do with them now
+    (dropped with them). Column-level grants are not kept."""
+    grants = [(sql.SQL("ALTER VIEW {} OWNER TO {}").format(sql.Identifier(view), sql.Identifier(owner)), None)
+              for view, owner in conn.execute(SQL_VIEW_OWNERS, {"views": views})]
     for view, privilege, grantee, grantable in conn.execute(SQL_VIEW_GRANTS, {"views": views}):
         if privilege not in VIEW_PRIVILEGES:
             continue

@@ -73,6 +73,15 @@ WHERE b.blobid = c.blobid AND {scope}
   AND (b.n_hardlinks IS DISTINCT FROM c.linked OR b.expected_hardlinks IS DISTINCT FROM c.expected)
 """
 
+# A blob no regular-file inode names has no path to link: 0 of 0, checked
+# again as it is written (the range's query may be older than a copy's commit).
+SQL_ZERO_UNNAMED = """
+UPDATE blobs AS b SET n_hardlinks = 0, expected_hardlinks = 0
+WHERE b.blobid = ANY(%(unnamed)s::text[]) AND {scope}
+  AND (b.n_hardlinks IS DISTINCT FROM 0 OR b.expected_hardlinks IS DISTINCT FROM 0)
+  AND NOT EXISTS (SELECT 1 FROM inode AS i WHERE i.blobid = b.blobid AND i.fs_type = 'f')
+"""
+
 
 @dataclasses.dataclass(frozen=True)
 class RangeScope:
@@ -108,6 +117,9 @@ class RangeScope:
 
     def write_counts(self) -> sql.Composed:
         return sql.SQL(SQL_WRITE_COUNTS).format(scope=self.where("b"))
+
+    def zero_unnamed(self) -> sql.Composed:
+        return sql.SQL(SQL_ZERO_UNNAMED).format(scope=self.where("b"))
 
 
 def work_query(bounded: bool, only_incomplete: bool) -> sql.Composed:
@@ -190,19 +202,25 @@ class RelinkWork:
         Returned as the step the commit transaction runs.
         """
         changes = counts_to_write(recorded, linked, expected, only_incomplete=self.only_incomplete)
+        # Blobs the walk found no inode for: 0 of 0 only if still none names them when written (a copy
+        # may have stored one since the range's query).
+        unnamed = [blobid for blobid, _, _ in changes if blobid not in expected]
+        changes = [change for change in changes if change[0] in expected]
         arrays = {
             "blobids": db.text_array(blobid for blobid, _, _ in changes),
             "linked": db.int_array(n for _, n, _ in changes),
             "expected": db.int_array(n for _, _, n in changes),
             **scope.params,
         }
-        statement = scope.write_counts()
+        zeroed = {"unnamed": db.text_array(unnamed), **scope.params}
+        statement, zeroing = scope.write_counts(), scope.zero_unnamed()
 
         def finalize(conn: psycopg.Connection) -> None:
-            if not changes:
-                return
             # prepare=False: a generic plan cannot see the range bounds.
-            conn.execute(statement, arrays, prepare=False)
+            if changes:
+                conn.execute(statement, arrays, prepare=False)
+            if unnamed:
+                conn.execute(zeroing, zeroed, prepare=False)
 
         return finalize
 

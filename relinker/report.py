@@ -138,6 +138,7 @@ class Summary:
             "ranges_pending": self.ranges_pending,
             "ranges_failed": self.ranges_failed,
             "ranges_at_work": self.ranges_at_work,
+            "stopped": self.stopped,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "working_seconds": None if self.working_seconds is None else round(self.working_seconds, 3),
             "links_per_second": round(self.links_per_second, 1),

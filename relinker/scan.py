@@ -16,7 +16,7 @@ import stat
 
 import blake3
 import psycopg
-from psycopg import pq, sql
+from psycopg import sql
 
 from relinker import db, migrations
 from relinker.errors import UserError
@@ -182,24 +182,36 @@ def _walk(root: bytes, device: int, result: ScanResult, exclude: list[bytes]):
             yield entry.path, st
 
 
+# Whether a partition of the table already takes the medium (made by relinker, or by NTT under another name).
+SQL_HAS_PARTITION = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_inherits AS h JOIN pg_class AS c ON c.oid = h.inhrelid
+    WHERE h.inhparent = to_regclass(%(table)s)
+      AND position(quote_literal(%(medium)s) IN pg_get_expr(c.relpartbound, c.oid)) > 0)
+"""
+
+
 def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None:
     """Give a new medium its own partition of inode and path, as NTT does.
 
-    Only for partitioned catalogues; a partition some other tool created for
-    this medium under another name is fine too. Creating one locks its
-    table against every reader: each in a short transaction of its own,
-    waiting for that lock no longer than migrate's statements do. Commits
-    the connection's open transaction first: call it with nothing to keep.
+    Only for partitioned catalogues, and only where no partition takes the
+    medium yet (one NTT made under its own name is fine). Creating one locks
+    its table against every reader: on an autocommit connection each is
+    made in a short transaction of its own, waiting for that lock no longer
+    than migrate's statements do; in a caller's transaction, inside it.
     """
-    partitioned = [table for table in ("inode", "path") if db.relkind(conn, table) == "p"]
-    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-        conn.commit()  # else the partitions' transactions would only be savepoints of this one
-    for table in partitioned:
+    for table in ("inode", "path"):
+        if db.relkind(conn, table) != "p" or conn.execute(
+                SQL_HAS_PARTITION, {"table": table, "medium": medium_hash}).fetchone()[0]:
+            continue
         statement = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})").format(
             sql.Identifier(f"{table}_{medium_hash}"), sql.Identifier(table), sql.Literal(medium_hash)
         )
+        if not conn.autocommit:
+            conn.execute(statement)
+            continue
         try:
             migrations.briefly_locking(conn, [(statement, None)], f"creating the medium's partition of {table}",
                                        attempts=1, again="run `relinker scan` again")
         except psycopg.errors.InvalidObjectDefinition:
-            pass  # "would overlap partition ...": the medium already has one
+            pass  # "would overlap partition ...": made meanwhile by someone else

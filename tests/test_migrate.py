@@ -335,3 +335,34 @@ def test_migrate_finds_the_catalogue_as_queries_find_it(db_url):
         assert conn.execute("SELECT pg_typeof(path)::text FROM relinker_path LIMIT 1").fetchone() == ("bytea",)
         from relinker import db
         assert db.column_type(conn, "path", "path") == "bytea"
+
+
+def test_the_owner_keeps_its_views_when_a_member_of_it_migrates(db_url):
+    """A member of the owning role may migrate: the views it makes again are given back to their owner."""
+    suffix = os.getpid()
+    owner, member = f"owner_{suffix}", f"member_{suffix}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {owner} LOGIN")
+        conn.execute(f"CREATE ROLE {member} LOGIN IN ROLE {owner}")
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
+    try:
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)
+            migrations.migrate(conn)
+            if conn.info.server_version >= 170000:
+                conn.execute(f"GRANT SELECT, MAINTAIN ON relinker_path TO {member}")
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            before = conn.execute("SELECT relname, relowner::regrole::text, relacl::text FROM pg_class "
+                                  "WHERE relkind = 'v' AND relname LIKE 'relinker%' ORDER BY 1").fetchall()
+        assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 0
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute("SELECT count(*) FROM relinker_path").fetchone()  # relink's work query reads it
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            after = conn.execute("SELECT relname, relowner::regrole::text, relacl::text FROM pg_class "
+                                 "WHERE relkind = 'v' AND relname LIKE 'relinker%' ORDER BY 1").fetchall()
+        assert after == before
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for role in (member, owner):
+                conn.execute(f"DROP OWNED BY {role}")
+                conn.execute(f"DROP ROLE {role}")

@@ -648,3 +648,35 @@ def test_only_incomplete_settles_an_incomplete_blob_no_inode_names_any_more(worl
     assert code == 0 and [counts_of(world)[o] for o in orphans] == [(0, 0)] * 3
     code, summary = relink(world, capsys, "--only-incomplete", "--new")
     assert code == 0 and counts_of(world)[a] == (0, 0) and counts_of(world)[b] == (2, 2)
+
+
+def test_a_blob_a_copy_stores_an_inode_of_meanwhile_is_not_set_to_nothing(world, capsys, monkeypatch):
+    """The range's query found no inode for the blob, a copy committed one just after: 0 of 0 would say
+    'complete, nothing to link', and no --only-incomplete would look at it again."""
+    from relinker import relink as relink_module
+
+    m, m2 = world.medium("disk"), world.medium("disk-2")
+    a = world.blob(b"content a")
+    world.inode(m, [b"/d/a1", b"/d/a2"], a)
+    assert relink(world, capsys)[0] == 0 and counts_of(world)[a] == (2, 2)
+    world.conn.execute("DELETE FROM path WHERE ino IN (SELECT ino FROM inode WHERE blobid = %s)", (a,))
+    world.conn.execute("DELETE FROM inode WHERE blobid = %s", (a,))  # no inode names a now: 0 of 0 is right
+    world.conn.execute("UPDATE blobs SET n_hardlinks = 2, expected_hardlinks = 3 WHERE blobid = %s", (a,))
+    real_count_outcomes = relink_module._count_outcomes
+    dsn = world.dsn
+
+    def a_copy_commits_meanwhile(*args, **kwargs):  # after the range's query, before its counts are written
+        real_count_outcomes(*args, **kwargs)
+        with psycopg.connect(dsn, autocommit=True) as copy:  # in the worker: a connection of its own
+            if copy.execute("SELECT count(*) FROM inode WHERE ino = 99999").fetchone() == (0,):
+                copy.execute("INSERT INTO inode (medium_hash, dev, ino, nlink, size, fs_type, blobid, copied) "
+                             "VALUES (%s, 1, 99999, 1, 9, 'f', %s, true)", (m2, a))
+                copy.execute("INSERT INTO path (medium_hash, dev, ino, path) VALUES (%s, 1, 99999, '/e/a3')", (m2,))
+
+    monkeypatch.setattr(relink_module, "_count_outcomes", a_copy_commits_meanwhile)
+    assert relink(world, capsys, "--only-incomplete", "--workers", "1")[0] == 0
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE ino = 99999").fetchone() == (1,)
+    assert counts_of(world)[a] == (2, 3)  # left as it was: the next run looks at it
+    monkeypatch.setattr(relink_module, "_count_outcomes", real_count_outcomes)
+    assert relink(world, capsys, "--only-incomplete", "--new")[0] == 0
+    assert counts_of(world)[a] == (1, 1)

@@ -184,3 +184,41 @@ def test_a_scan_behind_a_long_transaction_gives_up_in_one_line(catalogue_url, tm
     assert err.startswith("relinker: error: creating the medium's partition of ") and err.count("\n") == 1
     assert "run `relinker scan` again once it is over" in err
     assert main(["--db-url", catalogue_url, "scan", "--medium", "another-disk", str(tree)]) == 0
+
+
+def test_a_rescan_needs_no_partition_lock_where_the_medium_has_its_partitions(catalogue_url, tmp_path, monkeypatch):
+    """NTT made the medium's partitions under its own names: a rescan has no DDL to do, so a long reader
+    of inode is no reason to give up."""
+    from relinker import migrations
+
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT", "1s")
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x")
+    medium = scan.medium_hash_for("disk")
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE ntt_inode_disk PARTITION OF inode FOR VALUES IN ('{medium}')")
+        conn.execute(f"CREATE TABLE ntt_path_disk PARTITION OF path FOR VALUES IN ('{medium}')")
+        scan.scan_tree(conn, "disk", os.fsencode(tree))
+        with psycopg.connect(catalogue_url) as reader:  # a report, a copier: its transaction open
+            reader.execute("SELECT count(*) FROM inode").fetchone()
+            assert scan.scan_tree(conn, "disk", os.fsencode(tree)).files == 1
+
+
+def test_scan_tree_keeps_to_its_callers_transaction(catalogue_url, tmp_path):
+    """A library caller's transaction is its own: scan_tree neither commits what it holds nor breaks in it."""
+    from relinker.errors import UserError
+
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x")
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        with conn.transaction():
+            scan.scan_tree(conn, "disk", os.fsencode(tree))
+    with psycopg.connect(catalogue_url) as conn:
+        conn.execute("INSERT INTO medium (medium_hash, medium_human) VALUES ('zz', 'pending')")
+        with pytest.raises(UserError):
+            scan.scan_tree(conn, "disk", os.fsencode(tmp_path / "missing"))
+        scan.scan_tree(conn, "other-disk", os.fsencode(tree))
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM medium WHERE medium_hash = 'zz'").fetchone() == (0,)
