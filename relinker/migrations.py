@@ -184,9 +184,14 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
     return applied_now
 
 
-# Who owns relinker's views now: a member of that role (or a superuser) migrating gives them back.
+# Who owns relinker's views now, if not this role, and whether this role may give them back
+# (it must be able to SET ROLE to the owner, who must be able to create in the views' schema).
 SQL_VIEW_OWNERS = """
-SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class AS c
+SELECT c.relname, pg_get_userbyid(c.relowner),
+       pg_has_role(current_user, c.relowner,
+                   CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'SET' ELSE 'MEMBER' END)
+       AND has_schema_privilege(c.relowner, c.relnamespace, 'CREATE')
+FROM pg_class AS c
 WHERE c.oid IN (SELECT to_regclass(v) FROM unnest(%(views)s::text[]) AS v) AND c.relkind = 'v'
   AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
 ORDER BY 1
@@ -211,8 +216,14 @@ def _view_names(views_sql: str) -> list[str]:
 def _grants_of(conn: psycopg.Connection, views: list[str]) -> list[tuple[sql.Composed, None]]:
     """Statements that give ``views`` made again their owners and what others may do with them now
     (dropped with them). Column-level grants are not kept."""
-    grants = [(sql.SQL("ALTER VIEW {} OWNER TO {}").format(sql.Identifier(view), sql.Identifier(owner)), None)
-              for view, owner in conn.execute(SQL_VIEW_OWNERS, {"views": views})]
+    grants = []
+    for view, owner, may_give_back in conn.execute(SQL_VIEW_OWNERS, {"views": views}):
+        if may_give_back:
+            grants.append((sql.SQL("ALTER VIEW {} OWNER TO {}").format(sql.Identifier(view), sql.Identifier(owner)),
+                           None))
+        else:
+            log.warning("view %s was %s's and is now %s's: this role may not give it back (run migrate as %s)",
+                        view, owner, conn.info.user, owner)
     for view, privilege, grantee, grantable in conn.execute(SQL_VIEW_GRANTS, {"views": views}):
         if privilege not in VIEW_PRIVILEGES:
             continue

@@ -73,6 +73,13 @@ WHERE b.blobid = c.blobid AND {scope}
   AND (b.n_hardlinks IS DISTINCT FROM c.linked OR b.expected_hardlinks IS DISTINCT FROM c.expected)
 """
 
+# The rows a range's counts change, locked first and in blob ID order, as copy
+# locks them: two writers never wait for each other in a circle, and a
+# statement after this one sees what a copy holding one of them committed.
+SQL_LOCK_COUNTS = """
+SELECT b.blobid FROM blobs AS b WHERE b.blobid = ANY(%(locked)s::text[]) AND {scope}
+ORDER BY b.blobid FOR UPDATE
+"""
 # A blob no regular-file inode names has no path to link: 0 of 0, checked
 # again as it is written (the range's query may be older than a copy's commit).
 SQL_ZERO_UNNAMED = """
@@ -120,6 +127,9 @@ class RangeScope:
 
     def zero_unnamed(self) -> sql.Composed:
         return sql.SQL(SQL_ZERO_UNNAMED).format(scope=self.where("b"))
+
+    def lock_counts(self) -> sql.Composed:
+        return sql.SQL(SQL_LOCK_COUNTS).format(scope=self.where("b"))
 
 
 def work_query(bounded: bool, only_incomplete: bool) -> sql.Composed:
@@ -214,9 +224,13 @@ class RelinkWork:
         }
         zeroed = {"unnamed": db.text_array(unnamed), **scope.params}
         statement, zeroing = scope.write_counts(), scope.zero_unnamed()
+        locking = scope.lock_counts()
 
         def finalize(conn: psycopg.Connection) -> None:
             # prepare=False: a generic plan cannot see the range bounds.
+            if unnamed:
+                locked = db.text_array(sorted([blobid for blobid, _, _ in changes] + unnamed))
+                conn.execute(locking, {"locked": locked, **scope.params}, prepare=False)
             if changes:
                 conn.execute(statement, arrays, prepare=False)
             if unnamed:

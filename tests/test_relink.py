@@ -680,3 +680,42 @@ def test_a_blob_a_copy_stores_an_inode_of_meanwhile_is_not_set_to_nothing(world,
     monkeypatch.setattr(relink_module, "_count_outcomes", real_count_outcomes)
     assert relink(world, capsys, "--only-incomplete", "--new")[0] == 0
     assert counts_of(world)[a] == (1, 1)
+
+
+def test_a_copy_still_committing_when_relink_zeroes_a_blob_keeps_its_counts(world, capsys, monkeypatch):
+    """The copy holds the blob's row (as copy's SQL_LOCK_BLOBS does) with its inode not yet committed:
+    relink waits for the row, then looks again, and finds the inode."""
+    import threading
+
+    from relinker import relink as relink_module
+
+    m, m2 = world.medium("disk"), world.medium("disk-2")
+    a = world.blob(b"content a")
+    world.inode(m, [b"/d/a1", b"/d/a2"], a)
+    assert relink(world, capsys)[0] == 0 and counts_of(world)[a] == (2, 2)
+    world.conn.execute("DELETE FROM path WHERE ino IN (SELECT ino FROM inode WHERE blobid = %s)", (a,))
+    world.conn.execute("DELETE FROM inode WHERE blobid = %s", (a,))
+    world.conn.execute("UPDATE blobs SET n_hardlinks = 2, expected_hardlinks = 3 WHERE blobid = %s", (a,))
+    real_count_outcomes = relink_module._count_outcomes
+    dsn = world.dsn
+
+    def a_copy_is_finishing(*args, **kwargs):  # in the worker, before its range's counts are written
+        real_count_outcomes(*args, **kwargs)
+        copy = psycopg.connect(dsn)
+        copy.execute("SELECT blobid FROM blobs WHERE blobid = %s FOR UPDATE", (a,))
+        copy.execute("INSERT INTO inode (medium_hash, dev, ino, nlink, size, fs_type, blobid, copied) "
+                     "VALUES (%s, 1, 99999, 1, 9, 'f', %s, true)", (m2, a))
+        copy.execute("INSERT INTO path (medium_hash, dev, ino, path) VALUES (%s, 1, 99999, '/e/a3')", (m2,))
+        copy.execute("UPDATE blobs SET n_hardlinks = 1, expected_hardlinks = 1 WHERE blobid = %s", (a,))
+
+        def commit_later():
+            time.sleep(2)
+            copy.commit()
+            copy.close()
+
+        threading.Thread(target=commit_later).start()
+
+    monkeypatch.setattr(relink_module, "_count_outcomes", a_copy_is_finishing)
+    assert relink(world, capsys, "--only-incomplete", "--workers", "1")[0] == 0
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE ino = 99999").fetchone() == (1,)
+    assert counts_of(world)[a] == (1, 1)  # the copy's; 0 of 0 would hide its inode from --only-incomplete
