@@ -455,7 +455,7 @@ class ArchiveLinker:
         """Whether ``temp`` is a link of ``source`` that a replace interrupted before its rename left."""
         try:
             found = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
-            ours = os.stat(source, dir_fd=self._source_fd, follow_symlinks=False)
+            ours = self.stat_source(source)
         except OSError:
             return False
         return stat.S_ISREG(found.st_mode) and (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino)

@@ -223,14 +223,14 @@ class RelinkWork:
             **scope.params,
         }
         zeroed = {"unnamed": db.text_array(unnamed), **scope.params}
-        statement, zeroing = scope.write_counts(), scope.zero_unnamed()
-        locking = scope.lock_counts()
+        locked = {"locked": db.text_array(sorted([blobid for blobid, _, _ in changes] + unnamed)),
+                  **scope.params} if unnamed else None
+        statement, zeroing, locking = scope.write_counts(), scope.zero_unnamed(), scope.lock_counts()
 
         def finalize(conn: psycopg.Connection) -> None:
             # prepare=False: a generic plan cannot see the range bounds.
             if unnamed:
-                locked = db.text_array(sorted([blobid for blobid, _, _ in changes] + unnamed))
-                conn.execute(locking, {"locked": locked, **scope.params}, prepare=False)
+                conn.execute(locking, locked, prepare=False)
             if changes:
                 conn.execute(statement, arrays, prepare=False)
             if unnamed:

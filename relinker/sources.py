@@ -113,7 +113,7 @@ def holds_place(top: bytes, below: bytes) -> bool:
     """
     chain = [top]
     for part in below.split(b"/")[:-1]:
-        chain.append(chain[-1].rstrip(b"/") + b"/" + part)
+        chain.append(source_path(chain[-1], part))
     for deepest in range(len(chain) - 1, -1, -1):
         try:
             found = os.stat(chain[deepest], follow_symlinks=deepest == 0)
