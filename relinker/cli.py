@@ -19,7 +19,7 @@ import psycopg
 
 from relinker import __version__, checkpoint, copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
-                             new_subparsers)
+                             new_subparsers, path_argument)
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
 from relinker.logs import setup_logging
 from relinker.report import Summary
@@ -61,7 +61,7 @@ def build_parser(config_files: list[str]) -> argparse.ArgumentParser:
     scan_cmd.add_argument("--medium", required=True, type=medium_name, metavar="NAME", help="medium name (its hash derives from it)")
     scan_cmd.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                           help="leave out entries whose name matches PATTERN (shell wildcards; repeatable)")
-    scan_cmd.add_argument("directory", metavar="DIR", help="root of the tree to catalogue")
+    scan_cmd.add_argument("directory", metavar="DIR", type=path_argument, help="root of the tree to catalogue")
     scan_cmd.set_defaults(handler=cmd_scan)
 
     relink_cmd = add_command(
@@ -81,13 +81,14 @@ exit codes: 0 complete, no problems; 1 complete with problems recorded; 2 usage,
 configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
     )
     add_job_options(relink_cmd)
-    relink_cmd.add_argument("--from-file", metavar="FILE",
+    relink_cmd.add_argument("--from-file", metavar="FILE", type=path_argument,
                             help="only the blob IDs listed in FILE ('-': stdin), one per line, # comments")
     relink_cmd.add_argument("--only-incomplete", action="store_true",
                             help="only blobs with n_hardlinks < expected_hardlinks (expected computed where NULL)")
     relink_cmd.add_argument("--on-conflict", choices=("replace", "keep"),
                             help="a different regular file at an archive path: replace it atomically "
-                            "(default) or keep it and record a problem")
+                            "(default; never the only name of a file of another size) or keep it and "
+                            "record a problem")
     relink_cmd.set_defaults(handler=cmd_relink)
 
     copy_cmd = add_command(
@@ -142,13 +143,13 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
     add_job_options(verify_cmd, limit=False)
     which_blobs = verify_cmd.add_mutually_exclusive_group()
     which_blobs.add_argument("--all", action="store_true", help="every blob of the catalogue")
-    which_blobs.add_argument("--from-file", metavar="FILE", help="the blob IDs listed in FILE ('-': stdin)")
+    which_blobs.add_argument("--from-file", metavar="FILE", type=path_argument, help="the blob IDs listed in FILE ('-': stdin)")
     verify_cmd.add_argument("--count", type=positive_int, metavar="N",
                             help=f"how many blobs (default {VERIFY_COUNT})")
     verify_cmd.add_argument("--mode", choices=verify.SELECTIONS,
                             help="never checked (default), least recently checked, or a random sample")
     verify_cmd.add_argument("--hash", action="store_true", help="also re-hash the content (reads every byte)")
-    verify_cmd.add_argument("--failed-ids", metavar="FILE",
+    verify_cmd.add_argument("--failed-ids", metavar="FILE", type=path_argument,
                             help="write the IDs of the blobs that failed to FILE, as --from-file reads them")
     verify_cmd.set_defaults(handler=cmd_verify)
 
@@ -172,9 +173,9 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
         "around. Running it again starts over. Ctrl-C stops it with exit 3.",
         epilog="examples:\n  relinker demo\n  relinker demo /tmp/demo --source /usr/share/doc --keep",
     )
-    demo.add_argument("demo_dir", nargs="?", default="relinker-demo", metavar="DIR",
+    demo.add_argument("demo_dir", nargs="?", default="relinker-demo", metavar="DIR", type=path_argument,
                       help="where the demo lives (default: ./relinker-demo)")
-    demo.add_argument("--source", metavar="TREE", help="tree to catalogue (default: the standard library)")
+    demo.add_argument("--source", metavar="TREE", type=path_argument, help="tree to catalogue (default: the standard library)")
     demo.add_argument("--keep", action="store_true", help="leave the embedded server running at the end")
     demo.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                       help="worker processes (default: CPU count)")
@@ -190,6 +191,8 @@ def medium_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8") from None
     if "\0" in text:
         raise argparse.ArgumentTypeError("a NUL is no character of a name")
+    if not text:
+        raise argparse.ArgumentTypeError("a medium's name cannot be empty")
     return text
 
 

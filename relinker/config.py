@@ -22,6 +22,13 @@ from relinker.errors import UserError
 
 CONFIG_ENV = "RELINKER_CONFIG"
 
+
+def path_argument(text: str) -> str:
+    """An argparse type for a file or directory option: no NUL (a config file may hold one, no path can)."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a NUL cannot be part of a path")
+    return text
+
 #: (flags, kwargs, environment variable) of the options every command accepts.
 GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict, str | None]] = [
     (("--config",), dict(metavar="FILE", help=f"config file (also ${CONFIG_ENV})"), None),
@@ -34,10 +41,13 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict, str | None]] = [
         ),
         "RELINKER_DB_URL",
     ),
-    (("--by-hash-root",), dict(metavar="DIR", help="root of the content-addressed store"), "RELINKER_BY_HASH_ROOT"),
-    (("--archive-root",), dict(metavar="DIR", help="root under which archive hardlinks live"), "RELINKER_ARCHIVE_ROOT"),
+    (("--by-hash-root",), dict(metavar="DIR", type=path_argument, help="root of the content-addressed store"),
+     "RELINKER_BY_HASH_ROOT"),
+    (("--archive-root",), dict(metavar="DIR", type=path_argument, help="root under which archive hardlinks live"),
+     "RELINKER_ARCHIVE_ROOT"),
     (("-v", "--verbose"), dict(action="count", help="more log output (-vv for debug)"), "RELINKER_VERBOSE"),
-    (("--log-file",), dict(metavar="FILE", help="also write log lines to FILE"), "RELINKER_LOG_FILE"),
+    (("--log-file",), dict(metavar="FILE", type=path_argument, help="also write log lines to FILE"),
+     "RELINKER_LOG_FILE"),
 ]
 
 

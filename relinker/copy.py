@@ -171,7 +171,7 @@ class CopyWork:
         self.remaps = order_remaps([(os.fsencode(old), os.fsencode(new))
                                     for old, new in spec.local.get("source_prefix", [])])
         self.store = None if spec.dry_run else ByHashStore(
-            spec.by_hash_root, spec.options.get("empty_blobid") or catalogue.EMPTY_SHA256)
+            spec.by_hash_root, spec.options.get("empty_blobid") or catalogue.EMPTY_SHA256, spec.symlinked_shards)
         self.linker = None if spec.dry_run else ArchiveLinker(spec.archive_root)
         self.data = db.RangeConnection(spec.dsn)
         self._statements = None
@@ -355,6 +355,8 @@ class CopyWork:
             try:
                 fd = sources.open(top, below)
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # this process's trouble, not the file's: the range fails and is redone
                 gone = exc.errno in catalogue.GONE_FROM_MEDIUM
                 if gone and not holds_place(top, below):
                     permanent = False  # the medium is not there: nothing says the file is gone

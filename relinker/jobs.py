@@ -18,7 +18,7 @@ from typing import Callable
 
 import psycopg
 
-from relinker import checkpoint, db, migrations
+from relinker import checkpoint, db, migrations, store
 from relinker.checkpoint import Bounds, Range, RunInfo
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, UserError
@@ -222,8 +222,12 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         spec = WorkSpec(
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
-            verbose=settings.verbose,
+            verbose=settings.verbose, symlinked_shards=store.symlinked_shards(by_hash_root),
         )
+        if spec.symlinked_shards:
+            log.warning("%d directories of the store are symlinks (%s): relinker does not follow them, "
+                        "and records each content below them as a problem", len(spec.symlinked_shards),
+                        ", ".join(display(name) for name in sorted(spec.symlinked_shards)[:3]))
         if request.dry_run:
             if request.run_id is not None:
                 # What resuming that run would do: its own options, its ranges not done.
@@ -251,7 +255,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress,
                       bytes_done_before=bytes_before, in_bytes=mode.in_bytes(spec.options), bytes_total=bytes_total)
     try:
-        outcome = run_pool(spec, request.workers, bar)
+        # No more workers than ranges left: each would fork only to find nothing to do.
+        outcome = run_pool(spec, max(1, min(request.workers, ranges_total - done_before)), bar)
     finally:
         bar.close()
     elapsed = time.monotonic() - started
@@ -280,6 +285,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
                              f"database is back, resume it with `relinker {mode.name} --run {spec.run_id}`") from None
         if outcome.database_gone and not summary.complete:
             summary.stopped = _database_gone(request)
+        elif outcome.start_failure and not summary.complete:
+            summary.stopped = f"no worker process could be started ({outcome.start_failure})"
         summary.interrupted = outcome.interrupted and not summary.complete
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links

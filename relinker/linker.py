@@ -426,6 +426,17 @@ class ArchiveLinker:
             raise LinkProblem("not-a-regular-file", f"a special file (mode {mode:o}) is in the way")
         if self.on_conflict == "keep":
             raise LinkProblem("existing-file", "a different regular file is there (kept: --on-conflict keep)")
+        if existing.st_nlink == 1:
+            # Its only name: replacing it would destroy its content. A copy of the blob's content
+            # (the copier's orphaned copy) has the by-hash file's size; a file of another size is
+            # another content, or the by-hash file is damaged (verify --hash tells which).
+            try:
+                stored_size = self.stat_source(source).st_size
+            except OSError as exc:
+                raise _link_problem(exc, self.source_path(source), stored) from None
+            if existing.st_size != stored_size:
+                raise LinkProblem("existing-file", f"a regular file of {existing.st_size} bytes is there, the "
+                                  f"by-hash file has {stored_size}, and it is its content's only name (kept)")
         if self.dry_run:
             return Outcome.REPLACED
         # Deterministic temporary name: a redo after a crash between link and

@@ -43,6 +43,11 @@ def by_hash_relpath(blobid: str) -> bytes:
     return f"{blobid[0:2]}/{blobid[2:4]}/{blobid}".encode("ascii")
 
 
+def below_any(relpath: bytes, shards: frozenset[bytes]) -> bool:
+    """Whether a by-hash path (``ab/cd/abcd…``) lies below one of ``shards`` (``ab`` or ``ab/cd`` names)."""
+    return bool(shards) and (relpath[:2] in shards or relpath[:5] in shards)
+
+
 def by_hash_path(root: bytes, blobid: str) -> bytes:
     """Absolute path of a blob's by-hash file."""
     return root.rstrip(b"/") + b"/" + by_hash_relpath(blobid)

@@ -72,6 +72,8 @@ class WorkSpec:
     run_id: int | None = None
     since: datetime.datetime | None = None
     dry_ranges: list[Range] | None = None
+    #: the store's shard directories (``ab``, ``ab/cd``) that are symlinks: never gone through
+    symlinked_shards: frozenset = frozenset()
     lease: float = 120.0
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
     verbose: int = 0
@@ -363,6 +365,8 @@ class PoolOutcome:
     ranges_done: int = 0
     #: a worker gave up on the database after --retry-timeout: no new one was started
     database_gone: bool = False
+    #: why a worker process could not be started (fork refused: the process limit, memory)
+    start_failure: str | None = None
 
 
 class _ForcedStop(Exception):
@@ -403,9 +407,15 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             process.start()
+        except OSError as exc:
+            # The run goes on with the workers it has; with none, it stops resumable.
+            log.warning("cannot start a worker process: %s", exc.strerror)
+            outcome.start_failure = exc.strerror
+            reader.close()
+            return
         finally:
+            writer.close()
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        writer.close()
         live[reader] = process
 
     forced = False

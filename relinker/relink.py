@@ -23,7 +23,7 @@ from relinker import db
 from relinker.checkpoint import Bounds, Range, default_range_count, split_blob_list, split_blob_space
 from relinker.jobs import Mode
 from relinker.linker import EVENT_PATH, EVENT_SOURCE, ArchiveLinker, Outcome, new_tally
-from relinker.paths import by_hash_relpath, display, is_blobid
+from relinker.paths import below_any, by_hash_relpath, display, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
 MODE = "relink"
@@ -191,7 +191,9 @@ class RelinkWork:
         # connection's lock, and the tracebacks the retry machinery keeps would
         # otherwise make the worker's next range wait for that lock forever.
         with contextlib.closing(rows):
-            walker = self.linker.range_walker(probe=self.PROBES, tick_every=STREAM_CHUNK)
+            # The C walker goes through the store's directories unchecked: not where one is a symlink.
+            walker = None if self.spec.symlinked_shards else self.linker.range_walker(
+                probe=self.PROBES, tick_every=STREAM_CHUNK)
             if walker is None:
                 linked, expected = self._loop_rows(rows, ctx, tally)
             else:
@@ -326,6 +328,11 @@ class RelinkWork:
             ctx.problem("bad-blobid", "not a lowercase hex BLAKE3-256 digest", blobid=blobid)
             return UNUSABLE
         relpath = by_hash_relpath(blobid)
+        if below_any(relpath, self.spec.symlinked_shards):
+            path = self.linker.source_path(relpath)
+            ctx.problem("bad-by-hash", f"{display(path)}: a directory above it is a symlink (not followed)",
+                        blobid=blobid, path=path)
+            return UNUSABLE
         try:
             dev, ino, mode = self.linker.source_identity(relpath)
         except OSError as exc:

@@ -68,6 +68,9 @@ def open_beneath(dir_fd: int, below: bytes) -> int:
         if fd >= 0:
             return fd
         code = ctypes.get_errno()
+        if code == errno.ENAMETOOLONG:
+            # Longer than PATH_MAX as a whole: each component is not.
+            return _open_component_by_component(dir_fd, below)
         if code not in (errno.ENOSYS, errno.EPERM):
             raise OSError(code, os.strerror(code), below)
         # An older kernel (ENOSYS), or a sandbox that refuses system calls it does not know (EPERM):

@@ -34,6 +34,7 @@ import fcntl
 import itertools
 import os
 import queue
+import resource
 import secrets
 import shutil
 import socket
@@ -43,7 +44,7 @@ from typing import Callable
 
 from relinker import catalogue, content
 from relinker.catalogue import FAILED_PERMANENT, FAILED_RETRYABLE
-from relinker.paths import by_hash_relpath, display
+from relinker.paths import below_any, by_hash_relpath, display
 
 FILE_MODE = 0o444
 DIRECTORY_MODE = 0o755
@@ -52,10 +53,15 @@ TEMP_DIRECTORY = b".relinker-tmp"
 #: Contents at least this large are written with direct I/O (see relinker.content).
 DIRECT_SIZE = 8 << 20
 #: A batch waits for its sync with at most this many temporaries (open descriptors; twice that
-#: while a sealed batch syncs) ...
+#: while a sealed batch syncs; fewer where RLIMIT_NOFILE is low) ...
 BATCH_FILES = 128
+#: Descriptors a worker keeps for all but its batches (the linker's smallest cache, sockets, sources).
+BATCH_FD_RESERVE = 48
 #: ... and this much content.
 BATCH_BYTES = 256 << 20
+#: The store's errors that concern one content's file or directories, not the store as a whole
+#: (as ENOSPC or EIO do): that content is a problem of its own, the rest of the range is stored.
+CONTENT_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EFBIG, errno.ELOOP, errno.ENAMETOOLONG})
 
 
 class InodeProblem(Exception):
@@ -83,7 +89,8 @@ class SourceProblem(InodeProblem):
 
 
 class ByHashProblem(InodeProblem):
-    """Something not this content's file holds its by-hash name, or its directory's (kept; retryable)."""
+    """Something not this content's file holds its by-hash name, or its directory's (kept; retryable);
+    or the store refuses this content's file (``os-error``: permissions, file size limit)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +122,14 @@ class Pending:
 class ByHashStore:
     """Writes content into the by-hash store in batches (see the module's docstring)."""
 
-    def __init__(self, root: bytes, empty_blobid: str = catalogue.EMPTY_SHA256):
+    def __init__(self, root: bytes, empty_blobid: str = catalogue.EMPTY_SHA256,
+                 symlinked_shards: frozenset[bytes] = frozenset()):
+        """``symlinked_shards``: the store's ``ab`` and ``ab/cd`` that are symlinks (see
+        :func:`symlinked_shards`); their contents are problems, never stored through them."""
         self.root = root
         self.empty_blobid = empty_blobid
+        self._symlinked_shards = symlinked_shards
+        self._batch_files = _batch_files_allowed()
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._pending: dict[str, Pending] = {}
         #: a batch whose sync runs in the background (seal_batch), and that sync
@@ -150,7 +162,7 @@ class ByHashStore:
     @property
     def batch_full(self) -> bool:
         """Whether the waiting temporaries should be placed now (descriptors and memory stay bounded)."""
-        return len(self._pending) >= BATCH_FILES or self._pending_bytes >= BATCH_BYTES
+        return len(self._pending) >= self._batch_files or self._pending_bytes >= BATCH_BYTES
 
     def read_in(self, source_fd: int, expected_size: int | None,
                 on_chunk: Callable[[], None] | None = None) -> Stored | Pending:
@@ -181,6 +193,8 @@ class ByHashStore:
                 digest, size = content.copy_hashing(source_fd, temp_fd, on_chunk)
             except content.SourceReadError as exc:
                 raise SourceProblem("source-unreadable", exc.error.strerror) from None
+            except OSError as exc:
+                raise _store_error(exc, self._temp_directory + b"/" + temp_name) from None
             _unchanged(source_fd, before, size)
             blobid, final, relative = self._names(digest, size)
             known = self._known(blobid, final, relative, size)
@@ -214,7 +228,10 @@ class ByHashStore:
             return known
         temp_fd, temp_name = self._temporary()
         try:
-            content.write_all(temp_fd, data)
+            try:
+                content.write_all(temp_fd, data)
+            except OSError as exc:
+                raise _store_error(exc, self._temp_directory + b"/" + temp_name) from None
             return self._wait(blobid, final, relative, len(data), temp_fd, temp_name)
         except BaseException:
             _discard(temp_fd, temp_name, self._temp_fd)
@@ -224,7 +241,11 @@ class ByHashStore:
         """A content's blob ID (the catalogue's empty blob for no bytes), its by-hash path, that below the root."""
         blobid = digest if size else self.empty_blobid
         relative = by_hash_relpath(blobid)
-        return blobid, self.root + b"/" + relative, relative
+        final = self.root + b"/" + relative
+        if below_any(relative, self._symlinked_shards):
+            raise ByHashProblem("bad-by-hash", f"{display(final)}: a directory above it is a symlink "
+                                "(not followed, kept)")
+        return blobid, final, relative
 
     def _known(self, blobid: str, final: bytes, relative: bytes, size: int) -> Stored | Pending | None:
         """The content's by-hash file, or its temporary waiting in this batch; None if the store lacks it."""
@@ -337,7 +358,7 @@ class ByHashStore:
                 raise _blocked_directory(pending.final) from None
             raise _naming(exc, pending.final) from None
         except OSError as exc:
-            raise _naming(exc, pending.final) from None
+            raise _store_error(exc, pending.final) from None
 
     def _temporary(self, direct: bool = False) -> tuple[int, bytes]:
         """A new temporary file, opened for direct I/O if asked and the filesystem allows it."""
@@ -428,6 +449,46 @@ def _unchanged(source_fd: int, before: os.stat_result, size: int) -> None:
 def _naming(exc: OSError, path: bytes) -> OSError:
     """``exc`` naming ``path`` in full: the store's calls name paths below its descriptors."""
     return OSError(exc.errno, exc.strerror, path)
+
+
+def _store_error(exc: OSError, path: bytes) -> OSError | ByHashProblem:
+    """What an error of the store at ``path`` is: one content's problem, or trouble with the store (named)."""
+    if exc.errno in CONTENT_ERRORS:
+        return ByHashProblem("os-error", f"{display(path)}: {exc.strerror}")
+    return _naming(exc, path)
+
+
+def _batch_files_allowed() -> int:
+    """BATCH_FILES, or fewer where this process may not open that many descriptors besides its others."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return BATCH_FILES
+    return max(1, min(BATCH_FILES, (soft - BATCH_FD_RESERVE) // 2))
+
+
+def symlinked_shards(root: bytes) -> frozenset[bytes]:
+    """The store's shard directories (``ab`` and ``ab/cd``, relative to ``root``) that are symlinks.
+
+    Read once when a run starts: its workers never store, link or count
+    through them (a symlink there could lead out of the store), and record
+    the contents below them as problems.
+    """
+    found = set()
+    for level1 in _shard_entries(root):
+        if level1.is_symlink():
+            found.add(level1.name)
+        elif level1.is_dir(follow_symlinks=False):
+            found.update(level1.name + b"/" + level2.name
+                         for level2 in _shard_entries(level1.path) if level2.is_symlink())
+    return frozenset(found)
+
+
+def _shard_entries(directory: bytes) -> list[os.DirEntry]:
+    try:
+        with os.scandir(directory) as entries:
+            return [entry for entry in entries if len(entry.name) == 2]
+    except OSError:
+        return []
 
 
 def _mkdir(path: bytes, fix_mode: bool = True, dir_fd: int | None = None) -> None:
@@ -577,7 +638,7 @@ def _holds_the_content(dir_fd: int, relative: bytes, final: bytes, size: int) ->
     except NotADirectoryError:
         raise _blocked_directory(final) from None
     except OSError as exc:
-        raise _naming(exc, final) from None
+        raise _store_error(exc, final) from None
     if not stat.S_ISREG(st.st_mode):
         raise ByHashProblem("bad-by-hash", f"{display(final)} is not a regular file (kept)")
     if st.st_size != size:

@@ -140,9 +140,13 @@ class ArchiveWorld:
     def archive_path(self, stored: bytes) -> bytes:
         return self.archive_root + b"/" + b"/".join(archive_components(stored))
 
-    def replace_with_stale_copy(self, stored: bytes, content: bytes = b"stale copy") -> bytes:
-        """Swap the archive link of ``stored`` for an ordinary file; return its path."""
+    def replace_with_stale_copy(self, stored: bytes, content: bytes | None = None) -> bytes:
+        """Swap the archive link of ``stored`` for an ordinary file (by default a copy of what
+        it held, as the copier's orphaned copies are); return its path."""
         path = self.archive_path(stored)
+        if content is None:
+            with open(path, "rb") as f:
+                content = f.read()
         os.unlink(path)
         with open(path, "wb") as f:
             f.write(content)

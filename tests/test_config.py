@@ -179,14 +179,30 @@ def test_a_config_key_no_command_knows_is_a_usage_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", [["scan", "--medium", os.fsdecode(b"disk-\xe9"), "/srv/tree"],
                                      ["copy", "--medium", os.fsdecode(b"disk-\xe9")],
-                                     ["copy", "--medium", "disk\0one"]])
+                                     ["copy", "--medium", "disk\0one"],
+                                     ["copy", "--medium", ""], ["scan", "--medium", "", "/srv/tree"]])
 def test_a_medium_name_the_catalogue_cannot_hold_is_a_usage_error(command, capsys):
     """A name of bytes that are not UTF-8 (from the shell) or with a NUL: refused while parsing, no traceback."""
     with pytest.raises(SystemExit) as stopped:
         parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", *command])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --medium: " in err and ("is not UTF-8" in err or "NUL" in err) and "Traceback" not in err
+    assert "argument --medium: " in err and ("is not UTF-8" in err or "NUL" in err or "empty" in err)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, command", [("by-hash-root", "relink"), ("archive-root", "count"),
+                                          ("log-file", "status"), ("from-file", "relink"),
+                                          ("failed-ids", "verify")])
+def test_a_nul_in_a_path_of_the_config_file_is_a_usage_error(tmp_path, capsys, key, command):
+    """No path holds a NUL: refused while parsing in one line, not a traceback after the night's run."""
+    config = tmp_path / "relinker.conf"
+    config.write_bytes(key.encode() + b" = /tmp/a\0b\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(config), "--db-url", "postgresql://nobody@127.0.0.1:1/x", command])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --{key}: a NUL cannot be part of a path" in err and "Traceback" not in err
 
 
 def test_a_db_url_that_is_not_utf8_is_a_usage_error(capsys):

@@ -953,6 +953,8 @@ def test_copy_killed_mid_run_then_resumed(world, tmp_path, ranges, done_before_k
 
 
 def test_copy_reports_its_bytes_in_the_summary_and_the_progress_view(world, capsys, tree):
+    # Enough bytes for a rate in MB/s (one decimal) above 0 however slow the machine is.
+    (tree / "large").write_bytes(os.urandom(4 << 20))
     scan.scan_tree(world.conn, "disk", os.fsencode(tree))
     total = world.conn.execute("SELECT sum(size) FROM inode WHERE fs_type = 'f'").fetchone()[0]
     code, summary = copy(world, capsys, "--ranges", "3")
@@ -1101,3 +1103,129 @@ def test_a_file_of_a_tree_scanned_at_the_root_is_named_as_it_is():
     with pytest.raises(SourceProblem) as problem:
         work._copy(MediumSources("m", b"/", []), [b"/no-such-directory-here/file"], 1, lambda: None)
     assert problem.value.detail.startswith("/no-such-directory-here/file: ")
+
+
+def test_a_source_path_longer_than_path_max_is_read(world, capsys, tmp_path):
+    """Beyond PATH_MAX as a whole (openat2 refuses it), each component is not: read one by one."""
+    medium = world.medium("deep-disk")
+    mount = tmp_path / "mounted"
+    mount.mkdir()
+    components = [b"d%02d" % i + b"x" * 250 for i in range(17)]
+    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for component in components:
+            os.mkdir(component, dir_fd=fd)
+            below = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        out = os.open(b"deep-file", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, b"deep content")
+        os.close(out)
+    finally:
+        os.close(fd)
+    stored = b"/" + b"/".join(components) + b"/deep-file"
+    assert len(stored) > os.pathconf("/", "PC_PATH_MAX")
+    ino = catalogued(world, medium, stored, len(b"deep content"))
+    code, summary = copy(world, capsys, "--source-prefix", f"/mnt/ntt/{medium}={mount}")
+    assert code == 0, summary
+    blobid = world.conn.execute("SELECT blobid FROM inode WHERE ino = %s", (ino,)).fetchone()[0]
+    assert blobid == blake3.blake3(b"deep content").hexdigest()
+    assert summary["links_created"] == 1 and summary["problems"] == 0
+
+
+@pytest.mark.parametrize("where", ["ab/", "ab/cd/"])
+def test_a_symlink_in_the_stores_directories_is_never_gone_through(world, capsys, tmp_path, where):
+    """``ab -> elsewhere`` would put content outside the store: that content is a problem, the rest stored."""
+    source = tmp_path / "disk"
+    source.mkdir()
+    (source / "blocked").write_bytes(b"blocked content")
+    (source / "fine").write_bytes(b"fine content")
+    blocked = blake3.blake3(b"blocked content").hexdigest()
+    assert blocked[:2] != blake3.blake3(b"fine content").hexdigest()[:2]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    level1 = world.by_hash_root + b"/" + blocked[:2].encode()
+    if where == "ab/":
+        os.symlink(outside, level1)
+    else:
+        os.mkdir(level1)
+        os.symlink(outside, level1 + b"/" + blocked[2:4].encode())
+    scan.scan_tree(world.conn, "disk", os.fsencode(source))
+    code, summary = copy(world, capsys)
+    assert code == 1 and summary["problems_by_kind"] == {"bad-by-hash": 1} and summary["files_copied"] == 1, summary
+    assert list(os.walk(outside)) == [(str(outside), [], [])]
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE blobid IS NOT NULL").fetchone() == (1,)
+
+
+def test_a_content_over_the_file_size_limit_is_a_problem_and_the_range_goes_on(world, capsys, tmp_path):
+    """EFBIG (ulimit -f) for one content: that inode fails retryably, the others of its range are stored."""
+    import resource
+
+    source = tmp_path / "disk"
+    source.mkdir()
+    (source / "large").write_bytes(os.urandom(3 << 20))
+    for i in range(5):
+        (source / f"small-{i}").write_bytes(b"small %d" % i)
+    scan.scan_tree(world.conn, "disk", os.fsencode(source))
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))  # SIGXFSZ: ignored by Python
+    try:
+        code, summary = copy(world, capsys, "--workers", "1")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert code == 1 and summary["problems_by_kind"] == {"os-error": 1} and summary["files_copied"] == 5, summary
+    assert summary["ranges_done"] == summary["ranges_total"]
+    blobid, errors = world.conn.execute("SELECT blobid, errors FROM inode WHERE size = %s", (3 << 20,)).fetchone()
+    assert blobid is None and len(errors) == 1 and errors[0].endswith("File too large"), errors
+    assert copy(world, capsys)[0] == 0  # no limit: stored
+
+
+def test_a_directory_of_the_store_that_refuses_a_content_fails_that_content_only(world, tmp_path):
+    """EACCES on ab/cd/ (someone else's mode 555) is that content's problem, not the store's."""
+    from support import obeying_file_permissions
+
+    store = ByHashStore(world.by_hash_root)
+    refused = blake3.blake3(b"refused content").hexdigest()
+    level2 = world.by_hash_root + b"/" + refused[:2].encode() + b"/" + refused[2:4].encode()
+    os.makedirs(level2)
+    os.chmod(level2, 0o555)
+    sources = {}
+    for name in (b"refused content", b"fine content"):
+        path = tmp_path / name.decode()
+        path.write_bytes(name)
+        sources[name] = os.open(path, os.O_RDONLY)
+    try:
+        with obeying_file_permissions():
+            for fd in sources.values():
+                store.read_in(fd, None)
+            placed = store.place_pending()
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+        store.close()
+        os.chmod(level2, 0o755)
+    problem = placed[refused]
+    assert isinstance(problem, relinker.store.ByHashProblem) and problem.kind == "os-error"
+    assert "Permission denied" in problem.detail and not problem.permanent
+    assert isinstance(placed[blake3.blake3(b"fine content").hexdigest()], Stored)
+    assert os.listdir(level2) == []
+
+
+def test_a_low_open_file_limit_makes_smaller_batches_not_failed_inodes(world, tmp_path):
+    """ulimit -n 64: the batch holds no more descriptors than the limit leaves; every file is stored."""
+    import resource
+
+    source = tmp_path / "disk"
+    source.mkdir()
+    for i in range(300):
+        (source / f"file-{i}").write_bytes(b"content %d" % i)
+    scan.scan_tree(world.conn, "disk", os.fsencode(source))
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    code, out, err = finish(start(world.argv("copy", "--json", "--workers", "1", "--no-progress"),
+                                  preexec_fn=low_limit))
+    summary = json.loads(out)
+    assert code == 0 and summary["files_copied"] == 300 and summary["problems"] == 0, (summary, err)
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE fs_type = 'f' AND blobid IS NULL").fetchone() == (0,)

@@ -72,7 +72,7 @@ def test_mixed_archive_every_outcome_in_one_pass(roots):
     os.link(source, archive + b"/d/present-1")
     os.link(source, archive + b"/d/present-2")
     with open(archive + b"/d/stale", "wb") as f:
-        f.write(b"old copy")
+        f.write(b"content")  # an orphaned copy: the same content
     os.symlink(b"/etc/passwd", archive + b"/d/symlink")
     paths = [b"/d/present-1", b"/d/missing-1", b"/d/present-2", b"/d/stale", b"/d/symlink", b"/d/missing-2"]
     with ArchiveLinker(archive) as linker:

@@ -62,7 +62,7 @@ def build_tree(base):
     upper.parent.mkdir(parents=True)
     upper.write_bytes(b"good")
     archive.mkdir()
-    (archive / "stale").write_bytes(b"an older file")
+    (archive / "stale").write_bytes(b"good")  # an orphaned copy of the content
     (archive / "in-the-way").mkdir()
     os.symlink(base, archive / "planted")
     (archive / "file-not-dir").write_bytes(b"")

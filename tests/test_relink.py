@@ -1,5 +1,6 @@
 """`relinker relink`: the checkpointed re-hardlink job on a real catalogue and filesystem."""
 
+import errno
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from relinker import checkpoint, db
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
 from relinker.errors import UserError
+from relinker.paths import by_hash_path
 from relinker.pool import WorkSpec, _Worker
 from relinker.relink import RelinkWork, counts_to_write, work_query
 
@@ -77,11 +79,29 @@ def test_keep_leaves_a_stale_file_and_records_it(small, capsys):
     code, summary = relink(small, capsys, "--new", "--on-conflict", "keep")
     assert code == 1
     assert summary["problems_by_kind"] == {"existing-file": 1}
-    assert open(stale, "rb").read() == b"stale copy"
+    assert open(stale, "rb").read() == b"solo"
     assert small.n_hardlinks()[small.blob(b"solo")] == 0
     row = small.conn.execute("SELECT path, kind FROM relinker_problem WHERE run_id = %s",
                              (summary["run_id"],)).fetchone()
     assert row == (b"/file-relative-form", "existing-file")
+
+
+def test_the_only_name_of_a_file_of_another_size_is_never_replaced(small, capsys, tmp_path):
+    """A truncated by-hash file must not take the place of the one good copy: kept, a problem."""
+    relink(small, capsys)
+    solo = small.blob(b"solo")
+    kept = small.replace_with_stale_copy(b"/file-relative-form")  # a complete copy, its only name
+    by_hash = by_hash_path(small.by_hash_root, solo)
+    os.chmod(by_hash, 0o644)
+    os.truncate(by_hash, 0)
+    code, summary = relink(small, capsys, "--new")
+    assert code == 1 and summary["problems_by_kind"] == {"existing-file": 1} and summary["links_replaced"] == 0
+    assert open(kept, "rb").read() == b"solo" and os.stat(kept).st_nlink == 1
+    # Another content whose file has other names loses nothing: replaced.
+    os.unlink(kept)
+    os.link(by_hash_path(small.by_hash_root, small.blob(b"hello")), kept)
+    code, summary = relink(small, capsys, "--new")
+    assert code == 0 and summary["links_replaced"] == 1 and small.linked(solo, b"/file-relative-form")
 
 
 def test_missing_by_hash_counts_zero_links(world, capsys):
@@ -146,7 +166,7 @@ def test_a_run_resumed_by_its_id_refuses_options_it_was_not_planned_with(small, 
     small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (run_id,))
     small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
     stored = sorted(small.expected()[small.blob(b"hello")])[0]
-    kept = small.replace_with_stale_copy(stored, b"mine, keep it")
+    kept = small.replace_with_stale_copy(stored, b"mine!")  # hello's size: no different content
     for asked in (["--on-conflict", "keep"], ["--limit", "1"], ["--only-incomplete"]):
         code = main(small.argv("relink", "--json", "--workers", "1", "--run", str(run_id), *asked))
         captured = capsys.readouterr()
@@ -154,7 +174,7 @@ def test_a_run_resumed_by_its_id_refuses_options_it_was_not_planned_with(small, 
         assert captured.err.startswith(f"relinker: error: run {run_id} was planned for other work (") and \
             captured.err.count("\n") == 1, captured.err
     with open(kept, "rb") as f:
-        assert f.read() == b"mine, keep it"
+        assert f.read() == b"mine!"
     # Options it was planned with, or none, resume it as planned.
     code, summary = relink(small, capsys, "--run", str(run_id), "--on-conflict", "replace")
     assert code == 0 and summary["run_id"] == run_id and summary["links_replaced"] == 1
@@ -623,6 +643,35 @@ def test_workers_that_gave_up_on_the_database_leave_the_resume_command(world, ca
                                             "--retry-timeout (1 s); resume with: relinker relink --run 1")
 
 
+@pytest.mark.parametrize("forks_allowed", [0, 1])
+def test_a_worker_that_cannot_be_forked_is_a_warning_or_a_resumable_stop(world, capsys, monkeypatch,
+                                                                        forks_allowed):
+    """fork() refused (the process limit): the run goes on with the workers it has, or, with none,
+    ends exit 1 saying why and how to resume; never a traceback."""
+    m = world.medium("disk")
+    for i in range(10):
+        world.inode(m, [b"/a/%d" % i], world.blob(b"content %d" % i))
+    real_fork, forks = os.fork, []
+
+    def fork():
+        if len(forks) >= forks_allowed:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    code = main(world.argv("relink", "--json", "--no-progress", "--workers", "2", "--ranges", "4"))
+    out, err = capsys.readouterr()
+    assert "cannot start a worker process: Resource temporarily unavailable" in err and "Traceback" not in err
+    if forks_allowed:
+        assert code == 0 and json.loads(out)["complete"]
+        world.assert_complete()
+    else:
+        assert code == 1 and json.loads(out)["ranges_done"] == 0
+        assert err.strip().splitlines()[-1] == ("relinker: no worker process could be started (Resource "
+                                                "temporarily unavailable); resume with: relinker relink --run 1")
+
+
 def counts_of(world) -> dict:
     return {b: (n, e) for b, n, e in world.conn.execute("SELECT blobid, n_hardlinks, expected_hardlinks FROM blobs")}
 
@@ -719,3 +768,24 @@ def test_a_copy_still_committing_when_relink_zeroes_a_blob_keeps_its_counts(worl
     assert relink(world, capsys, "--only-incomplete", "--workers", "1")[0] == 0
     assert world.conn.execute("SELECT count(*) FROM inode WHERE ino = 99999").fetchone() == (1,)
     assert counts_of(world)[a] == (1, 1)  # the copy's; 0 of 0 would hide its inode from --only-incomplete
+
+
+@pytest.mark.parametrize("command", [["relink"], ["count"], ["verify", "--all", "--hash"]])
+def test_a_symlink_in_the_stores_directories_is_never_gone_through(world, capsys, tmp_path, command):
+    """``ab -> elsewhere``: the file found there is not the store's; its blob is a problem, never linked."""
+    m = world.medium("disk")
+    foreign, fine = world.blob(b"foreign", store=False), world.blob(b"fine content")
+    assert foreign[:2] != fine[:2]
+    world.inode(m, [b"/d/foreign"], foreign)
+    world.inode(m, [b"/d/fine"], fine)
+    outside = tmp_path / "outside"
+    os.makedirs(outside / foreign[2:4])
+    (outside / foreign[2:4] / foreign).write_bytes(b"foreign")
+    os.symlink(outside, world.by_hash_root + b"/" + foreign[:2].encode())
+    main(world.argv("relink", "--workers", "1", "--no-progress"))  # fine's link, for count and verify
+    capsys.readouterr()
+    code = main(world.argv(*command, "--json", "--workers", "2", "--no-progress"))
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 1 and summary["problems_by_kind"] == {"bad-by-hash": 1}, summary
+    assert not os.path.lexists(world.archive_path(b"/d/foreign")) and world.linked(fine, b"/d/fine")
+    assert os.stat(outside / foreign[2:4] / foreign).st_nlink == 1
