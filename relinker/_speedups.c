@@ -36,9 +36,9 @@
 /* --- directory listings ----------------------------------------------------
  *
  * A re-check of a complete archive is one fstatat per path, and in blob order
- * (random over the archive's directories) each costs 3-4 us here, against
- * about 0.7 us per entry to read a whole directory with getdents64 and 0.15 us
- * to look a name up in what was read. So in checking mode, the first check
+ * (random over the archive's directories) each costs several times what
+ * reading a whole directory with getdents64 costs per entry, plus a lookup of
+ * the name in what was read (benchmarks/README.md). So in checking mode, the first check
  * below a cached directory reads the directory once, keeping each entry's
  * inode number (d_ino) under a 64-bit hash of its name; a later check of a
  * name found there with the blob's inode costs no system call at all.

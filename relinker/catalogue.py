@@ -27,6 +27,7 @@ EMPTY_BLAKE3 = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262
 EMPTY_BLOB_IDS = (EMPTY_SHA256, EMPTY_BLAKE3)
 
 SQL_EMPTY_BLOBS_HELD = "SELECT blobid FROM blobs WHERE blobid = ANY(%s)"
+SQL_COUNT_BLOBS = "SELECT count(*) FROM blobs"
 SQL_INODE_COLUMNS = """
 SELECT a.attname FROM pg_attribute AS a
 WHERE a.attrelid = to_regclass('inode') AND a.attnum > 0 AND NOT a.attisdropped

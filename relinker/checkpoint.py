@@ -322,15 +322,11 @@ WHERE run_id = %(run_id)s AND range_no = %(range_no)s
 RETURNING attempts
 """
 SQL_CLEAR_PROBLEMS = "DELETE FROM relinker_problem WHERE run_id = %s AND range_no = %s"
-SQL_OWNED = """
-SELECT 1 FROM relinker_range
-WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
-  AND worker = %(worker)s AND attempts = %(attempt)s
-"""
 _OWNED_WHERE = """
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
   AND worker = %(worker)s AND attempts = %(attempt)s
 """
+SQL_OWNED = "SELECT 1 FROM relinker_range" + _OWNED_WHERE
 # A range redone by its owner after a transient error starts from nothing, as a claimed one does.
 SQL_REDO_RANGE = "UPDATE relinker_range SET " + _COUNTERS_ZEROED + _OWNED_WHERE
 # A heartbeat from outside the range's own session, counters unchanged (see CheckpointStore.keep_alive).

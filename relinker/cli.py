@@ -17,7 +17,7 @@ from typing import Sequence
 
 import psycopg
 
-from relinker import __version__, checkpoint, copy, db, jobs, migrations, relink, scan, verify
+from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
                              new_subparsers, path_argument)
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
@@ -113,7 +113,7 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
                           help="also try inodes whose status is failed_permanent (left alone by default)")
     copy_cmd.set_defaults(handler=cmd_copy)
 
-    count = add_command(
+    count_cmd = add_command(
         commands, "count", config_files,
         help="count the archive links of each blob by stat alone; fix n_hardlinks",
         description="The seed's hardlink counter: for each blob (or the first N) count, by lstat alone, "
@@ -122,8 +122,8 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
         "written to n_hardlinks and expected_hardlinks. Reads no file content.",
         epilog="examples:\n  relinker count --limit 100 --dry-run\n  relinker count --workers 4",
     )
-    add_job_options(count)
-    count.set_defaults(handler=cmd_count)
+    add_job_options(count_cmd)
+    count_cmd.set_defaults(handler=cmd_count)
 
     verify_cmd = add_command(
         commands, "verify", config_files, help="check blobs end to end (checkpointed, resumable, parallel)",
@@ -240,7 +240,8 @@ def seconds_at_least(minimum: float, maximum: float = math.inf):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g} s, not {text}")
         if value > maximum or math.isinf(value):
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g} s, not {text}")
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g} s, not {text}" if math.isfinite(maximum)
+                                             else f"must be a finite number of seconds, not {text}")
         return value
     parse_seconds.__name__ = "seconds"
     return parse_seconds
@@ -383,7 +384,7 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
 def listed_blobs(file_argument: str) -> list[str]:
     """The blob IDs of ``--from-file`` (UserError when the file cannot be read)."""
     try:
-        return verify.blob_ids_from(file_argument)
+        return bloblist.blob_ids_from(file_argument)
     except OSError as exc:
         raise UserError(f"--from-file {file_argument}: {exc.strerror}") from None
 
@@ -395,7 +396,7 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
         if args.limit is not None:
             raise UserError("--limit and --from-file cannot be combined: the list says which blobs")
         request.blobids = listed_blobs(args.from_file)
-        options["from_file"] = verify.listing_fingerprint(request.blobids)
+        options["from_file"] = bloblist.listing_fingerprint(request.blobids)
     request.given = jobs.given_options(options)
     options["on_conflict"] = args.on_conflict or "replace"
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
@@ -410,7 +411,7 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     options = {"medium": args.medium, "limit": args.limit, "retry_permanent": args.retry_permanent}
-    local = {"source_prefix": [(os.fsdecode(old), os.fsdecode(new)) for old, new in remaps]}
+    local = {"source_prefix": remaps}
     request = job_request(args, settings, options)
     request.given = jobs.given_options(options)
     request.local = local
@@ -421,7 +422,7 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, {"limit": args.limit})
     request.given = jobs.given_options(request.options)
-    summary, code = jobs.run_job(relink.COUNT_MODE_SPEC, request)
+    summary, code = jobs.run_job(count.MODE_SPEC, request)
     return report(summary, code, args.json, f"relinker count --run {summary.run_id}")
 
 
@@ -447,7 +448,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, options)
     if args.from_file:
         request.blobids = listed_blobs(args.from_file)
-        options.update(selection="from-file", from_file=verify.listing_fingerprint(request.blobids))
+        options.update(selection="from-file", from_file=bloblist.listing_fingerprint(request.blobids))
     elif args.all:
         options["selection"] = "all"
     else:

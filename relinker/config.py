@@ -109,6 +109,8 @@ def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
     path = path or environ.get(CONFIG_ENV)
     if not path:
         return []
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a directory")
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:

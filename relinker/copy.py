@@ -168,8 +168,7 @@ class CopyWork:
 
     def __init__(self, spec: WorkSpec):
         self.spec = spec
-        self.remaps = order_remaps([(os.fsencode(old), os.fsencode(new))
-                                    for old, new in spec.local.get("source_prefix", [])])
+        self.remaps = order_remaps(spec.local.get("source_prefix", []))
         self.store = None if spec.dry_run else ByHashStore(
             spec.by_hash_root, spec.options.get("empty_blobid") or catalogue.EMPTY_SHA256, spec.symlinked_shards)
         self.linker = None if spec.dry_run else ArchiveLinker(spec.archive_root)

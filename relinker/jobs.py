@@ -22,7 +22,7 @@ from relinker import checkpoint, db, migrations, store
 from relinker.checkpoint import Bounds, Range, RunInfo
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, UserError
-from relinker.paths import display
+from relinker.paths import display, is_under
 from relinker.pool import WorkSpec, run_pool
 from relinker.report import ProgressBar, Summary
 
@@ -134,7 +134,7 @@ def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[by
     (by_hash_root, by_hash_stat), (archive_root, archive_stat) = found
     # One inside the other: a catalogued path could name a by-hash file, and replacing it would corrupt the store.
     real_store, real_archive = os.path.realpath(by_hash_root), os.path.realpath(archive_root)
-    if _within(real_store, real_archive) or _within(real_archive, real_store):
+    if is_under(real_store, real_archive) or is_under(real_archive, real_store):
         raise UserError(f"{display(by_hash_root)} and {display(archive_root)} overlap: the store and the archive "
                         "must be separate trees")
     if by_hash_stat.st_dev != archive_stat.st_dev:
@@ -147,11 +147,6 @@ def check_roots(settings: Settings, writes: frozenset = frozenset()) -> tuple[by
     if "archive" in writes:
         _probe_link(by_hash_root, archive_root, can_write_store="by-hash" in writes)
     return by_hash_root, archive_root
-
-
-def _within(path: bytes, directory: bytes) -> bool:
-    """Whether ``path`` is ``directory`` or below it (both resolved)."""
-    return path == directory or path.startswith(directory.rstrip(b"/") + b"/")
 
 
 def _probe_link(by_hash_root: bytes, archive_root: bytes, can_write_store: bool) -> None:
@@ -192,10 +187,13 @@ def _a_stored_file(by_hash_root: bytes) -> bytes | None:
     """Some regular file of the store (ab/cd/<hex>), or None."""
     for level1 in _subdirectories(by_hash_root):
         for level2 in _subdirectories(level1):
-            with os.scandir(level2) as entries:
-                for entry in entries:
-                    if entry.is_file(follow_symlinks=False):
-                        return entry.path
+            try:
+                with os.scandir(level2) as entries:
+                    for entry in entries:
+                        if entry.is_file(follow_symlinks=False):
+                            return entry.path
+            except OSError:
+                continue  # an unreadable ab/cd/: its contents' problem, found by the run; not the roots'
     return None
 
 

@@ -119,10 +119,6 @@ def available() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-def latest_version() -> int:
-    return available()[-1].version
-
-
 def applied_versions(conn: psycopg.Connection) -> list[int]:
     """Versions recorded in the catalogue ([] when never migrated)."""
     if db.relkind(conn, "relinker_schema_migration") is None:

@@ -7,6 +7,7 @@ text, and only for humans.
 
 from __future__ import annotations
 
+import os
 import re
 
 BLOBID = re.compile(r"[0-9a-f]{64}")
@@ -95,11 +96,11 @@ _LEGACY_PARTITION_PREFIX = re.compile(rb"^p\d+:(?=/)")
 
 def parse_source_prefix(option: str) -> tuple[bytes, bytes]:
     """``OLD=NEW`` (as given to ``--source-prefix``) as a pair of bytes prefixes."""
-    import os
-
     old, sep, new = option.partition("=")
     if not sep or not old or not new:
         raise ValueError(f"--source-prefix wants OLD=NEW, not {option!r}")
+    if "\0" in option:
+        raise ValueError("--source-prefix: a NUL cannot be part of a path")
     return os.fsencode(old).rstrip(b"/"), os.fsencode(new).rstrip(b"/")
 
 
@@ -107,9 +108,9 @@ def _ntt_mount(medium_hash: str) -> bytes:
     return NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace")
 
 
-def _under(path: bytes, prefix: bytes) -> bool:
-    # Prefixes are kept without their trailing slash: the root is b"".
-    return path == prefix or path.startswith(prefix + b"/")
+def is_under(path: bytes, directory: bytes) -> bool:
+    """Whether ``path`` is ``directory`` or below it (neither resolved here; ``/`` and ``b""`` are the root)."""
+    return path == directory or path.startswith(directory.rstrip(b"/") + b"/")
 
 
 def order_remaps(remaps: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -139,7 +140,7 @@ def source_location(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, b
     # Called for every inode copy reads: the pattern only where it can match.
     path = _LEGACY_PARTITION_PREFIX.sub(b"", stored) if stored[:1] == b"p" else stored
     base = _ntt_mount(medium_hash) if scanned_root is None else scanned_root.rstrip(b"/")
-    if not _under(path, base):
+    if not is_under(path, base):
         if scanned_root is not None:
             raise UnsafePath("not in the scanned tree")
         path = base + path if path[:1] == b"/" else base + b"/" + path
@@ -151,7 +152,7 @@ def source_location(stored: bytes, medium_hash: str, remaps: list[tuple[bytes, b
     if not components:
         raise UnsafePath("path names no file")
     for old, new in remaps:
-        if _under(path, old):
+        if is_under(path, old):
             if len(old) > len(base):  # a part of the medium, moved on its own
                 below = [c for c in path[len(old):].split(b"/") if c and c != b"."]
                 if below:

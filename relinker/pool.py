@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol
 import psycopg
 
 from relinker import db
-from relinker.checkpoint import CheckpointStore, Counters, LostRange, Problem, Range
+from relinker.checkpoint import DEFAULT_LEASE, CheckpointStore, Counters, LostRange, Problem, Range
 from relinker.errors import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class WorkSpec:
     dry_ranges: list[Range] | None = None
     #: the store's shard directories (``ab``, ``ab/cd``) that are symlinks: never gone through
     symlinked_shards: frozenset = frozenset()
-    lease: float = 120.0
+    lease: float = DEFAULT_LEASE
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
     verbose: int = 0
 
@@ -316,8 +316,8 @@ def _collector_paused():
 
     A range allocates a row tuple and a path list per inode, never in a
     cycle, yet every 700 such allocations start a young-generation
-    collection that traverses them: 4% of a re-check's instructions
-    (callgrind). Whatever cycles a range does leave (tracebacks of retried
+    collection that traverses them, a share of a re-check's time worth
+    saving. Whatever cycles a range does leave (tracebacks of retried
     errors) are collected soon after the collector is back on.
     """
     was_enabled = gc.isenabled()

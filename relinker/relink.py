@@ -19,11 +19,11 @@ import stat
 import psycopg
 from psycopg import sql
 
-from relinker import db
+from relinker import catalogue, db
 from relinker.checkpoint import Bounds, Range, default_range_count, split_blob_list, split_blob_space
 from relinker.jobs import Mode
 from relinker.linker import EVENT_PATH, EVENT_SOURCE, ArchiveLinker, Outcome, new_tally
-from relinker.paths import below_any, by_hash_relpath, display, is_blobid
+from relinker.paths import below_any, by_hash_relpath, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
 MODE = "relink"
@@ -130,11 +130,6 @@ class RangeScope:
 
     def lock_counts(self) -> sql.Composed:
         return sql.SQL(SQL_LOCK_COUNTS).format(scope=self.where("b"))
-
-
-def work_query(bounded: bool, only_incomplete: bool) -> sql.Composed:
-    """The range query of an interval of blob IDs (``hi`` given when ``bounded``)."""
-    return RangeScope(listed=False, bounded=bounded, params={}).work_query(only_incomplete)
 
 
 def _count_outcomes(counters, tally: dict, walker=None) -> None:
@@ -330,26 +325,25 @@ class RelinkWork:
         relpath = by_hash_relpath(blobid)
         if below_any(relpath, self.spec.symlinked_shards):
             path = self.linker.source_path(relpath)
-            ctx.problem("bad-by-hash", f"{display(path)}: a directory above it is a symlink (not followed)",
-                        blobid=blobid, path=path)
+            # The problem's path is the by-hash file: its detail says only what is wrong.
+            ctx.problem("bad-by-hash", "a directory above it is a symlink (not followed)", blobid=blobid, path=path)
             return UNUSABLE
         try:
             dev, ino, mode = self.linker.source_identity(relpath)
         except OSError as exc:
             path = self.linker.source_path(relpath)
             kind = "missing-by-hash" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "os-error"
-            ctx.problem(kind, f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
+            ctx.problem(kind, exc.strerror, blobid=blobid, path=path)
             return UNUSABLE
         if not stat.S_ISREG(mode):
             path = self.linker.source_path(relpath)
-            ctx.problem("missing-by-hash", f"{display(path)} is not a regular file", blobid=blobid, path=path)
+            ctx.problem("missing-by-hash", "not a regular file", blobid=blobid, path=path)
             return UNUSABLE
         return relpath, (dev, ino)
 
 
 # --- planning -----------------------------------------------------------------
 
-SQL_COUNT_BLOBS = "SELECT count(*) FROM blobs"
 SQL_NTH_BLOB = "SELECT blobid FROM blobs ORDER BY blobid OFFSET %s LIMIT 1"
 SQL_NTH_INCOMPLETE_BLOB = """
 SELECT blobid FROM blobs
@@ -370,7 +364,7 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
     """
     if blobids is not None:
         return plan_list(blobids, workers, n_ranges)
-    n_blobs = conn.execute(SQL_COUNT_BLOBS).fetchone()[0]
+    n_blobs = conn.execute(catalogue.SQL_COUNT_BLOBS).fetchone()[0]
     upper = None
     limit = options.get("limit")
     if limit is not None:
@@ -387,32 +381,6 @@ def plan_list(blobids, workers: int, n_ranges: int | None, *, heavy: bool = Fals
     distinct = len(set(blobids))
     n = n_ranges or default_range_count(distinct, workers, heavy=heavy)
     return split_blob_list(blobids, max(1, -(-distinct // n)))
-
-
-class CountWork(RelinkWork):
-    """The seed's hardlink counter: count correct links by lstat alone, create nothing.
-
-    Blobs whose ``n_hardlinks`` disagrees with the count are reported as
-    ``count-mismatch`` problems; outside a dry run the true counts are
-    written (by the same statement relink uses).
-    """
-
-    PROBES = True
-
-    def visit(self, source, source_id, paths, tally, problem) -> int:
-        return self.linker.probe_all(source_id, paths, tally, problem)
-
-    def settle(self, source, source_id, path, tally, problem) -> bool:
-        return self.linker.probe_one(source_id, path, tally, problem)
-
-    def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
-        for blobid, recorded_linked, _ in recorded:
-            actual = linked.get(blobid, 0)
-            if (recorded_linked or 0) != actual:
-                ctx.problem("count-mismatch",
-                            f"n_hardlinks was {recorded_linked or 0}, {actual} of {expected.get(blobid, 0)} "
-                            "paths are linked",
-                            blobid=blobid)
 
 
 def counts_to_write(recorded, linked: dict, expected: dict, only_incomplete: bool) -> list[tuple[str, int, int]]:
@@ -440,4 +408,3 @@ def counts_to_write(recorded, linked: dict, expected: dict, only_incomplete: boo
 
 
 MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan)
-COUNT_MODE_SPEC = Mode(name="count", work=CountWork, plan=plan, writes=frozenset())  # the catalogue only

@@ -17,7 +17,7 @@ SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_p
        blobs, links_created, links_present, links_replaced, problems, links_missing, files_copied,
        bytes_copied, bytes_read, blobs_failed, bytes_planned, extract(epoch FROM elapsed)::float8, extract(epoch FROM working)::float8,
        extract(epoch FROM eta)::float8,
-       by_hash_root, archive_root, options, ranges_at_work
+       options, ranges_at_work
 FROM relinker_run_progress WHERE run_id = %s
 """
 SQL_PROBLEM_KINDS = "SELECT kind, problems FROM relinker_problem_kinds WHERE run_id = %s ORDER BY problems DESC, kind"
@@ -63,8 +63,6 @@ class Summary:
     open_ranges: list[dict] = dataclasses.field(default_factory=list)
     #: why the run stopped before it was complete, other than a signal (the database went away)
     stopped: str | None = None
-    by_hash_root: str | None = None
-    archive_root: str | None = None
     options: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -93,7 +91,7 @@ class Summary:
         if row is None:
             raise LookupError(run_id)
         (run_id, mode, status, total, done, running, pending, failed, *counters, bytes_planned,
-         elapsed, working, eta, by_hash_root, archive_root, options, at_work) = row
+         elapsed, working, eta, options, at_work) = row
         summary = cls(
             mode=mode, run_id=run_id, status=status,
             counters=Counters(*counters),
@@ -103,7 +101,7 @@ class Summary:
             ranges_total=total, ranges_done=done, ranges_running=running, ranges_pending=pending,
             ranges_failed=failed, elapsed_seconds=elapsed or 0.0, working_seconds=working or 0.0,
             eta_seconds=eta, bytes_planned=bytes_planned, ranges_at_work=at_work,
-            by_hash_root=by_hash_root, archive_root=archive_root, options=options or {},
+            options=options or {},
         )
         summary.links_this_session = summary.counters.links
         summary.bytes_this_session = summary.counters.bytes_read

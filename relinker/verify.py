@@ -20,13 +20,9 @@ run checks exactly the blobs it was asked to. A failed check is a check:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import os
 import secrets
 import stat
-import sys
-from typing import Iterable
 
 import psycopg
 from psycopg import sql
@@ -37,7 +33,8 @@ from relinker.jobs import Mode
 from relinker.linker import AT_LINK_LIMIT, LinkProblem, filesystem_link_limit
 from relinker.paths import by_hash_relpath, display
 from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
-from relinker.relink import UNUSABLE, CountWork, RangeScope, plan_list
+from relinker.count import CountWork
+from relinker.relink import UNUSABLE, RangeScope, plan_list
 
 MODE = "verify"
 SELECTIONS = ("never", "oldest", "random")
@@ -68,7 +65,6 @@ FROM unnest(%(starts)s::text[]) AS s(start)
 CROSS JOIN LATERAL (SELECT blobid FROM blobs WHERE blobid >= s.start ORDER BY blobid LIMIT 1) AS b
 """
 SQL_ANY_OTHERS = "SELECT blobid FROM blobs WHERE NOT (blobid = ANY(%s)) LIMIT %s"
-SQL_COUNT_BLOBS = "SELECT count(*) FROM blobs"
 # The catalogue's sizes of the range's blobs (one blob's inodes should agree).
 SQL_SIZES = """
 SELECT i.blobid, array_agg(DISTINCT i.size) FILTER (WHERE i.size IS NOT NULL)
@@ -270,36 +266,9 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
     if blobids is not None:
         return plan_list(blobids, workers, n_ranges, heavy=heavy)
     if options.get("selection") == "all":
-        n_blobs = conn.execute(SQL_COUNT_BLOBS).fetchone()[0]
+        n_blobs = conn.execute(catalogue.SQL_COUNT_BLOBS).fetchone()[0]
         return split_blob_space(n_ranges or default_range_count(n_blobs, workers, heavy=heavy))
     return plan_list(select_blobs(conn, options["selection"], options["count"]), workers, n_ranges, heavy=heavy)
-
-
-def read_blob_ids(source: Iterable[str]) -> list[str]:
-    """Blob IDs listed one per line (blank lines and # comments ignored)."""
-    ids = []
-    for line in source:
-        # A NUL is no character PostgreSQL's text takes: U+FFFD, as for bytes that are not UTF-8.
-        line = line.split("#", 1)[0].strip().replace("\0", "\ufffd")
-        if line:
-            ids.append(line.lower())
-    return ids
-
-
-def blob_ids_from(file_argument: str) -> list[str]:
-    """IDs from ``--from-file FILE`` (``-`` for stdin)."""
-    if file_argument == "-":
-        # Bytes that are not UTF-8 read as U+FFFD, as from a file: such a
-        # line is an unknown blob, never a string the database cannot take.
-        return read_blob_ids(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
-    with open(file_argument, encoding="utf-8", errors="replace") as f:
-        return read_blob_ids(f)
-
-
-def listing_fingerprint(blobids: list[str]) -> str:
-    """What a run planned from a list keeps of it: enough to tell the same list again on a resume."""
-    distinct = sorted(set(blobids))
-    return f"{len(distinct)} blobs, sha256 {hashlib.sha256(chr(10).join(distinct).encode()).hexdigest()[:16]}"
 
 
 def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) -> int:

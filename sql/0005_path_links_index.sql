@@ -7,7 +7,6 @@
 -- catalogue larger than memory each fetch is a random read. This index
 -- answers the lookup alone (an index-only scan). The inode number leads:
 -- descents compare integers, where (medium_hash, ino) compares the same
--- 32-character medium_hash at every step. Measured on the 1M benchmark
--- catalogue: a quarter less server time for the range queries; its size is
--- about that of the linked paths themselves.
+-- 32-character medium_hash at every step. Its size is about that of the
+-- linked paths themselves (benchmarks/README.md has what it saves).
 CREATE INDEX CONCURRENTLY IF NOT EXISTS relinker_path_links_idx ON path (ino, medium_hash) INCLUDE (path) WHERE exclude_reason IS NULL;

@@ -65,6 +65,8 @@ def test_missing_config_file_is_a_usage_error(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "nope.conf"), "migrate"]) == 2
     err = capsys.readouterr().err
     assert "config file not found" in err and "Traceback" not in err
+    assert main(["--config", str(tmp_path), "migrate"]) == 2
+    assert capsys.readouterr().err == f"relinker: error: config file {tmp_path} is a directory\n"
 
 
 @pytest.mark.parametrize("where", ["environment", "config file"])
@@ -88,13 +90,14 @@ def test_a_log_file_that_cannot_be_written_is_a_usage_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("option, value", [("--lease", "0"), ("--lease", "0.5"), ("--lease", "-3"),
                                            ("--lease", "nan"), ("--lease", "inf"), ("--lease", "soon"),
-                                           ("--retry-timeout", "-1")])
+                                           ("--retry-timeout", "-1"), ("--retry-timeout", "inf")])
 def test_leases_and_timeouts_that_cannot_work_are_refused(option, value, capsys):
     """A lease shorter than a second would take ranges from workers alive and well (they beat every lease/4)."""
     with pytest.raises(SystemExit) as refused:
         parse(["relink", option, value])
     assert refused.value.code == 2
-    assert f"argument {option}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "at most inf" not in err
     assert parse(["relink", "--lease", "1", "--retry-timeout", "0"])[0].lease == 1.0
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from relinker import verify as verify_module
+from relinker import bloblist, verify as verify_module
 from relinker.catalogue import EMPTY_SHA256
 from relinker.cli import main
 from relinker.paths import by_hash_path, by_hash_relpath
@@ -185,9 +185,17 @@ def test_verify_accepts_the_catalogues_empty_blob(world, capsys):
 
 
 def test_read_blob_ids_ignores_comments_and_blanks():
-    assert verify_module.read_blob_ids(["# x\n", "\n", "ABC # trailing\n", " def \n"]) == ["abc", "def"]
+    assert bloblist.read_blob_ids(["# x\n", "\n", "ABC # trailing\n", " def \n"]) == ["abc", "def"]
     # a NUL, which no text column takes, is a malformed ID like any other
-    assert verify_module.read_blob_ids(["ab\0cd\n"]) == ["ab\ufffdcd"]
+    assert bloblist.read_blob_ids(["ab\0cd\n"]) == ["ab\ufffdcd"]
+
+
+@pytest.mark.parametrize("command", ["relink", "verify"])
+def test_a_list_from_a_closed_stdin_is_a_usage_error(linked, capsys, monkeypatch, command):
+    """``--from-file - <&-``: Python has no sys.stdin at all; one line, not an AttributeError."""
+    monkeypatch.setattr("sys.stdin", None)
+    assert main(linked.argv(command, "--from-file", "-", "--no-progress")) == 2
+    assert capsys.readouterr().err == "relinker: error: --from-file -: standard input is closed\n"
 
 
 def test_a_list_with_a_nul_byte_is_malformed_ids_not_a_database_error(linked, capsys, tmp_path):
@@ -215,7 +223,7 @@ def test_failed_ids_then_relink_from_file_is_a_two_line_repair(linked, capsys, t
     failed = tmp_path / "failed.txt"
     code, result = run(linked, capsys, "verify", "--all", "--no-progress", "--failed-ids", str(failed))
     assert code == 1
-    assert verify_module.blob_ids_from(str(failed)) == sorted([a, b, c])
+    assert bloblist.blob_ids_from(str(failed)) == sorted([a, b, c])
     # a list of our own: c's wrong count is not the repair's business
     failed.write_text(f"{a}\n{b}\n{'0' * 64}\n")
     code, result = run(linked, capsys, "relink", "--from-file", str(failed), "--no-progress")
@@ -234,7 +242,7 @@ def test_a_plain_relink_passes_over_an_unfinished_run_of_a_list(linked, capsys, 
     run_id = linked.conn.execute(
         "INSERT INTO relinker_run (mode, by_hash_root, archive_root, options) VALUES ('relink', %s, %s, %s) "
         "RETURNING run_id", (linked.by_hash_root, linked.archive_root,
-                             json.dumps({"requested": {"from_file": verify_module.listing_fingerprint(
+                             json.dumps({"requested": {"from_file": bloblist.listing_fingerprint(
                                  [linked.blobs["a"]]), "on_conflict": "replace", "only_incomplete": False,
                                  "limit": None}}))).fetchone()[0]
     linked.conn.execute("INSERT INTO relinker_range (run_id, range_no, lo, blobids) VALUES (%s, 0, '', %s)",

@@ -17,7 +17,8 @@ from relinker.checkpoint import Counters
 from relinker.linker import Outcome, new_tally
 from relinker.paths import by_hash_relpath
 from relinker.pool import WorkSpec
-from relinker.relink import CountWork, RelinkWork
+from relinker.count import CountWork
+from relinker.relink import RelinkWork
 from blake3 import blake3
 
 pytestmark = pytest.mark.skipif(linker.RangeWalker is None, reason="relinker._speedups is not built")

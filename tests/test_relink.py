@@ -18,7 +18,7 @@ from relinker.cli import main
 from relinker.errors import UserError
 from relinker.paths import by_hash_path
 from relinker.pool import WorkSpec, _Worker
-from relinker.relink import RelinkWork, counts_to_write, work_query
+from relinker.relink import RangeScope, RelinkWork, counts_to_write
 
 
 def relink(world, capsys, *args):
@@ -385,6 +385,22 @@ def test_modes_that_write_nothing_accept_read_only_roots(small, tmp_path):
         os.chmod(small.by_hash, 0o755)
 
 
+def test_an_unreadable_store_directory_is_no_reason_to_refuse_the_roots(small):
+    """The link probe looks for a stored file: an ab/cd/ it cannot list is passed over, not a link failure."""
+    from relinker import jobs
+    from relinker.config import Settings
+    from support import obeying_file_permissions
+
+    settings = Settings(db_url=small.dsn, by_hash_root=small.by_hash_root, archive_root=small.archive_root)
+    level2s = sorted(os.path.dirname(by_hash_path(small.by_hash_root, blobid)) for blobid in small.expected())
+    os.chmod(level2s[0], 0)
+    try:
+        with obeying_file_permissions():
+            assert jobs.check_roots(settings, frozenset({"archive"})) == (small.by_hash_root, small.archive_root)
+    finally:
+        os.chmod(level2s[0], 0o755)
+
+
 def test_unknown_run_is_a_usage_error(small, capsys):
     assert main(small.argv("relink", "--run", "12345")) == 2
     assert "unknown run 12345" in capsys.readouterr().err
@@ -480,7 +496,7 @@ def test_the_range_query_reads_paths_from_the_covering_index_alone(world):
     world.conn.execute("VACUUM ANALYZE path")
     with db.connect_for_ranges(world.dsn) as conn:
         conn.execute("SET enable_seqscan = off")  # tables this small would be read whole
-        query = work_query(bounded=True, only_incomplete=False)
+        query = RangeScope(listed=False, bounded=True, params={}).work_query(only_incomplete=False)
         plan = [row[0].strip() for row in conn.execute(
             sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) {}").format(query), {"lo": "0", "hi": "f"})]
         ours = {name for (name,) in conn.execute(
