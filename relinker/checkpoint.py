@@ -277,7 +277,8 @@ def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> None:
 # pg_locks as classid = run_id, objid = range_no, objsubid = 2.
 SQL_CLAIM_CANDIDATE = """
 SELECT r.range_no, r.lo, r.hi, r.medium_hash, r.ino_lo, r.ino_hi, r.blobids, r.bytes_planned, r.status,
-       r.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s)) AS stale
+       r.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s)) AS stale,
+       coalesce(r.lease_seconds, %(lease)s) AS lease
 FROM relinker_range r
 WHERE r.run_id = %(run_id)s AND r.status <> 'done'
   AND (r.status = 'pending'
@@ -477,19 +478,20 @@ class CheckpointStore:
                         run_id=self.run_id, lease=self.lease, since=self.since, passed_over=passed_over)).fetchone()
                     if row is None:
                         return None
-                    range_no, *bounds, status, stale = row
+                    range_no, *bounds, status, stale, lease = row
                     if conn.execute(SQL_TRY_LOCK, (self.run_id, range_no)).fetchone()[0]:
                         locked = range_no
                         break
                     # Held by a session that stopped heartbeating: end it; the
                     # range is free for a later claim once it is gone.
                     if stale:
-                        self._terminate_holders(conn, range_no)
+                        self._terminate_holders(conn, range_no, lease)
                     passed_over.append(range_no)
                 else:
                     return None
                 if status == "running":
-                    log.warning("taking over range %d of run %d (its worker is gone)", range_no, self.run_id)
+                    log.warning("taking over range %d of run %d (%s)", range_no, self.run_id,
+                                f"its heartbeat is older than its {lease:g} s lease" if stale else "its worker is gone")
                 attempt = conn.execute(SQL_TAKE_RANGE, dict(
                     worker=self.worker, run_id=self.run_id, range_no=range_no, lease=self.lease)).fetchone()[0]
                 conn.execute(SQL_CLEAR_PROBLEMS, (self.run_id, range_no))
@@ -502,10 +504,10 @@ class CheckpointStore:
         return Range(lo, hi, medium_hash, ino_lo, ino_hi, None if blobids is None else tuple(blobids), bytes_planned,
                      run_id=self.run_id, range_no=range_no, attempt=attempt)
 
-    def _terminate_holders(self, conn: psycopg.Connection, range_no: int) -> None:
+    def _terminate_holders(self, conn: psycopg.Connection, range_no: int, lease: float) -> None:
         for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (db.APPLICATION_NAME, self.run_id, range_no)).fetchall():
-            log.warning("range %d: heartbeat older than %.0fs, terminating stalled session %d",
-                        range_no, self.lease, pid)
+            log.warning("range %d: heartbeat older than its %g s lease, terminating stalled session %d",
+                        range_no, lease, pid)
             try:
                 with conn.transaction():
                     conn.execute(SQL_TERMINATE, (pid,))

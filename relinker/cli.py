@@ -104,7 +104,7 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
   relinker copy --medium photos-2019
   relinker copy --source-prefix /mnt/ntt/abc=/media/usb1   the medium is mounted elsewhere now""",
     )
-    add_job_options(copy_cmd)
+    add_job_options(copy_cmd, limit="only the first N inodes to store (by medium, then inode number)")
     copy_cmd.add_argument("--medium", type=medium_name, metavar="NAME_OR_HASH", help="only this medium")
     copy_cmd.add_argument("--source-prefix", action="append", default=[], metavar="OLD=NEW",
                           help="read paths under OLD from NEW instead (repeatable; the longest OLD that matches "
@@ -140,7 +140,7 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
 exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's link limit
 (too-many-links); 2 usage or preflight error; 3 interrupted.""",
     )
-    add_job_options(verify_cmd, limit=False)
+    add_job_options(verify_cmd, limit=None)
     which_blobs = verify_cmd.add_mutually_exclusive_group()
     which_blobs.add_argument("--all", action="store_true", help="every blob of the catalogue")
     which_blobs.add_argument("--from-file", metavar="FILE", type=path_argument, help="the blob IDs listed in FILE ('-': stdin)")
@@ -254,7 +254,8 @@ MINIMUM_LEASE = 1.0
 MAXIMUM_LEASE = 7 * 24 * 3600.0
 
 
-def add_job_options(command: argparse.ArgumentParser, *, limit: bool = True) -> None:
+def add_job_options(command: argparse.ArgumentParser, *,
+                    limit: str | None = "only the first N blobs (in blob-ID order)") -> None:
     """Options shared by the checkpointed commands (relink, copy, count, verify)."""
     command.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                          help="worker processes (default: CPU count)")
@@ -265,8 +266,7 @@ def add_job_options(command: argparse.ArgumentParser, *, limit: bool = True) -> 
                        help="work on this run (also while other coordinators work on it)")
     which.add_argument("--new", action="store_true", help="start a new run even if one is unfinished")
     if limit:
-        command.add_argument("--limit", type=non_negative_int, metavar="N",
-                             help="only the first N blobs (in blob-ID order)")
+        command.add_argument("--limit", type=non_negative_int, metavar="N", help=limit)
     command.add_argument("--dry-run", action="store_true",
                          help="read catalogue and disk, report what would happen, write nothing")
     command.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -288,8 +288,19 @@ def job_request(args: argparse.Namespace, settings: Settings, options: dict) -> 
     )
 
 
-def report(summary: Summary, exit_code: int, as_json: bool, resume_hint: str) -> int:
-    print(summary.as_json() if as_json else summary.as_text())
+def emit(text: str) -> None:
+    """Print a line of output; a reader that went away (``| head``) changes nothing of the exit code."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Whatever is printed after, and the flush at exit, go nowhere instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobRequest) -> int:
+    """Print a run's summary, and how to resume it if it stopped short; return ``exit_code``."""
+    emit(summary.as_json() if as_json else summary.as_text())
+    resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
     if summary.stopped:
         print(f"relinker: {summary.stopped}; resume with: {resume_hint}", file=sys.stderr)
     elif exit_code == EXIT_INTERRUPTED:
@@ -358,8 +369,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         applied = migrations.migrate(conn, base=args.base)
         version = max(migrations.applied_versions(conn))
     if applied:
-        print(f"applied: {', '.join(applied)}")
-    print(f"catalogue schema is at version {version}")
+        emit(f"applied: {', '.join(applied)}")
+    emit(f"catalogue schema is at version {version}")
     return EXIT_OK
 
 
@@ -368,13 +379,13 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
         result = scan.scan_tree(conn, args.medium, os.fsencode(args.directory),
                                 [os.fsencode(pattern) for pattern in args.exclude])
     skipped = result.unreadable + result.other_filesystem + result.unrepresentable
-    print(
+    emit(
         f"medium {args.medium} ({result.medium_hash}): {result.paths} paths, "
         f"{result.inodes} inodes, {result.files} regular files"
         + (f", {result.excluded} entries excluded" if result.excluded else "")
     )
     if skipped:
-        print(
+        emit(
             f"skipped: {result.unreadable} unreadable, {result.other_filesystem} on other filesystems, "
             f"{result.unrepresentable} not storable as text"
         )
@@ -400,7 +411,7 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
     request.given = jobs.given_options(options)
     options["on_conflict"] = args.on_conflict or "replace"
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
-    return report(summary, code, args.json, f"relinker relink --run {summary.run_id}")
+    return report(summary, code, args.json, request)
 
 
 def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
@@ -415,15 +426,17 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, options)
     request.given = jobs.given_options(options)
     request.local = local
+    # Where the media are mounted is this invocation's, not the run's: a resume must say it again.
+    request.resume_arguments = [argument for option in args.source_prefix for argument in ("--source-prefix", option)]
     summary, code = jobs.run_job(copy.MODE_SPEC, request)
-    return report(summary, code, args.json, f"relinker copy --run {summary.run_id}")
+    return report(summary, code, args.json, request)
 
 
 def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, {"limit": args.limit})
     request.given = jobs.given_options(request.options)
     summary, code = jobs.run_job(count.MODE_SPEC, request)
-    return report(summary, code, args.json, f"relinker count --run {summary.run_id}")
+    return report(summary, code, args.json, request)
 
 
 #: verify without --all or --from-file: this many blobs, never checked first.
@@ -458,8 +471,13 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         options.update(selection=VERIFY_SELECTION, count=args.count or VERIFY_COUNT)
     elif options["selection"] in verify.SELECTIONS:
         options["count"] = args.count or VERIFY_COUNT
+    if args.failed_ids:
+        request.resume_arguments = ["--failed-ids", args.failed_ids]
     summary, code = jobs.run_job(verify.MODE_SPEC, request)
-    if args.failed_ids and summary.run_id is not None:
+    if args.failed_ids and summary.run_id is not None and not summary.complete:
+        # A list of part of the run would pass for the whole one in a repair.
+        log.warning("--failed-ids %s not written: run %d is not complete", args.failed_ids, summary.run_id)
+    elif args.failed_ids and summary.run_id is not None:
         with db.connect_for_user(settings.db_url, autocommit=True) as conn:
             try:
                 written = verify.write_failed_ids(conn, summary.run_id, args.failed_ids)
@@ -470,7 +488,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
                 code = max(code, EXIT_PROBLEMS)
             else:
                 log.info("wrote %d failed blob IDs to %s", written, args.failed_ids)
-    return report(summary, code, args.json, f"relinker verify --run {summary.run_id}")
+    return report(summary, code, args.json, request)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -480,7 +498,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if run is None:
             raise UserError(f"unknown run {args.run_id}" if args.run_id is not None else "no runs yet")
         summary = Summary.from_run(conn, run.run_id, open_ranges=True)
-    print(summary.as_json() if args.json else summary.as_text())
+    emit(summary.as_json() if args.json else summary.as_text())
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import stat
 import time
 from typing import Callable
@@ -94,6 +95,9 @@ class JobRequest:
     options: dict
     #: this invocation's settings for the workers, never stored with the run (see WorkSpec.local)
     local: dict = dataclasses.field(default_factory=dict)
+    #: the command-line arguments a resume must repeat: those of ``local``, and what the CLI does after
+    #: the run (verify's --failed-ids)
+    resume_arguments: list[str] = dataclasses.field(default_factory=list)
     #: blob IDs listed with --from-file: what a new run is planned from, never handed to the workers
     blobids: list[str] | None = None
     workers: int = os.cpu_count() or 1
@@ -272,15 +276,20 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         summary.bytes_this_session = outcome.counters.bytes_read
         summary.bytes_planned = bytes_total or None
     else:
-        try:
-            with db.connect_for_user(settings.db_url, autocommit=True) as conn:
+        def closing_figures() -> Summary:
+            with db.connect(settings.db_url, autocommit=True) as conn:
                 checkpoint.finish_run_if_complete(conn, spec.run_id)
-                summary = Summary.from_run(conn, spec.run_id, open_ranges=True)
-        except (UserError, psycopg.OperationalError):
-            if not outcome.database_gone:
-                raise
-            raise RunStopped(f"{_database_gone(request)}: run {spec.run_id} stopped, not complete; once the "
-                             f"database is back, resume it with `relinker {mode.name} --run {spec.run_id}`") from None
+                return Summary.from_run(conn, spec.run_id, open_ranges=True)
+
+        try:
+            # The database may go away as the last range ends: retried like any worker's call.
+            summary = closing_figures() if outcome.database_gone else db.retrying(request.retry_timeout)(
+                closing_figures)
+        except psycopg.Error as exc:
+            why = _database_gone(request) if outcome.database_gone else (
+                f"the catalogue database could not be reached as the run ended ({db.first_line(exc)})")
+            raise RunStopped(f"{why}: run {spec.run_id} stopped; once the database is back, resume it with "
+                             f"`{resume_command(mode.name, spec.run_id, request)}`") from None
         if outcome.database_gone and not summary.complete:
             summary.stopped = _database_gone(request)
         elif outcome.start_failure and not summary.complete:
@@ -292,6 +301,11 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     summary.elapsed_seconds = elapsed
     summary.working_seconds = None  # this session's rate: its links over its own time
     return summary, _exit_code(summary)
+
+
+def resume_command(mode_name: str, run_id: int | None, request: JobRequest) -> str:
+    """The command that resumes ``run_id`` as this invocation would have gone on (shell-quoted)."""
+    return shlex.join(["relinker", mode_name, "--run", str(run_id), *request.resume_arguments])
 
 
 def _database_gone(request: JobRequest) -> str:

@@ -161,7 +161,7 @@ class Summary:
         lines = [f"{title}: {state}"]
         verb = "would be " if self.dry_run else ""
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in self.problems_by_kind.items())
-        rows = [] if self.dry_run else [(
+        rows = [("ranges", f"{self.ranges_total:,}"), ("options", self._options_text())] if self.dry_run else [(
             "ranges",
             f"{self.ranges_done:,} of {self.ranges_total:,} done"
             + (f", {self.ranges_failed:,} failed" if self.ranges_failed else "")
@@ -228,6 +228,17 @@ class Summary:
                             else "")
                          + (f": {r['last_error']}" if r["last_error"] else ""))
         return "\n".join(lines)
+
+
+    def _options_text(self) -> str:
+        # What a dry run of a recorded run shows that run would do: its own options.
+        given = [f"{name.replace('_', '-')} {value}" for name, value in sorted(self.options.items())
+                 if value not in (None, False, "") and name not in _PLANNING_OPTIONS]
+        return ", ".join(given) or "none"
+
+
+#: What a run keeps of its planning beside the options it was asked for: not shown as options.
+_PLANNING_OPTIONS = frozenset({"requested", "upper", "empty_blobid"})
 
 
 def human_bytes(n: int | None) -> str:

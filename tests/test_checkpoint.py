@@ -1,5 +1,6 @@
 """The claim protocol, one session at a time: what a worker gets when it asks for a range."""
 
+import logging
 import time
 
 import psycopg
@@ -126,6 +127,30 @@ def test_a_range_is_stale_by_its_owners_lease_not_the_claimers(world):
     finally:
         owner.close()
         hasty.close()
+
+
+def test_a_stalled_range_is_taken_over_by_its_owners_lease_and_the_log_says_which(world, caplog):
+    """An owner leasing 3 s that stops beating loses its range to a claimer leasing 60 s; the log names 3 s."""
+    run_id = new_run(world, 1)
+    since = world.conn.execute("SELECT now()").fetchone()[0]
+    owner = checkpoint.CheckpointStore(world.dsn, run_id, worker="host-a:1", lease=3, retry_timeout=5, since=since)
+    patient = store_for(world, run_id, "host-b:1")
+    try:
+        mine = owner.claim()
+        world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '10 seconds' "
+                           "WHERE run_id = %s", (run_id,))
+        with caplog.at_level(logging.WARNING, logger="relinker"):
+            deadline = time.monotonic() + 10
+            taken = patient.claim()  # the first claim ends the stalled session; a later one takes the range
+            while taken is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                taken = patient.claim()
+        assert taken is not None and taken.range_no == mine.range_no
+        assert "heartbeat older than its 3 s lease, terminating stalled session" in caplog.text
+        assert "(its heartbeat is older than its 3 s lease)" in caplog.text and "its 60" not in caplog.text
+    finally:
+        owner.close()
+        patient.close()
 
 
 def test_a_serialization_failure_keeps_the_session_and_the_ranges_lock(world):

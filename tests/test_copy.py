@@ -1229,3 +1229,24 @@ def test_a_low_open_file_limit_makes_smaller_batches_not_failed_inodes(world, tm
     summary = json.loads(out)
     assert code == 0 and summary["files_copied"] == 300 and summary["problems"] == 0, (summary, err)
     assert world.conn.execute("SELECT count(*) FROM inode WHERE fs_type = 'f' AND blobid IS NULL").fetchone() == (0,)
+
+
+def test_the_resume_command_repeats_where_the_media_are_mounted(world, capsys, tmp_path, monkeypatch):
+    """--source-prefix is this invocation's, not the run's: `copy --run N` alone would read no medium
+    and fail every inode left."""
+    from relinker import checkpoint
+
+    medium = world.medium("moved disk")
+    mount = tmp_path / "mounted here"
+    catalogued(world, medium, put(os.fsencode(mount) + b"/f", b"content") and b"/f", 7)
+
+    def refused(self, conn):
+        raise psycopg.errors.TooManyConnections("sorry, too many clients already")
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "_claim_once", refused)
+    code = main(world.argv("copy", "--json", "--no-progress", "--source-prefix", f"/mnt/ntt/{medium}={mount}",
+                           "--retry-timeout", "1"))
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["ranges_done"] == 0
+    assert err.strip().splitlines()[-1].endswith(
+        f"; resume with: relinker copy --run 1 --source-prefix '/mnt/ntt/{medium}={mount}'"), err

@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import psycopg
 import pytest
 
 from relinker import bloblist, verify as verify_module
@@ -360,3 +361,26 @@ def test_a_failed_check_is_a_check_for_never_and_oldest(linked, capsys):
     linked.conn.execute("UPDATE inode SET size = %s WHERE blobid = %s", (size, a))
     assert pick("oldest") == (a, 0)
     assert linked.conn.execute("SELECT count(*) FROM relinker_verify_failure").fetchone() == (0,)
+
+
+def test_an_incomplete_verify_writes_no_failed_ids_and_its_resume_will(linked, capsys, tmp_path, monkeypatch):
+    """A list of part of a run would pass for the whole one in the two-line repair: none is written,
+    and the resume command asks for it again."""
+    from relinker import checkpoint
+
+    failed = tmp_path / "failed.txt"
+    failed.write_text("# an older list\n")
+
+    def refused(self, conn):
+        raise psycopg.errors.TooManyConnections("sorry, too many clients already")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint.CheckpointStore, "_claim_once", refused)
+        code = main(linked.argv("verify", "--all", "--no-progress", "--retry-timeout", "1", "--failed-ids", str(failed)))
+    err = capsys.readouterr().err
+    run_id = linked.last_run()
+    assert code == 1 and failed.read_text() == "# an older list\n"
+    assert f"--failed-ids {failed} not written: run {run_id} is not complete" in err
+    assert err.strip().splitlines()[-1].endswith(f"; resume with: relinker verify --run {run_id} --failed-ids {failed}"), err
+    assert main(linked.argv("verify", "--run", str(run_id), "--no-progress", "--failed-ids", str(failed))) == 0
+    assert bloblist.read_blob_ids(failed.read_text().splitlines()) == []

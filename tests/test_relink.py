@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -622,6 +623,10 @@ def test_a_dry_run_of_a_named_run_shows_what_resuming_it_would_do(world, capsys)
     world.conn.execute("UPDATE relinker_range SET status = 'pending'")
     code, summary = relink(world, capsys, "--run", "1", "--dry-run")
     assert summary["blobs"] == 3 and summary["links_created"] == 1 and summary["options"]["limit"] == 3
+    assert main(world.argv("relink", "--run", "1", "--dry-run", "--no-progress")) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"options +limit 3, on-conflict replace\n", text), text
+    assert re.search(r"ranges +\d+\n", text), text
     # as for a real resume: an unknown run, or another mode's, is a usage error
     assert main(world.argv("relink", "--run", "999", "--dry-run", "--no-progress")) == 2
     assert "unknown run 999" in capsys.readouterr().err
@@ -805,3 +810,23 @@ def test_a_symlink_in_the_stores_directories_is_never_gone_through(world, capsys
     assert code == 1 and summary["problems_by_kind"] == {"bad-by-hash": 1}, summary
     assert not os.path.lexists(world.archive_path(b"/d/foreign")) and world.linked(fine, b"/d/fine")
     assert os.stat(outside / foreign[2:4] / foreign).st_nlink == 1
+
+
+@pytest.mark.parametrize("command", [["relink", "--no-progress", "--new"], ["status"], ["migrate"]])
+def test_a_reader_that_went_away_changes_no_exit_code(small, capsys, command):
+    """``relinker status | head -1``: the closed pipe is no traceback, and the exit code is the command's."""
+    import sys
+
+    from processes import NEUTRAL_DIRECTORY
+
+    relink(small, capsys)  # a run for status to show
+    reader, writer = os.pipe()
+    os.close(reader)  # every write to the pipe fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "relinker", *small.argv(*command)], stdout=writer,
+                              stderr=subprocess.PIPE, cwd=NEUTRAL_DIRECTORY, timeout=120,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        os.close(writer)
+    err = done.stderr.decode()
+    assert done.returncode == 0 and "Traceback" not in err and "Exception ignored" not in err, err

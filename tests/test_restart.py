@@ -105,3 +105,25 @@ def test_a_server_down_longer_than_the_retry_timeout_stops_the_run_once(world, o
     world.conn = psycopg.connect(world.dsn, autocommit=True)
     world.assert_complete(1)
 
+
+
+def test_a_server_gone_as_the_last_range_ends_is_waited_for(world, own_server, capsys, monkeypatch):
+    """The run's closing figures are read like any other call: retried until the server is back."""
+    import threading
+
+    from relinker import jobs
+    from relinker.cli import main
+
+    real_pool = jobs.run_pool
+
+    def pool_then_outage(*args, **kwargs):
+        outcome = real_pool(*args, **kwargs)
+        world.conn.close()
+        pg_ctl(own_server, "-w", "-m", "fast", "stop")
+        threading.Timer(2, start_again, (own_server,)).start()
+        return outcome
+
+    monkeypatch.setattr(jobs, "run_pool", pool_then_outage)
+    code = main(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "4"))
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["complete"] and summary["status"] == "done", summary
