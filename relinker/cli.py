@@ -145,7 +145,7 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
     which_blobs.add_argument("--all", action="store_true", help="every blob of the catalogue")
     which_blobs.add_argument("--from-file", metavar="FILE", type=path_argument, help="the blob IDs listed in FILE ('-': stdin)")
     verify_cmd.add_argument("--count", type=positive_int, metavar="N",
-                            help=f"how many blobs (default {VERIFY_COUNT})")
+                            help=f"how many blobs (default {verify.DEFAULT_COUNT})")
     verify_cmd.add_argument("--mode", choices=verify.SELECTIONS,
                             help="never checked (default), least recently checked, or a random sample")
     verify_cmd.add_argument("--hash", action="store_true", help="also re-hash the content (reads every byte)")
@@ -408,8 +408,6 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
             raise UserError("--limit and --from-file cannot be combined: the list says which blobs")
         request.blobids = listed_blobs(args.from_file)
         options["from_file"] = bloblist.listing_fingerprint(request.blobids)
-    request.given = jobs.given_options(options)
-    options["on_conflict"] = args.on_conflict or "replace"
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
     return report(summary, code, args.json, request)
 
@@ -424,7 +422,6 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
     options = {"medium": args.medium, "limit": args.limit, "retry_permanent": args.retry_permanent}
     local = {"source_prefix": remaps}
     request = job_request(args, settings, options)
-    request.given = jobs.given_options(options)
     request.local = local
     # Where the media are mounted is this invocation's, not the run's: a resume must say it again.
     request.resume_arguments = [argument for option in args.source_prefix for argument in ("--source-prefix", option)]
@@ -434,14 +431,8 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, {"limit": args.limit})
-    request.given = jobs.given_options(request.options)
     summary, code = jobs.run_job(count.MODE_SPEC, request)
     return report(summary, code, args.json, request)
-
-
-#: verify without --all or --from-file: this many blobs, never checked first.
-VERIFY_COUNT = 100
-VERIFY_SELECTION = "never"
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -466,11 +457,6 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         options["selection"] = "all"
     else:
         options.update(selection=args.mode, count=args.count)
-    request.given = jobs.given_options(options)
-    if not options.get("selection"):
-        options.update(selection=VERIFY_SELECTION, count=args.count or VERIFY_COUNT)
-    elif options["selection"] in verify.SELECTIONS:
-        options["count"] = args.count or VERIFY_COUNT
     if args.failed_ids:
         request.resume_arguments = ["--failed-ids", args.failed_ids]
     summary, code = jobs.run_job(verify.MODE_SPEC, request)

@@ -30,10 +30,11 @@ MEDIUM = "python-stdlib"
 #: Installed packages are not the standard library (and can be huge).
 EXCLUDE = [b"site-packages", b"dist-packages"]
 BROKEN_SHARE = 0.25
-STALE_COPIES = 10
+#: Archive links replaced by orphaned copies (the same content, a file of its own).
+ORPHANED_COPIES = 10
 #: A tree with fewer files tells no story (and cannot lose a quarter of its
-#: links plus STALE_COPIES stale ones).
-MIN_FILES = 2 * STALE_COPIES
+#: links plus ORPHANED_COPIES others).
+MIN_FILES = 2 * ORPHANED_COPIES
 SEED = 20261125
 
 
@@ -142,7 +143,7 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
                             f"(at least {MIN_FILES})")
 
     step("relinker copy: each content once into by-hash/ab/cd/<blake3>, every path hardlinked into the archive")
-    request = jobs.JobRequest(settings=settings, options={"medium": None, "limit": None}, workers=workers,
+    request = jobs.JobRequest(settings=settings, options={}, workers=workers,
                               progress=progress)
     summary, copied = jobs.run_job(copy.MODE_SPEC, request)
     print(_indent(summary.as_text()))
@@ -152,18 +153,17 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
           "files had a content already in by-hash: stored once, linked from every path")
 
     step("break the archive, as an interrupted pool migration would")
-    deleted, stale = _break_archive(settings.archive_root)
-    print(f"  deleted {deleted:,} archive hardlinks ({BROKEN_SHARE:.0%}) and replaced {stale} others "
-          "with stale copies of different content")
+    deleted, orphaned = _break_archive(settings.archive_root)
+    print(f"  deleted {deleted:,} archive hardlinks ({BROKEN_SHARE:.0%}) and replaced {orphaned} others "
+          "with copies of their content that are no links (as the NTT copier left some)")
 
     step("relinker relink: put every link back, without reading a byte of content")
-    request = jobs.JobRequest(settings=settings, options={"on_conflict": "replace", "only_incomplete": False,
-                                                          "limit": None}, workers=workers, progress=progress)
+    request = jobs.JobRequest(settings=settings, options={}, workers=workers, progress=progress)
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
     print(_indent(summary.as_text()))
     if code == EXIT_INTERRUPTED:
         return code
-    repaired = summary.counters.links_created == deleted and summary.counters.links_replaced == stale
+    repaired = summary.counters.links_created == deleted and summary.counters.links_replaced == orphaned
 
     step("relinker verify --all --hash: every blob, every link, every count, every byte")
     request = jobs.JobRequest(settings=settings, options={"hash": True, "selection": "all"}, workers=workers,
@@ -178,19 +178,22 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
 
 
 def _break_archive(archive_root: bytes) -> tuple[int, int]:
-    """Delete a share of the archive's links and replace a few with stale files."""
+    """Delete a share of the archive's links and replace a few with copies that are no links (the
+    NTT copier's orphaned copies: the same content in a file of its own)."""
     files = []
     for directory, _dirs, names in os.walk(archive_root):
         files += [os.path.join(directory, n) for n in names]
     files.sort()
-    chosen = random.Random(SEED).sample(files, int(len(files) * BROKEN_SHARE) + STALE_COPIES)
-    for path in chosen[STALE_COPIES:]:
+    chosen = random.Random(SEED).sample(files, int(len(files) * BROKEN_SHARE) + ORPHANED_COPIES)
+    for path in chosen[ORPHANED_COPIES:]:
         os.unlink(path)
-    for path in chosen[:STALE_COPIES]:
+    for path in chosen[:ORPHANED_COPIES]:
+        with open(path, "rb") as f:
+            content = f.read()
         os.unlink(path)
         with open(path, "wb") as f:
-            f.write(b"a stale copy left behind by an old migration\n")
-    return len(chosen) - STALE_COPIES, STALE_COPIES
+            f.write(content)
+    return len(chosen) - ORPHANED_COPIES, ORPHANED_COPIES
 
 
 def _explain_psql(step: Step, dsn: str, server, keep: bool, root: str) -> None:

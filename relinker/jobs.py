@@ -57,6 +57,8 @@ class Mode:
     in_bytes: Callable[[dict], bool] = lambda options: False
     #: The catalogue's tables a run writes and how, as has_table_privilege names it ("blobs": "UPDATE").
     catalogue_writes: tuple[tuple[str, str], ...] = (("blobs", "UPDATE"),)
+    #: Fills in, in place, the options a request did not give (run_job notes first which it gave).
+    complete_options: Callable[[dict], None] = lambda options: None
 
 
 #: What every run writes: its checkpoints.
@@ -108,7 +110,8 @@ class JobRequest:
     progress: bool = False
     lease: float = checkpoint.DEFAULT_LEASE
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
-    #: the options of ``options`` given on the command line (or in a config file), not defaulted
+    #: the options of ``options`` given on the command line (or in a config file), before the mode's
+    #: defaults filled in the others (run_job notes them)
     given: dict = dataclasses.field(default_factory=dict)
 
 
@@ -212,9 +215,12 @@ def _subdirectories(path: bytes) -> list[bytes]:
 def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     """Run (or resume) a checkpointed job; return its summary and exit code.
 
-    ``request.blobids`` is consumed: planning is its only use.
+    ``request.blobids`` is consumed: planning is its only use. ``request.options`` holds
+    what was given; the mode's defaults complete it.
     """
     settings = request.settings
+    request.given = given_options(request.options)
+    mode.complete_options(request.options)
     by_hash_root, archive_root = check_roots(settings, frozenset() if request.dry_run else mode.writes)
     started = time.monotonic()
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:

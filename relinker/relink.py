@@ -27,6 +27,8 @@ from relinker.paths import below_any, by_hash_relpath, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
 MODE = "relink"
+#: What becomes of a different regular file at an archive path (--on-conflict)
+DEFAULT_ON_CONFLICT = "replace"
 #: Inode rows per chunk the server streams; RangeContext.tick() runs between chunks.
 STREAM_CHUNK = 1000
 
@@ -157,7 +159,8 @@ class RelinkWork:
         self.spec = spec
         self.only_incomplete = bool(spec.options.get("only_incomplete"))
         self.linker = ArchiveLinker(spec.archive_root, source_root=spec.by_hash_root,
-                                    on_conflict=spec.options.get("on_conflict", "replace"), dry_run=spec.dry_run)
+                                    on_conflict=spec.options.get("on_conflict") or DEFAULT_ON_CONFLICT,
+                                    dry_run=spec.dry_run)
         self.data = db.RangeConnection(spec.dsn)
 
     def reset(self) -> None:
@@ -407,4 +410,10 @@ def counts_to_write(recorded, linked: dict, expected: dict, only_incomplete: boo
     return changes
 
 
-MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan)
+def complete_options(options: dict) -> None:
+    """relink's defaults: a different file at an archive path is replaced."""
+    if options.get("on_conflict") is None:
+        options["on_conflict"] = DEFAULT_ON_CONFLICT
+
+
+MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan, complete_options=complete_options)

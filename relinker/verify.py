@@ -38,6 +38,9 @@ from relinker.relink import UNUSABLE, RangeScope, plan_list
 
 MODE = "verify"
 SELECTIONS = ("never", "oldest", "random")
+#: verify without --all or --from-file: this many blobs, never checked first.
+DEFAULT_COUNT = 100
+DEFAULT_SELECTION = "never"
 
 # A check is a pass (blobs.last_checked) or a failure (relinker_verify_failure, until a pass).
 SQL_NEVER = """
@@ -291,7 +294,17 @@ def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) ->
     return len(failed)
 
 
+def complete_options(options: dict) -> None:
+    """verify's defaults: without a selection, the DEFAULT_COUNT blobs never checked; a count for
+    every chosen selection."""
+    if not options.get("selection"):
+        options["selection"] = DEFAULT_SELECTION
+    if options["selection"] in SELECTIONS and not options.get("count"):
+        options["count"] = DEFAULT_COUNT
+
+
 MODE_SPEC = Mode(name=MODE, work=VerifyWork, plan=plan, writes=frozenset(),  # the catalogue only
+                 complete_options=complete_options,
                  catalogue_writes=(("blobs", "UPDATE"), ("relinker_verify_failure", "INSERT"),
                                    ("relinker_verify_failure", "UPDATE"), ("relinker_verify_failure", "DELETE")),
                  in_bytes=lambda options: bool(options.get("hash")))
