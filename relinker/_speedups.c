@@ -1,9 +1,9 @@
 /*
  * relinker._speedups: the linker's per-path and per-blob system calls in C.
  *
- * Optional: relinker.linker holds the same functions in Python and uses them
- * when this module is not built (no compiler at install time) or when
- * RELINKER_PURE_PYTHON is set; RangeWalker's twin is RelinkWork's own loop
+ * Optional: relinker.fastroute holds the same functions in Python, which
+ * relinker.linker uses when this module is not built (no compiler at install
+ * time) or when RELINKER_PURE_PYTHON is set; RangeWalker's twin is RelinkWork's own loop
  * over a range's rows (relinker.relink). Both must behave identically; the
  * tests run the same cases through both.
  *
@@ -468,7 +468,7 @@ cached_directory(PyObject *directories, PyObject *path, const char **name_out, i
 
 /* A directory descriptor argument: an int from 0 to INT_MAX, or None for the
  * working directory. Only an int: anything else could run Python code
- * (__index__), and relinker.linker's twin refuses the same. */
+ * (__index__), and relinker.fastroute's twin refuses the same. */
 static int
 optional_fd(PyObject *value, const char *what, int *fd_out)
 {
@@ -749,7 +749,7 @@ PyDoc_STRVAR(fast_route_doc,
 "--\n\n"
 "Link (or, with expect_present, check) paths[start:] until one needs the general route.\n\n"
 "Returns (created, present, stop): stop is the index of the first path not\n"
-"handled (len(paths) when all were). See relinker.linker._fast_route_python.\n"
+"handled (len(paths) when all were). See relinker.fastroute._fast_route_python.\n"
 "With expect_present and a DirectoryListings, a name its directory listing\n"
 "holds as a hardlink of (dev, ino) is settled without a system call.");
 

@@ -294,8 +294,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         except psycopg.Error as exc:
             why = _database_gone(request) if outcome.database_gone else (
                 f"the catalogue database could not be reached as the run ended ({db.first_line(exc)})")
-            raise RunStopped(f"{why}: run {spec.run_id} stopped; once the database is back, resume it with "
-                             f"`{resume_command(mode.name, spec.run_id, request)}`") from None
+            raise RunStopped(f"{why}: run {spec.run_id} stopped, not complete; once the database is back, "
+                             f"resume it with `{resume_command(mode.name, spec.run_id, request)}`") from None
         if outcome.database_gone and not summary.complete:
             summary.stopped = _database_gone(request)
         elif outcome.start_failure and not summary.complete:

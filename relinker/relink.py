@@ -22,7 +22,8 @@ from psycopg import sql
 from relinker import catalogue, db
 from relinker.checkpoint import Bounds, Range, default_range_count, split_blob_list, split_blob_space
 from relinker.jobs import Mode
-from relinker.linker import EVENT_PATH, EVENT_SOURCE, ArchiveLinker, Outcome, new_tally
+from relinker.fastroute import EVENT_PATH, EVENT_SOURCE
+from relinker.linker import ArchiveLinker, Outcome, new_tally
 from relinker.paths import below_any, by_hash_relpath, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 

@@ -19,7 +19,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from relinker import linker, migrations
+from relinker import fastroute, linker, migrations
 
 try:
     from relinker import _speedups
@@ -29,8 +29,8 @@ except ImportError:  # built without a compiler
 #: The linker's per-path and per-blob system calls: the pure-Python ones
 #: always, the C ones (relinker._speedups) when built.
 IMPLEMENTATIONS = {
-    "python": types.SimpleNamespace(fast_route=linker._fast_route_python,
-                                    lstat_identity=linker._lstat_identity_python),
+    "python": types.SimpleNamespace(fast_route=fastroute._fast_route_python,
+                                    lstat_identity=fastroute._lstat_identity_python),
     "c": _speedups,
 }
 
@@ -188,8 +188,8 @@ def worker_route(request, monkeypatch):
             pytest.skip("relinker._speedups is not built (no C compiler at install time)")
     else:
         monkeypatch.setenv("RELINKER_PURE_PYTHON", "1")
-        for name, python in (("fast_route", linker._fast_route_python),
-                             ("lstat_identity", linker._lstat_identity_python),
+        for name, python in (("fast_route", fastroute._fast_route_python),
+                             ("lstat_identity", fastroute._lstat_identity_python),
                              ("DirectoryListings", None), ("RangeWalker", None)):
             monkeypatch.setattr(linker, name, python)
     return request.param

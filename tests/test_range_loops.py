@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from relinker import linker
+from relinker import fastroute, linker
 from relinker.checkpoint import Counters
 from relinker.linker import Outcome, new_tally
 from relinker.paths import by_hash_relpath
@@ -197,7 +197,7 @@ def test_an_unanswered_event_is_refused(tmp_path):
         walker = work.linker.range_walker(probe=False, tick_every=1000)
         rows = iter([(GOOD, [b"/new/dir/file"])])
         event = walker.step(rows)
-        assert event[0] == linker.EVENT_PATH and event[1] == b"/new/dir/file"
+        assert event[0] == fastroute.EVENT_PATH and event[1] == b"/new/dir/file"
         with pytest.raises(RuntimeError):
             walker.step(rows)
         with pytest.raises(RuntimeError):

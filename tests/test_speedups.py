@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import _speedups
-from relinker import linker
+from relinker import fastroute, linker
 
 
 def test_the_c_fast_route_is_used_where_required():
@@ -328,7 +328,7 @@ def test_both_routes_stop_alike_at_a_directory_value_that_is_no_descriptor(roots
     try:
         outcomes = [route([b"/d/f"], 0, {b"": root_fd, b"/d": value}, None, source, dev, ino, True, None,
                           verified, root_fd)
-                    for route in (linker._fast_route_python, _speedups.fast_route)]
+                    for route in (fastroute._fast_route_python, _speedups.fast_route)]
     finally:
         os.close(root_fd)
     assert outcomes == [(0, 0, 0), (0, 0, 0)]

@@ -20,7 +20,7 @@ import pytest
 from blake3 import blake3
 
 import relinker
-from relinker import linker
+from relinker import fastroute, linker
 from relinker.paths import by_hash_relpath
 
 try:
@@ -120,7 +120,7 @@ def child_paths_change_during_a_lookup(workdir, where, change, variant):
     else:
         directories, verified = {colliding: -1, b"/d": d_fd}, None
     colliding.action = paths.clear if change == "clear" else lambda: paths.__setitem__(slice(None), others)
-    fast_route = _speedups.fast_route if variant == "c" else linker._fast_route_python
+    fast_route = _speedups.fast_route if variant == "c" else fastroute._fast_route_python
     result = fast_route(paths, 0, directories, None, source, st.st_dev, st.st_ino, checking, None, verified,
                         root_fd)
     print(json.dumps({"result": result, "names": len(os.listdir(archive + b"/d"))}))
@@ -605,7 +605,7 @@ def test_c_and_python_fast_routes_agree_on_random_hostile_calls(tmp_path):
     seed = int(os.environ.get("RELINKER_FUZZ_SEED", "19"))
     rng = random.Random(seed)
     trees = {"c": FuzzTree(tmp_path / "c"), "python": FuzzTree(tmp_path / "python")}
-    routes = {"c": _speedups.fast_route, "python": linker._fast_route_python}
+    routes = {"c": _speedups.fast_route, "python": fastroute._fast_route_python}
     fresh = [b"new%d" % i for i in range(1000)]
     listings = None
     try:
@@ -658,7 +658,7 @@ def test_c_and_python_lstat_identities_agree(tmp_path):
         for _ in range(500):
             path, dir_fd = rng.choice(candidates), rng.choice([None, tree.store_fd, tree.root_fd, -1, 2**31])
             found = []
-            for lstat_identity in (_speedups.lstat_identity, linker._lstat_identity_python):
+            for lstat_identity in (_speedups.lstat_identity, fastroute._lstat_identity_python):
                 try:
                     found.append(lstat_identity(path, dir_fd))
                 except OSError as exc:
