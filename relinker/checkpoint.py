@@ -323,6 +323,7 @@ WHERE run_id = %(run_id)s AND range_no = %(range_no)s
 RETURNING attempts
 """
 SQL_CLEAR_PROBLEMS = "DELETE FROM relinker_problem WHERE run_id = %s AND range_no = %s"
+SQL_SYNCHRONOUS_COMMIT = "SET LOCAL synchronous_commit = on"
 _OWNED_WHERE = """
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
   AND worker = %(worker)s AND attempts = %(attempt)s
@@ -367,6 +368,58 @@ WHERE run_id = %(run_id)s AND status <> 'done'
 """
 
 
+# Runs of modes that must not overlap (relink, copy and count all write n_hardlinks; verify checks
+# links the first two make) are kept apart by advisory locks their workers' sessions hold shared,
+# one per mode, taken and checked under a gate lock. The one-bigint form (objsubid 1) is never a
+# range's two-int4 key.
+_MODE_LOCK_CLASS = 0x524C4E4B  # "RLNK"
+MODE_NUMBERS = {"relink": 1, "copy": 2, "count": 3, "verify": 4}
+_MODES_GATE, _PLANNING_GATE = 0, 100
+SQL_GATE = "SELECT pg_advisory_xact_lock(%s)"
+SQL_MODES_AT_WORK = """
+SELECT DISTINCT l.objid::bigint FROM pg_locks AS l
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s
+  AND l.pid <> pg_backend_pid()
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+SQL_HOLD_MODE = "SELECT pg_advisory_lock_shared(%s)"
+
+
+def _mode_key(number: int) -> int:
+    return (_MODE_LOCK_CLASS << 32) | number
+
+
+def gate_planning(conn: psycopg.Connection) -> None:
+    """Inside a transaction: wait for other coordinators choosing or planning a run (the lock lasts
+    until the transaction ends)."""
+    conn.execute(SQL_GATE, (_mode_key(_PLANNING_GATE),))
+
+
+def modes_at_work(conn: psycopg.Connection) -> set[str]:
+    """The modes whose runs other sessions of this database are working now."""
+    numbers = {number for (number,) in conn.execute(SQL_MODES_AT_WORK, (_MODE_LOCK_CLASS,))}
+    return {name for name, number in MODE_NUMBERS.items() if number in numbers}
+
+
+class ModeClash(Exception):
+    """A run of a mode that must not overlap this one is at work."""
+
+    def __init__(self, modes: list[str]):
+        super().__init__(f"a {' and a '.join(modes)} run {'is' if len(modes) == 1 else 'are'} at work on this "
+                         "catalogue")
+        self.modes = modes
+
+
+def hold_mode(conn: psycopg.Connection, mode: str, excludes: frozenset[str]) -> None:
+    """Mark this session as working a run of ``mode`` until it ends (ModeClash if one of ``excludes`` is)."""
+    with conn.transaction():
+        conn.execute(SQL_GATE, (_mode_key(_MODES_GATE),))
+        clash = sorted(modes_at_work(conn) & excludes)
+        if clash:
+            raise ModeClash(clash)
+        conn.execute(SQL_HOLD_MODE, (_mode_key(MODE_NUMBERS[mode]),))
+
+
 class CheckpointStore:
     """One worker's view of a run's ranges, over its own control connection.
 
@@ -375,7 +428,11 @@ class CheckpointStore:
     coordinator started: ranges that failed before it are retried once by it.
     """
 
-    def __init__(self, dsn: str, run_id: int, *, worker: str, lease: float, retry_timeout: float, since):
+    def __init__(self, dsn: str, run_id: int, *, worker: str, lease: float, retry_timeout: float, since,
+                 mode: str | None = None, excludes: frozenset[str] = frozenset()):
+        """``mode``: the session holds that mode's lock (see :func:`hold_mode`) while it lasts."""
+        self.mode = mode
+        self.excludes = excludes
         self.dsn = dsn
         self.run_id = run_id
         self.worker = worker
@@ -423,6 +480,12 @@ class CheckpointStore:
             # crash only means a range is done again. Not waiting for the WAL
             # flush takes a disk sync off every claim, heartbeat and commit.
             self._conn.execute("SET synchronous_commit = off")
+            if self.mode is not None:
+                try:
+                    hold_mode(self._conn, self.mode, self.excludes)
+                except ModeClash:
+                    self.close()  # a session without the mode's lock must not be used
+                    raise
             if self._held is not None:
                 self._relock(self._held)
         return self._conn
@@ -441,12 +504,15 @@ class CheckpointStore:
             self._held = None
             raise LostRange(f"range {held.range_no} was taken over")
 
-    def _call(self, operation: Callable[[psycopg.Connection], object]):
+    def _call(self, operation: Callable[[psycopg.Connection], object], *, ends_outage: bool = True):
+        """``operation`` on this store's session, transient errors retried (``ends_outage``: its success
+        says the database is there for every call of this process)."""
         for attempt in db.retrying(self.retry_timeout):
             with attempt:
                 try:
                     result = operation(self._connection())
-                    db.outage_ended()
+                    if ends_outage:
+                        db.outage_ended()
                     return result
                 except Exception:
                     # Only a lost session is replaced: closing one that is fine (a
@@ -528,7 +594,10 @@ class CheckpointStore:
                     return False
                 conn.execute(SQL_CLEAR_PROBLEMS, (r.run_id, r.range_no))
                 return True
-        if self._held is None or self._held.range_no != r.range_no or not self._call(still_ours):
+        # Not the end of an outage: the range's own connection may still be refused (a connection
+        # limit this session is within), and its redo must not wait --retry-timeout afresh each time.
+        if (self._held is None or self._held.range_no != r.range_no
+                or not self._call(still_ours, ends_outage=False)):
             self._release(r)
             raise LostRange(f"range {r.range_no} was taken over")
 
@@ -536,6 +605,10 @@ class CheckpointStore:
         """Record liveness and partial counters; flush buffered problems."""
         def beat(conn):
             with conn.transaction():
+                if problems:
+                    # Durable before the buffer is cleared: a crash losing this commit would
+                    # lose the rows for good (the redo-free reconnect carries on after them).
+                    conn.execute(SQL_SYNCHRONOUS_COMMIT)
                 recorded = conn.execute(SQL_PROBLEMS_RECORDED, self._owned_params(r)).fetchone()
                 if recorded is None:
                     raise LostRange(f"range {r.range_no} was taken over")

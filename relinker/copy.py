@@ -549,4 +549,5 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
 
 MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}),
                  in_bytes=lambda options: True,
-                 catalogue_writes=(("inode", "UPDATE"), ("path", "UPDATE"), ("blobs", "INSERT"), ("blobs", "UPDATE")))
+                 catalogue_writes=(("inode", "UPDATE"), ("path", "UPDATE"), ("blobs", "INSERT"), ("blobs", "UPDATE")),
+                 excludes=frozenset({"relink", "count", "verify"}))

@@ -41,4 +41,5 @@ class CountWork(RelinkWork):
                             blobid=blobid)
 
 
-MODE_SPEC = Mode(name=MODE, work=CountWork, plan=plan, writes=frozenset())  # the catalogue only
+MODE_SPEC = Mode(name=MODE, work=CountWork, plan=plan, writes=frozenset(),  # the catalogue only
+                 excludes=frozenset({"relink", "copy"}))

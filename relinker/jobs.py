@@ -59,11 +59,15 @@ class Mode:
     catalogue_writes: tuple[tuple[str, str], ...] = (("blobs", "UPDATE"),)
     #: Fills in, in place, the options a request did not give (run_job notes first which it gave).
     complete_options: Callable[[dict], None] = lambda options: None
+    #: The modes whose runs may not be at work while one of this mode is: a run is refused at its
+    #: start, and a worker stops, while one is (see checkpoint.hold_mode).
+    excludes: frozenset = frozenset()
 
 
 #: What every run writes: its checkpoints.
 CHECKPOINT_WRITES = (("relinker_run", "INSERT"), ("relinker_run", "UPDATE"), ("relinker_range", "INSERT"),
                      ("relinker_range", "UPDATE"), ("relinker_problem", "INSERT"), ("relinker_problem", "DELETE"))
+SQL_READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool"
 #: The (table, privilege) pairs of the lists given that this role lacks, in their order.
 SQL_REFUSED = """
 SELECT t.name, t.privilege
@@ -79,6 +83,9 @@ def check_privileges(conn: psycopg.Connection, mode: Mode) -> None:
     A worker refused a write fails its range, or dies at its first claim and
     is started again and again: one line before any work instead.
     """
+    if conn.execute(SQL_READ_ONLY).fetchone()[0]:
+        raise UserError(f"the catalogue database is read-only for role {conn.info.user} (a standby, or "
+                        "default_transaction_read_only): a run writes its checkpoints")
     writes = CHECKPOINT_WRITES + mode.catalogue_writes
     refused = conn.execute(SQL_REFUSED, {"tables": [t for t, _ in writes],
                                          "privileges": [p for _, p in writes]}).fetchone()
@@ -231,6 +238,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
             verbose=settings.verbose, symlinked_shards=store.symlinked_shards(by_hash_root),
+            mode=mode.name, excludes=mode.excludes,
         )
         if spec.symlinked_shards:
             log.warning("%d directories of the store are symlinks (%s): relinker does not follow them, "
@@ -248,7 +256,13 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             ranges_total, done_before, links_before, problems_before, bytes_before = len(spec.dry_ranges), 0, 0, 0, 0
             bytes_total = sum(r.bytes_planned or 0 for r in spec.dry_ranges)
         else:
-            run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
+            clash = sorted(checkpoint.modes_at_work(conn) & mode.excludes)
+            if clash:
+                raise UserError(f"{checkpoint.ModeClash(clash)}: a {mode.name} run must not overlap it "
+                                "(`relinker status` shows it; run one after the other)")
+            with conn.transaction():
+                checkpoint.gate_planning(conn)  # two coordinators starting at once: one plans, the other resumes
+                run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
             spec.run_id = run.run_id
             spec.options = run.options
             spec.since = conn.execute("SELECT now()").fetchone()[0]
@@ -300,6 +314,10 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             summary.stopped = _database_gone(request)
         elif outcome.start_failure and not summary.complete:
             summary.stopped = f"no worker process could be started ({outcome.start_failure})"
+        elif outcome.clash and not summary.complete:
+            others = sorted(mode.excludes)
+            summary.stopped = (f"a {', '.join(others[:-1])} or {others[-1]} run began meanwhile, which a "
+                               f"{mode.name} run must not overlap: once it has ended")
         summary.interrupted = outcome.interrupted and not summary.complete
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links

@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol
 import psycopg
 
 from relinker import db
-from relinker.checkpoint import DEFAULT_LEASE, CheckpointStore, Counters, LostRange, Problem, Range
+from relinker.checkpoint import DEFAULT_LEASE, CheckpointStore, Counters, LostRange, ModeClash, Problem, Range
 from relinker.errors import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ class WorkSpec:
     dry_ranges: list[Range] | None = None
     #: the store's shard directories (``ab``, ``ab/cd``) that are symlinks: never gone through
     symlinked_shards: frozenset = frozenset()
+    #: the run's mode, and the modes whose runs it must not overlap (see checkpoint.hold_mode)
+    mode: str | None = None
+    excludes: frozenset = frozenset()
     lease: float = DEFAULT_LEASE
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
     verbose: int = 0
@@ -205,7 +208,7 @@ class _Worker:
         self.name = db.worker_name()
         self.store = None if spec.dry_run else CheckpointStore(
             spec.dsn, spec.run_id, worker=self.name, lease=spec.lease,
-            retry_timeout=spec.retry_timeout, since=spec.since,
+            retry_timeout=spec.retry_timeout, since=spec.since, mode=spec.mode, excludes=spec.excludes,
         )
         self.work = spec.work(spec)
         self._last_heartbeat = time.monotonic()
@@ -278,6 +281,7 @@ class _Worker:
             with _collector_paused():
                 for attempt in db.retrying(self.spec.retry_timeout):
                     with attempt:
+                        self.check_stop()  # a range redone again and again must still hear a signal
                         ctx = RangeContext(self, r)
                         try:
                             finalize = self.work.process(r, ctx)
@@ -300,6 +304,13 @@ class _Worker:
             self.send("progress", r.range_no, 0, 0)
             return
         except Exception as exc:
+            if db.outage_over_timeout(exc):
+                # The database's trouble, not the range's (its own connection refused for --retry-timeout,
+                # while this worker's control session may work): given back, and this worker gives up.
+                if self.store is not None:
+                    with contextlib.suppress(Exception):
+                        self.store.give_back(r)
+                raise _GaveUp(db.first_line(exc)) from exc
             log.error("range %d failed: %s", r.range_no, db.first_line(exc), exc_info=self.spec.verbose > 1)
             if self.store is not None:
                 self.store.fail(r, f"{type(exc).__name__}: {db.first_line(exc)}")
@@ -335,6 +346,13 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 EXIT_DATABASE_GONE = 75
 
 
+class _GaveUp(Exception):
+    """A worker's database calls failed for the whole --retry-timeout: it exits EXIT_DATABASE_GONE."""
+
+#: A worker's exit code when a run that must not overlap this one is at work.
+EXIT_MODE_CLASH = 76
+
+
 def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter) -> None:
     # Forked with the stop signals blocked (see start_worker): handlers first, then let them in.
     for signum in _STOP_SIGNALS:
@@ -345,6 +363,12 @@ def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter) -> N
     raise_open_file_limit()
     try:
         _Worker(spec, pipe, stop_flag, dry_next).run()
+    except ModeClash as exc:
+        log.warning("%s: this worker stops", exc)
+        sys.exit(EXIT_MODE_CLASH)
+    except _GaveUp as exc:
+        log.error("worker failed: %s", exc)
+        sys.exit(EXIT_DATABASE_GONE)
     except Exception as exc:  # a worker must never die silently
         log.error("worker failed: %s", db.first_line(exc), exc_info=spec.verbose > 1)
         sys.exit(EXIT_DATABASE_GONE if db.outage_over_timeout(exc) else 1)
@@ -367,6 +391,8 @@ class PoolOutcome:
     database_gone: bool = False
     #: why a worker process could not be started (fork refused: the process limit, memory)
     start_failure: str | None = None
+    #: a worker found a run at work that this one must not overlap: no new one was started
+    clash: bool = False
 
 
 class _ForcedStop(Exception):
@@ -450,6 +476,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                                         "no new worker is started", spec.retry_timeout)
                         outcome.database_gone = True  # the others find the same: let them end
                         lost_to_outage += 1
+                    elif process.exitcode == EXIT_MODE_CLASH:
+                        outcome.clash = True
                     elif process.exitcode != 0 and not stopping:
                         log.warning("worker %d exited with %s", process.pid, process.exitcode)
                         if respawns_left > 0 and not outcome.database_gone:

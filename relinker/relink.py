@@ -417,4 +417,5 @@ def complete_options(options: dict) -> None:
         options["on_conflict"] = DEFAULT_ON_CONFLICT
 
 
-MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan, complete_options=complete_options)
+MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan, complete_options=complete_options,
+                 excludes=frozenset({"copy", "count", "verify"}))

@@ -44,6 +44,18 @@ INSERT INTO relinker_scanned_medium (medium_hash, root) VALUES (%s, %s)
 ON CONFLICT (medium_hash) DO UPDATE SET root = EXCLUDED.root, scanned_at = now()
 """
 SQL_OTHER_NAMESAKE = "SELECT medium_hash FROM medium WHERE medium_human = %s AND medium_hash <> %s LIMIT 1"
+# A rescan drops the medium's inodes, whose paths their blobs' expected_hardlinks count: those
+# counts are made afresh (NULL: copy and relink count a blob's paths again). Rows locked in blob ID
+# order, as copy and relink lock them.
+SQL_FORGET_COUNTS = """
+WITH named AS (
+    SELECT b.blobid FROM blobs AS b
+    WHERE b.blobid IN (SELECT i.blobid FROM inode AS i WHERE i.medium_hash = %s AND i.blobid IS NOT NULL)
+      AND b.expected_hardlinks IS NOT NULL
+    ORDER BY b.blobid FOR UPDATE
+)
+UPDATE blobs AS b SET expected_hardlinks = NULL FROM named WHERE b.blobid = named.blobid
+"""
 SQL_DELETE_PATHS = "DELETE FROM path WHERE medium_hash = %s"
 SQL_DELETE_INODES = "DELETE FROM inode WHERE medium_hash = %s"
 SQL_COPY_INODES = """
@@ -99,6 +111,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     with conn.transaction():
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
         conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
+        conn.execute(SQL_FORGET_COUNTS, (result.medium_hash,))
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:

@@ -246,3 +246,27 @@ def test_the_keep_alive_connection_lasts_one_range(catalogue_url):
             assert relinker_sessions(conn) == 1
         finally:
             store.close()
+
+
+def test_a_heartbeat_carrying_problems_is_durable_when_it_returns(world, monkeypatch):
+    """The control session commits without waiting for the WAL flush, but the rows of problems a
+    heartbeat writes leave the worker's buffer for good: a crash must not lose that commit."""
+    run_id = new_run(world, 1)
+    store = store_for(world, run_id)
+    try:
+        r = store.claim()
+        settings = []
+        real_write = store._write_problems
+
+        def write_and_look(conn, r, problems):
+            settings.append(conn.execute("SHOW synchronous_commit").fetchone()[0])
+            real_write(conn, r, problems)
+
+        monkeypatch.setattr(store, "_write_problems", write_and_look)
+        store.heartbeat(r, checkpoint.Counters(problems=1), [checkpoint.Problem("os-error", "lost?", path=b"/x")])
+        assert settings == ["on"]
+        assert store._connection().execute("SHOW synchronous_commit").fetchone()[0] == "off"  # other commits
+        assert world.conn.execute("SELECT count(*) FROM relinker_problem WHERE run_id = %s",
+                                  (run_id,)).fetchone() == (1,)
+    finally:
+        store.close()

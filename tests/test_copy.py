@@ -1250,3 +1250,15 @@ def test_the_resume_command_repeats_where_the_media_are_mounted(world, capsys, t
     assert code == 1 and json.loads(out)["ranges_done"] == 0
     assert err.strip().splitlines()[-1].endswith(
         f"; resume with: relinker copy --run 1 --source-prefix '/mnt/ntt/{medium}={mount}'"), err
+
+
+def test_a_medium_scanned_again_and_copied_again_counts_its_paths_once(world, capsys, tree):
+    """A rescan drops the medium's inodes: their blobs' expected_hardlinks are made afresh, not added to."""
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    assert copy(world, capsys)[0] == 0
+    before = dict(world.conn.execute("SELECT blobid, expected_hardlinks FROM blobs"))
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))  # the same tree, unchanged
+    assert copy(world, capsys)[0] == 0
+    assert dict(world.conn.execute("SELECT blobid, expected_hardlinks FROM blobs")) == before
+    assert world.conn.execute("SELECT count(*) FROM relinker_incomplete_blobs").fetchone() == (0,)
+    world.assert_complete()

@@ -7,6 +7,7 @@ import re
 import subprocess
 import threading
 import time
+import types
 
 import psycopg
 import pytest
@@ -559,7 +560,7 @@ def test_a_range_redone_after_a_lost_connection_records_its_problems_once(world,
     spec = WorkSpec(work=_DataConnectionDropsOnce, dsn=world.dsn, by_hash_root=world.by_hash_root,
                     archive_root=world.archive_root, options={}, run_id=run_id,
                     since=world.conn.execute("SELECT now()").fetchone()[0], retry_timeout=30)
-    worker = _Worker(spec, pipe=None, stop_flag=None, dry_next=None)
+    worker = _Worker(spec, pipe=None, stop_flag=types.SimpleNamespace(value=0), dry_next=None)
     worker.send = lambda *message: None
     try:
         worker.run_range(worker.store.claim())
@@ -603,6 +604,46 @@ def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
         small.conn.execute(f"GRANT UPDATE ON blobs TO {role}")
         assert main([*argv, "count", "--workers", "1", "--json"]) == 0
         capsys.readouterr()
+        # every privilege, in a database it may only read (as a standby's): resuming is refused too
+        small.conn.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+        assert main([*argv, "count", "--workers", "1", "--run", "1"]) == 2
+        assert capsys.readouterr().err == (f"relinker: error: the catalogue database is read-only for role {role} "
+                                           "(a standby, or default_transaction_read_only): a run writes its "
+                                           "checkpoints\n")
+    finally:
+        small.conn.execute(f"DROP OWNED BY {role}")
+        small.conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_connection_limit_below_what_the_workers_need_ends_the_run_not_hangs_it(small, capsys):
+    """Each worker needs two sessions: with fewer allowed, the refused ones are retried for --retry-timeout
+    from their first refusal (a session that works is no end of that outage), then that worker gives its
+    range back and gives up; it never hangs the run, nor fails its ranges."""
+    from psycopg.conninfo import make_conninfo
+
+    role = "relinker_limited_%d" % os.getpid()
+    small.conn.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
+    try:
+        small.conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        small.conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        small.conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        argv = ["--db-url", make_conninfo(small.dsn, user=role), "--by-hash-root", str(small.by_hash),
+                "--archive-root", str(small.archive)]
+        started = time.monotonic()
+        code = main([*argv, "relink", "--json", "--no-progress", "--workers", "2", "--ranges", "4",
+                     "--retry-timeout", "2"])
+        took = time.monotonic() - started
+        out, err = capsys.readouterr()
+        assert took < 60, took
+        summary = json.loads(out)
+        # A worker that gave up frees its session: the other may then finish the run. Either way no
+        # range is failed for the database's trouble, and a stop says how to resume.
+        assert summary["ranges_failed"] == 0, summary
+        if code != 0:
+            assert code == 1 and err.strip().splitlines()[-1].endswith("; resume with: relinker relink --run 1"), err
+            assert main([*argv, "relink", "--json", "--no-progress", "--workers", "1", "--run", "1"]) == 0
+            capsys.readouterr()
+        small.assert_complete(1)
     finally:
         small.conn.execute(f"DROP OWNED BY {role}")
         small.conn.execute(f"DROP ROLE {role}")
@@ -830,3 +871,69 @@ def test_a_reader_that_went_away_changes_no_exit_code(small, capsys, command):
         os.close(writer)
     err = done.stderr.decode()
     assert done.returncode == 0 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_run_that_must_not_overlap_one_at_work_is_refused_before_any_work(small, capsys):
+    """relink and count both write n_hardlinks: while a count run is at work (its workers' sessions
+    hold count's lock), relink is refused in one line, nothing planned; verify, which only reads the
+    counts, is not."""
+    with psycopg.connect(small.dsn, autocommit=True) as count_worker:
+        checkpoint.hold_mode(count_worker, "count", frozenset())
+        assert main(small.argv("relink", "--no-progress")) == 2
+        assert capsys.readouterr().err == (
+            "relinker: error: a count run is at work on this catalogue: a relink run must not overlap it "
+            "(`relinker status` shows it; run one after the other)\n")
+        assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (0,)
+        assert main(small.argv("verify", "--all", "--no-progress")) == 1  # links missing: found, not refused
+        capsys.readouterr()
+    assert relink(small, capsys)[0] == 0
+
+
+def test_a_run_begun_meanwhile_that_must_not_overlap_stops_the_workers(small, capsys, monkeypatch):
+    """A count run that began between relink's planning and its workers' start: the workers stop before
+    any range, and the run ends resumable (exit 1); resumed once count has ended, it completes."""
+    from relinker import jobs
+
+    real_pool = jobs.run_pool
+    count_worker = psycopg.connect(small.dsn, autocommit=True)
+
+    def count_begins_meanwhile(*args, **kwargs):
+        checkpoint.hold_mode(count_worker, "count", frozenset())
+        return real_pool(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(jobs, "run_pool", count_begins_meanwhile)
+        code = main(small.argv("relink", "--json", "--no-progress", "--workers", "2"))
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["ranges_done"] == 0
+    assert err.strip().splitlines()[-1] == (
+        "relinker: a copy, count or verify run began meanwhile, which a relink run must not overlap: once it has "
+        "ended; resume with: relinker relink --run 1")
+    count_worker.close()
+    code, summary = relink(small, capsys, "--run", "1")
+    assert code == 0 and summary["complete"]
+    small.assert_complete(1)
+
+
+def test_two_coordinators_starting_at_once_plan_one_run(world, capsys, monkeypatch):
+    """The second to choose waits while the first plans, then resumes the first's run: never two runs."""
+    from processes import finish, start, wait_for
+
+    world.bulk(200)
+    real_create = checkpoint.create_run
+    second = {}
+
+    def plan_while_another_starts(*args, **kwargs):
+        second["job"] = start(world.argv("relink", "--json", "--no-progress", "--workers", "1"))
+        wait_for(lambda: world.conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1"
+        ).fetchone()[0] == 1, timeout=60, what="the second coordinator waiting for the first's planning")
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "create_run", plan_while_another_starts)
+    code = main(world.argv("relink", "--json", "--no-progress", "--workers", "1"))
+    other_code, out, err = finish(second["job"])
+    assert code == 0 and other_code == 0, err
+    assert json.loads(out)["run_id"] == 1 and "resuming run 1" in err
+    assert world.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (1,)
+    world.assert_complete(1)
