@@ -30,7 +30,13 @@ def start(argv: list[str], *, ignore_sigint: bool = False, **kwargs) -> subproce
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=timeout)
+    """Wait for a process ``start`` started; past ``timeout`` its whole group is killed (never left running)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        process.communicate()
+        raise
     return process.returncode, out.decode(), err.decode()
 
 

@@ -126,6 +126,8 @@ class ProductionWorld(ArchiveWorld):
             self.admin.execute(NTT_SCHEMA)
             superuser = self.admin.execute(
                 "SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+            #: whether the event trigger watches every ALTER TABLE (it needs a superuser)
+            self.event_trigger = superuser
             if superuser:
                 self.admin.execute(EVENT_TRIGGER)
 

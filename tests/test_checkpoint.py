@@ -270,3 +270,23 @@ def test_a_heartbeat_carrying_problems_is_durable_when_it_returns(world, monkeyp
                                   (run_id,)).fetchone() == (1,)
     finally:
         store.close()
+
+
+def test_a_worker_that_reconnects_holds_its_ranges_lock_again(world):
+    """A new session holds no advisory locks: the worker takes its range's back, or another would claim it."""
+    from relinker import checkpoint
+
+    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
+                                   checkpoint.split_blob_space(2))
+    since = world.conn.execute("SELECT now()").fetchone()[0]
+    mine_store, other_store = (checkpoint.CheckpointStore(world.dsn, run_id, worker=name, lease=60, retry_timeout=5,
+                                                          since=since) for name in ("w:1", "w:2"))
+    try:
+        mine = mine_store.claim()
+        world.conn.execute("SELECT pg_terminate_backend(%s)", (mine_store._connection().info.backend_pid,))
+        mine_store.heartbeat(mine, checkpoint.Counters(), [])  # a new session: the range's lock taken back
+        theirs = other_store.claim()
+        assert theirs is not None and theirs.range_no != mine.range_no
+    finally:
+        mine_store.close()
+        other_store.close()

@@ -1262,3 +1262,30 @@ def test_a_medium_scanned_again_and_copied_again_counts_its_paths_once(world, ca
     assert dict(world.conn.execute("SELECT blobid, expected_hardlinks FROM blobs")) == before
     assert world.conn.execute("SELECT count(*) FROM relinker_incomplete_blobs").fetchone() == (0,)
     world.assert_complete()
+
+
+def test_a_source_rewritten_in_place_while_read_is_a_changed_source(tmp_path):
+    """Same size, new bytes and a new mtime while it is read (an editor saving over it): source-changed."""
+    source = tmp_path / "edited"
+    source.write_bytes(b"a" * (3 << 20))
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    fd = os.open(source, os.O_RDONLY)
+    edits = []
+
+    def edit_in_place():
+        if not edits:  # same size, new bytes, a new mtime: an editor saving over the file
+            with open(source, "r+b") as f:
+                f.write(b"b" * 4096)
+            st = os.stat(source)
+            os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            edits.append(1)
+
+    store = ByHashStore(os.fsencode(root))
+    try:
+        with pytest.raises(SourceProblem) as problem:
+            store.read_in(fd, None, edit_in_place)
+        assert problem.value.kind == "source-changed"
+    finally:
+        os.close(fd)
+        store.close()

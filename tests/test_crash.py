@@ -107,3 +107,13 @@ def test_stalled_worker_loses_its_range_after_the_lease(busy):
     assert code == 0, err
     busy.assert_complete(1)
     assert "taken over" in err or "locked by another worker" in err
+
+
+def test_the_only_worker_killed_is_replaced(busy):
+    """With one worker, no other takes its range over: the coordinator starts a new one."""
+    job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "6", "--lease", "2"))
+    victim = wait_for(lambda: running_worker_pids(busy.conn), what="a running range")[0]
+    os.kill(victim, signal.SIGKILL)
+    code, out, err = finish(job)
+    assert code == 0, err
+    busy.assert_complete(json.loads(out)["run_id"])

@@ -52,9 +52,10 @@ def test_migrate_twice_adds_only_relinkers_own(production, capsys):
     assert "applied" not in migrate(production, capsys)
     assert production.conn.execute(NTT_COLUMNS, (list(NTT_TABLES),)).fetchall() == columns
     assert production.rows_of(production.stored) == rows
-    # the event trigger saw relinker alter its own tables only
+    # the event trigger saw relinker alter its own tables only (and saw it alter some: it is there)
     altered = [what for (what,) in production.conn.execute("SELECT what FROM ntt_audit WHERE what LIKE 'ALTER%'")]
-    assert all("relinker_" in what for what in altered), altered
+    if production.event_trigger:
+        assert altered and all("relinker_" in what for what in altered), altered
 
 
 def test_copy_plans_exactly_the_inodes_without_content(production, capsys):

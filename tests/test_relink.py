@@ -14,6 +14,7 @@ import pytest
 
 from psycopg import sql
 
+from processes import finish, start
 from relinker import checkpoint, db
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
@@ -917,7 +918,7 @@ def test_a_run_begun_meanwhile_that_must_not_overlap_stops_the_workers(small, ca
 
 def test_two_coordinators_starting_at_once_plan_one_run(world, capsys, monkeypatch):
     """The second to choose waits while the first plans, then resumes the first's run: never two runs."""
-    from processes import finish, start, wait_for
+    from processes import wait_for
 
     world.bulk(200)
     real_create = checkpoint.create_run
@@ -937,3 +938,39 @@ def test_two_coordinators_starting_at_once_plan_one_run(world, capsys, monkeypat
     assert json.loads(out)["run_id"] == 1 and "resuming run 1" in err
     assert world.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (1,)
     world.assert_complete(1)
+
+
+def test_a_dry_run_replaces_no_stale_file(world, capsys):
+    """A dry run says what it would replace, and replaces nothing."""
+    m = world.medium("disk")
+    blob = world.blob(b"content")
+    world.inode(m, [b"/d/a", b"/d/b"], blob)
+    assert relink(world, capsys)[0] == 0
+    world.replace_with_stale_copy(b"/d/a")
+    before = world.tree()
+    code, summary = relink(world, capsys, "--dry-run")
+    assert summary["links_replaced"] == 1 and summary["links_present"] == 1
+    assert world.tree() == before  # the stale file is still there, nothing written
+
+
+def test_a_range_that_fails_fails_once_and_the_next_run_retries_it(world):
+    """A range failing for good is failed once (last_error kept), the run goes on, and the next run retries it."""
+    m = world.medium("disk")
+    blobs = [world.blob(b"content %d" % n) for n in range(40)]
+    for n, b in enumerate(blobs):
+        world.inode(m, [b"/d/%d" % n], b)
+    world.conn.execute(f"""
+        CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.blobid = '{blobs[0]}' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$;
+        CREATE TRIGGER boom BEFORE UPDATE ON blobs FOR EACH ROW EXECUTE FUNCTION boom();""")
+    argv = world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "4")
+    code, out, err = finish(start(argv), timeout=60)  # a failed range claimed again and again never ends
+    assert code == 1, err
+    summary = json.loads(out)
+    assert summary["ranges_failed"] == 1 and summary["ranges_done"] == 3, summary
+    assert world.conn.execute("SELECT count(*) FROM relinker_range WHERE status = 'failed' "
+                              "AND last_error LIKE '%boom%'").fetchone() == (1,)
+    world.conn.execute("DROP TRIGGER boom ON blobs")
+    code, out, err = finish(start(argv), timeout=60)
+    assert code == 0, err
+    world.assert_complete(summary["run_id"])

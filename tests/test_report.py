@@ -106,3 +106,14 @@ def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(wo
                        "AND status = 'running'", (run_id,))
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
     assert summary.eta_seconds is None and "none: no worker is at work (resume the run)" in summary.as_text()
+
+
+def test_status_text_breaks_problems_down_by_kind_and_names_failed_ranges():
+    from relinker.checkpoint import Counters
+    from relinker.report import Summary
+
+    text = Summary(mode="relink", run_id=1, status="open", counters=Counters(problems=3), ranges_total=4,
+                   ranges_done=2, ranges_failed=1, ranges_running=1,
+                   problems_by_kind={"missing-by-hash": 2, "unsafe-path": 1}).as_text()
+    assert "problems" in text and "3 (missing-by-hash 2, unsafe-path 1)" in text
+    assert "2 of 4 done, 1 failed, 1 running" in text

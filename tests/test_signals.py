@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM: a clean stop with exit 3, and a resume that ends correct."""
 
+import os
 import signal
 import socket
 import time
@@ -89,3 +90,55 @@ def test_a_signal_before_the_pool_starts_is_exit_3_too(signum, inherited_ignored
             connection.close()
     assert code == 3, err
     assert err.strip().endswith("relinker: interrupted") and "Traceback" not in err
+
+
+def test_ctrl_c_in_the_middle_of_a_range_gives_that_range_back(busy):
+    """One range of 60,000 links, interrupted while worked: back to pending, not left running nor finished."""
+    job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "1"))
+    wait_for(lambda: range_states(busy.conn).get("running", 0) == 1, what="the range running")
+    kill_group(job, signal.SIGINT)
+    code, _out, err = finish(job, timeout=30)
+    assert code == 3, err
+    states = range_states(busy.conn)
+    assert states == {"pending": 1}, states  # given back mid-range, not left running, not finished
+    assert busy.conn.execute("SELECT worker, heartbeat_at FROM relinker_range").fetchone() == (None, None)
+
+
+def test_a_second_sigint_stops_at_once_even_with_a_stuck_worker(busy):
+    """The first signal waits for the workers; the second does not, even for one that never answers."""
+    from processes import running_worker_pids
+
+
+    job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "1"))
+    victim = wait_for(lambda: running_worker_pids(busy.conn), what="a running range")[0]
+    os.kill(victim, signal.SIGSTOP)  # it will never notice the first signal
+    try:
+        job.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        job.send_signal(signal.SIGINT)
+        code, _out, err = finish(job, timeout=20)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        if job.poll() is None:
+            kill_group(job)
+            job.wait()
+    assert code == 3, err
+
+
+def test_a_workers_second_signal_ends_it_at_once():
+    """A worker's second stop signal ends it at once, with exit 3."""
+    from relinker import pool
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            pool._signals_received = 0
+            pool._on_worker_signal(signal.SIGINT, None)
+            pool._on_worker_signal(signal.SIGINT, None)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 3
