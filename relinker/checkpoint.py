@@ -369,20 +369,23 @@ WHERE run_id = %(run_id)s AND status <> 'done'
 
 
 # Runs of modes that must not overlap (relink, copy and count all write n_hardlinks; verify checks
-# links the first two make) are kept apart by advisory locks their workers' sessions hold shared,
-# one per mode, taken and checked under a gate lock. The one-bigint form (objsubid 1) is never a
-# range's two-int4 key.
+# links the first two make; scan replaces a medium's rows) are kept apart by advisory locks their
+# workers' sessions (and scan's) hold shared, one per mode, taken and checked under a gate lock.
+# The one-bigint form (objsubid 1) is never a range's two-int4 key.
 _MODE_LOCK_CLASS = 0x524C4E4B  # "RLNK"
-MODE_NUMBERS = {"relink": 1, "copy": 2, "count": 3, "verify": 4}
+MODE_NUMBERS = {"relink": 1, "copy": 2, "count": 3, "verify": 4, "scan": 5}
 _MODES_GATE, _PLANNING_GATE = 0, 100
-SQL_GATE = "SELECT pg_advisory_xact_lock(%s)"
+# Gates are held for moments (or one planning): waited for whatever lock_timeout the role sets.
+SQL_GATE = "SELECT set_config('lock_timeout', '0', true), pg_advisory_xact_lock(%s)"
 SQL_MODES_AT_WORK = """
-SELECT DISTINCT l.objid::bigint FROM pg_locks AS l
+SELECT l.objid::bigint, l.pid FROM pg_locks AS l
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s
   AND l.pid <> pg_backend_pid()
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY l.pid
 """
 SQL_HOLD_MODE = "SELECT pg_advisory_lock_shared(%s)"
+SQL_RELEASE_MODE = "SELECT pg_advisory_unlock_shared(%s)"
 
 
 def _mode_key(number: int) -> int:
@@ -395,29 +398,48 @@ def gate_planning(conn: psycopg.Connection) -> None:
     conn.execute(SQL_GATE, (_mode_key(_PLANNING_GATE),))
 
 
-def modes_at_work(conn: psycopg.Connection) -> set[str]:
-    """The modes whose runs other sessions of this database are working now."""
-    numbers = {number for (number,) in conn.execute(SQL_MODES_AT_WORK, (_MODE_LOCK_CLASS,))}
-    return {name for name, number in MODE_NUMBERS.items() if number in numbers}
+def modes_at_work(conn: psycopg.Connection) -> dict[str, list[int]]:
+    """The modes whose runs other sessions of this database are working now, with those sessions' pids."""
+    names = {number: name for name, number in MODE_NUMBERS.items()}
+    found: dict[str, list[int]] = {}
+    for number, pid in conn.execute(SQL_MODES_AT_WORK, (_MODE_LOCK_CLASS,)):
+        if number in names:
+            found.setdefault(names[number], []).append(pid)
+    return found
 
 
 class ModeClash(Exception):
     """A run of a mode that must not overlap this one is at work."""
 
-    def __init__(self, modes: list[str]):
+    def __init__(self, at_work: dict[str, list[int]]):
+        modes = sorted(at_work)
+        pids = sorted(pid for mode in modes for pid in at_work[mode])
         super().__init__(f"a {' and a '.join(modes)} run {'is' if len(modes) == 1 else 'are'} at work on this "
-                         "catalogue")
+                         f"catalogue (database session{'s' if len(pids) > 1 else ''} "
+                         f"{', '.join(map(str, pids))})")
         self.modes = modes
 
 
+def clashing_modes(conn: psycopg.Connection, excludes: frozenset[str]) -> ModeClash | None:
+    """The clash with runs at work that a run must not overlap, if any (a check only: see hold_mode)."""
+    at_work = {mode: pids for mode, pids in modes_at_work(conn).items() if mode in excludes}
+    return ModeClash(at_work) if at_work else None
+
+
 def hold_mode(conn: psycopg.Connection, mode: str, excludes: frozenset[str]) -> None:
-    """Mark this session as working a run of ``mode`` until it ends (ModeClash if one of ``excludes`` is)."""
+    """Mark this session as working a run of ``mode`` until it ends or calls release_mode
+    (ModeClash if a mode of ``excludes`` is at work)."""
     with conn.transaction():
         conn.execute(SQL_GATE, (_mode_key(_MODES_GATE),))
-        clash = sorted(modes_at_work(conn) & excludes)
-        if clash:
-            raise ModeClash(clash)
+        clash = clashing_modes(conn, excludes)
+        if clash is not None:
+            raise clash
         conn.execute(SQL_HOLD_MODE, (_mode_key(MODE_NUMBERS[mode]),))
+
+
+def release_mode(conn: psycopg.Connection, mode: str) -> None:
+    """End what hold_mode began, in a session that lives on."""
+    conn.execute(SQL_RELEASE_MODE, (_mode_key(MODE_NUMBERS[mode]),))
 
 
 class CheckpointStore:
@@ -476,18 +498,20 @@ class CheckpointStore:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self.close()
             self._conn = db.connect(self.dsn, autocommit=True)
-            # Every write here is safe to redo: a commit lost in a server
-            # crash only means a range is done again. Not waiting for the WAL
-            # flush takes a disk sync off every claim, heartbeat and commit.
-            self._conn.execute("SET synchronous_commit = off")
-            if self.mode is not None:
-                try:
+            try:
+                # Every write here is safe to redo: a commit lost in a server
+                # crash only means a range is done again. Not waiting for the WAL
+                # flush takes a disk sync off every claim, heartbeat and commit.
+                self._conn.execute("SET synchronous_commit = off")
+                if self.mode is not None:
                     hold_mode(self._conn, self.mode, self.excludes)
-                except ModeClash:
-                    self.close()  # a session without the mode's lock must not be used
-                    raise
-            if self._held is not None:
-                self._relock(self._held)
+                if self._held is not None:
+                    self._relock(self._held)
+            except BaseException:
+                # A session without its mode's lock, or its range's, must not be used: the next call
+                # starts afresh (a LostRange has set _held aside first).
+                self.close()
+                raise
         return self._conn
 
     def _relock(self, held: Range) -> None:
@@ -633,6 +657,12 @@ class CheckpointStore:
         self._call(commit)
         problems.clear()
         self._release(r)
+
+    def abandon(self, r: Range) -> None:
+        """Give ``r`` back over a session that takes no mode lock: this worker stops (a ModeClash)."""
+        self.mode = None
+        self.close()
+        self.give_back(r)
 
     def give_back(self, r: Range) -> None:
         """Return a range to pending (interrupted): the next claim redoes it.

@@ -289,10 +289,13 @@ def job_request(args: argparse.Namespace, settings: Settings, options: dict) -> 
 
 
 def emit(text: str) -> None:
-    """Print a line of output; a reader that went away (``| head``) changes nothing of the exit code."""
+    """Print a line of output; output that cannot be written (a reader gone, ``| head``; a full disk)
+    changes nothing of the exit code."""
     try:
         print(text, flush=True)
-    except BrokenPipeError:
+    except OSError as exc:
+        if not isinstance(exc, BrokenPipeError):
+            print(f"relinker: cannot write the output: {exc.strerror}", file=sys.stderr)
         # Whatever is printed after, and the flush at exit, go nowhere instead of failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 

@@ -550,4 +550,4 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
 MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}),
                  in_bytes=lambda options: True,
                  catalogue_writes=(("inode", "UPDATE"), ("path", "UPDATE"), ("blobs", "INSERT"), ("blobs", "UPDATE")),
-                 excludes=frozenset({"relink", "count", "verify"}))
+                 excludes=frozenset({"relink", "count", "verify", "scan"}))

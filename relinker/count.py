@@ -42,4 +42,4 @@ class CountWork(RelinkWork):
 
 
 MODE_SPEC = Mode(name=MODE, work=CountWork, plan=plan, writes=frozenset(),  # the catalogue only
-                 excludes=frozenset({"relink", "copy"}))
+                 excludes=frozenset({"relink", "copy", "scan"}))

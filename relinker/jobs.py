@@ -256,12 +256,13 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             ranges_total, done_before, links_before, problems_before, bytes_before = len(spec.dry_ranges), 0, 0, 0, 0
             bytes_total = sum(r.bytes_planned or 0 for r in spec.dry_ranges)
         else:
-            clash = sorted(checkpoint.modes_at_work(conn) & mode.excludes)
-            if clash:
-                raise UserError(f"{checkpoint.ModeClash(clash)}: a {mode.name} run must not overlap it "
-                                "(`relinker status` shows it; run one after the other)")
+            clash = checkpoint.clashing_modes(conn, mode.excludes)
+            if clash is not None:
+                raise UserError(f"{clash}: a {mode.name} run must not overlap it (run one after the other; "
+                                "a session stuck in a stopped process holds it until it ends)")
             with conn.transaction():
-                checkpoint.gate_planning(conn)  # two coordinators starting at once: one plans, the other resumes
+                if request.run_id is None:
+                    checkpoint.gate_planning(conn)  # two coordinators starting at once: one plans, one resumes
                 run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
             spec.run_id = run.run_id
             spec.options = run.options
@@ -358,10 +359,30 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
         raise UserError(f"run {run.run_id} was planned for other work ({conflicts}): resume it without "
                         f"those options, or plan a new run with --new")
     if (run.by_hash_root, run.archive_root) != (by_hash_root, archive_root):
-        log.warning("run %d was planned with roots %s and %s; working with %s and %s",
-                    run.run_id, display(run.by_hash_root), display(run.archive_root),
-                    display(by_hash_root), display(archive_root))
+        planned = [(run.by_hash_root, by_hash_root), (run.archive_root, archive_root)]
+        if all(_same_directory(old, new) is not False for old, new in planned):
+            # Its roots are gone from where they were (moved, mounted elsewhere): the ones given now.
+            log.warning("run %d was planned with roots %s and %s; working with %s and %s",
+                        run.run_id, display(run.by_hash_root), display(run.archive_root),
+                        display(by_hash_root), display(archive_root))
+        else:
+            raise UserError(f"run {run.run_id} was planned for the roots {display(run.by_hash_root)} and "
+                            f"{display(run.archive_root)}, which are there, not {display(by_hash_root)} and "
+                            f"{display(archive_root)}: resume it with --by-hash-root {display(run.by_hash_root)} "
+                            f"--archive-root {display(run.archive_root)}")
     return run
+
+
+def _same_directory(planned: bytes, given: bytes) -> bool | None:
+    """Whether a run's root and the one given now are one directory (None: the run's is not there any more)."""
+    try:
+        was = os.stat(planned)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(was.st_mode):
+        return None
+    now = os.stat(given)
+    return (was.st_dev, was.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,

@@ -54,6 +54,8 @@ AT_LINK_LIMIT = "the by-hash file has as many links as the filesystem allows"
 #: What glibc's pathconf answers for a filesystem it has no figure for
 #: (LINUX_LINK_MAX): tmpfs, overlayfs, ZFS, whose real limit is far higher or none.
 _UNKNOWN_LINK_MAX = 127
+#: Bytes read at a time when a file in the way is compared with the by-hash file before a replace.
+COMPARE_CHUNK = 1 << 20
 TEMP_PREFIX = b".relinker-"
 TEMP_SUFFIX = b".tmp"
 #: Upper bound of directory descriptors kept open per linker; the real bound
@@ -425,16 +427,13 @@ class ArchiveLinker:
         if self.on_conflict == "keep":
             raise LinkProblem("existing-file", "a different regular file is there (kept: --on-conflict keep)")
         if existing.st_nlink == 1:
-            # Its only name: replacing it would destroy its content. A copy of the blob's content
-            # (the copier's orphaned copy) has the by-hash file's size; a file of another size is
-            # another content, or the by-hash file is damaged (verify --hash tells which).
-            try:
-                stored_size = self.stat_source(source).st_size
-            except OSError as exc:
-                raise _link_problem(exc, self.source_path(source), stored) from None
-            if existing.st_size != stored_size:
-                raise LinkProblem("existing-file", f"a regular file of {existing.st_size} bytes is there, the "
-                                  f"by-hash file has {stored_size}, and it is its content's only name (kept)")
+            # Its only name: replaced only if that loses nothing, i.e. it holds the by-hash file's very
+            # bytes (the copier's orphaned copy). Anything else is another content, or the by-hash file
+            # is damaged: verify --hash tells which. The one place relink reads content.
+            differs = self._differs_from_source(source, dir_fd, name)
+            if differs:
+                raise LinkProblem("existing-file", f"a regular file that is its content's only name is there, "
+                                  f"and {differs} (kept)")
         if self.dry_run:
             return Outcome.REPLACED
         # Deterministic temporary name: a redo after a crash between link and
@@ -459,6 +458,35 @@ class ArchiveLinker:
                 pass
             raise _link_problem(exc, self.source_path(source), stored) from None
         return Outcome.REPLACED
+
+    def _differs_from_source(self, source: bytes, dir_fd: int, name: bytes) -> str | None:
+        """How the file ``name`` (below ``dir_fd``) differs from the by-hash file ``source``; None if it holds
+        the same bytes."""
+        try:
+            theirs = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError as exc:
+            return f"it cannot be read to compare ({exc.strerror})"
+        try:
+            try:
+                ours = self.open_source(source)
+            except OSError as exc:
+                return f"the by-hash file cannot be read to compare ({exc.strerror})"
+            try:
+                their_size, our_size = os.fstat(theirs).st_size, os.fstat(ours).st_size
+                if their_size != our_size:
+                    return f"it has {their_size} bytes where the by-hash file has {our_size}"
+                while True:
+                    mine, other = os.read(ours, COMPARE_CHUNK), os.read(theirs, COMPARE_CHUNK)
+                    if mine != other:
+                        return "its bytes differ from the by-hash file's"
+                    if not mine:
+                        return None
+            except OSError as exc:
+                return f"it cannot be compared with the by-hash file ({exc.strerror})"
+            finally:
+                os.close(ours)
+        finally:
+            os.close(theirs)
 
     def _own_leftover(self, source: bytes, dir_fd: int, temp: bytes) -> bool:
         """Whether ``temp`` is a link of ``source`` that a replace interrupted before its rename left."""

@@ -299,6 +299,13 @@ class _Worker:
                 self.store.give_back(r)
             self.send("progress", r.range_no, 0, 0)
             raise
+        except ModeClash:
+            # Found on reconnecting mid-range: the range goes back for this run's resume.
+            if self.store is not None:
+                with contextlib.suppress(Exception):
+                    self.store.abandon(r)
+            self.send("progress", r.range_no, 0, 0)
+            raise
         except LostRange as exc:
             log.warning("range %d: %s; leaving it to its new owner", r.range_no, exc)
             self.send("progress", r.range_no, 0, 0)
@@ -353,11 +360,31 @@ class _GaveUp(Exception):
 EXIT_MODE_CLASH = 76
 
 
-def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter) -> None:
+def _open_descriptors() -> set[int]:
+    """This process's open descriptors (none known where /proc is not there)."""
+    try:
+        listed = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return set()
+    return {fd for fd in listed if _is_open(fd)}  # not the one the listing itself used
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter, inherited=()) -> None:
     # Forked with the stop signals blocked (see start_worker): handlers first, then let them in.
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _on_worker_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    for fd in inherited:  # the parent's ends of the other workers' pipes (see start_worker)
+        with contextlib.suppress(OSError):
+            os.close(fd)
     from relinker.linker import raise_open_file_limit
 
     raise_open_file_limit()
@@ -418,6 +445,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     dry_next = _SharedCounter(context)
     outcome = PoolOutcome()
     live: dict[Any, multiprocessing.Process] = {}  # pipe reader -> process
+    parents_ends: dict[Any, set[int]] = {}  # pipe reader -> this process's descriptors for that worker
     in_flight: dict[int, tuple[int, int]] = {}  # range_no -> (paths, bytes) so far (this coordinator)
     idle: set = set()  # pipes of workers waiting for a range to end
     finished_paths = finished_bytes = 0
@@ -428,8 +456,12 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
 
     def start_worker() -> None:
         reader, writer = context.Pipe(duplex=True)  # the parent answers "idle" with "wake"
-        process = context.Process(target=_worker_main, args=(spec, writer, stop_flag, dry_next),
+        # The child closes the parent's ends of every pipe it inherits: a worker forked late would
+        # otherwise start with three descriptors for each one before it.
+        inherited = sorted(set().union(*parents_ends.values()) | {reader.fileno()})
+        process = context.Process(target=_worker_main, args=(spec, writer, stop_flag, dry_next, inherited),
                                   name="relinker-worker", daemon=False)
+        before = _open_descriptors()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             process.start()
@@ -443,6 +475,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
             writer.close()
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         live[reader] = process
+        # This worker's pipe, and what multiprocessing keeps to watch it (two more pipe ends).
+        parents_ends[reader] = (_open_descriptors() - before) | {reader.fileno()}
 
     forced = False
 
@@ -468,6 +502,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     message = reader.recv()
                 except (EOFError, OSError, ValueError):
                     process = live.pop(reader)
+                    parents_ends.pop(reader, None)
                     process.join()
                     reader.close()
                     if process.exitcode == EXIT_DATABASE_GONE:

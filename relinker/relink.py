@@ -418,4 +418,4 @@ def complete_options(options: dict) -> None:
 
 
 MODE_SPEC = Mode(name=MODE, work=RelinkWork, plan=plan, complete_options=complete_options,
-                 excludes=frozenset({"copy", "count", "verify"}))
+                 excludes=frozenset({"copy", "count", "verify", "scan"}))

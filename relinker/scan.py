@@ -18,7 +18,7 @@ import blake3
 import psycopg
 from psycopg import sql
 
-from relinker import db, migrations
+from relinker import checkpoint, db, migrations
 from relinker.errors import UserError
 from relinker.paths import display
 
@@ -45,17 +45,19 @@ ON CONFLICT (medium_hash) DO UPDATE SET root = EXCLUDED.root, scanned_at = now()
 """
 SQL_OTHER_NAMESAKE = "SELECT medium_hash FROM medium WHERE medium_human = %s AND medium_hash <> %s LIMIT 1"
 # A rescan drops the medium's inodes, whose paths their blobs' expected_hardlinks count: those
-# counts are made afresh (NULL: copy and relink count a blob's paths again). Rows locked in blob ID
-# order, as copy and relink lock them.
+# counts are made afresh (NULL: copy and relink count a blob's paths again). The rows are locked in
+# blob ID order, as copy and relink lock them, as the scan's last statement: not for its walk.
+SQL_NAMED_BLOBS = "SELECT DISTINCT blobid FROM inode WHERE medium_hash = %s AND blobid IS NOT NULL"
 SQL_FORGET_COUNTS = """
 WITH named AS (
     SELECT b.blobid FROM blobs AS b
-    WHERE b.blobid IN (SELECT i.blobid FROM inode AS i WHERE i.medium_hash = %s AND i.blobid IS NOT NULL)
-      AND b.expected_hardlinks IS NOT NULL
+    WHERE b.blobid = ANY(%s::text[]) AND b.expected_hardlinks IS NOT NULL
     ORDER BY b.blobid FOR UPDATE
 )
 UPDATE blobs AS b SET expected_hardlinks = NULL FROM named WHERE b.blobid = named.blobid
 """
+#: What a scan must not overlap: runs that count or check the paths it replaces.
+SCAN_EXCLUDES = frozenset({"relink", "copy", "count", "verify"})
 SQL_DELETE_PATHS = "DELETE FROM path WHERE medium_hash = %s"
 SQL_DELETE_INODES = "DELETE FROM inode WHERE medium_hash = %s"
 SQL_COPY_INODES = """
@@ -101,17 +103,32 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     text_paths = db.column_type(conn, "path", "path") != "bytea"
 
     result = ScanResult(medium_hash_for(name))
-    inodes: dict[int, tuple] = {}
     # A medium is named by its name in copy --medium: two of one name could be told apart by hash only.
     namesake = conn.execute(SQL_OTHER_NAMESAKE, (name, result.medium_hash)).fetchone()
     if namesake:
         raise UserError(f"medium {name!r} exists already ({namesake[0]}, not catalogued by relinker scan): "
                         "choose another name")
     ensure_medium_partitions(conn, result.medium_hash)
+    try:
+        checkpoint.hold_mode(conn, "scan", SCAN_EXCLUDES)
+    except checkpoint.ModeClash as clash:
+        raise UserError(f"{clash}: a scan must not overlap it (run one after the other)") from None
+    try:
+        _replace_medium(conn, name, root, root_stat, exclude, text_paths, result)
+    finally:
+        if not conn.closed and not conn.broken:
+            checkpoint.release_mode(conn, "scan")
+    return result
+
+
+def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat: os.stat_result,
+                    exclude: list[bytes], text_paths: bool, result: ScanResult) -> None:
+    """The medium's rows replaced by those of the walk of ``root``, in one transaction."""
+    inodes: dict[int, tuple] = {}
     with conn.transaction():
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
         conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
-        conn.execute(SQL_FORGET_COUNTS, (result.medium_hash,))
+        named = [blobid for (blobid,) in conn.execute(SQL_NAMED_BLOBS, (result.medium_hash,))]
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:
@@ -139,8 +156,9 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
             for row in inodes.values():
                 copy.write_row(row)
         result.inodes = len(inodes)
+        if named:
+            conn.execute(SQL_FORGET_COUNTS, (db.text_array(named),))
         analyze_medium(conn, result.medium_hash)
-    return result
 
 
 # The relation that holds a medium's rows: its partition, or the table itself.

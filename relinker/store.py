@@ -358,6 +358,8 @@ class ByHashStore:
                 raise _blocked_directory(pending.final) from None
             raise _naming(exc, pending.final) from None
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM) and _may_write_into(level2, self._root_fd):
+                raise _naming(exc, pending.final) from None  # refused whatever the directory: the store's trouble
             raise _store_error(exc, pending.final) from None
 
     def _temporary(self, direct: bool = False) -> tuple[int, bytes]:
@@ -463,7 +465,19 @@ def _batch_files_allowed() -> int:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return BATCH_FILES
-    return max(1, min(BATCH_FILES, (soft - BATCH_FD_RESERVE) // 2))
+    try:
+        already_open = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        already_open = 0
+    return max(1, min(BATCH_FILES, (soft - already_open - BATCH_FD_RESERVE) // 2))
+
+
+def _may_write_into(directory: bytes, dir_fd: int) -> bool:
+    """Whether this process may make entries in ``directory`` (below ``dir_fd``) by its permission bits."""
+    try:
+        return os.access(directory, os.W_OK | os.X_OK, dir_fd=dir_fd, effective_ids=True, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        return False
 
 
 def symlinked_shards(root: bytes) -> frozenset[bytes]:
@@ -614,7 +628,9 @@ def _rename_noreplace(source_dir: int, source: bytes, target_dir: int, target: b
         error = ctypes.get_errno()
         if error == errno.EEXIST:
             return False
-        if error not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        # EPERM: a sandbox refusing a system call it does not know (a refusal of the filesystem's
+        # refuses the link as well).
+        if error not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
             raise OSError(error, os.strerror(error), target)
     try:
         os.link(source, target, src_dir_fd=source_dir, dst_dir_fd=target_dir, follow_symlinks=False)

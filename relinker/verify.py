@@ -304,7 +304,7 @@ def complete_options(options: dict) -> None:
 
 
 MODE_SPEC = Mode(name=MODE, work=VerifyWork, plan=plan, writes=frozenset(),  # the catalogue only
-                 complete_options=complete_options, excludes=frozenset({"relink", "copy"}),
+                 complete_options=complete_options, excludes=frozenset({"relink", "copy", "scan"}),
                  catalogue_writes=(("blobs", "UPDATE"), ("relinker_verify_failure", "INSERT"),
                                    ("relinker_verify_failure", "UPDATE"), ("relinker_verify_failure", "DELETE")),
                  in_bytes=lambda options: bool(options.get("hash")))

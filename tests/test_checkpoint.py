@@ -290,3 +290,54 @@ def test_a_worker_that_reconnects_holds_its_ranges_lock_again(world):
     finally:
         mine_store.close()
         other_store.close()
+
+
+def test_a_lock_timeout_never_leaves_a_worker_without_its_mode_lock(world):
+    """A role's lock_timeout ending the wait for the modes gate must not leave the session in use
+    without its mode's lock (the guard off, unseen): the gate is waited for, and a failed setup is a new
+    session next time."""
+    import threading
+
+    from psycopg.conninfo import make_conninfo
+
+    run_id = new_run(world, 2)
+    gate = psycopg.connect(world.dsn)
+    gate.execute("SELECT pg_advisory_xact_lock(%s)", (checkpoint._mode_key(checkpoint._MODES_GATE),))
+    timer = threading.Timer(1.0, gate.commit)  # another worker's hold_mode, slow under contention
+    timer.start()
+    store = checkpoint.CheckpointStore(make_conninfo(world.dsn, options="-c lock_timeout=200"), run_id,
+                                       worker="w:1", lease=60, retry_timeout=30,
+                                       since=world.conn.execute("SELECT now()").fetchone()[0],
+                                       mode="relink", excludes=frozenset({"count"}))
+    try:
+        assert store.claim() is not None
+        assert set(checkpoint.modes_at_work(world.conn)) == {"relink"}
+    finally:
+        timer.join()
+        store.close()
+        gate.close()
+
+
+def test_a_worker_finding_a_clash_on_reconnecting_gives_its_range_back(world):
+    """Its session lost mid-range, a relink worker reconnects to find a count run at work: it may not
+    go on, and its range goes back to pending for the resume (not left running)."""
+    run_id = new_run(world, 1)
+    store = checkpoint.CheckpointStore(world.dsn, run_id, worker="w:1", lease=60, retry_timeout=5,
+                                       since=world.conn.execute("SELECT now()").fetchone()[0],
+                                       mode="relink", excludes=frozenset({"count"}))
+    try:
+        mine = store.claim()
+        world.conn.execute("SELECT pg_terminate_backend(%s)", (store._connection().info.backend_pid,))
+        with psycopg.connect(world.dsn, autocommit=True) as count_worker:
+            checkpoint.hold_mode(count_worker, "count", frozenset())
+            try:
+                store.heartbeat(mine, checkpoint.Counters(), [])
+            except checkpoint.ModeClash:
+                store.abandon(mine)
+            else:
+                raise AssertionError("a relink worker went on beside a count run")
+            assert world.conn.execute("SELECT status, worker FROM relinker_range WHERE run_id = %s",
+                                      (run_id,)).fetchone() == ("pending", None)
+            assert set(checkpoint.modes_at_work(world.conn)) == {"count"}
+    finally:
+        store.close()

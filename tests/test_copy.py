@@ -1212,7 +1212,8 @@ def test_a_directory_of_the_store_that_refuses_a_content_fails_that_content_only
 
 
 def test_a_low_open_file_limit_makes_smaller_batches_not_failed_inodes(world, tmp_path):
-    """ulimit -n 64: the batch holds no more descriptors than the limit leaves; every file is stored."""
+    """ulimit -n 64: the batch holds no more descriptors than the limit leaves, a worker forked late
+    inherits none of the others' pipes; every file is stored."""
     import resource
 
     source = tmp_path / "disk"
@@ -1224,7 +1225,7 @@ def test_a_low_open_file_limit_makes_smaller_batches_not_failed_inodes(world, tm
     def low_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
-    code, out, err = finish(start(world.argv("copy", "--json", "--workers", "1", "--no-progress"),
+    code, out, err = finish(start(world.argv("copy", "--json", "--workers", "6", "--ranges", "6", "--no-progress"),
                                   preexec_fn=low_limit))
     summary = json.loads(out)
     assert code == 0 and summary["files_copied"] == 300 and summary["problems"] == 0, (summary, err)

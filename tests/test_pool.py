@@ -183,3 +183,26 @@ def test_a_worker_killed_holding_a_shared_lock_leaves_none_held(catalogue_url):
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(child) for child in f.read().split()]
+
+
+class _NotesItsDescriptors(_SlowRangeZero):
+    """Notes how many descriptors its worker has open as it starts."""
+
+    def __init__(self, spec: WorkSpec):
+        super().__init__(spec)
+        with open(os.path.join(self.notes, b"fds-%d" % os.getpid()), "w") as f:
+            f.write(str(len(os.listdir("/proc/self/fd"))))
+
+    def process(self, r, ctx):
+        return lambda conn: None
+
+
+def test_a_worker_forked_late_inherits_none_of_the_others_pipes(catalogue_url, tmp_path):
+    """Each worker would otherwise start with three descriptors more than the one before it: under a
+    low open-file limit the last ones of many could not work."""
+    spec, notes = _pool_run(catalogue_url, tmp_path, 6)
+    spec.work = _NotesItsDescriptors
+    outcome = pool.run_pool(spec, workers=6)
+    assert not outcome.interrupted and outcome.failed_ranges == 0
+    counts = [int((notes / name).read_text()) for name in os.listdir(notes) if name.startswith("fds-")]
+    assert len(counts) == 6 and max(counts) - min(counts) <= 1, counts

@@ -89,14 +89,19 @@ def test_keep_leaves_a_stale_file_and_records_it(small, capsys):
     assert row == (b"/file-relative-form", "existing-file")
 
 
-def test_the_only_name_of_a_file_of_another_size_is_never_replaced(small, capsys, tmp_path):
-    """A truncated by-hash file must not take the place of the one good copy: kept, a problem."""
+@pytest.mark.parametrize("damage", ["truncated", "overwritten in place"])
+def test_the_only_name_of_a_file_unlike_the_by_hash_file_is_never_replaced(small, capsys, damage):
+    """A damaged by-hash file must not take the place of the one good copy: kept, a problem."""
     relink(small, capsys)
     solo = small.blob(b"solo")
     kept = small.replace_with_stale_copy(b"/file-relative-form")  # a complete copy, its only name
     by_hash = by_hash_path(small.by_hash_root, solo)
     os.chmod(by_hash, 0o644)
-    os.truncate(by_hash, 0)
+    if damage == "truncated":
+        os.truncate(by_hash, 0)
+    else:
+        with open(by_hash, "r+b") as f:
+            f.write(b"SO")
     code, summary = relink(small, capsys, "--new")
     assert code == 1 and summary["problems_by_kind"] == {"existing-file": 1} and summary["links_replaced"] == 0
     assert open(kept, "rb").read() == b"solo" and os.stat(kept).st_nlink == 1
@@ -169,15 +174,15 @@ def test_a_run_resumed_by_its_id_refuses_options_it_was_not_planned_with(small, 
     small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (run_id,))
     small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
     stored = sorted(small.expected()[small.blob(b"hello")])[0]
-    kept = small.replace_with_stale_copy(stored, b"mine!")  # hello's size: no different content
+    kept = small.replace_with_stale_copy(stored)  # an orphaned copy: replaced as planned, kept under keep
+    kept_inode = os.stat(kept).st_ino
     for asked in (["--on-conflict", "keep"], ["--limit", "1"], ["--only-incomplete"]):
         code = main(small.argv("relink", "--json", "--workers", "1", "--run", str(run_id), *asked))
         captured = capsys.readouterr()
         assert code == 2 and captured.out == ""
         assert captured.err.startswith(f"relinker: error: run {run_id} was planned for other work (") and \
             captured.err.count("\n") == 1, captured.err
-    with open(kept, "rb") as f:
-        assert f.read() == b"mine!"
+    assert os.stat(kept).st_ino == kept_inode
     # Options it was planned with, or none, resume it as planned.
     code, summary = relink(small, capsys, "--run", str(run_id), "--on-conflict", "replace")
     assert code == 0 and summary["run_id"] == run_id and summary["links_replaced"] == 1
@@ -882,8 +887,9 @@ def test_a_run_that_must_not_overlap_one_at_work_is_refused_before_any_work(smal
         checkpoint.hold_mode(count_worker, "count", frozenset())
         assert main(small.argv("relink", "--no-progress")) == 2
         assert capsys.readouterr().err == (
-            "relinker: error: a count run is at work on this catalogue: a relink run must not overlap it "
-            "(`relinker status` shows it; run one after the other)\n")
+            f"relinker: error: a count run is at work on this catalogue (database session "
+            f"{count_worker.info.backend_pid}): a relink run must not overlap it (run one after the other; "
+            "a session stuck in a stopped process holds it until it ends)\n")
         assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (0,)
         assert main(small.argv("verify", "--all", "--no-progress")) == 1  # links missing: found, not refused
         capsys.readouterr()
@@ -908,8 +914,8 @@ def test_a_run_begun_meanwhile_that_must_not_overlap_stops_the_workers(small, ca
     out, err = capsys.readouterr()
     assert code == 1 and json.loads(out)["ranges_done"] == 0
     assert err.strip().splitlines()[-1] == (
-        "relinker: a copy, count or verify run began meanwhile, which a relink run must not overlap: once it has "
-        "ended; resume with: relinker relink --run 1")
+        "relinker: a copy, count, scan or verify run began meanwhile, which a relink run must not overlap: once "
+        "it has ended; resume with: relinker relink --run 1")
     count_worker.close()
     code, summary = relink(small, capsys, "--run", "1")
     assert code == 0 and summary["complete"]
@@ -974,3 +980,46 @@ def test_a_range_that_fails_fails_once_and_the_next_run_retries_it(world):
     code, out, err = finish(start(argv), timeout=60)
     assert code == 0, err
     world.assert_complete(summary["run_id"])
+
+
+def test_resuming_a_run_by_its_id_waits_for_no_other_coordinators_planning(small, capsys):
+    """Only choosing a run waits while another coordinator plans (a copy's plan can take minutes)."""
+    code, summary = relink(small, capsys)
+    planner = psycopg.connect(small.dsn)
+    planner.execute("SELECT pg_advisory_xact_lock(%s)", (checkpoint._mode_key(checkpoint._PLANNING_GATE),))
+    try:
+        resumed = []
+        resume = threading.Thread(target=lambda: resumed.append(
+            main(small.argv("relink", "--json", "--no-progress", "--run", str(summary["run_id"])))))
+        resume.start()
+        resume.join(timeout=30)
+        assert not resume.is_alive() and resumed == [0]
+    finally:
+        planner.rollback()
+        planner.close()
+        resume.join()
+    capsys.readouterr()
+
+
+def test_a_run_resumed_by_its_id_keeps_its_roots_while_they_are_there(small, capsys, tmp_path):
+    """`--run N` with other roots (an environment pointing elsewhere) would record that run complete
+    over another archive: refused while the run's roots are there; once they have moved, the roots
+    given now are the run's."""
+    run_id = relink(small, capsys)[1]["run_id"]
+    small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (run_id,))
+    small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
+    other = tmp_path / "other-archive"
+    other.mkdir()
+    argv = ["--db-url", small.dsn, "--by-hash-root", str(small.by_hash), "--archive-root", str(other)]
+    assert main([*argv, "relink", "--no-progress", "--run", str(run_id)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"relinker: error: run {run_id} was planned for the roots {small.by_hash} and {small.archive}, "
+                   f"which are there, not {small.by_hash} and {other}: resume it with --by-hash-root "
+                   f"{small.by_hash} --archive-root {small.archive}\n")
+    assert os.listdir(other) == []
+    moved = tmp_path / "archive-moved"
+    os.rename(small.archive, moved)
+    argv[-1] = str(moved)
+    assert main([*argv, "relink", "--json", "--no-progress", "--run", str(run_id)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["complete"] and f"run {run_id} was planned with roots" in err

@@ -222,3 +222,45 @@ def test_scan_tree_keeps_to_its_callers_transaction(catalogue_url, tmp_path):
         scan.scan_tree(conn, "other-disk", os.fsencode(tree))
         conn.rollback()
         assert conn.execute("SELECT count(*) FROM medium WHERE medium_hash = 'zz'").fetchone() == (0,)
+
+
+def test_a_rescan_locks_no_blob_row_while_it_walks(conn, catalogue_url, tree, monkeypatch):
+    """The counts a rescan makes afresh are written as its last statement: a relink or copy range
+    finishing meanwhile never waits for the walk (hours on a real medium)."""
+    result = scan.scan_tree(conn, "disk-1", tree)
+    blobid = "ab" * 32
+    conn.execute("INSERT INTO blobs (blobid, n_hardlinks, expected_hardlinks) VALUES (%s, 1, 1)", (blobid,))
+    conn.execute("UPDATE inode SET blobid = %s WHERE medium_hash = %s AND fs_type = 'f'",
+                 (blobid, result.medium_hash))
+    real_walk, seen = scan._walk, []
+
+    def walk_and_finish_a_range(*args):
+        with psycopg.connect(catalogue_url, autocommit=True) as other, other.transaction():
+            seen.append(other.execute("SELECT blobid FROM blobs WHERE blobid = %s FOR UPDATE NOWAIT",
+                                      (blobid,)).fetchone())
+        yield from real_walk(*args)
+
+    monkeypatch.setattr(scan, "_walk", walk_and_finish_a_range)
+    scan.scan_tree(conn, "disk-1", tree)
+    assert seen == [(blobid,)]
+    assert conn.execute("SELECT expected_hardlinks FROM blobs WHERE blobid = %s", (blobid,)).fetchone() == (None,)
+
+
+@pytest.mark.parametrize("at_work", ["relink", "copy", "count", "verify"])
+def test_a_scan_and_the_runs_that_count_its_paths_never_overlap(conn, catalogue_url, tree, at_work):
+    """A rescan replaces a medium's paths: a run counting or checking them meanwhile would write
+    counts of what is gone. Each is refused while the other is at work."""
+    from relinker import checkpoint
+    from relinker.errors import UserError
+
+    with psycopg.connect(catalogue_url, autocommit=True) as worker:
+        checkpoint.hold_mode(worker, at_work, frozenset())
+        with pytest.raises(UserError, match=f"a {at_work} run is at work on this catalogue .*: a scan must not"):
+            scan.scan_tree(conn, "disk-1", tree)
+    with psycopg.connect(catalogue_url, autocommit=True) as scanning:
+        checkpoint.hold_mode(scanning, "scan", frozenset())
+        with pytest.raises(checkpoint.ModeClash, match="a scan run is at work"):
+            checkpoint.hold_mode(conn, at_work, frozenset({"scan"}))
+    scan.scan_tree(conn, "disk-1", tree)  # and nothing of either is left behind
+    with psycopg.connect(catalogue_url, autocommit=True) as other:
+        assert checkpoint.modes_at_work(other) == {}
