@@ -893,6 +893,9 @@ def test_a_run_that_must_not_overlap_one_at_work_is_refused_before_any_work(smal
         assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone() == (0,)
         assert main(small.argv("verify", "--all", "--no-progress")) == 1  # links missing: found, not refused
         capsys.readouterr()
+    from processes import wait_for
+
+    wait_for(lambda: not checkpoint.modes_at_work(small.conn), what="the count session gone")  # its backend exits
     assert relink(small, capsys)[0] == 0
 
 
@@ -917,6 +920,9 @@ def test_a_run_begun_meanwhile_that_must_not_overlap_stops_the_workers(small, ca
         "relinker: a copy, count, scan or verify run began meanwhile, which a relink run must not overlap: once "
         "it has ended; resume with: relinker relink --run 1")
     count_worker.close()
+    from processes import wait_for
+
+    wait_for(lambda: not checkpoint.modes_at_work(small.conn), what="the count session gone")  # its backend exits
     code, summary = relink(small, capsys, "--run", "1")
     assert code == 0 and summary["complete"]
     small.assert_complete(1)

@@ -253,14 +253,21 @@ def test_a_scan_and_the_runs_that_count_its_paths_never_overlap(conn, catalogue_
     from relinker import checkpoint
     from relinker.errors import UserError
 
+    from processes import wait_for
+
+    def nothing_at_work():  # a closed session's backend exits a moment later
+        wait_for(lambda: not checkpoint.modes_at_work(conn), what="the sessions gone")
+
     with psycopg.connect(catalogue_url, autocommit=True) as worker:
         checkpoint.hold_mode(worker, at_work, frozenset())
         with pytest.raises(UserError, match=f"a {at_work} run is at work on this catalogue .*: a scan must not"):
             scan.scan_tree(conn, "disk-1", tree)
+    nothing_at_work()
     with psycopg.connect(catalogue_url, autocommit=True) as scanning:
         checkpoint.hold_mode(scanning, "scan", frozenset())
         with pytest.raises(checkpoint.ModeClash, match="a scan run is at work"):
             checkpoint.hold_mode(conn, at_work, frozenset({"scan"}))
+    nothing_at_work()
     scan.scan_tree(conn, "disk-1", tree)  # and nothing of either is left behind
     with psycopg.connect(catalogue_url, autocommit=True) as other:
         assert checkpoint.modes_at_work(other) == {}
