@@ -7,6 +7,7 @@ problems, 2 usage/configuration/preflight error, 3 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -284,8 +285,21 @@ def job_request(args: argparse.Namespace, settings: Settings, options: dict) -> 
     return jobs.JobRequest(
         settings=settings, options=options, workers=args.workers, run_id=args.run_id, new=args.new,
         dry_run=args.dry_run, ranges=args.ranges, lease=args.lease, retry_timeout=args.retry_timeout,
-        progress=not args.no_progress and not args.json and sys.stderr.isatty(),
+        progress=not args.no_progress and not args.json and sys.stderr is not None and sys.stderr.isatty(),
     )
+
+
+def _standard_descriptors_open() -> None:
+    """/dev/null in place of a closed stdin, stdout or stderr (``2>&-``): else the next file or socket
+    opened would take that number, and whatever writes to stderr would write into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if opened != fd:
+                os.close(opened)
+                return
 
 
 def emit(text: str) -> None:
@@ -294,10 +308,11 @@ def emit(text: str) -> None:
     try:
         print(text, flush=True)
     except OSError as exc:
-        if not isinstance(exc, BrokenPipeError):
-            print(f"relinker: cannot write the output: {exc.strerror}", file=sys.stderr)
         # Whatever is printed after, and the flush at exit, go nowhere instead of failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(exc, BrokenPipeError):
+            with contextlib.suppress(OSError, AttributeError):  # stderr on the same full disk, or closed
+                print(f"relinker: cannot write the output: {exc.strerror}", file=sys.stderr, flush=True)
 
 
 def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobRequest) -> int:
@@ -342,6 +357,7 @@ def _interrupt(signum, frame) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relinker`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    _standard_descriptors_open()
     # SIGINT and SIGTERM stop a command with exit 3 wherever they land
     # (planning, preflight, the summary), as the process pool's own handlers
     # do while it runs: SIGINT too, which a script's background job inherits

@@ -220,6 +220,8 @@ class CopyWork:
         outcomes: dict[str, Stored | InodeProblem] = {}
         counted: set[str] = set()
         sources = self.sources(r.medium_hash)
+        if self.linker is not None:
+            self.linker.while_reading = ctx.tick
 
         def fail(ino: int, paths: list[bytes], problem: InodeProblem) -> None:
             ctx.problem(problem.kind, problem.detail, path=paths[0])

@@ -79,7 +79,7 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
     step = Step()
     server, dsn = _start_embedded(root, keep)
     print(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
-    progress = sys.stderr.isatty()
+    progress = sys.stderr is not None and sys.stderr.isatty()
     demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
                                archive_root=os.fsencode(archive))
     try:

@@ -374,12 +374,13 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
 
 
 def _same_directory(planned: bytes, given: bytes) -> bool | None:
-    """Whether a run's root and the one given now are one directory (None: the run's is not there any more)."""
+    """Whether a run's root and the one given now are one directory (None: the run's is not there any
+    more, or is empty)."""
     try:
         was = os.stat(planned)
+        if not stat.S_ISDIR(was.st_mode) or not os.listdir(planned):
+            return None  # an empty directory (a mount point left behind) is no root of the run
     except OSError:
-        return None
-    if not stat.S_ISDIR(was.st_mode):
         return None
     now = os.stat(given)
     return (was.st_dev, was.st_ino) == (now.st_dev, now.st_ino)

@@ -40,6 +40,7 @@ import os
 import resource
 import secrets
 import stat
+from typing import Callable
 
 import blake3
 
@@ -126,6 +127,9 @@ class ArchiveLinker:
             raise ValueError(f"on_conflict must be 'replace' or 'keep', not {on_conflict!r}")
         self.on_conflict = on_conflict
         self.dry_run = dry_run
+        #: called after each chunk read when a file in the way is compared with the by-hash file
+        #: (a range's heartbeat and stop check: a large file takes a while)
+        self.while_reading: Callable[[], None] | None = None
         self._source_root = source_root
         # The store's root may be a symlink (to another pool, say): followed.
         self._source_fd = None if source_root is None else os.open(
@@ -481,6 +485,8 @@ class ArchiveLinker:
                         return "its bytes differ from the by-hash file's"
                     if not mine:
                         return None
+                    if self.while_reading is not None:
+                        self.while_reading()
             except OSError as exc:
                 return f"it cannot be compared with the by-hash file ({exc.strerror})"
             finally:

@@ -181,6 +181,7 @@ class RelinkWork:
         counters = ctx.counters
         scope = RangeScope.of(r)
         self.linker.new_range()
+        self.linker.while_reading = ctx.tick
         # Streamed in chunks (libpq's chunked rows mode): the server keeps
         # producing rows while this process links, memory stays bounded for
         # any range, and psycopg's C loaders parse a chunk at a time.

@@ -173,3 +173,32 @@ def test_a_directory_found_missing_is_looked_for_again_in_the_next_range(tmp_pat
         assert linker.probe_all(identity, [b"/d/f"], new_tally(), lambda *a: None) == 1
     finally:
         linker.close()
+
+
+def test_a_file_compared_before_its_replace_keeps_the_range_alive_and_can_be_stopped(tmp_path):
+    """The only name of a large same-size file is read to the end against the by-hash file: the range's
+    heartbeat and stop check run after each chunk, and a stop leaves the file where it was."""
+    archive = tmp_path / "archive"
+    (archive / "d").mkdir(parents=True)
+    content = os.urandom(3 * linker_module.COMPARE_CHUNK + 17)
+    source = tmp_path / "by-hash-file"
+    source.write_bytes(content)
+    st = os.stat(source)
+    orphan = archive / "d" / "copy"
+    orphan.write_bytes(content)
+    with ArchiveLinker(os.fsencode(archive)) as linker:
+        beats = []
+        linker.while_reading = lambda: beats.append(1)
+        done, tally, problems = link_all(linker, os.fsencode(source), (st.st_dev, st.st_ino), [b"/d/copy"])
+        assert done == 1 and tally[Outcome.REPLACED] == 1 and len(beats) >= 3
+        orphan.unlink()
+        orphan.write_bytes(content)
+        kept = os.stat(orphan).st_ino
+
+        def stop():
+            raise KeyboardInterrupt  # as Interrupted from a range's tick: not a problem of the path
+
+        linker.while_reading = stop
+        with pytest.raises(KeyboardInterrupt):
+            link_all(linker, os.fsencode(source), (st.st_dev, st.st_ino), [b"/d/copy"])
+    assert os.stat(orphan).st_ino == kept and os.listdir(archive / "d") == ["copy"]

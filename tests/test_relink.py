@@ -859,9 +859,12 @@ def test_a_symlink_in_the_stores_directories_is_never_gone_through(world, capsys
     assert os.stat(outside / foreign[2:4] / foreign).st_nlink == 1
 
 
+@pytest.mark.parametrize("output", ["a reader gone", "a full disk", "a full disk for stderr too",
+                                    "stderr closed"])
 @pytest.mark.parametrize("command", [["relink", "--no-progress", "--new"], ["status"], ["migrate"]])
-def test_a_reader_that_went_away_changes_no_exit_code(small, capsys, command):
-    """``relinker status | head -1``: the closed pipe is no traceback, and the exit code is the command's."""
+def test_output_that_cannot_be_written_changes_no_exit_code(small, capsys, command, output):
+    """``relinker status | head -1``, ``> full-disk 2>&1``, ``2>&-``: no traceback, and the exit code
+    is the command's (a script resuming on exit 3 must see 3)."""
     import sys
 
     from processes import NEUTRAL_DIRECTORY
@@ -869,13 +872,18 @@ def test_a_reader_that_went_away_changes_no_exit_code(small, capsys, command):
     relink(small, capsys)  # a run for status to show
     reader, writer = os.pipe()
     os.close(reader)  # every write to the pipe fails with EPIPE
+    streams = {"a reader gone": dict(stdout=writer, stderr=subprocess.PIPE),
+               "a full disk": dict(stdout=open("/dev/full", "wb"), stderr=subprocess.PIPE),
+               "a full disk for stderr too": dict(stdout=open("/dev/full", "wb"), stderr=subprocess.STDOUT),
+               "stderr closed": dict(stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))}[output]
     try:
-        done = subprocess.run([sys.executable, "-m", "relinker", *small.argv(*command)], stdout=writer,
-                              stderr=subprocess.PIPE, cwd=NEUTRAL_DIRECTORY, timeout=120,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = subprocess.run([sys.executable, "-m", "relinker", *small.argv(*command)], cwd=NEUTRAL_DIRECTORY,
+                              timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **streams)
     finally:
         os.close(writer)
-    err = done.stderr.decode()
+        if streams["stdout"] not in (writer, subprocess.PIPE):
+            streams["stdout"].close()
+    err = (done.stderr or b"").decode()
     assert done.returncode == 0 and "Traceback" not in err and "Exception ignored" not in err, err
 
 
@@ -1025,6 +1033,7 @@ def test_a_run_resumed_by_its_id_keeps_its_roots_while_they_are_there(small, cap
     assert os.listdir(other) == []
     moved = tmp_path / "archive-moved"
     os.rename(small.archive, moved)
+    os.mkdir(small.archive)  # an empty directory where it was (a mount point left behind) is no root of it
     argv[-1] = str(moved)
     assert main([*argv, "relink", "--json", "--no-progress", "--run", str(run_id)]) == 0
     out, err = capsys.readouterr()
