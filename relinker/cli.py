@@ -283,7 +283,8 @@ def add_job_options(command: argparse.ArgumentParser, *,
 
 def job_request(args: argparse.Namespace, settings: Settings, options: dict) -> jobs.JobRequest:
     return jobs.JobRequest(
-        settings=settings, options=options, workers=args.workers, run_id=args.run_id, new=args.new,
+        settings=settings, options=options, resume_arguments=list(getattr(args, "resume_globals", [])),
+        workers=args.workers, run_id=args.run_id, new=args.new,
         dry_run=args.dry_run, ranges=args.ranges, lease=args.lease, retry_timeout=args.retry_timeout,
         progress=not args.no_progress and not args.json and sys.stderr is not None and sys.stderr.isatty(),
     )
@@ -311,8 +312,30 @@ def emit(text: str) -> None:
         # Whatever is printed after, and the flush at exit, go nowhere instead of failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if not isinstance(exc, BrokenPipeError):
-            with contextlib.suppress(OSError, AttributeError):  # stderr on the same full disk, or closed
-                print(f"relinker: cannot write the output: {exc.strerror}", file=sys.stderr, flush=True)
+            say(f"relinker: cannot write the output: {exc.strerror}")
+
+
+def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The global options given on this command line that a resume must repeat (the run keeps neither
+    its database nor, for preflight, its roots); a DSN given here is named, never printed."""
+    given = {option for option in ("--config", "--db-url", "--by-hash-root", "--archive-root")
+             if any(arg == option or arg.startswith(option + "=") for arg in argv)}
+    repeat = []
+    if "--config" in given:
+        repeat += ["--config", os.path.abspath(args.config)]
+    for option, root in (("--by-hash-root", settings.by_hash_root), ("--archive-root", settings.archive_root)):
+        if option in given and root:
+            repeat += [option, os.fsdecode(os.path.abspath(root))]
+    if "--db-url" in given:
+        repeat += ["--db-url", "DSN"]
+    return repeat
+
+
+def say(text: str) -> None:
+    """A line on stderr; one that cannot be written (stderr on a full disk, its reader gone) is dropped,
+    never the command's exit code."""
+    with contextlib.suppress(OSError, AttributeError):
+        print(text, file=sys.stderr, flush=True)
 
 
 def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobRequest) -> int:
@@ -320,12 +343,12 @@ def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobReq
     emit(summary.as_json() if as_json else summary.as_text())
     resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
     if summary.stopped:
-        print(f"relinker: {summary.stopped}; resume with: {resume_hint}", file=sys.stderr)
+        say(f"relinker: {summary.stopped}; resume with: {resume_hint}")
     elif exit_code == EXIT_INTERRUPTED:
         if summary.run_id is None:
-            print("relinker: interrupted (a dry run keeps nothing to resume)", file=sys.stderr)
+            say("relinker: interrupted (a dry run keeps nothing to resume)")
         else:
-            print(f"relinker: interrupted; resume with: {resume_hint}", file=sys.stderr)
+            say(f"relinker: interrupted; resume with: {resume_hint}")
     return exit_code
 
 
@@ -367,16 +390,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args, settings = parse(argv)
+        args.resume_globals = _resume_globals(argv, args, settings)
         setup_logging(settings.verbose, settings.log_file)
         return args.handler(args, settings)
     except UserError as exc:
-        print(f"relinker: error: {exc}", file=sys.stderr)
+        say(f"relinker: error: {exc}")
         return exc.exit_code
     except psycopg.Error as exc:
-        print(f"relinker: database error: {db.first_line(exc)}", file=sys.stderr)
+        say(f"relinker: database error: {db.first_line(exc)}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("relinker: interrupted", file=sys.stderr)
+        say("relinker: interrupted")
         return EXIT_INTERRUPTED
     finally:
         for signum, handler in previous.items():
@@ -443,7 +467,7 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, options)
     request.local = local
     # Where the media are mounted is this invocation's, not the run's: a resume must say it again.
-    request.resume_arguments = [argument for option in args.source_prefix for argument in ("--source-prefix", option)]
+    request.resume_arguments += [argument for option in args.source_prefix for argument in ("--source-prefix", option)]
     summary, code = jobs.run_job(copy.MODE_SPEC, request)
     return report(summary, code, args.json, request)
 
@@ -477,7 +501,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     else:
         options.update(selection=args.mode, count=args.count)
     if args.failed_ids:
-        request.resume_arguments = ["--failed-ids", args.failed_ids]
+        request.resume_arguments += ["--failed-ids", args.failed_ids]
     summary, code = jobs.run_job(verify.MODE_SPEC, request)
     if args.failed_ids and summary.run_id is not None and not summary.complete:
         # A list of part of the run would pass for the whole one in a repair.

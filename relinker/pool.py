@@ -489,8 +489,9 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
             raise _ForcedStop()
         stopping = True
         stop_flag.value = 1
-        print(f"\nrelinker: {signal.Signals(signum).name} received: finishing up and giving unfinished "
-              "ranges back (send it again to stop at once)", file=sys.stderr)
+        with contextlib.suppress(OSError):  # stderr's reader gone with the same Ctrl-C (| tee): stop anyway
+            print(f"\nrelinker: {signal.Signals(signum).name} received: finishing up and giving unfinished "
+                  "ranges back (send it again to stop at once)", file=sys.stderr, flush=True)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

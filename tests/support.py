@@ -52,6 +52,7 @@ def obeying_file_permissions():
 
 
 import itertools
+import shlex
 import stat
 from pathlib import Path
 
@@ -96,6 +97,11 @@ class ArchiveWorld:
         """Global options pointing at this world, then ``args``."""
         return ["--db-url", self.dsn, "--by-hash-root", str(self.by_hash), "--archive-root", str(self.archive),
                 *args]
+
+    def resume(self, command: str, run_id: int, *extra: str) -> str:
+        """The resume command relinker prints for a run started with :meth:`argv`'s global options."""
+        return shlex.join(["relinker", command, "--run", str(run_id), "--by-hash-root", str(self.by_hash),
+                           "--archive-root", str(self.archive), "--db-url", "DSN", *extra])
 
     def medium(self, name: str) -> str:
         medium_hash = scan.medium_hash_for(name)

@@ -1250,7 +1250,7 @@ def test_the_resume_command_repeats_where_the_media_are_mounted(world, capsys, t
     out, err = capsys.readouterr()
     assert code == 1 and json.loads(out)["ranges_done"] == 0
     assert err.strip().splitlines()[-1].endswith(
-        f"; resume with: relinker copy --run 1 --source-prefix '/mnt/ntt/{medium}={mount}'"), err
+        f"; resume with: {world.resume('copy', 1, '--source-prefix', f'/mnt/ntt/{medium}={mount}')}"), err
 
 
 def test_a_medium_scanned_again_and_copied_again_counts_its_paths_once(world, capsys, tree):

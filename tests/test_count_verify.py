@@ -381,6 +381,7 @@ def test_an_incomplete_verify_writes_no_failed_ids_and_its_resume_will(linked, c
     run_id = linked.last_run()
     assert code == 1 and failed.read_text() == "# an older list\n"
     assert f"--failed-ids {failed} not written: run {run_id} is not complete" in err
-    assert err.strip().splitlines()[-1].endswith(f"; resume with: relinker verify --run {run_id} --failed-ids {failed}"), err
+    assert err.strip().splitlines()[-1].endswith(
+        f"; resume with: {linked.resume('verify', run_id, '--failed-ids', str(failed))}"), err
     assert main(linked.argv("verify", "--run", str(run_id), "--no-progress", "--failed-ids", str(failed))) == 0
     assert bloblist.read_blob_ids(failed.read_text().splitlines()) == []

@@ -646,7 +646,7 @@ def test_a_connection_limit_below_what_the_workers_need_ends_the_run_not_hangs_i
         # range is failed for the database's trouble, and a stop says how to resume.
         assert summary["ranges_failed"] == 0, summary
         if code != 0:
-            assert code == 1 and err.strip().splitlines()[-1].endswith("; resume with: relinker relink --run 1"), err
+            assert code == 1 and " resume with: relinker relink --run 1 " in err.strip().splitlines()[-1], err
             assert main([*argv, "relink", "--json", "--no-progress", "--workers", "1", "--run", "1"]) == 0
             capsys.readouterr()
         small.assert_complete(1)
@@ -708,7 +708,7 @@ def test_workers_that_gave_up_on_the_database_leave_the_resume_command(world, ca
     assert code == 1 and json.loads(out)["ranges_done"] == 0
     assert err.count("no new worker is started") == 1
     assert err.strip().splitlines()[-1] == ("relinker: the catalogue database stayed out of reach for more than "
-                                            "--retry-timeout (1 s); resume with: relinker relink --run 1")
+                                            f"--retry-timeout (1 s); resume with: {world.resume('relink', 1)}")
 
 
 @pytest.mark.parametrize("forks_allowed", [0, 1])
@@ -737,7 +737,7 @@ def test_a_worker_that_cannot_be_forked_is_a_warning_or_a_resumable_stop(world, 
     else:
         assert code == 1 and json.loads(out)["ranges_done"] == 0
         assert err.strip().splitlines()[-1] == ("relinker: no worker process could be started (Resource "
-                                                "temporarily unavailable); resume with: relinker relink --run 1")
+                                                f"temporarily unavailable); resume with: {world.resume('relink', 1)}")
 
 
 def counts_of(world) -> dict:
@@ -926,7 +926,7 @@ def test_a_run_begun_meanwhile_that_must_not_overlap_stops_the_workers(small, ca
     assert code == 1 and json.loads(out)["ranges_done"] == 0
     assert err.strip().splitlines()[-1] == (
         "relinker: a copy, count, scan or verify run began meanwhile, which a relink run must not overlap: once "
-        "it has ended; resume with: relinker relink --run 1")
+        f"it has ended; resume with: {small.resume('relink', 1)}")
     count_worker.close()
     from processes import wait_for
 

@@ -35,10 +35,30 @@ def test_one_signal_stops_cleanly_and_gives_ranges_back(busy, how):
         job.send_signal(signal.SIGTERM)
     code, _out, err = finish(job, timeout=30)
     assert code == 3, err
-    assert "resume with: relinker relink --run 1" in err
+    assert f"resume with: {busy.resume('relink', 1)}" in err
     states = range_states(busy.conn)
     assert "running" not in states, states  # every unfinished range was given back
     assert states.get("done", 0) < 40
+    resume_and_check(busy)
+
+
+def test_ctrl_c_with_stderr_gone_still_stops_cleanly(busy):
+    """``relinker relink 2>&1 | tee log``: the same Ctrl-C ends tee, and the coordinator's message
+    cannot be written; the run still stops with exit 3 and its ranges given back."""
+    import subprocess
+    import sys
+
+    from processes import NEUTRAL_DIRECTORY
+
+    with open("/dev/full", "wb") as full:
+        job = subprocess.Popen([sys.executable, "-m", "relinker", *relink_argv(busy)], stdout=subprocess.PIPE,
+                               stderr=full, cwd=NEUTRAL_DIRECTORY, start_new_session=True)
+    wait_for(lambda: range_states(busy.conn).get("done", 0) >= 3, what="some ranges done")
+    kill_group(job, signal.SIGINT)
+    code = job.wait(timeout=30)
+    job.stdout.close()
+    assert code == 3
+    assert "running" not in range_states(busy.conn)
     resume_and_check(busy)
 
 
