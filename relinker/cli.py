@@ -7,7 +7,6 @@ problems, 2 usage/configuration/preflight error, 3 interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, m
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
                              new_subparsers, path_argument)
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
-from relinker.logs import setup_logging
+from relinker.logs import say, setup_logging, silence
 from relinker.report import Summary
 
 log = logging.getLogger("relinker")
@@ -301,6 +300,11 @@ def _standard_descriptors_open() -> None:
             if opened != fd:
                 os.close(opened)
                 return
+    # Python found them closed at its start: no sys.stdout or sys.stderr (print would write elsewhere).
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
 
 
 def emit(text: str) -> None:
@@ -310,7 +314,7 @@ def emit(text: str) -> None:
         print(text, flush=True)
     except OSError as exc:
         # Whatever is printed after, and the flush at exit, go nowhere instead of failing again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence(1)
         if not isinstance(exc, BrokenPipeError):
             say(f"relinker: cannot write the output: {exc.strerror}")
 
@@ -329,13 +333,6 @@ def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Set
     if "--db-url" in given:
         repeat += ["--db-url", "DSN"]
     return repeat
-
-
-def say(text: str) -> None:
-    """A line on stderr; one that cannot be written (stderr on a full disk, its reader gone) is dropped,
-    never the command's exit code."""
-    with contextlib.suppress(OSError, AttributeError):
-        print(text, file=sys.stderr, flush=True)
 
 
 def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobRequest) -> int:

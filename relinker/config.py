@@ -123,11 +123,14 @@ def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
 
 def new_parser(config_files: list[str], **kwargs) -> configargparse.ArgumentParser:
     """The top-level parser, before any commands are added."""
+    # No abbreviations: --conf would be taken for --config by the parser but not by config_files_from,
+    # and a resume command repeats the options by their full names.
     parser = configargparse.ArgumentParser(
         prog="relinker",
         default_config_files=config_files,
         ignore_unknown_config_file_keys=True,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         **kwargs,
     )
     for flags, options, env_var in GLOBAL_OPTIONS:
@@ -142,6 +145,7 @@ def add_command(subparsers, name: str, config_files: list[str], **kwargs) -> con
         default_config_files=config_files,
         ignore_unknown_config_file_keys=True,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         **kwargs,
     )
     group = command.add_argument_group("global options (also accepted before the command)")

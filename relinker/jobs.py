@@ -330,7 +330,17 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
 
 def resume_command(mode_name: str, run_id: int | None, request: JobRequest) -> str:
     """The command that resumes ``run_id`` as this invocation would have gone on (shell-quoted)."""
-    return shlex.join(["relinker", mode_name, "--run", str(run_id), *request.resume_arguments])
+    return " ".join(map(_shell_word, ["relinker", mode_name, "--run", str(run_id), *request.resume_arguments]))
+
+
+def _shell_word(argument: str) -> str:
+    """``argument`` as a shell reads it back: quoted, and bytes that are not UTF-8 as bash's $'\\xHH'."""
+    raw = os.fsencode(argument)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "$'" + "".join(chr(b) if 0x20 <= b < 0x7f and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
+    return shlex.quote(argument)
 
 
 def _database_gone(request: JobRequest) -> str:

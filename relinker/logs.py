@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from relinker.errors import UserError
+
+
+def say(text: str) -> None:
+    """A line on stderr. One that cannot be written (a full disk, its reader gone with the same
+    Ctrl-C) is dropped, and stderr becomes /dev/null: the flush at exit must not fail again (exit 120)."""
+    if sys.stderr is None:
+        return
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        silence(2)
+
+
+def silence(fd: int) -> None:
+    """Point a standard descriptor that cannot be written at /dev/null (what was buffered goes there)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def setup_logging(verbose: int, log_file: str | None) -> None:

@@ -42,6 +42,7 @@ import psycopg
 from relinker import db
 from relinker.checkpoint import DEFAULT_LEASE, CheckpointStore, Counters, LostRange, ModeClash, Problem, Range
 from relinker.errors import EXIT_INTERRUPTED
+from relinker.logs import say
 
 log = logging.getLogger(__name__)
 
@@ -489,9 +490,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
             raise _ForcedStop()
         stopping = True
         stop_flag.value = 1
-        with contextlib.suppress(OSError):  # stderr's reader gone with the same Ctrl-C (| tee): stop anyway
-            print(f"\nrelinker: {signal.Signals(signum).name} received: finishing up and giving unfinished "
-                  "ranges back (send it again to stop at once)", file=sys.stderr, flush=True)
+        say(f"\nrelinker: {signal.Signals(signum).name} received: finishing up and giving unfinished "
+            "ranges back (send it again to stop at once)")  # dropped if stderr is gone with the same Ctrl-C
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

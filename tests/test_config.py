@@ -226,3 +226,27 @@ def test_a_verbosity_beyond_any_use_is_refused_before_it_is_expanded(where, tmp_
         argv = ["--config", str(config), *argv]
     assert main(argv) == 2
     assert "must be at most 10, not 1000000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("abbreviated", [["--conf", "/nowhere.conf", "status"], ["--by-hash", "/x", "status"],
+                                         ["relink", "--on-conf", "keep"]])
+def test_an_abbreviated_option_is_a_usage_error(abbreviated, capsys):
+    """argparse took --conf for --config, which the config file lookup did not: the file was ignored,
+    and a resume command cannot repeat what it does not recognise."""
+    with pytest.raises(SystemExit) as stopped:
+        parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", *abbreviated])
+    assert stopped.value.code == 2 and "error: " in capsys.readouterr().err
+
+
+def test_a_resume_command_reads_back_as_the_arguments_it_was_made_of():
+    """Spaces, quotes and bytes that are not UTF-8 (a root named so) come back exactly through a shell."""
+    import subprocess
+
+    from relinker import jobs
+
+    odd = os.fsdecode(b"/w/arch\xffive it's")
+    request = jobs.JobRequest(settings=None, options={}, resume_arguments=["--archive-root", odd, "--x", "a b"])
+    command = jobs.resume_command("relink", 3, request)
+    echoed = subprocess.run(["bash", "-c", "printf '%s\\0' " + command], capture_output=True, check=True).stdout
+    assert echoed.split(b"\0")[:-1] == [b"relinker", b"relink", b"--run", b"3", b"--archive-root",
+                                        b"/w/arch\xffive it's", b"--x", b"a b"]

@@ -98,7 +98,7 @@ def test_a_server_down_longer_than_the_retry_timeout_stops_the_run_once(world, o
     last = err.strip().splitlines()[-1]
     assert last.startswith("relinker: error: the catalogue database stayed out of reach for more than "
                            "--retry-timeout (3 s): run 1 stopped, not complete"), last
-    assert last.endswith("resume it with `relinker relink --run 1`")
+    assert last.endswith(f"resume it with `{world.resume('relink', 1)}`")
     assert err.count("no new worker is started") == 1 and "exited with" not in err
     code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--run", "1")))
     assert code == 0, err

@@ -52,7 +52,8 @@ def test_ctrl_c_with_stderr_gone_still_stops_cleanly(busy):
 
     with open("/dev/full", "wb") as full:
         job = subprocess.Popen([sys.executable, "-m", "relinker", *relink_argv(busy)], stdout=subprocess.PIPE,
-                               stderr=full, cwd=NEUTRAL_DIRECTORY, start_new_session=True)
+                               stderr=full, cwd=NEUTRAL_DIRECTORY, start_new_session=True,
+                               env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
     wait_for(lambda: range_states(busy.conn).get("done", 0) >= 3, what="some ranges done")
     kill_group(job, signal.SIGINT)
     code = job.wait(timeout=30)
