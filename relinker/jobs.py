@@ -334,13 +334,17 @@ def resume_command(mode_name: str, run_id: int | None, request: JobRequest) -> s
 
 
 def _shell_word(argument: str) -> str:
-    """``argument`` as a shell reads it back: quoted, and bytes that are not UTF-8 as bash's $'\\xHH'."""
+    """``argument`` as a shell reads it back: quoted; one with bytes that are not UTF-8, or characters
+    that do not print (a newline, a terminal's escape sequences in a root's name), in bash's $'\\xHH'
+    form, every byte beyond printable ASCII escaped."""
     raw = os.fsencode(argument)
     try:
-        raw.decode("utf-8")
+        printable = raw.decode("utf-8").isprintable()
     except UnicodeDecodeError:
-        return "$'" + "".join(chr(b) if 0x20 <= b < 0x7f and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
-    return shlex.quote(argument)
+        printable = False
+    if printable:
+        return shlex.quote(argument)
+    return "$'" + "".join(chr(b) if 0x20 <= b < 0x7f and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
 
 
 def _database_gone(request: JobRequest) -> str:

@@ -18,6 +18,13 @@ def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
     except (OSError, ValueError):
         silence(2)
+    except RuntimeError:
+        # A signal handler's line while the main thread is blocked writing to stderr (a full pipe):
+        # its buffered writer is taken; past it, straight to the descriptor.
+        try:
+            os.write(2, (text + "\n").encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
 
 
 def silence(fd: int) -> None:

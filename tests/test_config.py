@@ -245,8 +245,28 @@ def test_a_resume_command_reads_back_as_the_arguments_it_was_made_of():
     from relinker import jobs
 
     odd = os.fsdecode(b"/w/arch\xffive it's")
-    request = jobs.JobRequest(settings=None, options={}, resume_arguments=["--archive-root", odd, "--x", "a b"])
+    hostile = "/w/\x1b]0;owned\x07\x1b[2J\rX\nY\u009b31m"  # a name that would rewrite the terminal
+    request = jobs.JobRequest(settings=None, options={},
+                              resume_arguments=["--archive-root", odd, "--by-hash-root", hostile, "--x", "a b ü"])
     command = jobs.resume_command("relink", 3, request)
+    assert command.isprintable() and all(ord(c) < 0x7f for c in command.replace("ü", ""))
     echoed = subprocess.run(["bash", "-c", "printf '%s\\0' " + command], capture_output=True, check=True).stdout
     assert echoed.split(b"\0")[:-1] == [b"relinker", b"relink", b"--run", b"3", b"--archive-root",
-                                        b"/w/arch\xffive it's", b"--x", b"a b"]
+                                        b"/w/arch\xffive it's", b"--by-hash-root", hostile.encode(),
+                                        b"--x", "a b ü".encode()]
+
+
+def test_a_line_said_while_stderrs_writer_is_taken_still_goes_out(monkeypatch, capfd):
+    """A signal handler's notice, while the main thread is blocked writing to stderr (a full pipe):
+    the buffered writer raises 'reentrant call'; the line goes straight to the descriptor."""
+    import io
+
+    from relinker.logs import say
+
+    class Taken(io.TextIOWrapper):
+        def write(self, text):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    monkeypatch.setattr("sys.stderr", Taken(io.BytesIO()))
+    say("relinker: SIGINT received")
+    assert capfd.readouterr().err == "relinker: SIGINT received\n"
