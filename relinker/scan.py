@@ -47,11 +47,15 @@ SQL_OTHER_NAMESAKE = "SELECT medium_hash FROM medium WHERE medium_human = %s AND
 # A rescan drops the medium's inodes, whose paths their blobs' expected_hardlinks count: those
 # counts are made afresh (NULL: copy and relink count a blob's paths again). The rows are locked in
 # blob ID order, as copy and relink lock them, as the scan's last statement: not for its walk.
-SQL_NAMED_BLOBS = "SELECT DISTINCT blobid FROM inode WHERE medium_hash = %s AND blobid IS NOT NULL"
+# (Kept on the server: a medium of millions of inodes names as many blobs.)
+SQL_REMEMBER_NAMED = """
+CREATE TEMP TABLE relinker_scan_named ON COMMIT DROP AS
+SELECT DISTINCT blobid FROM inode WHERE medium_hash = %s AND blobid IS NOT NULL
+"""
 SQL_FORGET_COUNTS = """
 WITH named AS (
     SELECT b.blobid FROM blobs AS b
-    WHERE b.blobid = ANY(%s::text[]) AND b.expected_hardlinks IS NOT NULL
+    WHERE b.blobid IN (SELECT blobid FROM relinker_scan_named) AND b.expected_hardlinks IS NOT NULL
     ORDER BY b.blobid FOR UPDATE
 )
 UPDATE blobs AS b SET expected_hardlinks = NULL FROM named WHERE b.blobid = named.blobid
@@ -128,7 +132,7 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
     with conn.transaction():
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
         conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
-        named = [blobid for (blobid,) in conn.execute(SQL_NAMED_BLOBS, (result.medium_hash,))]
+        conn.execute(SQL_REMEMBER_NAMED, (result.medium_hash,))
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:
@@ -156,8 +160,7 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
             for row in inodes.values():
                 copy.write_row(row)
         result.inodes = len(inodes)
-        if named:
-            conn.execute(SQL_FORGET_COUNTS, (db.text_array(named),))
+        conn.execute(SQL_FORGET_COUNTS)
         analyze_medium(conn, result.medium_hash)
 
 
