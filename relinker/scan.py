@@ -52,6 +52,7 @@ SQL_REMEMBER_NAMED = """
 CREATE TEMP TABLE relinker_scan_named ON COMMIT DROP AS
 SELECT DISTINCT blobid FROM inode WHERE medium_hash = %s AND blobid IS NOT NULL
 """
+SQL_FORGET_NAMED = "DROP TABLE IF EXISTS pg_temp.relinker_scan_named"
 SQL_FORGET_COUNTS = """
 WITH named AS (
     SELECT b.blobid FROM blobs AS b
@@ -95,6 +96,8 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
 
     Entries whose name matches one of the ``exclude`` shell patterns (bytes,
     fnmatch rules) are left out, and excluded directories are not entered.
+    ``conn`` should be in autocommit mode: inside a transaction of the caller's,
+    the locks a scan takes for moments last until the caller commits.
     """
     migrations.require_migrated(conn)
     root = os.path.abspath(root)
@@ -132,6 +135,7 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
     with conn.transaction():
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
         conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
+        conn.execute(SQL_FORGET_NAMED)  # a caller's own transaction may hold an earlier scan's
         conn.execute(SQL_REMEMBER_NAMED, (result.medium_hash,))
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))

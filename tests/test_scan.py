@@ -271,3 +271,14 @@ def test_a_scan_and_the_runs_that_count_its_paths_never_overlap(conn, catalogue_
     scan.scan_tree(conn, "disk-1", tree)  # and nothing of either is left behind
     with psycopg.connect(catalogue_url, autocommit=True) as other:
         assert checkpoint.modes_at_work(other) == {}
+
+
+def test_two_scans_in_one_transaction_of_the_caller(catalogue_url, tree):
+    """scan_tree as a library call, twice on a connection that is not in autocommit: the second finds
+    nothing of the first in its way."""
+    with psycopg.connect(catalogue_url) as conn:  # one transaction until the end of the block
+        scan.scan_tree(conn, "disk-1", tree)
+        scan.scan_tree(conn, "disk-1", tree)
+        conn.commit()
+        assert conn.execute("SELECT count(*) FROM inode WHERE medium_hash = %s",
+                            (scan.medium_hash_for("disk-1"),)).fetchone() == (8,)
