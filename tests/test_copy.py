@@ -349,16 +349,22 @@ def test_a_path_that_cannot_be_linked_is_a_problem_and_the_count_says_so(world, 
     assert os.stat(by_hash_path_of(world, blobid)).st_nlink == 2
 
 
-@pytest.mark.parametrize("in_the_way", ["a file at ab/", "a dangling symlink at ab/cd/"])
-def test_a_file_where_the_store_needs_a_directory_is_a_problem_for_its_contents_only(
-        world, capsys, tmp_path, in_the_way):
-    """Something else at ab/ or ab/cd/ blocks the contents below it, each a problem; the others are stored."""
+def blocked_and_fine(tmp_path) -> tuple:
+    """A tree of two contents in different ab/ directories of the store: (its root, the first's blob ID)."""
     source = tmp_path / "disk"
     source.mkdir()
     (source / "blocked").write_bytes(b"blocked content")
     (source / "fine").write_bytes(b"fine content")
     blocked = blake3.blake3(b"blocked content").hexdigest()
     assert blocked[:2] != blake3.blake3(b"fine content").hexdigest()[:2]
+    return source, blocked
+
+
+@pytest.mark.parametrize("in_the_way", ["a file at ab/", "a dangling symlink at ab/cd/"])
+def test_a_file_where_the_store_needs_a_directory_is_a_problem_for_its_contents_only(
+        world, capsys, tmp_path, in_the_way):
+    """Something else at ab/ or ab/cd/ blocks the contents below it, each a problem; the others are stored."""
+    source, blocked = blocked_and_fine(tmp_path)
     level1 = world.by_hash_root + b"/" + blocked[:2].encode()
     if in_the_way == "a file at ab/":
         with open(level1, "wb") as f:
@@ -1136,12 +1142,7 @@ def test_a_source_path_longer_than_path_max_is_read(world, capsys, tmp_path):
 @pytest.mark.parametrize("where", ["ab/", "ab/cd/"])
 def test_a_symlink_in_the_stores_directories_is_never_gone_through(world, capsys, tmp_path, where):
     """``ab -> elsewhere`` would put content outside the store: that content is a problem, the rest stored."""
-    source = tmp_path / "disk"
-    source.mkdir()
-    (source / "blocked").write_bytes(b"blocked content")
-    (source / "fine").write_bytes(b"fine content")
-    blocked = blake3.blake3(b"blocked content").hexdigest()
-    assert blocked[:2] != blake3.blake3(b"fine content").hexdigest()[:2]
+    source, blocked = blocked_and_fine(tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
     level1 = world.by_hash_root + b"/" + blocked[:2].encode()
