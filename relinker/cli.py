@@ -87,8 +87,8 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
                             help="only blobs with n_hardlinks < expected_hardlinks (expected computed where NULL)")
     relink_cmd.add_argument("--on-conflict", choices=("replace", "keep"),
                             help="a different regular file at an archive path: replace it atomically "
-                            "(default; never the only name of a file of another size) or keep it and "
-                            "record a problem")
+                            "(default; never the only name of a file whose bytes differ from the by-hash "
+                            "file's) or keep it and record a problem")
     relink_cmd.set_defaults(handler=cmd_relink)
 
     copy_cmd = add_command(

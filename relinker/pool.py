@@ -352,13 +352,12 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 #: A worker's exit status when the database stayed out of reach for --retry-timeout (EX_TEMPFAIL):
 #: a new worker would only wait as long again.
 EXIT_DATABASE_GONE = 75
+#: A worker's exit code when a run that must not overlap this one is at work.
+EXIT_MODE_CLASH = 76
 
 
 class _GaveUp(Exception):
     """A worker's database calls failed for the whole --retry-timeout: it exits EXIT_DATABASE_GONE."""
-
-#: A worker's exit code when a run that must not overlap this one is at work.
-EXIT_MODE_CLASH = 76
 
 
 def _open_descriptors() -> set[int]:
