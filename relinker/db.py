@@ -8,6 +8,9 @@ import os
 
 import psycopg
 import tenacity
+from psycopg.adapt import Loader
+from psycopg.pq import Format
+from psycopg.types.string import StrDumperUnknown
 
 from relinker.errors import UserError
 
@@ -37,9 +40,53 @@ APPLICATION_NAME = "relinker"
 
 def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
     """Open a connection; psycopg errors propagate (workers retry them)."""
-    return psycopg.connect(
+    conn = psycopg.connect(
         dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=10
     )
+    adapt_to_encoding(conn)
+    return conn
+
+
+#: The text types of the catalogue's columns and of relinker's own.
+TEXT_TYPES = ("text", "varchar", "bpchar", "name", '"char"')
+
+
+class _Utf8TextLoader(Loader):
+    """Text of a SQL_ASCII database as str: UTF-8 where it is, its other bytes escaped."""
+
+    def load(self, data) -> str:
+        return bytes(data).decode("utf-8", "backslashreplace")
+
+
+class _Utf8TextBinaryLoader(_Utf8TextLoader):
+    format = Format.BINARY
+
+
+class _EscapingStrDumper(StrDumperUnknown):
+    """Text for a database whose encoding lacks some characters: those written as ``\\uXXXX``."""
+
+    def dump(self, obj: str) -> bytes:
+        if "\x00" in obj:
+            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        return obj.encode(self._encoding, "backslashreplace")
+
+
+def adapt_to_encoding(conn: psycopg.Connection) -> None:
+    """Make text work on a catalogue whose database is not UTF-8.
+
+    Older catalogues kept raw path bytes in ``text`` columns of a SQL_ASCII
+    database, where psycopg returns text as bytes: relinker reads it as str.
+    A database in an encoding such as LATIN1 cannot hold every character of
+    a message naming a path (a problem's detail): those are escaped, not a
+    range's failure.
+    """
+    encoding = conn.info.encoding
+    if encoding == "ascii":  # SQL_ASCII: psycopg already writes str as UTF-8
+        for name in TEXT_TYPES:
+            conn.adapters.register_loader(name, _Utf8TextLoader)
+            conn.adapters.register_loader(name, _Utf8TextBinaryLoader)
+    elif encoding != "utf-8":
+        conn.adapters.register_dumper(str, _EscapingStrDumper)
 
 
 #: Session settings of a worker's data connection, with why:
