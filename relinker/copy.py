@@ -81,9 +81,11 @@ SQL_RANGE_WORK = """
 # cycle. Returns the rows it inserted: until this transaction commits, a
 # worker inserting the same blob waits for it, so those need no lock. A new
 # row gets its counts here, with the paths of this range's inodes as its
-# expected count: an inode names a blob only once its row exists (a worker
-# marking others meanwhile waits for this row, then recounts them all), and
-# SQL_BLOB_COUNTS' count costs one index probe per medium (partition) per blob.
+# expected count: relinker has an inode name a blob only once its row exists
+# (a worker marking others meanwhile waits for this row, then recounts them
+# all), and SQL_BLOB_COUNTS' count costs one index probe per medium
+# (partition) per blob. A catalogue may lack the row of a content its inodes
+# name; the finishing step counts those blobs in full (see finalize).
 SQL_NEW_BLOBS = """
 INSERT INTO blobs (blobid, n_hardlinks, expected_hardlinks)
 SELECT c.blobid, least(c.links, c.expected), c.expected
@@ -300,22 +302,34 @@ class CopyWork:
             return expected[blobid] if marked.linked[blobid] >= expected[blobid] else links(blobid)
 
         def finalize(conn: psycopg.Connection) -> None:
-            params["links"] = db.int_array(links_of_new(b) for b in count_blobids)
-            inserted = {blobid for blobid, in conn.execute(SQL_NEW_BLOBS, params)}
+            # Statements with nothing to write are left out: the catalogue's
+            # statement triggers would fire for them all the same.
+            inserted = set()
+            if count_blobids:
+                params["links"] = db.int_array(links_of_new(b) for b in count_blobids)
+                inserted = {blobid for blobid, in conn.execute(SQL_NEW_BLOBS, params)}
             # Workers copying other inodes of the same content link to the
             # same by-hash file: holding the blob rows while reading the link
             # count makes the last commit carry the latest count.
             existing = [b for b in count_blobids if b not in inserted]
             if existing:
                 conn.execute(SQL_LOCK_BLOBS, {"lock_blobids": db.text_array(existing)})
-            newly_marked = {ino for ino, in conn.execute(statements.mark_inodes, params)}
+            newly_marked = set()
+            if marked.inos:
+                newly_marked = {ino for ino, in conn.execute(statements.mark_inodes, params)}
             if failed:
                 conn.execute(statements.inode_errors, params)
-            if existing:
-                added = marked.paths_per_blob(newly_marked)
-                conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(existing),
-                                               "links": db.int_array(links(b) for b in existing),
-                                               "added": db.int_array(added.get(b, 0) for b in existing)})
+            added = marked.paths_per_blob(newly_marked)
+            # A new row for a content the store held already, whose file has
+            # more links than the range's paths: inodes outside the range may
+            # name it (a blob row missing from the catalogue). Counted in full.
+            recount = existing + [b for b in count_blobids if b in inserted and b in marked.found
+                                  and links(b) > expected[b]]
+            if recount:
+                conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(recount),
+                                               "links": db.int_array(links(b) for b in recount),
+                                               "added": db.int_array(0 if b in inserted else added.get(b, 0)
+                                                                     for b in recount)})
             # The catalogue may say these contents are stored only once their
             # names are durable: the range's commit follows this.
             names_synced.wait(while_waiting=keep_alive, every=self.spec.heartbeat_interval)
@@ -408,6 +422,8 @@ class StoredInodes:
         self.paths: dict[str, bytes] = {}
         #: paths of the range's inodes now correctly linked, per blob
         self.linked: dict[str, int] = {}
+        #: blobs whose by-hash file was there before the range stored them
+        self.found: set[str] = set()
 
     def add(self, ino: int, stored: Stored, n_paths: int, linked: int) -> None:
         self.inos.append(ino)
@@ -415,6 +431,8 @@ class StoredInodes:
         self.n_paths.append(n_paths)
         self.paths[stored.blobid] = stored.path
         self.linked[stored.blobid] = self.linked.get(stored.blobid, 0) + linked
+        if not stored.written:
+            self.found.add(stored.blobid)
 
     def paths_per_blob(self, marked: set[int] | None = None) -> dict[str, int]:
         """Catalogued paths per blob of the range's inodes, or only of those in ``marked`` (SQL_MARK_INODES's)."""
@@ -551,5 +569,9 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
 
 MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}),
                  in_bytes=lambda options: True,
-                 catalogue_writes=(("inode", "UPDATE"), ("path", "UPDATE"), ("blobs", "INSERT"), ("blobs", "UPDATE")),
+                 catalogue_writes=(("inode", "UPDATE", ("blobid", "by_hash_created", "copied", "processed_at", "errors",
+                                                         "status", "error_type")),
+                                   ("path", "UPDATE", ("blobid",)),
+                                   ("blobs", "INSERT", ("blobid", "n_hardlinks", "expected_hardlinks")),
+                                   ("blobs", "UPDATE", ("n_hardlinks", "expected_hardlinks"))),
                  excludes=frozenset({"relink", "count", "verify", "scan"}))

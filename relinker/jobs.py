@@ -55,8 +55,10 @@ class Mode:
     writes: frozenset = frozenset({"archive"})
     #: Whether a run with these options is content work, measured in bytes (copy, verify --hash).
     in_bytes: Callable[[dict], bool] = lambda options: False
-    #: The catalogue's tables a run writes and how, as has_table_privilege names it ("blobs": "UPDATE").
-    catalogue_writes: tuple[tuple[str, str], ...] = (("blobs", "UPDATE"),)
+    #: The catalogue's tables a run writes, how (as has_table_privilege names it) and which columns
+    #: (a role granted those columns alone may run it; a column the catalogue lacks is not asked for).
+    catalogue_writes: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+        ("blobs", "UPDATE", ("n_hardlinks", "expected_hardlinks")),)
     #: Fills in, in place, the options a request did not give (run_job notes first which it gave).
     complete_options: Callable[[dict], None] = lambda options: None
     #: The modes whose runs may not be at work while one of this mode is: a run is refused at its
@@ -64,15 +66,21 @@ class Mode:
     excludes: frozenset = frozenset()
 
 
-#: What every run writes: its checkpoints.
-CHECKPOINT_WRITES = (("relinker_run", "INSERT"), ("relinker_run", "UPDATE"), ("relinker_range", "INSERT"),
-                     ("relinker_range", "UPDATE"), ("relinker_problem", "INSERT"), ("relinker_problem", "DELETE"))
+#: What every run writes: its checkpoints (whole rows: no columns named).
+CHECKPOINT_WRITES = tuple((table, privilege, ()) for table, privilege in (
+    ("relinker_run", "INSERT"), ("relinker_run", "UPDATE"), ("relinker_range", "INSERT"),
+    ("relinker_range", "UPDATE"), ("relinker_problem", "INSERT"), ("relinker_problem", "DELETE")))
 SQL_READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool"
-#: The (table, privilege) pairs of the lists given that this role lacks, in their order.
+#: The (table, privilege, column) of the lists given that this role lacks, in their order; a NULL
+#: column asks for the privilege on the table, a column the table lacks is no write.
 SQL_REFUSED = """
-SELECT t.name, t.privilege
-FROM unnest(%(tables)s::text[], %(privileges)s::text[]) WITH ORDINALITY AS t(name, privilege, n)
-WHERE NOT has_table_privilege(t.name, t.privilege)
+SELECT t.name, t.privilege, t.column_name
+FROM unnest(%(tables)s::text[], %(privileges)s::text[], %(columns)s::text[])
+     WITH ORDINALITY AS t(name, privilege, column_name, n)
+WHERE CASE WHEN t.column_name IS NULL THEN NOT has_table_privilege(t.name, t.privilege)
+      ELSE EXISTS (SELECT FROM pg_attribute AS a
+                   WHERE a.attrelid = t.name::regclass AND a.attname = t.column_name AND NOT a.attisdropped
+                     AND NOT has_column_privilege(a.attrelid, a.attnum, t.privilege)) END
 ORDER BY t.n
 """
 
@@ -86,14 +94,18 @@ def check_privileges(conn: psycopg.Connection, mode: Mode) -> None:
     if conn.execute(SQL_READ_ONLY).fetchone()[0]:
         raise UserError(f"the catalogue database is read-only for role {conn.info.user} (a standby, or "
                         "default_transaction_read_only): a run writes its checkpoints")
-    writes = CHECKPOINT_WRITES + mode.catalogue_writes
-    refused = conn.execute(SQL_REFUSED, {"tables": [t for t, _ in writes],
-                                         "privileges": [p for _, p in writes]}).fetchone()
+    asked = [(table, privilege, column) for table, privilege, columns in CHECKPOINT_WRITES + mode.catalogue_writes
+             for column in columns or (None,)]
+    refused = conn.execute(SQL_REFUSED, {"tables": [t for t, _, _ in asked], "privileges": [p for _, p, _ in asked],
+                                         "columns": [c for _, _, c in asked]}).fetchall()
     if refused:
-        table, privilege = refused
+        table, privilege, column = refused[0]
         user = conn.info.user
-        raise UserError(f"role {user} may not {privilege} {table}, which a {mode.name} run writes "
-                        f"(GRANT {privilege} ON {table} TO {user})")
+        columns = ""
+        if column is not None:  # every column of that table and privilege the role lacks
+            columns = f" ({', '.join(c for t, p, c in refused if (t, p) == (table, privilege))})"
+        raise UserError(f"role {user} may not {privilege} {table}{columns}, which a {mode.name} run writes "
+                        f"(GRANT {privilege}{columns} ON {table} TO {user})")
 
 
 @dataclasses.dataclass

@@ -163,6 +163,8 @@ class RelinkWork:
                                     on_conflict=spec.options.get("on_conflict") or DEFAULT_ON_CONFLICT,
                                     dry_run=spec.dry_run)
         self.data = db.RangeConnection(spec.dsn)
+        #: blobs of the range whose by-hash file could not be looked at (their links are not known)
+        self.unexamined: set[str] = set()
 
     def reset(self) -> None:
         self.data.reset()
@@ -180,6 +182,7 @@ class RelinkWork:
         tally = new_tally()
         counters = ctx.counters
         scope = RangeScope.of(r)
+        self.unexamined = set()
         self.linker.new_range()
         self.linker.while_reading = ctx.tick
         # Streamed in chunks (libpq's chunked rows mode): the server keeps
@@ -202,9 +205,10 @@ class RelinkWork:
         counters.blobs = len(expected)
         recorded = self.data.get().execute(scope.recorded_counts(), scope.params).fetchall()
         if r.blobids is not None:
-            unknown = set(r.blobids).difference(blobid for blobid, _, _ in recorded)
+            # A blob some inode names is the catalogue's, with a blobs row or without.
+            unknown = set(r.blobids).difference(expected, (blobid for blobid, _, _ in recorded))
             for blobid in sorted(unknown):
-                ctx.problem("unknown-blob", "not in the blobs table", blobid=blobid)
+                ctx.problem("unknown-blob", "no blobs row, and no inode names it", blobid=blobid)
         self.after_range(ctx, linked, expected, recorded)
         return self.finalize_step(ctx, scope, linked, expected, recorded)
 
@@ -213,7 +217,10 @@ class RelinkWork:
 
         Returned as the step the commit transaction runs.
         """
+        # A count is written only where the by-hash file was looked at: a store directory this
+        # process may not read says nothing about the blob's links.
         changes = counts_to_write(recorded, linked, expected, only_incomplete=self.only_incomplete)
+        changes = [change for change in changes if change[0] not in self.unexamined]
         # Blobs the walk found no inode for: 0 of 0 only if still none names them when written (a copy
         # may have stored one since the range's query).
         unnamed = [blobid for blobid, _, _ in changes if blobid not in expected]
@@ -332,13 +339,16 @@ class RelinkWork:
             path = self.linker.source_path(relpath)
             # The problem's path is the by-hash file: its detail says only what is wrong.
             ctx.problem("bad-by-hash", "a directory above it is a symlink (not followed)", blobid=blobid, path=path)
+            self.unexamined.add(blobid)
             return UNUSABLE
         try:
             dev, ino, mode = self.linker.source_identity(relpath)
         except OSError as exc:
             path = self.linker.source_path(relpath)
-            kind = "missing-by-hash" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "os-error"
-            ctx.problem(kind, exc.strerror, blobid=blobid, path=path)
+            missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+            ctx.problem("missing-by-hash" if missing else "os-error", exc.strerror, blobid=blobid, path=path)
+            if not missing:
+                self.unexamined.add(blobid)
             return UNUSABLE
         if not stat.S_ISREG(mode):
             path = self.linker.source_path(relpath)

@@ -223,10 +223,14 @@ class VerifyWork(CountWork):
         failures = {"passed": params["passed"], "failed": db.text_array(sorted(failed & known)),
                     "run_id": ctx.range.run_id}
         statement = checked_statement(scope)
+        passed = bool(checked - failed)
 
         def finalize(conn: psycopg.Connection) -> None:
-            # prepare=False: a generic plan cannot see the range bounds.
-            conn.execute(statement, params, prepare=False)
+            # A range with no blob that passed leaves blobs alone: its statement
+            # triggers would fire all the same.
+            if passed:
+                # prepare=False: a generic plan cannot see the range bounds.
+                conn.execute(statement, params, prepare=False)
             conn.execute(SQL_RECORD_FAILURES, failures)
 
         return finalize
@@ -305,6 +309,6 @@ def complete_options(options: dict) -> None:
 
 MODE_SPEC = Mode(name=MODE, work=VerifyWork, plan=plan, writes=frozenset(),  # the catalogue only
                  complete_options=complete_options, excludes=frozenset({"relink", "copy", "scan"}),
-                 catalogue_writes=(("blobs", "UPDATE"), ("relinker_verify_failure", "INSERT"),
-                                   ("relinker_verify_failure", "UPDATE"), ("relinker_verify_failure", "DELETE")),
+                 catalogue_writes=(("blobs", "UPDATE", ("last_checked",)), ("relinker_verify_failure", "INSERT", ()),
+                                   ("relinker_verify_failure", "UPDATE", ()), ("relinker_verify_failure", "DELETE", ())),
                  in_bytes=lambda options: bool(options.get("hash")))

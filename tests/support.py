@@ -51,6 +51,27 @@ def obeying_file_permissions():
         _capabilities(libc, header, data, setting=True)
 
 
+@contextlib.contextmanager
+def socket_open_to_all(dsn: str):
+    """The directory of the server's Unix socket searchable by anyone, for a run that obeys file permissions.
+
+    A server whose socket lies in its own data directory (the embedded one's,
+    mode 0700 and another user's) cannot be reached by a root that obeys them.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    host = conninfo_to_dict(dsn).get("host") or ""
+    if not host.startswith("/"):
+        yield
+        return
+    mode = os.stat(host).st_mode & 0o7777
+    os.chmod(host, mode | 0o011)
+    try:
+        yield
+    finally:
+        os.chmod(host, mode)
+
+
 import itertools
 import shlex
 import stat

@@ -349,3 +349,111 @@ def test_a_medium_mounted_while_its_range_is_read_is_read_from_then_on(productio
     run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix(), "--workers", "1")
     statuses = list(fresh_statuses(p).values())
     assert "failed_permanent" not in statuses and statuses.count("success") >= len(statuses) - 1, statuses
+
+
+def test_copy_counts_in_full_a_content_whose_blobs_row_the_catalogue_lacks(production, capsys):
+    """Inodes of the stored medium name the licence, its blobs row is gone: the fresh medium's copy of the
+    same content makes the row with every catalogued path, not only its own."""
+    p = production
+    migrate(p, capsys)
+    assert run(p, capsys, "relink")[0] == 0
+    p.conn.execute("DELETE FROM blobs WHERE blobid = %s", (p.licence,))
+
+    assert run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix())[0] == 0
+
+    assert p.conn.execute("SELECT n_hardlinks, expected_hardlinks FROM blobs WHERE blobid = %s",
+                          (p.licence,)).fetchone() == (4, 4)
+    code, summary = run(p, capsys, "count", "--new")
+    assert code == 0 and summary["problems"] == 0, summary["problem_samples"]
+
+
+def test_a_listed_blob_some_inode_names_without_a_blobs_row_is_the_catalogues(production, capsys, tmp_path):
+    p = production
+    migrate(p, capsys)
+    assert run(p, capsys, "relink")[0] == 0
+    p.conn.execute("DELETE FROM blobs WHERE blobid = %s", (p.licence,))
+    listed = tmp_path / "listed"
+    listed.write_text(f"{p.licence}\n{'0' * 64}\n")
+
+    code, summary = run(p, capsys, "verify", "--from-file", str(listed))
+    # the licence is checked and passes; an ID nothing names is no blob
+    assert (code, summary["problems_by_kind"], summary["failed"]) == (1, {"unknown-blob": 1}, 1)
+    code, summary = run(p, capsys, "relink", "--from-file", str(listed))
+    assert (summary["links_present"], summary["problems_by_kind"]) == (3, {"unknown-blob": 1})
+
+
+def test_a_by_hash_file_that_cannot_be_looked_at_keeps_its_count(production, capsys):
+    """A store directory this process may not read (made by another user with a tight umask) says
+    nothing about the blob's links: relink and count record the problem and leave the count alone."""
+    from support import obeying_file_permissions, socket_open_to_all
+
+    p = production
+    migrate(p, capsys)
+    assert run(p, capsys, "relink")[0] == 0
+    before = p.n_hardlinks()
+    shard = os.path.dirname(by_hash_path(p.by_hash_root, p.licence))
+    os.chown(shard, 65534, 65534)
+    os.chmod(shard, 0o700)
+    try:
+        with socket_open_to_all(p.dsn), obeying_file_permissions():
+            relinked = run(p, capsys, "relink", "--new")
+            counted = run(p, capsys, "count", "--new")
+    finally:
+        os.chown(shard, 0, 0)
+        os.chmod(shard, 0o755)
+    assert relinked[0] == 1 and relinked[1]["problems_by_kind"] == {"os-error": 1}
+    assert counted[0] == 1 and counted[1]["problems_by_kind"] == {"os-error": 1}  # and no count-mismatch
+    assert p.n_hardlinks() == before
+
+
+def test_column_grants_on_what_a_run_writes_are_enough(production, capsys):
+    p = production
+    migrate(p, capsys)
+    role = "column_granted"
+    p.conn.execute(f"""
+        CREATE ROLE {role} LOGIN;
+        GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+        GRANT UPDATE (n_hardlinks, expected_hardlinks, last_checked) ON blobs TO {role};
+        GRANT INSERT (blobid, n_hardlinks, expected_hardlinks) ON blobs TO {role};
+        GRANT UPDATE (blobid, by_hash_created, copied, processed_at, errors, status, error_type) ON inode TO {role};
+        GRANT UPDATE (blobid) ON path TO {role};
+        GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem, relinker_verify_failure
+            TO {role};
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}""")
+    try:
+        from psycopg.conninfo import make_conninfo
+        p.dsn, admin_dsn = make_conninfo(p.dsn, user=role), p.dsn
+        try:
+            for args in (("copy", "--source-prefix", p.source_prefix()), ("relink",), ("count",),
+                         ("verify", "--all")):
+                code, summary = run(p, capsys, *args)
+                assert code == 0, (args, summary["problem_samples"])
+            p.conn.execute(f"REVOKE UPDATE (last_checked) ON blobs FROM {role}")
+            assert main(p.argv("verify", "--all", "--no-progress")) == 2
+            assert capsys.readouterr().err == (
+                f"relinker: error: role {role} may not UPDATE blobs (last_checked), which a verify run writes "
+                f"(GRANT UPDATE (last_checked) ON blobs TO {role})\n")
+        finally:
+            p.dsn = admin_dsn
+    finally:
+        p.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_statements_that_write_no_row_fire_no_catalogue_trigger(production, capsys):
+    p = production
+    migrate(p, capsys)
+    for table in ("blobs", "path", "inode"):
+        p.conn.execute(f"CREATE TRIGGER {table}_statement_noted AFTER INSERT OR UPDATE ON {table} "
+                       "FOR EACH STATEMENT EXECUTE FUNCTION ntt_note_statement()")
+    os.rename(p.fresh_mount, p.mounts / "elsewhere")  # unmounted: nothing is stored
+    p.conn.execute("TRUNCATE ntt_audit")
+    run(p, capsys, "copy", "--medium", "fresh-disk", "--source-prefix", p.source_prefix())
+    fired = [what for (what,) in p.conn.execute("SELECT what FROM ntt_audit ORDER BY at")]
+    assert fired == ["UPDATE on inode"]  # the inodes' errors, and nothing else
+
+    p.conn.execute("TRUNCATE ntt_audit")
+    code, summary = run(p, capsys, "verify", "--all", "--ranges", "16")
+    ranges = p.conn.execute("SELECT count(*) FILTER (WHERE blobs > 0) FROM relinker_range WHERE run_id = %s",
+                            (summary["run_id"],)).fetchone()[0]
+    fired = [what for (what,) in p.conn.execute("SELECT what FROM ntt_audit")]
+    assert 0 < fired.count("UPDATE on blobs") <= ranges < 16
