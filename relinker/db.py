@@ -44,7 +44,17 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
         dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=10
     )
     adapt_to_encoding(conn)
+    conn.execute(SQL_SESSION_SETTINGS)
+    if not autocommit:
+        conn.commit()  # settings made in a transaction end with it
     return conn
+
+
+# What a role's defaults must not decide for relinker's sessions: a run
+# streams a range's rows while it links them, and migrate builds indexes on
+# millions of rows, for longer than any statement_timeout meant for
+# interactive use; the driver reads timestamps in the ISO style only.
+SQL_SESSION_SETTINGS = "SELECT set_config('statement_timeout', '0', false), set_config('DateStyle', 'ISO', false)"
 
 
 #: The text types of the catalogue's columns and of relinker's own.

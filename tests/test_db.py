@@ -95,3 +95,27 @@ def test_an_outage_ends_with_the_first_call_the_database_answers(catalogue_url):
         assert len(calls) == 2
     finally:
         store.close()
+
+
+def test_a_roles_statement_timeout_and_date_style_do_not_reach_a_run(world, capsys):
+    """A database (or role) set up for interactive use: a statement_timeout far below the time a range's
+    rows stream while they are linked, and a DateStyle the driver cannot read timestamps in."""
+    import json
+
+    from relinker.cli import main
+
+    medium = world.medium("disk")
+    blob = world.blob(b"content")
+    # more rows than the socket's buffers hold: the range's query is open while they are linked
+    world.inode(medium, [b"/dir%d/%s%d" % (i % 50, b"a-long-name-" * 8, i) for i in range(20000)], blob)
+    name = world.conn.info.dbname
+    world.conn.execute(f'ALTER DATABASE "{name}" SET statement_timeout = \'5ms\'')
+    world.conn.execute(f'ALTER DATABASE "{name}" SET DateStyle = \'German\'')
+    try:
+        code = main(world.argv("relink", "--no-progress", "--json", "--workers", "1"))
+        summary = json.loads(capsys.readouterr().out)
+        assert (code, summary["links_created"], summary["ranges_failed"]) == (0, 20000, 0)
+        assert main(world.argv("status")) == 0
+    finally:
+        world.conn.execute(f'ALTER DATABASE "{name}" RESET statement_timeout')
+        world.conn.execute(f'ALTER DATABASE "{name}" RESET DateStyle')
