@@ -574,4 +574,5 @@ MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive
                                    ("path", "UPDATE", ("blobid",)),
                                    ("blobs", "INSERT", ("blobid", "n_hardlinks", "expected_hardlinks")),
                                    ("blobs", "UPDATE", ("n_hardlinks", "expected_hardlinks"))),
+                 catalogue_reads=("blobs", "inode", "path", "relinker_path", "medium", "relinker_scanned_medium"),
                  excludes=frozenset({"relink", "count", "verify", "scan"}))

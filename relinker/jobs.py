@@ -59,6 +59,8 @@ class Mode:
     #: (a role granted those columns alone may run it; a column the catalogue lacks is not asked for).
     catalogue_writes: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("blobs", "UPDATE", ("n_hardlinks", "expected_hardlinks")),)
+    #: The catalogue's tables and views a run reads.
+    catalogue_reads: tuple[str, ...] = ("blobs", "inode", "relinker_path")
     #: Fills in, in place, the options a request did not give (run_job notes first which it gave).
     complete_options: Callable[[dict], None] = lambda options: None
     #: The modes whose runs may not be at work while one of this mode is: a run is refused at its
@@ -66,18 +68,26 @@ class Mode:
     excludes: frozenset = frozenset()
 
 
-#: What every run writes: its checkpoints (whole rows: no columns named).
-CHECKPOINT_WRITES = tuple((table, privilege, ()) for table, privilege in (
-    ("relinker_run", "INSERT"), ("relinker_run", "UPDATE"), ("relinker_range", "INSERT"),
-    ("relinker_range", "UPDATE"), ("relinker_problem", "INSERT"), ("relinker_problem", "DELETE")))
+#: What every run reads and writes of its checkpoints (whole rows: no columns named), and the
+#: sequences behind their keys (USAGE of a column's sequence).
+CHECKPOINT_ACCESS = tuple((table, privilege, ()) for table, privilege in (
+    ("relinker_schema_migration", "SELECT"), ("relinker_run", "SELECT"), ("relinker_range", "SELECT"),
+    ("relinker_problem", "SELECT"), ("relinker_run_progress", "SELECT"), ("relinker_open_ranges", "SELECT"),
+    ("relinker_problem_kinds", "SELECT"))) + ((
+        ("relinker_run", "INSERT", ()), ("relinker_run", "UPDATE", ()), ("relinker_range", "INSERT", ()),
+        ("relinker_range", "UPDATE", ()), ("relinker_problem", "INSERT", ()), ("relinker_problem", "DELETE", ()),
+        ("relinker_run", "USAGE", ("run_id",)), ("relinker_problem", "USAGE", ("problem_id",))))
 SQL_READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool"
-#: The (table, privilege, column) of the lists given that this role lacks, in their order; a NULL
-#: column asks for the privilege on the table, a column the table lacks is no write.
+#: What this role lacks of the (table, privilege, column) given, in their order, as the GRANT's
+#: object: a NULL column asks for the privilege on the table, a column the table lacks is no
+#: write, USAGE is that of the column's sequence.
 SQL_REFUSED = """
-SELECT t.name, t.privilege, t.column_name
+SELECT t.name, t.privilege, t.column_name, pg_get_serial_sequence(t.name, t.column_name)
 FROM unnest(%(tables)s::text[], %(privileges)s::text[], %(columns)s::text[])
      WITH ORDINALITY AS t(name, privilege, column_name, n)
-WHERE CASE WHEN t.column_name IS NULL THEN NOT has_table_privilege(t.name, t.privilege)
+WHERE CASE WHEN t.privilege = 'USAGE'
+                THEN NOT has_sequence_privilege(pg_get_serial_sequence(t.name, t.column_name), 'USAGE')
+           WHEN t.column_name IS NULL THEN NOT has_table_privilege(t.name, t.privilege)
       ELSE EXISTS (SELECT FROM pg_attribute AS a
                    WHERE a.attrelid = t.name::regclass AND a.attname = t.column_name AND NOT a.attisdropped
                      AND NOT has_column_privilege(a.attrelid, a.attnum, t.privilege)) END
@@ -85,27 +95,36 @@ ORDER BY t.n
 """
 
 
-def check_privileges(conn: psycopg.Connection, mode: Mode) -> None:
-    """UserError unless this role may write what a run of ``mode`` writes.
+def check_privileges(conn: psycopg.Connection, mode: Mode, *, writes: bool = True) -> None:
+    """UserError unless this role may read, and (``writes``) write, what a run of ``mode`` does.
 
-    A worker refused a write fails its range, or dies at its first claim and
-    is started again and again: one line before any work instead.
+    A worker refused a statement fails its range, or dies at its first claim
+    and is started again and again: one line before any work instead.
     """
-    if conn.execute(SQL_READ_ONLY).fetchone()[0]:
+    if writes and conn.execute(SQL_READ_ONLY).fetchone()[0]:
         raise UserError(f"the catalogue database is read-only for role {conn.info.user} (a standby, or "
                         "default_transaction_read_only): a run writes its checkpoints")
-    asked = [(table, privilege, column) for table, privilege, columns in CHECKPOINT_WRITES + mode.catalogue_writes
-             for column in columns or (None,)]
+    access = [(table, "SELECT", ()) for table in mode.catalogue_reads]
+    if writes:
+        access += CHECKPOINT_ACCESS + mode.catalogue_writes
+    else:
+        access += [entry for entry in CHECKPOINT_ACCESS if entry[1] == "SELECT"]
+    asked = [(table, privilege, column) for table, privilege, columns in access for column in columns or (None,)]
     refused = conn.execute(SQL_REFUSED, {"tables": [t for t, _, _ in asked], "privileges": [p for _, p, _ in asked],
                                          "columns": [c for _, _, c in asked]}).fetchall()
-    if refused:
-        table, privilege, column = refused[0]
-        user = conn.info.user
-        columns = ""
-        if column is not None:  # every column of that table and privilege the role lacks
-            columns = f" ({', '.join(c for t, p, c in refused if (t, p) == (table, privilege))})"
-        raise UserError(f"role {user} may not {privilege} {table}{columns}, which a {mode.name} run writes "
-                        f"(GRANT {privilege}{columns} ON {table} TO {user})")
+    if not refused:
+        return
+    table, privilege, column, sequence = refused[0]
+    user = conn.info.user
+    doing = "writes" if privilege in ("INSERT", "UPDATE", "DELETE") else "reads"
+    if privilege == "USAGE":
+        raise UserError(f"role {user} may not use the sequence {sequence}, which a {mode.name} run takes keys from "
+                        f"(GRANT USAGE ON SEQUENCE {sequence} TO {user})")
+    columns = ""
+    if column is not None:  # every column of that table and privilege the role lacks
+        columns = f" ({', '.join(c for t, p, c, _ in refused if (t, p) == (table, privilege))})"
+    raise UserError(f"role {user} may not {privilege} {table}{columns}, which a {mode.name} run {doing} "
+                    f"(GRANT {privilege}{columns} ON {table} TO {user})")
 
 
 @dataclasses.dataclass
@@ -244,8 +263,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     started = time.monotonic()
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         migrations.require_migrated(conn)
-        if not request.dry_run:
-            check_privileges(conn, mode)
+        check_privileges(conn, mode, writes=not request.dry_run)
         spec = WorkSpec(
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
@@ -319,10 +337,15 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             summary = closing_figures() if outcome.database_gone else db.retrying(request.retry_timeout)(
                 closing_figures)
         except psycopg.Error as exc:
+            resume = resume_command(mode.name, spec.run_id, request)
+            if not (outcome.database_gone or db.is_transient(exc)):
+                raise RunStopped(f"the figures of run {spec.run_id} could not be read as it ended "
+                                 f"({db.first_line(exc)}): `relinker status {spec.run_id}` says whether it is "
+                                 f"complete; if not, resume it with `{resume}`") from None
             why = _database_gone(request) if outcome.database_gone else (
                 f"the catalogue database could not be reached as the run ended ({db.first_line(exc)})")
             raise RunStopped(f"{why}: run {spec.run_id} stopped, not complete; once the database is back, "
-                             f"resume it with `{resume_command(mode.name, spec.run_id, request)}`") from None
+                             f"resume it with `{resume}`") from None
         if outcome.database_gone and not summary.complete:
             summary.stopped = _database_gone(request)
         elif outcome.start_failure and not summary.complete:

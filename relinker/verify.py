@@ -311,4 +311,5 @@ MODE_SPEC = Mode(name=MODE, work=VerifyWork, plan=plan, writes=frozenset(),  # t
                  complete_options=complete_options, excludes=frozenset({"relink", "copy", "scan"}),
                  catalogue_writes=(("blobs", "UPDATE", ("last_checked",)), ("relinker_verify_failure", "INSERT", ()),
                                    ("relinker_verify_failure", "UPDATE", ()), ("relinker_verify_failure", "DELETE", ())),
+                 catalogue_reads=("blobs", "inode", "relinker_path", "relinker_verify_failure"),
                  in_bytes=lambda options: bool(options.get("hash")))

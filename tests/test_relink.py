@@ -601,15 +601,27 @@ def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
         # a dry run writes nothing: reading is all it needs
         assert main([*argv, "count", "--workers", "1", "--dry-run", "--json"]) == 0
         capsys.readouterr()
-        # allowed its checkpoints, it still may not write the counts into blobs
+        # allowed its checkpoints, it still may not take their keys ...
         small.conn.execute(f"GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem TO {role}")
+        assert main([*argv, "count", "--workers", "1"]) == 2
+        assert capsys.readouterr().err == (
+            f"relinker: error: role {role} may not use the sequence public.relinker_run_run_id_seq, which a count "
+            f"run takes keys from (GRANT USAGE ON SEQUENCE public.relinker_run_run_id_seq TO {role})\n")
+        # ... nor write the counts into blobs
         small.conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
         assert main([*argv, "count", "--workers", "1"]) == 2
         assert capsys.readouterr().err == (
             f"relinker: error: role {role} may not UPDATE blobs (n_hardlinks, expected_hardlinks), which a count "
             f"run writes (GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role})\n")
-        # the columns a count writes are all it needs
+        # the columns a count writes are all it needs, with what it reads: the views among them
         small.conn.execute(f"GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role}")
+        small.conn.execute(f"REVOKE SELECT ON relinker_run_progress FROM {role}")
+        for dry_run in ([], ["--dry-run"]):
+            assert main([*argv, "count", "--workers", "1", *dry_run]) == 2
+            assert capsys.readouterr().err == (
+                f"relinker: error: role {role} may not SELECT relinker_run_progress, which a count run reads "
+                f"(GRANT SELECT ON relinker_run_progress TO {role})\n")
+        small.conn.execute(f"GRANT SELECT ON relinker_run_progress TO {role}")
         assert main([*argv, "count", "--workers", "1", "--json"]) == 0
         capsys.readouterr()
         # every privilege, in a database it may only read (as a standby's): resuming is refused too
