@@ -1,5 +1,5 @@
 import sys
 
-from relinker.cli import main
+from relinker.entry import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ import psycopg
 from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
                              new_subparsers, path_argument)
-from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError, interrupt
 from relinker.logs import say, setup_logging, silence
 from relinker.report import Summary
 
@@ -370,10 +370,6 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     return args, Settings.from_args(args)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relinker`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -384,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ignored and Python would then leave ignored.
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args, settings = parse(argv)
         args.resume_globals = _resume_globals(argv, args, settings)

@@ -13,6 +13,11 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 3
 
 
+def interrupt(signum, frame) -> None:
+    """The handler of SIGINT and SIGTERM while a command runs: stop where it is (exit 3)."""
+    raise KeyboardInterrupt()
+
+
 class UserError(Exception):
     """Something the user can fix: bad DSN, missing root, unmigrated catalogue.
 

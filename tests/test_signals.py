@@ -113,6 +113,31 @@ def test_a_signal_before_the_pool_starts_is_exit_3_too(signum, inherited_ignored
     assert err.strip().endswith("relinker: interrupted") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("signum, inherited_ignored", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT-inherited-ignored", "SIGTERM"])
+def test_a_signal_while_the_command_is_still_loading_is_exit_3(signum, inherited_ignored):
+    """The first tenths of a second go to importing the command's modules (psycopg among them): a signal
+    then stops it as one anywhere else does. The process is held still (SIGSTOP) as psycopg's library is
+    mapped, so the signal lands in the middle of the imports."""
+    def loading_psycopg():
+        try:
+            with open(f"/proc/{job.pid}/maps") as maps:
+                return "psycopg" in maps.read()
+        except OSError:
+            return False
+
+    job = start(["--db-url", "host=127.0.0.1 port=1 connect_timeout=30", "status"], ignore_sigint=inherited_ignored)
+    try:
+        wait_for(loading_psycopg, interval=0.001, what="psycopg to load")
+        job.send_signal(signal.SIGSTOP)
+        job.send_signal(signum)
+    finally:
+        job.send_signal(signal.SIGCONT)
+    code, _out, err = finish(job, timeout=30)
+    assert code == 3, err
+    assert err == "relinker: interrupted\n"
+
+
 def test_ctrl_c_in_the_middle_of_a_range_gives_that_range_back(busy):
     """One range of 60,000 links, interrupted while worked: back to pending, not left running nor finished."""
     job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "1"))
