@@ -34,13 +34,27 @@ def silence(fd: int) -> None:
     os.close(devnull)
 
 
+class _LogFile(logging.FileHandler):
+    """The ``--log-file``: a line it cannot take (a full disk) is dropped, said once per process on stderr."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            say(f"relinker: cannot write the log file {self.baseFilename} ({sys.exc_info()[1]}): "
+                "its lines are dropped")
+
+
 def setup_logging(verbose: int, log_file: str | None) -> None:
     """Timestamped log lines on stderr (warnings by default) and optionally a file."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    # A line stderr cannot take is dropped (say() has made it /dev/null): never a traceback in its place.
+    logging.raiseExceptions = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         try:
-            handlers.append(logging.FileHandler(log_file))
+            handlers.append(_LogFile(log_file))
         except OSError as exc:
             raise UserError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     logging.basicConfig(

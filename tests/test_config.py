@@ -141,6 +141,19 @@ def test_log_file_gets_timestamped_lines(db_url, tmp_path):
     assert lines and all(line[:4].isdigit() and " INFO " in line for line in lines)
 
 
+def test_a_log_file_on_a_full_disk_costs_its_lines_and_no_traceback(world):
+    """Every process of the run logs (-v): each says once that its lines are dropped, and the run is done."""
+    from processes import finish, start
+
+    world.bulk(20, paths_per_blob=2)
+    code, _out, err = finish(start(["--log-file", "/dev/full", "-v", *world.argv("relink", "--no-progress",
+                                                                                 "--workers", "2")]))
+    assert code == 0, err
+    assert "Traceback" not in err and "Logging error" not in err
+    dropped = [line for line in err.splitlines() if line.startswith("relinker: cannot write the log file")]
+    assert 1 <= len(dropped) <= 3 and all(line.endswith("its lines are dropped") for line in dropped), err
+
+
 def test_a_config_file_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):
     """Unreadable, or not text: one line naming the trouble, exit 2, no traceback."""
     unreadable = tmp_path / "secret.conf"
