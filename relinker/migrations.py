@@ -152,11 +152,10 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                 conn.execute(_read(BASE_FILE))
             applied_now.append(BASE_FILE)
         db.require_catalogue(conn)
+        # Checked before anything is made, even with nothing to apply (relinker's views are made
+        # anew): a table left by a role that could not finish would be in the way of the owner's.
+        _require_owner(conn)
         done = set(applied_versions(conn))
-        if any(migration.version not in done for migration in available()):
-            # Checked before anything is made: a table left by a role that could not finish would be
-            # in the way of the owner's own migrate.
-            _require_owner(conn)
         conn.execute(SQL_CREATE_MIGRATION_TABLE)
         for migration in available():
             if migration.version in done:

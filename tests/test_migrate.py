@@ -318,6 +318,11 @@ def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_u
         assert capsys.readouterr().err == (f"relinker: error: role {other} does not own the catalogue's table inode, "
                                            f"which migrations change: run `relinker migrate` as {owner} (its owner)\n")
         assert main(["--db-url", make_conninfo(db_url, user=owner), "migrate"]) == 0
+        capsys.readouterr()
+        # nothing left to apply: refused all the same (migrate makes relinker's views anew)
+        assert main(["--db-url", make_conninfo(db_url, user=other), "migrate"]) == 2
+        assert capsys.readouterr().err == (f"relinker: error: role {other} does not own the catalogue's table inode, "
+                                           f"which migrations change: run `relinker migrate` as {owner} (its owner)\n")
     finally:
         with psycopg.connect(db_url, autocommit=True) as conn:
             for role in (other, owner):
