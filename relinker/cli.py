@@ -159,7 +159,7 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
         "rate, ETA, and the ranges not yet done.",
         epilog="examples:\n  relinker status\n  relinker status 7 --json",
     )
-    status.add_argument("run_id", nargs="?", type=int, metavar="RUN_ID", help="run to show (default: newest)")
+    status.add_argument("run_id", nargs="?", type=whole_number, metavar="RUN_ID", help="run to show (default: newest)")
     status.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     status.set_defaults(handler=cmd_status)
 
@@ -196,8 +196,17 @@ def medium_name(text: str) -> str:
     return text
 
 
+def whole_number(text: str) -> int:
+    """An argparse type: an integer, refused in words a user reads."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    """An argparse type: a whole number, 1 or more."""
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
@@ -209,7 +218,7 @@ BIGINT_MAX = 2**63 - 1
 
 def non_negative_int(text: str) -> int:
     """An argparse type: a whole number, 0 or more (and a bigint)."""
-    value = int(text)
+    value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
     if value > BIGINT_MAX:
@@ -262,7 +271,7 @@ def add_job_options(command: argparse.ArgumentParser, *,
     command.add_argument("--ranges", type=at_most(checkpoint.MAX_RANGES), metavar="N",
                          help="split a new run into N ranges (default: scales with the number of blobs)")
     which = command.add_mutually_exclusive_group()
-    which.add_argument("--run", type=int, metavar="RUN_ID", dest="run_id",
+    which.add_argument("--run", type=whole_number, metavar="RUN_ID", dest="run_id",
                        help="work on this run (also while other coordinators work on it)")
     which.add_argument("--new", action="store_true", help="start a new run even if one is unfinished")
     if limit:

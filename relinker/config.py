@@ -18,7 +18,8 @@ from typing import Sequence
 
 import configargparse
 
-from relinker.errors import UserError
+from relinker.errors import EXIT_USAGE, UserError
+from relinker.logs import say
 
 CONFIG_ENV = "RELINKER_CONFIG"
 
@@ -83,7 +84,15 @@ def _root(value: str | None) -> bytes | None:
     return os.fsencode(value) if value else None
 
 
-class _CommandParser(configargparse.ArgumentParser):
+class _Parser(configargparse.ArgumentParser):
+    """A parser whose usage errors end in one line (the usage block is ``--help``'s)."""
+
+    def error(self, message: str):
+        say(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
+
+
+class _CommandParser(_Parser):
     """A subcommand parser that reads its own keys from the shared config file.
 
     The copies of the global options it carries (so ``relinker relink
@@ -125,7 +134,7 @@ def new_parser(config_files: list[str], **kwargs) -> configargparse.ArgumentPars
     """The top-level parser, before any commands are added."""
     # No abbreviations: --conf would be taken for --config by the parser but not by config_files_from,
     # and a resume command repeats the options by their full names.
-    parser = configargparse.ArgumentParser(
+    parser = _Parser(
         prog="relinker",
         default_config_files=config_files,
         ignore_unknown_config_file_keys=True,

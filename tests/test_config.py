@@ -251,6 +251,20 @@ def test_an_abbreviated_option_is_a_usage_error(abbreviated, capsys):
     assert stopped.value.code == 2 and "error: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["relink", "--workers", "abc"], "relinker relink: error: argument --workers: 'abc' is not a whole number"),
+    (["verify", "--count", "0"], "relinker verify: error: argument --count: must be at least 1, not 0"),
+    (["relink", "--run", "3", "--new"], "relinker relink: error: argument --new: not allowed with argument --run"),
+    (["relinc"], "relinker: error: argument COMMAND: invalid choice: 'relinc'"),
+])
+def test_a_usage_error_is_one_line_that_points_at_help(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", *argv])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(message) and err.endswith(f" (see {message.partition(': ')[0]} --help)\n"), err
+
+
 def test_a_resume_command_reads_back_as_the_arguments_it_was_made_of():
     """Spaces, quotes and bytes that are not UTF-8 (a root named so) come back exactly through a shell."""
     import subprocess
