@@ -460,8 +460,10 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
     from relinker.paths import parse_source_prefix
 
+    # A resume may be typed in another directory: NEW as this one reads it.
+    given = [_absolute_target(option) for option in args.source_prefix]
     try:
-        remaps = [parse_source_prefix(option) for option in args.source_prefix]
+        remaps = [parse_source_prefix(option) for option in given]
     except ValueError as exc:
         raise UserError(str(exc)) from None
     options = {"medium": args.medium, "limit": args.limit, "retry_permanent": args.retry_permanent}
@@ -469,7 +471,7 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, options)
     request.local = local
     # Where the media are mounted is this invocation's, not the run's: a resume must say it again.
-    request.resume_arguments += [argument for option in args.source_prefix for argument in ("--source-prefix", option)]
+    request.resume_arguments += [argument for option in given for argument in ("--source-prefix", option)]
     summary, code = jobs.run_job(copy.MODE_SPEC, request)
     return report(summary, code, args.json, request)
 
@@ -478,6 +480,12 @@ def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
     request = job_request(args, settings, {"limit": args.limit})
     summary, code = jobs.run_job(count.MODE_SPEC, request)
     return report(summary, code, args.json, request)
+
+
+def _absolute_target(option: str) -> str:
+    """``--source-prefix OLD=NEW`` with NEW made absolute (from the current directory)."""
+    old, sep, new = option.partition("=")
+    return f"{old}={os.path.abspath(new)}" if sep and new and not new.startswith("/") else option
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -503,7 +511,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     else:
         options.update(selection=args.mode, count=args.count)
     if args.failed_ids:
-        request.resume_arguments += ["--failed-ids", args.failed_ids]
+        # A resume may be typed in another directory: the list goes where this one would have put it.
+        request.resume_arguments += ["--failed-ids", os.path.abspath(args.failed_ids)]
     summary, code = jobs.run_job(verify.MODE_SPEC, request)
     if args.failed_ids and summary.run_id is not None and not summary.complete:
         # A list of part of the run would pass for the whole one in a repair.

@@ -1246,7 +1246,8 @@ def test_the_resume_command_repeats_where_the_media_are_mounted(world, capsys, t
         raise psycopg.errors.TooManyConnections("sorry, too many clients already")
 
     monkeypatch.setattr(checkpoint.CheckpointStore, "_claim_once", refused)
-    code = main(world.argv("copy", "--json", "--no-progress", "--source-prefix", f"/mnt/ntt/{medium}={mount}",
+    monkeypatch.chdir(tmp_path)  # the mount given relative to here: the resume may be typed elsewhere
+    code = main(world.argv("copy", "--json", "--no-progress", "--source-prefix", f"/mnt/ntt/{medium}=mounted here",
                            "--retry-timeout", "1"))
     out, err = capsys.readouterr()
     assert code == 1 and json.loads(out)["ranges_done"] == 0

@@ -385,3 +385,21 @@ def test_an_incomplete_verify_writes_no_failed_ids_and_its_resume_will(linked, c
         f"; resume with: {linked.resume('verify', run_id, '--failed-ids', str(failed))}"), err
     assert main(linked.argv("verify", "--run", str(run_id), "--no-progress", "--failed-ids", str(failed))) == 0
     assert bloblist.read_blob_ids(failed.read_text().splitlines()) == []
+
+
+def test_the_resume_command_names_the_failed_ids_file_from_anywhere(linked, capsys, tmp_path, monkeypatch):
+    """--failed-ids given relative to where verify ran: its resume, typed in another directory (another
+    terminal, cron), must write the list to the same file."""
+    from relinker import checkpoint
+
+    def refused(self, conn):
+        raise psycopg.errors.TooManyConnections("sorry, too many clients already")
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "_claim_once", refused)
+    monkeypatch.chdir(tmp_path)
+    code = main(linked.argv("verify", "--all", "--no-progress", "--retry-timeout", "1", "--failed-ids", "failed.txt"))
+    assert code == 1
+    err = capsys.readouterr().err
+    run_id = linked.conn.execute("SELECT max(run_id) FROM relinker_run").fetchone()[0]
+    assert err.strip().splitlines()[-1].endswith(
+        f"; resume with: {linked.resume('verify', run_id, '--failed-ids', str(tmp_path / 'failed.txt'))}"), err
