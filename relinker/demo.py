@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -23,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from relinker import copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, UserError
+from relinker.paths import display
 
 MARKER = ".relinker-demo"
 DATABASE = "relinker_demo"
@@ -61,6 +64,9 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
     touched, whatever the settings say.
     """
     root = os.path.abspath(directory)
+    if UNSTARTABLE_DIRECTORY.search(root):
+        raise UserError(f"the demo directory {display(os.fsencode(root))} has a space, quote or backslash: the "
+                        "embedded PostgreSQL cannot be started there (it is handed on unquoted); choose another")
     source = os.path.abspath(source or default_source())
     if not os.path.isdir(source):
         raise UserError(f"--source {source} is not a directory")
@@ -99,6 +105,10 @@ def _count_files(tree: str, enough: int) -> int:
         if found >= enough:
             break
     return found
+
+
+#: What the embedded server's start command cannot take in its directory's path.
+UNSTARTABLE_DIRECTORY = re.compile(r"[\s'\"\\]")
 
 
 def _prepare(root: str) -> None:
@@ -212,8 +222,8 @@ def _explain_psql(step: Step, dsn: str, server, keep: bool, root: str) -> None:
         print("  (the embedded server stops now; `relinker demo --keep` leaves it running for psql)")
         return
     as_user = f"runuser -u {server.system_user} -- " if server.system_user else ""
-    print(f"  the server keeps running; stop it with:\n  {as_user}{os.path.join(bin_dir, 'pg_ctl')} "
-          f"-D {os.path.join(root, 'pgdata')} stop")
+    print(f"  the server keeps running; stop it with:\n  {as_user}{shlex.quote(os.path.join(bin_dir, 'pg_ctl'))} "
+          f"-D {shlex.quote(os.path.join(root, 'pgdata'))} stop")
 
 
 def _server_bin_dir() -> str:

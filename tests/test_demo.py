@@ -123,6 +123,16 @@ def test_demo_refuses_to_catalogue_itself_or_a_place_it_cannot_make(tmp_path):
     assert "cannot make the demo directory" in result.stderr
 
 
+def test_demo_refuses_a_directory_the_embedded_server_cannot_start_in(tmp_path):
+    """The embedded PostgreSQL's start command takes its directory unquoted: one line, before anything is made."""
+    source = small_tree(tmp_path / "src")
+    for name in ("my demo", "it's"):
+        result = demo(str(tmp_path / name), "--source", str(source))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "cannot be started there" in result.stderr
+        assert not (tmp_path / name).exists()
+
+
 def test_a_copy_with_problems_is_no_demo_success(db_url, tmp_path, monkeypatch, capsys):
     """The verdict weighs every step: a copy that recorded problems is 'something did not add up'."""
     from relinker import demo as demo_module, jobs
