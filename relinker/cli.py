@@ -7,6 +7,7 @@ problems, 2 usage/configuration/preflight error, 3 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import psycopg
 from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
                              new_subparsers, path_argument)
-from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UserError, interrupt
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, UserError, interrupt
 from relinker.logs import say, setup_logging, silence
 from relinker.report import Summary
 
@@ -390,11 +391,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    args = None
     try:
         args, settings = parse(argv)
         args.resume_globals = _resume_globals(argv, args, settings)
         setup_logging(settings.verbose, settings.log_file)
         return args.handler(args, settings)
+    except RunStopped as exc:
+        # A run that went this far answers --json, as one interrupted does: not complete, and why.
+        if getattr(args, "json", False):
+            emit(json.dumps({"mode": exc.mode, "run_id": exc.run_id, "complete": False, "stopped": str(exc)}))
+        say(f"relinker: error: {exc}")
+        return exc.exit_code
     except UserError as exc:
         say(f"relinker: error: {exc}")
         return exc.exit_code

@@ -31,3 +31,8 @@ class RunStopped(UserError):
     """A run that could not go on (its database out of reach): not complete, and resumable."""
 
     exit_code = EXIT_PROBLEMS
+
+    def __init__(self, message: str, *, run_id: int, mode: str):
+        super().__init__(message)
+        self.run_id = run_id
+        self.mode = mode

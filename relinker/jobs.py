@@ -341,11 +341,12 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             if not (outcome.database_gone or db.is_transient(exc)):
                 raise RunStopped(f"the figures of run {spec.run_id} could not be read as it ended "
                                  f"({db.first_line(exc)}): `relinker status {spec.run_id}` says whether it is "
-                                 f"complete; if not, resume it with `{resume}`") from None
+                                 f"complete; if not, resume it with `{resume}`",
+                                 run_id=spec.run_id, mode=mode.name) from None
             why = _database_gone(request) if outcome.database_gone else (
                 f"the catalogue database could not be reached as the run ended ({db.first_line(exc)})")
             raise RunStopped(f"{why}: run {spec.run_id} stopped, not complete; once the database is back, "
-                             f"resume it with `{resume}`") from None
+                             f"resume it with `{resume}`", run_id=spec.run_id, mode=mode.name) from None
         if outcome.database_gone and not summary.complete:
             summary.stopped = _database_gone(request)
         elif outcome.start_failure and not summary.complete:

@@ -89,13 +89,16 @@ def test_a_server_down_longer_than_the_retry_timeout_stops_the_run_once(world, o
     pg_ctl(own_server, "-w", "-m", "fast", "stop")
     stopped = time.monotonic()
     try:
-        code, _out, err = finish(job, timeout=300)
+        code, out, err = finish(job, timeout=300)
         took = time.monotonic() - stopped
     finally:
         start_again(own_server)
     assert took < 20, took
     assert code == 1 and "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
+    # --json still answers: not complete, and why
+    assert json.loads(out) == {"mode": "relink", "run_id": 1, "complete": False,
+                               "stopped": last.removeprefix("relinker: error: ")}
     assert last.startswith("relinker: error: the catalogue database stayed out of reach for more than "
                            "--retry-timeout (3 s): run 1 stopped, not complete"), last
     assert last.endswith(f"resume it with `{world.resume('relink', 1)}`")
