@@ -70,15 +70,17 @@ WHERE i.indrelid = to_regclass(%(table)s)
 ORDER BY i.indisvalid DESC
 LIMIT 1
 """
+# A partition may live in a schema of its own, outside the search_path.
 SQL_PARTITIONS = """
-SELECT c.oid, c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+SELECT c.oid, n.nspname, c.relname
+FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE h.inhparent = to_regclass(%s) ORDER BY c.relname
 """
 SQL_INDEX_STATE = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)"
 # Whether some index of the partition is attached to the parent index already.
 SQL_PARTITION_ATTACHED = """
 SELECT 1 FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid
-WHERE h.inhparent = to_regclass(%(parent)s) AND i.indrelid = to_regclass(quote_ident(%(partition)s))
+WHERE h.inhparent = to_regclass(%(parent)s) AND i.indrelid = %(partition)s
 """
 
 
@@ -336,7 +338,7 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
     if where_null:
         cols += sql.SQL(" WHERE {} IS NULL").format(sql.Identifier(where_null))
     if db.relkind(conn, table) != "p":
-        _build_concurrently(conn, name, table, cols)
+        _build_concurrently(conn, name, sql.Identifier(table), cols)
         return
     briefly_locking(conn, [(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
         sql.Identifier(name), sql.Identifier(table), cols), None)], f"creating index {name} on {table}")
@@ -344,10 +346,12 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
         briefly_locking(conn, [(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
             sql.Identifier(name), child_index), None)], f"attaching the index of {partition} to {name}")
 
-    for _oid, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
-        if conn.execute(SQL_PARTITION_ATTACHED, {"partition": partition, "parent": name}).fetchone():
+    for oid, schema, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
+        if conn.execute(SQL_PARTITION_ATTACHED, {"partition": oid, "parent": name}).fetchone():
             continue
-        child = None if where_null else conn.execute(SQL_EQUIVALENT_INDEX, dict(wanted, table=partition)).fetchone()
+        qualified = sql.Identifier(schema, partition)
+        child = None if where_null else conn.execute(
+            SQL_EQUIVALENT_INDEX, dict(wanted, table=qualified.as_string(conn))).fetchone()
         if child and child[1]:
             try:
                 attach(sql.Identifier(child[2], child[3]))
@@ -357,19 +361,19 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
                 # INCLUDEs, an operator class): ATTACH takes only an identical one.
                 log.info("index %s of %s serves our lookups but cannot be attached: building %s's own",
                          child[3], partition, name)
-        child_name = f"{name[:40]}_{_oid}"
-        _build_concurrently(conn, child_name, partition, cols)
-        attach(sql.Identifier(child_name))
+        attach(_build_concurrently(conn, f"{name[:40]}_{oid}", qualified, cols, schema))
 
 
-def _build_concurrently(conn: psycopg.Connection, name: str, table: str, cols: sql.Composable) -> None:
+def _build_concurrently(conn: psycopg.Connection, name: str, table: sql.Identifier, cols: sql.Composable,
+                        schema: str | None = None) -> sql.Identifier:
+    """Build index ``name`` of ``table`` (in ``schema``, the table's) concurrently; return its qualified name."""
+    qualified = sql.Identifier(schema, name) if schema else sql.Identifier(name)
     # An interrupted CONCURRENTLY build leaves an INVALID index behind that
     # IF NOT EXISTS would happily keep: drop it and build again.
-    state = conn.execute(SQL_INDEX_STATE, (name,)).fetchone()
+    state = conn.execute(SQL_INDEX_STATE, (qualified.as_string(conn),)).fetchone()
     if state and not state[0]:
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
-    conn.execute(
-        sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
-            sql.Identifier(name), sql.Identifier(table), cols
-        )
-    )
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified))
+    # CREATE INDEX takes no schema for its index: it is made in the table's.
+    conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
+        sql.Identifier(name), table, cols))
+    return qualified

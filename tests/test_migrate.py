@@ -128,6 +128,25 @@ def test_migrate_existing_catalogue_twice(db_url, shape):
         assert paths == [b"/mnt/ntt/m1/Icon\r"]
 
 
+def test_partitions_in_a_schema_of_their_own_get_their_indexes(db_url):
+    """Operators may keep a catalogue's partitions outside the search_path: found by their schema."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        conn.execute('CREATE SCHEMA "Parts"')
+        conn.execute('ALTER TABLE path_m1 SET SCHEMA "Parts"; ALTER TABLE inode_m2 SET SCHEMA "Parts"')
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    with psycopg.connect(db_url) as conn:
+        built = conn.execute(
+            "SELECT t.relnamespace::regnamespace::text, t.relname, count(*) FILTER (WHERE i.indisvalid) "
+            "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid "
+            "WHERE c.relname LIKE 'relinker%%' AND t.relispartition GROUP BY 1, 2 ORDER BY 2").fetchall()
+        # each partition has relinker's indexes (m2's lookup by inode is the operators' own)
+        assert built == [("public", "inode_m1", 1), ('"Parts"', "inode_m2", 1), ('"Parts"', "path_m1", 2),
+                         ("public", "path_m2", 1)]
+        assert not conn.execute("SELECT 1 FROM pg_index WHERE NOT indisvalid").fetchone()
+    assert main(["--db-url", db_url, "migrate"]) == 0
+
+
 def test_migrate_resumes_after_an_interrupted_concurrent_index_build(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(PRODUCTION_SHAPE)
