@@ -178,6 +178,9 @@ class CopyWork:
         self._statements = None
         self._scanned_roots: dict[str, bytes | None] = {}
 
+    def connect(self) -> None:
+        self.data.get()
+
     def reset(self) -> None:
         self.data.reset()
 

@@ -98,6 +98,9 @@ class RangeWork(Protocol):
         """Do the range's filesystem work; return the finalize step that
         writes the range's catalogue updates inside the commit transaction."""
 
+    def connect(self) -> None:
+        """Open the database connections ``process`` uses (before a range is claimed)."""
+
     def reset(self) -> None:
         """Drop database connections after a transient error."""
 
@@ -260,6 +263,8 @@ class _Worker:
         try:
             while True:
                 self.check_stop()
+                if not self.ready():
+                    return
                 r = self.claim()
                 if r is None:
                     if self.nothing_left():
@@ -275,6 +280,32 @@ class _Worker:
             self.work.close()
             if self.store is not None:
                 self.store.close()
+
+    def ready(self) -> bool:
+        """Open the work's connections before a range is claimed; False if the run has nothing left meanwhile.
+
+        A worker the server has no second session for (``max_connections``, a
+        role's connection limit) must not hold a range it cannot work until
+        its lease runs out: it waits with none, as long as --retry-timeout.
+        """
+        try:
+            self.work.connect()
+            return True
+        except Exception as exc:
+            if not db.is_transient(exc):
+                raise
+        try:
+            for attempt in db.retrying(self.spec.retry_timeout):
+                with attempt:
+                    self.check_stop()
+                    if self.nothing_left():
+                        return False
+                    self.work.connect()
+        except Exception as exc:
+            if db.outage_over_timeout(exc):
+                raise _GaveUp(db.first_line(exc)) from exc
+            raise
+        return True
 
     def run_range(self, r: Range) -> None:
         self._last_heartbeat = time.monotonic()

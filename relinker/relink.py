@@ -166,6 +166,9 @@ class RelinkWork:
         #: blobs of the range whose by-hash file could not be looked at (their links are not known)
         self.unexamined: set[str] = set()
 
+    def connect(self) -> None:
+        self.data.get()
+
     def reset(self) -> None:
         self.data.reset()
 

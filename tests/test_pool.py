@@ -64,6 +64,9 @@ class _SlowRangeZero:
             time.sleep(self.SECONDS)
         return lambda conn: None
 
+    def connect(self):
+        pass
+
     def reset(self):
         pass
 
@@ -146,6 +149,9 @@ class _KilledHoldingTheDrawLock:
             os.kill(os.getpid(), signal.SIGKILL)
         ctx.tick()  # reads the stop flag: no lock to be left held either
         return lambda conn: None
+
+    def connect(self):
+        pass
 
     def reset(self):
         pass

@@ -1059,3 +1059,32 @@ def test_a_run_resumed_by_its_id_keeps_its_roots_while_they_are_there(small, cap
     assert main([*argv, "relink", "--json", "--no-progress", "--run", str(run_id)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["complete"] and f"run {run_id} was planned with roots" in err
+
+
+def test_a_worker_the_server_has_no_second_session_for_holds_no_range(world):
+    """A connection limit that serves one worker's two sessions and the second worker's control session
+    only: that worker never claims a range it could not work (it would hold it
+    until its lease ran out, the run stalled meanwhile). The other does the run; no range waits for a lease."""
+    from psycopg.conninfo import make_conninfo
+
+    world.bulk(3000, paths_per_blob=2)
+    role = f"limited_{os.getpid()}"
+    world.conn.execute(f"""
+        CREATE ROLE {role} LOGIN CONNECTION LIMIT 3;
+        GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+        GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem TO {role};
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+        GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role}""")
+    try:
+        world.dsn, owner_dsn = make_conninfo(world.dsn, user=role), world.dsn
+        started = time.monotonic()
+        code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges",
+                                                 "40", "--lease", "60", "--retry-timeout", "60")), timeout=120)
+        took = time.monotonic() - started
+    finally:
+        world.dsn = owner_dsn
+        world.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    assert code == 0, err[-2000:]
+    assert json.loads(out)["links_created"] == 6000
+    assert took < 30, (took, err[-2000:])
+    world.assert_complete(1)
