@@ -446,11 +446,13 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
             # A plain command resumes the newest unfinished run asked for the
             # same work: ``relink --limit 5``, interrupted, must not be
             # finished by a later plain ``relink`` and reported complete over
-            # five blobs. Runs planned before runs kept what they were asked
-            # are resumed as they always were.
-            if differ and REQUESTED in run.options:
+            # five blobs. A run planned before runs kept what they were asked
+            # is told apart by what narrows its work (its other options are
+            # kept as planning resolved them: a medium's hash for its name).
+            narrowed = differ if REQUESTED in run.options else _changed_options(run, request.options, NARROWING)
+            if narrowed:
                 log.warning("run %d is unfinished but was asked for other work (%s): left for "
-                            "`relinker %s --run %d`", run.run_id, differ, mode.name, run.run_id)
+                            "`relinker %s --run %d`", run.run_id, narrowed, mode.name, run.run_id)
                 continue
             log.warning("resuming run %d (started earlier, same roots); use --new for a fresh run", run.run_id)
             if differ:  # a run planned before runs kept what they were asked
@@ -474,8 +476,12 @@ def _as_stored(options: dict) -> dict:
     return json.loads(json.dumps(options))
 
 
-def _changed_options(run: RunInfo, requested: dict) -> str:
-    """The options asked now that differ from what ``run`` was asked for ('' when none does).
+#: The options that make a run's work another one's (an older run's, see _select_run).
+NARROWING = frozenset({"limit", "only_incomplete", "on_conflict", "from_file", "selection", "count", "hash"})
+
+
+def _changed_options(run: RunInfo, requested: dict, only: frozenset | None = None) -> str:
+    """The options asked now (of ``only``, if given) that differ from what ``run`` was asked for ('' when none does).
 
     Runs planned before runs kept what they were asked compare with their
     (planned) options.
@@ -488,6 +494,8 @@ def _changed_options(run: RunInfo, requested: dict) -> str:
         keys = set(asked) | set(planned_with)
     else:
         planned_with, keys = run.options, set(asked)
+    if only is not None:
+        keys &= only
     return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked.get(key)!r}" for key in sorted(keys)
                      if _given(planned_with.get(key)) != _given(asked.get(key)))
 

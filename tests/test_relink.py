@@ -149,10 +149,14 @@ def test_n_hardlinks_exact_after_a_redo(small, capsys):
     small.assert_complete(run_id)
 
 
-def test_a_plain_resume_never_finishes_a_run_asked_for_other_work(small, capsys):
-    """An interrupted ``relink --limit 1`` is not what a later plain ``relink`` asks for: it is left for --run."""
+@pytest.mark.parametrize("older", [False, True], ids=["run", "run-of-an-older-relinker"])
+def test_a_plain_resume_never_finishes_a_run_asked_for_other_work(small, capsys, older):
+    """An interrupted ``relink --limit 1`` is not what a later plain ``relink`` asks for: it is left for --run.
+    So is one an older relinker planned, which kept only the options planning resolved."""
     code, summary = relink(small, capsys, "--limit", "1")
     limited = summary["run_id"]
+    if older:
+        small.conn.execute("UPDATE relinker_run SET options = options - 'requested' WHERE run_id = %s", (limited,))
     # as if it had been interrupted
     small.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (limited,))
     small.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (limited,))
