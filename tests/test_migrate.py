@@ -147,6 +147,29 @@ def test_partitions_in_a_schema_of_their_own_get_their_indexes(db_url):
     assert main(["--db-url", db_url, "migrate"]) == 0
 
 
+def test_a_catalogue_an_earlier_relinker_gave_a_plain_blobid_index_gets_a_covering_one(db_url):
+    """Before 0003 covered the inode's key, it made a plain (blobid) index under the same name: a later
+    migrate builds the covering one beside it, and builds nothing where 0003's already covers."""
+    covering = ("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relispartition "
+                "AND c.relname LIKE 'inode%%' AND pg_get_indexdef(i.indexrelid) LIKE "
+                "'%%(blobid) INCLUDE (medium_hash, ino, fs_type)'")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute(covering).fetchone() == (2,)
+        assert not conn.execute("SELECT to_regclass('relinker_inode_blobid_cover_idx')").fetchone()[0]
+        # as an earlier relinker left it
+        conn.execute("DROP INDEX relinker_inode_blobid_idx")
+        conn.execute("CREATE INDEX relinker_inode_blobid_idx ON inode (blobid)")
+        conn.execute("DELETE FROM relinker_schema_migration WHERE version = 11")
+        assert conn.execute(covering).fetchone() == (0,)
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute(covering).fetchone() == (2,)
+        assert not conn.execute("SELECT 1 FROM pg_index WHERE NOT indisvalid").fetchone()
+
+
 def test_migrate_resumes_after_an_interrupted_concurrent_index_build(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(PRODUCTION_SHAPE)
