@@ -61,30 +61,29 @@ SELECT r.run_id,
        r.status,
        r.started_at,
        r.finished_at,
-       count(g.range_no)                                   AS ranges_total,
-       count(g.range_no) FILTER (WHERE g.status = 'done')    AS ranges_done,
-       count(g.range_no) FILTER (WHERE g.status = 'running') AS ranges_running,
-       count(g.range_no) FILTER (WHERE g.status = 'pending') AS ranges_pending,
-       count(g.range_no) FILTER (WHERE g.status = 'failed')  AS ranges_failed,
-       coalesce(sum(g.blobs), 0)::bigint          AS blobs,
-       coalesce(sum(g.links_created), 0)::bigint  AS links_created,
-       coalesce(sum(g.links_present), 0)::bigint  AS links_present,
-       coalesce(sum(g.links_replaced), 0)::bigint AS links_replaced,
-       coalesce(sum(g.problems), 0)::bigint       AS problems,
-       coalesce(sum(g.links_missing), 0)::bigint  AS links_missing,
-       coalesce(sum(g.files_copied), 0)::bigint   AS files_copied,
-       coalesce(sum(g.bytes_copied), 0)::bigint   AS bytes_copied,
-       coalesce(sum(g.bytes_read), 0)::bigint     AS bytes_read,
-       coalesce(sum(g.blobs_failed), 0)::bigint   AS blobs_failed,
-       sum(g.bytes_planned)::bigint               AS bytes_planned,
-       round(100.0 * count(g.range_no) FILTER (WHERE g.status = 'done')
-             / greatest(count(g.range_no), 1), 1) AS percent_done,
+       g.ranges_total,
+       g.ranges_done,
+       g.ranges_running,
+       g.ranges_pending,
+       g.ranges_failed,
+       g.blobs,
+       g.links_created,
+       g.links_present,
+       g.links_replaced,
+       g.problems,
+       g.links_missing,
+       g.files_copied,
+       g.bytes_copied,
+       g.bytes_read,
+       g.blobs_failed,
+       g.bytes_planned,
+       round(100.0 * g.ranges_done / greatest(g.ranges_total, 1), 1) AS percent_done,
        coalesce(r.finished_at, now()) - r.started_at AS elapsed,
        coalesce(busy.working, interval '0') AS working,
-       round(coalesce(sum(g.links_created + g.links_present + g.links_replaced), 0)
+       round((g.links_created + g.links_present + g.links_replaced)
              / greatest(extract(epoch FROM coalesce(busy.working, interval '0')), 0.001)::numeric,
              1) AS links_per_second,
-       round(coalesce(sum(g.bytes_read), 0) / 1e6
+       round(g.bytes_read / 1e6
              / greatest(extract(epoch FROM coalesce(busy.working, interval '0')), 0.001)::numeric,
              1) AS mb_per_second,
        -- the later of two estimates: by ranges (equal work each), and by
@@ -94,13 +93,11 @@ SELECT r.run_id,
             -- nobody at work (interrupted, killed, stuck): no end in sight until it is resumed
             WHEN live.ranges_at_work = 0 THEN NULL
             ELSE greatest(
-                CASE WHEN count(g.range_no) FILTER (WHERE g.status = 'done') > 0
+                CASE WHEN g.ranges_done > 0
+                     THEN coalesce(busy.working, interval '0') * (g.ranges_total - g.ranges_done) / g.ranges_done END,
+                CASE WHEN g.bytes_planned > 0 AND g.bytes_read > 0
                      THEN coalesce(busy.working, interval '0')
-                          * (count(g.range_no) FILTER (WHERE g.status <> 'done'))
-                          / count(g.range_no) FILTER (WHERE g.status = 'done') END,
-                CASE WHEN sum(g.bytes_planned) > 0 AND sum(g.bytes_read) > 0
-                     THEN coalesce(busy.working, interval '0')
-                          * (greatest(sum(g.bytes_planned) - sum(g.bytes_read), 0)::float8 / sum(g.bytes_read))
+                          * (greatest(g.bytes_planned - g.bytes_read, 0)::float8 / g.bytes_read)
                 END)
        END AS eta,
        encode(r.by_hash_root, 'escape') AS by_hash_root,
@@ -108,7 +105,29 @@ SELECT r.run_id,
        r.options,
        live.ranges_at_work
 FROM relinker_run r
-LEFT JOIN relinker_range g USING (run_id)
+-- Each lateral is evaluated once per run, whatever the planner believes of
+-- the run's ranges (a run newer than the table's statistics looks like one
+-- range, and laterals joined to its ranges would run once per range).
+CROSS JOIN LATERAL (
+    SELECT count(*)                                   AS ranges_total,
+           count(*) FILTER (WHERE w.status = 'done')    AS ranges_done,
+           count(*) FILTER (WHERE w.status = 'running') AS ranges_running,
+           count(*) FILTER (WHERE w.status = 'pending') AS ranges_pending,
+           count(*) FILTER (WHERE w.status = 'failed')  AS ranges_failed,
+           coalesce(sum(w.blobs), 0)::bigint          AS blobs,
+           coalesce(sum(w.links_created), 0)::bigint  AS links_created,
+           coalesce(sum(w.links_present), 0)::bigint  AS links_present,
+           coalesce(sum(w.links_replaced), 0)::bigint AS links_replaced,
+           coalesce(sum(w.problems), 0)::bigint       AS problems,
+           coalesce(sum(w.links_missing), 0)::bigint  AS links_missing,
+           coalesce(sum(w.files_copied), 0)::bigint   AS files_copied,
+           coalesce(sum(w.bytes_copied), 0)::bigint   AS bytes_copied,
+           coalesce(sum(w.bytes_read), 0)::bigint     AS bytes_read,
+           coalesce(sum(w.blobs_failed), 0)::bigint   AS blobs_failed,
+           sum(w.bytes_planned)::bigint               AS bytes_planned
+    FROM relinker_range w
+    WHERE w.run_id = r.run_id
+) AS g
 CROSS JOIN LATERAL (
     SELECT count(*) AS ranges_at_work FROM relinker_open_ranges o WHERE o.run_id = r.run_id AND o.at_work
 ) AS live
@@ -129,8 +148,7 @@ LEFT JOIN LATERAL (
                             WHERE w.run_id = r.run_id AND w.claimed_at IS NOT NULL) AS spans
                       WHERE span_end IS NOT NULL) AS ordered) AS numbered
           GROUP BY island) AS islands
-) AS busy ON true
-GROUP BY r.run_id, busy.working, live.ranges_at_work;
+) AS busy ON true;
 
 -- What broke, by kind, per run.
 CREATE VIEW relinker_problem_kinds AS

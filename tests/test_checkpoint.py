@@ -341,3 +341,30 @@ def test_a_worker_finding_a_clash_on_reconnecting_gives_its_range_back(world):
             assert set(checkpoint.modes_at_work(world.conn)) == {"count"}
     finally:
         store.close()
+
+
+def _rows_handled(plan: dict) -> float:
+    """Rows every node of an EXPLAIN (ANALYZE, FORMAT JSON) plan produced, over all its loops."""
+    return plan["Actual Rows"] * plan["Actual Loops"] + sum(_rows_handled(child) for child in plan.get("Plans", []))
+
+
+def test_a_runs_progress_costs_in_proportion_to_its_ranges_before_the_statistics_know_it(world):
+    """A run newer than relinker_range's statistics looks like one range to the planner: the progress
+    view (status, every run's summary) must still read each range a bounded number of times, not once
+    per range for each range (10,000 ranges took 25 s)."""
+    ranges = 3000
+    old = checkpoint.create_run(world.conn, "relink", b"/s", b"/a", {}, [checkpoint.Bounds()] * 50)
+    world.conn.execute("UPDATE relinker_range SET status = 'done' WHERE run_id = %s", (old,))
+    world.conn.execute("ANALYZE relinker_range")
+    run_id = checkpoint.create_run(world.conn, "relink", b"/s", b"/a", {}, [checkpoint.Bounds()] * ranges)
+    world.conn.execute("UPDATE relinker_range SET status = 'done', claimed_at = now() - interval '1 minute', "
+                       "finished_at = now() WHERE run_id = %s AND range_no < 500", (run_id,))
+    world.conn.execute("UPDATE relinker_range SET status = 'running', claimed_at = now(), heartbeat_at = now() "
+                       "WHERE run_id = %s AND range_no BETWEEN 500 AND 501", (run_id,))
+
+    (plan,), = world.conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) SELECT * FROM relinker_run_progress "
+                                  "WHERE run_id = %s", (run_id,)).fetchone()
+    assert _rows_handled(plan["Plan"]) < 20 * ranges
+    row = world.conn.execute("SELECT ranges_total, ranges_done, ranges_running, percent_done FROM "
+                             "relinker_run_progress WHERE run_id = %s", (run_id,)).fetchone()
+    assert row[:3] == (ranges, 500, 2) and float(row[3]) == round(100 * 500 / ranges, 1)
