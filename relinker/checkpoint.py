@@ -19,7 +19,6 @@ LOCKED`` and holds a session advisory lock on it while it works, so:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Callable, Iterable
 
@@ -192,7 +191,7 @@ def create_run(
     with conn.transaction():
         run_id = conn.execute(SQL_CREATE_RUN, dict(
             mode=mode, by_hash_root=by_hash_root, archive_root=archive_root,
-            options=json.dumps(options), created_by=db.worker_name(),
+            options=db.json_text(conn, options), created_by=db.worker_name(),
         )).fetchone()[0]
         with conn.cursor().copy(SQL_COPY_RANGES) as copy:
             for range_no, b in enumerate(ranges):

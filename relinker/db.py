@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import socket
 import os
+import socket
 
 import psycopg
 import tenacity
@@ -81,6 +82,46 @@ class _EscapingStrDumper(StrDumperUnknown):
         return obj.encode(self._encoding, "backslashreplace")
 
 
+class _EncodedJsonLoader(Loader):
+    """json and jsonb as a database in another encoding than UTF-8 sends them (the driver's assume UTF-8)."""
+
+    def __init__(self, oid: int, context=None):
+        super().__init__(oid, context)
+        self._encoding = text_encoding(self.connection)
+
+    def load(self, data):
+        return json.loads(bytes(data).decode(self._encoding, "backslashreplace"))
+
+
+def text_encoding(conn: psycopg.Connection | None) -> str:
+    """The Python codec text is read and written in on ``conn`` (SQL_ASCII's bytes as UTF-8)."""
+    encoding = conn.info.encoding if conn is not None else "utf-8"
+    return "utf-8" if encoding == "ascii" else encoding
+
+
+def json_text(conn: psycopg.Connection, value) -> str:
+    """``value`` as JSON text this connection's database takes into a jsonb column.
+
+    A database not in UTF-8 refuses ``\\u`` escapes of characters its
+    encoding lacks (and SQL_ASCII all non-ASCII ones): characters are
+    written as they are, and those the encoding lacks as the text
+    ``\\uXXXX`` (as the escaping str dumper writes them elsewhere).
+    """
+    text = json.dumps(value, ensure_ascii=False)
+    encoding = text_encoding(conn)
+    if encoding == "utf-8":
+        return text
+    return "".join(c if c.isascii() or _encodable(c, encoding) else "\\\\u%04x" % ord(c) for c in text)
+
+
+def _encodable(character: str, encoding: str) -> bool:
+    try:
+        character.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def adapt_to_encoding(conn: psycopg.Connection) -> None:
     """Make text work on a catalogue whose database is not UTF-8.
 
@@ -97,6 +138,9 @@ def adapt_to_encoding(conn: psycopg.Connection) -> None:
             conn.adapters.register_loader(name, _Utf8TextBinaryLoader)
     elif encoding != "utf-8":
         conn.adapters.register_dumper(str, _EscapingStrDumper)
+    if encoding != "utf-8":
+        for name in ("json", "jsonb"):
+            conn.adapters.register_loader(name, _EncodedJsonLoader)
 
 
 #: Session settings of a worker's data connection, with why:

@@ -139,17 +139,19 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
         conn.execute(SQL_REMEMBER_NAMED, (result.medium_hash,))
         conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
         conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
+        # Older catalogues keep paths as text, read back as the bytes their
+        # database's encoding gives it (relinker_path): a name is stored as the
+        # text those bytes are in that encoding, or, where they are none, skipped.
+        encoding = db.text_encoding(conn)
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:
             for path, st in _walk(root, root_stat.st_dev, result, list(exclude)):
                 stored: bytes | str = path
                 if text_paths:
-                    # Older catalogues keep paths as text; a name that is not
-                    # valid UTF-8 cannot be stored there faithfully.
                     try:
-                        stored = path.decode("utf-8")
+                        stored = path.decode(encoding)
                     except UnicodeDecodeError:
                         result.unrepresentable += 1
-                        log.warning("skipped %s: not valid UTF-8 (path column is text)", display(path))
+                        log.warning("skipped %s: not valid %s (path column is text)", display(path), encoding)
                         continue
                 copy.write_row((result.medium_hash, st.st_dev, st.st_ino, stored))
                 result.paths += 1

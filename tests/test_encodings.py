@@ -112,3 +112,47 @@ def test_a_problem_naming_characters_a_latin1_catalogue_lacks(database_in, tmp_p
             "mnt/ntt/x/\\u65e5\\u672c is not a directory",)
     finally:
         world.close()
+
+
+NAMES = [b"caf\xc3\xa9.txt", "日本.txt".encode(), b"sub/raw \xff name"]
+
+
+def _tree(root):
+    for i, name in enumerate(NAMES):
+        path = root / os.fsdecode(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"content %d" % i)
+    return root
+
+
+@pytest.mark.parametrize("encoding", ["SQL_ASCII", "LATIN1"])
+@pytest.mark.parametrize("shape", ["production", "older"])
+def test_a_medium_named_and_filled_beyond_the_databases_encoding_is_scanned_and_copied(
+        database_in, tmp_path, capsys, encoding, shape):
+    """A medium's name and its files' names in characters the database's encoding lacks: scanned, copied
+    under its name, and its runs' options read back; a name a text column cannot hold as it is, skipped."""
+    world = ArchiveWorld(database_in(encoding), tmp_path / "w")
+    try:
+        if shape == "production":
+            assert main(world.argv("migrate", "--base")) == 0
+        else:
+            world.conn.execute(FLAT_TEXT_TABLES)
+            assert main(world.argv("migrate")) == 0
+        name = "Disque été 日本"
+        tree = _tree(tmp_path / "tree")
+        # a text column of SQL_ASCII takes UTF-8 names only (scan says it skipped one); LATIN1 has a
+        # character for every byte
+        skipped = shape == "older" and encoding == "SQL_ASCII"
+        assert main(world.argv("scan", "--medium", name, str(tree))) == (1 if skipped else 0)
+        code, summary = run(world, capsys, "copy", "--medium", name, "--no-progress")
+        assert (code, summary["files_copied"]) == (0, 2 if skipped else 3), summary["problem_samples"]
+        archive = world.archive_root + os.fsencode(tree)
+        for i, stored in enumerate(NAMES):
+            if not (skipped and i == 2):
+                with open(archive + b"/" + stored, "rb") as f:
+                    assert f.read() == b"content %d" % i
+        code, status = run(world, capsys, "status")
+        assert code == 0 and "copy" in status
+        assert run(world, capsys, "copy", "--medium", name, "--no-progress")[1]["ranges_total"] == 0
+    finally:
+        world.close()
