@@ -143,16 +143,17 @@ ERROR_TYPE_SET = """, error_type = CASE WHEN i.status = 'failed_permanent' AND c
 # A blob row that existed gains the paths of the inodes this range marked:
 # counting all of a blob's paths again would cost, for every range holding
 # an empty file, a pass over the empty blob's millions of paths. A blob is
-# counted only if its expected count was never written, or if its file has
-# more links than that count plus the range's paths (others added paths
-# since); COALESCE evaluates the count only then.
+# counted only if asked (``full``), if its expected count was never written,
+# or if its file has more links than that count plus the range's paths
+# (others added paths since); COALESCE evaluates the count only then.
 SQL_BLOB_COUNTS = """
 UPDATE blobs AS b
 SET n_hardlinks = least(c.links, e.expected), expected_hardlinks = e.expected
-FROM unnest(%(count_blobids)s::text[], %(links)s::int[], %(added)s::int[]) AS c(blobid, links, added)
+FROM unnest(%(count_blobids)s::text[], %(links)s::int[], %(added)s::int[], %(full)s::bool[])
+     AS c(blobid, links, added, full_count)
 JOIN blobs AS known ON known.blobid = c.blobid
 CROSS JOIN LATERAL (
-    SELECT coalesce(CASE WHEN c.links <= known.expected_hardlinks + c.added
+    SELECT coalesce(CASE WHEN c.links <= known.expected_hardlinks + c.added AND NOT c.full_count
                          THEN known.expected_hardlinks + c.added END, (
         SELECT count(DISTINCT p.path)::int
         FROM inode AS i JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
@@ -323,16 +324,17 @@ class CopyWork:
             if failed:
                 conn.execute(statements.inode_errors, params)
             added = marked.paths_per_blob(newly_marked)
-            # A new row for a content the store held already, whose file has
-            # more links than the range's paths: inodes outside the range may
-            # name it (a blob row missing from the catalogue). Counted in full.
-            recount = existing + [b for b in count_blobids if b in inserted and b in marked.found
-                                  and links(b) > expected[b]]
+            # A new row for a content the store held already: inodes outside
+            # the range may name it (its row missing from the catalogue), with
+            # their links or without. Counted in full (rare: a content the store
+            # holds has its row).
+            recount = existing + [b for b in count_blobids if b in inserted and b in marked.found]
             if recount:
                 conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(recount),
                                                "links": db.int_array(links(b) for b in recount),
-                                               "added": db.int_array(0 if b in inserted else added.get(b, 0)
-                                                                     for b in recount)})
+                                               "added": db.int_array(added.get(b, 0) for b in recount),
+                                               "full": "{" + ",".join("t" if b in inserted else "f"
+                                                                      for b in recount) + "}"})
             # The catalogue may say these contents are stored only once their
             # names are durable: the range's commit follows this.
             names_synced.wait(while_waiting=keep_alive, every=self.spec.heartbeat_interval)

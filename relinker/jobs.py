@@ -95,8 +95,10 @@ ORDER BY t.n
 """
 
 
-def check_privileges(conn: psycopg.Connection, mode: Mode, *, writes: bool = True) -> None:
-    """UserError unless this role may read, and (``writes``) write, what a run of ``mode`` does.
+def check_privileges(conn: psycopg.Connection, mode: Mode, *, writes: bool = True,
+                     reads_checkpoints: bool = True) -> None:
+    """UserError unless this role may read, and (``writes``) write, what a run of ``mode`` does
+    (``reads_checkpoints``: a dry run's reading of a recorded run).
 
     A worker refused a statement fails its range, or dies at its first claim
     and is started again and again: one line before any work instead.
@@ -107,7 +109,7 @@ def check_privileges(conn: psycopg.Connection, mode: Mode, *, writes: bool = Tru
     access = [(table, "SELECT", ()) for table in mode.catalogue_reads]
     if writes:
         access += CHECKPOINT_ACCESS + mode.catalogue_writes
-    else:
+    elif reads_checkpoints:  # a dry run of a recorded run (--run N) reads it
         access += [entry for entry in CHECKPOINT_ACCESS if entry[1] == "SELECT"]
     asked = [(table, privilege, column) for table, privilege, columns in access for column in columns or (None,)]
     refused = conn.execute(SQL_REFUSED, {"tables": [t for t, _, _ in asked], "privileges": [p for _, p, _ in asked],
@@ -263,7 +265,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     started = time.monotonic()
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         migrations.require_migrated(conn)
-        check_privileges(conn, mode, writes=not request.dry_run)
+        check_privileges(conn, mode, writes=not request.dry_run, reads_checkpoints=request.run_id is not None)
         spec = WorkSpec(
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
@@ -476,8 +478,10 @@ def _as_stored(options: dict) -> dict:
     return json.loads(json.dumps(options))
 
 
-#: The options that make a run's work another one's (an older run's, see _select_run).
-NARROWING = frozenset({"limit", "only_incomplete", "on_conflict", "from_file", "selection", "count", "hash"})
+#: The options that make a run's work another one's (an older run's, see _select_run). Its medium
+#: is kept as a hash: asked by name, a new run is planned (copy plans only what is left to copy).
+NARROWING = frozenset({"limit", "only_incomplete", "on_conflict", "from_file", "selection", "count", "hash",
+                       "medium"})
 
 
 def _changed_options(run: RunInfo, requested: dict, only: frozenset | None = None) -> str:

@@ -1292,3 +1292,22 @@ def test_a_source_rewritten_in_place_while_read_is_a_changed_source(tmp_path):
     finally:
         os.close(fd)
         store.close()
+
+
+def test_a_plain_copy_never_finishes_an_older_relinkers_run_of_one_medium(world, capsys, tmp_path):
+    """An older relinker kept a run's medium as its hash and nothing of what it was asked: its unfinished
+    `copy --medium A` is not what a plain `copy` asks for (every medium), and is left for --run."""
+    for name in ("disk-a", "disk-b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_bytes(name.encode())
+        scan.scan_tree(world.conn, name, os.fsencode(tmp_path / name))
+    code, summary = copy(world, capsys, "--medium", "disk-a")
+    older = summary["run_id"]
+    world.conn.execute("UPDATE relinker_run SET options = options - 'requested', status = 'open' WHERE run_id = %s",
+                       (older,))
+    world.conn.execute("UPDATE relinker_range SET status = 'pending', worker = NULL WHERE run_id = %s", (older,))
+
+    code, summary = copy(world, capsys)
+
+    assert code == 0 and summary["run_id"] != older and summary["complete"]
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE fs_type = 'f' AND blobid IS NULL").fetchone() == (0,)

@@ -620,11 +620,14 @@ def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
         # the columns a count writes are all it needs, with what it reads: the views among them
         small.conn.execute(f"GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role}")
         small.conn.execute(f"REVOKE SELECT ON relinker_run_progress FROM {role}")
-        for dry_run in ([], ["--dry-run"]):
+        for dry_run in ([], ["--dry-run", "--run", "1"]):
             assert main([*argv, "count", "--workers", "1", *dry_run]) == 2
             assert capsys.readouterr().err == (
                 f"relinker: error: role {role} may not SELECT relinker_run_progress, which a count run reads "
                 f"(GRANT SELECT ON relinker_run_progress TO {role})\n")
+        # a dry run of no recorded run reads none of relinker's tables
+        assert main([*argv, "count", "--workers", "1", "--dry-run", "--json"]) == 0
+        capsys.readouterr()
         small.conn.execute(f"GRANT SELECT ON relinker_run_progress TO {role}")
         assert main([*argv, "count", "--workers", "1", "--json"]) == 0
         capsys.readouterr()
