@@ -65,8 +65,9 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
     """
     root = os.path.abspath(directory)
     if UNSTARTABLE_DIRECTORY.search(root):
-        raise UserError(f"the demo directory {display(os.fsencode(root))} has a space, quote or backslash: the "
-                        "embedded PostgreSQL cannot be started there (it is handed on unquoted); choose another")
+        raise UserError(f"the demo directory {display(os.fsencode(root))} has a space or a character a shell "
+                        "reads: the embedded PostgreSQL cannot be started there (it is handed on unquoted); "
+                        "choose another")
     source = os.path.abspath(source or default_source())
     if not os.path.isdir(source):
         raise UserError(f"--source {source} is not a directory")
@@ -107,8 +108,8 @@ def _count_files(tree: str, enough: int) -> int:
     return found
 
 
-#: What the embedded server's start command cannot take in its directory's path.
-UNSTARTABLE_DIRECTORY = re.compile(r"[\s'\"\\]")
+#: What the embedded server's start command (run by a shell, unquoted) can take in its directory's path.
+UNSTARTABLE_DIRECTORY = re.compile(r"[^\w./+,:=@%-]")
 
 
 def _prepare(root: str) -> None:
