@@ -454,6 +454,8 @@ class CheckpointStore:
         """``mode``: the session holds that mode's lock (see :func:`hold_mode`) while it lasts."""
         self.mode = mode
         self.excludes = excludes
+        #: called before each retry of a call; what it raises ends the call (a worker's stop)
+        self.before_retry: Callable[[], None] | None = None
         self.dsn = dsn
         self.run_id = run_id
         self.worker = worker
@@ -532,6 +534,8 @@ class CheckpointStore:
         says the database is there for every call of this process)."""
         for attempt in db.retrying(self.retry_timeout):
             with attempt:
+                if attempt.retry_state.attempt_number > 1 and self.before_retry is not None:
+                    self.before_retry()  # a worker told to stop does so, whatever the database does
                 try:
                     result = operation(self._connection())
                     if ends_outage:

@@ -214,6 +214,8 @@ class _Worker:
             spec.dsn, spec.run_id, worker=self.name, lease=spec.lease,
             retry_timeout=spec.retry_timeout, since=spec.since, mode=spec.mode, excludes=spec.excludes,
         )
+        if self.store is not None:
+            self.store.before_retry = self.check_stop
         self.work = spec.work(spec)
         self._last_heartbeat = time.monotonic()
 

@@ -1095,3 +1095,38 @@ def test_a_worker_the_server_has_no_second_session_for_holds_no_range(world):
     assert json.loads(out)["links_created"] == 6000
     assert took < 30, (took, err[-2000:])
     world.assert_complete(1)
+
+
+def test_ctrl_c_stops_a_worker_waiting_for_its_control_session(world):
+    """One connection slot: the worker has its data session and waits for its control session. Ctrl-C
+    stops it at once (exit 3), not after --retry-timeout."""
+    import signal
+
+    from psycopg.conninfo import make_conninfo
+    from processes import wait_for
+
+    world.bulk(50, paths_per_blob=2)
+    role = f"one_slot_{os.getpid()}"
+    world.conn.execute(f"""
+        CREATE ROLE {role} LOGIN CONNECTION LIMIT 1;
+        GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+        GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem TO {role};
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+        GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role}""")
+    try:
+        world.dsn, owner_dsn = make_conninfo(world.dsn, user=role), world.dsn
+        job = start(world.argv("relink", "--no-progress", "--workers", "1", "--retry-timeout", "60"))
+        wait_for(lambda: world.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                                            (role,)).fetchone()[0] == 1 and
+                 world.conn.execute("SELECT count(*) FROM relinker_run").fetchone()[0] == 1,
+                 what="the worker's one session")
+        time.sleep(1)  # into its retries
+        job.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        code, _out, err = finish(job, timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        world.dsn = owner_dsn
+        world.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    assert code == 3, err[-2000:]
+    assert took < 15, took
