@@ -21,7 +21,8 @@ import psycopg
 from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
                              new_subparsers, path_argument)
-from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, UserError, interrupt
+from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
+                             UserError, interrupt)
 from relinker.logs import say, setup_logging, silence
 from relinker.report import Summary
 
@@ -409,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except psycopg.Error as exc:
         say(f"relinker: database error: {db.first_line(exc)}")
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopSignal):
         say("relinker: interrupted")
         return EXIT_INTERRUPTED
     finally:

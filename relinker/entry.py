@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from relinker.errors import EXIT_INTERRUPTED, interrupt
+from relinker.errors import EXIT_INTERRUPTED, StopSignal, interrupt
 
 
 def main() -> int:
@@ -21,7 +21,7 @@ def main() -> int:
         from relinker.cli import main as run_command
 
         return run_command(sys.argv[1:])
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopSignal):
         from relinker.logs import say
 
         say("relinker: interrupted")

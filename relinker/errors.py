@@ -13,9 +13,22 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 3
 
 
+class StopSignal(SystemExit):
+    """SIGINT or SIGTERM arrived while a command ran: it stops where it is (exit 3).
+
+    Not KeyboardInterrupt: one that passed through code run by exec (a
+    dataclass being made) makes ``python -m`` kill itself with SIGINT at
+    exit, whatever caught it. A SystemExit, so that psycopg cancels a query
+    it interrupts, as it does for KeyboardInterrupt.
+    """
+
+    def __init__(self):
+        super().__init__(EXIT_INTERRUPTED)
+
+
 def interrupt(signum, frame) -> None:
     """The handler of SIGINT and SIGTERM while a command runs: stop where it is (exit 3)."""
-    raise KeyboardInterrupt()
+    raise StopSignal()
 
 
 class UserError(Exception):
