@@ -529,12 +529,14 @@ class CheckpointStore:
             self._held = None
             raise LostRange(f"range {held.range_no} was taken over")
 
-    def _call(self, operation: Callable[[psycopg.Connection], object], *, ends_outage: bool = True):
+    def _call(self, operation: Callable[[psycopg.Connection], object], *, ends_outage: bool = True,
+              stoppable: bool = False):
         """``operation`` on this store's session, transient errors retried (``ends_outage``: its success
-        says the database is there for every call of this process)."""
+        says the database is there for every call of this process; ``stoppable``: a wait for work, which
+        ``before_retry`` may end; giving a range back or failing it never is)."""
         for attempt in db.retrying(self.retry_timeout):
             with attempt:
-                if attempt.retry_state.attempt_number > 1 and self.before_retry is not None:
+                if stoppable and attempt.retry_state.attempt_number > 1 and self.before_retry is not None:
                     self.before_retry()  # a worker told to stop does so, whatever the database does
                 try:
                     result = operation(self._connection())
@@ -557,7 +559,7 @@ class CheckpointStore:
 
     def claim(self) -> Range | None:
         """Claim the next open range of the run, or None if none is free now."""
-        claimed = self._call(self._claim_once)
+        claimed = self._call(self._claim_once, stoppable=True)
         self._held = claimed
         return claimed
 
@@ -643,7 +645,7 @@ class CheckpointStore:
                     self._write_problems(conn, r, problems)
                 if conn.execute(SQL_HEARTBEAT, self._owned_params(r, **counters.as_dict())).rowcount != 1:
                     raise LostRange(f"range {r.range_no} was taken over")
-        self._call(beat)
+        self._call(beat, stoppable=True)
         problems.clear()
 
     def finish(self, r: Range, counters: Counters, problems: list[Problem],
@@ -689,7 +691,7 @@ class CheckpointStore:
     def open_ranges(self) -> int:
         """Ranges of the run still to be done by someone (pending, running, retryable)."""
         return self._call(lambda conn: conn.execute(
-            SQL_OPEN_RANGES, dict(run_id=self.run_id, since=self.since)).fetchone()[0])
+            SQL_OPEN_RANGES, dict(run_id=self.run_id, since=self.since)).fetchone()[0], stoppable=True)
 
     def _release(self, r: Range) -> None:
         self._held = None

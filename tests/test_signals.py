@@ -192,3 +192,18 @@ def test_a_workers_second_signal_ends_it_at_once():
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 3
+
+
+def test_ctrl_c_just_after_the_control_session_drops_still_gives_the_range_back(busy):
+    """The give-back's first try finds the worker's session gone: it is made again and the range
+    given back, not left running for a resume to take over."""
+    job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "1"))
+    wait_for(lambda: range_states(busy.conn).get("running", 0) == 1, what="the range running")
+    time.sleep(0.3)
+    control = busy.conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 "
+                                "AND granted").fetchone()[0]
+    busy.conn.execute("SELECT pg_terminate_backend(%s)", (control,))
+    kill_group(job, signal.SIGINT)
+    code, _out, err = finish(job, timeout=60)
+    assert code == 3, err[-2000:]
+    assert range_states(busy.conn) == {"pending": 1}
