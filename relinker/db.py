@@ -104,22 +104,25 @@ def json_text(conn: psycopg.Connection, value) -> str:
 
     A database not in UTF-8 refuses ``\\u`` escapes of characters its
     encoding lacks (and SQL_ASCII all non-ASCII ones): characters are
-    written as they are, and those the encoding lacks as the text
-    ``\\uXXXX`` (as the escaping str dumper writes them elsewhere).
+    written as they are, and those the encoding lacks as the str dumper
+    writes them elsewhere (see :func:`storable`).
     """
-    text = json.dumps(value, ensure_ascii=False)
+    return json.dumps(storable(conn, value), ensure_ascii=False)
+
+
+def storable(conn: psycopg.Connection | None, value):
+    """``value`` (strings, in lists and dicts) as this connection's database keeps it: the characters its
+    encoding lacks as ``\\uXXXX`` text, so that what is asked compares with what was kept."""
     encoding = text_encoding(conn)
     if encoding == "utf-8":
-        return text
-    return "".join(c if c.isascii() or _encodable(c, encoding) else "\\\\u%04x" % ord(c) for c in text)
-
-
-def _encodable(character: str, encoding: str) -> bool:
-    try:
-        character.encode(encoding)
-    except UnicodeEncodeError:
-        return False
-    return True
+        return value
+    if isinstance(value, str):
+        return value.encode(encoding, "backslashreplace").decode(encoding)
+    if isinstance(value, dict):
+        return {storable(conn, key): storable(conn, item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(conn, item) for item in value]
+    return value
 
 
 def adapt_to_encoding(conn: psycopg.Connection) -> None:

@@ -108,8 +108,9 @@ def _count_files(tree: str, enough: int) -> int:
     return found
 
 
-#: What the embedded server's start command (run by a shell, unquoted) can take in its directory's path.
-UNSTARTABLE_DIRECTORY = re.compile(r"[^\w./+,:=@%-]")
+#: What the embedded server's start command (run by a shell, unquoted; its socket directory a
+#: comma-separated list) can take in its directory's path.
+UNSTARTABLE_DIRECTORY = re.compile(r"[^A-Za-z0-9_./+:=@%-]")
 
 
 def _prepare(root: str) -> None:

@@ -404,7 +404,7 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
         raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
     if run.mode != mode.name:
         raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
-    conflicts = _conflicting_options(run, request.given)
+    conflicts = _conflicting_options(run, db.storable(conn, request.given))
     if conflicts:
         # The run goes on as it was planned: an option asked for now
         # (--on-conflict keep) must never be ignored silently.
@@ -444,14 +444,15 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
         return _named_run(conn, mode, request, by_hash_root, archive_root)
     if not request.new:
         for run in checkpoint.open_runs(conn, mode.name, by_hash_root, archive_root):
-            differ = _changed_options(run, request.options)
+            differ = _changed_options(run, _as_stored(request.options, conn))
             # A plain command resumes the newest unfinished run asked for the
             # same work: ``relink --limit 5``, interrupted, must not be
             # finished by a later plain ``relink`` and reported complete over
             # five blobs. A run planned before runs kept what they were asked
             # is told apart by what narrows its work (its other options are
             # kept as planning resolved them: a medium's hash for its name).
-            narrowed = differ if REQUESTED in run.options else _changed_options(run, request.options, NARROWING)
+            narrowed = differ if REQUESTED in run.options else _changed_options(
+                run, _as_stored(request.options, conn), NARROWING)
             if narrowed:
                 log.warning("run %d is unfinished but was asked for other work (%s): left for "
                             "`relinker %s --run %d`", run.run_id, narrowed, mode.name, run.run_id)
@@ -462,7 +463,7 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
             return run
     # What was asked, before planning resolves it (a medium's name to its
     # hash, --limit to an upper blob ID): what a later plain resume compares.
-    spec.options[REQUESTED] = _as_stored(request.options)
+    spec.options[REQUESTED] = _as_stored(request.options, conn)
     bounds = mode.plan(conn, spec.options, request.blobids, request.workers, request.ranges)
     run_id = checkpoint.create_run(conn, mode.name, by_hash_root, archive_root, spec.options, bounds)
     log.info("planned run %d: %d ranges", run_id, len(bounds))
@@ -473,9 +474,10 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
 REQUESTED = "requested"
 
 
-def _as_stored(options: dict) -> dict:
-    """``options`` as the run's JSON keeps them (tuples become lists), so that they compare."""
-    return json.loads(json.dumps(options))
+def _as_stored(options: dict, conn: psycopg.Connection | None = None) -> dict:
+    """``options`` as the run's JSON keeps them (tuples become lists; in ``conn``'s database, characters
+    its encoding lacks as text, see db.storable), so that they compare."""
+    return json.loads(json.dumps(db.storable(conn, options)))
 
 
 #: The options that make a run's work another one's (an older run's, see _select_run). Its medium
@@ -484,13 +486,13 @@ NARROWING = frozenset({"limit", "only_incomplete", "on_conflict", "from_file", "
                        "medium"})
 
 
-def _changed_options(run: RunInfo, requested: dict, only: frozenset | None = None) -> str:
-    """The options asked now (of ``only``, if given) that differ from what ``run`` was asked for ('' when none does).
+def _changed_options(run: RunInfo, asked: dict, only: frozenset | None = None) -> str:
+    """The options asked now (as stored, see _as_stored; of ``only``, if given) that differ from what
+    ``run`` was asked for ('' when none does).
 
     Runs planned before runs kept what they were asked compare with their
     (planned) options.
     """
-    asked = _as_stored(requested)
     if REQUESTED in run.options:
         planned_with = run.options[REQUESTED]
         # An option one of the two lacks was not given (a list of blobs

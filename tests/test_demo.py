@@ -126,7 +126,7 @@ def test_demo_refuses_to_catalogue_itself_or_a_place_it_cannot_make(tmp_path):
 def test_demo_refuses_a_directory_the_embedded_server_cannot_start_in(tmp_path):
     """The embedded PostgreSQL's start command takes its directory unquoted: one line, before anything is made."""
     source = small_tree(tmp_path / "src")
-    for name in ("my demo", "it's", "dm(1)", "dm$HOME", "a;b"):
+    for name in ("my demo", "it's", "dm(1)", "dm$HOME", "a;b", "a,b"):
         result = demo(str(tmp_path / name), "--source", str(source))
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "cannot be started there" in result.stderr

@@ -156,3 +156,25 @@ def test_a_medium_named_and_filled_beyond_the_databases_encoding_is_scanned_and_
         assert run(world, capsys, "copy", "--medium", name, "--no-progress")[1]["ranges_total"] == 0
     finally:
         world.close()
+
+
+@pytest.mark.parametrize("encoding", ["SQL_ASCII", "LATIN1", "EUC_JP"])
+def test_a_plain_command_resumes_its_own_run_named_beyond_the_databases_encoding(
+        database_in, tmp_path, capsys, encoding):
+    """The medium's name as asked compares with the name the run kept, whatever the encoding lacks."""
+    world = ArchiveWorld(database_in(encoding), tmp_path / "w")
+    try:
+        assert main(world.argv("migrate", "--base")) == 0
+        name = "Disque été 日本 😀"
+        assert main(world.argv("scan", "--medium", name, str(_tree(tmp_path / "tree")))) == 0
+        code, first = run(world, capsys, "copy", "--medium", name, "--limit", "1", "--no-progress")
+        world.conn.execute("UPDATE relinker_run SET status = 'open', finished_at = NULL WHERE run_id = %s",
+                           (first["run_id"],))
+        world.conn.execute("UPDATE relinker_range SET status = 'pending' WHERE run_id = %s", (first["run_id"],))
+        code, again = run(world, capsys, "copy", "--medium", name, "--limit", "1", "--no-progress")
+        assert code == 0 and again["run_id"] == first["run_id"]
+        code, named = run(world, capsys, "copy", "--medium", name, "--limit", "1", "--run", str(first["run_id"]),
+                          "--no-progress")
+        assert code == 0 and named["run_id"] == first["run_id"]
+    finally:
+        world.close()
