@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import psycopg
 
-from relinker import db
+from relinker import db, dbtext
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def create_run(
     with conn.transaction():
         run_id = conn.execute(SQL_CREATE_RUN, dict(
             mode=mode, by_hash_root=by_hash_root, archive_root=archive_root,
-            options=db.json_text(conn, options), created_by=db.worker_name(),
+            options=dbtext.json_text(conn, options), created_by=db.worker_name(),
         )).fetchone()[0]
         with conn.cursor().copy(SQL_COPY_RANGES) as copy:
             for range_no, b in enumerate(ranges):

@@ -19,7 +19,7 @@ from typing import Callable
 
 import psycopg
 
-from relinker import checkpoint, db, migrations, store
+from relinker import checkpoint, db, dbtext, migrations, store
 from relinker.checkpoint import Bounds, Range, RunInfo
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, UserError
@@ -404,7 +404,7 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
         raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
     if run.mode != mode.name:
         raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
-    conflicts = _conflicting_options(run, db.storable(conn, request.given))
+    conflicts = _conflicting_options(run, dbtext.storable(conn, request.given))
     if conflicts:
         # The run goes on as it was planned: an option asked for now
         # (--on-conflict keep) must never be ignored silently.
@@ -476,8 +476,8 @@ REQUESTED = "requested"
 
 def _as_stored(options: dict, conn: psycopg.Connection | None = None) -> dict:
     """``options`` as the run's JSON keeps them (tuples become lists; in ``conn``'s database, characters
-    its encoding lacks as text, see db.storable), so that they compare."""
-    return json.loads(json.dumps(db.storable(conn, options)))
+    its encoding lacks as text, see dbtext.storable), so that they compare."""
+    return json.loads(json.dumps(dbtext.storable(conn, options)))
 
 
 #: The options that make a run's work another one's (an older run's, see _select_run). Its medium

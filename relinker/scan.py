@@ -18,7 +18,7 @@ import blake3
 import psycopg
 from psycopg import sql
 
-from relinker import checkpoint, db, migrations
+from relinker import checkpoint, db, dbtext, migrations
 from relinker.errors import UserError
 from relinker.paths import display
 
@@ -142,7 +142,7 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
         # Older catalogues keep paths as text, read back as the bytes their
         # database's encoding gives it (relinker_path): a name is stored as the
         # text those bytes are in that encoding, or, where they are none, skipped.
-        encoding = db.text_encoding(conn)
+        encoding = dbtext.text_encoding(conn)
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:
             for path, st in _walk(root, root_stat.st_dev, result, list(exclude)):
                 stored: bytes | str = path
