@@ -442,17 +442,17 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
                 by_hash_root: bytes, archive_root: bytes) -> RunInfo:
     if request.run_id is not None:
         return _named_run(conn, mode, request, by_hash_root, archive_root)
+    asked = _as_stored(request.options, conn)
     if not request.new:
         for run in checkpoint.open_runs(conn, mode.name, by_hash_root, archive_root):
-            differ = _changed_options(run, _as_stored(request.options, conn))
+            differ = _changed_options(run, asked)
             # A plain command resumes the newest unfinished run asked for the
             # same work: ``relink --limit 5``, interrupted, must not be
             # finished by a later plain ``relink`` and reported complete over
             # five blobs. A run planned before runs kept what they were asked
             # is told apart by what narrows its work (its other options are
             # kept as planning resolved them: a medium's hash for its name).
-            narrowed = differ if REQUESTED in run.options else _changed_options(
-                run, _as_stored(request.options, conn), NARROWING)
+            narrowed = differ if REQUESTED in run.options else _changed_options(run, asked, NARROWING)
             if narrowed:
                 log.warning("run %d is unfinished but was asked for other work (%s): left for "
                             "`relinker %s --run %d`", run.run_id, narrowed, mode.name, run.run_id)
@@ -463,7 +463,7 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
             return run
     # What was asked, before planning resolves it (a medium's name to its
     # hash, --limit to an upper blob ID): what a later plain resume compares.
-    spec.options[REQUESTED] = _as_stored(request.options, conn)
+    spec.options[REQUESTED] = asked
     bounds = mode.plan(conn, spec.options, request.blobids, request.workers, request.ranges)
     run_id = checkpoint.create_run(conn, mode.name, by_hash_root, archive_root, spec.options, bounds)
     log.info("planned run %d: %d ranges", run_id, len(bounds))
