@@ -9,7 +9,7 @@ import socket
 import psycopg
 import tenacity
 
-from relinker.dbtext import adapt_to_encoding
+from relinker.dbtext import adapt_to_encoding, client_encoding
 from relinker.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,18 +41,23 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
     conn = psycopg.connect(
         dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=10
     )
-    adapt_to_encoding(conn)
-    conn.execute(SQL_SESSION_SETTINGS)
+    conn.execute(SQL_SESSION_SETTINGS, {"client_encoding": client_encoding(conn)})
     if not autocommit:
         conn.commit()  # settings made in a transaction end with it
+    adapt_to_encoding(conn)
     return conn
 
 
-# What a role's defaults must not decide for relinker's sessions: a run
-# streams a range's rows while it links them, and migrate builds indexes on
-# millions of rows, for longer than any statement_timeout meant for
-# interactive use; the driver reads timestamps in the ISO style only.
-SQL_SESSION_SETTINGS = "SELECT set_config('statement_timeout', '0', false), set_config('DateStyle', 'ISO', false)"
+# What a role's defaults (or the caller's environment) must not decide for
+# relinker's sessions: a run streams a range's rows while it links them, and
+# migrate builds indexes on millions of rows, for longer than any
+# statement_timeout meant for interactive use; the driver reads timestamps in
+# the ISO style only; what relinker stores must not depend on the client
+# encoding (see dbtext.client_encoding).
+SQL_SESSION_SETTINGS = """
+SELECT set_config('statement_timeout', '0', false), set_config('DateStyle', 'ISO', false),
+       set_config('client_encoding', %(client_encoding)s, false)
+"""
 
 
 #: Session settings of a worker's data connection, with why:

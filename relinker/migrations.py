@@ -131,7 +131,13 @@ def applied_versions(conn: psycopg.Connection) -> list[int]:
 def require_migrated(conn: psycopg.Connection) -> None:
     """Refuse to run against a catalogue that lacks relinker's schema."""
     db.require_catalogue(conn)
-    applied = set(applied_versions(conn))
+    try:
+        applied = set(applied_versions(conn))
+    except psycopg.errors.InsufficientPrivilege:
+        # Every command reads it, a dry run too: one line with the GRANT, as preflight says others.
+        user = conn.info.user
+        raise UserError(f"role {user} may not SELECT relinker_schema_migration, which every command reads "
+                        f"(GRANT SELECT ON relinker_schema_migration TO {user})") from None
     missing = [m.version for m in available() if m.version not in applied]
     if missing:
         raise UserError(

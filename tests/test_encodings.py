@@ -178,3 +178,26 @@ def test_a_plain_command_resumes_its_own_run_named_beyond_the_databases_encoding
         assert code == 0 and named["run_id"] == first["run_id"]
     finally:
         world.close()
+
+
+@pytest.mark.parametrize("encoding, client", [("UTF8", "LATIN1"), ("SQL_ASCII", "UTF8"), ("LATIN1", "LATIN1")])
+def test_what_is_stored_does_not_depend_on_the_callers_client_encoding(database_in, tmp_path, capsys, monkeypatch,
+                                                                       encoding, client):
+    """PGCLIENTENCODING in one operator's environment and not another's: the same name, the same rows."""
+    world = ArchiveWorld(database_in(encoding), tmp_path / "w")
+    try:
+        assert main(world.argv("migrate", "--base")) == 0
+        name = "Disque été 日本"
+        monkeypatch.setenv("PGCLIENTENCODING", client)
+        assert main(world.argv("scan", "--medium", name, str(_tree(tmp_path / "tree")))) == 0
+        code, first = run(world, capsys, "copy", "--medium", name, "--limit", "1", "--no-progress")
+        assert code == 0
+        world.conn.execute("UPDATE relinker_run SET status = 'open', finished_at = NULL")
+        world.conn.execute("UPDATE relinker_range SET status = 'pending'")
+        monkeypatch.delenv("PGCLIENTENCODING")
+        code, again = run(world, capsys, "copy", "--medium", name, "--limit", "1", "--no-progress")
+        assert code == 0 and again["run_id"] == first["run_id"]
+        kept = world.conn.execute("SELECT convert_to(medium_human, getdatabaseencoding()) FROM medium").fetchone()[0]
+        assert kept == (name.encode() if encoding != "LATIN1" else name.encode("latin-1", "backslashreplace"))
+    finally:
+        world.close()

@@ -625,9 +625,15 @@ def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
             assert capsys.readouterr().err == (
                 f"relinker: error: role {role} may not SELECT relinker_run_progress, which a count run reads "
                 f"(GRANT SELECT ON relinker_run_progress TO {role})\n")
-        # a dry run of no recorded run reads none of relinker's tables
+        # a dry run of no recorded run reads none of relinker's tables but the migrations it checks
         assert main([*argv, "count", "--workers", "1", "--dry-run", "--json"]) == 0
         capsys.readouterr()
+        small.conn.execute(f"REVOKE SELECT ON relinker_schema_migration FROM {role}")
+        assert main([*argv, "count", "--workers", "1", "--dry-run", "--json"]) == 2
+        assert capsys.readouterr().err == (
+            f"relinker: error: role {role} may not SELECT relinker_schema_migration, which every command reads "
+            f"(GRANT SELECT ON relinker_schema_migration TO {role})\n")
+        small.conn.execute(f"GRANT SELECT ON relinker_schema_migration TO {role}")
         small.conn.execute(f"GRANT SELECT ON relinker_run_progress TO {role}")
         assert main([*argv, "count", "--workers", "1", "--json"]) == 0
         capsys.readouterr()
