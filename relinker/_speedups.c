@@ -881,10 +881,7 @@ lstat_identity(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *                                  general route; answer resolved()
  *
  * A row of the same blob as the one before (another inode, on another medium)
- * loses the paths already seen for that blob, as in Python's loop. Only paths
- * another medium may share are remembered: one under an NTT mount
- * (/mnt/ntt/<medium>/...) is its own medium's, and a blob of millions of such
- * paths (the empty content) would otherwise hold them all in memory.
+ * loses the paths already seen for that blob, as in Python's loop.
  */
 
 enum { EVENT_TICK = 1, EVENT_SOURCE = 2, EVENT_PATH = 3 };
@@ -1184,15 +1181,6 @@ take_source(Walker *self, PyObject *blobid)
     return 1;
 }
 
-/* Whether another medium may have catalogued this very path (see the Walker's comment). */
-static int
-may_be_shared(PyObject *path)
-{
-    static const char own_mount[] = "/mnt/ntt/";
-    return !(PyBytes_CheckExact(path) && PyBytes_GET_SIZE(path) > (Py_ssize_t)(sizeof own_mount - 1)
-             && memcmp(PyBytes_AS_STRING(path), own_mount, sizeof own_mount - 1) == 0);
-}
-
 /* The paths of a further inode of the walked blob that no inode before had. */
 static PyObject *
 unseen_paths(Walker *self, PyObject *paths)
@@ -1216,17 +1204,15 @@ unseen_paths(Walker *self, PyObject *paths)
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(paths); i++) {
         PyObject *path = PyList_GET_ITEM(paths, i);
         Py_INCREF(path);
-        int known = may_be_shared(path) ? PySet_Contains(seen, path) : 0;
+        int known = PySet_Contains(seen, path);
         int failed = known < 0 || (!known && PyList_Append(fresh, path) < 0);
         Py_DECREF(path);
         if (failed)
             goto error;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fresh); i++) {
-        PyObject *path = PyList_GET_ITEM(fresh, i);
-        if (may_be_shared(path) && PySet_Add(seen, path) < 0)
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fresh); i++)
+        if (PySet_Add(seen, PyList_GET_ITEM(fresh, i)) < 0)
             goto error;
-    }
     Py_DECREF(seen);
     return fresh;
 error:

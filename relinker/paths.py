@@ -91,7 +91,6 @@ def split_archive_path(stored: bytes) -> tuple[bytes, bytes]:
 
 #: Where NTT mounts a medium while it is enumerated and copied.
 NTT_MOUNT_BASE = b"/mnt/ntt"
-_OWN_MOUNTS = NTT_MOUNT_BASE + b"/"
 _LEGACY_PARTITION_PREFIX = re.compile(rb"^p\d+:(?=/)")
 
 
@@ -107,17 +106,6 @@ def parse_source_prefix(option: str) -> tuple[bytes, bytes]:
 
 def _ntt_mount(medium_hash: str) -> bytes:
     return NTT_MOUNT_BASE + b"/" + medium_hash.encode("ascii", "replace")
-
-
-def may_be_shared(path: bytes) -> bool:
-    """Whether another medium may have catalogued this very path.
-
-    A path under an NTT mount (``/mnt/ntt/<medium>/...``) is where its own
-    medium was mounted; a path in the relative form (``/file``), or a tree
-    ``relinker scan`` catalogued where it lies, may be another medium's too.
-    The C walker decides the same way.
-    """
-    return not (type(path) is bytes and len(path) > len(_OWN_MOUNTS) and path.startswith(_OWN_MOUNTS))
 
 
 def is_under(path: bytes, directory: bytes) -> bool:

@@ -24,7 +24,7 @@ from relinker.checkpoint import Bounds, Range, default_range_count, split_blob_l
 from relinker.jobs import Mode
 from relinker.fastroute import EVENT_PATH, EVENT_SOURCE
 from relinker.linker import ArchiveLinker, Outcome, new_tally
-from relinker.paths import below_any, by_hash_relpath, is_blobid, may_be_shared
+from relinker.paths import below_any, by_hash_relpath, is_blobid
 from relinker.pool import RangeContext, WorkSpec
 
 MODE = "relink"
@@ -275,12 +275,11 @@ class RelinkWork:
                 ctx.tick()
             if blobid == current_blob:
                 # Another inode of the same blob (on another medium): a path
-                # catalogued for both is one archive path, and counts once. Only
-                # paths another medium may share are remembered (see may_be_shared).
+                # catalogued for both is one archive path, and counts once.
                 if seen is None:
-                    seen = {p for p in current_paths if may_be_shared(p)}
-                paths = [p for p in paths if not may_be_shared(p) or p not in seen]
-                seen.update(p for p in paths if may_be_shared(p))
+                    seen = set(current_paths)
+                paths = [p for p in paths if p not in seen]
+                seen.update(paths)
             else:
                 current_blob, current_paths, seen = blobid, paths, None
             source = sources.get(blobid)

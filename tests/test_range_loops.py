@@ -308,34 +308,3 @@ def test_a_walker_refuses_what_it_cannot_walk(tmp_path):
     with pytest.raises(RuntimeError):
         bare.set_source(None)
     bare.forget_directories()
-
-
-@pytest.mark.parametrize("variant", ["c", "python"])
-def test_a_blob_of_many_inodes_under_ntt_mounts_is_walked_in_bounded_memory(tmp_path, variant):
-    """The empty content has an inode per empty file, millions of them: only paths another medium may
-    share are remembered to count them once; one under its own medium's NTT mount never can be."""
-    import tracemalloc
-
-    def rows(n=20000):
-        for i in range(n):
-            yield GOOD, [b"/mnt/ntt/%032x/empty-%d" % (i % 7, i)]
-
-    base = tmp_path / variant
-    base.mkdir()
-    store, archive = build_tree(base)
-    work = new_work(store, archive, CountWork)
-    tracemalloc.start()
-    try:
-        ctx, tally = Context(os.fsencode(base)), new_tally()
-        tracemalloc.reset_peak()
-        if variant == "c":
-            walker = work.linker.range_walker(probe=True, tick_every=1000)
-            linked, expected = work._walk_rows(walker, rows(), ctx, tally)
-        else:
-            linked, expected = work._loop_rows(rows(), ctx, tally)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-        work.close()
-    assert expected[GOOD] == 20000
-    assert peak < 400_000, peak  # 20,000 paths remembered: 4 MB
