@@ -308,3 +308,12 @@ def test_a_walker_refuses_what_it_cannot_walk(tmp_path):
     with pytest.raises(RuntimeError):
         bare.set_source(None)
     bare.forget_directories()
+
+
+@pytest.mark.parametrize("variant", ["c", "python"])
+def test_a_path_under_another_mediums_mount_is_one_archive_path_with_that_mediums_own(tmp_path, variant):
+    """A medium may hold /mnt/ntt/<other>/f (read under its own mount, as the relative form is): the
+    same archive path as <other>'s own /mnt/ntt/<other>/f, counted once for the blob."""
+    rows = [(GOOD, [b"/mnt/ntt/bbbb/f", b"/mnt/ntt/bbbb/g"]), (GOOD, [b"/mnt/ntt/bbbb/f"])]
+    (linked, expected, _tally, _problems, _tree), = walk(tmp_path, variant, CountWork, rows)
+    assert expected[GOOD] == 2
