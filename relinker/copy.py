@@ -69,7 +69,7 @@ NOT_GIVEN_UP = "AND i.status IS DISTINCT FROM 'failed_permanent'"
 # join's equality, and without it the plan read the medium's every path for
 # every range (a sequential scan of the partition, hashed).
 SQL_RANGE_WORK = """
-    SELECT i.ino, i.size, p.path
+    SELECT i.ino, i.size, i.dev, p.path
     FROM inode AS i
     JOIN relinker_path AS p ON p.medium_hash = i.medium_hash AND p.ino = i.ino
     WHERE i.medium_hash = %(medium)s AND i.ino >= %(ino_lo)s AND i.ino < %(ino_hi)s
@@ -207,13 +207,13 @@ class CopyWork:
         return MediumSources(medium_hash, self._scanned_roots[medium_hash], self.remaps)
 
     def _inodes(self, r: Range):
-        """(ino, size, [paths]) of the range, streamed."""
+        """(ino, size, dev, [paths]) of the range, streamed."""
         params = {"medium": r.medium_hash, "ino_lo": r.ino_lo, "ino_hi": r.ino_hi}
         with self.data.get().cursor().copy(self.statements().range_work, params) as copy:
-            copy.set_types(["int8", "int8", "bytea"])
+            copy.set_types(["int8", "int8", "int8", "bytea"])
             for ino, group in itertools.groupby(copy.rows(), key=lambda row: row[0]):
                 rows = list(group)
-                yield ino, rows[0][1], [path for _, _, path in rows]
+                yield ino, rows[0][1], rows[0][2], [path for _, _, _, path in rows]
 
     def process(self, r: Range, ctx: RangeContext):
         counters = ctx.counters
@@ -250,7 +250,7 @@ class CopyWork:
 
         if self.store is not None:
             self.store.discard_pending()  # an attempt redone after an error starts afresh
-        for ino, size, paths in self._inodes(r):
+        for ino, size, dev, paths in self._inodes(r):
             ctx.tick()
             if self.spec.dry_run:
                 counters.blobs += 1
@@ -263,7 +263,7 @@ class CopyWork:
                 # A tick per chunk: the range's heartbeat must go on while one
                 # large file is read (gigabytes from a slow medium take longer
                 # than the lease), or another worker takes the range over.
-                got = self._copy(sources, paths, size, ctx.tick)
+                got = self._copy(sources, paths, size, ctx.tick, (dev, ino))
             except InodeProblem as exc:
                 fail(ino, paths, exc)
                 continue
@@ -355,17 +355,24 @@ class CopyWork:
         marked.add(ino, stored, len(paths), self._link_all(stored, paths, ctx))
 
     def _copy(self, sources: MediumSources, paths: list[bytes], size: int | None,
-              on_chunk: Callable[[], None]) -> Stored | Pending:
+              on_chunk: Callable[[], None], identity: tuple[int | None, int]) -> Stored | Pending:
         """Read the inode's content from the first source that opens; ``on_chunk`` as for ByHashStore.read_in.
 
         The problem raised when no source works is permanent only if none of
         the inode's paths can be a file any more: unsafe, or missing while
         the medium is there to hold it (judged at that moment: a medium may
-        be unmounted while its range is read).
+        be unmounted while its range is read). ``identity``: the catalogue's
+        ``(dev, ino)``; a tree ``relinker scan`` catalogued, read where it lies,
+        must still hold that very inode at a path (a file put in its place
+        is another's content).
         """
         failures = []
         absent = []
         permanent = True
+        replaced = 0
+        # The top source_location gives a scanned tree read where it lies (not moved with --source-prefix).
+        scanned_top = (sources.scanned_root.rstrip(b"/") or b"/") if sources.scanned_root is not None else None
+        same_file = identity if identity[0] is not None else None
         for stored_path in paths:
             try:
                 top, below = sources.locate(stored_path)
@@ -389,17 +396,20 @@ class CopyWork:
                 failures.append((source_path(top, below), why))
                 continue
             try:
-                return self.store.read_in(fd, size, on_chunk)
+                return self.store.read_in(fd, size, on_chunk, same_file=same_file if top == scanned_top else None)
             except SourceProblem as exc:
                 if exc.kind == "source-changed":
                     raise
                 failures.append((source_path(top, below), exc.detail))
                 permanent = permanent and exc.permanent
+                replaced += exc.kind == "source-replaced"
             finally:
                 os.close(fd)
         details = [sources.absent(top) for top in absent]
         details += [f"{display(candidate)}: {why}" for candidate, why in failures[:3]]
-        raise SourceProblem("source-unreadable", "; ".join(details) or "no source path", permanent=permanent)
+        # Every path now another file: the catalogued one changed, as a file rewritten does.
+        kind = "source-changed" if failures and replaced == len(failures) and not absent else "source-unreadable"
+        raise SourceProblem(kind, "; ".join(details) or "no source path", permanent=permanent)
 
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> int:
         """Link the inode's paths to its by-hash file; how many are now correctly linked."""

@@ -165,7 +165,8 @@ class ByHashStore:
         return len(self._pending) >= self._batch_files or self._pending_bytes >= BATCH_BYTES
 
     def read_in(self, source_fd: int, expected_size: int | None,
-                on_chunk: Callable[[], None] | None = None) -> Stored | Pending:
+                on_chunk: Callable[[], None] | None = None,
+                same_file: tuple[int, int] | None = None) -> Stored | Pending:
         """Read an open source; return its content's by-hash file, or the temporary waiting for one.
 
         A content whose by-hash name exists is :class:`Stored` at once (and
@@ -177,10 +178,15 @@ class ByHashStore:
         ``OSError`` is trouble with the store itself and propagates, naming
         the whole path. ``on_chunk`` is called after each chunk
         read (whatever it raises stops the copy and leaves nothing behind).
+        ``same_file``: the ``(st_dev, st_ino)`` the source must be, if it is
+        on that device (another inode there: ``source-replaced``).
         """
         before = os.fstat(source_fd)
         if not stat.S_ISREG(before.st_mode):
             raise SourceProblem("source-unreadable", "not a regular file", permanent=True)
+        if same_file is not None and before.st_dev == same_file[0] and before.st_ino != same_file[1]:
+            raise SourceProblem("source-replaced", "another file than the one catalogued (another inode)",
+                                permanent=True)
         if expected_size is not None and before.st_size != expected_size:
             raise SourceProblem("source-changed", f"size is {before.st_size}, catalogued {expected_size}",
                                 permanent=True)

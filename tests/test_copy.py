@@ -1107,7 +1107,7 @@ def test_a_file_of_a_tree_scanned_at_the_root_is_named_as_it_is():
 
     work = object.__new__(CopyWork)  # _copy reads nothing of the worker before a source opens
     with pytest.raises(SourceProblem) as problem:
-        work._copy(MediumSources("m", b"/", []), [b"/no-such-directory-here/file"], 1, lambda: None)
+        work._copy(MediumSources("m", b"/", []), [b"/no-such-directory-here/file"], 1, lambda: None, (None, 1))
     assert problem.value.detail.startswith("/no-such-directory-here/file: ")
 
 
@@ -1311,3 +1311,30 @@ def test_a_plain_copy_never_finishes_an_older_relinkers_run_of_one_medium(world,
 
     assert code == 0 and summary["run_id"] != older and summary["complete"]
     assert world.conn.execute("SELECT count(*) FROM inode WHERE fs_type = 'f' AND blobid IS NULL").fetchone() == (0,)
+
+
+def test_a_file_put_in_place_of_a_scanned_one_is_never_taken_for_it(world, capsys, tmp_path):
+    """A scanned tree read where it lies: a new file of the same size at one name of a catalogued
+    inode is another content. The inode is read at a name that still holds it; where none does, it is
+    source-changed, never stored as the newcomer."""
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"AAAA")
+    os.link(tree / "a.txt", tree / "d" / "a-link")
+    (tree / "b.txt").write_bytes(b"BBBB")
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    for name in ("a.txt", "b.txt"):  # new inodes of the same size in their place (as an editor saves)
+        (tree / "new").write_bytes(b"ZZZZ")
+        os.rename(tree / "new", tree / name)
+
+    code, summary = copy(world, capsys)
+
+    archive = world.archive_root + os.fsencode(tree)
+    with open(archive + b"/d/a-link", "rb") as f:
+        assert f.read() == b"AAAA"
+    with open(archive + b"/a.txt", "rb") as f:
+        assert f.read() == b"AAAA"  # the catalogued inode's name, as the catalogue says
+    assert not os.path.exists(archive + b"/b.txt")
+    assert code == 1 and summary["problems_by_kind"] == {"source-changed": 1}
+    assert summary["problem_samples"][0]["detail"].endswith("b.txt: another file than the one catalogued "
+                                                            "(another inode)")
