@@ -21,6 +21,7 @@ from psycopg import sql
 from relinker import checkpoint, db, dbtext, migrations
 from relinker.errors import UserError
 from relinker.paths import display
+from relinker.sources import open_beneath
 
 log = logging.getLogger(__name__)
 
@@ -188,38 +189,71 @@ def analyze_medium(conn: psycopg.Connection, medium_hash: str) -> None:
 
 
 def _walk(root: bytes, device: int, result: ScanResult, exclude: list[bytes]):
-    """Yield (path, lstat) for root and everything below it on its filesystem."""
-    yield root, os.lstat(root)
-    pending = [root]
-    while pending:
-        directory = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError as exc:
-            result.unreadable += 1
-            log.warning("skipped unreadable directory %s: %s", display(directory), exc.strerror)
-            continue
-        for entry in sorted(entries, key=lambda e: e.name):
-            if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in exclude):
-                result.excluded += 1
-                continue
+    """Yield (path, lstat) for root and everything below it on its filesystem.
+
+    Each directory is opened beneath the root through no symlink, and only if
+    it is still the one its parent listed: one swapped for a symlink (or
+    another directory) meanwhile is skipped, never walked into.
+    """
+    root_stat = os.lstat(root)
+    yield root, root_stat
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        pending = [(root, b"", (root_stat.st_dev, root_stat.st_ino))]
+        while pending:
+            directory, below, identity = pending.pop()
             try:
-                st = entry.stat(follow_symlinks=False)
+                fd = os.dup(root_fd) if not below else open_beneath(root_fd, below)
             except OSError as exc:
                 result.unreadable += 1
-                log.warning("skipped %s: %s", display(entry.path), exc.strerror)
+                log.warning("skipped unreadable directory %s: %s", display(directory), exc.strerror)
                 continue
-            if st.st_dev != device:
-                result.other_filesystem += 1
-                log.info("skipped %s: on another filesystem", display(entry.path))
-                continue
-            if stat.S_ISREG(st.st_mode) and not os.access(entry.path, os.R_OK, effective_ids=True):
-                result.unreadable += 1
-                log.warning("skipped unreadable file %s", display(entry.path))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                pending.append(entry.path)
-            yield entry.path, st
+            try:
+                found = os.fstat(fd)
+                if not stat.S_ISDIR(found.st_mode) or (found.st_dev, found.st_ino) != identity:
+                    result.unreadable += 1
+                    log.warning("skipped %s: replaced while the tree was walked", display(directory))
+                    continue
+                yield from _entries(fd, directory, below, device, result, exclude, pending)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+
+
+def _entries(fd: int, directory: bytes, below: bytes, device: int, result: ScanResult, exclude: list[bytes],
+             pending: list):
+    """The entries of one open directory, as _walk yields them; its subdirectories onto ``pending``."""
+    try:
+        entries = list(os.scandir(fd))
+    except OSError as exc:
+        result.unreadable += 1
+        log.warning("skipped unreadable directory %s: %s", display(directory), exc.strerror)
+        return
+    for entry in sorted(entries, key=lambda e: e.name):
+        name = os.fsencode(entry.name)
+        path = directory.rstrip(b"/") + b"/" + name
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            result.excluded += 1
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            result.unreadable += 1
+            log.warning("skipped %s: %s", display(path), exc.strerror)
+            continue
+        if st.st_dev != device:
+            result.other_filesystem += 1
+            log.info("skipped %s: on another filesystem", display(path))
+            continue
+        if stat.S_ISREG(st.st_mode) and not os.access(name, os.R_OK, dir_fd=fd, effective_ids=True,
+                                                       follow_symlinks=False):
+            result.unreadable += 1
+            log.warning("skipped unreadable file %s", display(path))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            pending.append((path, below + b"/" + name if below else name, (st.st_dev, st.st_ino)))
+        yield path, st
 
 
 # Whether a partition of the table already takes the medium (made by relinker, or by NTT under another name).

@@ -282,3 +282,25 @@ def test_two_scans_in_one_transaction_of_the_caller(catalogue_url, tree):
         conn.commit()
         assert conn.execute("SELECT count(*) FROM inode WHERE medium_hash = %s",
                             (scan.medium_hash_for("disk-1"),)).fetchone() == (8,)
+
+
+def test_a_directory_swapped_for_a_symlink_while_the_tree_is_walked_is_never_walked_into(tmp_path):
+    """Listed as a directory, replaced by a symlink to a directory elsewhere before it is opened: skipped,
+    and nothing of the elsewhere catalogued."""
+    tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    (tree / "victim").mkdir(parents=True)
+    (tree / "victim" / "inside").write_bytes(b"v")
+    (tree / "z").mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_bytes(b"s")
+    result = scan.ScanResult(medium_hash="m")
+    root = os.fsencode(tree)
+    walk = scan._walk(root, os.lstat(tree).st_dev, result, [])
+    seen = []
+    for path, _st in walk:
+        seen.append(path)
+        if path == root + b"/z":  # victim was listed (and waits on the stack): swap it now
+            os.rename(tree / "victim", tmp_path / "victim.old")
+            os.symlink(elsewhere, tree / "victim")
+    assert root + b"/victim" in seen and not any(b"secret" in path or b"inside" in path for path in seen)
+    assert result.unreadable == 1
