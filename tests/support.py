@@ -84,6 +84,15 @@ from relinker import scan
 from relinker.paths import archive_components, by_hash_path
 
 
+#: What README's "The role that runs" lists for relink and count.
+RELINK_GRANTS = """
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem TO {role};
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role}
+"""
+
+
 class ArchiveWorld:
     """A catalogue plus the by-hash store and archive it describes, on a real filesystem.
 
@@ -113,6 +122,22 @@ class ArchiveWorld:
     @property
     def archive_root(self) -> bytes:
         return os.fsencode(self.archive)
+
+    @contextlib.contextmanager
+    def as_role(self, role: str, grants: str | None = None, *, connection_limit: int | None = None):
+        """This world's commands (``argv``) run as a new role while this lasts, granted ``grants`` (SQL,
+        ``{role}`` standing for its name; by default what README's "The role that runs" lists for
+        relink and count)."""
+        from psycopg.conninfo import make_conninfo
+
+        limit = "" if connection_limit is None else f" CONNECTION LIMIT {connection_limit}"
+        self.conn.execute(f"CREATE ROLE {role} LOGIN{limit}; " + (grants or RELINK_GRANTS).format(role=role))
+        self.dsn, owner_dsn = make_conninfo(self.dsn, user=role), self.dsn
+        try:
+            yield role
+        finally:
+            self.dsn = owner_dsn
+            self.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
     def argv(self, *args: str) -> list[str]:
         """Global options pointing at this world, then ``args``."""

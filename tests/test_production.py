@@ -419,9 +419,7 @@ def test_a_by_hash_file_that_cannot_be_looked_at_keeps_its_count(production, cap
 def test_column_grants_on_what_a_run_writes_are_enough(production, capsys):
     p = production
     migrate(p, capsys)
-    role = "column_granted"
-    p.conn.execute(f"""
-        CREATE ROLE {role} LOGIN;
+    grants = """
         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
         GRANT UPDATE (n_hardlinks, expected_hardlinks, last_checked) ON blobs TO {role};
         GRANT INSERT (blobid, n_hardlinks, expected_hardlinks) ON blobs TO {role};
@@ -429,24 +427,16 @@ def test_column_grants_on_what_a_run_writes_are_enough(production, capsys):
         GRANT UPDATE (blobid) ON path TO {role};
         GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem, relinker_verify_failure
             TO {role};
-        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}""")
-    try:
-        from psycopg.conninfo import make_conninfo
-        p.dsn, admin_dsn = make_conninfo(p.dsn, user=role), p.dsn
-        try:
-            for args in (("copy", "--source-prefix", p.source_prefix()), ("relink",), ("count",),
-                         ("verify", "--all")):
-                code, summary = run(p, capsys, *args)
-                assert code == 0, (args, summary["problem_samples"])
-            p.conn.execute(f"REVOKE UPDATE (last_checked) ON blobs FROM {role}")
-            assert main(p.argv("verify", "--all", "--no-progress")) == 2
-            assert capsys.readouterr().err == (
-                f"relinker: error: role {role} may not UPDATE blobs (last_checked), which a verify run writes "
-                f"(GRANT UPDATE (last_checked) ON blobs TO {role})\n")
-        finally:
-            p.dsn = admin_dsn
-    finally:
-        p.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"""
+    with p.as_role("column_granted", grants) as role:
+        for args in (("copy", "--source-prefix", p.source_prefix()), ("relink",), ("count",), ("verify", "--all")):
+            code, summary = run(p, capsys, *args)
+            assert code == 0, (args, summary["problem_samples"])
+        p.conn.execute(f"REVOKE UPDATE (last_checked) ON blobs FROM {role}")
+        assert main(p.argv("verify", "--all", "--no-progress")) == 2
+        assert capsys.readouterr().err == (
+            f"relinker: error: role {role} may not UPDATE blobs (last_checked), which a verify run writes "
+            f"(GRANT UPDATE (last_checked) ON blobs TO {role})\n")
 
 
 def test_statements_that_write_no_row_fire_no_catalogue_trigger(production, capsys):

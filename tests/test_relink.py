@@ -1078,25 +1078,12 @@ def test_a_worker_the_server_has_no_second_session_for_holds_no_range(world):
     """A connection limit that serves one worker's two sessions and the second worker's control session
     only: that worker never claims a range it could not work (it would hold it
     until its lease ran out, the run stalled meanwhile). The other does the run; no range waits for a lease."""
-    from psycopg.conninfo import make_conninfo
-
     world.bulk(3000, paths_per_blob=2)
-    role = f"limited_{os.getpid()}"
-    world.conn.execute(f"""
-        CREATE ROLE {role} LOGIN CONNECTION LIMIT 3;
-        GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
-        GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem TO {role};
-        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
-        GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role}""")
-    try:
-        world.dsn, owner_dsn = make_conninfo(world.dsn, user=role), world.dsn
+    with world.as_role(f"limited_{os.getpid()}", connection_limit=3):
         started = time.monotonic()
         code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges",
                                                  "40", "--lease", "60", "--retry-timeout", "60")), timeout=120)
         took = time.monotonic() - started
-    finally:
-        world.dsn = owner_dsn
-        world.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
     assert code == 0, err[-2000:]
     assert json.loads(out)["links_created"] == 6000
     assert took < 30, (took, err[-2000:])
@@ -1108,19 +1095,10 @@ def test_ctrl_c_stops_a_worker_waiting_for_its_control_session(world):
     stops it at once (exit 3), not after --retry-timeout."""
     import signal
 
-    from psycopg.conninfo import make_conninfo
     from processes import wait_for
 
     world.bulk(50, paths_per_blob=2)
-    role = f"one_slot_{os.getpid()}"
-    world.conn.execute(f"""
-        CREATE ROLE {role} LOGIN CONNECTION LIMIT 1;
-        GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
-        GRANT INSERT, UPDATE, DELETE ON relinker_run, relinker_range, relinker_problem TO {role};
-        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
-        GRANT UPDATE (n_hardlinks, expected_hardlinks) ON blobs TO {role}""")
-    try:
-        world.dsn, owner_dsn = make_conninfo(world.dsn, user=role), world.dsn
+    with world.as_role(f"one_slot_{os.getpid()}", connection_limit=1) as role:
         job = start(world.argv("relink", "--no-progress", "--workers", "1", "--retry-timeout", "60"))
         wait_for(lambda: world.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
                                             (role,)).fetchone()[0] == 1 and
@@ -1131,8 +1109,5 @@ def test_ctrl_c_stops_a_worker_waiting_for_its_control_session(world):
         stopped = time.monotonic()
         code, _out, err = finish(job, timeout=120)
         took = time.monotonic() - stopped
-    finally:
-        world.dsn = owner_dsn
-        world.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
     assert code == 3, err[-2000:]
     assert took < 15, took
