@@ -291,17 +291,12 @@ class _Worker:
         its lease runs out: it waits with none, as long as --retry-timeout.
         """
         try:
-            self.work.connect()
-            return True
-        except Exception as exc:
-            if not db.is_transient(exc):
-                raise
-        try:
             for attempt in db.retrying(self.spec.retry_timeout):
                 with attempt:
-                    self.check_stop()
-                    if self.nothing_left():
-                        return False
+                    if attempt.retry_state.attempt_number > 1:  # refused before: still wanted?
+                        self.check_stop()
+                        if self.nothing_left():
+                            return False
                     self.work.connect()
         except Exception as exc:
             if db.outage_over_timeout(exc):
