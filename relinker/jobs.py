@@ -68,15 +68,15 @@ class Mode:
     excludes: frozenset = frozenset()
 
 
-#: What every run reads and writes of its checkpoints (whole rows: no columns named), and the
-#: sequences behind their keys (USAGE of a column's sequence).
-CHECKPOINT_ACCESS = tuple((table, privilege, ()) for table, privilege in (
-    ("relinker_schema_migration", "SELECT"), ("relinker_run", "SELECT"), ("relinker_range", "SELECT"),
-    ("relinker_problem", "SELECT"), ("relinker_run_progress", "SELECT"), ("relinker_open_ranges", "SELECT"),
-    ("relinker_problem_kinds", "SELECT"))) + ((
-        ("relinker_run", "INSERT", ()), ("relinker_run", "UPDATE", ()), ("relinker_range", "INSERT", ()),
-        ("relinker_range", "UPDATE", ()), ("relinker_problem", "INSERT", ()), ("relinker_problem", "DELETE", ()),
-        ("relinker_run", "USAGE", ("run_id",)), ("relinker_problem", "USAGE", ("problem_id",))))
+#: What every run (and a dry run of a recorded one) reads of its checkpoints.
+CHECKPOINT_READS = ("relinker_schema_migration", "relinker_run", "relinker_range", "relinker_problem",
+                    "relinker_run_progress", "relinker_open_ranges", "relinker_problem_kinds")
+#: What every run writes of them (whole rows: no columns named), and the sequences behind their keys
+#: (USAGE of a column's sequence).
+CHECKPOINT_WRITES = (
+    ("relinker_run", "INSERT", ()), ("relinker_run", "UPDATE", ()), ("relinker_range", "INSERT", ()),
+    ("relinker_range", "UPDATE", ()), ("relinker_problem", "INSERT", ()), ("relinker_problem", "DELETE", ()),
+    ("relinker_run", "USAGE", ("run_id",)), ("relinker_problem", "USAGE", ("problem_id",)))
 SQL_READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool"
 #: What this role lacks of the (table, privilege, column) given, in their order, as the GRANT's
 #: object: a NULL column asks for the privilege on the table, a column the table lacks is no
@@ -106,11 +106,10 @@ def check_privileges(conn: psycopg.Connection, mode: Mode, *, writes: bool = Tru
     if writes and conn.execute(SQL_READ_ONLY).fetchone()[0]:
         raise UserError(f"the catalogue database is read-only for role {conn.info.user} (a standby, or "
                         "default_transaction_read_only): a run writes its checkpoints")
-    access = [(table, "SELECT", ()) for table in mode.catalogue_reads]
+    reads = mode.catalogue_reads + (CHECKPOINT_READS if writes or reads_checkpoints else ())
+    access = [(table, "SELECT", ()) for table in reads]
     if writes:
-        access += CHECKPOINT_ACCESS + mode.catalogue_writes
-    elif reads_checkpoints:  # a dry run of a recorded run (--run N) reads it
-        access += [entry for entry in CHECKPOINT_ACCESS if entry[1] == "SELECT"]
+        access += CHECKPOINT_WRITES + mode.catalogue_writes
     asked = [(table, privilege, column) for table, privilege, columns in access for column in columns or (None,)]
     refused = conn.execute(SQL_REFUSED, {"tables": [t for t, _, _ in asked], "privileges": [p for _, p, _ in asked],
                                          "columns": [c for _, _, c in asked]}).fetchall()
