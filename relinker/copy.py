@@ -333,8 +333,7 @@ class CopyWork:
                 conn.execute(SQL_BLOB_COUNTS, {"count_blobids": db.text_array(recount),
                                                "links": db.int_array(links(b) for b in recount),
                                                "added": db.int_array(added.get(b, 0) for b in recount),
-                                               "full": "{" + ",".join("t" if b in inserted else "f"
-                                                                      for b in recount) + "}"})
+                                               "full": db.bool_array(b in inserted for b in recount)})
             # The catalogue may say these contents are stored only once their
             # names are durable: the range's commit follows this.
             names_synced.wait(while_waiting=keep_alive, every=self.spec.heartbeat_interval)

@@ -128,6 +128,11 @@ def int_array(values) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def bool_array(values) -> str:
+    """A PostgreSQL array literal for ``values`` (truth values), to bind as one ``bool[]`` parameter."""
+    return "{" + ",".join("t" if value else "f" for value in values) + "}"
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
