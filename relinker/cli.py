@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import sys
-import threading
 from typing import Sequence
 
 import psycopg
@@ -22,7 +21,7 @@ from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, m
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
                              new_subparsers, path_argument)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
-                             UserError, interrupt)
+                             UserError, stop_on_signals)
 from relinker.logs import say, setup_logging, silence
 from relinker.report import Summary
 
@@ -389,9 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (planning, preflight, the summary), as the process pool's own handlers
     # do while it runs: SIGINT too, which a script's background job inherits
     # ignored and Python would then leave ignored.
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = stop_on_signals()
     args = None
     try:
         args, settings = parse(argv)

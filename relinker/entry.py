@@ -5,18 +5,14 @@ second; a signal meanwhile would otherwise end in a traceback, or, in a
 script's background job (which inherits SIGINT ignored), do nothing at all.
 """
 
-import signal
 import sys
-import threading
 
-from relinker.errors import EXIT_INTERRUPTED, StopSignal, interrupt
+from relinker.errors import EXIT_INTERRUPTED, StopSignal, stop_on_signals
 
 
 def main() -> int:
     """Run the command line in ``sys.argv``; returns the exit code."""
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, interrupt)
+    stop_on_signals()
     try:
         from relinker.cli import main as run_command
 

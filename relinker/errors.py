@@ -4,6 +4,9 @@ Every error a user can cause ends in one line on stderr and one of these exit
 codes, never a traceback (see README "Exit codes").
 """
 
+import signal
+import threading
+
 EXIT_OK = 0
 #: The run completed, but problems were recorded (or verify found failures).
 EXIT_PROBLEMS = 1
@@ -29,6 +32,14 @@ class StopSignal(SystemExit):
 def interrupt(signum, frame) -> None:
     """The handler of SIGINT and SIGTERM while a command runs: stop where it is (exit 3)."""
     raise StopSignal()
+
+
+def stop_on_signals() -> dict:
+    """Make SIGINT and SIGTERM raise StopSignal (SIGINT too where it was inherited ignored, as a script's
+    background job has it); the handlers they had, to put back. Signals are the main thread's only."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 class UserError(Exception):
