@@ -145,7 +145,7 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
         # text those bytes are in that encoding, or, where they are none, skipped.
         encoding = dbtext.text_encoding(conn)
         with conn.cursor().copy(SQL_COPY_PATHS) as copy:
-            for path, st in _walk(root, root_stat.st_dev, result, list(exclude)):
+            for path, st in _walk(root, root_stat, result, list(exclude)):
                 stored: bytes | str = path
                 if text_paths:
                     try:
@@ -188,14 +188,15 @@ def analyze_medium(conn: psycopg.Connection, medium_hash: str) -> None:
             conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(row[0])))
 
 
-def _walk(root: bytes, device: int, result: ScanResult, exclude: list[bytes]):
-    """Yield (path, lstat) for root and everything below it on its filesystem.
+def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: list[bytes]):
+    """Yield (path, lstat) for root (its lstat given) and everything below it on its filesystem.
 
     Each directory is opened beneath the root through no symlink, and only if
-    it is still the one its parent listed: one swapped for a symlink (or
-    another directory) meanwhile is skipped, never walked into.
+    it is still the one its parent listed (the root: the one lstat saw): one
+    swapped for a symlink (or another directory) meanwhile is skipped, never
+    walked into.
     """
-    root_stat = os.lstat(root)
+    device = root_stat.st_dev
     yield root, root_stat
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

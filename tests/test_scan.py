@@ -295,7 +295,7 @@ def test_a_directory_swapped_for_a_symlink_while_the_tree_is_walked_is_never_wal
     (elsewhere / "secret").write_bytes(b"s")
     result = scan.ScanResult(medium_hash="m")
     root = os.fsencode(tree)
-    walk = scan._walk(root, os.lstat(tree).st_dev, result, [])
+    walk = scan._walk(root, os.lstat(tree), result, [])
     seen = []
     for path, _st in walk:
         seen.append(path)
