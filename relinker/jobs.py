@@ -217,6 +217,10 @@ def _probe_link(by_hash_root: bytes, archive_root: bytes, can_write_store: bool)
         target = os.path.join(archive_root, name)  # a random name: removing it can only remove the probe
         os.link(source, target, follow_symlinks=False)
     except OSError as exc:
+        if exc.errno == errno.EMLINK:
+            # A stored file at its link limit (the empty content): the kernel refuses a link across
+            # mounts (EXDEV) before it counts links, so the trees share a mount all the same.
+            return
         hint = " (two mounts of one filesystem, as bind mounts are?)" if exc.errno == errno.EXDEV else ""
         raise UserError(f"cannot link from {display(by_hash_root)} into {display(archive_root)}: "
                         f"{exc.strerror}{hint}") from None

@@ -165,6 +165,10 @@ def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):
     assert summary["problems_by_kind"] == {"too-many-links": overflow}
     assert summary["links_created"] == by_hash_links - 1
     assert world.n_hardlinks()[empty] == by_hash_links - 1
+    # A store whose only file is at its limit still takes the check that the two trees share a mount.
+    code, again = relink(world, capsys, "--new")
+    assert code == 1 and again["problems_by_kind"] == {"too-many-links": overflow}
+    assert again["links_present"] == by_hash_links - 1 and again["links_created"] == 0
     # verify says the same, and the blob passes: a limit of the filesystem, not damage.
     code = main(world.argv("verify", "--all", "--json", "--workers", "2", "--no-progress"))
     checked = json.loads(capsys.readouterr().out)
