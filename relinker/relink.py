@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import stat
 
 import psycopg
@@ -32,6 +33,10 @@ MODE = "relink"
 DEFAULT_ON_CONFLICT = "replace"
 #: Inode rows per chunk the server streams; RangeContext.tick() runs between chunks.
 STREAM_CHUNK = 1000
+#: Paths of one blob a worker holds while its inodes come (so that a path two media share counts
+#: once). A blob with more (the empty content) is walked on its own afterwards, the server making
+#: its paths distinct, so a worker's memory does not grow with the most linked content.
+BLOB_PATHS_HELD = 50_000
 
 # The range's work, one row per inode with its paths as an array: blob ->
 # inodes through the covering blobid index, then each inode's paths through the
@@ -46,6 +51,18 @@ SQL_WORK = """
     FROM inode AS i
     WHERE i.fs_type = 'f' AND {scope} {incomplete}
     ORDER BY i.blobid
+"""
+# One blob's paths, each archive path once: the blobs BLOB_PATHS_HELD leaves to the server. Each
+# inode's paths as SQL_WORK reads them (an array the planner cannot turn into a join over every
+# path); sorted, so that the linker meets each directory once.
+SQL_BLOB_PATHS = """
+SELECT DISTINCT paths.path
+FROM inode AS i
+CROSS JOIN LATERAL unnest(ARRAY(SELECT p.path FROM relinker_path AS p
+                                WHERE p.medium_hash = i.medium_hash AND p.ino = i.ino
+                                  AND p.exclude_reason IS NULL)) AS paths(path)
+WHERE i.fs_type = 'f' AND i.blobid = %(blobid)s
+ORDER BY paths.path
 """
 ONLY_INCOMPLETE = """
       AND i.blobid IN (SELECT b.blobid FROM blobs AS b
@@ -135,6 +152,35 @@ class RangeScope:
         return sql.SQL(SQL_LOCK_COUNTS).format(scope=self.where("b"))
 
 
+def blobs_within(rows, limit: int, oversized: list[str], tick):
+    """The range's ``(blobid, paths)`` rows, but only of blobs with at most ``limit`` paths in all.
+
+    A blob's rows are held until its last one has come; the IDs of the
+    blobs with more go into ``oversized``, none of their rows through (their
+    rows still stream past: ``tick`` runs every STREAM_CHUNK of them).
+    """
+    held: list = []
+    blob, n_paths, passed = None, 0, 0
+    for row in rows:
+        if row[0] != blob:
+            if held:
+                yield from held
+            blob, held, n_paths = row[0], [row], len(row[1])
+        elif held is None:
+            passed += 1
+            if passed % STREAM_CHUNK == 0:
+                tick()
+            continue
+        else:
+            held.append(row)
+            n_paths += len(row[1])
+        if n_paths > limit:
+            oversized.append(blob)
+            held = None
+    if held:
+        yield from held
+
+
 def _count_outcomes(counters, tally: dict, walker=None) -> None:
     # The walker counts what its fast route did; tally has the general route's outcomes.
     counters.links_created = tally[Outcome.CREATED] + (walker.created if walker is not None else 0)
@@ -196,14 +242,18 @@ class RelinkWork:
         # Closed on the way out whatever happens: a suspended stream keeps the
         # connection's lock, and the tracebacks the retry machinery keeps would
         # otherwise make the worker's next range wait for that lock forever.
+        oversized: list[str] = []
         with contextlib.closing(rows):
+            held = blobs_within(rows, BLOB_PATHS_HELD, oversized, ctx.tick)
             # The C walker goes through the store's directories unchecked: not where one is a symlink.
             walker = None if self.spec.symlinked_shards else self.linker.range_walker(
                 probe=self.PROBES, tick_every=STREAM_CHUNK)
             if walker is None:
-                linked, expected = self._loop_rows(rows, ctx, tally)
+                linked, expected = self._loop_rows(held, ctx, tally)
             else:
-                linked, expected = self._walk_rows(walker, rows, ctx, tally)
+                linked, expected = self._walk_rows(walker, held, ctx, tally)
+        for blobid in oversized:
+            self._walk_alone(blobid, ctx, tally, walker, linked, expected)
         _count_outcomes(counters, tally, walker)
         counters.blobs = len(expected)
         recorded = self.data.get().execute(scope.recorded_counts(), scope.params).fetchall()
@@ -317,6 +367,23 @@ class RelinkWork:
                 _count_outcomes(counters, tally, walker)
                 ctx.tick()
         return walker.results()
+
+    def _walk_alone(self, blobid: str, ctx: RangeContext, tally: dict, walker, linked: dict, expected: dict) -> None:
+        """A blob with more paths than a worker holds: its distinct paths from the server, a chunk at a time."""
+        source = self._source(blobid, ctx)
+        expected[blobid] = linked[blobid] = 0
+
+        def problem(path: bytes, kind: str, detail: str) -> None:
+            ctx.problem(kind, detail, blobid=blobid, path=path)
+
+        rows = self.data.get().cursor(binary=True).stream(SQL_BLOB_PATHS, {"blobid": blobid}, size=STREAM_CHUNK)
+        with contextlib.closing(rows):
+            for chunk in iter(lambda: [path for (path,) in itertools.islice(rows, STREAM_CHUNK)], []):
+                expected[blobid] += len(chunk)
+                if source is not UNUSABLE:
+                    linked[blobid] += self.visit(source[0], source[1], chunk, tally, problem)
+                _count_outcomes(ctx.counters, tally, walker)
+                ctx.tick()
 
     def visit(self, source: bytes, source_id: tuple[int, int], paths: list[bytes], tally, problem) -> int:
         """Link one inode's catalogued paths; return how many are now correctly linked."""

@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 
+from relinker import relink as relink_mode
 from relinker.cli import main
 from relinker.paths import by_hash_path
 from support import read_only_directory
@@ -144,6 +145,40 @@ def test_one_path_catalogued_twice_for_one_blob_counts_once(world, capsys, tmp_p
     assert code == 0 and summary["links_created"] == 2 and summary["links_present"] == 0
     assert world.n_hardlinks()[same] == 2
     assert world.conn.execute("SELECT expected_hardlinks FROM blobs WHERE blobid = %s", (same,)).fetchone() == (2,)
+
+
+def test_a_blob_with_more_paths_than_a_worker_holds_is_linked_counted_and_verified_alike(world, capsys,
+                                                                                           monkeypatch):
+    """Past BLOB_PATHS_HELD a blob's paths are made distinct by the server and walked on their own:
+    each archive path once, whatever form and medium names it, each problem once."""
+    monkeypatch.setattr(relink_mode, "BLOB_PATHS_HELD", 4)
+    one, two, three = world.medium("one"), world.medium("two"), world.medium("three")
+    many, few = world.blob(b"many"), world.blob(b"few")
+    own = b"/mnt/ntt/%s/own" % one.encode()
+    world.inode(one, [b"/shared/a", b"/shared/b", own], many)
+    world.inode(two, [b"/shared/a", b"/shared/c", own, b"/skipped"], many, excluded={b"/skipped": "rule"})
+    world.inode(three, [b"/shared/b", b"/deep/er/x"], many)
+    world.inode(one, [b"/few/1", b"/few/2"], few)
+    os.makedirs(world.archive_path(b"/shared/c"))  # in the way: one problem
+    code, summary = relink(world, capsys)
+    assert code == 1 and summary["links_created"] == 4 + 2 and summary["problems"] == 1
+    assert [bytes(p) for (p,) in world.conn.execute("SELECT path FROM relinker_problem")] == [b"/shared/c"]
+    assert world.conn.execute("SELECT n_hardlinks, expected_hardlinks FROM blobs WHERE blobid = %s",
+                              (many,)).fetchone() == (4, 5)
+    assert not os.path.lexists(world.archive_path(b"/skipped"))
+    os.rmdir(world.archive_path(b"/shared/c"))
+    code, summary = relink(world, capsys, "--new")
+    assert code == 0 and summary["links_created"] == 1 and summary["links_present"] == 4 + 2
+    world.assert_complete()
+    for command in ("count", "verify --all --hash"):
+        code = main(world.argv(*command.split(), "--json", "--workers", "2", "--no-progress"))
+        checked = json.loads(capsys.readouterr().out)
+        assert code == 0 and checked["problems"] == 0 and checked["links_present"] == 5 + 2, command
+    os.unlink(world.archive_path(b"/deep/er/x"))
+    code = main(world.argv("verify", "--all", "--json", "--no-progress"))
+    checked = json.loads(capsys.readouterr().out)
+    assert code == 1 and checked["problems_by_kind"] == {"link-missing": 1, "count-mismatch": 1}
+    assert checked["failed"] == 1
 
 
 def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):

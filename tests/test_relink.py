@@ -1,5 +1,6 @@
 """`relinker relink`: the checkpointed re-hardlink job on a real catalogue and filesystem."""
 
+import collections
 import errno
 import json
 import os
@@ -21,7 +22,7 @@ from relinker.cli import main
 from relinker.errors import UserError
 from relinker.paths import by_hash_path
 from relinker.pool import WorkSpec, _Worker
-from relinker.relink import RangeScope, RelinkWork, counts_to_write
+from relinker.relink import RangeScope, RelinkWork, blobs_within, counts_to_write
 
 
 def relink(world, capsys, *args):
@@ -553,6 +554,28 @@ class _DataConnectionDropsOnce(RelinkWork):
                 admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
             conn.execute("SELECT 1")  # OperationalError: the worker redoes the range on a new connection
         return finalize
+
+
+def test_a_blob_past_the_paths_a_worker_holds_is_let_go_and_left_for_later():
+    """The empty content may have millions of paths: its rows stream past, none of them kept."""
+    alive = collections.Counter()
+
+    class Paths(list):  # a row's paths that know when they are let go
+        def __del__(self):
+            alive["paths"] -= 1
+
+    def rows():
+        for blobid, n_rows in (("a", 1), ("b", 2500), ("c", 2), ("d", 3)):
+            for _ in range(n_rows):
+                alive["paths"] += 1
+                alive["peak"] = max(alive["peak"], alive["paths"])
+                yield blobid, Paths([b"/one", b"/two"])
+
+    oversized, ticks = [], []
+    passed = [blobid for blobid, _ in blobs_within(rows(), 5, oversized, lambda: ticks.append(True))]
+    assert passed == ["a", "c", "c"] and oversized == ["b", "d"]
+    assert alive["peak"] <= 4  # a blob's rows up to the limit, and the row that came next
+    assert len(ticks) == 2  # its 2,497 rows past the limit: a tick every STREAM_CHUNK of them
 
 
 @pytest.mark.parametrize("redo_heartbeats", [False, True])
