@@ -44,8 +44,10 @@ from typing import Callable
 
 import blake3
 
+from relinker.catalogue import EMPTY_BLOB_IDS
+from relinker.content import hash_fd
 from relinker.fastroute import DirectoryListings, RangeWalker, fast_route, lstat_identity
-from relinker.paths import UnsafePath, display, split_archive_path
+from relinker.paths import UnsafePath, by_hash_relpath, display, split_archive_path
 
 # O_PATH: a handle for *at() calls only, cheaper to open and close.
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -438,6 +440,18 @@ class ArchiveLinker:
             if differs:
                 raise LinkProblem("existing-file", f"a regular file that is its content's only name is there, "
                                   f"and {differs} (kept)")
+        else:
+            # Other names keep its content, but a size unlike the by-hash file's is another content or
+            # damage on one side: replaced name by name, a damaged by-hash file would take the place of
+            # every good copy. Only another blob's by-hash file (a wrong link) loses nothing.
+            try:
+                source_size = self.stat_source(source).st_size
+            except OSError:
+                source_size = existing.st_size  # the link below reports what is wrong with the source
+            if existing.st_size != source_size and not self._is_stored(dir_fd, name, existing):
+                raise LinkProblem("existing-file", f"a regular file of {existing.st_size} bytes is there, with "
+                                  f"other names but not in the store, where the by-hash file has {source_size} "
+                                  "(kept: verify --hash tells which is damaged)")
         if self.dry_run:
             return Outcome.REPLACED
         # Deterministic temporary name: a redo after a crash between link and
@@ -493,6 +507,34 @@ class ArchiveLinker:
                 os.close(ours)
         finally:
             os.close(theirs)
+
+    def _is_stored(self, dir_fd: int, name: bytes, existing: os.stat_result) -> bool:
+        """Whether the file ``name`` (below ``dir_fd``) is the by-hash file of its own content.
+
+        Reads the file to hash it: called only for a file relink would
+        otherwise replace although its size is not the by-hash file's.
+        """
+        if existing.st_size == 0:
+            candidates = EMPTY_BLOB_IDS
+        else:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            except OSError:
+                return False
+            try:
+                candidates = (hash_fd(fd, self.while_reading)[0],)
+            except OSError:
+                return False
+            finally:
+                os.close(fd)
+        for blobid in candidates:
+            try:
+                found = self.stat_source(by_hash_relpath(blobid))
+            except OSError:
+                continue
+            if (found.st_dev, found.st_ino) == (existing.st_dev, existing.st_ino):
+                return True
+        return False
 
     def _own_leftover(self, source: bytes, dir_fd: int, temp: bytes) -> bool:
         """Whether ``temp`` is a link of ``source`` that a replace interrupted before its rename left."""

@@ -288,7 +288,8 @@ def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) ->
     temporary = f"{destination}.relinker-{secrets.token_hex(4)}"
     try:
         with open(temporary, "w", encoding="utf-8") as f:
-            f.write(f"# blobs that failed relinker verify run {run_id}; repair: relinker relink --from-file FILE\n")
+            f.write(f"# blobs that failed relinker verify run {run_id}; relinker relink --from-file FILE repairs their "
+                    "links (a damaged by-hash file needs its content back first)\n")
             f.writelines(blobid + "\n" for blobid in failed)
         os.replace(temporary, destination)
     except BaseException:

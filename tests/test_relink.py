@@ -113,6 +113,34 @@ def test_the_only_name_of_a_file_unlike_the_by_hash_file_is_never_replaced(small
     assert code == 0 and summary["links_replaced"] == 1 and small.linked(solo, b"/file-relative-form")
 
 
+def test_a_by_hash_file_unlike_good_copies_with_other_names_never_takes_their_place(small, capsys, tmp_path):
+    """A by-hash file swapped for a truncated copy (a new inode) while the archive's names are still
+    links of the good one: replaced name by name, the damage would reach every name but the last."""
+    relink(small, capsys)
+    m1, m2 = (small.medium(name).encode() for name in ("disk-1", "disk-2"))
+    hello = small.blob(b"hello")
+    names = [b"/mnt/ntt/%s/a.txt" % m1, b"/mnt/ntt/%s/dir/b.txt" % m1, b"/mnt/ntt/%s/copy-of-a.txt" % m2]
+    by_hash = by_hash_path(small.by_hash_root, hello)
+    with open(by_hash + b".new", "wb") as f:
+        f.write(b"hel")
+    os.rename(by_hash + b".new", by_hash)
+    # Beside it, the copier's orphaned copies (the same bytes, two names) and a wrong link to
+    # another content's by-hash file: both still replaced.
+    other = small.archive_path(b"/mnt/ntt/%s/dir/other" % m1)
+    os.unlink(other)
+    with open(other, "wb") as f:
+        f.write(b"other")
+    os.link(other, tmp_path / "second-name")
+    solo = small.archive_path(b"/file-relative-form")
+    os.unlink(solo)
+    os.link(by_hash_path(small.by_hash_root, small.blob(b"other")), solo)
+    code, summary = relink(small, capsys, "--new")
+    assert code == 1 and summary["problems_by_kind"] == {"existing-file": 3} and summary["links_replaced"] == 2
+    assert [open(small.archive_path(name), "rb").read() for name in names] == [b"hello"] * 3
+    assert small.linked(small.blob(b"other"), b"/mnt/ntt/%s/dir/other" % m1)
+    assert small.linked(small.blob(b"solo"), b"/file-relative-form")
+
+
 def test_missing_by_hash_counts_zero_links(world, capsys):
     m = world.medium("disk")
     gone = world.blob(b"lost content", store=False)
