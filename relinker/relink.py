@@ -315,7 +315,7 @@ class RelinkWork:
         tick = 0
 
         def problem(path: bytes, kind: str, detail: str) -> None:
-            ctx.problem(kind, detail, blobid=current_blob, path=path)
+            self.path_problem(ctx, current_blob, path, kind, detail)
 
         for blobid, paths in rows:
             tick += 1
@@ -353,7 +353,7 @@ class RelinkWork:
         settle = self.settle
 
         def problem(path: bytes, kind: str, detail: str) -> None:
-            ctx.problem(kind, detail, blobid=walker.blobid, path=path)
+            self.path_problem(ctx, walker.blobid, path, kind, detail)
 
         while (event := walker.step(rows)) is not None:
             kind = event[0]
@@ -374,7 +374,7 @@ class RelinkWork:
         expected[blobid] = linked[blobid] = 0
 
         def problem(path: bytes, kind: str, detail: str) -> None:
-            ctx.problem(kind, detail, blobid=blobid, path=path)
+            self.path_problem(ctx, blobid, path, kind, detail)
 
         rows = self.data.get().cursor(binary=True).stream(SQL_BLOB_PATHS, {"blobid": blobid}, size=STREAM_CHUNK)
         with contextlib.closing(rows):
@@ -384,6 +384,18 @@ class RelinkWork:
                     linked[blobid] += self.visit(source[0], source[1], chunk, tally, problem)
                 _count_outcomes(ctx.counters, tally, walker)
                 ctx.tick()
+
+    def path_problem(self, ctx: RangeContext, blobid: str, path: bytes, kind: str, detail: str) -> None:
+        """Record a problem of one of the blob's archive paths.
+
+        A path that could not be looked at (``os-error``: an archive
+        directory without search permission) says nothing of the blob's
+        links: its counts are left as they are, as for a by-hash file that
+        could not be looked at.
+        """
+        if kind == "os-error":
+            self.unexamined.add(blobid)
+        ctx.problem(kind, detail, blobid=blobid, path=path)
 
     def visit(self, source: bytes, source_id: tuple[int, int], paths: list[bytes], tally, problem) -> int:
         """Link one inode's catalogued paths; return how many are now correctly linked."""

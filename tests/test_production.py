@@ -416,6 +416,34 @@ def test_a_by_hash_file_that_cannot_be_looked_at_keeps_its_count(production, cap
     assert p.n_hardlinks() == before
 
 
+def test_an_archive_path_that_cannot_be_looked_at_keeps_its_blobs_count(production, capsys, tmp_path):
+    """An archive directory without search permission (created with a wrong umask, as the reference
+    says of the field) hides whether its links are there: counted as missing, the blob's count would
+    fall and the next verify would fail a blob whose links are all in place."""
+    from support import obeying_file_permissions, socket_open_to_all
+
+    p = production
+    migrate(p, capsys)
+    assert run(p, capsys, "relink")[0] == 0
+    before = p.n_hardlinks()
+    (path,), = p.conn.execute("SELECT p.path FROM relinker_path AS p JOIN inode AS i USING (medium_hash, ino) "
+                              "WHERE i.blobid = %s ORDER BY p.path LIMIT 1", (p.licence,))
+    directory = os.path.dirname(p.archive_path(bytes(path)))
+    os.chmod(directory, 0o600)
+    try:
+        with socket_open_to_all(p.dsn), obeying_file_permissions():
+            relinked = run(p, capsys, "relink", "--new")
+            counted = run(p, capsys, "count", "--new")
+    finally:
+        os.chmod(directory, 0o755)
+    for code, summary in (relinked, counted):
+        assert code == 1 and set(summary["problems_by_kind"]) == {"os-error"}  # and no count-mismatch
+    assert p.n_hardlinks() == before
+    listed = tmp_path / "listed"
+    listed.write_text(p.licence + "\n")
+    assert run(p, capsys, "verify", "--from-file", str(listed))[0] == 0
+
+
 def test_column_grants_on_what_a_run_writes_are_enough(production, capsys):
     p = production
     migrate(p, capsys)
