@@ -166,6 +166,17 @@ def test_verify_refuses_a_count_or_mode_beside_another_selection(linked, capsys,
     assert linked.conn.execute("SELECT count(*) FROM relinker_run WHERE mode = 'verify'").fetchone() == (0,)
 
 
+def test_a_blob_without_a_blobs_row_that_fails_is_counted_failed(linked, capsys, tmp_path):
+    """The catalogue may name a blob in inode alone: verify checks it, and says so in its figures."""
+    linked.conn.execute("DELETE FROM blobs WHERE blobid = %s", (linked.blobs["a"],))
+    os.unlink(linked.archive_path(b"/d/a1"))
+    failed_ids = tmp_path / "failed"
+    code, summary = run(linked, capsys, "verify", "--all", "--no-progress", "--failed-ids", str(failed_ids))
+    assert code == 1 and summary["problems_by_kind"] == {"link-missing": 1}
+    assert (summary["blobs"], summary["passed"], summary["failed"]) == (3, 2, 1)
+    assert failed_ids.read_text().splitlines()[1:] == [linked.blobs["a"]]
+
+
 def test_verify_accepts_the_catalogues_empty_blob(world, capsys):
     """The NTT copier named the empty content by the SHA-256 of nothing: --hash accepts it, and only for empty content."""
     m = world.medium("disk")
