@@ -138,8 +138,8 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
   relinker verify --count 1000 --mode random --hash --failed-ids broken.txt
   relinker relink --from-file broken.txt            then repair what failed
 
-exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's link limit
-(too-many-links); 2 usage or preflight error; 3 interrupted.""",
+exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's limits
+(too-many-links, name-too-long); 2 usage or preflight error; 3 interrupted.""",
     )
     add_job_options(verify_cmd, limit=None)
     which_blobs = verify_cmd.add_mutually_exclusive_group()

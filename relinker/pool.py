@@ -110,7 +110,7 @@ class RangeWork(Protocol):
 
 #: Problems that record a limit of the filesystem, not damage: they fail no
 #: blob (verify passes it, ``--failed-ids`` leaves it out).
-LIMIT_KINDS = frozenset({"too-many-links"})
+LIMIT_KINDS = frozenset({"too-many-links", "name-too-long"})
 
 
 class RangeContext:

@@ -93,6 +93,23 @@ def test_hostile_paths_are_problems_and_nothing_leaves_the_root(world, capsys, t
     assert world.temporaries() == []
 
 
+def test_a_name_longer_than_the_filesystem_allows_is_a_limit_verify_passes(world, capsys, tmp_path):
+    """HFS+ names reach 765 bytes in UTF-8 where ext4 takes 255: no archive can hold such a path, and
+    no repair can make it, so verify records it and passes the blob, as for too-many-links."""
+    m = world.medium("hfs")
+    good = world.blob(b"good")
+    world.inode(m, [b"/long/" + "\u65e5".encode() * 100, b"/fine/ok"], good)
+    code, summary = relink(world, capsys)
+    assert code == 1 and summary["problems_by_kind"] == {"name-too-long": 1} and summary["links_created"] == 1
+    failed_ids = tmp_path / "failed"
+    code = main(world.argv("verify", "--all", "--json", "--no-progress", "--failed-ids", str(failed_ids)))
+    checked = json.loads(capsys.readouterr().out)
+    assert code == 1 and checked["problems_by_kind"] == {"name-too-long": 1}
+    assert (checked["passed"], checked["failed"]) == (1, 0)
+    assert failed_ids.read_text().splitlines()[1:] == []
+    assert world.conn.execute("SELECT last_checked IS NOT NULL FROM blobs WHERE blobid = %s", (good,)).fetchone() == (True,)
+
+
 def test_broken_by_hash_entries_and_blob_ids(world, capsys, tmp_path):
     m = world.medium("broken")
     as_dir = world.blob(b"by-hash is a directory", store=False)
