@@ -44,10 +44,10 @@ from typing import Callable
 
 import blake3
 
-from relinker.catalogue import EMPTY_BLOB_IDS
+from relinker.catalogue import content_matches
 from relinker.content import hash_fd
 from relinker.fastroute import DirectoryListings, RangeWalker, fast_route, lstat_identity
-from relinker.paths import UnsafePath, by_hash_relpath, display, split_archive_path
+from relinker.paths import UnsafePath, display, split_archive_path
 
 # O_PATH: a handle for *at() calls only, cheaper to open and close.
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -157,12 +157,15 @@ class ArchiveLinker:
         # Indexes descriptors of _directories: told to forget them before they close.
         self._walker = None
         self._walker_kind = None
+        #: by-hash files hashed this range before a replace: why each is unsound, or None
+        self._soundness: dict[bytes, str | None] = {}
 
     def new_range(self) -> None:
         """Forget the directories found missing: another process may have made them since (a relink
         beside a count). Descriptors of directories that exist stay cached."""
         for key in [key for key, fd in self._directories.items() if fd == _MISSING]:
             del self._directories[key]
+        self._soundness = {}
 
     def close(self) -> None:
         """Close every directory descriptor; the linker cannot be used afterwards."""
@@ -435,23 +438,18 @@ class ArchiveLinker:
         if existing.st_nlink == 1:
             # Its only name: replaced only if that loses nothing, i.e. it holds the by-hash file's very
             # bytes (the copier's orphaned copy). Anything else is another content, or the by-hash file
-            # is damaged: verify --hash tells which. The one place relink reads content.
+            # is damaged: verify --hash tells which. One of the two places relink reads content.
             differs = self._differs_from_source(source, dir_fd, name)
             if differs:
                 raise LinkProblem("existing-file", f"a regular file that is its content's only name is there, "
                                   f"and {differs} (kept)")
         else:
-            # Other names keep its content, but a size unlike the by-hash file's is another content or
-            # damage on one side: replaced name by name, a damaged by-hash file would take the place of
-            # every good copy. Only another blob's by-hash file (a wrong link) loses nothing.
-            try:
-                source_size = self.stat_source(source).st_size
-            except OSError:
-                source_size = existing.st_size  # the link below reports what is wrong with the source
-            if existing.st_size != source_size and not self._is_stored(dir_fd, name, existing):
-                raise LinkProblem("existing-file", f"a regular file of {existing.st_size} bytes is there, with "
-                                  f"other names but not in the store, where the by-hash file has {source_size} "
-                                  "(kept: verify --hash tells which is damaged)")
+            # Other names keep its content, but a damaged by-hash file (a copy put in its place)
+            # would take the place of every good copy, name by name: replaced only from a sound one.
+            unsound = self._unsound_source(source)
+            if unsound:
+                raise LinkProblem("existing-file", f"a regular file with other names is there, and {unsound} "
+                                  "(kept: put the content back under its by-hash name)")
         if self.dry_run:
             return Outcome.REPLACED
         # Deterministic temporary name: a redo after a crash between link and
@@ -508,33 +506,27 @@ class ArchiveLinker:
         finally:
             os.close(theirs)
 
-    def _is_stored(self, dir_fd: int, name: bytes, existing: os.stat_result) -> bool:
-        """Whether the file ``name`` (below ``dir_fd``) is the by-hash file of its own content.
+    def _unsound_source(self, source: bytes) -> str | None:
+        """Why the by-hash file ``source`` (``ab/cd/<blobid>``) is not its blob's content, or None.
 
-        Reads the file to hash it: called only for a file relink would
-        otherwise replace although its size is not the by-hash file's.
+        Hashed once per source and range: called only before replacing a
+        file that has other names, the one place besides the only-name
+        comparison where relink reads content.
         """
-        if existing.st_size == 0:
-            candidates = EMPTY_BLOB_IDS
-        else:
+        if source not in self._soundness:
+            blobid = os.fsdecode(source.rpartition(b"/")[2])
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-            except OSError:
-                return False
-            try:
-                candidates = (hash_fd(fd, self.while_reading)[0],)
-            except OSError:
-                return False
-            finally:
-                os.close(fd)
-        for blobid in candidates:
-            try:
-                found = self.stat_source(by_hash_relpath(blobid))
-            except OSError:
-                continue
-            if (found.st_dev, found.st_ino) == (existing.st_dev, existing.st_ino):
-                return True
-        return False
+                fd = self.open_source(source)
+                try:
+                    digest, size = hash_fd(fd, self.while_reading)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                verdict = f"the by-hash file cannot be read to check it ({exc.strerror})"
+            else:
+                verdict = None if content_matches(blobid, digest, size) else "the by-hash file does not hash to its ID"
+            self._soundness[source] = verdict
+        return self._soundness[source]
 
     def _own_leftover(self, source: bytes, dir_fd: int, temp: bytes) -> bool:
         """Whether ``temp`` is a link of ``source`` that a replace interrupted before its rename left."""

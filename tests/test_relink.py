@@ -106,26 +106,31 @@ def test_the_only_name_of_a_file_unlike_the_by_hash_file_is_never_replaced(small
     code, summary = relink(small, capsys, "--new")
     assert code == 1 and summary["problems_by_kind"] == {"existing-file": 1} and summary["links_replaced"] == 0
     assert open(kept, "rb").read() == b"solo" and os.stat(kept).st_nlink == 1
-    # Another content whose file has other names loses nothing: replaced.
+    # Another content whose file has other names would lose nothing, but is never replaced by a
+    # damaged by-hash file either.
     os.unlink(kept)
     os.link(by_hash_path(small.by_hash_root, small.blob(b"hello")), kept)
     code, summary = relink(small, capsys, "--new")
-    assert code == 0 and summary["links_replaced"] == 1 and small.linked(solo, b"/file-relative-form")
+    assert code == 1 and summary["problems_by_kind"] == {"existing-file": 1} and summary["links_replaced"] == 0
+    assert small.linked(small.blob(b"hello"), b"/file-relative-form")
 
 
-def test_a_by_hash_file_unlike_good_copies_with_other_names_never_takes_their_place(small, capsys, tmp_path):
-    """A by-hash file swapped for a truncated copy (a new inode) while the archive's names are still
-    links of the good one: replaced name by name, the damage would reach every name but the last."""
+@pytest.mark.parametrize("damaged", [b"hel", b"hellO"])
+def test_a_damaged_by_hash_file_never_takes_the_place_of_good_copies_with_other_names(small, capsys, tmp_path,
+                                                                                     damaged):
+    """A by-hash file swapped for a damaged copy (a new inode: truncated, or of the same size) while the
+    archive's names are still links of the good one: replaced name by name, the damage would reach
+    every name but the last. Before a file with other names is replaced, the by-hash file is hashed."""
     relink(small, capsys)
     m1, m2 = (small.medium(name).encode() for name in ("disk-1", "disk-2"))
     hello = small.blob(b"hello")
     names = [b"/mnt/ntt/%s/a.txt" % m1, b"/mnt/ntt/%s/dir/b.txt" % m1, b"/mnt/ntt/%s/copy-of-a.txt" % m2]
     by_hash = by_hash_path(small.by_hash_root, hello)
     with open(by_hash + b".new", "wb") as f:
-        f.write(b"hel")
+        f.write(damaged)
     os.rename(by_hash + b".new", by_hash)
     # Beside it, the copier's orphaned copies (the same bytes, two names) and a wrong link to
-    # another content's by-hash file: both still replaced.
+    # another content's by-hash file: both still replaced, their by-hash files being sound.
     other = small.archive_path(b"/mnt/ntt/%s/dir/other" % m1)
     os.unlink(other)
     with open(other, "wb") as f:
@@ -139,6 +144,31 @@ def test_a_by_hash_file_unlike_good_copies_with_other_names_never_takes_their_pl
     assert [open(small.archive_path(name), "rb").read() for name in names] == [b"hello"] * 3
     assert small.linked(small.blob(b"other"), b"/mnt/ntt/%s/dir/other" % m1)
     assert small.linked(small.blob(b"solo"), b"/file-relative-form")
+    # README's repair: the content put back under its by-hash name (a new inode), then relink.
+    with open(by_hash + b".new", "wb") as f:
+        f.write(b"hello")
+    os.rename(by_hash + b".new", by_hash)
+    code, summary = relink(small, capsys, "--new")
+    assert code == 0 and summary["links_replaced"] == 3
+    small.assert_complete()
+
+
+def test_archive_copies_damaged_in_place_are_replaced_from_a_sound_by_hash_file(small, capsys):
+    """The by-hash file and its links damaged at once (one inode, truncated), then the content put back
+    under its by-hash name as a backup restores it (a new inode): relink puts it in every name that has
+    other names; the last, its content's only name now, is compared and kept."""
+    relink(small, capsys)
+    hello = small.blob(b"hello")
+    by_hash = by_hash_path(small.by_hash_root, hello)
+    os.chmod(by_hash, 0o644)
+    os.truncate(by_hash, 2)
+    with open(by_hash + b".new", "wb") as f:
+        f.write(b"hello")
+    os.rename(by_hash + b".new", by_hash)
+    code, summary = relink(small, capsys, "--new")
+    assert code == 1 and summary["links_replaced"] == 2 and summary["problems_by_kind"] == {"existing-file": 1}
+    (kept,), = small.conn.execute("SELECT path FROM relinker_problem WHERE run_id = %s", (summary["run_id"],))
+    assert open(small.archive_path(bytes(kept)), "rb").read() == b"he"
 
 
 def test_missing_by_hash_counts_zero_links(world, capsys):
