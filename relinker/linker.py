@@ -390,6 +390,16 @@ class ArchiveLinker:
         st = self.probe(stored)
         return Outcome.PRESENT if st is not None and (st.st_dev, st.st_ino) == source_id else None
 
+    def can_look_at(self, stored: bytes) -> bool:
+        """Whether an lstat of the archive path of ``stored`` says if it is there (no os-error)."""
+        try:
+            self.probe(stored)
+        except LinkProblem as problem:
+            return problem.kind != "os-error"
+        except UnsafePath:
+            return True
+        return True
+
     def probe(self, stored: bytes) -> os.stat_result | None:
         """lstat the archive path of ``stored`` (no symlink followed); None if absent.
 

@@ -388,12 +388,13 @@ class RelinkWork:
     def path_problem(self, ctx: RangeContext, blobid: str, path: bytes, kind: str, detail: str) -> None:
         """Record a problem of one of the blob's archive paths.
 
-        A path that could not be looked at (``os-error``: an archive
-        directory without search permission) says nothing of the blob's
-        links: its counts are left as they are, as for a by-hash file that
-        could not be looked at.
+        A path that cannot even be looked at (an archive directory without
+        search permission) says nothing of the blob's links: its counts are
+        left as they are, as for a by-hash file that could not be looked at.
+        A link that could not be made where the path can be looked at (a
+        read-only directory, a full disk) is known to be missing: counted.
         """
-        if kind == "os-error":
+        if kind == "os-error" and not self.linker.can_look_at(path):
             self.unexamined.add(blobid)
         ctx.problem(kind, detail, blobid=blobid, path=path)
 

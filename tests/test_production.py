@@ -444,6 +444,28 @@ def test_an_archive_path_that_cannot_be_looked_at_keeps_its_blobs_count(producti
     assert run(p, capsys, "verify", "--from-file", str(listed))[0] == 0
 
 
+def test_a_link_that_cannot_be_made_where_its_path_can_be_looked_at_is_counted_missing(production, capsys):
+    """A read-only archive directory lets relink see that a link is missing, though not make it: the
+    blob's count says so, and --only-incomplete finds it once the directory is writable again."""
+    from support import read_only_directory
+
+    p = production
+    migrate(p, capsys)
+    assert run(p, capsys, "relink")[0] == 0
+    before = p.n_hardlinks()
+    (path,), = p.conn.execute("SELECT p.path FROM relinker_path AS p JOIN inode AS i USING (medium_hash, ino) "
+                              "WHERE i.blobid = %s ORDER BY p.path LIMIT 1", (p.licence,))
+    link = p.archive_path(bytes(path))
+    os.unlink(link)
+    with read_only_directory(os.path.dirname(link)):
+        code, summary = run(p, capsys, "relink", "--new")
+    assert code == 1 and set(summary["problems_by_kind"]) == {"os-error"}
+    assert p.n_hardlinks() == {**before, p.licence: before[p.licence] - 1}
+    code, summary = run(p, capsys, "relink", "--only-incomplete")
+    assert code == 0 and summary["links_created"] == 1
+    assert p.n_hardlinks() == before
+
+
 def test_column_grants_on_what_a_run_writes_are_enough(production, capsys):
     p = production
     migrate(p, capsys)
