@@ -175,6 +175,18 @@ def test_a_blob_without_a_blobs_row_that_fails_is_counted_failed(linked, capsys,
     assert code == 1 and summary["problems_by_kind"] == {"link-missing": 1}
     assert (summary["blobs"], summary["passed"], summary["failed"]) == (3, 2, 1)
     assert failed_ids.read_text().splitlines()[1:] == [linked.blobs["a"]]
+    # Passing, it has no last_checked to write: a range of it alone fires no statement on blobs.
+    os.link(by_hash_path(linked.by_hash_root, linked.blobs["a"]), linked.archive_path(b"/d/a1"))
+    linked.conn.execute("""
+        CREATE TABLE statements (what text);
+        CREATE FUNCTION note_statement() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN INSERT INTO statements VALUES (TG_OP || ' on ' || TG_TABLE_NAME); RETURN NULL; END $$;
+        CREATE TRIGGER blobs_noted AFTER UPDATE ON blobs FOR EACH STATEMENT EXECUTE FUNCTION note_statement()""")
+    listed = tmp_path / "listed"
+    listed.write_text(linked.blobs["a"] + "\n")
+    code, summary = run(linked, capsys, "verify", "--from-file", str(listed), "--no-progress")
+    assert code == 0 and (summary["blobs"], summary["passed"]) == (1, 1)
+    assert linked.conn.execute("SELECT count(*) FROM statements").fetchone() == (0,)
 
 
 def test_verify_accepts_the_catalogues_empty_blob(world, capsys):
