@@ -33,9 +33,9 @@ MODE = "relink"
 DEFAULT_ON_CONFLICT = "replace"
 #: Inode rows per chunk the server streams; RangeContext.tick() runs between chunks.
 STREAM_CHUNK = 1000
-#: Paths of one blob a worker holds while its inodes come (so that a path two media share counts
-#: once). A blob with more (the empty content) is walked on its own afterwards, the server making
-#: its paths distinct, so a worker's memory does not grow with the most linked content.
+#: Paths (and inode rows) of one blob a worker holds while its inodes come (so that a path two media
+#: share counts once). A blob with more (the empty content) is walked on its own afterwards, the
+#: server making its paths distinct, so a worker's memory does not grow with the most linked content.
 BLOB_PATHS_HELD = 50_000
 
 # The range's work, one row per inode with its paths as an array: blob ->
@@ -153,7 +153,7 @@ class RangeScope:
 
 
 def blobs_within(rows, limit: int, oversized: list[str], tick):
-    """The range's ``(blobid, paths)`` rows, but only of blobs with at most ``limit`` paths in all.
+    """The range's ``(blobid, paths)`` rows, but only of blobs with at most ``limit`` paths and rows in all.
 
     A blob's rows are held until its last one has come; the IDs of the
     blobs with more go into ``oversized``, none of their rows through (their
@@ -165,7 +165,8 @@ def blobs_within(rows, limit: int, oversized: list[str], tick):
         if row[0] != blob:
             if held:
                 yield from held
-            blob, held, n_paths = row[0], [row], len(row[1])
+            # A row counts too: an inode whose paths are all excluded still holds a tuple and a list.
+            blob, held, n_paths = row[0], [row], 1 + len(row[1])
         elif held is None:
             passed += 1
             if passed % STREAM_CHUNK == 0:
@@ -173,7 +174,7 @@ def blobs_within(rows, limit: int, oversized: list[str], tick):
             continue
         else:
             held.append(row)
-            n_paths += len(row[1])
+            n_paths += 1 + len(row[1])
         if n_paths > limit:
             oversized.append(blob)
             held = None

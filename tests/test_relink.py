@@ -623,17 +623,20 @@ def test_a_blob_past_the_paths_a_worker_holds_is_let_go_and_left_for_later():
             alive["paths"] -= 1
 
     def rows():
-        for blobid, n_rows in (("a", 1), ("b", 2500), ("c", 2), ("d", 3)):
+        for blobid, n_rows, paths in (("a", 1, [b"/one"]), ("b", 2500, [b"/one"]), ("c", 3, [b"/one"]),
+                                      ("d", 4, [b"/one"]), ("e", 2500, [])):
             for _ in range(n_rows):
                 alive["paths"] += 1
                 alive["peak"] = max(alive["peak"], alive["paths"])
-                yield blobid, Paths([b"/one", b"/two"])
+                yield blobid, Paths(paths)
 
     oversized, ticks = [], []
-    passed = [blobid for blobid, _ in blobs_within(rows(), 5, oversized, lambda: ticks.append(True))]
-    assert passed == ["a", "c", "c"] and oversized == ["b", "d"]
-    assert alive["peak"] <= 4  # a blob's rows up to the limit, and the row that came next
-    assert len(ticks) == 2  # its 2,497 rows past the limit: a tick every STREAM_CHUNK of them
+    passed = [blobid for blobid, _ in blobs_within(rows(), 6, oversized, lambda: ticks.append(True))]
+    # Each row counts, with its paths: rows whose paths are all excluded too.
+    assert passed == ["a", "c", "c", "c"] and oversized == ["b", "d", "e"]
+    # At most: a blob's rows up to the limit (six of e's), the row that came next, the one the loop holds.
+    assert alive["peak"] <= 8
+    assert len(ticks) == 4  # the rows past the limit: a tick every STREAM_CHUNK of them
 
 
 @pytest.mark.parametrize("redo_heartbeats", [False, True])
