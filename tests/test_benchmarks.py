@@ -54,6 +54,15 @@ def test_plan_bench_plans_runs_over_many_blobs(pg_admin_dsn, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
+def test_listed_bench_puts_a_listed_range_beside_the_interval_of_the_same_blobs(pg_admin_dsn):
+    done = run_script("listed_bench.py", "--media", 3, "--blobs", 300, "--listed", 50, "--repeat", 1,
+                      "--db-url", pg_admin_dsn)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.endswith(tuple("0123456789"))]
+    assert [row[:2] for row in rows] == [["relink's", "range"], ["verify's", "sizes"]]
+    assert all(len(row) == 7 and all(float(figure) > 0 for figure in row[3:]) for row in rows)
+
+
 def test_content_bench_puts_each_relinker_figure_beside_its_baseline(pg_admin_dsn, tmp_path):
     figures = tmp_path / "figures.json"
     done = run_script("content_bench.py", "--small-files", 150, "--large-files", 2, "--large-mb", 2, "--young-store",
