@@ -336,9 +336,11 @@ SQL_HEARTBEAT = """
 UPDATE relinker_range
 SET heartbeat_at = now(), """ + _COUNTER_ASSIGNMENTS + """
 """ + _OWNED_WHERE
+# The clock, not now(): the range's commit transaction may have waited (a
+# row lock, copy's syncs), and that wait was the range's work too.
 SQL_RANGE_DONE = """
 UPDATE relinker_range
-SET status = 'done', finished_at = now(), heartbeat_at = now(), last_error = NULL,
+SET status = 'done', finished_at = clock_timestamp(), heartbeat_at = clock_timestamp(), last_error = NULL,
     """ + _COUNTER_ASSIGNMENTS + """
 """ + _OWNED_WHERE
 # finished_at of a given-back range is when its worker stopped: the span it

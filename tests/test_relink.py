@@ -351,6 +351,24 @@ def test_rate_and_eta_of_a_resumed_run_leave_out_the_time_it_was_stopped(small, 
     assert float(working_after) >= float(working) + 0.5
 
 
+def test_the_time_a_range_waits_in_its_commit_is_working_time(small, capsys):
+    """Another session holding a blobs row the range writes (an operator's open transaction, NTT's
+    copier) keeps the range's commit waiting: work all the same, for the rate and the ETA."""
+    hello = small.blob(b"hello")
+    with psycopg.connect(small.dsn) as locker:
+        locker.execute("SELECT 1 FROM blobs WHERE blobid = %s FOR UPDATE", (hello,))
+        release = threading.Timer(1.5, locker.rollback)
+        release.start()
+        try:
+            code, summary = relink(small, capsys, "--workers", "1", "--ranges", "1")
+        finally:
+            release.join()
+    assert code == 0 and summary["elapsed_seconds"] >= 1.5
+    working, = small.conn.execute("SELECT extract(epoch FROM working) FROM relinker_run_progress "
+                                  "WHERE run_id = %s", (summary["run_id"],)).fetchone()
+    assert float(working) >= 1.0  # the run began a little after the lock was taken
+
+
 def test_missing_root_is_a_preflight_error(small, capsys, tmp_path):
     argv = ["--db-url", small.dsn, "--by-hash-root", str(tmp_path / "nope"), "--archive-root", str(small.archive),
             "relink"]
