@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from typing import Sequence
@@ -22,7 +23,7 @@ from relinker.config import (Settings, add_command, check_config_keys, check_ver
                              new_subparsers, path_argument)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
                              UserError, stop_on_signals)
-from relinker.logs import say, setup_logging, silence
+from relinker.logs import in_log_file, say, say_and_log, setup_logging, silence
 from relinker.report import Summary
 
 log = logging.getLogger("relinker")
@@ -332,7 +333,7 @@ def emit(text: str) -> None:
 def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Settings) -> list[str]:
     """The global options given on this command line that a resume must repeat (the run keeps neither
     its database nor, for preflight, its roots); a DSN given here is named, never printed."""
-    given = {option for option in ("--config", "--db-url", "--by-hash-root", "--archive-root")
+    given = {option for option in ("--config", "--db-url", "--by-hash-root", "--archive-root", "--log-file")
              if any(arg == option or arg.startswith(option + "=") for arg in argv)}
     repeat = []
     if "--config" in given:
@@ -342,20 +343,26 @@ def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Set
             repeat += [option, os.fsdecode(os.path.abspath(root))]
     if "--db-url" in given:
         repeat += ["--db-url", "DSN"]
+    # The log an operator watches goes on through the resume, as verbose as it was.
+    if "--log-file" in given and settings.log_file:
+        repeat += ["--log-file", os.path.abspath(settings.log_file)]
+    if settings.verbose and any(arg == "--verbose" or re.fullmatch(r"-v+", arg) for arg in argv):
+        repeat.append("-" + "v" * settings.verbose)
     return repeat
 
 
 def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobRequest) -> int:
     """Print a run's summary, and how to resume it if it stopped short; return ``exit_code``."""
     emit(summary.as_json() if as_json else summary.as_text())
+    in_log_file(summary.as_text())
     resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
     if summary.stopped:
-        say(f"relinker: {summary.stopped}; resume with: {resume_hint}")
+        say_and_log(f"relinker: {summary.stopped}; resume with: {resume_hint}")
     elif exit_code == EXIT_INTERRUPTED:
         if summary.run_id is None:
-            say("relinker: interrupted (a dry run keeps nothing to resume)")
+            say_and_log("relinker: interrupted (a dry run keeps nothing to resume)")
         else:
-            say(f"relinker: interrupted; resume with: {resume_hint}")
+            say_and_log(f"relinker: interrupted; resume with: {resume_hint}")
     return exit_code
 
 
@@ -399,16 +406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A run that went this far answers --json, as one interrupted does: not complete, and why.
         if getattr(args, "json", False):
             emit(json.dumps({"mode": exc.mode, "run_id": exc.run_id, "complete": False, "stopped": str(exc)}))
-        say(f"relinker: error: {exc}")
+        say_and_log(f"relinker: error: {exc}")
         return exc.exit_code
     except UserError as exc:
-        say(f"relinker: error: {exc}")
+        say_and_log(f"relinker: error: {exc}")
         return exc.exit_code
     except psycopg.Error as exc:
         say(f"relinker: database error: {db.first_line(exc)}")
         return EXIT_USAGE
     except (KeyboardInterrupt, StopSignal):
-        say("relinker: interrupted")
+        say_and_log("relinker: interrupted")
         return EXIT_INTERRUPTED
     finally:
         for signum, handler in previous.items():

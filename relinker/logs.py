@@ -27,6 +27,20 @@ def say(text: str) -> None:
             pass
 
 
+def in_log_file(text: str) -> None:
+    """Write ``text`` to the ``--log-file`` alone (whatever the verbosity): how a command ended, for
+    the operator who watches the log rather than the terminal."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _LogFile):
+            handler.handle(logging.LogRecord("relinker", logging.INFO, __file__, 0, text, None, None))
+
+
+def say_and_log(text: str) -> None:
+    """:func:`say`, and the same line in the ``--log-file``."""
+    say(text)
+    in_log_file(text)
+
+
 def silence(fd: int) -> None:
     """Point a standard descriptor that cannot be written at /dev/null (what was buffered goes there)."""
     devnull = os.open(os.devnull, os.O_WRONLY)

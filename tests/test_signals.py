@@ -1,6 +1,7 @@
 """SIGINT and SIGTERM: a clean stop with exit 3, and a resume that ends correct."""
 
 import os
+import shlex
 import signal
 import socket
 import time
@@ -40,6 +41,24 @@ def test_one_signal_stops_cleanly_and_gives_ranges_back(busy, how):
     assert "running" not in states, states  # every unfinished range was given back
     assert states.get("done", 0) < 40
     resume_and_check(busy)
+
+
+def test_an_interrupted_run_says_so_in_its_log_file_and_its_resume_writes_on_there(busy, tmp_path):
+    """An operator who watches the --log-file, not the terminal, reads how each run ended there; the
+    printed resume command keeps the log (and its verbosity)."""
+    log = tmp_path / "relinker.log"
+    job = start(["-v", "--log-file", str(log), *relink_argv(busy)])
+    wait_for(lambda: range_states(busy.conn).get("done", 0) >= 3, what="some ranges done")
+    kill_group(job, signal.SIGINT)
+    code, _out, err = finish(job, timeout=30)
+    resume = busy.resume("relink", 1, "--log-file", str(log), "-v")
+    assert code == 3 and f"interrupted; resume with: {resume}" in err, err
+    assert "run 1 (relink): interrupted" in log.read_text()
+    assert f"interrupted; resume with: {resume}" in log.read_text()
+    printed = [busy.dsn if word == "DSN" else word for word in shlex.split(resume)[1:]]
+    code, _out, err = finish(start(printed))
+    assert code == 0, err
+    assert "run 1 (relink): complete" in log.read_text()
 
 
 def test_ctrl_c_with_stderr_gone_still_stops_cleanly(busy):
