@@ -418,6 +418,11 @@ def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter, inhe
     raise_open_file_limit()
     try:
         _Worker(spec, pipe, stop_flag, dry_next).run()
+        if _signals_received and not stop_flag.value:
+            # Stopped on its own (a SIGTERM to this worker alone): the run is not over, and the
+            # coordinator must hear it from the exit code, which is otherwise that of a worker
+            # with nothing left to do.
+            sys.exit(EXIT_INTERRUPTED)
     except ModeClash as exc:
         log.warning("%s: this worker stops", exc)
         sys.exit(EXIT_MODE_CLASH)
@@ -542,7 +547,11 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     elif process.exitcode == EXIT_MODE_CLASH:
                         outcome.clash = True
                     elif process.exitcode != 0 and not stopping:
-                        log.warning("worker %d exited with %s", process.pid, process.exitcode)
+                        if process.exitcode == EXIT_INTERRUPTED:
+                            log.warning("worker %d was stopped by a signal and gave its range back: another "
+                                        "takes its place (a signal to the coordinator stops the run)", process.pid)
+                        else:
+                            log.warning("worker %d exited with %s", process.pid, process.exitcode)
                         if respawns_left > 0 and not outcome.database_gone:
                             respawns_left -= 1
                             start_worker()

@@ -109,6 +109,19 @@ def test_stalled_worker_loses_its_range_after_the_lease(busy):
     assert "taken over" in err or "locked by another worker" in err
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_worker_sent_sigterm_alone_gives_its_range_back_and_is_replaced(busy, workers):
+    """`kill <worker pid>` of a worker that looks stuck: its range is given back and another worker
+    takes its place, as for one killed with SIGKILL; the run ends complete."""
+    job = start(busy.argv("relink", "--no-progress", "--json", "--workers", workers, "--ranges", "8"))
+    victim = wait_for(lambda: running_worker_pids(busy.conn), what="a running range")[0]
+    os.kill(victim, signal.SIGTERM)
+    code, out, err = finish(job)
+    assert code == 0, err
+    assert f"worker {victim} was stopped by a signal" in err
+    busy.assert_complete(json.loads(out)["run_id"])
+
+
 def test_the_only_worker_killed_is_replaced(busy):
     """With one worker, no other takes its range over: the coordinator starts a new one."""
     job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "6", "--lease", "2"))
