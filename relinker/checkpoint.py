@@ -535,7 +535,8 @@ class CheckpointStore:
               stoppable: bool = False):
         """``operation`` on this store's session, transient errors retried (``ends_outage``: its success
         says the database is there for every call of this process; ``stoppable``: a wait for work, which
-        ``before_retry`` may end; giving a range back or failing it never is)."""
+        ``before_retry`` may end; giving a range back or failing it never is, but a process told to stop
+        waits no longer than its patience, see db.give_up_retrying_once)."""
         for attempt in db.retrying(self.retry_timeout):
             with attempt:
                 if stoppable and attempt.retry_state.attempt_number > 1 and self.before_retry is not None:
@@ -680,7 +681,8 @@ class CheckpointStore:
             self._call(lambda conn: conn.execute(SQL_RANGE_GIVE_BACK, self._owned_params(r)))
         except LostRange:
             pass
-        self._release(r)
+        finally:
+            self._release(r)
 
     def fail(self, r: Range, error: str) -> None:
         """Mark a range failed with ``last_error``; the run goes on without it (unless taken over meanwhile)."""
@@ -698,6 +700,8 @@ class CheckpointStore:
     def _release(self, r: Range) -> None:
         self._held = None
         self._close_side()
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            return  # the range's advisory lock ended with its session: no other session can release it
         try:
             self._call(lambda conn: conn.execute(SQL_UNLOCK, (r.run_id, r.range_no)))
         except LostRange:

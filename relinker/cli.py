@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A run that went this far answers --json, as one interrupted does: not complete, and why.
         if getattr(args, "json", False):
             emit(json.dumps({"mode": exc.mode, "run_id": exc.run_id, "complete": False, "stopped": str(exc)}))
-        say_and_log(f"relinker: error: {exc}")
+        say_and_log(f"relinker: {exc}" if exc.exit_code == EXIT_INTERRUPTED else f"relinker: error: {exc}")
         return exc.exit_code
     except UserError as exc:
         say_and_log(f"relinker: error: {exc}")

@@ -207,6 +207,22 @@ def _retry_transient(state: tenacity.RetryCallState) -> bool:
     return False
 
 
+class _Stopping:
+    """What tells this process it has been asked to stop (see give_up_retrying_once), and when it first
+    heard so."""
+
+    requested = None
+    heard: float | None = None
+    patience = 0.0
+
+
+def give_up_retrying_once(requested, patience: float) -> None:
+    """Make every retry loop of this process give up ``patience`` seconds after ``requested()`` turns
+    true: a process told to stop does not wait out an outage (--retry-timeout is minutes) to give a
+    range back or commit one; the range is free for the next claim once its session is gone."""
+    _Stopping.requested, _Stopping.heard, _Stopping.patience = requested, None, patience
+
+
 class _StopAfterOutage(tenacity.stop.stop_base):
     """Stop once failures have gone on for ``timeout`` seconds, counted from the first of the outage.
 
@@ -221,6 +237,11 @@ class _StopAfterOutage(tenacity.stop.stop_base):
     def __call__(self, state: tenacity.RetryCallState) -> bool:
         if _Outage.since is None:
             _Outage.since = state.outcome_timestamp
+        if _Stopping.requested is not None and _Stopping.requested():
+            if _Stopping.heard is None:
+                _Stopping.heard = state.outcome_timestamp
+            if state.outcome_timestamp - _Stopping.heard >= _Stopping.patience:
+                return True
         return state.outcome_timestamp - _Outage.since >= self.timeout
 
 

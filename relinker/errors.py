@@ -56,7 +56,8 @@ class RunStopped(UserError):
 
     exit_code = EXIT_PROBLEMS
 
-    def __init__(self, message: str, *, run_id: int, mode: str):
+    def __init__(self, message: str, *, run_id: int, mode: str, exit_code: int = EXIT_PROBLEMS):
         super().__init__(message)
         self.run_id = run_id
         self.mode = mode
+        self.exit_code = exit_code

@@ -22,9 +22,9 @@ import psycopg
 from relinker import checkpoint, db, dbtext, migrations, store
 from relinker.checkpoint import Bounds, Range, RunInfo
 from relinker.config import Settings
-from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, UserError
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, StopSignal, UserError
 from relinker.paths import display, is_under
-from relinker.pool import WorkSpec, run_pool
+from relinker.pool import STOP_PATIENCE, WorkSpec, run_pool
 from relinker.report import ProgressBar, Summary
 
 log = logging.getLogger(__name__)
@@ -337,12 +337,22 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
                 checkpoint.finish_run_if_complete(conn, spec.run_id)
                 return Summary.from_run(conn, spec.run_id, open_ranges=True)
 
+        # The database may go away as the last range ends: retried like any worker's call, but a
+        # run told to stop does not wait out an outage.
+        patience = min(STOP_PATIENCE, request.retry_timeout) if outcome.interrupted else request.retry_timeout
         try:
-            # The database may go away as the last range ends: retried like any worker's call.
-            summary = closing_figures() if outcome.database_gone else db.retrying(request.retry_timeout)(
-                closing_figures)
+            summary = closing_figures() if outcome.database_gone else db.retrying(patience)(closing_figures)
+        except (StopSignal, KeyboardInterrupt):
+            raise RunStopped(f"interrupted while the figures of run {spec.run_id} were read; resume it with "
+                             f"`{resume_command(mode.name, spec.run_id, request)}`",
+                             run_id=spec.run_id, mode=mode.name, exit_code=EXIT_INTERRUPTED) from None
         except psycopg.Error as exc:
             resume = resume_command(mode.name, spec.run_id, request)
+            if outcome.interrupted and db.is_transient(exc):
+                raise RunStopped(f"interrupted, and the catalogue database could not be reached for the figures "
+                                 f"of run {spec.run_id} ({db.first_line(exc)}); once it is back, resume it with "
+                                 f"`{resume}`", run_id=spec.run_id, mode=mode.name,
+                                 exit_code=EXIT_INTERRUPTED) from None
             if not (outcome.database_gone or db.is_transient(exc)):
                 raise RunStopped(f"the figures of run {spec.run_id} could not be read as it ended "
                                  f"({db.first_line(exc)}): `relinker status {spec.run_id}` says whether it is "

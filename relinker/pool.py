@@ -377,6 +377,9 @@ def _collector_paused():
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: How long a process told to stop waits for a database that does not answer (to give its range
+#: back, to read the run's figures) before it stops all the same.
+STOP_PATIENCE = 10.0
 #: A worker's exit status when the database stayed out of reach for --retry-timeout (EX_TEMPFAIL):
 #: a new worker would only wait as long again.
 EXIT_DATABASE_GONE = 75
@@ -416,6 +419,10 @@ def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter, inhe
     from relinker.linker import raise_open_file_limit
 
     raise_open_file_limit()
+    def stopping() -> bool:
+        return bool(_signals_received or stop_flag.value)
+
+    db.give_up_retrying_once(stopping, STOP_PATIENCE)
     try:
         _Worker(spec, pipe, stop_flag, dry_next).run()
         if _signals_received and not stop_flag.value:
@@ -430,6 +437,11 @@ def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter, inhe
         log.error("worker failed: %s", exc)
         sys.exit(EXIT_DATABASE_GONE)
     except Exception as exc:  # a worker must never die silently
+        if stopping() and db.is_transient(exc):
+            # Told to stop, it gave up on an outage after STOP_PATIENCE: the range it held is free
+            # for the next claim once its session is gone.
+            log.warning("worker stopped without the database (%s)", db.first_line(exc))
+            sys.exit(0 if stop_flag.value else EXIT_INTERRUPTED)
         log.error("worker failed: %s", db.first_line(exc), exc_info=spec.verbose > 1)
         sys.exit(EXIT_DATABASE_GONE if db.outage_over_timeout(exc) else 1)
 

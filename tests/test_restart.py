@@ -1,6 +1,7 @@
 """PostgreSQL restarted in the middle of a run, or down at the start."""
 
 import json
+import signal
 import subprocess
 import time
 
@@ -8,7 +9,7 @@ import psycopg
 import pytest
 
 from conftest import create_database
-from processes import finish, range_states, start, wait_for
+from processes import finish, kill_group, range_states, start, wait_for
 from relinker import migrations
 from support import ArchiveWorld
 
@@ -64,6 +65,31 @@ def test_run_survives_a_server_restart(world, own_server):
     assert "retrying" in err
     world.conn = psycopg.connect(world.dsn, autocommit=True)
     world.assert_complete(json.loads(out)["run_id"])
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_while_the_server_is_down_stops_the_run_without_waiting_it_out(world, own_server, signals):
+    """A host shutting down stops PostgreSQL first, then relinker: a stop does not wait --retry-timeout
+    (five minutes by default; a service manager kills it long before) to give ranges back or read
+    the figures. It ends with exit 3 and the resume command."""
+    job = start(world.argv("relink", "--no-progress", "--workers", "2", "--ranges", "40"))
+    wait_for(lambda: range_states(world.conn).get("done", 0) >= 3, what="some ranges done")
+    world.conn.close()
+    pg_ctl(own_server, "-w", "-m", "fast", "stop")
+    started = time.monotonic()
+    for _ in range(signals):
+        kill_group(job, signal.SIGINT)
+        time.sleep(0.5)
+    code, _out, err = finish(job, timeout=60)
+    assert code == 3, err
+    assert time.monotonic() - started < 45
+    assert err.strip().splitlines()[-1].startswith("relinker: interrupted") and "resume" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    start_again(own_server)
+    world.conn = psycopg.connect(world.dsn, autocommit=True)
+    code, _out, err = finish(start(world.argv("relink", "--no-progress", "--workers", "2")))
+    assert code == 0, err
+    world.assert_complete(1)
 
 
 def test_server_down_at_start_is_exit_2(world, own_server):
