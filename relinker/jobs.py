@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -311,7 +312,9 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     # of IDs would count in every worker's memory.
     request.blobids = None
     bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress,
-                      bytes_done_before=bytes_before, in_bytes=mode.in_bytes(spec.options), bytes_total=bytes_total)
+                      bytes_done_before=bytes_before, in_bytes=mode.in_bytes(spec.options), bytes_total=bytes_total,
+                      run_so_far=None if request.dry_run else functools.partial(
+                          _run_so_far, settings.db_url, spec.run_id))
     try:
         # No more workers than ranges left: each would fork only to find nothing to do.
         outcome = run_pool(spec, max(1, min(request.workers, ranges_total - done_before)), bar)
@@ -396,6 +399,15 @@ def _shell_word(argument: str) -> str:
     if printable:
         return shlex.quote(argument)
     return "$'" + "".join(chr(b) if 0x20 <= b < 0x7f and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
+
+
+def _run_so_far(dsn: str, run_id: int) -> tuple[int, int, int]:
+    """(ranges, paths, bytes) of a run's finished ranges, on a session of its own, closed at once (the
+    coordinator forks its workers: it holds no connection) and quick to give up on a database gone."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=2, application_name=db.APPLICATION_NAME) as conn:
+        conn.execute("SET statement_timeout = 2000")
+        _, done, links, problems, bytes_read, _ = conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
+    return done, links + problems, bytes_read
 
 
 def _database_gone(request: JobRequest) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
+from typing import Callable
 
 import psycopg
 import tqdm
@@ -251,6 +253,10 @@ def human_bytes(n: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+#: How often a shown progress bar reads the run's figures (seconds): a run two hosts share.
+RUN_LOOK_INTERVAL = 15.0
+
+
 class ProgressBar:
     """The parent's tqdm bar: paths (or, for content work, bytes) handled, rate and ETA.
 
@@ -260,7 +266,13 @@ class ProgressBar:
     """
 
     def __init__(self, ranges_total: int, ranges_done_before: int, paths_done_before: int, *, enabled: bool,
-                 bytes_done_before: int = 0, in_bytes: bool = False, bytes_total: int | None = None):
+                 bytes_done_before: int = 0, in_bytes: bool = False, bytes_total: int | None = None,
+                 run_so_far: Callable[[], tuple[int, int, int]] | None = None):
+        #: (ranges, paths, bytes) the run's finished ranges hold, read from the database: the work of
+        #: other coordinators on the same run (other hosts) counts on this bar too
+        self._run_so_far = run_so_far if enabled else None
+        self._next_look = time.monotonic() + RUN_LOOK_INTERVAL
+        self._others = (0, 0, 0)
         self.ranges_total = ranges_total
         self.ranges_before = ranges_done_before
         self.paths_before = paths_done_before
@@ -279,18 +291,35 @@ class ProgressBar:
     def update(self, paths_done: int, ranges_done: int, bytes_done: int, finished_work: tuple[int, int]) -> None:
         """Work done this session: ``paths_done`` and ``bytes_done`` by the finished ranges and those
         in flight, ``finished_work`` the (paths, bytes) of the finished ones alone."""
-        paths = self.paths_before + paths_done
-        current = self.bytes_before + bytes_done if self.in_bytes else paths
-        finished = self.ranges_before + ranges_done
+        self._look_at_the_run(ranges_done, finished_work)
+        other_ranges, other_paths, other_bytes = self._others
+        paths = self.paths_before + paths_done + other_paths
+        current = self.bytes_before + bytes_done + other_bytes if self.in_bytes else paths
+        finished = self.ranges_before + ranges_done + other_ranges
         if self.known_total is None and finished and self.ranges_total:
             # Per finished range: counting ranges in flight would make the total
             # swing with how far each of them happens to be.
-            done = self.bytes_before + finished_work[1] if self.in_bytes else self.paths_before + finished_work[0]
+            done = (self.bytes_before + finished_work[1] + other_bytes if self.in_bytes
+                    else self.paths_before + finished_work[0] + other_paths)
             estimate = int(done / finished * self.ranges_total) if finished < self.ranges_total else current
             self._bar.total = max(estimate, current)
         if self.in_bytes:
             self._bar.set_postfix_str(f"{paths:,} paths", refresh=False)
         self._bar.update(current - self._bar.n)
+
+    def _look_at_the_run(self, ranges_done: int, finished_work: tuple[int, int]) -> None:
+        """What other coordinators finished, every RUN_LOOK_INTERVAL (never more than the run's own figures say)."""
+        if self._run_so_far is None or time.monotonic() < self._next_look:
+            return
+        try:
+            ranges, paths, bytes_read = self._run_so_far()
+        except (psycopg.Error, OSError):
+            return  # the figures of this coordinator's own workers stand
+        finally:
+            self._next_look = time.monotonic() + RUN_LOOK_INTERVAL
+        self._others = (max(0, ranges - self.ranges_before - ranges_done),
+                        max(0, paths - self.paths_before - finished_work[0]),
+                        max(0, bytes_read - self.bytes_before - finished_work[1]))
 
     def close(self) -> None:
         self._bar.close()

@@ -517,6 +517,8 @@ def test_progress_bar_counts_paths(small, capsys):
     assert code == 0
     bar = capsys.readouterr().err
     assert "100%" in bar and "5.00/5.00" in bar and "path/s" in bar
+    # What the bar reads of the whole run (other hosts' share) agrees with the summary.
+    assert jobs._run_so_far(small.dsn, summary.run_id) == (summary.ranges_total, 5, 0)
 
 
 class _RangeContextStandIn:

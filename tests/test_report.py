@@ -1,5 +1,8 @@
 """The progress bar and the summary: what an operator reads while a run works and when it ends."""
 
+import psycopg
+
+from relinker import report
 from relinker.checkpoint import Counters
 from relinker.report import ProgressBar, Summary, human_bytes
 
@@ -32,6 +35,26 @@ def test_the_extrapolated_total_counts_finished_ranges_only_not_those_in_flight(
     bar.update(paths_done=4, ranges_done=2, bytes_done=3_900_000_000, finished_work=(2, 2_000_000_000))
     assert bar._bar.total == 4_000_000_000
     bar.close()
+
+
+def test_a_bar_counts_what_other_coordinators_of_the_run_finished(capsys, monkeypatch):
+    """Two hosts on one run: each bar shows the whole run, not its own half (with an ETA twice too long)."""
+    monkeypatch.setattr(report, "RUN_LOOK_INTERVAL", 0.0)
+    figures = [(4, 40, 0)]  # the run's finished ranges: two of them this coordinator's
+
+    def run_so_far():
+        if not figures:
+            raise psycopg.OperationalError("the database is gone")
+        return figures.pop()
+
+    bar = ProgressBar(10, 0, 0, enabled=True, run_so_far=run_so_far)
+    bar.update(paths_done=25, ranges_done=2, bytes_done=0, finished_work=(20, 0))
+    assert (bar._bar.n, bar._bar.total) == (25 + 20, 100)  # its own 25, the other host's 20 of 2 ranges
+    bar.update(paths_done=35, ranges_done=3, bytes_done=0, finished_work=(30, 0))  # the database is gone
+    assert (bar._bar.n, bar._bar.total) == (35 + 20, 100)  # what was last read stands
+    bar.close()
+    hidden = ProgressBar(10, 0, 0, enabled=False, run_so_far=run_so_far)
+    assert hidden._run_so_far is None  # --no-progress: no session for a bar nobody sees
 
 
 def test_a_verify_summary_says_what_passed_and_how_fast_content_was_read():
