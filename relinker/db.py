@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import psycopg
 import tenacity
@@ -250,13 +251,20 @@ def outage_over_timeout(exc: BaseException) -> bool:
     return _Outage.since is not None and is_transient(exc)
 
 
+#: Seconds between two warnings of one process about a database it keeps retrying (the others: debug).
+RETRY_WARNING_INTERVAL = 60.0
+_last_retry_warning = [float("-inf")]
+
+
 def _log_retry(state: tenacity.RetryCallState) -> None:
+    # A five-minute outage would otherwise be a warning per retry per worker in the log.
     exc = state.outcome.exception() if state.outcome else None
-    log.warning(
-        "database error, retrying (attempt %d): %s",
-        state.attempt_number,
-        first_line(exc) if exc else "?",
-    )
+    now = time.monotonic()
+    level = logging.WARNING if now - _last_retry_warning[0] >= RETRY_WARNING_INTERVAL else logging.DEBUG
+    if level == logging.WARNING:
+        _last_retry_warning[0] = now
+    log.log(level, "database error, retrying (attempt %d): %s", state.attempt_number,
+            first_line(exc) if exc else "?")
 
 
 def missing_ntt_tables(conn: psycopg.Connection) -> list[str]:

@@ -119,3 +119,18 @@ def test_a_roles_statement_timeout_and_date_style_do_not_reach_a_run(world, caps
     finally:
         world.conn.execute(f'ALTER DATABASE "{name}" RESET statement_timeout')
         world.conn.execute(f'ALTER DATABASE "{name}" RESET DateStyle')
+
+
+def test_an_outage_is_one_warning_a_minute_per_process_not_one_per_retry(caplog, monkeypatch):
+    """Five minutes of a database down were a warning per retry per worker (256 lines with two)."""
+    import logging
+
+    monkeypatch.setattr(db, "_last_retry_warning", [float("-inf")])
+    caplog.set_level(logging.DEBUG, logger="relinker.db")
+    with pytest.raises(psycopg.OperationalError):
+        for attempt in db.retrying(timeout=1.0):
+            with attempt:
+                raise psycopg.OperationalError("the server is gone")
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) > 2
+    assert [r.levelno for r in retries] == [logging.WARNING] + [logging.DEBUG] * (len(retries) - 1)
