@@ -235,7 +235,12 @@ class ArchiveLinker:
     def _link_at(self, source: bytes, source_id: tuple[int, int], dir_fd: int, name: bytes,
                  stored: bytes) -> Outcome:
         if dir_fd == _MISSING:
-            return Outcome.CREATED  # dry run, below a directory that would be created
+            # A dry run, below a directory that would be created: what mkdir and link would refuse.
+            name_max = self._name_max()
+            if name_max is not None and any(len(c) > name_max for c in split_archive_path(stored)[0].split(b"/")
+                                            + [name]):
+                raise LinkProblem("name-too-long", "a component of the path is too long for the filesystem")
+            return Outcome.CREATED
         if self._expect_present or self.dry_run:
             # Re-checking a complete archive: one fstatat answers most paths.
             try:
@@ -389,6 +394,17 @@ class ArchiveLinker:
     def _probe_outcome(self, source_id: tuple[int, int], stored: bytes) -> Outcome | None:
         st = self.probe(stored)
         return Outcome.PRESENT if st is not None and (st.st_dev, st.st_ino) == source_id else None
+
+    def _name_max(self) -> int | None:
+        """The longest name the archive's filesystem takes (None where it does not say)."""
+        if not hasattr(self, "_name_max_found"):
+            try:
+                self._name_max_found = os.fpathconf(self._root_fd, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                self._name_max_found = None
+            if self._name_max_found is not None and self._name_max_found < 0:
+                self._name_max_found = None
+        return self._name_max_found
 
     def can_look_at(self, stored: bytes) -> bool:
         """Whether an lstat of the archive path of ``stored`` says if it is there (no os-error)."""

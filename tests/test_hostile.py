@@ -99,12 +99,15 @@ def test_a_name_longer_than_the_filesystem_allows_is_a_limit_verify_passes(world
     m = world.medium("hfs")
     good = world.blob(b"good")
     world.inode(m, [b"/long/" + "\u65e5".encode() * 100, b"/fine/ok"], good)
+    world.inode(m, [b"/new/" + b"d" * 300 + b"/file"], good)  # below a directory not made yet
+    code, summary = relink(world, capsys, "--dry-run")
+    assert code == 1 and summary["problems_by_kind"] == {"name-too-long": 2} and summary["links_created"] == 1
     code, summary = relink(world, capsys)
-    assert code == 1 and summary["problems_by_kind"] == {"name-too-long": 1} and summary["links_created"] == 1
+    assert code == 1 and summary["problems_by_kind"] == {"name-too-long": 2} and summary["links_created"] == 1
     failed_ids = tmp_path / "failed"
     code = main(world.argv("verify", "--all", "--json", "--no-progress", "--failed-ids", str(failed_ids)))
     checked = json.loads(capsys.readouterr().out)
-    assert code == 1 and checked["problems_by_kind"] == {"name-too-long": 1}
+    assert code == 1 and checked["problems_by_kind"] == {"name-too-long": 2}
     assert (checked["passed"], checked["failed"]) == (1, 0)
     assert failed_ids.read_text().splitlines()[1:] == []
     assert world.conn.execute("SELECT last_checked IS NOT NULL FROM blobs WHERE blobid = %s", (good,)).fetchone() == (True,)
