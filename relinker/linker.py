@@ -474,8 +474,7 @@ class ArchiveLinker:
             # would take the place of every good copy, name by name: replaced only from a sound one.
             unsound = self._unsound_source(source)
             if unsound:
-                raise LinkProblem("existing-file", f"a regular file with other names is there, and {unsound} "
-                                  "(kept: put the content back under its by-hash name)")
+                raise LinkProblem("existing-file", f"a regular file with other names is there, and {unsound} (kept)")
         if self.dry_run:
             return Outcome.REPLACED
         # Deterministic temporary name: a redo after a crash between link and

@@ -433,15 +433,16 @@ def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter, inhe
     except ModeClash as exc:
         log.warning("%s: this worker stops", exc)
         sys.exit(EXIT_MODE_CLASH)
-    except _GaveUp as exc:
-        log.error("worker failed: %s", exc)
-        sys.exit(EXIT_DATABASE_GONE)
     except Exception as exc:  # a worker must never die silently
-        if stopping() and db.is_transient(exc):
-            # Told to stop, it gave up on an outage after STOP_PATIENCE: the range it held is free
-            # for the next claim once its session is gone.
-            log.warning("worker stopped without the database (%s)", db.first_line(exc))
+        if stopping() and (isinstance(exc, _GaveUp) or db.is_transient(exc)):
+            # Told to stop, it gave up on an outage after STOP_PATIENCE (no --retry-timeout went by):
+            # the range it held is free for the next claim once its session is gone.
+            log.warning("worker stopped without the database (%s)", exc if isinstance(exc, _GaveUp)
+                        else db.first_line(exc))
             sys.exit(0 if stop_flag.value else EXIT_INTERRUPTED)
+        if isinstance(exc, _GaveUp):
+            log.error("worker failed: %s", exc)
+            sys.exit(EXIT_DATABASE_GONE)
         log.error("worker failed: %s", db.first_line(exc), exc_info=spec.verbose > 1)
         sys.exit(EXIT_DATABASE_GONE if db.outage_over_timeout(exc) else 1)
 
@@ -560,8 +561,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                         outcome.clash = True
                     elif process.exitcode != 0 and not stopping:
                         if process.exitcode == EXIT_INTERRUPTED:
-                            log.warning("worker %d was stopped by a signal and gave its range back: another "
-                                        "takes its place (a signal to the coordinator stops the run)", process.pid)
+                            log.warning("worker %d was stopped by a signal: another takes its place (a signal to "
+                                        "the coordinator stops the run)", process.pid)
                         else:
                             log.warning("worker %d exited with %s", process.pid, process.exitcode)
                         if respawns_left > 0 and not outcome.database_gone:

@@ -273,6 +273,7 @@ class ProgressBar:
         self._run_so_far = run_so_far if enabled else None
         self._next_look = time.monotonic() + RUN_LOOK_INTERVAL
         self._others = (0, 0, 0)
+        self._last: tuple | None = None
         self.ranges_total = ranges_total
         self.ranges_before = ranges_done_before
         self.paths_before = paths_done_before
@@ -291,6 +292,7 @@ class ProgressBar:
     def update(self, paths_done: int, ranges_done: int, bytes_done: int, finished_work: tuple[int, int]) -> None:
         """Work done this session: ``paths_done`` and ``bytes_done`` by the finished ranges and those
         in flight, ``finished_work`` the (paths, bytes) of the finished ones alone."""
+        self._last = (paths_done, ranges_done, bytes_done, finished_work)
         self._look_at_the_run(ranges_done, finished_work)
         other_ranges, other_paths, other_bytes = self._others
         paths = self.paths_before + paths_done + other_paths
@@ -322,4 +324,7 @@ class ProgressBar:
                         max(0, bytes_read - self.bytes_before - finished_work[1]))
 
     def close(self) -> None:
+        if self._run_so_far is not None and self._last is not None:
+            self._next_look = 0.0  # what the other hosts finished since the last look, before the bar ends
+            self.update(*self._last)
         self._bar.close()

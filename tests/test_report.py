@@ -52,7 +52,9 @@ def test_a_bar_counts_what_other_coordinators_of_the_run_finished(capsys, monkey
     assert (bar._bar.n, bar._bar.total) == (25 + 20, 100)  # its own 25, the other host's 20 of 2 ranges
     bar.update(paths_done=35, ranges_done=3, bytes_done=0, finished_work=(30, 0))  # the database is gone
     assert (bar._bar.n, bar._bar.total) == (35 + 20, 100)  # what was last read stands
-    bar.close()
+    figures.append((10, 95, 0))  # the run is complete: the other host did the rest meanwhile
+    bar.close()  # one look before the bar ends
+    assert (bar._bar.n, bar._bar.total) == (35 + 65, 100)
     hidden = ProgressBar(10, 0, 0, enabled=False, run_so_far=run_so_far)
     assert hidden._run_so_far is None  # --no-progress: no session for a bar nobody sees
 
