@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say_and_log(f"relinker: error: {exc}")
         return exc.exit_code
     except psycopg.Error as exc:
-        say(f"relinker: database error: {db.first_line(exc)}")
+        say_and_log(f"relinker: database error: {db.first_line(exc)}")
         return EXIT_USAGE
     except (KeyboardInterrupt, StopSignal):
         say_and_log("relinker: interrupted")
