@@ -229,13 +229,17 @@ def test_the_readmes_backfill_of_by_hash_created(production, capsys):
     shard = os.path.dirname(os.path.dirname(by_hash_path(p.by_hash_root, p.licence)))
     os.rename(shard, shard + b"-moved")
     os.symlink(shard + b"-moved", shard)
+    # an inode that is no regular file yet names a blob: relink never looks for its by-hash file
+    unseen = "f" * 64
+    p.conn.execute("INSERT INTO blobs (blobid) VALUES (%s)", (unseen,))
+    p._ntt_inode(p.stored, 900001, [p.mount_path(p.stored, "a-link")], 0, fs_type="l", blobid=unseen)
     code, summary = run(p, capsys, "relink")
     assert code == 1 and summary["problems_by_kind"] == {"missing-by-hash": 1, "bad-by-hash": 1}
     statement = readme_backfill().replace("'MEDIUM_HASH'", f"'{p.stored}'").replace("= 7", f"= {summary['run_id']}")
     p.conn.execute(statement)
     marked = dict(p.conn.execute("SELECT blobid, bool_and(by_hash_created) FROM inode WHERE medium_hash = %s "
                                  "AND blobid IS NOT NULL GROUP BY blobid", (p.stored,)))
-    assert marked.pop(p.readme) is False and marked.pop(p.licence) is False
+    assert marked.pop(p.readme) is False and marked.pop(p.licence) is False and marked.pop(unseen) is False
     assert marked and all(marked.values())
     assert p.conn.execute("SELECT count(*) FROM inode WHERE medium_hash = %s AND by_hash_created",
                           (p.fresh,)).fetchone() == (0,)
