@@ -199,6 +199,7 @@ def outage_ended() -> None:
     then never sees the success).
     """
     _Outage.since = None
+    _last_retry_warning[0] = float("-inf")  # the next outage is told at its first retry
 
 
 def _retry_transient(state: tenacity.RetryCallState) -> bool:

@@ -134,3 +134,12 @@ def test_an_outage_is_one_warning_a_minute_per_process_not_one_per_retry(caplog,
     retries = [r for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retries) > 2
     assert [r.levelno for r in retries] == [logging.WARNING] + [logging.DEBUG] * (len(retries) - 1)
+    # A call the database answers ends the outage: the next one, within the minute, is told at its first retry.
+    db.outage_ended()
+    caplog.clear()
+    with pytest.raises(psycopg.OperationalError):
+        for attempt in db.retrying(timeout=0.3):
+            with attempt:
+                raise psycopg.OperationalError("the server restarts")
+    levels = [r.levelno for r in caplog.records if "retrying" in r.getMessage()]
+    assert levels[0] == logging.WARNING and set(levels[1:]) <= {logging.DEBUG}
