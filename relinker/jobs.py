@@ -318,11 +318,13 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     try:
         # No more workers than ranges left: each would fork only to find nothing to do.
         outcome = run_pool(spec, max(1, min(request.workers, ranges_total - done_before)), bar)
-    finally:
-        bar.close()
+    except BaseException:
+        bar.close(look=False)
+        raise
     elapsed = time.monotonic() - started
 
     if request.dry_run:
+        bar.close(look=False)
         summary = Summary(
             mode=mode.name, dry_run=True, interrupted=outcome.interrupted, counters=outcome.counters,
             problems_by_kind=dict(outcome.problem_kinds.most_common()), problem_samples=outcome.samples,
@@ -344,8 +346,12 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         # run told to stop does not wait out an outage.
         patience = min(STOP_PATIENCE, request.retry_timeout) if outcome.interrupted else request.retry_timeout
         try:
+            # The bar's last look at the run (another host's last ranges), where a signal still ends
+            # the run with its resume command.
+            bar.close(look=not outcome.interrupted)
             summary = closing_figures() if outcome.database_gone else db.retrying(patience)(closing_figures)
         except (StopSignal, KeyboardInterrupt):
+            bar.close(look=False)
             raise RunStopped(f"interrupted while the figures of run {spec.run_id} were read; resume it with "
                              f"`{resume_command(mode.name, spec.run_id, request)}`",
                              run_id=spec.run_id, mode=mode.name, exit_code=EXIT_INTERRUPTED) from None

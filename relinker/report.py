@@ -274,6 +274,7 @@ class ProgressBar:
         self._next_look = time.monotonic() + RUN_LOOK_INTERVAL
         self._others = (0, 0, 0)
         self._last: tuple | None = None
+        self._closed = False
         self.ranges_total = ranges_total
         self.ranges_before = ranges_done_before
         self.paths_before = paths_done_before
@@ -323,8 +324,11 @@ class ProgressBar:
                         max(0, paths - self.paths_before - finished_work[0]),
                         max(0, bytes_read - self.bytes_before - finished_work[1]))
 
-    def close(self) -> None:
-        if self._run_so_far is not None and self._last is not None:
-            self._next_look = 0.0  # what the other hosts finished since the last look, before the bar ends
+    def close(self, *, look: bool = True) -> None:
+        """End the bar (again: nothing more); ``look``: once more at what the other hosts finished
+        since the last look, for the bar's last line."""
+        if look and self._run_so_far is not None and self._last is not None and not self._closed:
+            self._next_look = 0.0
             self.update(*self._last)
+        self._closed = True
         self._bar.close()

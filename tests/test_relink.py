@@ -521,6 +521,24 @@ def test_progress_bar_counts_paths(small, capsys):
     assert jobs._run_so_far(small.dsn, summary.run_id) == (summary.ranges_total, 5, 0)
 
 
+def test_a_signal_during_the_bars_last_look_at_the_run_still_gives_the_resume_command(small, monkeypatch):
+    """The bar reads the run's figures once more as the pool ends (another host's last ranges): a
+    Ctrl-C then (a database slow to answer) ends the run as one during the figures does."""
+    from relinker import jobs, relink as relink_mode
+    from relinker.config import Settings
+    from relinker.errors import RunStopped, StopSignal
+
+    def ctrl_c(dsn, run_id):
+        raise StopSignal()
+
+    monkeypatch.setattr(jobs, "_run_so_far", ctrl_c)
+    settings = Settings(small.dsn, small.by_hash_root, small.archive_root)
+    request = jobs.JobRequest(settings=settings, options={}, workers=1, progress=True)
+    with pytest.raises(RunStopped) as stopped:
+        jobs.run_job(relink_mode.MODE_SPEC, request)
+    assert stopped.value.exit_code == 3 and "resume it with `relinker relink --run 1" in str(stopped.value)
+
+
 class _RangeContextStandIn:
     """What RelinkWork.process needs of the pool's RangeContext; ``fail_on_problem`` makes a problem raise."""
 
