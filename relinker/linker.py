@@ -159,6 +159,8 @@ class ArchiveLinker:
         self._walker_kind = None
         #: by-hash files hashed this range before a replace: why each is unsound, or None
         self._soundness: dict[bytes, str | None] = {}
+        #: the longest name the archive's filesystem takes (None where it does not say), for dry runs
+        self._name_max = _name_limit(self._root_fd)
 
     def new_range(self) -> None:
         """Forget the directories found missing: another process may have made them since (a relink
@@ -236,7 +238,7 @@ class ArchiveLinker:
                  stored: bytes) -> Outcome:
         if dir_fd == _MISSING:
             # A dry run, below a directory that would be created: what mkdir and link would refuse.
-            name_max = self._name_max()
+            name_max = self._name_max
             if name_max is not None and any(len(c) > name_max for c in split_archive_path(stored)[0].split(b"/")
                                             + [name]):
                 raise LinkProblem("name-too-long", "a component of the path is too long for the filesystem")
@@ -394,17 +396,6 @@ class ArchiveLinker:
     def _probe_outcome(self, source_id: tuple[int, int], stored: bytes) -> Outcome | None:
         st = self.probe(stored)
         return Outcome.PRESENT if st is not None and (st.st_dev, st.st_ino) == source_id else None
-
-    def _name_max(self) -> int | None:
-        """The longest name the archive's filesystem takes (None where it does not say)."""
-        if not hasattr(self, "_name_max_found"):
-            try:
-                self._name_max_found = os.fpathconf(self._root_fd, "PC_NAME_MAX")
-            except (OSError, ValueError):
-                self._name_max_found = None
-            if self._name_max_found is not None and self._name_max_found < 0:
-                self._name_max_found = None
-        return self._name_max_found
 
     def can_look_at(self, stored: bytes) -> bool:
         """Whether an lstat of the archive path of ``stored`` says if it is there (no os-error)."""
@@ -706,6 +697,14 @@ def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: bytes) 
     if exc.errno == errno.ENAMETOOLONG:
         return LinkProblem("name-too-long", f"a component of {location} is too long")
     return LinkProblem("os-error", f"{location}: {exc.strerror}")
+
+
+def _name_limit(fd: int) -> int | None:
+    try:
+        limit = os.fpathconf(fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return None
+    return limit if limit > 0 else None
 
 
 def filesystem_link_limit(path: bytes) -> int | None:
