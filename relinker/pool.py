@@ -419,6 +419,7 @@ def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter, inhe
     from relinker.linker import raise_open_file_limit
 
     raise_open_file_limit()
+
     def stopping() -> bool:
         return bool(_signals_received or stop_flag.value)
 
