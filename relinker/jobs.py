@@ -318,11 +318,28 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     try:
         # No more workers than ranges left: each would fork only to find nothing to do.
         outcome = run_pool(spec, max(1, min(request.workers, ranges_total - done_before)), bar)
-    except BaseException:
+        elapsed = time.monotonic() - started
+        summary = _close_run(mode, request, spec, outcome, bar, ranges_total, bytes_total)
+    except (StopSignal, KeyboardInterrupt):
+        # Between the pool's end (its own handlers gone) and the closing figures: still resumable.
         bar.close(look=False)
-        raise
-    elapsed = time.monotonic() - started
+        if request.dry_run:
+            raise
+        raise RunStopped(f"interrupted as run {spec.run_id} ended; resume it with "
+                         f"`{resume_command(mode.name, spec.run_id, request)}`",
+                         run_id=spec.run_id, mode=mode.name, exit_code=EXIT_INTERRUPTED) from None
+    finally:
+        bar.close(look=False)
+    summary.elapsed_seconds = elapsed
+    summary.working_seconds = None  # this session's rate: its links over its own time
+    return summary, _exit_code(summary)
 
+
+def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, bar: ProgressBar, ranges_total: int,
+               bytes_total: int | None) -> Summary:
+    """The summary of a run whose pool has ended: the run's figures from the catalogue (a dry run's
+    from what its workers reported), and why it stopped short if it did."""
+    settings = request.settings
     if request.dry_run:
         bar.close(look=False)
         summary = Summary(
@@ -383,9 +400,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links
         summary.bytes_this_session = outcome.counters.bytes_read
-    summary.elapsed_seconds = elapsed
-    summary.working_seconds = None  # this session's rate: its links over its own time
-    return summary, _exit_code(summary)
+    return summary
 
 
 def resume_command(mode_name: str, run_id: int | None, request: JobRequest) -> str:

@@ -539,6 +539,26 @@ def test_a_signal_during_the_bars_last_look_at_the_run_still_gives_the_resume_co
     assert stopped.value.exit_code == 3 and "resume it with `relinker relink --run 1" in str(stopped.value)
 
 
+def test_a_signal_as_the_pool_ends_still_gives_the_resume_command_after_the_bars_last_line(small, capsys,
+                                                                                           monkeypatch):
+    """The pool's own signal handlers are gone, the closing figures' not yet in place: a Ctrl-C in
+    between ends the run resumable, its bar closed before the message (never after it)."""
+    from relinker import jobs, relink as relink_mode
+    from relinker.config import Settings
+    from relinker.errors import RunStopped, StopSignal
+
+    def ctrl_c(*args):
+        raise StopSignal()
+
+    monkeypatch.setattr(jobs, "_close_run", ctrl_c)
+    settings = Settings(small.dsn, small.by_hash_root, small.archive_root)
+    request = jobs.JobRequest(settings=settings, options={}, workers=1, progress=True)
+    with pytest.raises(RunStopped) as stopped:
+        jobs.run_job(relink_mode.MODE_SPEC, request)
+    assert stopped.value.exit_code == 3 and "resume it with `relinker relink --run 1" in str(stopped.value)
+    assert capsys.readouterr().err.endswith("\n")  # the bar's last line is written and ended
+
+
 class _RangeContextStandIn:
     """What RelinkWork.process needs of the pool's RangeContext; ``fail_on_problem`` makes a problem raise."""
 
