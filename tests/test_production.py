@@ -424,6 +424,13 @@ def test_a_by_hash_file_that_cannot_be_looked_at_keeps_its_count(production, cap
     assert p.n_hardlinks() == before
 
 
+def first_path(p, blobid: str) -> bytes:
+    """The first catalogued path (in byte order) of a blob."""
+    (path,), = p.conn.execute("SELECT p.path FROM relinker_path AS p JOIN inode AS i USING (medium_hash, ino) "
+                              "WHERE i.blobid = %s ORDER BY p.path LIMIT 1", (blobid,))
+    return bytes(path)
+
+
 def test_an_archive_path_that_cannot_be_looked_at_keeps_its_blobs_count(production, capsys, tmp_path):
     """An archive directory without search permission (created with a wrong umask, as the reference
     says of the field) hides whether its links are there: counted as missing, the blob's count would
@@ -434,9 +441,8 @@ def test_an_archive_path_that_cannot_be_looked_at_keeps_its_blobs_count(producti
     migrate(p, capsys)
     assert run(p, capsys, "relink")[0] == 0
     before = p.n_hardlinks()
-    (path,), = p.conn.execute("SELECT p.path FROM relinker_path AS p JOIN inode AS i USING (medium_hash, ino) "
-                              "WHERE i.blobid = %s ORDER BY p.path LIMIT 1", (p.licence,))
-    directory = os.path.dirname(p.archive_path(bytes(path)))
+    path = first_path(p, p.licence)
+    directory = os.path.dirname(p.archive_path(path))
     os.chmod(directory, 0o600)
     try:
         with socket_open_to_all(p.dsn), obeying_file_permissions():
@@ -461,9 +467,8 @@ def test_a_link_that_cannot_be_made_where_its_path_can_be_looked_at_is_counted_m
     migrate(p, capsys)
     assert run(p, capsys, "relink")[0] == 0
     before = p.n_hardlinks()
-    (path,), = p.conn.execute("SELECT p.path FROM relinker_path AS p JOIN inode AS i USING (medium_hash, ino) "
-                              "WHERE i.blobid = %s ORDER BY p.path LIMIT 1", (p.licence,))
-    link = p.archive_path(bytes(path))
+    path = first_path(p, p.licence)
+    link = p.archive_path(path)
     os.unlink(link)
     with read_only_directory(os.path.dirname(link)):
         code, summary = run(p, capsys, "relink", "--new")

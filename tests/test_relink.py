@@ -521,28 +521,9 @@ def test_progress_bar_counts_paths(small, capsys):
     assert jobs._run_so_far(small.dsn, summary.run_id) == (summary.ranges_total, 5, 0)
 
 
-def test_a_signal_during_the_bars_last_look_at_the_run_still_gives_the_resume_command(small, monkeypatch):
-    """The bar reads the run's figures once more as the pool ends (another host's last ranges): a
-    Ctrl-C then (a database slow to answer) ends the run as one during the figures does."""
-    from relinker import jobs, relink as relink_mode
-    from relinker.config import Settings
-    from relinker.errors import RunStopped, StopSignal
-
-    def ctrl_c(dsn, run_id):
-        raise StopSignal()
-
-    monkeypatch.setattr(jobs, "_run_so_far", ctrl_c)
-    settings = Settings(small.dsn, small.by_hash_root, small.archive_root)
-    request = jobs.JobRequest(settings=settings, options={}, workers=1, progress=True)
-    with pytest.raises(RunStopped) as stopped:
-        jobs.run_job(relink_mode.MODE_SPEC, request)
-    assert stopped.value.exit_code == 3 and "resume it with `relinker relink --run 1" in str(stopped.value)
-
-
-def test_a_signal_as_the_pool_ends_still_gives_the_resume_command_after_the_bars_last_line(small, capsys,
-                                                                                           monkeypatch):
-    """The pool's own signal handlers are gone, the closing figures' not yet in place: a Ctrl-C in
-    between ends the run resumable, its bar closed before the message (never after it)."""
+def relink_stopped_at(world, monkeypatch, step: str):
+    """An in-process relink with its bar shown, a Ctrl-C arriving as ``jobs.<step>`` is called:
+    what it raised (RunStopped, if the run ends resumable)."""
     from relinker import jobs, relink as relink_mode
     from relinker.config import Settings
     from relinker.errors import RunStopped, StopSignal
@@ -550,12 +531,27 @@ def test_a_signal_as_the_pool_ends_still_gives_the_resume_command_after_the_bars
     def ctrl_c(*args):
         raise StopSignal()
 
-    monkeypatch.setattr(jobs, "_close_run", ctrl_c)
-    settings = Settings(small.dsn, small.by_hash_root, small.archive_root)
-    request = jobs.JobRequest(settings=settings, options={}, workers=1, progress=True)
+    monkeypatch.setattr(jobs, step, ctrl_c)
+    request = jobs.JobRequest(settings=Settings(world.dsn, world.by_hash_root, world.archive_root), options={},
+                              workers=1, progress=True)
     with pytest.raises(RunStopped) as stopped:
         jobs.run_job(relink_mode.MODE_SPEC, request)
-    assert stopped.value.exit_code == 3 and "resume it with `relinker relink --run 1" in str(stopped.value)
+    return stopped.value
+
+
+def test_a_signal_during_the_bars_last_look_at_the_run_still_gives_the_resume_command(small, monkeypatch):
+    """The bar reads the run's figures once more as the pool ends (another host's last ranges): a
+    Ctrl-C then (a database slow to answer) ends the run as one during the figures does."""
+    stopped = relink_stopped_at(small, monkeypatch, "_run_so_far")
+    assert stopped.exit_code == 3 and "resume it with `relinker relink --run 1" in str(stopped)
+
+
+def test_a_signal_as_the_pool_ends_still_gives_the_resume_command_after_the_bars_last_line(small, capsys,
+                                                                                           monkeypatch):
+    """The pool's own signal handlers are gone, the closing figures' not yet in place: a Ctrl-C in
+    between ends the run resumable, its bar closed before the message (never after it)."""
+    stopped = relink_stopped_at(small, monkeypatch, "_close_run")
+    assert stopped.exit_code == 3 and "resume it with `relinker relink --run 1" in str(stopped)
     assert capsys.readouterr().err.endswith("\n")  # the bar's last line is written and ended
 
 
