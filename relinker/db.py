@@ -190,6 +190,8 @@ class _Outage:
     """
 
     since: float | None = None
+    #: when a retry was last told as a warning: one a minute per outage, the others debug lines
+    warned = float("-inf")
 
 
 def outage_ended() -> None:
@@ -199,7 +201,7 @@ def outage_ended() -> None:
     then never sees the success).
     """
     _Outage.since = None
-    _last_retry_warning[0] = float("-inf")  # the next outage is told at its first retry
+    _Outage.warned = float("-inf")  # the next outage is told at its first retry
 
 
 def _retry_transient(state: tenacity.RetryCallState) -> bool:
@@ -254,16 +256,15 @@ def outage_over_timeout(exc: BaseException) -> bool:
 
 #: Seconds between two warnings of one process about a database it keeps retrying (the others: debug).
 RETRY_WARNING_INTERVAL = 60.0
-_last_retry_warning = [float("-inf")]
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
     # A five-minute outage would otherwise be a warning per retry per worker in the log.
     exc = state.outcome.exception() if state.outcome else None
     now = time.monotonic()
-    level = logging.WARNING if now - _last_retry_warning[0] >= RETRY_WARNING_INTERVAL else logging.DEBUG
+    level = logging.WARNING if now - _Outage.warned >= RETRY_WARNING_INTERVAL else logging.DEBUG
     if level == logging.WARNING:
-        _last_retry_warning[0] = now
+        _Outage.warned = now
     log.log(level, "database error, retrying (attempt %d): %s", state.attempt_number,
             first_line(exc) if exc else "?")
 

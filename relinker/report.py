@@ -274,7 +274,6 @@ class ProgressBar:
         self._next_look = time.monotonic() + RUN_LOOK_INTERVAL
         self._others = (0, 0, 0)
         self._last: tuple | None = None
-        self._closed = False
         self.ranges_total = ranges_total
         self.ranges_before = ranges_done_before
         self.paths_before = paths_done_before
@@ -327,8 +326,8 @@ class ProgressBar:
     def close(self, *, look: bool = True) -> None:
         """End the bar (again: nothing more); ``look``: once more at what the other hosts finished
         since the last look, for the bar's last line."""
-        if look and self._run_so_far is not None and self._last is not None and not self._closed:
+        if look and self._run_so_far is not None and self._last is not None:
             self._next_look = 0.0
             self.update(*self._last)
-        self._closed = True
+        self._run_so_far = None  # closed: no more looks
         self._bar.close()

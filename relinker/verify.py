@@ -220,12 +220,12 @@ class VerifyWork(CountWork):
         ctx.counters.blobs = len(checked)
         ctx.counters.blobs_failed = len(failed)
         # last_checked and failures are written only where the catalogue has a blobs row.
-        params = {"passed": db.text_array(sorted((checked - failed) & known)), **scope.params}
+        passed = sorted((checked - failed) & known)
+        params = {"passed": db.text_array(passed), **scope.params}
         # Only blobs of the catalogue: an unknown ID of a --from-file list fails, and is no blob.
         failures = {"passed": params["passed"], "failed": db.text_array(sorted(failed & known)),
                     "run_id": ctx.range.run_id}
         statement = checked_statement(scope)
-        passed = bool((checked - failed) & known)
 
         def finalize(conn: psycopg.Connection) -> None:
             # A range with no blob that passed leaves blobs alone: its statement

@@ -125,7 +125,7 @@ def test_an_outage_is_one_warning_a_minute_per_process_not_one_per_retry(caplog,
     """Five minutes of a database down were a warning per retry per worker (256 lines with two)."""
     import logging
 
-    monkeypatch.setattr(db, "_last_retry_warning", [float("-inf")])
+    monkeypatch.setattr(db._Outage, "warned", float("-inf"))
     caplog.set_level(logging.DEBUG, logger="relinker.db")
     with pytest.raises(psycopg.OperationalError):
         for attempt in db.retrying(timeout=1.0):
