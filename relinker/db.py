@@ -37,10 +37,10 @@ def worker_name() -> str:
 APPLICATION_NAME = "relinker"
 
 
-def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
+def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
     """Open a connection; psycopg errors propagate (workers retry them)."""
     conn = psycopg.connect(
-        dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=10
+        dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=connect_timeout
     )
     conn.execute(SQL_SESSION_SETTINGS, {"client_encoding": client_encoding(conn)})
     if not autocommit:

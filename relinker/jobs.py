@@ -425,7 +425,7 @@ def _shell_word(argument: str) -> str:
 def _run_so_far(dsn: str, run_id: int) -> tuple[int, int, int]:
     """(ranges, paths, bytes) of a run's finished ranges, on a session of its own, closed at once (the
     coordinator forks its workers: it holds no connection) and quick to give up on a database gone."""
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=2, application_name=db.APPLICATION_NAME) as conn:
+    with db.connect(dsn, autocommit=True, connect_timeout=2) as conn:
         conn.execute("SET statement_timeout = 2000")
         _, done, links, problems, bytes_read, _ = conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
     return done, links + problems, bytes_read
