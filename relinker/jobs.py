@@ -319,10 +319,11 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         # No more workers than ranges left: each would fork only to find nothing to do.
         outcome = run_pool(spec, max(1, min(request.workers, ranges_total - done_before)), bar)
         elapsed = time.monotonic() - started
-        summary = _close_run(mode, request, spec, outcome, bar, ranges_total, bytes_total)
+        # The bar's last look at the run (another host's last ranges) is inside this try too.
+        bar.close(look=not outcome.interrupted)
+        summary = _close_run(mode, request, spec, outcome, ranges_total, bytes_total)
     except (StopSignal, KeyboardInterrupt):
-        # Between the pool's end (its own handlers gone) and the closing figures: still resumable.
-        bar.close(look=False)
+        # From the pool's end (its own handlers gone) to the closing figures: still resumable.
         if request.dry_run:
             raise
         raise RunStopped(f"interrupted as run {spec.run_id} ended; resume it with "
@@ -335,13 +336,12 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     return summary, _exit_code(summary)
 
 
-def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, bar: ProgressBar, ranges_total: int,
+def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_total: int,
                bytes_total: int | None) -> Summary:
     """The summary of a run whose pool has ended: the run's figures from the catalogue (a dry run's
     from what its workers reported), and why it stopped short if it did."""
     settings = request.settings
     if request.dry_run:
-        bar.close(look=False)
         summary = Summary(
             mode=mode.name, dry_run=True, interrupted=outcome.interrupted, counters=outcome.counters,
             problems_by_kind=dict(outcome.problem_kinds.most_common()), problem_samples=outcome.samples,
@@ -363,15 +363,7 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, bar: Pr
         # run told to stop does not wait out an outage.
         patience = min(STOP_PATIENCE, request.retry_timeout) if outcome.interrupted else request.retry_timeout
         try:
-            # The bar's last look at the run (another host's last ranges), where a signal still ends
-            # the run with its resume command.
-            bar.close(look=not outcome.interrupted)
             summary = closing_figures() if outcome.database_gone else db.retrying(patience)(closing_figures)
-        except (StopSignal, KeyboardInterrupt):
-            bar.close(look=False)
-            raise RunStopped(f"interrupted while the figures of run {spec.run_id} were read; resume it with "
-                             f"`{resume_command(mode.name, spec.run_id, request)}`",
-                             run_id=spec.run_id, mode=mode.name, exit_code=EXIT_INTERRUPTED) from None
         except psycopg.Error as exc:
             resume = resume_command(mode.name, spec.run_id, request)
             if outcome.interrupted and db.is_transient(exc):
