@@ -4,7 +4,8 @@ For each blob of a range: its by-hash file exists and is a regular file, its
 size is the catalogue's, (with ``--hash``) its content hashes to its ID (the
 catalogue's empty blob, see :mod:`relinker.catalogue`, is accepted for an
 empty file), every expected archive path is a hardlink of it, and
-``n_hardlinks`` is the number of links found. Every failure is a problem of
+``n_hardlinks`` is the number of links found (where the blob has been
+counted: ``expected_hardlinks`` set). Every failure is a problem of
 the verify run, with blob and path; the blobs of a range that passed all of
 it get ``blobs.last_checked = now()`` in the transaction that marks the range
 done, and the catalogue's blobs that failed a row in relinker's own
@@ -209,7 +210,10 @@ class VerifyWork(CountWork):
             if blobid not in expected and self._source(blobid, ctx) is not UNUSABLE:
                 self.check_source(blobid, by_hash_relpath(blobid), ctx)
         # Without a by-hash file no link was looked for: a count to compare would only repeat that.
-        super().after_range(ctx, linked, expected, [row for row in recorded if row[0] not in self._unusable])
+        # A blob without expected_hardlinks has counts still to be made (never counted, or its paths
+        # changed by a re-scan): its n_hardlinks claims nothing verify could find wrong.
+        super().after_range(ctx, linked, expected, [row for row in recorded
+                                                    if row[0] not in self._unusable and row[2] is not None])
 
     def finalize_step(self, ctx: RangeContext, scope: RangeScope, linked, expected, recorded):
         """``last_checked`` for the range's blobs that passed; the failed ones into relinker_verify_failure."""

@@ -86,6 +86,30 @@ def test_scan_then_copy_stores_each_content_once_and_links_every_path(world, cap
     assert code == 0 and summary["blobs"] == 0 and summary["ranges_total"] == 0
 
 
+def test_a_rescan_leaves_no_count_that_verify_fails_sound_blobs_for(world, capsys, tree):
+    """A rescan takes its medium's paths from their blobs until copy stores them again, some for good
+    (a file removed, one rewritten): counts to be made afresh, never a verify failure of a sound blob."""
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    assert copy(world, capsys)[0] == 0
+    verify = ("verify", "--all", "--json", "--no-progress", "--workers", "1")
+    assert main(world.argv(*verify)) == 0
+    capsys.readouterr()
+    os.unlink(tree / "docs" / "notes.txt")
+    os.unlink(tree / "copies" / "notes-hardlink")           # the notes' content is named no more
+    (tree / "docs" / "licence.txt").write_bytes(b"rewritten")  # one of the licence's two paths goes
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    for step in ("before the copy", "after it"):
+        code = main(world.argv(*verify))
+        result = json.loads(capsys.readouterr().out)
+        assert code == 0 and result["failed"] == 0, (step, result["problem_samples"])
+        if step == "before the copy":
+            assert copy(world, capsys)[0] == 0
+    # count makes the counts the rescan left to be made (and says which disagreed)
+    assert main(world.argv("count", "--no-progress", "--json")) == 1
+    capsys.readouterr()
+    assert main(world.argv("count", "--no-progress", "--json", "--new")) == 0
+
+
 def test_a_content_met_again_while_its_batch_syncs_is_stored_and_counted_once(world, capsys, tmp_path, monkeypatch):
     """Batches of two: inodes meet contents waiting in the batch being read and in the sealed one."""
     monkeypatch.setattr(relinker.store, "BATCH_FILES", 2)  # forked workers inherit it
