@@ -54,6 +54,11 @@ CREATE TEMP TABLE relinker_scan_named ON COMMIT DROP AS
 SELECT DISTINCT blobid FROM inode WHERE medium_hash = %s AND blobid IS NOT NULL
 """
 SQL_FORGET_NAMED = "DROP TABLE IF EXISTS pg_temp.relinker_scan_named"
+# Statements that would write no row are not run: the catalogue's statement triggers fire all the same.
+SQL_COUNTS_TO_FORGET = """
+SELECT EXISTS (SELECT 1 FROM blobs AS b
+               WHERE b.blobid IN (SELECT blobid FROM relinker_scan_named) AND b.expected_hardlinks IS NOT NULL)
+"""
 SQL_FORGET_COUNTS = """
 WITH named AS (
     SELECT b.blobid FROM blobs AS b
@@ -64,13 +69,26 @@ UPDATE blobs AS b SET expected_hardlinks = NULL FROM named WHERE b.blobid = name
 """
 #: What a scan must not overlap: runs that count or check the paths it replaces.
 SCAN_EXCLUDES = frozenset({"relink", "copy", "count", "verify"})
-SQL_DELETE_PATHS = "DELETE FROM path WHERE medium_hash = %s"
-SQL_DELETE_INODES = "DELETE FROM inode WHERE medium_hash = %s"
+SQL_HAS_ROWS = """
+SELECT EXISTS (SELECT 1 FROM path WHERE medium_hash = %(medium)s),
+       EXISTS (SELECT 1 FROM inode WHERE medium_hash = %(medium)s)
+"""
+SQL_DELETE_PATHS = "DELETE FROM path WHERE medium_hash = %(medium)s"
+SQL_DELETE_INODES = "DELETE FROM inode WHERE medium_hash = %(medium)s"
 SQL_COPY_INODES = """
 COPY inode (medium_hash, dev, ino, nlink, size, mtime, fs_type, copied)
 FROM STDIN
 """
-SQL_COPY_PATHS = "COPY path (medium_hash, dev, ino, path) FROM STDIN"
+# The walk finds paths before it knows every inode, and production's path
+# partitions have foreign keys to inode's: paths wait in a temporary table
+# until the inodes are in. Its path column has the catalogue's type.
+SQL_FORGET_WALKED = "DROP TABLE IF EXISTS pg_temp.relinker_scan_paths"
+SQL_HOLD_WALKED = "CREATE TEMP TABLE relinker_scan_paths (dev bigint, ino bigint, path {}) ON COMMIT DROP"
+SQL_COPY_WALKED = "COPY pg_temp.relinker_scan_paths (dev, ino, path) FROM STDIN"
+SQL_INSERT_PATHS = """
+INSERT INTO path (medium_hash, dev, ino, path)
+SELECT %(medium)s, dev, ino, path FROM pg_temp.relinker_scan_paths
+"""
 
 
 @dataclasses.dataclass
@@ -133,18 +151,25 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
                     exclude: list[bytes], text_paths: bool, result: ScanResult) -> None:
     """The medium's rows replaced by those of the walk of ``root``, in one transaction."""
     inodes: dict[int, tuple] = {}
+    medium = {"medium": result.medium_hash}
     with conn.transaction():
         conn.execute(SQL_UPSERT_MEDIUM, (result.medium_hash, name))
         conn.execute(SQL_RECORD_SCAN, (result.medium_hash, root))
-        conn.execute(SQL_FORGET_NAMED)  # a caller's own transaction may hold an earlier scan's
+        # A caller's own transaction may hold an earlier scan's temporary tables.
+        conn.execute(SQL_FORGET_NAMED)
+        conn.execute(SQL_FORGET_WALKED)
         conn.execute(SQL_REMEMBER_NAMED, (result.medium_hash,))
-        conn.execute(SQL_DELETE_PATHS, (result.medium_hash,))
-        conn.execute(SQL_DELETE_INODES, (result.medium_hash,))
+        has_paths, has_inodes = conn.execute(SQL_HAS_ROWS, medium).fetchone()
+        if has_paths:
+            conn.execute(SQL_DELETE_PATHS, medium)
+        if has_inodes:
+            conn.execute(SQL_DELETE_INODES, medium)
+        conn.execute(sql.SQL(SQL_HOLD_WALKED).format(sql.SQL("text" if text_paths else "bytea")))
         # Older catalogues keep paths as text, read back as the bytes their
         # database's encoding gives it (relinker_path): a name is stored as the
         # text those bytes are in that encoding, or, where they are none, skipped.
         encoding = dbtext.text_encoding(conn)
-        with conn.cursor().copy(SQL_COPY_PATHS) as copy:
+        with conn.cursor().copy(SQL_COPY_WALKED) as copy:
             for path, st in _walk(root, root_stat, result, list(exclude)):
                 stored: bytes | str = path
                 if text_paths:
@@ -154,7 +179,7 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
                         result.unrepresentable += 1
                         log.warning("skipped %s: not valid %s (path column is text)", display(path), encoding)
                         continue
-                copy.write_row((result.medium_hash, st.st_dev, st.st_ino, stored))
+                copy.write_row((st.st_dev, st.st_ino, stored))
                 result.paths += 1
                 if st.st_ino not in inodes:
                     fs_type = FS_TYPES.get(stat.S_IFMT(st.st_mode), "?")
@@ -167,7 +192,9 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
             for row in inodes.values():
                 copy.write_row(row)
         result.inodes = len(inodes)
-        conn.execute(SQL_FORGET_COUNTS)
+        conn.execute(SQL_INSERT_PATHS, medium)
+        if conn.execute(SQL_COUNTS_TO_FORGET).fetchone()[0]:
+            conn.execute(SQL_FORGET_COUNTS)
         analyze_medium(conn, result.medium_hash)
 
 

@@ -520,3 +520,34 @@ def test_statements_that_write_no_row_fire_no_catalogue_trigger(production, caps
                             (summary["run_id"],)).fetchone()[0]
     fired = [what for (what,) in p.conn.execute("SELECT what FROM ntt_audit")]
     assert 0 < fired.count("UPDATE on blobs") <= ranges < 16
+
+
+def test_a_scan_into_partitions_with_the_ntt_foreign_key_writes_inodes_first_and_no_empty_statement(
+        production, capsys, tmp_path):
+    """NTT's path partitions refer to inode's: a scan writes a path only once its inode is there, and,
+    for a medium new to the catalogue, runs no DELETE or UPDATE that would fire triggers for no row."""
+    from production import PARTITIONS
+    from relinker import scan
+
+    p = production
+    migrate(p, capsys)
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f").write_bytes(b"a file")
+    (tree / "e").write_bytes(b"")
+    medium = scan.medium_hash_for("scanned-disk")
+    p.admin.execute(PARTITIONS.format(medium=medium, inode="ntt_inode_scanned", path="ntt_path_scanned"))
+    for table in ("blobs", "path", "inode"):
+        p.conn.execute(f"CREATE TRIGGER {table}_statement_noted AFTER INSERT OR UPDATE OR DELETE ON {table} "
+                       "FOR EACH STATEMENT EXECUTE FUNCTION ntt_note_statement()")
+    p.conn.execute("TRUNCATE ntt_audit")
+    assert main(p.argv("scan", "--medium", "scanned-disk", str(tree))) == 0
+    assert sorted(what for (what,) in p.conn.execute("SELECT what FROM ntt_audit")) == [
+        "INSERT on inode", "INSERT on path"]
+    assert p.conn.execute("SELECT count(*) FROM ntt_path_scanned").fetchone() == (4,)
+    p.conn.execute("TRUNCATE ntt_audit")
+    (tree / "d" / "g").write_bytes(b"another")
+    assert main(p.argv("scan", "--medium", "scanned-disk", str(tree))) == 0  # a rescan, the same way
+    assert sorted(what for (what,) in p.conn.execute("SELECT what FROM ntt_audit")) == [
+        "DELETE on inode", "DELETE on path", "INSERT on inode", "INSERT on path"]
+    assert p.conn.execute("SELECT count(*) FROM ntt_path_scanned").fetchone() == (5,)
