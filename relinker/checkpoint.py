@@ -280,6 +280,8 @@ SELECT r.range_no, r.lo, r.hi, r.medium_hash, r.ino_lo, r.ino_hi, r.blobids, r.b
        coalesce(r.lease_seconds, %(lease)s) AS lease
 FROM relinker_range r
 WHERE r.run_id = %(run_id)s AND r.status <> 'done'
+  -- a run a scan superseded while its coordinator started is worked no more
+  AND EXISTS (SELECT 1 FROM relinker_run AS run WHERE run.run_id = %(run_id)s AND run.status = 'open')
   AND (r.status = 'pending'
        OR (r.status = 'failed' AND r.finished_at < %(since)s)
        OR (r.status = 'running'

@@ -447,6 +447,9 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
             f"skipped: {result.unreadable} unreadable, {result.other_filesystem} on other filesystems, "
             f"{result.unrepresentable} not storable as text"
         )
+    if result.superseded:
+        emit(f"superseded: unfinished copy run {', '.join(map(str, result.superseded))}, planned over the "
+             "medium's former inodes (the next `relinker copy` plans what is left)")
     return EXIT_PROBLEMS if skipped else EXIT_OK
 
 

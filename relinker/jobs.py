@@ -442,6 +442,9 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
         raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
     if run.mode != mode.name:
         raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
+    if run.status == SUPERSEDED:
+        raise UserError(f"run {run.run_id} was superseded: a scan replaced the inodes it was planned over "
+                        f"(`relinker {mode.name}` plans what is left)")
     conflicts = _conflicting_options(run, dbtext.storable(conn, request.given))
     if conflicts:
         # The run goes on as it was planned: an option asked for now
@@ -507,6 +510,9 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
     log.info("planned run %d: %d ranges", run_id, len(bounds))
     return checkpoint.get_run(conn, run_id)
 
+
+#: A run's status once a scan replaced the inodes its ranges name (see relinker.scan).
+SUPERSEDED = "superseded"
 
 #: Key of a run's options holding the options it was asked for.
 REQUESTED = "requested"

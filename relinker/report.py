@@ -159,7 +159,8 @@ class Summary:
             title = f"{self.mode} (dry run, nothing written)"
         else:
             title = f"run {self.run_id} ({self.mode})"
-        state = "complete" if self.complete else "interrupted" if self.interrupted else "not complete"
+        state = ("complete" if self.complete else "interrupted" if self.interrupted
+                 else "superseded by a scan of its medium" if self.status == "superseded" else "not complete")
         lines = [f"{title}: {state}"]
         verb = "would be " if self.dry_run else ""
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in self.problems_by_kind.items())
@@ -209,7 +210,9 @@ class Summary:
                                     f"({rate})"))
         else:
             rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({rate})"))
-        if self.ranges_at_work == 0 and not self.complete:
+        if self.status == "superseded":
+            pass  # nothing to resume
+        elif self.ranges_at_work == 0 and not self.complete:
             rows.append(("eta", "none: no worker is at work (resume the run)"))
         elif self.eta_seconds and not self.complete:
             rows.append(("eta", f"{self.eta_seconds:,.0f} s"))

@@ -69,6 +69,13 @@ UPDATE blobs AS b SET expected_hardlinks = NULL FROM named WHERE b.blobid = name
 """
 #: What a scan must not overlap: runs that count or check the paths it replaces.
 SCAN_EXCLUDES = frozenset({"relink", "copy", "count", "verify"})
+# Copy runs not finished whose ranges are this medium's inode numbers (a run
+# of every medium: a medium new to it as well) plan over inodes that are gone.
+SQL_SUPERSEDE_COPY_RUNS = """
+UPDATE relinker_run SET status = 'superseded', finished_at = now()
+WHERE mode = 'copy' AND status = 'open' AND (options->>'medium' IS NULL OR options->>'medium' = %(medium)s)
+RETURNING run_id
+"""
 SQL_HAS_ROWS = """
 SELECT EXISTS (SELECT 1 FROM path WHERE medium_hash = %(medium)s),
        EXISTS (SELECT 1 FROM inode WHERE medium_hash = %(medium)s)
@@ -103,6 +110,8 @@ class ScanResult:
     other_filesystem: int = 0
     unrepresentable: int = 0
     excluded: int = 0
+    #: copy runs left unfinished that planned over the medium's inodes before this scan
+    superseded: list[int] = dataclasses.field(default_factory=list)
 
 
 def medium_hash_for(name: str) -> str:
@@ -193,6 +202,7 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
                 copy.write_row(row)
         result.inodes = len(inodes)
         conn.execute(SQL_INSERT_PATHS, medium)
+        result.superseded = [run_id for run_id, in conn.execute(SQL_SUPERSEDE_COPY_RUNS, medium)]
         if conn.execute(SQL_COUNTS_TO_FORGET).fetchone()[0]:
             conn.execute(SQL_FORGET_COUNTS)
         analyze_medium(conn, result.medium_hash)

@@ -110,6 +110,36 @@ def test_a_rescan_leaves_no_count_that_verify_fails_sound_blobs_for(world, capsy
     assert main(world.argv("count", "--no-progress", "--json", "--new")) == 0
 
 
+def test_a_rescan_supersedes_an_unfinished_copy_run_planned_over_the_former_inodes(
+        world, capsys, tree, monkeypatch):
+    """A copy run's ranges are the medium's inode numbers when it was planned: after a rescan (every
+    inode afresh, none stored) its finished ranges would stay finished and the run end "complete"
+    over unstored files. The scan supersedes it; the next copy plans what is left."""
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    process = copy_mode.CopyWork.process
+
+    def second_range_fails(self, r, ctx):
+        if r.range_no == 1:
+            raise RuntimeError("the second range fails")
+        return process(self, r, ctx)
+
+    monkeypatch.setattr(copy_mode.CopyWork, "process", second_range_fails)
+    code, summary = copy(world, capsys, "--ranges", "2", "--workers", "1")
+    assert code == 1 and summary["ranges_done"] == 1 and summary["ranges_failed"] == 1
+    old_run = summary["run_id"]
+    monkeypatch.setattr(copy_mode.CopyWork, "process", process)
+    assert main(world.argv("scan", "--medium", "disk", os.fsdecode(tree))) == 0
+    assert f"superseded: unfinished copy run {old_run}," in capsys.readouterr().out
+    code, summary = copy(world, capsys)
+    assert code == 0 and summary["run_id"] != old_run, summary
+    assert world.conn.execute("SELECT count(*) FROM inode WHERE fs_type = 'f' AND blobid IS NULL").fetchone() == (0,)
+    world.assert_complete(summary["run_id"])
+    assert main(world.argv("copy", "--run", str(old_run), "--no-progress")) == 2
+    assert f"run {old_run} was superseded" in capsys.readouterr().err
+    assert main(world.argv("status", str(old_run))) == 0
+    assert "superseded by a scan of its medium" in capsys.readouterr().out
+
+
 def test_a_content_met_again_while_its_batch_syncs_is_stored_and_counted_once(world, capsys, tmp_path, monkeypatch):
     """Batches of two: inodes meet contents waiting in the batch being read and in the sealed one."""
     monkeypatch.setattr(relinker.store, "BATCH_FILES", 2)  # forked workers inherit it
