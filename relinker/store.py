@@ -334,18 +334,14 @@ class ByHashStore:
     def discard_pending(self) -> None:
         """Drop the temporaries waiting for a sync, sealed or not (an attempt that will be redone)."""
         self._discard_sealed()
-        for pending in self._pending.values():
-            _discard(pending.fd, pending.temp_name, self._temp_fd)
-        self._pending.clear()
+        _discard_all(self._pending, self._temp_fd)
         self._pending_bytes = 0
 
     def _discard_sealed(self) -> None:
         if self._sealed_sync is not None:
             self._sealed_sync.wait(raise_error=False)  # nothing of the batch left in flight
             self._sealed_sync = None
-        for pending in self._sealed.values():
-            _discard(pending.fd, pending.temp_name, self._temp_fd)
-        self._sealed.clear()
+        _discard_all(self._sealed, self._temp_fd)
 
     def _link_into_place(self, pending: Pending) -> bool:
         """Give a complete, durable temporary its by-hash name; False if the name exists."""
@@ -535,13 +531,27 @@ def _is_directory(path: bytes, dir_fd: int) -> bool:
 
 
 def _discard(fd: int, temp_name: bytes | None, dir_fd: int) -> None:
-    os.close(fd)
+    """Close a temporary and remove it; never raises, so that it never hides the error being handled.
+
+    One that cannot be removed (an I/O error) goes with the worker's directory (see ByHashStore.close).
+    """
+    try:
+        os.close(fd)
+    except OSError:
+        pass
     if temp_name is None:
         return  # named
     try:
         os.unlink(temp_name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
+    except OSError:
+        pass  # gone already, or left for the directory's removal
+
+
+def _discard_all(batch: dict, dir_fd: int) -> None:
+    """Discard every temporary of ``batch``, each taken out first: none is ever closed twice."""
+    while batch:
+        _, pending = batch.popitem()
+        _discard(pending.fd, pending.temp_name, dir_fd)
 
 
 def _worker_directory(parent: bytes) -> tuple[bytes, int]:

@@ -1392,3 +1392,37 @@ def test_a_file_put_in_place_of_a_scanned_one_is_never_taken_for_it(world, capsy
     assert code == 1 and summary["problems_by_kind"] == {"source-changed": 1}
     assert summary["problem_samples"][0]["detail"].endswith("b.txt: another file than the one catalogued "
                                                             "(another inode)")
+
+
+def test_a_temporary_that_cannot_be_removed_leaves_the_store_usable(tmp_path):
+    """A failing unlink of one dropped temporary (an I/O error, a directory that refuses) must not stop
+    the others being dropped, nor leave descriptors already closed to be closed again by every later
+    attempt (each range failed with "Bad file descriptor", and a number reused meanwhile, say by a
+    database socket, would have been closed under its new owner)."""
+    from support import obeying_file_permissions
+
+    root = tmp_path / "by-hash"
+    root.mkdir()
+    store = ByHashStore(os.fsencode(root))
+    sources = [open_content(tmp_path, b"content %d" % n) for n in range(3)]
+    try:
+        for fd in sources:
+            assert isinstance(store.read_in(fd, None), Pending)
+        held = set(os.listdir("/proc/self/fd"))
+        temporaries_directory = store._temp_directory
+        os.chmod(temporaries_directory, 0o555)
+        try:
+            with obeying_file_permissions():
+                store.discard_pending()  # no temporary can be removed: the attempt is dropped all the same
+        finally:
+            os.chmod(temporaries_directory, 0o755)
+        assert len(held - set(os.listdir("/proc/self/fd"))) == 3  # each temporary's descriptor closed once
+        store.discard_pending()  # the next attempt starts afresh
+        sources.append(open_content(tmp_path, b"the next range"))
+        assert isinstance(store.read_in(sources[-1], None), Pending)
+        assert store.place_pending()
+    finally:
+        for fd in sources:
+            os.close(fd)
+        store.close()
+    assert temporaries(root) == []  # the worker's directory is removed with what was left in it
