@@ -443,11 +443,20 @@ class RelinkWork:
 
 # --- planning -----------------------------------------------------------------
 
-SQL_NTH_BLOB = "SELECT blobid FROM blobs ORDER BY blobid OFFSET %s LIMIT 1"
+# A range works the blobs of its interval that have a row and those some inode names without one:
+# the first N + 1 of either set hold the first N + 1 of both (each an index's first entries).
+SQL_NTH_BLOB = """
+SELECT blobid FROM (
+    (SELECT blobid FROM blobs ORDER BY blobid LIMIT %(limit)s + 1)
+    UNION
+    (SELECT DISTINCT blobid FROM inode WHERE blobid IS NOT NULL AND fs_type = 'f' ORDER BY blobid LIMIT %(limit)s + 1)
+) AS first ORDER BY blobid OFFSET %(limit)s LIMIT 1
+"""
+# --only-incomplete works blobs with a row only.
 SQL_NTH_INCOMPLETE_BLOB = """
 SELECT blobid FROM blobs
 WHERE expected_hardlinks IS NULL OR coalesce(n_hardlinks, 0) < expected_hardlinks
-ORDER BY blobid OFFSET %s LIMIT 1
+ORDER BY blobid OFFSET %(limit)s LIMIT 1
 """
 
 
@@ -468,7 +477,7 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
     limit = options.get("limit")
     if limit is not None:
         query = SQL_NTH_INCOMPLETE_BLOB if options.get("only_incomplete") else SQL_NTH_BLOB
-        row = conn.execute(query, (limit,)).fetchone()
+        row = conn.execute(query, {"limit": limit}).fetchone()
         upper = row[0] if row else None
         n_blobs = min(n_blobs, limit)
     options["upper"] = upper

@@ -299,6 +299,22 @@ def test_limit_takes_the_first_blobs_by_inode(world, capsys):
     assert [counts[b] for b in blobs] == [2, 2, 2] + [0] * 7
 
 
+def test_limit_counts_the_blobs_inodes_name_without_a_blobs_row(world, capsys):
+    """The catalogue may lack the row of a content its inodes name: such a blob is worked by a range
+    as any other, so it counts towards --limit too (a trial of 2 blobs worked every blob below the
+    third row, or with 2 rows or fewer the whole catalogue)."""
+    m = world.medium("disk")
+    blobs = sorted(world.blob(b"content %d" % i) for i in range(6))
+    for i, b in enumerate(blobs):
+        world.inode(m, [b"/f/%d" % i], b)
+    world.conn.execute("DELETE FROM blobs WHERE blobid = ANY(%s)", ([blobs[0], blobs[1], blobs[4], blobs[5]],))
+    code, summary = relink(world, capsys, "--limit", "2")
+    assert code == 0 and summary["blobs"] == 2 and summary["links_created"] == 2, summary
+    assert [world.linked(b, b"/f/%d" % i) for i, b in enumerate(blobs)] == [True, True] + [False] * 4
+    code, summary = relink(world, capsys, "--new", "--limit", "5")  # 2 rows in all: not the whole catalogue
+    assert code == 0 and summary["blobs"] == 5 and summary["links_created"] == 3, summary
+
+
 def test_only_incomplete_skips_complete_blobs(small, capsys):
     relink(small, capsys)
     os.unlink(small.archive_path(b"/file-relative-form"))
