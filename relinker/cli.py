@@ -20,7 +20,7 @@ import psycopg
 
 from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
-                             new_subparsers, path_argument)
+                             new_subparsers, path_argument, prefer_typed, typed_options)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
                              UserError, stop_on_signals)
 from relinker.logs import in_log_file, say, say_and_log, setup_logging, silence
@@ -384,6 +384,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USAGE)
+    args.typed = typed_options(argv)
     return args, Settings.from_args(args)
 
 
@@ -462,6 +463,8 @@ def listed_blobs(file_argument: str) -> list[str]:
 
 
 def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
+    # A config file's trial --limit gives way to a list typed on the command line, and the other way round.
+    prefer_typed(args, getattr(args, "typed", frozenset()), ("from_file",), ("limit",))
     options = {"on_conflict": args.on_conflict, "only_incomplete": args.only_incomplete, "limit": args.limit}
     request = job_request(args, settings, options)
     if args.from_file:
@@ -514,6 +517,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             raise UserError(f"--failed-ids {args.failed_ids}: cannot write into {directory}")
         if os.path.lexists(args.failed_ids) and not os.path.isfile(args.failed_ids):
             raise UserError(f"--failed-ids {args.failed_ids}: not a file (the list replaces a file, nothing else)")
+    # A nightly config's --count and --mode give way to --all or a list typed, and the other way round.
+    prefer_typed(args, getattr(args, "typed", frozenset()), ("all", "from_file"), ("count", "mode"))
     if (args.all or args.from_file) and (args.count or args.mode):
         chooser = "--count" if args.count else "--mode"
         raise UserError(f"{chooser} chooses which blobs: not with {'--all' if args.all else '--from-file'}")

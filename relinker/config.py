@@ -130,6 +130,27 @@ def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
     return [path]
 
 
+def typed_options(argv: Sequence[str]) -> frozenset[str]:
+    """The destinations of the long options given on the command line itself (not by the environment
+    or a config file): where two options choose the same thing, the one typed beats the file's."""
+    typed = set()
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            typed.add(arg[2:].partition("=")[0].replace("-", "_"))
+    return frozenset(typed)
+
+
+def prefer_typed(args, typed: frozenset[str], one: tuple[str, ...], other: tuple[str, ...]) -> None:
+    """Where options of ``one`` and of ``other`` exclude each other and only one side was typed on the
+    command line, the other side's values (from the environment or a config file) are dropped."""
+    for kept, dropped in ((one, other), (other, one)):
+        if typed.intersection(kept) and not typed.intersection(dropped):
+            for dest in dropped:
+                setattr(args, dest, False if isinstance(getattr(args, dest, None), bool) else None)
+
+
 def new_parser(config_files: list[str], **kwargs) -> configargparse.ArgumentParser:
     """The top-level parser, before any commands are added."""
     # No abbreviations: --conf would be taken for --config by the parser but not by config_files_from,

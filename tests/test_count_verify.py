@@ -67,6 +67,30 @@ def test_count_limit(linked, capsys):
     assert code == 0 and summary["blobs"] == 1
 
 
+def test_a_config_files_selection_gives_way_to_the_one_typed(linked, capsys, tmp_path):
+    """One config file serves the nightly verify (count, mode) and a trial relink (limit): what is typed
+    on the command line to choose the blobs otherwise (--all, a list; --count) wins, as with any option."""
+    config = tmp_path / "relinker.conf"
+    config.write_text("count = 1\nmode = oldest\nlimit = 1\n")
+    listed = tmp_path / "listed.txt"
+    listed.write_text(f"{linked.blobs['a']}\n{linked.blobs['b']}\n")
+    with_config = ("--config", str(config), "--no-progress", "--workers", "1")
+    code, result = run(linked, capsys, "verify", *with_config, "--all")
+    assert code == 0 and result["checked"] == 3
+    code, result = run(linked, capsys, "verify", *with_config, "--from-file", str(listed))
+    assert code == 0 and result["checked"] == 2
+    code, result = run(linked, capsys, "verify", *with_config)  # the file's nightly selection
+    assert code == 0 and result["checked"] == 1
+    code, result = run(linked, capsys, "relink", *with_config, "--from-file", str(listed), "--new")
+    assert code == 0 and result["blobs"] == 2
+    config.write_text("all = true\n")
+    code, result = run(linked, capsys, "verify", *with_config, "--count", "2", "--mode", "oldest", "--new")
+    assert code == 0 and result["checked"] == 2
+    # both typed: still refused
+    assert main(linked.argv("verify", "--all", "--count", "2")) == 2
+    assert "--count chooses which blobs: not with --all" in capsys.readouterr().err
+
+
 def checked(world):
     return {b for (b,) in world.conn.execute("SELECT blobid FROM blobs WHERE last_checked IS NOT NULL")}
 
