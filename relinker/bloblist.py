@@ -27,8 +27,8 @@ def blob_ids_from(file_argument: str) -> list[str]:
             raise OSError(errno.EBADF, "standard input is closed")
         # Bytes that are not UTF-8 read as U+FFFD, as from a file: such a
         # line is an unknown blob, never a string the database cannot take.
-        return read_blob_ids(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
-    with open(file_argument, encoding="utf-8", errors="replace") as f:
+        return read_blob_ids(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace"))
+    with open(file_argument, encoding="utf-8-sig", errors="replace") as f:  # an editor's byte-order mark
         return read_blob_ids(f)
 
 

@@ -238,6 +238,14 @@ def test_read_blob_ids_ignores_comments_and_blanks():
     assert bloblist.read_blob_ids(["ab\0cd\n"]) == ["ab\ufffdcd"]
 
 
+def test_a_list_an_editor_saved_with_a_byte_order_mark_and_crlf_lists_its_first_blob(linked, capsys, tmp_path):
+    listed = tmp_path / "listed.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + f"{linked.blobs['a']}\r\n{linked.blobs['b']}\r\n".encode())
+    assert bloblist.blob_ids_from(str(listed)) == [linked.blobs["a"], linked.blobs["b"]]
+    code, result = run(linked, capsys, "verify", "--from-file", str(listed), "--no-progress")
+    assert code == 0 and result["checked"] == 2 and result["problems"] == 0
+
+
 @pytest.mark.parametrize("command", ["relink", "verify"])
 def test_a_list_from_a_closed_stdin_is_a_usage_error(linked, capsys, monkeypatch, command):
     """``--from-file - <&-``: Python has no sys.stdin at all; one line, not an AttributeError."""
