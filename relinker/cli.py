@@ -146,7 +146,7 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
     which_blobs = verify_cmd.add_mutually_exclusive_group()
     which_blobs.add_argument("--all", action="store_true", help="every blob of the catalogue")
     which_blobs.add_argument("--from-file", metavar="FILE", type=path_argument, help="the blob IDs listed in FILE ('-': stdin)")
-    verify_cmd.add_argument("--count", type=positive_int, metavar="N",
+    verify_cmd.add_argument("--count", type=at_most(BIGINT_MAX), metavar="N",
                             help=f"how many blobs (default {verify.DEFAULT_COUNT})")
     verify_cmd.add_argument("--mode", choices=verify.SELECTIONS,
                             help="never checked (default), least recently checked, or a random sample")

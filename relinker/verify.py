@@ -69,6 +69,9 @@ FROM unnest(%(starts)s::text[]) AS s(start)
 CROSS JOIN LATERAL (SELECT blobid FROM blobs WHERE blobid >= s.start ORDER BY blobid LIMIT 1) AS b
 """
 SQL_ANY_OTHERS = "SELECT blobid FROM blobs WHERE NOT (blobid = ANY(%s)) LIMIT %s"
+# How many blobs there are, counting no further than a sample's size: a sample of them all is them all.
+SQL_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM blobs LIMIT %(n)s) AS counted"
+SQL_EVERY_BLOB = "SELECT blobid FROM blobs ORDER BY blobid"
 # The catalogue's sizes of the range's blobs (one blob's inodes should agree).
 SQL_SIZES = """
 SELECT i.blobid, array_agg(DISTINCT i.size) FILTER (WHERE i.size IS NOT NULL)
@@ -255,6 +258,8 @@ def select_blobs(conn: psycopg.Connection, selection: str, count: int) -> list[s
         return [b for (b,) in conn.execute(SQL_NEVER, {"n": count})]
     if selection == "oldest":
         return [b for (b,) in conn.execute(SQL_OLDEST, {"n": count})]
+    if conn.execute(SQL_UP_TO, {"n": count}).fetchone()[0] < count:
+        return [b for (b,) in conn.execute(SQL_EVERY_BLOB)]
     chosen: set[str] = set()
     for _ in range(4):  # start points can land on the same blob; top up a few times
         missing = count - len(chosen)

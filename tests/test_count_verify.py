@@ -190,6 +190,19 @@ def test_verify_refuses_a_count_or_mode_beside_another_selection(linked, capsys,
     assert linked.conn.execute("SELECT count(*) FROM relinker_run WHERE mode = 'verify'").fetchone() == (0,)
 
 
+def test_a_random_sample_as_large_as_the_catalogue_or_larger_is_every_blob(linked, capsys):
+    """A sample at or beyond the catalogue's size takes every blob at once: it drew as many random
+    start points as it was asked for (a count of a billion took minutes and gigabytes; 2**63 - 1
+    never ended), and a count beyond the catalogue's bigint is a usage error, not the database's."""
+    for count in ("3", str(2**63 - 1)):
+        code, result = run(linked, capsys, "verify", "--count", count, "--mode", "random", "--no-progress",
+                           "--new")
+        assert code == 0 and result["checked"] == 3, count
+    with pytest.raises(SystemExit) as usage:
+        main(linked.argv("verify", "--count", str(2**63), "--mode", "never"))
+    assert usage.value.code == 2 and "--count: must be at most 9223372036854775807" in capsys.readouterr().err
+
+
 def test_a_blob_without_a_blobs_row_that_fails_is_counted_failed(linked, capsys, tmp_path):
     """The catalogue may name a blob in inode alone: verify checks it, and says so in its figures."""
     linked.conn.execute("DELETE FROM blobs WHERE blobid = %s", (linked.blobs["a"],))
