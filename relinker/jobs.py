@@ -558,8 +558,9 @@ def given_options(options: dict) -> dict:
 def _conflicting_options(run: RunInfo, given: dict) -> str:
     """The options given now that the run was planned otherwise ('' when none)."""
     planned_with = run.options.get(REQUESTED, run.options)
+    # Either as asked or as planning resolved it: a medium asked by name is planned by its hash.
     return ", ".join(f"{key} {planned_with.get(key)!r}, now {value!r}" for key, value in sorted(given.items())
-                     if _given(planned_with.get(key)) != value)
+                     if value not in (_given(planned_with.get(key)), _given(run.options.get(key))))
 
 
 def _given(value):

@@ -110,12 +110,8 @@ def test_a_rescan_leaves_no_count_that_verify_fails_sound_blobs_for(world, capsy
     assert main(world.argv("count", "--no-progress", "--json", "--new")) == 0
 
 
-def test_a_rescan_supersedes_an_unfinished_copy_run_planned_over_the_former_inodes(
-        world, capsys, tree, monkeypatch):
-    """A copy run's ranges are the medium's inode numbers when it was planned: after a rescan (every
-    inode afresh, none stored) its finished ranges would stay finished and the run end "complete"
-    over unstored files. The scan supersedes it; the next copy plans what is left."""
-    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+def unfinished_copy(world, capsys, monkeypatch, *args) -> int:
+    """A copy run (``args``) of two ranges whose second failed: the run's ID."""
     process = copy_mode.CopyWork.process
 
     def second_range_fails(self, r, ctx):
@@ -124,10 +120,29 @@ def test_a_rescan_supersedes_an_unfinished_copy_run_planned_over_the_former_inod
         return process(self, r, ctx)
 
     monkeypatch.setattr(copy_mode.CopyWork, "process", second_range_fails)
-    code, summary = copy(world, capsys, "--ranges", "2", "--workers", "1")
+    code, summary = copy(world, capsys, "--ranges", "2", "--workers", "1", *args)
     assert code == 1 and summary["ranges_done"] == 1 and summary["ranges_failed"] == 1
-    old_run = summary["run_id"]
     monkeypatch.setattr(copy_mode.CopyWork, "process", process)
+    return summary["run_id"]
+
+
+def test_a_run_asked_for_a_medium_by_name_resumes_by_its_hash_too(world, capsys, tree, monkeypatch):
+    medium = scan.scan_tree(world.conn, "disk", os.fsencode(tree)).medium_hash
+    run_id = unfinished_copy(world, capsys, monkeypatch, "--medium", "disk")
+    for given in ("disk", medium):
+        code, summary = copy(world, capsys, "--run", str(run_id), "--medium", given, "--dry-run")
+        assert code == 0 and summary["ranges_total"] == 1, given
+    code, summary = copy(world, capsys, "--run", str(run_id), "--medium", medium)
+    assert code == 0 and summary["run_id"] == run_id and summary["complete"]
+
+
+def test_a_rescan_supersedes_an_unfinished_copy_run_planned_over_the_former_inodes(
+        world, capsys, tree, monkeypatch):
+    """A copy run's ranges are the medium's inode numbers when it was planned: after a rescan (every
+    inode afresh, none stored) its finished ranges would stay finished and the run end "complete"
+    over unstored files. The scan supersedes it; the next copy plans what is left."""
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    old_run = unfinished_copy(world, capsys, monkeypatch)
     assert main(world.argv("scan", "--medium", "disk", os.fsdecode(tree))) == 0
     assert f"superseded: unfinished copy run {old_run}," in capsys.readouterr().out
     code, summary = copy(world, capsys)
