@@ -546,8 +546,8 @@ def _changed_options(run: RunInfo, asked: dict, only: frozenset | None = None) -
         planned_with, keys = run.options, set(asked)
     if only is not None:
         keys &= only
-    return ", ".join(f"{key} {planned_with.get(key)!r}, now {asked.get(key)!r}" for key in sorted(keys)
-                     if _given(planned_with.get(key)) != _given(asked.get(key)))
+    return ", ".join(f"{_as_typed(key, planned_with.get(key))}, now {_as_typed(key, asked.get(key))}"
+                     for key in sorted(keys) if _given(planned_with.get(key)) != _given(asked.get(key)))
 
 
 def given_options(options: dict) -> dict:
@@ -559,8 +559,27 @@ def _conflicting_options(run: RunInfo, given: dict) -> str:
     """The options given now that the run was planned otherwise ('' when none)."""
     planned_with = run.options.get(REQUESTED, run.options)
     # Either as asked or as planning resolved it: a medium asked by name is planned by its hash.
-    return ", ".join(f"{key} {planned_with.get(key)!r}, now {value!r}" for key, value in sorted(given.items())
+    return ", ".join(f"{_as_typed(key, planned_with.get(key))}, now {_as_typed(key, value)}"
+                     for key, value in sorted(given.items())
                      if value not in (_given(planned_with.get(key)), _given(run.options.get(key))))
+
+
+#: verify's selections as the options that ask for them.
+SELECTION_TYPED = {"all": "--all", "from-file": "--from-file"}
+
+
+def _as_typed(key: str, value) -> str:
+    """An option of a run as the command line says it ("--limit 5", "no --only-incomplete")."""
+    flag = "--" + key.replace("_", "-")
+    if key == "selection":
+        return SELECTION_TYPED.get(value) or (f"--mode {value}" if value else "no --mode")
+    if _given(value) is None:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    if key == "from_file":
+        return f"{flag} ({value})"  # what the run keeps of a list
+    return f"{flag} {value}"
 
 
 def _given(value):

@@ -223,7 +223,7 @@ def test_a_plain_resume_never_finishes_a_run_asked_for_other_work(small, capsys,
     captured = capsys.readouterr()
     whole = json.loads(captured.out)
     assert code == 0 and whole["run_id"] != limited and whole["links_present"] + whole["links_created"] == 5
-    assert f"run {limited} is unfinished but was asked for other work (limit 1, now None)" in captured.err
+    assert f"run {limited} is unfinished but was asked for other work (--limit 1, now no --limit)" in captured.err
     assert f"relinker relink --run {limited}" in captured.err
     assert relink(small, capsys)[1]["run_id"] not in (limited, whole["run_id"])  # never blocked by it
     code, summary = relink(small, capsys, "--limit", "1")  # the same request resumes it
@@ -245,6 +245,8 @@ def test_a_run_resumed_by_its_id_refuses_options_it_was_not_planned_with(small, 
         assert code == 2 and captured.out == ""
         assert captured.err.startswith(f"relinker: error: run {run_id} was planned for other work (") and \
             captured.err.count("\n") == 1, captured.err
+        assert {"--on-conflict": "(--on-conflict replace, now --on-conflict keep)", "--limit": "(no --limit, now --limit 1)",
+                "--only-incomplete": "(no --only-incomplete, now --only-incomplete)"}[asked[0]] in captured.err
     assert os.stat(kept).st_ino == kept_inode
     # Options it was planned with, or none, resume it as planned.
     code, summary = relink(small, capsys, "--run", str(run_id), "--on-conflict", "replace")
