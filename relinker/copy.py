@@ -383,6 +383,9 @@ class CopyWork:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise  # this process's trouble, not the file's: the range fails and is redone
+                if exc.errno == errno.ENXIO:  # a socket (or a device node without its device) in its place
+                    failures.append((source_path(top, below), "not a regular file"))
+                    continue
                 gone = exc.errno in catalogue.GONE_FROM_MEDIUM
                 if gone and not holds_place(top, below):
                     permanent = False  # the medium is not there: nothing says the file is gone

@@ -115,6 +115,25 @@ def test_copy_relink_count_verify_change_only_what_they_should(production, capsy
     assert [b["n_hardlinks"] for b in after["blobs"]] != [b["n_hardlinks"] for b in stored_before["blobs"]]
 
 
+@pytest.mark.parametrize("kind", ["socket", "fifo"])
+def test_a_special_file_in_place_of_a_catalogued_one_is_given_up(production, capsys, kind):
+    """A socket opens with ENXIO, not as a file to read: neither it nor a FIFO is the catalogued
+    regular file, and no later run can read it (a socket was left to be retried by every run)."""
+    import stat
+
+    p = production
+    migrate(p, capsys)
+    for name in ("notes.txt", "notes-link"):  # both paths of the inode
+        os.unlink(p.fresh_mount / "new" / name)
+        os.mknod(p.fresh_mount / "new" / name, (stat.S_IFSOCK if kind == "socket" else stat.S_IFIFO) | 0o644)
+    code, summary = run(p, capsys, "copy", "--source-prefix", p.source_prefix())
+    assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 1}
+    assert "not a regular file" in summary["problem_samples"][0]["detail"]
+    assert p.conn.execute(
+        "SELECT i.status, i.error_type FROM inode i JOIN path p USING (medium_hash, ino) WHERE p.path = %s",
+        (p.mount_path(p.fresh, "new/notes.txt"),)).fetchone() == ("failed_permanent", "source-unreadable")
+
+
 def test_copy_failures_follow_the_status_model(production, capsys):
     """Failed inodes: status and error_type as the NTT tools read them, processed_at left alone."""
     p = production
