@@ -154,6 +154,9 @@ class ByHashStore:
             self._temp_directory = None
             os.close(self._temp_fd)
             self._temp_fd = -1
+        # A worker killed meanwhile (this run's or another's) left its temporaries: a run that
+        # writes nothing new (a resume) starts no store that would remove them.
+        _remove_dead_workers_directories(self.root + b"/" + TEMP_DIRECTORY)
         self._syncer.stop()
         if self._root_fd >= 0:
             os.close(self._root_fd)
@@ -563,18 +566,32 @@ def _worker_directory(parent: bytes) -> tuple[bytes, int]:
     may carry a pid that looks dead from here, and its directory is locked.
     """
     _mkdir(parent)
-    host = socket.gethostname().encode("utf-8", "replace").replace(b"+", b"-")
-    with os.scandir(parent) as entries:
-        for entry in entries:
-            owner, _, rest = entry.name.partition(b"+")
-            pid, _, _ = rest.partition(b"+")
-            if owner == host and pid.isdigit() and not _alive(int(pid)) and entry.is_dir(follow_symlinks=False):
-                _remove_unless_locked(entry.path)
-    directory = b"%s/%s+%d+%s" % (parent, host, os.getpid(), secrets.token_hex(4).encode())
+    _remove_dead_workers_directories(parent)
+    directory = b"%s/%s+%d+%s" % (parent, _host_name(), os.getpid(), secrets.token_hex(4).encode())
     os.mkdir(directory, 0o700)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return directory, fd
+
+
+def _host_name() -> bytes:
+    return socket.gethostname().encode("utf-8", "replace").replace(b"+", b"-")
+
+
+def _remove_dead_workers_directories(parent: bytes) -> None:
+    """Remove the temporaries directories under ``parent`` of this host's workers that are dead."""
+    host = _host_name()
+    try:
+        if not stat.S_ISDIR(os.lstat(parent).st_mode):
+            return  # never through a symlink
+        with os.scandir(parent) as entries:
+            for entry in entries:
+                owner, _, rest = entry.name.partition(b"+")
+                pid, _, _ = rest.partition(b"+")
+                if owner == host and pid.isdigit() and not _alive(int(pid)) and entry.is_dir(follow_symlinks=False):
+                    _remove_unless_locked(entry.path)
+    except FileNotFoundError:
+        pass
 
 
 def _remove_unless_locked(directory: bytes) -> None:

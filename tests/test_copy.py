@@ -929,6 +929,13 @@ def test_a_dead_workers_temporaries_are_removed_and_no_one_elses(tmp_path):
     os.close(other_namespace)
     assert sorted(os.listdir(temporaries)) == sorted(
         [f"{host}+{os.getpid()}+0a11", f"{host}+{dead.pid}+10cc", f"elsewhere+{dead.pid}+0bad"])
+    # A worker killed while others work on: their stores remove its temporaries as they close, even
+    # those that wrote nothing (a resume with nothing new makes no directory of its own).
+    leftovers[f"{host}+{dead.pid}+0bad"].mkdir()
+    (leftovers[f"{host}+{dead.pid}+0bad"] / "partial").write_bytes(b"half a file")
+    ByHashStore(os.fsencode(root)).close()
+    assert not leftovers[f"{host}+{dead.pid}+0bad"].exists()
+    assert not leftovers[f"{host}+{dead.pid}+10cc"].exists()  # its lock is gone with its holder
 
 
 def test_source_changing_while_read_is_detected(tmp_path):
