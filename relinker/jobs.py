@@ -547,7 +547,7 @@ def _changed_options(run: RunInfo, asked: dict, only: frozenset | None = None) -
     if only is not None:
         keys &= only
     return ", ".join(f"{_as_typed(key, planned_with.get(key))}, now {_as_typed(key, asked.get(key))}"
-                     for key in sorted(keys) if _given(planned_with.get(key)) != _given(asked.get(key)))
+                     for key in sorted(keys) if not _as_planned(run, planned_with, key, asked.get(key)))
 
 
 def given_options(options: dict) -> dict:
@@ -558,10 +558,14 @@ def given_options(options: dict) -> dict:
 def _conflicting_options(run: RunInfo, given: dict) -> str:
     """The options given now that the run was planned otherwise ('' when none)."""
     planned_with = run.options.get(REQUESTED, run.options)
-    # Either as asked or as planning resolved it: a medium asked by name is planned by its hash.
     return ", ".join(f"{_as_typed(key, planned_with.get(key))}, now {_as_typed(key, value)}"
-                     for key, value in sorted(given.items())
-                     if value not in (_given(planned_with.get(key)), _given(run.options.get(key))))
+                     for key, value in sorted(given.items()) if not _as_planned(run, planned_with, key, value))
+
+
+def _as_planned(run: RunInfo, planned_with: dict, key: str, value) -> bool:
+    """Whether ``value`` of option ``key`` is what ``run`` was asked for, or what its planning made of
+    that (a medium asked by name is planned by its hash)."""
+    return _given(value) in (_given(planned_with.get(key)), _given(run.options.get(key)))
 
 
 #: verify's selections as the options that ask for them.

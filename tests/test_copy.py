@@ -126,13 +126,13 @@ def unfinished_copy(world, capsys, monkeypatch, *args) -> int:
     return summary["run_id"]
 
 
-def test_a_run_asked_for_a_medium_by_name_resumes_by_its_hash_too(world, capsys, tree, monkeypatch):
+def test_a_run_asked_for_a_medium_by_name_is_resumed_by_its_hash_too(world, capsys, tree, monkeypatch):
     medium = scan.scan_tree(world.conn, "disk", os.fsencode(tree)).medium_hash
     run_id = unfinished_copy(world, capsys, monkeypatch, "--medium", "disk")
     for given in ("disk", medium):
         code, summary = copy(world, capsys, "--run", str(run_id), "--medium", given, "--dry-run")
         assert code == 0 and summary["ranges_total"] == 1, given
-    code, summary = copy(world, capsys, "--run", str(run_id), "--medium", medium)
+    code, summary = copy(world, capsys, "--medium", medium)  # a plain resume, the same way
     assert code == 0 and summary["run_id"] == run_id and summary["complete"]
 
 
