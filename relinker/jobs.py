@@ -565,7 +565,8 @@ def _conflicting_options(run: RunInfo, given: dict) -> str:
 def _as_planned(run: RunInfo, planned_with: dict, key: str, value) -> bool:
     """Whether ``value`` of option ``key`` is what ``run`` was asked for, or what its planning made of
     that (a medium asked by name is planned by its hash)."""
-    return _given(value) in (_given(planned_with.get(key)), _given(run.options.get(key)))
+    resolved = _given(run.options.get(key))
+    return _given(value) == _given(planned_with.get(key)) or (resolved is not None and _given(value) == resolved)
 
 
 #: verify's selections as the options that ask for them.
