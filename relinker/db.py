@@ -12,6 +12,7 @@ import tenacity
 
 from relinker.dbtext import adapt_to_encoding, client_encoding
 from relinker.errors import UserError
+from relinker.paths import display
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ def bool_array(values) -> str:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (a path of an OSError as relinker shows paths)."""
+    if isinstance(exc, OSError) and exc.strerror and isinstance(exc.filename, (str, bytes)):
+        return f"[Errno {exc.errno}] {exc.strerror}: {display(os.fsencode(exc.filename))}"
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -725,4 +725,4 @@ def _link_problem(exc: OSError, source: bytes | None, stored: bytes) -> LinkProb
         return LinkProblem("missing-by-hash", f"{display(source)} vanished")
     if exc.errno == errno.EISDIR:
         return LinkProblem("is-a-directory", "a directory is in the way (never removed)")
-    return LinkProblem("os-error", f"{display(stored)}: {exc.strerror}")
+    return LinkProblem("os-error", exc.strerror)  # the problem names its path

@@ -32,7 +32,7 @@ from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
 from relinker.jobs import Mode
 from relinker.linker import AT_LINK_LIMIT, LinkProblem, filesystem_link_limit
-from relinker.paths import by_hash_relpath, display
+from relinker.paths import by_hash_relpath
 from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
 from relinker.count import CountWork
 from relinker.relink import UNUSABLE, RangeScope, plan_list
@@ -136,7 +136,7 @@ class VerifyWork(CountWork):
             fd = self.linker.open_source(relpath) if self.rehash else None
             size = (os.fstat(fd) if fd is not None else self.linker.stat_source(relpath)).st_size
         except OSError as exc:
-            ctx.problem("content-unreadable", f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
+            ctx.problem("content-unreadable", exc.strerror, blobid=blobid, path=path)
             return
         try:
             sizes = self._sizes.get(blobid)
@@ -148,7 +148,7 @@ class VerifyWork(CountWork):
             try:
                 digest, read = content.hash_fd(fd, ctx.tick)
             except OSError as exc:
-                ctx.problem("content-unreadable", f"{display(path)}: {exc.strerror}", blobid=blobid, path=path)
+                ctx.problem("content-unreadable", exc.strerror, blobid=blobid, path=path)
                 return
             ctx.counters.bytes_read += read
             ctx.tick()

@@ -143,3 +143,11 @@ def test_an_outage_is_one_warning_a_minute_per_process_not_one_per_retry(caplog,
                 raise psycopg.OperationalError("the server restarts")
     levels = [r.levelno for r in caplog.records if "retrying" in r.getMessage()]
     assert levels[0] == logging.WARNING and set(levels[1:]) <= {logging.DEBUG}
+
+
+def test_an_os_errors_path_is_shown_as_relinker_shows_paths():
+    """A range's last_error, its log line and the summary show a path as every message does, never as
+    Python's repr of bytes (b'...')."""
+    assert db.first_line(OSError(28, "No space left on device", b"/store/.relinker-tmp/w/\xff7")) == \
+        "[Errno 28] No space left on device: /store/.relinker-tmp/w/\\xff7"
+    assert db.first_line(OSError(5, "Input/output error")) == "[Errno 5] Input/output error"
