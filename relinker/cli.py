@@ -356,6 +356,10 @@ def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobReq
     emit(summary.as_json() if as_json else summary.as_text())
     in_log_file(summary.as_text())
     resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
+    if summary.mode == copy.MODE and summary.counters.links_missing and not summary.dry_run:
+        say_and_log(f"relinker: {summary.counters.links_missing:,} links of stored contents could not be made "
+                    "(see the problems); copy stores a content once: `relinker relink --only-incomplete` makes "
+                    "them once that is mended")
     if summary.stopped:
         say_and_log(f"relinker: {summary.stopped}; resume with: {resume_hint}")
     elif exit_code == EXIT_INTERRUPTED:

@@ -425,6 +425,7 @@ class CopyWork:
         counters.links_created += tally[Outcome.CREATED]
         counters.links_present += tally[Outcome.PRESENT]
         counters.links_replaced += tally[Outcome.REPLACED]
+        counters.links_missing += len(paths) - linked  # recorded as problems
         return linked
 
 

@@ -409,13 +409,23 @@ def test_a_path_that_cannot_be_linked_is_a_problem_and_the_count_says_so(world, 
     blocked = world.archive_path(os.fsencode(source / "blocked"))
     os.makedirs(blocked + b"/keep")
     scan.scan_tree(world.conn, "disk", os.fsencode(source))
-    code, summary = copy(world, capsys)
+    code = main(world.argv("copy", "--json", "--workers", "2", "--no-progress"))
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
     assert code == 1 and summary["problems_by_kind"] == {"is-a-directory": 1}, summary
+    assert summary["links_missing"] == 1 and "`relinker relink --only-incomplete` makes them" in err
     blobid = blake3.blake3(content).hexdigest()
     assert world.linked(blobid, os.fsencode(source / "open")) and os.path.isdir(blocked + b"/keep")
     counts = dict(world.conn.execute("SELECT blobid, array[n_hardlinks, expected_hardlinks] FROM blobs"))
     assert counts == {blobid: [1, 2], blake3.blake3(b"another content").hexdigest(): [1, 1]}
     assert os.stat(by_hash_path_of(world, blobid)).st_nlink == 2
+    # copy never visits the stored inode again; relink makes the link once the way is clear
+    os.rmdir(blocked + b"/keep")
+    os.rmdir(blocked)
+    assert copy(world, capsys, "--new")[1]["blobs"] == 0
+    code = main(world.argv("relink", "--only-incomplete", "--json", "--no-progress"))
+    assert code == 0 and json.loads(capsys.readouterr().out)["links_created"] == 1
+    world.assert_complete()
 
 
 def blocked_and_fine(tmp_path) -> tuple:
