@@ -61,8 +61,9 @@ def build_parser(config_files: list[str]) -> argparse.ArgumentParser:
         epilog="example:\n  relinker scan --medium photos-2019 /mnt/photos",
     )
     scan_cmd.add_argument("--medium", required=True, type=medium_name, metavar="NAME", help="medium name (its hash derives from it)")
-    scan_cmd.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                          help="leave out entries whose name matches PATTERN (shell wildcards; repeatable)")
+    scan_cmd.add_argument("--exclude", action="append", default=[], metavar="PATTERN", type=name_pattern,
+                          help="leave out entries whose name (not path) matches PATTERN: *, ? and [...], where "
+                               "[*] is a literal * (Python's fnmatch: no backslash escapes); repeatable")
     scan_cmd.add_argument("directory", metavar="DIR", type=path_argument, help="root of the tree to catalogue")
     scan_cmd.set_defaults(handler=cmd_scan)
 
@@ -183,6 +184,14 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
                       help="worker processes (default: CPU count)")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def name_pattern(text: str) -> str:
+    """An argparse type: a pattern an entry's name can match (no '/': it would match nothing)."""
+    if "/" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} has a '/': it is matched against each entry's name, "
+                                         "never a path (it would match nothing)")
+    return text
 
 
 def medium_name(text: str) -> str:

@@ -9,6 +9,7 @@ never follows symlinks, and counts and skips what it cannot read.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import logging
 import os
@@ -44,7 +45,10 @@ SQL_RECORD_SCAN = """
 INSERT INTO relinker_scanned_medium (medium_hash, root) VALUES (%s, %s)
 ON CONFLICT (medium_hash) DO UPDATE SET root = EXCLUDED.root, scanned_at = now()
 """
-SQL_OTHER_NAMESAKE = "SELECT medium_hash FROM medium WHERE medium_human = %s AND medium_hash <> %s LIMIT 1"
+SQL_OTHER_NAMESAKE = """
+SELECT medium_hash FROM medium WHERE (medium_human = %(name)s OR medium_hash = %(name)s) AND medium_hash <> %(hash)s
+LIMIT 1
+"""
 # A rescan drops the medium's inodes, whose paths their blobs' expected_hardlinks count: those
 # counts are made afresh (NULL: copy and relink count a blob's paths again). The rows are locked in
 # blob ID order, as copy and relink lock them, as the scan's last statement: not for its walk.
@@ -133,16 +137,19 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
         root_stat = os.lstat(root)
     except OSError as exc:
         raise UserError(f"cannot scan {display(root)}: {exc.strerror}") from None
+    if stat.S_ISLNK(root_stat.st_mode):
+        raise UserError(f"cannot scan {display(root)}: a symlink (scan never goes through one: give the "
+                        f"directory it leads to, {display(os.path.realpath(root))})")
     if not stat.S_ISDIR(root_stat.st_mode):
         raise UserError(f"cannot scan {display(root)}: not a directory")
     text_paths = db.column_type(conn, "path", "path") != "bytea"
 
     result = ScanResult(medium_hash_for(name))
     # A medium is named by its name in copy --medium: two of one name could be told apart by hash only.
-    namesake = conn.execute(SQL_OTHER_NAMESAKE, (name, result.medium_hash)).fetchone()
+    namesake = conn.execute(SQL_OTHER_NAMESAKE, {"name": name, "hash": result.medium_hash}).fetchone()
     if namesake:
-        raise UserError(f"medium {name!r} exists already ({namesake[0]}, not catalogued by relinker scan): "
-                        "choose another name")
+        raise UserError(f"{name!r} names another medium already ({namesake[0]}; copy --medium would not know "
+                        "which): choose another name")
     ensure_medium_partitions(conn, result.medium_hash)
     try:
         checkpoint.hold_mode(conn, "scan", SCAN_EXCLUDES)
@@ -244,7 +251,8 @@ def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: l
                 fd = os.dup(root_fd) if not below else open_beneath(root_fd, below)
             except OSError as exc:
                 result.unreadable += 1
-                log.warning("skipped unreadable directory %s: %s", display(directory), exc.strerror)
+                log.warning("skipped %s %s: %s", "directory" if exc.errno == errno.ENOENT else "unreadable directory",
+                            display(directory), _why(exc))
                 continue
             try:
                 found = os.fstat(fd)
@@ -257,6 +265,11 @@ def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: l
                 os.close(fd)
     finally:
         os.close(root_fd)
+
+
+def _why(exc: OSError) -> str:
+    """Why an entry was skipped: one listed and gone since was not unreadable."""
+    return "gone while the tree was walked" if exc.errno == errno.ENOENT else exc.strerror
 
 
 def _entries(fd: int, directory: bytes, below: bytes, device: int, result: ScanResult, exclude: list[bytes],
@@ -278,7 +291,7 @@ def _entries(fd: int, directory: bytes, below: bytes, device: int, result: ScanR
             st = entry.stat(follow_symlinks=False)
         except OSError as exc:
             result.unreadable += 1
-            log.warning("skipped %s: %s", display(path), exc.strerror)
+            log.warning("skipped %s: %s", display(path), _why(exc))
             continue
         if st.st_dev != device:
             result.other_filesystem += 1

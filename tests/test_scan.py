@@ -108,6 +108,13 @@ def test_excluded_names_are_left_out_and_not_entered(conn, tree):
     assert result.excluded == 4  # __pycache__, a.txt, b.txt, c.txt
 
 
+def test_an_exclude_pattern_with_a_slash_is_a_usage_error(catalogue_url, tree, capsys):
+    """Patterns match names: one with a '/' would leave out nothing, without a word."""
+    with pytest.raises(SystemExit) as usage:
+        main(["--db-url", catalogue_url, "scan", "--medium", "disk", "--exclude", "*/a.txt", os.fsdecode(tree)])
+    assert usage.value.code == 2 and "has a '/': it is matched against each entry's name" in capsys.readouterr().err
+
+
 def test_scan_gives_the_planner_statistics_of_the_new_medium_only(conn, tree):
     """A medium copied right after its scan is planned with statistics (and no other partition is analyzed)."""
     other = scan.scan_tree(conn, "other", tree).medium_hash
@@ -125,11 +132,22 @@ def test_scan_never_gives_a_second_medium_an_existing_medium_s_name(conn, catalo
     conn.execute("INSERT INTO medium (medium_hash, medium_human) VALUES ('0123456789abcdef', 'usb-disk')")
     assert main(["--db-url", catalogue_url, "scan", "--medium", "usb-disk", os.fsdecode(tree)]) == 2
     err = capsys.readouterr().err
-    assert err == ("relinker: error: medium 'usb-disk' exists already (0123456789abcdef, not catalogued by "
-                   "relinker scan): choose another name\n")
+    assert err == ("relinker: error: 'usb-disk' names another medium already (0123456789abcdef; copy --medium "
+                   "would not know which): choose another name\n")
     assert conn.execute("SELECT medium_hash FROM medium WHERE medium_human = 'usb-disk'").fetchall() == [
         ("0123456789abcdef",)]
+    # nor a name that is another medium's hash
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "0123456789abcdef", os.fsdecode(tree)]) == 2
+    assert "'0123456789abcdef' names another medium already" in capsys.readouterr().err
     assert conn.execute("SELECT count(*) FROM path").fetchone() == (0,)
+
+
+def test_a_root_given_through_a_symlink_is_refused_in_one_line_that_says_so(catalogue_url, tree, tmp_path, capsys):
+    link = tmp_path / "through-a-link"
+    link.symlink_to(os.fsdecode(tree))
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "disk", str(link)]) == 2
+    assert capsys.readouterr().err == (f"relinker: error: cannot scan {link}: a symlink (scan never goes through "
+                                       f"one: give the directory it leads to, {os.fsdecode(tree)})\n")
 
 
 def _scan_in_thread(url, tree, name, outcome, monkeypatch, pause_per_entry=0.0):
