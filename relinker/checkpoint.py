@@ -364,10 +364,12 @@ SQL_RANGE_FAILED = """
 UPDATE relinker_range SET status = 'failed', finished_at = now(), last_error = %(error)s
 """ + _OWNED_WHERE
 SQL_COPY_PROBLEMS = "COPY relinker_problem (run_id, range_no, blobid, path, kind, detail) FROM STDIN"
+# A run a scan superseded has nothing left for anyone (no claim takes its ranges).
 SQL_OPEN_RANGES = """
 SELECT count(*) FROM relinker_range
 WHERE run_id = %(run_id)s AND status <> 'done'
   AND (status IN ('pending', 'running') OR (status = 'failed' AND finished_at < %(since)s))
+  AND EXISTS (SELECT 1 FROM relinker_run AS run WHERE run.run_id = %(run_id)s AND run.status = 'open')
 """
 
 

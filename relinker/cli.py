@@ -365,6 +365,10 @@ def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobReq
     emit(summary.as_json() if as_json else summary.as_text())
     in_log_file(summary.as_text())
     resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
+    if summary.status == jobs.SUPERSEDED:
+        say_and_log(f"relinker: run {summary.run_id} was superseded by a scan meanwhile: `relinker "
+                    f"{summary.mode}` plans what is left")
+        return exit_code
     if summary.mode == copy.MODE and summary.counters.links_missing and not summary.dry_run:
         say_and_log(f"relinker: {summary.counters.links_missing:,} links of stored contents could not be made "
                     "(see the problems); copy stores a content once: `relinker relink --only-incomplete` makes "
@@ -462,8 +466,8 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
             f"{result.unrepresentable} not storable as text"
         )
     if result.superseded:
-        emit(f"superseded: unfinished copy run {', '.join(map(str, result.superseded))}, planned over the "
-             "medium's former inodes (the next `relinker copy` plans what is left)")
+        emit(f"superseded: unfinished copy run {', '.join(map(str, result.superseded))}, planned before this "
+             "scan of a medium it covers (the next `relinker copy` plans what is left)")
     return EXIT_PROBLEMS if skipped else EXIT_OK
 
 

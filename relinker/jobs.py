@@ -380,14 +380,16 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
                 f"the catalogue database could not be reached as the run ended ({db.first_line(exc)})")
             raise RunStopped(f"{why}: run {spec.run_id} stopped, not complete; once the database is back, "
                              f"resume it with `{resume}`", run_id=spec.run_id, mode=mode.name) from None
-        if outcome.database_gone and not summary.complete:
+        if summary.status == SUPERSEDED:
+            pass  # the summary says so; there is nothing to resume
+        elif outcome.database_gone and not summary.complete:
             summary.stopped = _database_gone(request)
         elif outcome.start_failure and not summary.complete:
             summary.stopped = f"no worker process could be started ({outcome.start_failure})"
         elif outcome.clash and not summary.complete:
             others = sorted(mode.excludes)
             summary.stopped = (f"a {', '.join(others[:-1])} or {others[-1]} run began meanwhile, which a "
-                               f"{mode.name} run must not overlap: once it has ended")
+                               f"{mode.name} run must not overlap (the log names it): once it has ended")
         summary.interrupted = outcome.interrupted and not summary.complete
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links
@@ -443,7 +445,7 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
     if run.mode != mode.name:
         raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
     if run.status == SUPERSEDED:
-        raise UserError(f"run {run.run_id} was superseded: a scan replaced the inodes it was planned over "
+        raise UserError(f"run {run.run_id} was superseded: a scan of a medium it covers came after its plan "
                         f"(`relinker {mode.name}` plans what is left)")
     conflicts = _conflicting_options(run, dbtext.storable(conn, request.given))
     if conflicts:

@@ -160,7 +160,7 @@ class Summary:
         else:
             title = f"run {self.run_id} ({self.mode})"
         state = ("complete" if self.complete else "interrupted" if self.interrupted
-                 else "superseded by a scan of its medium" if self.status == "superseded" else "not complete")
+                 else "superseded by a scan" if self.status == "superseded" else "not complete")
         lines = [f"{title}: {state}"]
         verb = "would be " if self.dry_run else ""
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in self.problems_by_kind.items())

@@ -73,8 +73,9 @@ UPDATE blobs AS b SET expected_hardlinks = NULL FROM named WHERE b.blobid = name
 """
 #: What a scan must not overlap: runs that count or check the paths it replaces.
 SCAN_EXCLUDES = frozenset({"relink", "copy", "count", "verify"})
-# Copy runs not finished whose ranges are this medium's inode numbers (a run
-# of every medium: a medium new to it as well) plan over inodes that are gone.
+# Copy runs not finished that cover this medium (of it, or of every medium, a
+# medium new to the catalogue included): their ranges are inode numbers as they
+# were, or leave the medium out.
 SQL_SUPERSEDE_COPY_RUNS = """
 UPDATE relinker_run SET status = 'superseded', finished_at = now()
 WHERE mode = 'copy' AND status = 'open' AND (options->>'medium' IS NULL OR options->>'medium' = %(medium)s)

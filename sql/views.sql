@@ -45,7 +45,9 @@ CROSS JOIN LATERAL (
           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.classid = g.run_id::oid AND l.objid = g.range_no::oid) AS held
 ) AS held
-WHERE g.status <> 'done';
+WHERE g.status <> 'done'
+  -- a run a scan superseded leaves its ranges to no one
+  AND NOT EXISTS (SELECT 1 FROM relinker_run AS r WHERE r.run_id = g.run_id AND r.status = 'superseded');
 
 -- How far is a run: ranges by status, counters summed over its ranges
 -- (running ranges report their partial counters), rate and ETA. `working` is

@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -126,6 +127,33 @@ def unfinished_copy(world, capsys, monkeypatch, *args) -> int:
     return summary["run_id"]
 
 
+def test_a_run_superseded_as_its_coordinator_starts_ends_without_a_resume_command(
+        world, capsys, tree, monkeypatch):
+    """A scan can commit between a plain copy choosing the run to resume and its workers' first claim:
+    the workers find nothing to claim and end (they waited for ranges no one would ever take), and
+    nothing tells the user to resume a run that --run refuses."""
+    from relinker import jobs
+
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    old_run = unfinished_copy(world, capsys, monkeypatch)
+    real_pool = jobs.run_pool
+
+    def scan_first(*args, **kwargs):
+        scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "run_pool", scan_first)
+    signal.alarm(120)  # the workers used to wait for good: end the test run rather than hang it
+    try:
+        code = main(world.argv("copy", "--json", "--workers", "1", "--no-progress"))
+    finally:
+        signal.alarm(0)
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert code == 1 and summary["run_id"] == old_run and summary["status"] == "superseded", summary
+    assert "resume" not in err and f"run {old_run} was superseded by a scan meanwhile: `relinker copy` plans" in err
+
+
 def test_a_run_asked_for_a_medium_by_name_is_resumed_by_its_hash_too(world, capsys, tree, monkeypatch):
     medium = scan.scan_tree(world.conn, "disk", os.fsencode(tree)).medium_hash
     run_id = unfinished_copy(world, capsys, monkeypatch, "--medium", "disk")
@@ -152,7 +180,8 @@ def test_a_rescan_supersedes_an_unfinished_copy_run_planned_over_the_former_inod
     assert main(world.argv("copy", "--run", str(old_run), "--no-progress")) == 2
     assert f"run {old_run} was superseded" in capsys.readouterr().err
     assert main(world.argv("status", str(old_run))) == 0
-    assert "superseded by a scan of its medium" in capsys.readouterr().out
+    status = capsys.readouterr().out
+    assert "superseded by a scan" in status and "  range 1 failed" not in status  # its ranges are no one's
 
 
 def test_a_content_met_again_while_its_batch_syncs_is_stored_and_counted_once(world, capsys, tmp_path, monkeypatch):
