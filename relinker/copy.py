@@ -542,6 +542,15 @@ def resolve_medium(conn: psycopg.Connection, name_or_hash: str) -> str:
     return rows[0][0]
 
 
+def canonical_options(conn: psycopg.Connection, options: dict) -> None:
+    """A medium asked by its name is the same work as asked by its hash: kept and compared as the hash."""
+    if options.get("medium"):
+        try:
+            options["medium"] = resolve_medium(conn, options["medium"])
+        except UserError:
+            pass  # planning says so, where it must know the medium
+
+
 def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, workers: int,
          n_ranges: int | None) -> list[Bounds]:
     """Ranges of inodes to copy (``ino_hi`` exclusive), with the bytes each holds.
@@ -586,7 +595,7 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
 
 
 MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}),
-                 in_bytes=lambda options: True,
+                 in_bytes=lambda options: True, canonical_options=canonical_options,
                  catalogue_writes=(("inode", "UPDATE", ("blobid", "by_hash_created", "copied", "processed_at", "errors",
                                                          "status", "error_type")),
                                    ("path", "UPDATE", ("blobid",)),

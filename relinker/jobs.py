@@ -64,6 +64,9 @@ class Mode:
     catalogue_reads: tuple[str, ...] = ("blobs", "inode", "relinker_path")
     #: Fills in, in place, the options a request did not give (run_job notes first which it gave).
     complete_options: Callable[[dict], None] = lambda options: None
+    #: canonical_options(conn, options): in place, each option as runs keep and compare it (the same
+    #: work asked two ways is one: a medium by its name or by its hash).
+    canonical_options: Callable[[psycopg.Connection, dict], None] = lambda conn, options: None
     #: The modes whose runs may not be at work while one of this mode is: a run is refused at its
     #: start, and a worker stops, while one is (see checkpoint.hold_mode).
     excludes: frozenset = frozenset()
@@ -270,6 +273,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         migrations.require_migrated(conn)
         check_privileges(conn, mode, writes=not request.dry_run, reads_checkpoints=request.run_id is not None)
+        mode.canonical_options(conn, request.options)
+        mode.canonical_options(conn, request.given)
         spec = WorkSpec(
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
@@ -526,8 +531,8 @@ def _as_stored(options: dict, conn: psycopg.Connection | None = None) -> dict:
     return json.loads(json.dumps(dbtext.storable(conn, options)))
 
 
-#: The options that make a run's work another one's (an older run's, see _select_run). Its medium
-#: is kept as a hash: asked by name, a new run is planned (copy plans only what is left to copy).
+#: The options that make a run's work another one's (an older run's, see _select_run; a medium as
+#: its hash, see Mode.canonical_options).
 NARROWING = frozenset({"limit", "only_incomplete", "on_conflict", "from_file", "selection", "count", "hash",
                        "medium"})
 

@@ -154,13 +154,15 @@ def test_a_run_superseded_as_its_coordinator_starts_ends_without_a_resume_comman
     assert "resume" not in err and f"run {old_run} was superseded by a scan meanwhile: `relinker copy` plans" in err
 
 
-def test_a_run_asked_for_a_medium_by_name_is_resumed_by_its_hash_too(world, capsys, tree, monkeypatch):
+@pytest.mark.parametrize("asked_by", ["name", "hash"])
+def test_a_run_asked_for_a_medium_one_way_is_resumed_the_other_way_too(world, capsys, tree, monkeypatch, asked_by):
     medium = scan.scan_tree(world.conn, "disk", os.fsencode(tree)).medium_hash
-    run_id = unfinished_copy(world, capsys, monkeypatch, "--medium", "disk")
+    run_id = unfinished_copy(world, capsys, monkeypatch, "--medium", "disk" if asked_by == "name" else medium)
     for given in ("disk", medium):
         code, summary = copy(world, capsys, "--run", str(run_id), "--medium", given, "--dry-run")
         assert code == 0 and summary["ranges_total"] == 1, given
-    code, summary = copy(world, capsys, "--medium", medium)  # a plain resume, the same way
+    other_way = medium if asked_by == "name" else "disk"
+    code, summary = copy(world, capsys, "--medium", other_way)  # a plain resume
     assert code == 0 and summary["run_id"] == run_id and summary["complete"]
 
 

@@ -1115,8 +1115,8 @@ def test_a_run_begun_meanwhile_that_must_not_overlap_stops_the_workers(small, ca
     out, err = capsys.readouterr()
     assert code == 1 and json.loads(out)["ranges_done"] == 0
     assert err.strip().splitlines()[-1] == (
-        "relinker: a copy, count, scan or verify run began meanwhile, which a relink run must not overlap: once "
-        f"it has ended; resume with: {small.resume('relink', 1)}")
+        "relinker: a copy, count, scan or verify run began meanwhile, which a relink run must not overlap (the log "
+        f"names it): once it has ended; resume with: {small.resume('relink', 1)}")
     count_worker.close()
     from processes import wait_for
 
