@@ -383,6 +383,11 @@ def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobReq
     return exit_code
 
 
+#: The options of relink, copy, count and verify that say which work a run does (the run keeps them).
+RUN_SHAPING = frozenset({"on_conflict", "only_incomplete", "limit", "from_file", "medium", "retry_permanent",
+                         "hash", "all", "count", "mode"})
+
+
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     """Parse a command line (with environment and config file) into settings."""
     argv = list(argv)
@@ -402,6 +407,12 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USAGE)
     args.typed = typed_options(argv)
+    if getattr(args, "run_id", None) is not None:
+        # The run goes on with the work it was planned for: what a config file says of that work (a
+        # nightly count, a trial limit) is no option given with --run, which refuses one planned otherwise.
+        for dest in RUN_SHAPING - args.typed:
+            if hasattr(args, dest):
+                setattr(args, dest, False if isinstance(getattr(args, dest), bool) else None)
     return args, Settings.from_args(args)
 
 

@@ -89,6 +89,16 @@ def test_a_config_files_selection_gives_way_to_the_one_typed(linked, capsys, tmp
     # both typed: still refused
     assert main(linked.argv("verify", "--all", "--count", "2")) == 2
     assert "--count chooses which blobs: not with --all" in capsys.readouterr().err
+    # a run resumed by its ID goes on as planned, whatever the file says of the work
+    config.write_text("count = 1\nmode = random\nlimit = 1\nhash = true\n")
+    for command in ("verify", "relink"):
+        run_id = linked.conn.execute("SELECT max(run_id) FROM relinker_run WHERE mode = %s", (command,)).fetchone()[0]
+        linked.conn.execute("UPDATE relinker_range SET status = 'pending' WHERE run_id = %s", (run_id,))
+        linked.conn.execute("UPDATE relinker_run SET status = 'open' WHERE run_id = %s", (run_id,))
+        code, result = run(linked, capsys, command, *with_config, "--run", str(run_id))
+        assert code == 0 and result["run_id"] == run_id and result["complete"], command
+    assert main(linked.argv("relink", "--config", str(config), "--run", str(run_id), "--limit", "2")) == 2  # typed
+    assert "planned for other work (no --limit, now --limit 2)" in capsys.readouterr().err
 
 
 def checked(world):
