@@ -47,7 +47,7 @@ from relinker.errors import UserError
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
 from relinker.paths import UnsafePath, display, order_remaps
-from relinker.pool import RangeContext, WorkSpec
+from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
 from relinker.sources import MediumSources, holds_place, source_path
 from relinker.store import ByHashStore, InodeProblem, Pending, SourceProblem, Stored
 
@@ -416,8 +416,11 @@ class CopyWork:
     def _link_all(self, stored: Stored, paths: list[bytes], ctx: RangeContext) -> int:
         """Link the inode's paths to its by-hash file; how many are now correctly linked."""
         tally = new_tally()
+        limited = 0
 
         def problem(path: bytes, kind: str, detail: str) -> None:
+            nonlocal limited
+            limited += kind in LIMIT_KINDS
             ctx.problem(kind, detail, blobid=stored.blobid, path=path)
 
         linked = self.linker.link_all(stored.path, stored.identity, paths, tally, problem)
@@ -425,7 +428,8 @@ class CopyWork:
         counters.links_created += tally[Outcome.CREATED]
         counters.links_present += tally[Outcome.PRESENT]
         counters.links_replaced += tally[Outcome.REPLACED]
-        counters.links_missing += len(paths) - linked  # recorded as problems
+        # A path over the filesystem's limits is a limit, not a link to make later.
+        counters.links_missing += len(paths) - linked - limited
         return linked
 
 

@@ -459,6 +459,21 @@ def test_a_path_that_cannot_be_linked_is_a_problem_and_the_count_says_so(world, 
     world.assert_complete()
 
 
+def test_a_path_over_the_filesystems_limits_is_no_link_missing(world, capsys, tmp_path):
+    """A name longer than the archive's filesystem takes is a limit (as too-many-links): copy reports
+    it, but counts no link missing and sends no one to relink for it (no relink will ever make it)."""
+    medium = world.medium("disk")
+    mount = tmp_path / "mounted-medium"
+    put(os.fsencode(mount) + b"/short", b"content")
+    ino = world.inode(medium, [b"/short", b"/" + b"n" * 300], None)
+    world.conn.execute("UPDATE inode SET size = 7 WHERE ino = %s", (ino,))
+    code = main(world.argv("copy", "--json", "--no-progress", "--source-prefix", f"/mnt/ntt/{medium}={mount}"))
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert code == 1 and summary["problems_by_kind"] == {"name-too-long": 1}, summary
+    assert summary["links_missing"] == 0 and "relink" not in err
+
+
 def blocked_and_fine(tmp_path) -> tuple:
     """A tree of two contents in different ab/ directories of the store: (its root, the first's blob ID)."""
     source = tmp_path / "disk"
