@@ -112,6 +112,8 @@ class ScanResult:
     inodes: int = 0
     files: int = 0
     unreadable: int = 0
+    #: entries listed and gone before they were looked at (the tree changed while it was walked)
+    vanished: int = 0
     other_filesystem: int = 0
     unrepresentable: int = 0
     excluded: int = 0
@@ -251,9 +253,7 @@ def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: l
             try:
                 fd = os.dup(root_fd) if not below else open_beneath(root_fd, below)
             except OSError as exc:
-                result.unreadable += 1
-                log.warning("skipped %s %s: %s", "directory" if exc.errno == errno.ENOENT else "unreadable directory",
-                            display(directory), _why(exc))
+                _skipped(result, exc, f"directory {display(directory)}")
                 continue
             try:
                 found = os.fstat(fd)
@@ -268,9 +268,14 @@ def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: l
         os.close(root_fd)
 
 
-def _why(exc: OSError) -> str:
-    """Why an entry was skipped: one listed and gone since was not unreadable."""
-    return "gone while the tree was walked" if exc.errno == errno.ENOENT else exc.strerror
+def _skipped(result: ScanResult, exc: OSError, what: str) -> None:
+    """Count and log an entry that could not be looked at: unreadable, or listed and gone since."""
+    if exc.errno == errno.ENOENT:
+        result.vanished += 1
+        log.warning("skipped %s: gone while the tree was walked", what)
+    else:
+        result.unreadable += 1
+        log.warning("skipped %s: %s", what, exc.strerror)
 
 
 def _entries(fd: int, directory: bytes, below: bytes, device: int, result: ScanResult, exclude: list[bytes],
@@ -291,8 +296,7 @@ def _entries(fd: int, directory: bytes, below: bytes, device: int, result: ScanR
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError as exc:
-            result.unreadable += 1
-            log.warning("skipped %s: %s", display(path), _why(exc))
+            _skipped(result, exc, display(path))
             continue
         if st.st_dev != device:
             result.other_filesystem += 1

@@ -99,6 +99,24 @@ def test_scan_into_old_text_catalogue_skips_unstorable_names(db_url, tree):
         assert os.fsdecode(tree) + "/Icon\r" in stored
 
 
+def test_a_directory_gone_while_the_tree_is_walked_is_said_so_not_called_unreadable(
+        catalogue_url, tree, monkeypatch, capsys):
+    import shutil
+
+    real_open = scan.open_beneath
+
+    def remove_then_open(dir_fd, below):
+        if below == b"sub":
+            shutil.rmtree(tree + b"/sub")  # listed a moment ago, gone now
+        return real_open(dir_fd, below)
+
+    monkeypatch.setattr(scan, "open_beneath", remove_then_open)
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "disk", os.fsdecode(tree)]) == 1
+    out = capsys.readouterr().out
+    assert "skipped: 0 unreadable, 0 on other filesystems, 0 not storable as text, 1 gone while the tree was " \
+           "walked" in out
+
+
 def test_excluded_names_are_left_out_and_not_entered(conn, tree):
     os.makedirs(tree + b"/sub/__pycache__/deep")
     open(tree + b"/sub/__pycache__/deep/x.pyc", "wb").close()
