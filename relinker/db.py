@@ -138,7 +138,10 @@ def bool_array(values) -> str:
 def first_line(exc: BaseException) -> str:
     """The first line of an error's message (a path of an OSError as relinker shows paths)."""
     if isinstance(exc, OSError) and exc.strerror and isinstance(exc.filename, (str, bytes)):
-        return f"[Errno {exc.errno}] {exc.strerror}: {display(os.fsencode(exc.filename))}"
+        where = display(os.fsencode(exc.filename))
+        if isinstance(exc.filename2, (str, bytes)):  # a rename's, a link's other end
+            where += f" -> {display(os.fsencode(exc.filename2))}"
+        return f"[Errno {exc.errno}] {exc.strerror}: {where}"
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

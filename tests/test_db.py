@@ -151,3 +151,5 @@ def test_an_os_errors_path_is_shown_as_relinker_shows_paths():
     assert db.first_line(OSError(28, "No space left on device", b"/store/.relinker-tmp/w/\xff7")) == \
         "[Errno 28] No space left on device: /store/.relinker-tmp/w/\\xff7"
     assert db.first_line(OSError(5, "Input/output error")) == "[Errno 5] Input/output error"
+    assert db.first_line(OSError(2, "No such file or directory", b"/a", None, b"/b")) == \
+        "[Errno 2] No such file or directory: /a -> /b"
