@@ -465,7 +465,7 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         result = scan.scan_tree(conn, args.medium, os.fsencode(args.directory),
                                 [os.fsencode(pattern) for pattern in args.exclude])
-    skipped = result.unreadable + result.vanished + result.other_filesystem + result.unrepresentable
+    skipped = result.unreadable + result.changed + result.other_filesystem + result.unrepresentable
     emit(
         f"medium {args.medium} ({result.medium_hash}): {result.paths} paths, "
         f"{result.inodes} inodes, {result.files} regular files"
@@ -475,8 +475,8 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
         emit(
             f"skipped: {result.unreadable} unreadable, {result.other_filesystem} on other filesystems, "
             f"{result.unrepresentable} not storable as text"
-            + (f", {result.vanished} gone while the tree was walked (scan it again for one moment's tree)"
-               if result.vanished else "")
+            + (f", {result.changed} gone or replaced while the tree was walked (scan it again for one "
+               "moment's tree)" if result.changed else "")
         )
     if result.superseded:
         emit(f"superseded: unfinished copy run {', '.join(map(str, result.superseded))}, planned before this "

@@ -112,8 +112,8 @@ class ScanResult:
     inodes: int = 0
     files: int = 0
     unreadable: int = 0
-    #: entries listed and gone before they were looked at (the tree changed while it was walked)
-    vanished: int = 0
+    #: entries listed, then gone or replaced before they were looked at (the tree changed as it was walked)
+    changed: int = 0
     other_filesystem: int = 0
     unrepresentable: int = 0
     excluded: int = 0
@@ -258,7 +258,7 @@ def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: l
             try:
                 found = os.fstat(fd)
                 if not stat.S_ISDIR(found.st_mode) or (found.st_dev, found.st_ino) != identity:
-                    result.unreadable += 1
+                    result.changed += 1
                     log.warning("skipped %s: replaced while the tree was walked", display(directory))
                     continue
                 yield from _entries(fd, directory, below, device, result, exclude, pending)
@@ -269,10 +269,12 @@ def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: l
 
 
 def _skipped(result: ScanResult, exc: OSError, what: str) -> None:
-    """Count and log an entry that could not be looked at: unreadable, or listed and gone since."""
-    if exc.errno == errno.ENOENT:
-        result.vanished += 1
-        log.warning("skipped %s: gone while the tree was walked", what)
+    """Count and log an entry that could not be looked at: unreadable, or listed and gone or replaced
+    since (a directory listed, a symlink when opened beneath the root: ELOOP)."""
+    if exc.errno in (errno.ENOENT, errno.ELOOP):
+        result.changed += 1
+        log.warning("skipped %s: %s while the tree was walked", what,
+                    "gone" if exc.errno == errno.ENOENT else "replaced by a symlink (not followed)")
     else:
         result.unreadable += 1
         log.warning("skipped %s: %s", what, exc.strerror)
