@@ -366,8 +366,8 @@ def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobReq
     in_log_file(summary.as_text())
     resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
     if summary.status == jobs.SUPERSEDED:
-        say_and_log(f"relinker: run {summary.run_id} was superseded by a scan meanwhile: `relinker "
-                    f"{summary.mode}` plans what is left")
+        say_and_log(f"relinker: run {summary.run_id} was superseded by a scan meanwhile: "
+                    f"`{jobs.replan_command(summary.mode, summary.options, request)}` plans what is left")
         return exit_code
     if summary.mode == copy.MODE and summary.counters.links_missing and not summary.dry_run:
         say_and_log(f"relinker: {summary.counters.links_missing:,} links of stored contents could not be made "
@@ -480,7 +480,7 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
         )
     if result.superseded:
         emit(f"superseded: unfinished copy run {', '.join(map(str, result.superseded))}, planned before this "
-             "scan of a medium it covers (the next `relinker copy` plans what is left)")
+             "scan of a medium it covers (a copy asked for the same work plans what is left)")
     return EXIT_PROBLEMS if skipped else EXIT_OK
 
 

@@ -547,12 +547,10 @@ def resolve_medium(conn: psycopg.Connection, name_or_hash: str) -> str:
 
 
 def canonical_options(conn: psycopg.Connection, options: dict) -> None:
-    """A medium asked by its name is the same work as asked by its hash: kept and compared as the hash."""
+    """A medium asked by its name is the same work as asked by its hash: kept and compared as the hash
+    (UserError for a medium unknown or ambiguous, before a run is chosen for it)."""
     if options.get("medium"):
-        try:
-            options["medium"] = resolve_medium(conn, options["medium"])
-        except UserError:
-            pass  # planning says so, where it must know the medium
+        options["medium"] = resolve_medium(conn, options["medium"])
 
 
 def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, workers: int,
@@ -599,7 +597,7 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
 
 
 MODE_SPEC = Mode(name=MODE, work=CopyWork, plan=plan, writes=frozenset({"archive", "by-hash"}),
-                 in_bytes=lambda options: True, canonical_options=canonical_options,
+                 in_bytes=lambda options: True, canonical_options=canonical_options, superseded_by_scan=True,
                  catalogue_writes=(("inode", "UPDATE", ("blobid", "by_hash_created", "copied", "processed_at", "errors",
                                                          "status", "error_type")),
                                    ("path", "UPDATE", ("blobid",)),

@@ -67,6 +67,8 @@ class Mode:
     #: canonical_options(conn, options): in place, each option as runs keep and compare it (the same
     #: work asked two ways is one: a medium by its name or by its hash).
     canonical_options: Callable[[psycopg.Connection, dict], None] = lambda conn, options: None
+    #: Whether a scan of a medium a run covers supersedes the run (its ranges name the medium's inodes).
+    superseded_by_scan: bool = False
     #: The modes whose runs may not be at work while one of this mode is: a run is refused at its
     #: start, and a worker stops, while one is (see checkpoint.hold_mode).
     excludes: frozenset = frozenset()
@@ -395,6 +397,9 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
             others = sorted(mode.excludes)
             summary.stopped = (f"a {', '.join(others[:-1])} or {others[-1]} run began meanwhile, which a "
                                f"{mode.name} run must not overlap (the log names it): once it has ended")
+            if mode.superseded_by_scan:
+                summary.stopped += (f" (a scan of a medium the run covers supersedes it: then "
+                                    f"`{replan_command(mode.name, spec.options, request)}` plans what is left)")
         summary.interrupted = outcome.interrupted and not summary.complete
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links
@@ -405,6 +410,20 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
 def resume_command(mode_name: str, run_id: int | None, request: JobRequest) -> str:
     """The command that resumes ``run_id`` as this invocation would have gone on (shell-quoted)."""
     return " ".join(map(_shell_word, ["relinker", mode_name, "--run", str(run_id), *request.resume_arguments]))
+
+
+def replan_command(mode_name: str, run_options: dict, request: JobRequest) -> str:
+    """The command that plans anew the work a run was asked for (a superseded one), with what this
+    invocation must say again (``--source-prefix``, the global options): shell-quoted."""
+    words = ["relinker", mode_name]
+    for key, value in sorted(run_options.get(REQUESTED, {}).items()):
+        if _given(value) is not None and key in REPLANNED:
+            words += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
+    return " ".join(map(_shell_word, words + request.resume_arguments))
+
+
+#: What a copy run is asked for, as replan_command repeats it.
+REPLANNED = frozenset({"medium", "limit", "retry_permanent"})
 
 
 def _shell_word(argument: str) -> str:
@@ -451,7 +470,7 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
         raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
     if run.status == SUPERSEDED:
         raise UserError(f"run {run.run_id} was superseded: a scan of a medium it covers came after its plan "
-                        f"(`relinker {mode.name}` plans what is left)")
+                        f"(`{replan_command(mode.name, run.options, request)}` plans what is left)")
     conflicts = _conflicting_options(run, dbtext.storable(conn, request.given))
     if conflicts:
         # The run goes on as it was planned: an option asked for now

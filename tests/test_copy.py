@@ -131,11 +131,11 @@ def test_a_run_superseded_as_its_coordinator_starts_ends_without_a_resume_comman
         world, capsys, tree, monkeypatch):
     """A scan can commit between a plain copy choosing the run to resume and its workers' first claim:
     the workers find nothing to claim and end (they waited for ranges no one would ever take), and
-    nothing tells the user to resume a run that --run refuses."""
+    nothing tells the user to resume a run that --run refuses: what plans the same work is said."""
     from relinker import jobs
 
-    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
-    old_run = unfinished_copy(world, capsys, monkeypatch)
+    medium = scan.scan_tree(world.conn, "disk", os.fsencode(tree)).medium_hash
+    old_run = unfinished_copy(world, capsys, monkeypatch, "--medium", "disk", "--limit", "100")
     real_pool = jobs.run_pool
 
     def scan_first(*args, **kwargs):
@@ -145,13 +145,38 @@ def test_a_run_superseded_as_its_coordinator_starts_ends_without_a_resume_comman
     monkeypatch.setattr(jobs, "run_pool", scan_first)
     signal.alarm(120)  # the workers used to wait for good: end the test run rather than hang it
     try:
-        code = main(world.argv("copy", "--json", "--workers", "1", "--no-progress"))
+        code = main(world.argv("copy", "--json", "--workers", "1", "--no-progress", "--medium", "disk",
+                               "--limit", "100"))
     finally:
         signal.alarm(0)
     out, err = capsys.readouterr()
     summary = json.loads(out)
     assert code == 1 and summary["run_id"] == old_run and summary["status"] == "superseded", summary
-    assert "resume" not in err and f"run {old_run} was superseded by a scan meanwhile: `relinker copy` plans" in err
+    assert "resume" not in err
+    assert f"run {old_run} was superseded by a scan meanwhile: `relinker copy --limit 100 --medium {medium} " in err
+
+
+def test_a_copy_a_scan_stops_says_what_plans_its_work_if_the_scan_supersedes_it(world, capsys, tree, monkeypatch):
+    """A scan that began as the copy's workers started stops them, and may then supersede the run: the
+    message gives both ways on."""
+    from relinker import checkpoint, jobs
+
+    medium = scan.scan_tree(world.conn, "disk", os.fsencode(tree)).medium_hash
+    real_pool = jobs.run_pool
+    scanner = psycopg.connect(world.dsn, autocommit=True)
+
+    def scan_begins_meanwhile(*args, **kwargs):
+        checkpoint.hold_mode(scanner, "scan", frozenset())
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "run_pool", scan_begins_meanwhile)
+    try:
+        code = main(world.argv("copy", "--json", "--no-progress", "--medium", "disk"))
+    finally:
+        scanner.close()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "once it has ended (a scan of a medium the run covers supersedes it: then " \
+        f"`relinker copy --medium {medium} " in err and "; resume with: relinker copy --run 1 " in err
 
 
 @pytest.mark.parametrize("asked_by", ["name", "hash"])
@@ -164,6 +189,10 @@ def test_a_run_asked_for_a_medium_one_way_is_resumed_the_other_way_too(world, ca
     other_way = medium if asked_by == "name" else "disk"
     code, summary = copy(world, capsys, "--medium", other_way)  # a plain resume
     assert code == 0 and summary["run_id"] == run_id and summary["complete"]
+    # a name two media carry (NTT's names are not unique) says so, not "other work"
+    world.conn.execute("INSERT INTO medium (medium_hash, medium_human) VALUES ('0ther', 'disk')")
+    assert main(world.argv("copy", "--run", str(run_id), "--medium", "disk")) == 2
+    assert capsys.readouterr().err == "relinker: error: ambiguous medium 'disk'\n"
 
 
 def test_a_rescan_supersedes_an_unfinished_copy_run_planned_over_the_former_inodes(
