@@ -321,7 +321,9 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress,
                       bytes_done_before=bytes_before, in_bytes=mode.in_bytes(spec.options), bytes_total=bytes_total,
                       run_so_far=None if request.dry_run else functools.partial(
-                          _run_so_far, settings.db_url, spec.run_id))
+                          _run_so_far, settings.db_url, spec.run_id),
+                      # other hosts join the run by its ID
+                      description=f"{mode.name} (dry run)" if request.dry_run else f"{mode.name} run {spec.run_id}")
     try:
         # No more workers than ranges left: each would fork only to find nothing to do.
         outcome = run_pool(spec, max(1, min(request.workers, ranges_total - done_before)), bar)

@@ -270,7 +270,7 @@ class ProgressBar:
 
     def __init__(self, ranges_total: int, ranges_done_before: int, paths_done_before: int, *, enabled: bool,
                  bytes_done_before: int = 0, in_bytes: bool = False, bytes_total: int | None = None,
-                 run_so_far: Callable[[], tuple[int, int, int]] | None = None):
+                 run_so_far: Callable[[], tuple[int, int, int]] | None = None, description: str = ""):
         #: (ranges, paths, bytes) the run's finished ranges hold, read from the database: the work of
         #: other coordinators on the same run (other hosts) counts on this bar too
         self._run_so_far = run_so_far if enabled else None
@@ -288,7 +288,8 @@ class ProgressBar:
         # No monitor thread: the workers are forked from this process, which must run no other thread.
         tqdm.tqdm.monitor_interval = 0
         self._bar = tqdm.tqdm(
-            total=self.known_total, initial=initial, dynamic_ncols=True, disable=not enabled, file=sys.stderr,
+            total=self.known_total, initial=initial, desc=description or None, dynamic_ncols=True,
+            disable=not enabled, file=sys.stderr,
             smoothing=0.05, mininterval=0.5, **unit,
         )
 

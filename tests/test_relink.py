@@ -326,6 +326,15 @@ def test_only_incomplete_skips_complete_blobs(small, capsys):
     small.assert_complete(summary["run_id"])
 
 
+def test_the_progress_bar_names_the_run_other_hosts_join(small, capsys, monkeypatch):
+    """README: start `relinker relink --run RUN_ID` on each host; the first host's bar says which."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on a terminal only
+    assert main(small.argv("relink", "--workers", "1")) == 0
+    assert "relink run 1" in capsys.readouterr().err
+
+
 def test_status_shows_a_run(small, capsys):
     code, summary = relink(small, capsys)
     assert main(small.argv("status", str(summary["run_id"]), "--json")) == 0
