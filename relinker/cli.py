@@ -586,8 +586,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     with db.connect_for_user(settings.db_url) as conn:
         migrations.require_migrated(conn)
         run = checkpoint.get_run(conn, args.run_id) if args.run_id is not None else checkpoint.newest_run(conn)
+        if run is None and args.run_id is None:
+            # A catalogue just migrated is no error: a monitoring script reads it as it is.
+            emit(json.dumps({"run_id": None}) if args.json else "no runs yet")
+            return EXIT_OK
         if run is None:
-            raise UserError(f"unknown run {args.run_id}" if args.run_id is not None else "no runs yet")
+            raise UserError(f"unknown run {args.run_id}")
         summary = Summary.from_run(conn, run.run_id, open_ranges=True)
     emit(summary.as_json() if args.json else summary.as_text())
     return EXIT_OK

@@ -335,6 +335,13 @@ def test_the_progress_bar_names_the_run_other_hosts_join(small, capsys, monkeypa
     assert "relink run 1" in capsys.readouterr().err
 
 
+def test_status_of_a_catalogue_with_no_run_yet_is_no_error(small, capsys):
+    """A monitoring script asks a catalogue just migrated: an answer, not exit 2."""
+    assert main(small.argv("status")) == 0 and capsys.readouterr().out == "no runs yet\n"
+    assert main(small.argv("status", "--json")) == 0 and json.loads(capsys.readouterr().out) == {"run_id": None}
+    assert main(small.argv("status", "7")) == 2 and capsys.readouterr().err == "relinker: error: unknown run 7\n"
+
+
 def test_status_shows_a_run(small, capsys):
     code, summary = relink(small, capsys)
     assert main(small.argv("status", str(summary["run_id"]), "--json")) == 0
