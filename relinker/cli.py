@@ -327,9 +327,11 @@ def _standard_descriptors_open() -> None:
         sys.stderr = open(2, "w", closefd=False)
 
 
-def emit(text: str) -> None:
+def emit(text: str, *, log: bool = False) -> None:
     """Print a line of output; output that cannot be written (a reader gone, ``| head``; a full disk)
-    changes nothing of the exit code."""
+    changes nothing of the exit code. ``log``: the ``--log-file`` gets it too (how a command ended)."""
+    if log:
+        in_log_file(text)
     try:
         print(text, flush=True)
     except OSError as exc:
@@ -456,8 +458,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         applied = migrations.migrate(conn, base=args.base)
         version = max(migrations.applied_versions(conn))
     if applied:
-        emit(f"applied: {', '.join(applied)}")
-    emit(f"catalogue schema is at version {version}")
+        emit(f"applied: {', '.join(applied)}", log=True)
+    emit(f"catalogue schema is at version {version}", log=True)
     return EXIT_OK
 
 
@@ -469,18 +471,20 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     emit(
         f"medium {args.medium} ({result.medium_hash}): {result.paths} paths, "
         f"{result.inodes} inodes, {result.files} regular files"
-        + (f", {result.excluded} entries excluded" if result.excluded else "")
+        + (f", {result.excluded} entries excluded" if result.excluded else ""),
+        log=True,
     )
     if skipped:
         emit(
             f"skipped: {result.unreadable} unreadable, {result.other_filesystem} on other filesystems, "
             f"{result.unrepresentable} not storable as text"
             + (f", {result.changed} gone or replaced while the tree was walked (scan it again for one "
-               "moment's tree)" if result.changed else "")
+               "moment's tree)" if result.changed else ""),
+            log=True,
         )
     if result.superseded:
         emit(f"superseded: unfinished copy run {', '.join(map(str, result.superseded))}, planned before this "
-             "scan of a medium it covers (a copy asked for the same work plans what is left)")
+             "scan of a medium it covers (a copy asked for the same work plans what is left)", log=True)
     return EXIT_PROBLEMS if skipped else EXIT_OK
 
 
@@ -588,12 +592,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         run = checkpoint.get_run(conn, args.run_id) if args.run_id is not None else checkpoint.newest_run(conn)
         if run is None and args.run_id is None:
             # A catalogue just migrated is no error: a monitoring script reads it as it is.
-            emit(json.dumps({"run_id": None}) if args.json else "no runs yet")
+            emit(json.dumps({"run_id": None}) if args.json else "no runs yet", log=True)
             return EXIT_OK
         if run is None:
             raise UserError(f"unknown run {args.run_id}")
         summary = Summary.from_run(conn, run.run_id, open_ranges=True)
-    emit(summary.as_json() if args.json else summary.as_text())
+    emit(summary.as_json() if args.json else summary.as_text(), log=True)
     return EXIT_OK
 
 

@@ -141,6 +141,17 @@ def test_log_file_gets_timestamped_lines(db_url, tmp_path):
     assert lines and all(line[:4].isdigit() and " INFO " in line for line in lines)
 
 
+def test_the_log_file_says_how_migrate_scan_and_status_ended_whatever_the_verbosity(db_url, tmp_path):
+    log_file = tmp_path / "relinker.log"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x")
+    for command in (["migrate", "--base"], ["scan", "--medium", "disk", str(tree)], ["status"]):
+        assert main(["--db-url", db_url, "--log-file", str(log_file), *command]) == 0, command
+    logged = log_file.read_text()
+    assert "catalogue schema is at version" in logged and "medium disk (" in logged and "no runs yet" in logged
+
+
 def test_a_log_file_on_a_full_disk_costs_its_lines_and_no_traceback(world):
     """Every process of the run logs (-v): each says once that its lines are dropped, and the run is done."""
     from processes import finish, start
