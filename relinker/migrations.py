@@ -162,7 +162,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
         db.require_catalogue(conn)
         # Checked before anything is made, even with nothing to apply (relinker's views are made
         # anew): a table left by a role that could not finish would be in the way of the owner's.
-        _require_owner(conn)
+        require_owner(conn, "migrate", ("inode", "path", "blobs"), "migrations change")
         done = set(applied_versions(conn))
         conn.execute(SQL_CREATE_MIGRATION_TABLE)
         for migration in available():
@@ -248,13 +248,14 @@ ORDER BY t.n
 """
 
 
-def _require_owner(conn: psycopg.Connection) -> None:
-    """UserError unless this role owns (or is a member of the owner of) the tables migrations change."""
-    row = conn.execute(SQL_NOT_OWNED, {"names": ["inode", "path", "blobs"]}).fetchone()
+def require_owner(conn: psycopg.Connection, command: str, tables: tuple[str, ...], why: str) -> None:
+    """UserError unless this role owns (or is a member of the owner of) ``tables``, which ``command``
+    needs to own (``why``: what it does to them), before anything is made."""
+    row = conn.execute(SQL_NOT_OWNED, {"names": list(tables)}).fetchone()
     if row:
         table, owner = row
-        raise UserError(f"role {conn.info.user} does not own the catalogue's table {table}, which migrations "
-                        f"change: run `relinker migrate` as {owner} (its owner)")
+        raise UserError(f"role {conn.info.user} does not own the catalogue's table {table}, which {why}: "
+                        f"run `relinker {command}` as {owner} (its owner)")
 
 
 #: How often a migrate waiting for another one looks again (s).

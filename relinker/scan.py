@@ -135,6 +135,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     the locks a scan takes for moments last until the caller commits.
     """
     migrations.require_migrated(conn)
+    migrations.require_owner(conn, "scan", ("inode", "path"), "a scan gives a medium's partitions and rows")
     root = os.path.abspath(root)
     try:
         root_stat = os.lstat(root)

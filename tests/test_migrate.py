@@ -344,8 +344,10 @@ def test_a_second_migrate_keeps_what_was_granted_on_relinkers_views(catalogue_ur
             conn.execute(f"DROP ROLE {role}")
 
 
-def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_url, capsys):
-    """Refused before anything is made: a table it left would be in the way of the owner's migrate."""
+def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_url, capsys, tmp_path):
+    """Refused before anything is made: a table it left would be in the way of the owner's migrate.
+    A scan, which makes a medium's partitions, is refused the same way (not with the database's
+    "permission denied for schema public")."""
     suffix = os.getpid()
     owner, other = f"owner_{suffix}", f"other_{suffix}"
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -365,6 +367,12 @@ def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_u
         assert main(["--db-url", make_conninfo(db_url, user=other), "migrate"]) == 2
         assert capsys.readouterr().err == (f"relinker: error: role {other} does not own the catalogue's table inode, "
                                            f"which migrations change: run `relinker migrate` as {owner} (its owner)\n")
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {other}")
+        assert main(["--db-url", make_conninfo(db_url, user=other), "scan", "--medium", "disk", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == (
+            f"relinker: error: role {other} does not own the catalogue's table inode, which a scan gives a "
+            f"medium's partitions and rows: run `relinker scan` as {owner} (its owner)\n")
     finally:
         with psycopg.connect(db_url, autocommit=True) as conn:
             for role in (other, owner):
