@@ -179,6 +179,8 @@ def _check_unsigned(value, what: str) -> None:
 
 # What a RangeWalker's step() hands back (see relinker._speedups); no walker, no events.
 EVENT_SOURCE = EVENT_PATH = None
+#: The C extension was not built (no compiler at install time): the runs say so (see jobs.run_job).
+NOT_BUILT = False
 if os.environ.get("RELINKER_PURE_PYTHON"):
     fast_route, lstat_identity, DirectoryListings, RangeWalker = _fast_route_python, _lstat_identity_python, None, None
 else:
@@ -188,6 +190,7 @@ else:
     except ImportError:  # built without a compiler: same behaviour, slower
         fast_route, lstat_identity, DirectoryListings = _fast_route_python, _lstat_identity_python, None
         RangeWalker = None
+        NOT_BUILT = True
     # The benchmark's baseline for the listings, and a way out should a
     # filesystem ever report entries' inode numbers unlike stat().
     if os.environ.get("RELINKER_NO_DIRECTORY_LISTINGS"):

@@ -20,7 +20,7 @@ from typing import Callable
 
 import psycopg
 
-from relinker import checkpoint, db, dbtext, migrations, store
+from relinker import checkpoint, db, dbtext, fastroute, migrations, store
 from relinker.checkpoint import Bounds, Range, RunInfo
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, StopSignal, UserError
@@ -271,6 +271,10 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     request.given = given_options(request.options)
     mode.complete_options(request.options)
     by_hash_root, archive_root = check_roots(settings, frozenset() if request.dry_run else mode.writes)
+    if fastroute.NOT_BUILT:
+        # pip hides the build's own warning unless asked (-v): an overnight run must not be slow unsaid.
+        log.warning("relinker._speedups was not built (no C compiler at install time): the Python loop runs, "
+                    "with the same results, slower (README: The C fast route)")
     started = time.monotonic()
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         migrations.require_migrated(conn)

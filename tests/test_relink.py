@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from processes import finish, start
-from relinker import checkpoint, db
+from relinker import checkpoint, db, linker
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
 from relinker.errors import UserError
@@ -333,6 +333,25 @@ def test_the_progress_bar_names_the_run_other_hosts_join(small, capsys, monkeypa
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on a terminal only
     assert main(small.argv("relink", "--workers", "1")) == 0
     assert "relink run 1" in capsys.readouterr().err
+
+
+def test_a_run_without_the_c_extension_says_so(small):
+    """Installed without a compiler, relinker runs the Python loop: pip says so only with -v, the run
+    itself says so every time (an overnight run must not be slow unsaid)."""
+    import subprocess
+    import sys
+
+    hidden = "import sys; sys.modules['relinker._speedups'] = None; from relinker.cli import main; " \
+             "sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", hidden, *small.argv("relink", "--no-progress", "--workers", "1")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "relinker._speedups was not built (no C compiler at install time): the Python loop runs" in done.stderr
+    small.assert_complete()
+    if linker.RangeWalker is not None:  # built here: nothing said
+        done = subprocess.run([sys.executable, "-m", "relinker", *small.argv("relink", "--no-progress", "--new")],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "_speedups" not in done.stderr
 
 
 def test_status_of_a_catalogue_with_no_run_yet_is_no_error(small, capsys):
