@@ -31,8 +31,13 @@ log = logging.getLogger("relinker")
 DESCRIPTION = """\
 Rebuild lost archive hardlinks from an NTT catalogue without reading file content.
 
-exit codes: 0 success; 1 finished with problems recorded; 2 usage, configuration
-or preflight error; 3 interrupted (resumable).
+exit codes: 0 success; 1 finished with problems recorded, ranges failed or entries
+skipped, or stopped short (the database out of reach; resumable); 2 usage,
+configuration or preflight error; 3 interrupted (resumable).
+
+Every long option is also a config-file key (--config FILE or RELINKER_CONFIG); the
+global options below also come from RELINKER_* variables. The command line beats
+the environment, which beats the config file.
 """
 
 
@@ -80,8 +85,9 @@ def build_parser(config_files: list[str]) -> argparse.ArgumentParser:
   relinker relink --run 7                   join run 7 (from another host or terminal)
   relinker relink --from-file broken.txt    only the blobs listed (say, by verify --failed-ids)
 
-exit codes: 0 complete, no problems; 1 complete with problems recorded; 2 usage,
-configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
+exit codes: 0 complete, no problems; 1 problems recorded, ranges failed, or stopped
+short (the database out of reach: resume with --run RUN_ID); 2 usage, configuration
+or preflight error; 3 interrupted (resume with --run RUN_ID).""",
     )
     add_job_options(relink_cmd)
     relink_cmd.add_argument("--from-file", metavar="FILE", type=path_argument,
@@ -107,7 +113,8 @@ configuration or preflight error; 3 interrupted (resume with --run RUN_ID).""",
   relinker copy --medium photos-2019
   relinker copy --source-prefix /mnt/ntt/abc=/media/usb1   the medium is mounted elsewhere now""",
     )
-    add_job_options(copy_cmd, limit="only the first N inodes to store (by medium, then inode number)")
+    add_job_options(copy_cmd, limit="only the first N inodes to store (by medium, then inode number)",
+                    dry_run="read the catalogue alone (no medium), report what would be copied, write nothing")
     copy_cmd.add_argument("--medium", type=medium_name, metavar="NAME_OR_HASH", help="only this medium")
     copy_cmd.add_argument("--source-prefix", action="append", default=[], metavar="OLD=NEW",
                           help="read paths under OLD from NEW instead (repeatable; the longest OLD that matches "
@@ -275,7 +282,8 @@ MAXIMUM_LEASE = 7 * 24 * 3600.0
 
 
 def add_job_options(command: argparse.ArgumentParser, *,
-                    limit: str | None = "only the first N blobs (in blob-ID order)") -> None:
+                    limit: str | None = "only the first N blobs (in blob-ID order)",
+                    dry_run: str = "read catalogue and disk, report what would happen, write nothing") -> None:
     """Options shared by the checkpointed commands (relink, copy, count, verify)."""
     command.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                          help="worker processes (default: CPU count)")
@@ -287,8 +295,7 @@ def add_job_options(command: argparse.ArgumentParser, *,
     which.add_argument("--new", action="store_true", help="start a new run even if one is unfinished")
     if limit:
         command.add_argument("--limit", type=non_negative_int, metavar="N", help=limit)
-    command.add_argument("--dry-run", action="store_true",
-                         help="read catalogue and disk, report what would happen, write nothing")
+    command.add_argument("--dry-run", action="store_true", help=dry_run)
     command.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
     command.add_argument("--lease", type=seconds_at_least(MINIMUM_LEASE, MAXIMUM_LEASE),
