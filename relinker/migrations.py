@@ -183,7 +183,9 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
             raise UserError(f"re-creating relinker's views: {db.first_line(exc)} (a view of yours built on one "
                             "of relinker's: drop it, migrate, create it again)") from None
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
+        # A session the server ended holds no lock, and the unlock's error would hide why it ended.
+        if not conn.closed and not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     return applied_now
 
 

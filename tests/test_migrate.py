@@ -380,6 +380,29 @@ def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_u
                 conn.execute(f"DROP ROLE {role}")
 
 
+def test_a_migrate_whose_session_the_server_ends_says_why(db_url, capsys, monkeypatch):
+    """A server restart or an administrator's pg_terminate_backend during a migration: the server's own
+    reason, not "the connection is closed" from the lock's release on the dead session."""
+    assert main(["--db-url", db_url, "migrate", "--base"]) == 0
+    capsys.readouterr()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM relinker_schema_migration WHERE version = (SELECT max(version) "
+                     "FROM relinker_schema_migration)")
+    real_apply = migrations._apply_in_transaction
+
+    def ended_by_the_administrator(conn, migration):
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        return real_apply(conn, migration)
+
+    monkeypatch.setattr(migrations, "_apply_in_transaction", ended_by_the_administrator)
+    assert main(["--db-url", db_url, "migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: database error: terminating connection due to administrator command"), err
+    monkeypatch.setattr(migrations, "_apply_in_transaction", real_apply)
+    assert main(["--db-url", db_url, "migrate"]) == 0  # again: finishes what was left
+
+
 def test_migrate_finds_the_catalogue_as_queries_find_it(db_url):
     """A role with a schema of its own ("$user" first in search_path): the NTT tables are public's."""
     with psycopg.connect(db_url, autocommit=True) as conn:
