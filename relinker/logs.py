@@ -75,3 +75,6 @@ def setup_logging(verbose: int, log_file: str | None) -> None:
         level=level, handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(processName)s %(message)s",
     )
+    # psycopg's own warnings are errors ignored while it cleans up after one relinker reports in its
+    # line ("error ignored terminating <psycopg.Copy [BAD] at 0x...>"): for debugging only.
+    logging.getLogger("psycopg").setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)

@@ -117,6 +117,29 @@ def test_a_directory_gone_while_the_tree_is_walked_is_said_so_not_called_unreada
            "tree was walked" in out
 
 
+def test_a_scan_whose_session_the_server_ends_mid_walk_says_so_in_one_line(catalogue_url, tree, monkeypatch, capsys):
+    """No psycopg cleanup warning ("error ignored terminating <psycopg.Copy [BAD] at 0x...>") before
+    relinker's own line; nothing of the scan is kept."""
+    for n in range(3000):  # enough rows after the end that the COPY sends some, and fails inside its block
+        open(tree + b"/sub/f%d" % n, "wb").close()
+    real_walk = scan._walk
+
+    def ended_midway(*args):
+        for n, entry in enumerate(real_walk(*args)):
+            if n == 3:
+                with psycopg.connect(catalogue_url, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE query LIKE 'COPY pg_temp.relinker_scan_paths%'")
+            yield entry
+
+    monkeypatch.setattr(scan, "_walk", ended_midway)
+    assert main(["--db-url", catalogue_url, "scan", "--medium", "disk", os.fsdecode(tree)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: database error: ") and err.count("\n") == 1, err
+    with psycopg.connect(catalogue_url) as conn:
+        assert conn.execute("SELECT count(*) FROM path").fetchone() == (0,)
+
+
 def test_excluded_names_are_left_out_and_not_entered(conn, tree):
     os.makedirs(tree + b"/sub/__pycache__/deep")
     open(tree + b"/sub/__pycache__/deep/x.pyc", "wb").close()
