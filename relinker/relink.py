@@ -447,9 +447,9 @@ class RelinkWork:
 # the first N + 1 of either set hold the first N + 1 of both (each an index's first entries).
 SQL_NTH_BLOB = """
 SELECT blobid FROM (
-    (SELECT blobid FROM blobs ORDER BY blobid LIMIT %(limit)s + 1)
+    (SELECT blobid FROM blobs ORDER BY blobid LIMIT %(first)s)
     UNION
-    (SELECT DISTINCT blobid FROM inode WHERE blobid IS NOT NULL AND fs_type = 'f' ORDER BY blobid LIMIT %(limit)s + 1)
+    (SELECT DISTINCT blobid FROM inode WHERE blobid IS NOT NULL AND fs_type = 'f' ORDER BY blobid LIMIT %(first)s)
 ) AS first ORDER BY blobid OFFSET %(limit)s LIMIT 1
 """
 # --only-incomplete works blobs with a row only.
@@ -477,7 +477,8 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
     limit = options.get("limit")
     if limit is not None:
         query = SQL_NTH_INCOMPLETE_BLOB if options.get("only_incomplete") else SQL_NTH_BLOB
-        row = conn.execute(query, {"limit": limit}).fetchone()
+        # N + 1 within a bigint: --limit takes any bigint
+        row = conn.execute(query, {"limit": limit, "first": min(limit + 1, 2**63 - 1)}).fetchone()
         upper = row[0] if row else None
         n_blobs = min(n_blobs, limit)
     options["upper"] = upper

@@ -117,7 +117,7 @@ class ScanResult:
     other_filesystem: int = 0
     unrepresentable: int = 0
     excluded: int = 0
-    #: copy runs left unfinished that planned over the medium's inodes before this scan
+    #: copy runs left unfinished, planned before this scan, that cover the medium (see SQL_SUPERSEDE_COPY_RUNS)
     superseded: list[int] = dataclasses.field(default_factory=list)
 
 

@@ -315,6 +315,8 @@ def test_limit_counts_the_blobs_inodes_name_without_a_blobs_row(world, capsys):
     assert [world.linked(b, b"/f/%d" % i) for i, b in enumerate(blobs)] == [True, True] + [False] * 4
     code, summary = relink(world, capsys, "--new", "--limit", "5")  # 2 rows in all: not the whole catalogue
     assert code == 0 and summary["blobs"] == 5 and summary["links_created"] == 3, summary
+    code, summary = relink(world, capsys, "--new", "--dry-run", "--limit", str(2**63 - 1))  # the largest bigint
+    assert code == 0 and summary["blobs"] == 6, summary
 
 
 def test_only_incomplete_skips_complete_blobs(small, capsys):
