@@ -324,6 +324,9 @@ SELECT EXISTS (
 """
 
 
+SQL_OWNER = "SELECT pg_get_userbyid(relowner), current_user FROM pg_class WHERE oid = to_regclass(%(table)s)"
+
+
 def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None:
     """Give a new medium its own partition of inode and path, as NTT does.
 
@@ -340,11 +343,18 @@ def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None
         statement = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})").format(
             sql.Identifier(f"{table}_{medium_hash}"), sql.Identifier(table), sql.Literal(medium_hash)
         )
+        # Made as the table's owner, not as the member of its role who scans: a partition of another
+        # role's would stop the owner's next migrate at its indexes.
+        owner, me = conn.execute(SQL_OWNER, {"table": table}).fetchone()
+        as_owner = [(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)), None)] if owner != me else []
+        back = [(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(me)), None)] if owner != me else []
         if not conn.autocommit:
-            conn.execute(statement)
+            for step, _ in [*as_owner, (statement, None), *back]:
+                conn.execute(step)
             continue
         try:
-            migrations.briefly_locking(conn, [(statement, None)], f"creating the medium's partition of {table}",
+            migrations.briefly_locking(conn, [*as_owner, (statement, None)],
+                                       f"creating the medium's partition of {table}",
                                        attempts=1, again="run `relinker scan` again")
         except psycopg.errors.InvalidObjectDefinition:
             pass  # "would overlap partition ...": made meanwhile by someone else

@@ -403,6 +403,39 @@ def test_a_migrate_whose_session_the_server_ends_says_why(db_url, capsys, monkey
     assert main(["--db-url", db_url, "migrate"]) == 0  # again: finishes what was left
 
 
+def test_a_scan_by_a_member_of_the_owners_role_leaves_partitions_the_owners_migrate_can_index(db_url, capsys, tmp_path):
+    """Operators scanning as members of the role that owns the catalogue: the partitions they make are
+    the owner's, so the owner's next migrate (a new index on every partition) goes through."""
+    suffix = os.getpid()
+    owner, member = f"catowner_{suffix}", f"operator_{suffix}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {owner} LOGIN")
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
+        conn.execute(f"CREATE ROLE {member} LOGIN IN ROLE {owner}")
+    as_owner, as_member = make_conninfo(db_url, user=owner), make_conninfo(db_url, user=member)
+    (tmp_path / "f").write_bytes(b"x")
+    try:
+        with psycopg.connect(as_owner, autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)
+        assert main(["--db-url", as_owner, "migrate"]) == 0
+        assert main(["--db-url", as_member, "scan", "--medium", "disk", str(tmp_path)]) == 0
+        with psycopg.connect(as_owner, autocommit=True) as conn:
+            owners = {row[0] for row in conn.execute(
+                "SELECT pg_get_userbyid(c.relowner) FROM pg_inherits AS h JOIN pg_class AS c ON c.oid = h.inhrelid "
+                "WHERE h.inhparent IN ('inode'::regclass, 'path'::regclass)")}
+            assert owners == {owner}
+            # a later relinker's migration: an index on every partition
+            conn.execute("DELETE FROM relinker_schema_migration WHERE version = 5")
+            conn.execute("DROP INDEX relinker_path_links_idx")
+        capsys.readouterr()
+        assert main(["--db-url", as_owner, "migrate"]) == 0, capsys.readouterr().err
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for role in (member, owner):
+                conn.execute(f"DROP OWNED BY {role}")
+                conn.execute(f"DROP ROLE {role}")
+
+
 def test_migrate_finds_the_catalogue_as_queries_find_it(db_url):
     """A role with a schema of its own ("$user" first in search_path): the NTT tables are public's."""
     with psycopg.connect(db_url, autocommit=True) as conn:
