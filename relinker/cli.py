@@ -32,8 +32,9 @@ DESCRIPTION = """\
 Rebuild lost archive hardlinks from an NTT catalogue without reading file content.
 
 exit codes: 0 success; 1 finished with problems recorded, ranges failed or entries
-skipped, or stopped short (the database out of reach; resumable); 2 usage,
-configuration or preflight error; 3 interrupted (resumable).
+skipped, or stopped short (the database out of reach: resumable; a copy superseded by
+a scan: planned anew); 2 usage, configuration or preflight error; 3 interrupted
+(resumable).
 
 Every long option is also a config-file key (--config FILE or RELINKER_CONFIG); the
 global options below also come from RELINKER_* variables. The command line beats
@@ -111,10 +112,16 @@ or preflight error; 3 interrupted (resume with --run RUN_ID).""",
         epilog="""examples:
   relinker copy --dry-run                           what would be copied (reads only the catalogue)
   relinker copy --medium photos-2019
-  relinker copy --source-prefix /mnt/ntt/abc=/media/usb1   the medium is mounted elsewhere now""",
+  relinker copy --source-prefix /mnt/ntt/abc=/media/usb1   the medium is mounted elsewhere now
+
+exit codes: 0 complete, no problems; 1 problems recorded (inodes not stored, links not
+made), ranges failed, stopped short (the database out of reach: resume with --run
+RUN_ID), or superseded by a scan (planned anew); 2 usage, configuration or preflight
+error; 3 interrupted (resume with --run RUN_ID).""",
     )
     add_job_options(copy_cmd, limit="only the first N inodes to store (by medium, then inode number)",
-                    dry_run="read the catalogue alone (no medium), report what would be copied, write nothing")
+                    dry_run="read the catalogue alone (no medium; the roots are checked all the same), report "
+                            "what would be copied, write nothing")
     copy_cmd.add_argument("--medium", type=medium_name, metavar="NAME_OR_HASH", help="only this medium")
     copy_cmd.add_argument("--source-prefix", action="append", default=[], metavar="OLD=NEW",
                           help="read paths under OLD from NEW instead (repeatable; the longest OLD that matches "

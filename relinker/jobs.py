@@ -271,10 +271,6 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     request.given = given_options(request.options)
     mode.complete_options(request.options)
     by_hash_root, archive_root = check_roots(settings, frozenset() if request.dry_run else mode.writes)
-    if fastroute.NOT_BUILT:
-        # pip hides the build's own warning unless asked (-v): an overnight run must not be slow unsaid.
-        log.warning("relinker._speedups was not built (no C compiler at install time): the Python loop runs, "
-                    "with the same results, slower (README: The C fast route)")
     started = time.monotonic()
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         migrations.require_migrated(conn)
@@ -319,6 +315,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             if run.status == "done":
                 summary = Summary.from_run(conn, run.run_id)
                 return summary, _exit_code(summary)
+    if fastroute.NOT_BUILT and not request.dry_run:
+        _say_not_built()
     # Planned. The workers are forked from this process: a list of millions
     # of IDs would count in every worker's memory.
     request.blobids = None
@@ -411,6 +409,14 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
         summary.links_this_session = outcome.counters.links
         summary.bytes_this_session = outcome.counters.bytes_read
     return summary
+
+
+@functools.cache
+def _say_not_built() -> None:
+    # pip hides the build's own warning unless asked (-v): an overnight run must not be slow unsaid.
+    # Once a process (the demo runs three jobs).
+    log.warning("relinker._speedups was not built (no C compiler at install time): the Python loop runs, "
+                "with the same results, slower (README: The C fast route)")
 
 
 def resume_command(mode_name: str, run_id: int | None, request: JobRequest) -> str:

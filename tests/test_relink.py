@@ -345,11 +345,18 @@ def test_a_run_without_the_c_extension_says_so(small):
 
     hidden = "import sys; sys.modules['relinker._speedups'] = None; from relinker.cli import main; " \
              "sys.exit(main(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", hidden, *small.argv("relink", "--no-progress", "--workers", "1")],
-                          capture_output=True, text=True, timeout=120)
+    def without_it(*args):
+        return subprocess.run([sys.executable, "-c", hidden, *small.argv("relink", "--no-progress", *args)],
+                              capture_output=True, text=True, timeout=120)
+
+    done = without_it("--workers", "1")
     assert done.returncode == 0, done.stderr
-    assert "relinker._speedups was not built (no C compiler at install time): the Python loop runs" in done.stderr
+    assert done.stderr.count("relinker._speedups was not built (no C compiler at install time): the Python "
+                             "loop runs") == 1
     small.assert_complete()
+    # an error before any run is one line still
+    done = without_it("--run", "999")
+    assert done.returncode == 2 and done.stderr == "relinker: error: unknown run 999 (see `relinker status`)\n"
     if linker.RangeWalker is not None:  # built here: nothing said
         done = subprocess.run([sys.executable, "-m", "relinker", *small.argv("relink", "--no-progress", "--new")],
                               capture_output=True, text=True, timeout=120)
