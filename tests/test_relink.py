@@ -343,11 +343,13 @@ def test_a_run_without_the_c_extension_says_so(small):
     import subprocess
     import sys
 
+    from processes import NEUTRAL_DIRECTORY  # the relinker installed, not a checkout's (tox installs it)
+
     hidden = "import sys; sys.modules['relinker._speedups'] = None; from relinker.cli import main; " \
              "sys.exit(main(sys.argv[1:]))"
     def without_it(*args):
         return subprocess.run([sys.executable, "-c", hidden, *small.argv("relink", "--no-progress", *args)],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, cwd=NEUTRAL_DIRECTORY)
 
     done = without_it("--workers", "1")
     assert done.returncode == 0, done.stderr
@@ -359,7 +361,7 @@ def test_a_run_without_the_c_extension_says_so(small):
     assert done.returncode == 2 and done.stderr == "relinker: error: unknown run 999 (see `relinker status`)\n"
     if linker.RangeWalker is not None:  # built here: nothing said
         done = subprocess.run([sys.executable, "-m", "relinker", *small.argv("relink", "--no-progress", "--new")],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, cwd=NEUTRAL_DIRECTORY)
         assert done.returncode == 0 and "_speedups" not in done.stderr
 
 
