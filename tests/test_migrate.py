@@ -1,5 +1,6 @@
 """`relinker migrate` on both catalogue shapes, twice, and its errors."""
 
+import contextlib
 import os
 import threading
 import time
@@ -23,6 +24,24 @@ CREATE TABLE blobs (blobid text PRIMARY KEY, last_checked timestamptz, created_a
 INSERT INTO medium VALUES ('m1', 'old disk', now());
 INSERT INTO path (medium_hash, dev, ino, path) VALUES ('m1', 1, 10, '/mnt/ntt/m1/Icon' || chr(13));
 """
+
+@contextlib.contextmanager
+def login_roles(db_url: str, names: tuple[str, ...], *setup: str):
+    """Login roles ``names``, made by the test's superuser with the statements ``setup`` after them,
+    dropped with all they own (the last first) once the test is done."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f"CREATE ROLE {name} LOGIN")
+        for statement in setup:
+            conn.execute(statement)
+    try:
+        yield
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for name in reversed(names):
+                conn.execute(f"DROP OWNED BY {name}")
+                conn.execute(f"DROP ROLE {name}")
+
 
 # The production shape as it was before the seed's change: partitioned, bytea paths.
 PRODUCTION_SHAPE = """
@@ -350,11 +369,7 @@ def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_u
     "permission denied for schema public")."""
     suffix = os.getpid()
     owner, other = f"owner_{suffix}", f"other_{suffix}"
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        for role in (owner, other):
-            conn.execute(f"CREATE ROLE {role} LOGIN")
-            conn.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
-    try:
+    with login_roles(db_url, (owner, other), f"GRANT CREATE ON SCHEMA public TO {owner}, {other}"):
         with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
             conn.execute(PRODUCTION_SHAPE)  # the catalogue's owner, no superuser
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {other}")
@@ -373,11 +388,6 @@ def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_u
         assert capsys.readouterr().err == (
             f"relinker: error: role {other} does not own the catalogue's table inode, which a scan gives a "
             f"medium's partitions and rows: run `relinker scan` as {owner} (its owner)\n")
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            for role in (other, owner):
-                conn.execute(f"DROP OWNED BY {role}")
-                conn.execute(f"DROP ROLE {role}")
 
 
 def test_a_migrate_whose_session_the_server_ends_says_why(db_url, capsys, monkeypatch):
@@ -408,13 +418,10 @@ def test_a_scan_by_a_member_of_the_owners_role_leaves_partitions_the_owners_migr
     the owner's, so the owner's next migrate (a new index on every partition) goes through."""
     suffix = os.getpid()
     owner, member = f"catowner_{suffix}", f"operator_{suffix}"
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {owner} LOGIN")
-        conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
-        conn.execute(f"CREATE ROLE {member} LOGIN IN ROLE {owner}")
     as_owner, as_member = make_conninfo(db_url, user=owner), make_conninfo(db_url, user=member)
     (tmp_path / "f").write_bytes(b"x")
-    try:
+    with login_roles(db_url, (owner, member), f"GRANT CREATE ON SCHEMA public TO {owner}",
+                     f"GRANT {owner} TO {member}"):
         with psycopg.connect(as_owner, autocommit=True) as conn:
             conn.execute(PRODUCTION_SHAPE)
         assert main(["--db-url", as_owner, "migrate"]) == 0
@@ -429,11 +436,6 @@ def test_a_scan_by_a_member_of_the_owners_role_leaves_partitions_the_owners_migr
             conn.execute("DROP INDEX relinker_path_links_idx")
         capsys.readouterr()
         assert main(["--db-url", as_owner, "migrate"]) == 0, capsys.readouterr().err
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            for role in (member, owner):
-                conn.execute(f"DROP OWNED BY {role}")
-                conn.execute(f"DROP ROLE {role}")
 
 
 def test_migrate_finds_the_catalogue_as_queries_find_it(db_url):
@@ -452,11 +454,8 @@ def test_the_owner_keeps_its_views_when_a_member_of_it_migrates(db_url):
     """A member of the owning role may migrate: the views it makes again are given back to their owner."""
     suffix = os.getpid()
     owner, member = f"owner_{suffix}", f"member_{suffix}"
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {owner} LOGIN")
-        conn.execute(f"CREATE ROLE {member} LOGIN IN ROLE {owner}")
-        conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
-    try:
+    with login_roles(db_url, (owner, member), f"GRANT {owner} TO {member}",
+                     f"GRANT CREATE ON SCHEMA public TO {owner}"):
         with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
             conn.execute(PRODUCTION_SHAPE)
             migrations.migrate(conn)
@@ -472,11 +471,6 @@ def test_the_owner_keeps_its_views_when_a_member_of_it_migrates(db_url):
             after = conn.execute("SELECT relname, relowner::regrole::text, relacl::text FROM pg_class "
                                  "WHERE relkind = 'v' AND relname LIKE 'relinker%' ORDER BY 1").fetchall()
         assert after == before
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            for role in (member, owner):
-                conn.execute(f"DROP OWNED BY {role}")
-                conn.execute(f"DROP ROLE {role}")
 
 
 @pytest.mark.parametrize("why", ["the owner may no longer create in the schema", "a member that may not SET ROLE"])
@@ -488,12 +482,10 @@ def test_a_member_that_cannot_give_the_views_back_still_migrates(db_url, capsys,
     with psycopg.connect(db_url, autocommit=True) as conn:
         if why.startswith("a member") and conn.info.server_version < 160000:
             pytest.skip("the SET option of a membership is PostgreSQL 16's")
-        conn.execute(f"CREATE ROLE {owner} LOGIN")
-        conn.execute(f"CREATE ROLE {member} LOGIN")
-        conn.execute(f"GRANT {owner} TO {member}" + (" WITH INHERIT TRUE, SET FALSE" if why.startswith("a member")
-                                                     else ""))
-        conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
-    try:
+    with login_roles(db_url, (owner, member),
+                     f"GRANT {owner} TO {member}" + (" WITH INHERIT TRUE, SET FALSE" if why.startswith("a member")
+                                                     else ""),
+                     f"GRANT CREATE ON SCHEMA public TO {owner}"):
         with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
             conn.execute(PRODUCTION_SHAPE)
             migrations.migrate(conn)
@@ -503,8 +495,3 @@ def test_a_member_that_cannot_give_the_views_back_still_migrates(db_url, capsys,
                 conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {owner}")
         assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 0
         assert "may not give it back (run migrate as" in capsys.readouterr().err
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            for role in (member, owner):
-                conn.execute(f"DROP OWNED BY {role}")
-                conn.execute(f"DROP ROLE {role}")
