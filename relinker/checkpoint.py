@@ -493,7 +493,7 @@ class CheckpointStore:
         connection of its own: the finish itself says whether the range is still ours.
         """
         try:
-            if self._side is None or self._side.closed or self._side.broken:
+            if not db.alive(self._side):
                 self._side = db.connect(self.dsn, autocommit=True)
             self._side.execute(SQL_KEEP_ALIVE, self._owned_params(r))
         except psycopg.Error as exc:
@@ -502,7 +502,7 @@ class CheckpointStore:
     # connection management -------------------------------------------------
 
     def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        if not db.alive(self._conn):
             self.close()
             self._conn = db.connect(self.dsn, autocommit=True)
             try:
@@ -554,7 +554,7 @@ class CheckpointStore:
                     # Only a lost session is replaced: closing one that is fine (a
                     # serialization failure, a deadlock) would drop the advisory lock
                     # of the range it holds, free for any claim before the retry.
-                    if self._conn is not None and (self._conn.broken or self._conn.closed):
+                    if self._conn is not None and not db.alive(self._conn):
                         self.close()
                     raise
         raise AssertionError("unreachable")
@@ -704,7 +704,7 @@ class CheckpointStore:
     def _release(self, r: Range) -> None:
         self._held = None
         self._close_side()
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        if not db.alive(self._conn):
             return  # the range's advisory lock ended with its session: no other session can release it
         try:
             self._call(lambda conn: conn.execute(SQL_UNLOCK, (r.run_id, r.range_no)))

@@ -135,6 +135,11 @@ def bool_array(values) -> str:
     return "{" + ",".join("t" if value else "f" for value in values) + "}"
 
 
+def alive(conn: psycopg.Connection | None) -> bool:
+    """Whether ``conn`` is a session still there: not closed here, not lost to the server."""
+    return conn is not None and not conn.closed and not conn.broken
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an error's message (a path of an OSError as relinker shows paths)."""
     if isinstance(exc, OSError) and exc.strerror and isinstance(exc.filename, (str, bytes)):

@@ -184,7 +184,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                             "of relinker's: drop it, migrate, create it again)") from None
     finally:
         # A session the server ended holds no lock, and the unlock's error would hide why it ended.
-        if not conn.closed and not conn.broken:
+        if db.alive(conn):
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     return applied_now
 

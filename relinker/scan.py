@@ -162,7 +162,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     try:
         _replace_medium(conn, name, root, root_stat, exclude, text_paths, result)
     finally:
-        if not conn.closed and not conn.broken:
+        if db.alive(conn):
             checkpoint.release_mode(conn, "scan")
     return result
 
