@@ -210,6 +210,11 @@ class RunInfo:
     options: dict
 
 
+#: A run's status once a scan replaced the inodes its ranges name (see relinker.scan): no claim works it.
+SUPERSEDED = "superseded"
+# What claims and the look for what is left ask of the range's run (%(run_id)s).
+RUN_OPEN = "EXISTS (SELECT 1 FROM relinker_run AS run WHERE run.run_id = %(run_id)s AND run.status = 'open')"
+
 SQL_RUN = """
 SELECT run_id, mode, status, by_hash_root, archive_root, options FROM relinker_run WHERE run_id = %s
 """
@@ -274,14 +279,14 @@ def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> None:
 
 # Advisory lock keys: (run_id, range_no) as the two-int4 form, visible in
 # pg_locks as classid = run_id, objid = range_no, objsubid = 2.
-SQL_CLAIM_CANDIDATE = """
+SQL_CLAIM_CANDIDATE = f"""
 SELECT r.range_no, r.lo, r.hi, r.medium_hash, r.ino_lo, r.ino_hi, r.blobids, r.bytes_planned, r.status,
        r.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s)) AS stale,
        coalesce(r.lease_seconds, %(lease)s) AS lease
 FROM relinker_range r
 WHERE r.run_id = %(run_id)s AND r.status <> 'done'
   -- a run a scan superseded while its coordinator started is worked no more
-  AND EXISTS (SELECT 1 FROM relinker_run AS run WHERE run.run_id = %(run_id)s AND run.status = 'open')
+  AND {RUN_OPEN}
   AND (r.status = 'pending'
        OR (r.status = 'failed' AND r.finished_at < %(since)s)
        OR (r.status = 'running'
@@ -365,11 +370,11 @@ UPDATE relinker_range SET status = 'failed', finished_at = now(), last_error = %
 """ + _OWNED_WHERE
 SQL_COPY_PROBLEMS = "COPY relinker_problem (run_id, range_no, blobid, path, kind, detail) FROM STDIN"
 # A run a scan superseded has nothing left for anyone (no claim takes its ranges).
-SQL_OPEN_RANGES = """
+SQL_OPEN_RANGES = f"""
 SELECT count(*) FROM relinker_range
 WHERE run_id = %(run_id)s AND status <> 'done'
   AND (status IN ('pending', 'running') OR (status = 'failed' AND finished_at < %(since)s))
-  AND EXISTS (SELECT 1 FROM relinker_run AS run WHERE run.run_id = %(run_id)s AND run.status = 'open')
+  AND {RUN_OPEN}
 """
 
 

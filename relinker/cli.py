@@ -381,7 +381,7 @@ def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobReq
     emit(summary.as_json() if as_json else summary.as_text())
     in_log_file(summary.as_text())
     resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
-    if summary.status == jobs.SUPERSEDED:
+    if summary.status == checkpoint.SUPERSEDED:
         say_and_log(f"relinker: run {summary.run_id} was superseded by a scan meanwhile: "
                     f"`{jobs.replan_command(summary.mode, summary.options, request)}` plans what is left")
         return exit_code

@@ -391,7 +391,7 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
                 f"the catalogue database could not be reached as the run ended ({db.first_line(exc)})")
             raise RunStopped(f"{why}: run {spec.run_id} stopped, not complete; once the database is back, "
                              f"resume it with `{resume}`", run_id=spec.run_id, mode=mode.name) from None
-        if summary.status == SUPERSEDED:
+        if summary.status == checkpoint.SUPERSEDED:
             pass  # the summary says so; there is nothing to resume
         elif outcome.database_gone and not summary.complete:
             summary.stopped = _database_gone(request)
@@ -430,7 +430,7 @@ def replan_command(mode_name: str, run_options: dict, request: JobRequest) -> st
     words = ["relinker", mode_name]
     for key, value in sorted(run_options.get(REQUESTED, {}).items()):
         if _given(value) is not None and key in REPLANNED:
-            words += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
+            words += [_flag(key)] + ([] if value is True else [str(value)])
     return " ".join(map(_shell_word, words + request.resume_arguments))
 
 
@@ -480,7 +480,7 @@ def _named_run(conn, mode: Mode, request: JobRequest, by_hash_root: bytes, archi
         raise UserError(f"unknown run {request.run_id} (see `relinker status`)")
     if run.mode != mode.name:
         raise UserError(f"run {run.run_id} is a {run.mode} run, not a {mode.name} run")
-    if run.status == SUPERSEDED:
+    if run.status == checkpoint.SUPERSEDED:
         raise UserError(f"run {run.run_id} was superseded: a scan of a medium it covers came after its plan "
                         f"(`{replan_command(mode.name, run.options, request)}` plans what is left)")
     conflicts = _conflicting_options(run, dbtext.storable(conn, request.given))
@@ -549,9 +549,6 @@ def _select_run(conn, mode: Mode, request: JobRequest, spec: WorkSpec,
     return checkpoint.get_run(conn, run_id)
 
 
-#: A run's status once a scan replaced the inodes its ranges name (see relinker.scan).
-SUPERSEDED = "superseded"
-
 #: Key of a run's options holding the options it was asked for.
 REQUESTED = "requested"
 
@@ -611,9 +608,14 @@ def _as_planned(run: RunInfo, planned_with: dict, key: str, value) -> bool:
 SELECTION_TYPED = {"all": "--all", "from-file": "--from-file"}
 
 
+def _flag(key: str) -> str:
+    """The command line's option for a key of a run's options ("--only-incomplete")."""
+    return "--" + key.replace("_", "-")
+
+
 def _as_typed(key: str, value) -> str:
     """An option of a run as the command line says it ("--limit 5", "no --only-incomplete")."""
-    flag = "--" + key.replace("_", "-")
+    flag = _flag(key)
     if key == "selection":
         return SELECTION_TYPED.get(value) or (f"--mode {value}" if value else "no --mode")
     if _given(value) is None:

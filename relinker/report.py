@@ -11,7 +11,7 @@ from typing import Callable
 import psycopg
 import tqdm
 
-from relinker.checkpoint import Counters, Problem
+from relinker.checkpoint import SUPERSEDED, Counters, Problem
 from relinker.paths import display
 
 SQL_RUN_PROGRESS = """
@@ -160,7 +160,7 @@ class Summary:
         else:
             title = f"run {self.run_id} ({self.mode})"
         state = ("complete" if self.complete else "interrupted" if self.interrupted
-                 else "superseded by a scan" if self.status == "superseded" else "not complete")
+                 else "superseded by a scan" if self.status == SUPERSEDED else "not complete")
         lines = [f"{title}: {state}"]
         verb = "would be " if self.dry_run else ""
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in self.problems_by_kind.items())
@@ -210,7 +210,7 @@ class Summary:
                                     f"({rate})"))
         else:
             rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({rate})"))
-        if self.status == "superseded":
+        if self.status == SUPERSEDED:
             pass  # nothing to resume
         elif self.ranges_at_work == 0 and not self.complete:
             rows.append(("eta", "none: no worker is at work (resume the run)"))
