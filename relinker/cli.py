@@ -20,7 +20,7 @@ import psycopg
 
 from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
-                             new_subparsers, path_argument, prefer_typed, typed_options)
+                             new_subparsers, path_argument, prefer_typed, typed_options, unset)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
                              UserError, stop_on_signals)
 from relinker.logs import in_log_file, say, say_and_log, setup_logging, silence
@@ -428,7 +428,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
         # nightly count, a trial limit) is no option given with --run, which refuses one planned otherwise.
         for dest in RUN_SHAPING - args.typed:
             if hasattr(args, dest):
-                setattr(args, dest, False if isinstance(getattr(args, dest), bool) else None)
+                unset(args, dest)
     return args, Settings.from_args(args)
 
 

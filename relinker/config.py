@@ -142,13 +142,18 @@ def typed_options(argv: Sequence[str]) -> frozenset[str]:
     return frozenset(typed)
 
 
+def unset(args, dest: str) -> None:
+    """Option ``dest`` as if nothing had given it (a flag off, a value None)."""
+    setattr(args, dest, False if isinstance(getattr(args, dest, None), bool) else None)
+
+
 def prefer_typed(args, typed: frozenset[str], one: tuple[str, ...], other: tuple[str, ...]) -> None:
     """Where options of ``one`` and of ``other`` exclude each other and only one side was typed on the
     command line, the other side's values (from the environment or a config file) are dropped."""
     for kept, dropped in ((one, other), (other, one)):
         if typed.intersection(kept) and not typed.intersection(dropped):
             for dest in dropped:
-                setattr(args, dest, False if isinstance(getattr(args, dest, None), bool) else None)
+                unset(args, dest)
 
 
 def new_parser(config_files: list[str], **kwargs) -> configargparse.ArgumentParser:
