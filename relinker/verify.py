@@ -3,7 +3,8 @@
 For each blob of a range: its by-hash file exists and is a regular file, its
 size is the catalogue's, (with ``--hash``) its content hashes to its ID (the
 catalogue's empty blob, see :mod:`relinker.catalogue`, is accepted for an
-empty file), every expected archive path is a hardlink of it, and
+empty file; a content that does is sound whatever size the catalogue gives
+it, which is logged, not failed), every expected archive path is a hardlink of it, and
 ``n_hardlinks`` is the number of links found (where the blob has been
 counted: ``expected_hardlinks`` set). Every failure is a problem of
 the verify run, with blob and path; the blobs of a range that passed all of
@@ -21,6 +22,7 @@ run checks exactly the blobs it was asked to. A failed check is a check:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import stat
@@ -32,12 +34,14 @@ from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
 from relinker.jobs import Mode
 from relinker.linker import AT_LINK_LIMIT, LinkProblem, filesystem_link_limit
-from relinker.paths import by_hash_relpath
+from relinker.paths import by_hash_relpath, display
 from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
 from relinker.count import CountWork
 from relinker.relink import UNUSABLE, RangeScope, plan_list
 
 MODE = "verify"
+
+log = logging.getLogger(__name__)
 SELECTIONS = ("never", "oldest", "random")
 #: verify without --all or --from-file: this many blobs, never checked first.
 DEFAULT_COUNT = 100
@@ -129,7 +133,8 @@ class VerifyWork(CountWork):
     def check_source(self, blobid: str, relpath: bytes, ctx: RangeContext) -> None:
         """The by-hash file's size against the catalogue's, and with ``--hash`` its content against its ID.
 
-        Without ``--hash`` the size is an lstat's: no read permission is needed.
+        Without ``--hash`` the size is an lstat's: no read permission is needed. With it, a content that
+        hashes to its ID is sound: a size of the catalogue's that differs is the catalogue's error, logged.
         """
         path = self.linker.source_path(relpath)
         try:
@@ -140,19 +145,24 @@ class VerifyWork(CountWork):
             return
         try:
             sizes = self._sizes.get(blobid)
-            if sizes and size not in sizes:
+            size_differs = bool(sizes) and size not in sizes
+            digest = read = None
+            if fd is not None:
+                try:
+                    digest, read = content.hash_fd(fd, ctx.tick)
+                except OSError as exc:
+                    ctx.problem("content-unreadable", exc.strerror, blobid=blobid, path=path)
+                ctx.counters.bytes_read += read or 0
+                ctx.tick()
+            if size_differs and digest is not None and catalogue.content_matches(blobid, digest, read):
+                # The content is its ID's: the catalogue's size is what is wrong, and not relinker's to mend.
+                log.warning("%s: sound (it hashes to its blob ID) with %d bytes, where the catalogue's inodes "
+                            "of the blob say %s", display(path), size, sorted(sizes))
+                return
+            if size_differs:
                 ctx.problem("size-mismatch", f"by-hash file has {size} bytes, catalogue says {sorted(sizes)}",
                             blobid=blobid, path=path)
-            if fd is None:
-                return
-            try:
-                digest, read = content.hash_fd(fd, ctx.tick)
-            except OSError as exc:
-                ctx.problem("content-unreadable", exc.strerror, blobid=blobid, path=path)
-                return
-            ctx.counters.bytes_read += read
-            ctx.tick()
-            if not catalogue.content_matches(blobid, digest, read):
+            if digest is not None and not catalogue.content_matches(blobid, digest, read):
                 ctx.problem("content-mismatch", "content does not hash to its blob ID", blobid=blobid, path=path)
         finally:
             if fd is not None:

@@ -339,6 +339,27 @@ def test_verify_compares_the_by_hash_size_with_the_catalogue(linked, capsys):
     assert code == 1 and failures(result) == {(a, "size-mismatch")}
 
 
+def test_verify_hash_passes_a_sound_content_whose_catalogue_size_is_wrong(linked, capsys, tmp_path):
+    # The content hashes to its ID: the file is fine, and the catalogue's size is not relinker's to mend.
+    a = linked.blobs["a"]
+    linked.conn.execute("UPDATE inode SET size = 999 WHERE blobid = %s", (a,))
+    log_file = tmp_path / "verify.log"
+    code, result = run(linked, capsys, "verify", "--all", "--hash", "--no-progress", "--log-file", str(log_file))
+    assert code == 0 and failures(result) == set()
+    assert linked.conn.execute("SELECT last_checked IS NOT NULL FROM blobs WHERE blobid = %s",
+                               (a,)).fetchone()[0]
+    assert f"sound (it hashes to its blob ID) with 5 bytes, where the catalogue's inodes of the blob say [999]" \
+        in log_file.read_text()
+
+
+def test_verify_hash_fails_a_damaged_content_of_another_size_for_both(linked, capsys):
+    a = linked.blobs["a"]
+    with open(by_hash_path(linked.by_hash_root, a), "r+b") as damaged:
+        damaged.truncate(3)
+    code, result = run(linked, capsys, "verify", "--all", "--hash", "--no-progress")
+    assert code == 1 and failures(result) == {(a, "size-mismatch"), (a, "content-mismatch")}
+
+
 def test_verify_dry_run_writes_nothing(linked, capsys):
     os.unlink(linked.archive_path(b"/d/a2"))
     code, result = run(linked, capsys, "verify", "--all", "--dry-run", "--no-progress")
