@@ -25,7 +25,11 @@ CONFIG_ENV = "RELINKER_CONFIG"
 
 
 def path_argument(text: str) -> str:
-    """An argparse type for a file or directory option: no NUL (a config file may hold one, no path can)."""
+    """An argparse type for a file or directory option: not empty, no NUL (a config file may hold one, no
+    path can)."""
+    if not text:
+        # os.path.abspath("") is the working directory: `scan --medium m "$UNSET"` would catalogue it.
+        raise argparse.ArgumentTypeError("an empty path names nothing (a variable not set?)")
     if "\0" in text:
         raise argparse.ArgumentTypeError("a NUL cannot be part of a path")
     return text

@@ -232,6 +232,25 @@ def test_a_nul_in_a_path_of_the_config_file_is_a_usage_error(tmp_path, capsys, k
     assert f"argument --{key}: a NUL cannot be part of a path" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["scan", "--medium", "photos", ""], "DIR"),  # os.path.abspath(""): the working directory, catalogued
+    (["relink", "--from-file", ""], "--from-file"),  # every blob instead of the listed ones
+    (["verify", "--from-file", ""], "--from-file"),
+    (["verify", "--all", "--failed-ids", ""], "--failed-ids"),
+    (["--log-file", "", "status"], "--log-file"),
+    (["--by-hash-root", "", "relink"], "--by-hash-root"),
+    (["demo", "--source", ""], "--source"),
+])
+def test_an_empty_path_is_a_usage_error_not_the_working_directory(capsys, argv, option):
+    """`"$UNSET"` in a script: refused while parsing, before any catalogue is touched."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--db-url", "postgresql://nobody@127.0.0.1:1/x", *argv])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: an empty path names nothing (a variable not set?)" in err
+    assert "Traceback" not in err
+
+
 def test_a_db_url_that_is_not_utf8_is_a_usage_error(capsys):
     assert main(["--db-url", os.fsdecode(b"dbname=\xff"), "status"]) == 2
     err = capsys.readouterr().err
