@@ -138,12 +138,23 @@ def require_migrated(conn: psycopg.Connection) -> None:
         user = conn.info.user
         raise UserError(f"role {user} may not SELECT relinker_schema_migration, which every command reads "
                         f"(GRANT SELECT ON relinker_schema_migration TO {user})") from None
+    refuse_newer(applied)
     missing = [m.version for m in available() if m.version not in applied]
     if missing:
         raise UserError(
             "the catalogue is not migrated for this relinker version "
             f"(missing migrations {', '.join(map(str, missing))}): run `relinker migrate`"
         )
+
+
+def refuse_newer(applied: set[int]) -> None:
+    """Refuse a catalogue a newer relinker migrated: its runs and views may mean what this one cannot know
+    (a run status it would resume), and this one's views would replace the newer ones."""
+    known = max(m.version for m in available())
+    newer = sorted(v for v in applied if v > known)
+    if newer:
+        raise UserError(f"the catalogue was migrated by a newer relinker (migration {newer[-1]}; this one "
+                        f"knows up to {known}): run that version")
 
 
 def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
@@ -164,6 +175,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
         # anew): a table left by a role that could not finish would be in the way of the owner's.
         require_owner(conn, "migrate", ("inode", "path", "blobs"), "migrations change")
         done = set(applied_versions(conn))
+        refuse_newer(done)
         conn.execute(SQL_CREATE_MIGRATION_TABLE)
         for migration in available():
             if migration.version in done:

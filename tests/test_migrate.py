@@ -241,6 +241,28 @@ def test_commands_refuse_an_unmigrated_catalogue(db_url):
             migrations.require_migrated(conn)
 
 
+def test_a_catalogue_a_newer_relinker_migrated_is_refused_and_keeps_its_views(db_url, capsys, tmp_path):
+    """Its runs may have statuses this relinker would resume, and its views would be replaced by older ones."""
+    assert main(["--db-url", db_url, "migrate", "--base"]) == 0
+    newer = max(m.version for m in migrations.available()) + 1
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO relinker_schema_migration (version, name) VALUES (%s, 'future')", (newer,))
+        conn.execute("DROP VIEW relinker_problem_kinds")
+        conn.execute("CREATE VIEW relinker_problem_kinds AS SELECT 1 AS future_column")
+    capsys.readouterr()
+    (tmp_path / "by-hash").mkdir()
+    (tmp_path / "archive").mkdir()
+    roots = ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive")]
+    for argv in (["migrate"], [*roots, "relink", "--no-progress"], ["status"]):
+        assert main(["--db-url", db_url, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"relinker: error: the catalogue was migrated by a newer relinker (migration {newer}; "
+                       f"this one knows up to {newer - 1}): run that version\n")
+    with psycopg.connect(db_url) as conn:
+        assert columns(conn, "relinker_problem_kinds") == {"future_column"}
+        assert conn.execute("SELECT count(*) FROM relinker_run").fetchone()[0] == 0
+
+
 def test_migrations_load_from_the_installed_package():
     found = migrations.available()
     assert [m.version for m in found] == sorted({m.version for m in found})
