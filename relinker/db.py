@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 
@@ -92,10 +93,24 @@ def connect_for_user(dsn: str, *, autocommit: bool = False) -> psycopg.Connectio
     try:
         return connect(dsn, autocommit=autocommit)
     except psycopg.Error as exc:
-        raise UserError(
-            f"cannot connect to the catalogue database: {first_line(exc)} "
-            "(set --db-url, RELINKER_DB_URL or the PG* variables)"
-        ) from None
+        reason = first_line(exc)
+        # The DSN is right: the server has no session to spare.
+        hint = ("its connections are all taken: try again later, or with fewer --workers"
+                if SERVER_FULL.search(reason) else "set --db-url, RELINKER_DB_URL or the PG* variables")
+        raise UserError(f"cannot connect to the catalogue database: {reason} ({hint})") from None
+
+
+#: PostgreSQL's refusals of a session for want of a slot (sorry, too many clients already; remaining
+#: connection slots are reserved ...; too many connections for role or database).
+SERVER_FULL = re.compile(r"too many clients|remaining connection slots are reserved|too many connections for")
+#: A password in a libpq URI (user:password@) or key=value string, as libpq quotes a DSN it cannot parse.
+PASSWORD_IN_DSN = re.compile(r"(?P<uri>\b(?:postgres|postgresql)://[^\s/@:\"]*:)[^\s@\"]*@"
+                             r"|(?P<key>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s\"]+)")
+
+
+def without_passwords(text: str) -> str:
+    """``text`` with any password of a connection string in it replaced by ``***``."""
+    return PASSWORD_IN_DSN.sub(lambda m: f"{m['uri']}***@" if m["uri"] else f"{m['key']}***", text)
 
 
 class RangeConnection:
@@ -147,7 +162,7 @@ def first_line(exc: BaseException) -> str:
         if isinstance(exc.filename2, (str, bytes)):  # a rename's, a link's other end
             where += f" -> {display(os.fsencode(exc.filename2))}"
         return f"[Errno {exc.errno}] {exc.strerror}: {where}"
-    text = str(exc).strip()
+    text = without_passwords(str(exc).strip())
     return text.splitlines()[0] if text else type(exc).__name__
 
 

@@ -234,6 +234,27 @@ def test_wrong_credentials_are_one_line_exit_2(db_url, capsys):
     assert "cannot connect" in err and "no_such_role" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_role_out_of_connection_slots_is_not_told_to_fix_its_dsn(db_url, capsys):
+    with login_roles(db_url, ("relinker_full",), "ALTER ROLE relinker_full CONNECTION LIMIT 0"):
+        assert main(["--db-url", make_conninfo(db_url, user="relinker_full"), "status"]) == 2
+    err = capsys.readouterr().err
+    assert 'too many connections for role "relinker_full"' in err and len(err.strip().splitlines()) == 1
+    assert err.endswith("(its connections are all taken: try again later, or with fewer --workers)\n")
+
+
+@pytest.mark.parametrize("dsn, said", [
+    ("postgresql://copier:S3cretPassw0rd@[dbhost/copyjob", '"postgresql://copier:***@[dbhost/copyjob"'),
+    ("host=dbhost password=S3cretPassw0rd dbname", 'missing "=" after "dbname"'),
+])
+def test_a_password_in_a_dsn_libpq_cannot_parse_is_never_printed(capsys, tmp_path, dsn, said):
+    """libpq quotes a URI it cannot parse: the message and the log keep all of it but the password."""
+    log_file = tmp_path / "relinker.log"
+    assert main(["--log-file", str(log_file), "--db-url", dsn, "status"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and said in err and "S3cretPassw0rd" not in err
+    assert said in log_file.read_text() and "S3cretPassw0rd" not in log_file.read_text()
+
+
 def test_commands_refuse_an_unmigrated_catalogue(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(PRODUCTION_SHAPE)
