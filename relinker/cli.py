@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relinker`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     _standard_descriptors_open()
-    # SIGINT and SIGTERM stop a command with exit 3 wherever they land
+    # SIGINT, SIGTERM and SIGHUP stop a command with exit 3 wherever they land
     # (planning, preflight, the summary), as the process pool's own handlers
     # do while it runs: SIGINT too, which a script's background job inherits
     # ignored and Python would then leave ignored.

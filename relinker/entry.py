@@ -1,4 +1,4 @@
-"""The ``relinker`` command's entry point: SIGINT and SIGTERM mean exit 3 from its first moment.
+"""The ``relinker`` command's entry point: the stop signals mean exit 3 from its first moment.
 
 Importing the command's modules (psycopg among them) takes a few tenths of a
 second; a signal meanwhile would otherwise end in a traceback, or, in a

@@ -17,7 +17,7 @@ EXIT_INTERRUPTED = 3
 
 
 class StopSignal(SystemExit):
-    """SIGINT or SIGTERM arrived while a command ran: it stops where it is (exit 3).
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) arrived while a command ran: it stops where it is (exit 3).
 
     Not KeyboardInterrupt: one that passed through code run by exec (a
     dataclass being made) makes ``python -m`` kill itself with SIGINT at
@@ -30,16 +30,25 @@ class StopSignal(SystemExit):
 
 
 def interrupt(signum, frame) -> None:
-    """The handler of SIGINT and SIGTERM while a command runs: stop where it is (exit 3)."""
+    """The handler of the stop signals while a command runs: stop where it is (exit 3)."""
     raise StopSignal()
 
 
+def stop_signals() -> set[int]:
+    """The signals that stop a command (exit 3): SIGINT, SIGTERM, and SIGHUP (its terminal or ssh session
+    gone) unless the process was started ignoring it, as ``nohup`` starts it."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signals.add(signal.SIGHUP)
+    return signals
+
+
 def stop_on_signals() -> dict:
-    """Make SIGINT and SIGTERM raise StopSignal (SIGINT too where it was inherited ignored, as a script's
+    """Make the stop signals raise StopSignal (SIGINT too where it was inherited ignored, as a script's
     background job has it); the handlers they had, to put back. Signals are the main thread's only."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return {signum: signal.signal(signum, interrupt) for signum in stop_signals()}
 
 
 class UserError(Exception):

@@ -3,7 +3,7 @@
 Mode-agnostic: a mode (relink, copy, count) supplies a ``RangeWork`` class
 that processes one range; this module runs it in ``--workers`` processes,
 each with its own database connections, feeds the parent's progress bar,
-replaces workers that die, and turns SIGINT/SIGTERM into a clean stop (the
+replaces workers that die, and turns the stop signals (SIGINT, SIGTERM, SIGHUP) into a clean stop (the
 first signal: stop claiming, give unfinished ranges back; the second: stop at
 once, the next run still resumes correctly).
 
@@ -14,7 +14,7 @@ every message is far below PIPE_BUF, so writes are atomic anyway.
 Workers are forked from the coordinator, which by then holds no database
 connection and runs no other thread: a spawned worker would import psycopg
 and relinker again, a fixed cost per worker that a short content run on two
-cores cannot hide. SIGINT and SIGTERM are blocked across the fork, so a
+cores cannot hide. The stop signals are blocked across the fork, so a
 signal reaches a new worker only once its own handlers are in place.
 """
 
@@ -41,7 +41,7 @@ import psycopg
 
 from relinker import db
 from relinker.checkpoint import DEFAULT_LEASE, CheckpointStore, Counters, LostRange, ModeClash, Problem, Range
-from relinker.errors import EXIT_INTERRUPTED
+from relinker.errors import EXIT_INTERRUPTED, stop_signals
 from relinker.logs import say
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,6 @@ def _collector_paused():
             gc.enable()
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 #: How long a process told to stop waits for a database that does not answer (to give its range
 #: back, to read the run's figures) before it stops all the same.
 STOP_PATIENCE = 10.0
@@ -410,9 +409,10 @@ def _is_open(fd: int) -> bool:
 
 def _worker_main(spec: WorkSpec, pipe, stop_flag, dry_next: _SharedCounter, inherited=()) -> None:
     # Forked with the stop signals blocked (see start_worker): handlers first, then let them in.
-    for signum in _STOP_SIGNALS:
+    stops = stop_signals()
+    for signum in stops:
         signal.signal(signum, _on_worker_signal)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     for fd in inherited:  # the parent's ends of the other workers' pipes (see start_worker)
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -509,7 +509,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
         process = context.Process(target=_worker_main, args=(spec, writer, stop_flag, dry_next, inherited),
                                   name="relinker-worker", daemon=False)
         before = _open_descriptors()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
         try:
             process.start()
         except OSError as exc:
@@ -539,7 +539,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
         say(f"\nrelinker: {signal.Signals(signum).name} received: finishing up and giving unfinished "
             "ranges back (send it again to stop at once)")  # dropped if stderr is gone with the same Ctrl-C
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in stop_signals()}
     try:
         for _ in range(max(1, workers)):
             start_worker()

@@ -16,15 +16,18 @@ import psutil
 NEUTRAL_DIRECTORY = os.path.abspath(os.sep)
 
 
-def start(argv: list[str], *, ignore_sigint: bool = False, **kwargs) -> subprocess.Popen:
+def start(argv: list[str], *, ignore_sigint: bool = False, ignore_sighup: bool = False,
+          **kwargs) -> subprocess.Popen:
     """`python -m relinker ARGV` in its own process group (so the group can be killed).
 
-    ``ignore_sigint``: started with SIGINT ignored, as a script's background job is.
+    ``ignore_sigint``: started with SIGINT ignored, as a script's background job is;
+    ``ignore_sighup``: with SIGHUP ignored, as ``nohup`` starts it.
     """
     kwargs.setdefault("cwd", NEUTRAL_DIRECTORY)
     command = [sys.executable, "-m", "relinker", *argv]
-    if ignore_sigint:
-        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+    ignored = " ".join(name for name, wanted in (("INT", ignore_sigint), ("HUP", ignore_sighup)) if wanted)
+    if ignored:
+        command = ["sh", "-c", f'trap "" {ignored}; exec "$@"', "sh", *command]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             **kwargs)
 

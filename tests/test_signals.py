@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM: a clean stop with exit 3, and a resume that ends correct."""
+"""SIGINT, SIGTERM and SIGHUP: a clean stop with exit 3, and a resume that ends correct."""
 
 import os
 import shlex
@@ -24,16 +24,15 @@ def resume_and_check(world):
     world.assert_complete(1)
 
 
-@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM to the coordinator", "SIGTERM to the group"])
+@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM to the coordinator", "SIGTERM to the group",
+                                 "SIGHUP to the group"])  # the terminal or ssh session gone
 def test_one_signal_stops_cleanly_and_gives_ranges_back(busy, how):
     job = start(relink_argv(busy))
     wait_for(lambda: range_states(busy.conn).get("done", 0) >= 3, what="some ranges done")
-    if how == "SIGINT to the group":
-        kill_group(job, signal.SIGINT)
-    elif how == "SIGTERM to the group":
-        kill_group(job, signal.SIGTERM)
-    else:
+    if how == "SIGTERM to the coordinator":
         job.send_signal(signal.SIGTERM)
+    else:
+        kill_group(job, signal.Signals[how.split()[0]])
     code, _out, err = finish(job, timeout=30)
     assert code == 3, err
     assert f"resume with: {busy.resume('relink', 1)}" in err
@@ -41,6 +40,15 @@ def test_one_signal_stops_cleanly_and_gives_ranges_back(busy, how):
     assert "running" not in states, states  # every unfinished range was given back
     assert states.get("done", 0) < 40
     resume_and_check(busy)
+
+
+def test_a_run_started_under_nohup_goes_on_through_a_hangup(busy):
+    job = start(relink_argv(busy), ignore_sighup=True)
+    wait_for(lambda: range_states(busy.conn).get("done", 0) >= 3, what="some ranges done")
+    kill_group(job, signal.SIGHUP)
+    code, _out, err = finish(job, timeout=60)
+    assert code == 0 and "SIGHUP" not in err, err
+    busy.assert_complete(1)
 
 
 def test_an_interrupted_run_says_so_in_its_log_file_and_its_resume_writes_on_there(busy, tmp_path):
