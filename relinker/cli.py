@@ -23,7 +23,7 @@ from relinker.config import (Settings, add_command, check_config_keys, check_ver
                              new_subparsers, path_argument, prefer_typed, typed_options, unset)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
                              UserError, stop_on_signals)
-from relinker.logs import in_log_file, say, say_and_log, setup_logging, silence
+from relinker.logs import emit, in_log_file, say_and_log, setup_logging
 from relinker.report import Summary
 
 log = logging.getLogger("relinker")
@@ -339,20 +339,6 @@ def _standard_descriptors_open() -> None:
         sys.stdout = open(1, "w", closefd=False)
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)
-
-
-def emit(text: str, *, log: bool = False) -> None:
-    """Print a line of output; output that cannot be written (a reader gone, ``| head``; a full disk)
-    changes nothing of the exit code. ``log``: the ``--log-file`` gets it too (how a command ended)."""
-    if log:
-        in_log_file(text)
-    try:
-        print(text, flush=True)
-    except OSError as exc:
-        # Whatever is printed after, and the flush at exit, go nowhere instead of failing again.
-        silence(1)
-        if not isinstance(exc, BrokenPipeError):
-            say(f"relinker: cannot write the output: {exc.strerror}")
 
 
 def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Settings) -> list[str]:

@@ -25,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from relinker import copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, UserError
+from relinker.logs import emit
 from relinker.paths import display
 
 MARKER = ".relinker-demo"
@@ -53,7 +54,7 @@ class Step:
 
     def __call__(self, title: str) -> None:
         self.number += 1
-        print(f"\n[{self.number}/{self.total}] {title}", flush=True)
+        emit(f"\n[{self.number}/{self.total}] {title}")
 
 
 def run_demo(directory: str, source: str | None, keep: bool, settings: Settings, workers: int) -> int:
@@ -85,7 +86,7 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
         raise UserError(f"cannot make the demo directory {root}: {exc.strerror}") from None
     step = Step()
     server, dsn = _start_embedded(root, keep)
-    print(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
+    emit(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
     progress = sys.stderr is not None and sys.stderr.isatty()
     demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
                                archive_root=os.fsencode(archive))
@@ -145,11 +146,11 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
     step("relinker migrate --base: the NTT tables, then relinker's columns, checkpoint tables and views")
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         applied = migrations.migrate(conn, base=True)
-        print(f"  applied: {', '.join(applied)}")
+        emit(f"  applied: {', '.join(applied)}")
 
         step(f"relinker scan --medium {MEDIUM} {source}  (metadata only; site-packages left out)")
         result = scan.scan_tree(conn, MEDIUM, os.fsencode(source), EXCLUDE)
-        print(f"  {result.paths:,} paths, {result.inodes:,} inodes, {result.files:,} regular files")
+        emit(f"  {result.paths:,} paths, {result.inodes:,} inodes, {result.files:,} regular files")
         if result.files < MIN_FILES:  # symlinks and left-out files are no content to copy
             raise UserError(f"--source {source} has {result.files} regular files to copy: too few for the demo "
                             f"(at least {MIN_FILES})")
@@ -158,21 +159,21 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
     request = jobs.JobRequest(settings=settings, options={}, workers=workers,
                               progress=progress)
     summary, copied = jobs.run_job(copy.MODE_SPEC, request)
-    print(_indent(summary.as_text()))
+    emit(_indent(summary.as_text()))
     if copied == EXIT_INTERRUPTED:
         return copied
-    print(f"  {summary.counters.blobs - summary.counters.files_copied:,} of {summary.counters.blobs:,} "
+    emit(f"  {summary.counters.blobs - summary.counters.files_copied:,} of {summary.counters.blobs:,} "
           "files had a content already in by-hash: stored once, linked from every path")
 
     step("break the archive, as an interrupted pool migration would")
     deleted, orphaned = _break_archive(settings.archive_root)
-    print(f"  deleted {deleted:,} archive hardlinks ({BROKEN_SHARE:.0%}) and replaced {orphaned} others "
+    emit(f"  deleted {deleted:,} archive hardlinks ({BROKEN_SHARE:.0%}) and replaced {orphaned} others "
           "with copies of their content that are no links (as the NTT copier left some)")
 
     step("relinker relink: put every link back, without reading a byte of content")
     request = jobs.JobRequest(settings=settings, options={}, workers=workers, progress=progress)
     summary, code = jobs.run_job(relink.MODE_SPEC, request)
-    print(_indent(summary.as_text()))
+    emit(_indent(summary.as_text()))
     if code == EXIT_INTERRUPTED:
         return code
     repaired = summary.counters.links_created == deleted and summary.counters.links_replaced == orphaned
@@ -181,11 +182,11 @@ def _story(step: Step, settings: Settings, source: str, workers: int, progress: 
     request = jobs.JobRequest(settings=settings, options={"hash": True, "selection": "all"}, workers=workers,
                               progress=progress)
     checked, verified = jobs.run_job(verify.MODE_SPEC, request)
-    print(_indent(checked.as_text()))
+    emit(_indent(checked.as_text()))
     if verified == EXIT_INTERRUPTED:
         return verified
     ok = copied == EXIT_OK and code == EXIT_OK and repaired and verified == EXIT_OK
-    print(f"\n  {'everything repaired and verified' if ok else 'something did not add up (see above)'}")
+    emit(f"\n  {'everything repaired and verified' if ok else 'something did not add up (see above)'}")
     return EXIT_OK if ok else EXIT_PROBLEMS
 
 
@@ -214,17 +215,17 @@ def _explain_psql(step: Step, dsn: str, server, keep: bool, root: str) -> None:
     bin_dir = _server_bin_dir()
     psql = os.path.join(bin_dir, "psql")
     target = " ".join(f"{k}={v}" for k, v in params.items() if k in ("host", "port", "dbname", "user") and v)
-    print(f'  {psql} "{target}"')
+    emit(f'  {psql} "{target}"')
     for query in ("SELECT * FROM relinker_run_progress;",
                   "SELECT * FROM relinker_open_ranges;",
                   "SELECT * FROM relinker_problem_kinds;",
                   "SELECT run_id, kind, encode(path, 'escape') AS path, detail FROM relinker_problem LIMIT 20;"):
-        print(f"      {query}")
+        emit(f"      {query}")
     if not keep:
-        print("  (the embedded server stops now; `relinker demo --keep` leaves it running for psql)")
+        emit("  (the embedded server stops now; `relinker demo --keep` leaves it running for psql)")
         return
     as_user = f"runuser -u {server.system_user} -- " if server.system_user else ""
-    print(f"  the server keeps running; stop it with:\n  {as_user}{shlex.quote(os.path.join(bin_dir, 'pg_ctl'))} "
+    emit(f"  the server keeps running; stop it with:\n  {as_user}{shlex.quote(os.path.join(bin_dir, 'pg_ctl'))} "
           f"-D {shlex.quote(os.path.join(root, 'pgdata'))} stop")
 
 

@@ -41,6 +41,20 @@ def say_and_log(text: str) -> None:
     in_log_file(text)
 
 
+def emit(text: str, *, log: bool = False) -> None:
+    """Print a line of output; output that cannot be written (a reader gone, ``| head``; a full disk)
+    changes nothing of the exit code. ``log``: the ``--log-file`` gets it too (how a command ended)."""
+    if log:
+        in_log_file(text)
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        # Whatever is printed after, and the flush at exit, go nowhere instead of failing again.
+        silence(1)
+        if not isinstance(exc, BrokenPipeError):
+            say(f"relinker: cannot write the output: {exc.strerror}")
+
+
 def silence(fd: int) -> None:
     """Point a standard descriptor that cannot be written at /dev/null (what was buffered goes there)."""
     devnull = os.open(os.devnull, os.O_WRONLY)

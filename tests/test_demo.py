@@ -50,6 +50,18 @@ def test_demo_on_another_tree_keeps_the_server_when_asked(tmp_path):
             subprocess.run(stop[-1].strip().split(" "), capture_output=True)
 
 
+def test_demo_whose_output_cannot_be_written_still_runs_to_the_end(tmp_path):
+    """`relinker demo > /dev/full`: one line says so, no traceback, the demo's own exit code."""
+    source = small_tree(tmp_path / "src")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "relinker", "demo", str(tmp_path / "d"), "--source",
+                                 str(source), "--workers", "1"], stdout=full, stderr=subprocess.PIPE, text=True,
+                                cwd=NEUTRAL_DIRECTORY, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("relinker: cannot write the output: No space left on device") == 1
+
+
 def test_demo_refuses_a_directory_that_is_not_its_own(tmp_path):
     (tmp_path / "precious.txt").write_text("mine")
     result = demo(str(tmp_path))
