@@ -124,13 +124,10 @@ def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
         return []
     if os.path.isdir(path):
         raise UserError(f"config file {path} is a directory")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"config file not found: {path}")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise UserError(f"config file {path}: {exc.strerror}") from None
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} is not a regular file")
     return [path]
 
 
@@ -218,15 +215,30 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
     """
     known = {option.lstrip("-") for option in _long_options(parser)}
     for path in config_files:
-        with open(path, encoding="utf-8") as stream:
-            keys = parser._config_file_parser.parse(stream)
-        for key in keys:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                lines = stream.read().split("\n")  # as iterating the file splits it
+        except OSError as exc:
+            raise UserError(f"config file {path}: {exc.strerror}") from None
+        keys = {}
+        for number, line in enumerate(lines, 1):
+            # Line by line, by the parser that reads the file: it keeps the last of a key given twice.
+            try:
+                items = parser._config_file_parser.parse([line])
+            except configargparse.ConfigFileParserException:
+                raise UserError(f"config file {path}: line {number} is not `key = value`: {line.strip()}") from None
+            for key, value in items.items():
+                if key in keys:
+                    raise UserError(f"config file {path}: {key!r} is given twice (lines {keys[key][0]} and "
+                                    f"{number}): keep the one meant")
+                keys[key] = number, value
+        for key, (_, value) in keys.items():
             if key not in known:
                 close = difflib.get_close_matches(key.replace("_", "-"), sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UserError(f"config file {path}: unknown key {key!r}{hint}")
             if key == "verbose":
-                check_verbosity(keys[key], f"config file {path}: verbose")
+                check_verbosity(value, f"config file {path}: verbose")
 
 
 def _long_options(parser: argparse.ArgumentParser):

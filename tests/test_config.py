@@ -69,6 +69,30 @@ def test_missing_config_file_is_a_usage_error(tmp_path, capsys):
     assert capsys.readouterr().err == f"relinker: error: config file {tmp_path} is a directory\n"
 
 
+@pytest.mark.parametrize("text, message", [
+    ("limit = 1\n# the nightly one\nlimit: 2\n", "'limit' is given twice (lines 1 and 3): keep the one meant"),
+    ("db-url = x\n = = \n", "line 2 is not `key = value`: = ="),
+])
+def test_a_config_file_a_user_can_get_wrong_is_one_line(tmp_path, capsys, text, message):
+    """A key given twice would pick one silently (which catalogue, with db-url); a line the parser cannot
+    read was a traceback."""
+    config = tmp_path / "relinker.conf"
+    config.write_text(text)
+    assert main(["--config", str(config), "status"]) == 2
+    assert capsys.readouterr().err == f"relinker: error: config file {config}: {message}\n"
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/dev/null", "is not a regular file"),
+    ("/proc/self/mem", "Input/output error"),  # a read that fails, as on a failing disk
+])
+def test_a_config_file_that_cannot_be_read_is_one_line(capsys, path, message):
+    assert main(["--config", path, "status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"relinker: error: config file {path}") and message in err
+    assert len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("where", ["environment", "config file"])
 def test_a_verbosity_that_is_not_a_number_is_a_usage_error(where, tmp_path, monkeypatch, capsys):
     argv = ["migrate"]
