@@ -6,7 +6,9 @@ import errno
 import hashlib
 import io
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
+
+from relinker.errors import UserError
 
 
 def read_blob_ids(source: Iterable[str]) -> list[str]:
@@ -20,16 +22,32 @@ def read_blob_ids(source: Iterable[str]) -> list[str]:
     return ids
 
 
+#: The longest line a list may have: an ID (64 hex digits) with room for a comment. A longer one is
+#: no list (a disk image, /dev/zero), read whole into memory otherwise.
+MAX_LINE = 4096
+
+
 def blob_ids_from(file_argument: str) -> list[str]:
-    """IDs from ``--from-file FILE`` (``-`` for stdin)."""
+    """IDs from ``--from-file FILE`` (``-`` for stdin); UserError for a line longer than MAX_LINE."""
     if file_argument == "-":
         if sys.stdin is None:  # started with stdin closed (<&-)
             raise OSError(errno.EBADF, "standard input is closed")
         # Bytes that are not UTF-8 read as U+FFFD, as from a file: such a
         # line is an unknown blob, never a string the database cannot take.
-        return read_blob_ids(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace"))
+        return read_blob_ids(_lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace"),
+                                    file_argument))
     with open(file_argument, encoding="utf-8-sig", errors="replace") as f:  # an editor's byte-order mark
-        return read_blob_ids(f)
+        return read_blob_ids(_lines(f, file_argument))
+
+
+def _lines(stream, name: str) -> Iterator[str]:
+    number = 0
+    while line := stream.readline(MAX_LINE + 1):
+        number += 1
+        if len(line) > MAX_LINE and not line.endswith("\n"):
+            raise UserError(f"--from-file {name}: line {number} is longer than {MAX_LINE} characters: "
+                            "not a list of blob IDs")
+        yield line
 
 
 def listing_fingerprint(blobids: list[str]) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from relinker import bloblist, verify as verify_module
 from relinker.catalogue import EMPTY_SHA256
+from relinker.errors import UserError
 from relinker.cli import main
 from relinker.paths import by_hash_path, by_hash_relpath
 from relinker.pool import WorkSpec
@@ -255,6 +256,15 @@ def test_verify_accepts_the_catalogues_empty_blob(world, capsys):
     assert code == 1 and (EMPTY_SHA256, "content-mismatch") in failures(result)
 
 
+def test_a_line_of_a_list_may_be_as_long_as_max_line(tmp_path):
+    listed = tmp_path / "list"
+    listed.write_text("a" * bloblist.MAX_LINE + "\nb\n")
+    assert bloblist.blob_ids_from(str(listed)) == ["a" * bloblist.MAX_LINE, "b"]
+    listed.write_text("a" * (bloblist.MAX_LINE + 1) + "\n")
+    with pytest.raises(UserError, match="line 1 is longer than 4096 characters"):
+        bloblist.blob_ids_from(str(listed))
+
+
 def test_read_blob_ids_ignores_comments_and_blanks():
     assert bloblist.read_blob_ids(["# x\n", "\n", "ABC # trailing\n", " def \n"]) == ["abc", "def"]
     # a NUL, which no text column takes, is a malformed ID like any other
@@ -374,6 +384,8 @@ def test_verify_dry_run_writes_nothing(linked, capsys):
     (["relink", "--from-file", "/nonexistent/list"], "--from-file /nonexistent/list: No such file"),
     # before the run, not after a night of it
     (["verify", "--all", "--failed-ids", "/nonexistent/dir/x"], "cannot write into /nonexistent/dir"),
+    # no list, and endless: read whole, it was memory until the kernel killed relinker
+    (["relink", "--from-file", "/dev/zero"], "--from-file /dev/zero: line 1 is longer than 4096 characters"),
 ])
 def test_list_options_a_user_can_get_wrong_are_one_line_and_exit_2(linked, capsys, argv, message):
     runs = linked.conn.execute("SELECT count(*) FROM relinker_run").fetchone()
