@@ -20,7 +20,8 @@ import psycopg
 
 from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
-                             new_subparsers, path_argument, prefer_typed, typed_options, unset)
+                             new_subparsers, path_argument, prefer_typed, refuse_abbreviations, typed_options,
+                             unset)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
                              UserError, stop_on_signals)
 from relinker.logs import emit, in_log_file, say_and_log, setup_logging
@@ -398,6 +399,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     try:
         check_verbosity(os.environ.get("RELINKER_VERBOSE"), "RELINKER_VERBOSE")
         check_config_keys(parser, config_files)
+        refuse_abbreviations(parser, argv)
         args = parser.parse_args(argv)
     except UnicodeDecodeError as exc:
         raise UserError(f"the config file is not UTF-8 text ({exc})") from None

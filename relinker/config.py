@@ -241,6 +241,20 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
                 check_verbosity(value, f"config file {path}: verbose")
 
 
+def refuse_abbreviations(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """UserError for an option given by the start of its name (``--conf``): argparse, told not to
+    abbreviate, takes it for an unknown option and its value for the command, and says that instead."""
+    known = set(_long_options(parser))
+    for arg in argv:
+        if arg == "--":
+            break
+        name = arg.partition("=")[0]
+        if name.startswith("--") and name not in known:
+            meant = sorted(option for option in known if option.startswith(name))
+            if meant:
+                raise UserError(f"{name}: options are never abbreviated (did you mean {' or '.join(meant)}?)")
+
+
 def _long_options(parser: argparse.ArgumentParser):
     for action in parser._actions:
         yield from (option for option in action.option_strings if option.startswith("--"))
