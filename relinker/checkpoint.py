@@ -319,6 +319,19 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
   AND l.classid = %s::bigint::oid AND l.objid = %s::oid AND l.pid <> pg_backend_pid()
 """
 SQL_TERMINATE = "SELECT pg_terminate_backend(%s)"
+# A stale range the claim's SKIP LOCKED passed over: its row is locked by a
+# transaction that stopped with its process (in the range's commit, a
+# heartbeat, a claim), and nothing else would ever end it. The row's xmax
+# names that transaction; only a relinker session holding it is ended.
+SQL_STALE_ROW_HOLDERS = """
+SELECT r.range_no, coalesce(r.lease_seconds, %(lease)s), l.pid
+FROM relinker_range r
+JOIN pg_locks l ON l.locktype = 'transactionid' AND l.granted AND l.mode = 'ExclusiveLock'
+                AND l.transactionid = r.xmax AND l.pid <> pg_backend_pid()
+JOIN pg_stat_activity a ON a.pid = l.pid AND a.application_name = %(application)s
+WHERE r.run_id = %(run_id)s AND r.status = 'running'
+  AND r.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s))
+"""
 _COUNTER_ASSIGNMENTS = ", ".join(f"{f.name} = %({f.name})s" for f in dataclasses.fields(Counters))
 _COUNTERS_ZEROED = ", ".join(f"{f.name} = 0" for f in dataclasses.fields(Counters))
 SQL_TAKE_RANGE = """
@@ -584,6 +597,7 @@ class CheckpointStore:
                     row = conn.execute(SQL_CLAIM_CANDIDATE, dict(
                         run_id=self.run_id, lease=self.lease, since=self.since, passed_over=passed_over)).fetchone()
                     if row is None:
+                        self._end_stalled_row_holders(conn)
                         return None
                     range_no, *bounds, status, stale, lease = row
                     if conn.execute(SQL_TRY_LOCK, (self.run_id, range_no)).fetchone()[0]:
@@ -613,13 +627,23 @@ class CheckpointStore:
 
     def _terminate_holders(self, conn: psycopg.Connection, range_no: int, lease: float) -> None:
         for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (db.APPLICATION_NAME, self.run_id, range_no)).fetchall():
-            log.warning("range %d: heartbeat older than its %g s lease, terminating stalled session %d",
-                        range_no, lease, pid)
-            try:
-                with conn.transaction():
-                    conn.execute(SQL_TERMINATE, (pid,))
-            except psycopg.Error as exc:
-                log.warning("cannot terminate session %d: %s", pid, db.first_line(exc))
+            self._terminate(conn, range_no, lease, pid)
+
+    def _end_stalled_row_holders(self, conn: psycopg.Connection) -> None:
+        """End the sessions whose stopped transactions hold the rows of stale ranges (the claim skipped them)."""
+        for range_no, lease, pid in conn.execute(SQL_STALE_ROW_HOLDERS, dict(
+                run_id=self.run_id, lease=self.lease, application=db.APPLICATION_NAME)).fetchall():
+            self._terminate(conn, range_no, lease, pid)
+
+    @staticmethod
+    def _terminate(conn: psycopg.Connection, range_no: int, lease: float, pid: int) -> None:
+        log.warning("range %d: heartbeat older than its %g s lease, terminating stalled session %d",
+                    range_no, lease, pid)
+        try:
+            with conn.transaction():
+                conn.execute(SQL_TERMINATE, (pid,))
+        except psycopg.Error as exc:
+            log.warning("cannot terminate session %d: %s", pid, db.first_line(exc))
 
     def reassert(self, r: Range) -> None:
         """After a transient error, before ``r`` is redone: make sure we still own it (raises LostRange).

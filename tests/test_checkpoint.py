@@ -4,6 +4,7 @@ import logging
 import time
 
 import psycopg
+import pytest
 
 from relinker import checkpoint, db
 
@@ -82,6 +83,50 @@ def test_a_stale_range_is_freed_by_ending_relinkers_session_never_another_progra
         finally:
             store.close()
         assert alive(world, foreign.info.backend_pid)
+
+
+@pytest.mark.parametrize("stopped_in", ["the range's commit", "a heartbeat"])
+def test_a_range_whose_row_a_stalled_session_holds_is_taken_over(world, stopped_in):
+    """A worker stopped (SIGSTOP, a paused VM) inside a transaction holding its range's row: the claim's
+    SKIP LOCKED passes the row by, and the run waited for as long as the stop lasted."""
+    run_id = new_run(world, 1)
+    since = world.conn.execute("SELECT now()").fetchone()[0]
+    owner = checkpoint.CheckpointStore(world.dsn, run_id, worker="host-a:1", lease=3, retry_timeout=5, since=since)
+    patient = store_for(world, run_id, "host-b:1")
+    try:
+        mine = owner.claim()
+        stalled = owner._connection()
+        world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '10 seconds' "
+                           "WHERE run_id = %s", (run_id,))
+        stalled.execute("BEGIN")
+        if stopped_in == "a heartbeat":
+            stalled.execute("SELECT 1 FROM relinker_range WHERE run_id = %s FOR UPDATE", (run_id,))
+        else:
+            stalled.execute("UPDATE relinker_range SET status = 'done' WHERE run_id = %s", (run_id,))
+        deadline = time.monotonic() + 10
+        taken = patient.claim()  # the first claim ends the stalled session; a later one takes the range
+        while taken is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            taken = patient.claim()
+        assert taken is not None and taken.range_no == mine.range_no
+        assert not alive(world, stalled.info.backend_pid)
+    finally:
+        owner.close()
+        patient.close()
+
+
+def test_a_stale_range_locked_by_another_program_is_left_alone(world):
+    run_id = new_run(world, 1)
+    make_stale(world, run_id, 0)
+    store = store_for(world, run_id)
+    with psycopg.connect(world.dsn, application_name="another-program") as foreign:
+        foreign.execute("SELECT 1 FROM relinker_range WHERE run_id = %s FOR UPDATE", (run_id,))
+        try:
+            assert store.claim() is None
+            time.sleep(0.2)
+            assert alive(world, foreign.info.backend_pid)
+        finally:
+            store.close()
 
 
 def wait_until(condition, timeout=10.0):
