@@ -590,6 +590,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     with db.connect_for_user(settings.db_url) as conn:
+        # One snapshot for every figure: the run's totals and its ranges' list of one moment.
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
         migrations.require_migrated(conn)
         run = checkpoint.get_run(conn, args.run_id) if args.run_id is not None else checkpoint.newest_run(conn)
         if run is None and args.run_id is None:

@@ -19,7 +19,7 @@ SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_p
        blobs, links_created, links_present, links_replaced, problems, links_missing, files_copied,
        bytes_copied, bytes_read, blobs_failed, bytes_planned, extract(epoch FROM elapsed)::float8, extract(epoch FROM working)::float8,
        extract(epoch FROM eta)::float8,
-       options, ranges_at_work
+       options, ranges_at_work, at_work
 FROM relinker_run_progress WHERE run_id = %s
 """
 SQL_PROBLEM_KINDS = "SELECT kind, problems FROM relinker_problem_kinds WHERE run_id = %s ORDER BY problems DESC, kind"
@@ -29,7 +29,8 @@ SELECT kind, detail, blobid, path FROM relinker_problem WHERE run_id = %s ORDER 
 SQL_OPEN_RANGES = """
 SELECT range_no, status, lo, hi, worker, attempts, extract(epoch FROM heartbeat_age)::float8, last_error,
        held, at_work
-FROM relinker_open_ranges WHERE run_id = %s ORDER BY range_no LIMIT %s
+FROM relinker_open_ranges WHERE run_id = %s
+ORDER BY status = 'running' DESC, status = 'failed' DESC, range_no LIMIT %s
 """
 SAMPLE_LIMIT = 20
 
@@ -53,6 +54,9 @@ class Summary:
     ranges_failed: int = 0
     #: of a run read back from the catalogue: its ranges being worked right now (held, heartbeat fresh)
     ranges_at_work: int | None = None
+    #: of a run read back from the catalogue: whether a worker is at work on it (a range at work, or one
+    #: between two ranges)
+    at_work: bool | None = None
     elapsed_seconds: float = 0.0
     #: of a run read back from the catalogue: the time its ranges were worked (the rate's divisor)
     working_seconds: float | None = None
@@ -93,7 +97,7 @@ class Summary:
         if row is None:
             raise LookupError(run_id)
         (run_id, mode, status, total, done, running, pending, failed, *counters, bytes_planned,
-         elapsed, working, eta, options, at_work) = row
+         elapsed, working, eta, options, ranges_at_work, at_work) = row
         summary = cls(
             mode=mode, run_id=run_id, status=status,
             counters=Counters(*counters),
@@ -102,7 +106,7 @@ class Summary:
                              for kind, detail, blobid, path in conn.execute(SQL_PROBLEM_SAMPLES, (run_id, SAMPLE_LIMIT))],
             ranges_total=total, ranges_done=done, ranges_running=running, ranges_pending=pending,
             ranges_failed=failed, elapsed_seconds=elapsed or 0.0, working_seconds=working or 0.0,
-            eta_seconds=eta, bytes_planned=bytes_planned, ranges_at_work=at_work,
+            eta_seconds=eta, bytes_planned=bytes_planned, ranges_at_work=ranges_at_work, at_work=at_work,
             options=options or {},
         )
         summary.links_this_session = summary.counters.links
@@ -138,6 +142,7 @@ class Summary:
             "ranges_pending": self.ranges_pending,
             "ranges_failed": self.ranges_failed,
             "ranges_at_work": self.ranges_at_work,
+            "at_work": self.at_work,
             "stopped": self.stopped,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "working_seconds": None if self.working_seconds is None else round(self.working_seconds, 3),
@@ -200,10 +205,14 @@ class Summary:
                 rows.append(("links missing", f"{c.links_missing:,}"))
         if self.mode == "copy" and not self.dry_run:
             rows.append(("by-hash files written", f"{c.files_copied:,} ({human_bytes(c.bytes_copied)})"))
+        # A run resumed, or worked by other hosts too: its figures are the run's, the rates this session's.
+        own = ("this session: " if not self.dry_run and (self.links_this_session, self.bytes_this_session)
+               != (c.links, c.bytes_read) else "")
         if (c.bytes_read or self.bytes_planned) and not copy_planned:
             planned = f" of {human_bytes(self.bytes_planned)}" if self.bytes_planned else ""
-            rows.append(("content read", f"{human_bytes(c.bytes_read)}{planned} ({self.mb_per_second:,.1f} MB/s)"))
-        rate = f"{self.links_per_second:,.0f} links/s"
+            rows.append(("content read",
+                         f"{human_bytes(c.bytes_read)}{planned} ({own}{self.mb_per_second:,.1f} MB/s)"))
+        rate = f"{own}{self.links_per_second:,.0f} links/s"
         if self.working_seconds is not None and self.working_seconds < 0.9 * self.elapsed_seconds:
             # interrupted and resumed: the rate is over the time it worked
             rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s, {self.working_seconds:,.1f} s of it working "
@@ -212,7 +221,7 @@ class Summary:
             rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s ({rate})"))
         if self.status == SUPERSEDED:
             pass  # nothing to resume
-        elif self.ranges_at_work == 0 and not self.complete:
+        elif self.at_work is False and not self.complete:
             rows.append(("eta", "none: no worker is at work (resume the run)"))
         elif self.eta_seconds and not self.complete:
             rows.append(("eta", f"{self.eta_seconds:,.0f} s"))
@@ -232,6 +241,10 @@ class Summary:
                             else ": stale, its worker is stuck (the next claim takes it over)" if r.get("stale")
                             else "")
                          + (f": {r['last_error']}" if r["last_error"] else ""))
+        unlisted = self.ranges_running + self.ranges_pending + self.ranges_failed - len(self.open_ranges)
+        if self.open_ranges and unlisted > 0:
+            lines.append(f"  ... and {unlisted:,} more open ranges: "
+                         f"SELECT * FROM relinker_open_ranges WHERE run_id = {self.run_id}")
         return "\n".join(lines)
 
 

@@ -30,7 +30,8 @@ $$;
 CREATE VIEW relinker_open_ranges AS
 SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.ino_hi,
        g.worker, g.attempts, g.claimed_at, g.heartbeat_at,
-       now() - g.heartbeat_at AS heartbeat_age,
+       -- a heartbeat committed after this statement's now() is no negative age
+       greatest(now() - g.heartbeat_at, interval '0') AS heartbeat_age,
        g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
        g.links_missing, g.files_copied, g.bytes_copied, g.bytes_read, g.bytes_planned, g.blobs_failed,
        cardinality(g.blobids) AS listed_blobs, g.last_error, g.lease_seconds,
@@ -56,7 +57,8 @@ WHERE g.status <> 'done'
 -- claimed..given back for a range an interrupted worker gave back): a run
 -- interrupted on Friday and resumed on Monday did not work over the weekend,
 -- and its rate and ETA come from `working`, not from `elapsed`. No ETA while
--- no range is at work (see relinker_open_ranges).
+-- no worker is at work (`at_work`: no range at work, see relinker_open_ranges,
+-- and none finished in the last 5 s).
 CREATE VIEW relinker_run_progress AS
 SELECT r.run_id,
        r.mode,
@@ -93,7 +95,7 @@ SELECT r.run_id,
        -- makes one range far longer than the others)
        CASE WHEN r.status = 'done' THEN interval '0'
             -- nobody at work (interrupted, killed, stuck): no end in sight until it is resumed
-            WHEN live.ranges_at_work = 0 THEN NULL
+            WHEN NOT live.at_work THEN NULL
             ELSE greatest(
                 CASE WHEN g.ranges_done > 0
                      THEN coalesce(busy.working, interval '0') * (g.ranges_total - g.ranges_done) / g.ranges_done END,
@@ -105,7 +107,8 @@ SELECT r.run_id,
        encode(r.by_hash_root, 'escape') AS by_hash_root,
        encode(r.archive_root, 'escape') AS archive_root,
        r.options,
-       live.ranges_at_work
+       live.ranges_at_work,
+       live.at_work
 FROM relinker_run r
 -- Each lateral is evaluated once per run, whatever the planner believes of
 -- the run's ranges (a run newer than the table's statistics looks like one
@@ -131,7 +134,14 @@ CROSS JOIN LATERAL (
     WHERE w.run_id = r.run_id
 ) AS g
 CROSS JOIN LATERAL (
-    SELECT count(*) AS ranges_at_work FROM relinker_open_ranges o WHERE o.run_id = r.run_id AND o.at_work
+    -- `at_work`: a range at work, or a worker between two ranges (one finished a moment ago)
+    SELECT at_work.ranges_at_work,
+           at_work.ranges_at_work > 0 OR EXISTS (
+               SELECT 1 FROM relinker_range w
+               WHERE w.run_id = r.run_id AND w.status = 'done'
+                 AND w.finished_at > now() - interval '5 seconds') AS at_work
+    FROM (SELECT count(*) AS ranges_at_work FROM relinker_open_ranges o
+          WHERE o.run_id = r.run_id AND o.at_work) AS at_work
 ) AS live
 LEFT JOIN LATERAL (
     -- gaps and islands: a span starts an island unless an earlier span reaches past its start

@@ -62,7 +62,7 @@ def test_a_bar_counts_what_other_coordinators_of_the_run_finished(capsys, monkey
 def test_a_verify_summary_says_what_passed_and_how_fast_content_was_read():
     summary = Summary(mode="verify", run_id=3, status="done", elapsed_seconds=2.0,
                       counters=Counters(blobs=10, blobs_failed=2, links_present=30, bytes_read=4_000_000))
-    summary.bytes_this_session = 4_000_000
+    summary.links_this_session, summary.bytes_this_session = 30, 4_000_000
     text = summary.as_text()
     assert "10 checked, 8 passed, 2 failed" in text and "4.0 MB (2.0 MB/s)" in text
     data = summary.as_json()
@@ -82,6 +82,15 @@ def test_a_dry_run_is_complete_only_if_every_range_was_reported_done():
     assert dry(3, 3).complete
     assert not dry(2, 3).complete and "not complete" in dry(2, 3).as_text()
     assert not dry(0, 3, interrupted=True).complete
+
+
+def test_a_run_other_hosts_worked_too_gives_its_figures_and_this_sessions_rates():
+    summary = Summary(mode="copy", run_id=3, status="done", elapsed_seconds=4.0,
+                      counters=Counters(blobs=20, links_created=24_000, bytes_read=192_000_000), bytes_planned=192_000_000)
+    summary.links_this_session, summary.bytes_this_session = 6_000, 40_000_000
+    text = summary.as_text()
+    assert "192.0 MB of 192.0 MB (this session: 10.0 MB/s)" in text
+    assert "4.0 s (this session: 1,500 links/s)" in text
 
 
 def test_a_copy_dry_run_says_what_is_planned_not_what_a_copy_would_write():
@@ -109,8 +118,8 @@ def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(wo
                        "WHERE run_id = %s AND range_no = 1", (run_id,))
     world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '5 seconds', worker = 'alive:1' "
                        "WHERE run_id = %s AND range_no = 2", (run_id,))
-    world.conn.execute("UPDATE relinker_range SET status = 'done', finished_at = now() WHERE run_id = %s "
-                       "AND range_no = 2", (run_id,))
+    world.conn.execute("UPDATE relinker_range SET status = 'done', finished_at = now() - interval '1 minute' "
+                       "WHERE run_id = %s AND range_no = 2", (run_id,))
     with psycopg.connect(world.dsn, autocommit=True) as workers:
         workers.execute("SELECT pg_advisory_lock(%s, 0)", (run_id,))  # the stuck worker still holds its range
         summary = Summary.from_run(world.conn, run_id, open_ranges=True)
@@ -131,6 +140,53 @@ def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(wo
                        "AND status = 'running'", (run_id,))
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
     assert summary.eta_seconds is None and "none: no worker is at work (resume the run)" in summary.as_text()
+
+
+def test_a_worker_between_two_ranges_is_at_work(world):
+    """Between a range's commit and its next claim no range is held: the run is still being worked, and
+    status must not tell the user to resume it."""
+    from relinker import checkpoint
+
+    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
+                                   checkpoint.split_blob_space(3))
+    world.conn.execute("UPDATE relinker_range SET status = 'done', worker = 'alive:1', attempts = 1, "
+                       "claimed_at = now() - interval '3 seconds', finished_at = now() - interval '1 second' "
+                       "WHERE run_id = %s AND range_no = 0", (run_id,))
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert summary.ranges_at_work == 0 and summary.at_work and summary.eta_seconds is not None
+    assert "no worker is at work" not in summary.as_text()
+    world.conn.execute("UPDATE relinker_range SET finished_at = now() - interval '1 minute' "
+                       "WHERE run_id = %s AND range_no = 0", (run_id,))
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert summary.at_work is False and summary.eta_seconds is None
+    assert "none: no worker is at work (resume the run)" in summary.as_text()
+
+
+def test_a_heartbeat_newer_than_the_statement_is_no_negative_age(world):
+    """A worker's heartbeat committed after the reading statement's now() (status polled as it beats)."""
+    from relinker import checkpoint
+
+    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
+                                   checkpoint.split_blob_space(1))
+    world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'alive:1', attempts = 1, "
+                       "heartbeat_at = now() + interval '10 milliseconds' WHERE run_id = %s", (run_id,))
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert summary.open_ranges[0]["heartbeat_age_seconds"] == 0
+    assert "last heartbeat 0 s ago" in summary.as_text() and "-0 s" not in summary.as_text()
+
+
+def test_status_lists_running_ranges_first_and_says_how_many_it_leaves_out(world):
+    from relinker import checkpoint
+
+    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
+                                   checkpoint.split_blob_space(30))
+    world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'stuck:1', attempts = 1, "
+                       "heartbeat_at = now() - interval '1 hour' WHERE run_id = %s AND range_no = 27", (run_id,))
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert summary.open_ranges[0]["range_no"] == 27 and len(summary.open_ranges) == 20
+    text = summary.as_text()
+    assert "range 27 running by stuck:1" in text
+    assert text.endswith(f"... and 10 more open ranges: SELECT * FROM relinker_open_ranges WHERE run_id = {run_id}")
 
 
 def test_status_text_breaks_problems_down_by_kind_and_names_failed_ranges():
