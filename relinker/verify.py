@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import secrets
-import stat
 
 import psycopg
 from psycopg import sql
@@ -33,7 +32,6 @@ from psycopg import sql
 from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
 from relinker.jobs import Mode
-from relinker.linker import AT_LINK_LIMIT, LinkProblem, filesystem_link_limit
 from relinker.paths import by_hash_relpath, display
 from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
 from relinker.count import CountWork
@@ -105,23 +103,20 @@ ORDER BY blobid
 class VerifyWork(CountWork):
     """Checks verify ranges in one worker process; writes only ``last_checked``."""
 
+    SAYS_WHY = True
+
     def __init__(self, spec: WorkSpec):
         super().__init__(spec)
         self.rehash = bool(spec.options.get("hash"))
         self._sizes: dict[str, list[int]] = {}
         #: blobs of the range without a usable by-hash file (their links were not checked)
         self._unusable: set[str] = set()
-        #: by-hash files of the range: their size if they have all the links their filesystem allows, else None
-        self._at_limit: dict[bytes, int | None] = {}
-        #: the store's filesystem's link limit (None: not known, or none)
-        self._link_max = filesystem_link_limit(spec.by_hash_root) if spec.by_hash_root else None
 
     def process(self, r, ctx: RangeContext):
         scope = RangeScope.of(r)
         query = sql.SQL(SQL_SIZES).format(scope=scope.where("i"))
         self._sizes = dict(self.data.get().execute(query, scope.params, prepare=False).fetchall())
         self._unusable = set()
-        self._at_limit = {}
         return super().process(r, ctx)
 
     def _source(self, blobid: str, ctx: RangeContext):
@@ -167,50 +162,6 @@ class VerifyWork(CountWork):
         finally:
             if fd is not None:
                 os.close(fd)
-
-    def visit(self, source, source_id, paths, tally, problem) -> int:
-        return self.linker.probe_all(source_id, paths, tally, problem,
-                                     general=lambda path: self.settle(source, source_id, path, tally, problem))
-
-    def settle(self, source, source_id, path, tally, problem) -> bool:
-        """One path that is not simply a link of the blob: say what is wrong with it.
-
-        While the by-hash file has all the links its filesystem allows, a
-        path that relink could not link for that reason is what relink
-        records as ``too-many-links``: a limit, not damage, and the blob
-        passes if nothing else is wrong. That is a missing path, or one
-        holding a regular file of the content's size (the copier's own copy,
-        as of the empty content); any other file there is ``wrong-inode``.
-        """
-        def checked(where: bytes, kind: str, detail: str) -> None:
-            limit_size = self._size_at_link_limit(source) if kind in ("link-missing", "wrong-inode") else None
-            if limit_size is not None and (kind == "link-missing" or self._holds_size(where, limit_size)):
-                what = "no archive entry" if kind == "link-missing" else "a copy of the content's size, not a link"
-                problem(where, "too-many-links", f"{what}: {AT_LINK_LIMIT}")
-            else:
-                problem(where, kind, detail)
-
-        return self.linker.check_one(source_id, path, tally, checked)
-
-    def _size_at_link_limit(self, source: bytes) -> int | None:
-        """The by-hash file's size if it has as many links as its filesystem allows, else None (once per range)."""
-        if self._link_max is None:
-            return None
-        if source not in self._at_limit:
-            try:
-                found = self.linker.stat_source(source)
-                self._at_limit[source] = found.st_size if found.st_nlink >= self._link_max else None
-            except OSError:
-                self._at_limit[source] = None
-        return self._at_limit[source]
-
-    def _holds_size(self, path: bytes, size: int) -> bool:
-        """Whether an archive path is a regular file of ``size`` bytes."""
-        try:
-            found = self.linker.probe(path)
-        except LinkProblem:
-            return False
-        return found is not None and stat.S_ISREG(found.st_mode) and found.st_size == size
 
     def after_range(self, ctx: RangeContext, linked, expected, recorded) -> None:
         # The walk took each by-hash file by lstat alone (the C walker asks

@@ -63,6 +63,25 @@ def test_count_finds_damage_and_fixes_counts_only_without_dry_run(linked, capsys
     assert code == 0 and summary["problems"] == 0
 
 
+def test_count_names_a_blob_without_a_row_whose_links_are_missing(linked, capsys, tmp_path):
+    """No blobs row, no counts: relinker_incomplete_blobs and relink --only-incomplete cannot see it, so
+    count says which blob it is, and relink --from-file with its ID makes its links."""
+    b = linked.blobs["b"]
+    linked.conn.execute("DELETE FROM blobs WHERE blobid = %s", (b,))
+    os.unlink(linked.archive_path(b"/e/b2"))
+    code, result = run(linked, capsys, "count", "--no-progress")
+    assert code == 1 and result["links_missing"] == 1
+    assert failures(result) == {(b, "incomplete-without-row")}
+    code, result = run(linked, capsys, "relink", "--only-incomplete", "--no-progress")
+    assert result["links_created"] == 0  # as said
+    listed = tmp_path / "ids"
+    listed.write_text(b + "\n")
+    code, result = run(linked, capsys, "relink", "--from-file", str(listed), "--no-progress")
+    assert code == 0 and result["links_created"] == 1
+    code, result = run(linked, capsys, "count", "--no-progress")
+    assert code == 0 and result["links_missing"] == 0 and result["problems"] == 0
+
+
 def test_count_limit(linked, capsys):
     code, summary = run(linked, capsys, "count", "--dry-run", "--no-progress", "--limit", "1")
     assert code == 0 and summary["blobs"] == 1

@@ -231,6 +231,10 @@ def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):
     assert checked["failed"] == 0 and checked["passed"] == 1
     assert world.conn.execute("SELECT last_checked IS NOT NULL FROM blobs WHERE blobid = %s",
                               (empty,)).fetchone() == (True,)
+    # count says the same: no links a relink could make, though relinker_incomplete_blobs lists the blob
+    code = main(world.argv("count", "--json", "--workers", "2", "--no-progress"))
+    counted = json.loads(capsys.readouterr().out)
+    assert code == 1 and counted["problems_by_kind"] == {"too-many-links": overflow}
     # An overflow path holding the copier's own copy of the content is the same limit (relink
     # could not replace it either); passed, it is never in --failed-ids.
     (overflowed,) = world.conn.execute("SELECT path FROM relinker_problem WHERE kind = 'too-many-links' "
