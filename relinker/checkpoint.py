@@ -491,6 +491,10 @@ class CheckpointStore:
         #: opened only when the control connection waits inside a finishing transaction (keep_alive)
         self._side: psycopg.Connection | None = None
 
+    def connect(self) -> None:
+        """Open the control session now, once: an error is the caller's to retry."""
+        self._connection()
+
     def close(self) -> None:
         self._close_side()
         if self._conn is not None:

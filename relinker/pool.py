@@ -284,11 +284,15 @@ class _Worker:
                 self.store.close()
 
     def ready(self) -> bool:
-        """Open the work's connections before a range is claimed; False if the run has nothing left meanwhile.
+        """Open the work's and the control connections before a range is claimed; False if the run has
+        nothing left meanwhile.
 
         A worker the server has no second session for (``max_connections``, a
         role's connection limit) must not hold a range it cannot work until
         its lease runs out: it waits with none, as long as --retry-timeout.
+        Nor does it hold either session while it waits: workers each holding
+        one, waiting for a second, would wait on each other that long, with
+        the run's work long done.
         """
         try:
             for attempt in db.retrying(self.spec.retry_timeout):
@@ -297,7 +301,16 @@ class _Worker:
                         self.check_stop()
                         if self.nothing_left():
                             return False
-                    self.work.connect()
+                    try:
+                        self.work.connect()
+                        if self.store is not None:
+                            self.store.connect()
+                    except Exception as exc:
+                        if db.is_transient(exc):
+                            self.work.reset()
+                            if self.store is not None:
+                                self.store.close()
+                        raise
         except Exception as exc:
             if db.outage_over_timeout(exc):
                 raise _GaveUp(db.first_line(exc)) from exc

@@ -1292,6 +1292,32 @@ def test_a_worker_the_server_has_no_second_session_for_holds_no_range(world):
     world.assert_complete(1)
 
 
+def test_a_worker_waiting_for_a_second_session_holds_none(world):
+    """One slot: the worker gets one session and is refused the other. Holding it while it waits, workers
+    each holding one would wait on each other for --retry-timeout (the run done long before): it holds
+    none between its tries."""
+    import signal
+
+    from processes import wait_for
+
+    world.bulk(50, paths_per_blob=2)
+    with world.as_role(f"one_slot_{os.getpid()}", connection_limit=1) as role:
+        job = start(world.argv("relink", "--no-progress", "--workers", "1", "--retry-timeout", "60"))
+        try:
+            wait_for(lambda: world.conn.execute("SELECT count(*) FROM relinker_run").fetchone()[0] == 1,
+                     what="the run planned")
+            held = []
+            for _ in range(160):  # 8 s of its tries
+                time.sleep(0.05)
+                held.append(world.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                                               (role,)).fetchone()[0])
+        finally:
+            job.send_signal(signal.SIGINT)
+            code, _out, err = finish(job, timeout=120)
+    assert 0 in held[len(held) // 4:], held  # past its first tries, some moments with no session at all
+    assert code == 3, err[-2000:]
+
+
 def test_ctrl_c_stops_a_worker_waiting_for_its_control_session(world):
     """One connection slot: the worker has its data session and waits for its control session. Ctrl-C
     stops it at once (exit 3), not after --retry-timeout."""
