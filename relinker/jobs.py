@@ -334,17 +334,35 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
         bar.close(look=not outcome.interrupted)
         summary = _close_run(mode, request, spec, outcome, ranges_total, bytes_total)
     except (StopSignal, KeyboardInterrupt):
-        # From the pool's end (its own handlers gone) to the closing figures: still resumable.
+        # From the pool's end (its own handlers gone) to the closing figures: still resumable, unless
+        # the catalogue has the run complete (its last range done as the signal came).
         if request.dry_run:
             raise
-        raise RunStopped(f"interrupted as run {spec.run_id} ended; resume it with "
-                         f"`{resume_command(mode.name, spec.run_id, request)}`",
-                         run_id=spec.run_id, mode=mode.name, exit_code=EXIT_INTERRUPTED) from None
+        summary = _complete_after_all(settings.db_url, spec.run_id)
+        if summary is None:
+            raise RunStopped(f"interrupted as run {spec.run_id} ended; resume it with "
+                             f"`{resume_command(mode.name, spec.run_id, request)}`",
+                             run_id=spec.run_id, mode=mode.name, exit_code=EXIT_INTERRUPTED) from None
+        elapsed = time.monotonic() - started
     finally:
         bar.close(look=False)
     summary.elapsed_seconds = elapsed
     summary.working_seconds = None  # this session's rate: its links over its own time
     return summary, _exit_code(summary)
+
+
+def _complete_after_all(db_url: str, run_id: int) -> Summary | None:
+    """The summary of a run a signal stopped as it ended, if the catalogue has it complete; else None.
+
+    One try, no retry: the user asked to stop (a second signal ends this too).
+    """
+    try:
+        with db.connect(db_url, autocommit=True) as conn:
+            checkpoint.finish_run_if_complete(conn, run_id)
+            summary = Summary.from_run(conn, run_id, open_ranges=True)
+    except psycopg.Error:
+        return None
+    return summary if summary.complete else None
 
 
 def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_total: int,

@@ -1088,6 +1088,32 @@ def test_a_symlink_in_the_stores_directories_is_never_gone_through(world, capsys
     assert os.stat(outside / foreign[2:4] / foreign).st_nlink == 1
 
 
+@pytest.mark.parametrize("last_range_done", [True, False])
+def test_a_signal_as_a_run_ends_says_complete_if_the_catalogue_has_it_so(small, capsys, monkeypatch,
+                                                                          last_range_done):
+    """Ctrl-C just after the pool's end, before the closing figures: the catalogue decides. A run whose
+    every range is done is complete (exit 0), not "interrupted; resume with" a run with nothing left."""
+    from relinker import jobs
+    from relinker.errors import StopSignal
+
+    real_close = jobs.ProgressBar.close
+
+    def signal_at_the_last_look(bar, look=True):
+        if look:
+            if not last_range_done:
+                small.conn.execute("UPDATE relinker_range SET status = 'pending' WHERE range_no = 0")
+            raise StopSignal()
+        real_close(bar, look=look)
+
+    monkeypatch.setattr(jobs.ProgressBar, "close", signal_at_the_last_look)
+    code = main(small.argv("relink", "--json", "--workers", "1", "--no-progress"))
+    out, err = capsys.readouterr()
+    if last_range_done:
+        assert code == 0 and json.loads(out)["complete"], err
+    else:
+        assert code == 3 and "interrupted as run 1 ended; resume it with `relinker relink --run 1" in err
+
+
 @pytest.mark.parametrize("output", ["a reader gone", "a full disk", "a full disk for stderr too",
                                     "stderr closed"])
 @pytest.mark.parametrize("command", [["relink", "--no-progress", "--new", "--json"], ["status"], ["migrate"],
