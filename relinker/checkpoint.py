@@ -319,18 +319,21 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
   AND l.classid = %s::bigint::oid AND l.objid = %s::oid AND l.pid <> pg_backend_pid()
 """
 SQL_TERMINATE = "SELECT pg_terminate_backend(%s)"
-# A stale range the claim's SKIP LOCKED passed over: its row is locked by a
-# transaction that stopped with its process (in the range's commit, a
-# heartbeat, a claim), and nothing else would ever end it. The row's xmax
-# names that transaction; only a relinker session holding it is ended.
-SQL_STALE_ROW_HOLDERS = """
-SELECT r.range_no, coalesce(r.lease_seconds, %(lease)s), l.pid
-FROM relinker_range r
-JOIN pg_locks l ON l.locktype = 'transactionid' AND l.granted AND l.mode = 'ExclusiveLock'
-                AND l.transactionid = r.xmax AND l.pid <> pg_backend_pid()
-JOIN pg_stat_activity a ON a.pid = l.pid AND a.application_name = %(application)s
-WHERE r.run_id = %(run_id)s AND r.status = 'running'
-  AND r.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s))
+# Rows the claim's SKIP LOCKED passes over for good: a worker stopped (SIGSTOP,
+# a paused VM) inside a claim, a heartbeat or a range's commit keeps its rows
+# of relinker_range locked, and nothing else would ever end its session. Such a
+# session sits idle in its transaction, holding row locks on the table; a
+# healthy worker never does for long (those transactions send their statements
+# back to back; the one that waits, a range's commit for its syncs, locks the
+# range's row only in its last statement). Only relinker's sessions are ended.
+SQL_STALLED_ROW_HOLDERS = """
+SELECT DISTINCT a.pid, extract(epoch FROM now() - a.state_change)::float8
+FROM pg_stat_activity AS a
+JOIN pg_locks AS l ON l.pid = a.pid AND l.locktype = 'relation' AND l.granted
+                   AND l.relation = 'relinker_range'::regclass AND l.mode IN ('RowShareLock', 'RowExclusiveLock')
+WHERE a.application_name = %(application)s AND a.pid <> pg_backend_pid() AND a.datname = current_database()
+  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+  AND a.state_change < now() - make_interval(secs => %(lease)s)
 """
 _COUNTER_ASSIGNMENTS = ", ".join(f"{f.name} = %({f.name})s" for f in dataclasses.fields(Counters))
 _COUNTERS_ZEROED = ", ".join(f"{f.name} = 0" for f in dataclasses.fields(Counters))
@@ -631,18 +634,21 @@ class CheckpointStore:
 
     def _terminate_holders(self, conn: psycopg.Connection, range_no: int, lease: float) -> None:
         for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (db.APPLICATION_NAME, self.run_id, range_no)).fetchall():
-            self._terminate(conn, range_no, lease, pid)
+            log.warning("range %d: heartbeat older than its %g s lease, terminating stalled session %d",
+                        range_no, lease, pid)
+            self._end(conn, pid)
 
     def _end_stalled_row_holders(self, conn: psycopg.Connection) -> None:
-        """End the sessions whose stopped transactions hold the rows of stale ranges (the claim skipped them)."""
-        for range_no, lease, pid in conn.execute(SQL_STALE_ROW_HOLDERS, dict(
-                run_id=self.run_id, lease=self.lease, application=db.APPLICATION_NAME)).fetchall():
-            self._terminate(conn, range_no, lease, pid)
+        """End the relinker sessions stopped inside a transaction holding rows of relinker_range (the
+        claim skips those rows): idle in it for longer than this worker's lease."""
+        for pid, idle in conn.execute(SQL_STALLED_ROW_HOLDERS, dict(
+                lease=self.lease, application=db.APPLICATION_NAME)).fetchall():
+            log.warning("terminating stalled session %d: idle for %.0f s in a transaction holding ranges "
+                        "(longer than the %g s lease)", pid, idle, self.lease)
+            self._end(conn, pid)
 
     @staticmethod
-    def _terminate(conn: psycopg.Connection, range_no: int, lease: float, pid: int) -> None:
-        log.warning("range %d: heartbeat older than its %g s lease, terminating stalled session %d",
-                    range_no, lease, pid)
+    def _end(conn: psycopg.Connection, pid: int) -> None:
         try:
             with conn.transaction():
                 conn.execute(SQL_TERMINATE, (pid,))

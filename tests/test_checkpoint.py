@@ -85,30 +85,42 @@ def test_a_stale_range_is_freed_by_ending_relinkers_session_never_another_progra
         assert alive(world, foreign.info.backend_pid)
 
 
-@pytest.mark.parametrize("stopped_in", ["the range's commit", "a heartbeat"])
+@pytest.mark.parametrize("stopped_in", ["the range's commit", "a heartbeat", "a claim",
+                                        "a row another session locked too"])
 def test_a_range_whose_row_a_stalled_session_holds_is_taken_over(world, stopped_in):
-    """A worker stopped (SIGSTOP, a paused VM) inside a transaction holding its range's row: the claim's
-    SKIP LOCKED passes the row by, and the run waited for as long as the stop lasted."""
+    """A worker stopped (SIGSTOP, a paused VM) inside a transaction holding a range's row: the claim's
+    SKIP LOCKED passes the row by, and the run waited for as long as the stop lasted. Its session, idle
+    in that transaction for longer than the claimer's lease, is ended."""
     run_id = new_run(world, 1)
     since = world.conn.execute("SELECT now()").fetchone()[0]
-    owner = checkpoint.CheckpointStore(world.dsn, run_id, worker="host-a:1", lease=3, retry_timeout=5, since=since)
-    patient = store_for(world, run_id, "host-b:1")
+    owner = checkpoint.CheckpointStore(world.dsn, run_id, worker="host-a:1", lease=2, retry_timeout=5, since=since)
+    patient = checkpoint.CheckpointStore(world.dsn, run_id, worker="host-b:1", lease=2, retry_timeout=5,
+                                         since=since)
     try:
-        mine = owner.claim()
         stalled = owner._connection()
-        world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '10 seconds' "
-                           "WHERE run_id = %s", (run_id,))
-        stalled.execute("BEGIN")
-        if stopped_in == "a heartbeat":
+        if stopped_in == "a claim":  # between its candidate's row lock and its commit
+            stalled.execute("BEGIN")
             stalled.execute("SELECT 1 FROM relinker_range WHERE run_id = %s FOR UPDATE", (run_id,))
         else:
-            stalled.execute("UPDATE relinker_range SET status = 'done' WHERE run_id = %s", (run_id,))
-        deadline = time.monotonic() + 10
-        taken = patient.claim()  # the first claim ends the stalled session; a later one takes the range
+            owner.claim()
+            world.conn.execute("UPDATE relinker_range SET heartbeat_at = now() - interval '10 seconds' "
+                               "WHERE run_id = %s", (run_id,))
+            # the row's xmax a multixact: another transaction holds a lock the commit's update allows
+            other = psycopg.connect(world.dsn, application_name="monitoring")
+            if stopped_in == "a row another session locked too":
+                other.execute("SELECT 1 FROM relinker_range WHERE run_id = %s FOR KEY SHARE", (run_id,))
+            stalled.execute("BEGIN")
+            if stopped_in == "a heartbeat":
+                stalled.execute("SELECT 1 FROM relinker_range WHERE run_id = %s FOR UPDATE", (run_id,))
+            else:
+                stalled.execute("UPDATE relinker_range SET status = 'done' WHERE run_id = %s", (run_id,))
+            other.close()
+        deadline = time.monotonic() + 15
+        taken = patient.claim()  # a claim ends the stalled session once it has idled a lease; a later one takes it
         while taken is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.1)
             taken = patient.claim()
-        assert taken is not None and taken.range_no == mine.range_no
+        assert taken is not None and taken.range_no == 0
         assert not alive(world, stalled.info.backend_pid)
     finally:
         owner.close()
