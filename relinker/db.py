@@ -94,10 +94,24 @@ def connect_for_user(dsn: str, *, autocommit: bool = False) -> psycopg.Connectio
         return connect(dsn, autocommit=autocommit)
     except psycopg.Error as exc:
         reason = first_line(exc)
+        if isinstance(exc, psycopg.ProgrammingError):  # libpq could not parse it
+            reason = without_dsn_pieces(reason)
         # The DSN is right: the server has no session to spare.
-        hint = ("its connections are all taken: try again later, or with fewer --workers"
-                if SERVER_FULL.search(reason) else "set --db-url, RELINKER_DB_URL or the PG* variables")
+        hint = ("no more connections allowed now: see max_connections and CONNECTION LIMIT; a run's "
+                "workers take two each" if SERVER_FULL.search(reason)
+                else "set --db-url, RELINKER_DB_URL or the PG* variables")
         raise UserError(f"cannot connect to the catalogue database: {reason} ({hint})") from None
+
+
+def without_dsn_pieces(reason: str) -> str:
+    """libpq's reason a DSN cannot be parsed without the pieces of it it quotes: any may hold a password
+    (an unencoded '%' in one, a space, a mistyped scheme). A key name it calls an invalid option stays."""
+    def piece(match: re.Match) -> str:
+        text = match[1]
+        named = match.string.startswith("invalid connection option ", max(0, match.start() - 26)) and \
+            re.fullmatch(r"[a-z_]+", text)
+        return match[0] if len(text) <= 1 or named else '"..."'
+    return re.sub(r'"([^"]*)"', piece, reason)
 
 
 #: PostgreSQL's refusals of a session for want of a slot (sorry, too many clients already; remaining
