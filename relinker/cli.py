@@ -20,8 +20,8 @@ import psycopg
 
 from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
-                             new_subparsers, path_argument, prefer_typed, refuse_abbreviations, typed_options,
-                             unset)
+                             new_subparsers, options_of, path_argument, prefer_typed, refuse_abbreviations,
+                             typed_options, unset)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
                              UserError, stop_on_signals)
 from relinker.logs import emit, in_log_file, say_and_log, setup_logging
@@ -346,7 +346,7 @@ def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Set
     """The global options given on this command line that a resume must repeat (the run keeps neither
     its database nor, for preflight, its roots); a DSN given here is named, never printed."""
     given = {option for option in ("--config", "--db-url", "--by-hash-root", "--archive-root", "--log-file")
-             if any(arg == option or arg.startswith(option + "=") for arg in argv)}
+             if any(arg == option or arg.startswith(option + "=") for arg in options_of(argv))}
     repeat = []
     if "--config" in given:
         repeat += ["--config", os.path.abspath(args.config)]
@@ -358,7 +358,7 @@ def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Set
     # The log an operator watches goes on through the resume, as verbose as it was.
     if "--log-file" in given and settings.log_file:
         repeat += ["--log-file", os.path.abspath(settings.log_file)]
-    if settings.verbose and any(arg == "--verbose" or re.fullmatch(r"-v+", arg) for arg in argv):
+    if settings.verbose and any(arg == "--verbose" or re.fullmatch(r"-v+", arg) for arg in options_of(argv)):
         repeat.append("-" + "v" * settings.verbose)
     return repeat
 

@@ -111,16 +111,28 @@ class _CommandParser(_Parser):
         return super().get_possible_config_keys(action)
 
 
+def options_of(argv: Sequence[str]) -> Sequence[str]:
+    """The part of a command line options may be in: before a ``--`` (after it, ``--config=x`` is a path)."""
+    return argv[:argv.index("--")] if "--" in argv else argv
+
+
 def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
-    """Find ``--config FILE`` on the command line (anywhere) or in the environment."""
+    """Find ``--config FILE`` on the command line (anywhere before ``--``) or in the environment."""
     path = None
+    argv = options_of(argv)
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
         elif arg.startswith("--config="):
             path = arg.split("=", 1)[1]
-    path = path or environ.get(CONFIG_ENV)
-    if not path:
+    if path is None:
+        path = environ.get(CONFIG_ENV)
+        if path == "":
+            raise UserError(f"{CONFIG_ENV} is set but empty: an empty path names nothing (unset it)")
+    elif path == "":
+        # "$UNSET" must not fall back to RELINKER_CONFIG, a production file perhaps.
+        raise UserError("--config: an empty path names nothing (a variable not set?)")
+    if path is None:
         return []
     if os.path.isdir(path):
         raise UserError(f"config file {path} is a directory")
@@ -135,9 +147,7 @@ def typed_options(argv: Sequence[str]) -> frozenset[str]:
     """The destinations of the long options given on the command line itself (not by the environment
     or a config file): where two options choose the same thing, the one typed beats the file's."""
     typed = set()
-    for arg in argv:
-        if arg == "--":
-            break
+    for arg in options_of(argv):
         if arg.startswith("--"):
             typed.add(arg[2:].partition("=")[0].replace("-", "_"))
     return frozenset(typed)
@@ -245,9 +255,7 @@ def refuse_abbreviations(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     """UserError for an option given by the start of its name (``--conf``): argparse, told not to
     abbreviate, takes it for an unknown option and its value for the command, and says that instead."""
     known = set(_long_options(parser))
-    for arg in argv:
-        if arg == "--":
-            break
+    for arg in options_of(argv):
         name = arg.partition("=")[0]
         if name.startswith("--") and name not in known:
             meant = sorted(option for option in known if option.startswith(name))

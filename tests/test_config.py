@@ -277,6 +277,33 @@ def test_an_empty_path_is_a_usage_error_not_the_working_directory(capsys, argv, 
     assert "Traceback" not in err
 
 
+def test_an_empty_config_never_falls_back_to_relinker_config(tmp_path, capsys, monkeypatch):
+    production = tmp_path / "production.conf"
+    production.write_text("db-url = postgresql://prod@127.0.0.1:2/production\n")
+    monkeypatch.setenv("RELINKER_CONFIG", str(production))
+    for argv in (["--config", "", "status"], ["--config=", "status"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == ("relinker: error: --config: an empty path names nothing "
+                                           "(a variable not set?)\n")
+    monkeypatch.setenv("RELINKER_CONFIG", "")
+    assert main(["status"]) == 2
+    assert "RELINKER_CONFIG is set but empty" in capsys.readouterr().err
+
+
+def test_a_path_after_double_dash_that_looks_like_config_is_a_path(tmp_path, capsys, monkeypatch):
+    """`scan --medium m -- --config=x`: x is no config file, and the resume command reads no --config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.conf").write_text("db-url = postgresql://evil@127.0.0.1:2/x\n")
+    args, settings = parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", "scan", "--medium", "m", "--",
+                            "--config=evil.conf"])
+    assert settings.db_url == "postgresql://nobody@127.0.0.1:1/x"
+    assert os.fsdecode(args.directory) == "--config=evil.conf" and args.config is None
+    from relinker.cli import _resume_globals
+
+    argv = ["--db-url", "x", "scan", "--medium", "m", "--", "--config=evil.conf"]
+    assert _resume_globals(argv, args, settings) == ["--db-url", "DSN"]  # was a TypeError
+
+
 def test_a_db_url_that_is_not_utf8_is_a_usage_error(capsys):
     assert main(["--db-url", os.fsdecode(b"dbname=\xff"), "status"]) == 2
     err = capsys.readouterr().err
