@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import os
 from typing import Sequence
 
@@ -238,6 +239,11 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
             except configargparse.ConfigFileParserException:
                 raise UserError(f"config file {path}: line {number} is not `key = value`: {line.strip()}") from None
             for key, value in items.items():
+                if isinstance(value, list) and not _json_list(line):
+                    # The parser takes `[*]` for a list of `*`: scan's literal-star pattern, excluding all.
+                    raise UserError(f"config file {path}: line {number}: a value in brackets is a list, and "
+                                    f"this one is no JSON list: {line.strip()} (write a list as JSON, "
+                                    f'["a", "b"]; a pattern in brackets as a list of it, ["[*]"])')
                 if key in keys:
                     raise UserError(f"config file {path}: {key!r} is given twice (lines {keys[key][0]} and "
                                     f"{number}): keep the one meant")
@@ -261,6 +267,14 @@ def refuse_abbreviations(parser: argparse.ArgumentParser, argv: Sequence[str]) -
             meant = sorted(option for option in known if option.startswith(name))
             if meant:
                 raise UserError(f"{name}: options are never abbreviated (did you mean {' or '.join(meant)}?)")
+
+
+def _json_list(line: str) -> bool:
+    """Whether the bracketed value of a config line is a JSON list (the parser splits any other at commas)."""
+    try:
+        return isinstance(json.loads(line[line.index("["):line.rindex("]") + 1]), list)
+    except ValueError:
+        return False
 
 
 def _long_options(parser: argparse.ArgumentParser):
