@@ -12,6 +12,7 @@ import stat
 
 from relinker.jobs import Mode
 from relinker.linker import AT_LINK_LIMIT, LinkProblem, filesystem_link_limit
+from relinker.paths import by_hash_relpath
 from relinker.pool import RangeContext, WorkSpec
 from relinker.relink import RelinkWork, plan
 
@@ -106,7 +107,9 @@ class CountWork(RelinkWork):
             return  # each missing link is a problem of its own
         rowless = expected.keys() - {blobid for blobid, _, _ in recorded} - self.unexamined
         for blobid in sorted(rowless):
-            if linked.get(blobid, 0) < expected[blobid] and blobid not in ctx.problem_blobs:
+            # at the link limit, what is missing is too-many-links, which no relink can make
+            at_limit = self._at_limit.get(by_hash_relpath(blobid)) is not None
+            if linked.get(blobid, 0) < expected[blobid] and blobid not in ctx.problem_blobs and not at_limit:
                 ctx.problem("incomplete-without-row",
                             f"{linked.get(blobid, 0)} of {expected[blobid]} paths are linked, and no blobs row "
                             "counts them (relink --only-incomplete cannot see it): relink --from-file with its "

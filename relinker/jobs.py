@@ -423,6 +423,9 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
                 summary.stopped += (f" (a scan of a medium the run covers supersedes it: then "
                                     f"`{replan_command(mode.name, spec.options, request)}` plans what is left)")
         summary.interrupted = outcome.interrupted and not summary.complete
+        if not summary.complete and not summary.ranges_at_work:
+            # This coordinator's workers have ended: a range it finished a moment ago is no one at work.
+            summary.at_work, summary.eta_seconds = False, None
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links
         summary.bytes_this_session = outcome.counters.bytes_read

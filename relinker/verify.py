@@ -151,8 +151,8 @@ class VerifyWork(CountWork):
                 ctx.tick()
             if size_differs and digest is not None and catalogue.content_matches(blobid, digest, read):
                 # The content is its ID's: the catalogue's size is what is wrong, and not relinker's to mend.
-                log.warning("%s: sound (it hashes to its blob ID) with %d bytes, where the catalogue's inodes "
-                            "of the blob say %s", display(path), size, sorted(sizes))
+                log.warning("%s: sound (its content is its blob ID's) with %d bytes, where the catalogue's "
+                            "inodes of the blob say %s", display(path), size, sorted(sizes))
                 return
             if size_differs:
                 ctx.problem("size-mismatch", f"by-hash file has {size} bytes, catalogue says {sorted(sizes)}",

@@ -136,10 +136,10 @@ CROSS JOIN LATERAL (
 CROSS JOIN LATERAL (
     -- `at_work`: a range at work, or a worker between two ranges (one finished a moment ago)
     SELECT at_work.ranges_at_work,
-           at_work.ranges_at_work > 0 OR EXISTS (
+           r.status = 'open' AND (at_work.ranges_at_work > 0 OR EXISTS (
                SELECT 1 FROM relinker_range w
                WHERE w.run_id = r.run_id AND w.status = 'done'
-                 AND w.finished_at > now() - interval '5 seconds') AS at_work
+                 AND w.finished_at > now() - interval '5 seconds')) AS at_work
     FROM (SELECT count(*) AS ranges_at_work FROM relinker_open_ranges o
           WHERE o.run_id = r.run_id AND o.at_work) AS at_work
 ) AS live

@@ -235,6 +235,13 @@ def test_more_paths_than_the_filesystem_allows_links(world, capsys, tmp_path):
     code = main(world.argv("count", "--json", "--workers", "2", "--no-progress"))
     counted = json.loads(capsys.readouterr().out)
     assert code == 1 and counted["problems_by_kind"] == {"too-many-links": overflow}
+    # without its blobs row, no more: the links missing are the limit's (no relink --from-file makes them)
+    world.conn.execute("CREATE TEMP TABLE kept AS SELECT * FROM blobs WHERE blobid = %s", (empty,))
+    world.conn.execute("DELETE FROM blobs WHERE blobid = %s", (empty,))
+    code = main(world.argv("count", "--json", "--workers", "2", "--no-progress"))
+    counted = json.loads(capsys.readouterr().out)
+    world.conn.execute("INSERT INTO blobs SELECT * FROM kept")
+    assert code == 1 and counted["problems_by_kind"] == {"too-many-links": overflow}
     # An overflow path holding the copier's own copy of the content is the same limit (relink
     # could not replace it either); passed, it is never in --failed-ids.
     (overflowed,) = world.conn.execute("SELECT path FROM relinker_problem WHERE kind = 'too-many-links' "

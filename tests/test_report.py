@@ -160,6 +160,11 @@ def test_a_worker_between_two_ranges_is_at_work(world):
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
     assert summary.at_work is False and summary.eta_seconds is None
     assert "none: no worker is at work (resume the run)" in summary.as_text()
+    # a run done a moment ago has no worker at work either
+    world.conn.execute("UPDATE relinker_range SET status = 'done', finished_at = now() WHERE run_id = %s", (run_id,))
+    world.conn.execute("UPDATE relinker_run SET status = 'done', finished_at = now() WHERE run_id = %s", (run_id,))
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert summary.at_work is False and summary.eta_seconds == 0 and summary.complete
 
 
 def test_a_heartbeat_newer_than_the_statement_is_no_negative_age(world):

@@ -1,5 +1,6 @@
 """SIGINT, SIGTERM and SIGHUP: a clean stop with exit 3, and a resume that ends correct."""
 
+import json
 import os
 import shlex
 import signal
@@ -33,9 +34,11 @@ def test_one_signal_stops_cleanly_and_gives_ranges_back(busy, how):
         job.send_signal(signal.SIGTERM)
     else:
         kill_group(job, signal.Signals[how.split()[0]])
-    code, _out, err = finish(job, timeout=30)
+    code, out, err = finish(job, timeout=30)
     assert code == 3, err
     assert f"resume with: {busy.resume('relink', 1)}" in err
+    summary = json.loads(out)  # its workers have ended: no ETA, however lately a range finished
+    assert summary["at_work"] is False and summary["eta_seconds"] is None
     states = range_states(busy.conn)
     assert "running" not in states, states  # every unfinished range was given back
     assert states.get("done", 0) < 40
