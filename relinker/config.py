@@ -231,6 +231,9 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
                 lines = stream.read().split("\n")  # as iterating the file splits it
         except OSError as exc:
             raise UserError(f"config file {path}: {exc.strerror}") from None
+        if lines[0].startswith("\ufeff"):
+            # The file's parser would read its first key with the mark, and drop it as unknown.
+            raise UserError(f"config file {path} begins with a byte-order mark: save it without one")
         keys = {}
         for number, line in enumerate(lines, 1):
             # Line by line, by the parser that reads the file: it keeps the last of a key given twice.
