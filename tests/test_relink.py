@@ -586,13 +586,16 @@ def test_progress_bar_counts_paths(small, capsys):
 
 
 def relink_stopped_at(world, monkeypatch, step: str):
-    """An in-process relink with its bar shown, a Ctrl-C arriving as ``jobs.<step>`` is called:
-    what it raised (RunStopped, if the run ends resumable)."""
+    """An in-process relink with its bar shown, a Ctrl-C arriving as ``jobs.<step>`` is called, with a
+    range of the run left to do (another host's, given back): what it raised (RunStopped, if the run ends
+    resumable). A run the catalogue has complete by then is complete (see
+    test_a_signal_as_a_run_ends_says_complete_if_the_catalogue_has_it_so)."""
     from relinker import jobs, relink as relink_mode
     from relinker.config import Settings
     from relinker.errors import RunStopped, StopSignal
 
     def ctrl_c(*args):
+        world.conn.execute("UPDATE relinker_range SET status = 'pending' WHERE range_no = 0")
         raise StopSignal()
 
     monkeypatch.setattr(jobs, step, ctrl_c)
