@@ -263,8 +263,14 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
 def refuse_abbreviations(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     """UserError for an option given by the start of its name (``--conf``): argparse, told not to
     abbreviate, takes it for an unknown option and its value for the command, and says that instead."""
-    known = set(_long_options(parser))
-    for arg in options_of(argv):
+    args = options_of(argv)
+    commands = next((action.choices for action in parser._actions
+                     if isinstance(action, argparse._SubParsersAction)), {})
+    command = next((commands[arg] for arg in args if arg in commands), None)
+    # The command's options (the global ones among them) and the top level's: no other command's.
+    known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    known |= set(_long_options(command if command is not None else parser))
+    for arg in args:
         name = arg.partition("=")[0]
         if name.startswith("--") and name not in known:
             meant = sorted(option for option in known if option.startswith(name))

@@ -340,6 +340,7 @@ def test_a_verbosity_beyond_any_use_is_refused_before_it_is_expanded(where, tmp_
     (["--by-hash", "/x", "status"], "--by-hash: options are never abbreviated (did you mean --by-hash-root?)"),
     (["relink", "--on-conf=keep"], "--on-conf: options are never abbreviated (did you mean --on-conflict?)"),
     (["status", "--j"], "--j: options are never abbreviated (did you mean --json?)"),
+    (["relink", "--o"], "--o: options are never abbreviated (did you mean --on-conflict or --only-incomplete?)"),
 ])
 def test_an_abbreviated_option_is_a_usage_error_that_names_the_option(abbreviated, meant, capsys):
     """argparse took --conf for --config, which the config file lookup did not: the file was ignored,
@@ -347,6 +348,14 @@ def test_an_abbreviated_option_is_a_usage_error_that_names_the_option(abbreviate
     word as an unknown command ("invalid choice: '/nowhere.conf'")."""
     with pytest.raises(UserError, match=re.escape(meant)):
         parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", *abbreviated])
+
+
+def test_an_abbreviation_is_never_told_another_commands_option(capsys):
+    """`status --ru 3`: status has no --run to mean; argparse says the option is not one of status's."""
+    with pytest.raises(SystemExit) as stopped:
+        parse(["--db-url", "postgresql://nobody@127.0.0.1:1/x", "status", "--ru", "3"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "unrecognized arguments: --ru" in err and "--run" not in err
 
 
 @pytest.mark.parametrize("argv, message", [
