@@ -351,15 +351,20 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     return summary, _exit_code(summary)
 
 
+def _closing_figures(db_url: str, run_id: int) -> Summary:
+    """A run's figures as its pool has ended: marked done first if every range is."""
+    with db.connect(db_url, autocommit=True) as conn:
+        checkpoint.finish_run_if_complete(conn, run_id)
+        return Summary.from_run(conn, run_id, open_ranges=True)
+
+
 def _complete_after_all(db_url: str, run_id: int) -> Summary | None:
     """The summary of a run a signal stopped as it ended, if the catalogue has it complete; else None.
 
     One try, no retry: the user asked to stop (a second signal ends this too).
     """
     try:
-        with db.connect(db_url, autocommit=True) as conn:
-            checkpoint.finish_run_if_complete(conn, run_id)
-            summary = Summary.from_run(conn, run_id, open_ranges=True)
+        summary = _closing_figures(db_url, run_id)
     except psycopg.Error:
         return None
     return summary if summary.complete else None
@@ -383,11 +388,7 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
         summary.bytes_this_session = outcome.counters.bytes_read
         summary.bytes_planned = bytes_total or None
     else:
-        def closing_figures() -> Summary:
-            with db.connect(settings.db_url, autocommit=True) as conn:
-                checkpoint.finish_run_if_complete(conn, spec.run_id)
-                return Summary.from_run(conn, spec.run_id, open_ranges=True)
-
+        closing_figures = functools.partial(_closing_figures, settings.db_url, spec.run_id)
         # The database may go away as the last range ends: retried like any worker's call, but a
         # run told to stop does not wait out an outage.
         patience = min(STOP_PATIENCE, request.retry_timeout) if outcome.interrupted else request.retry_timeout
