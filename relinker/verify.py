@@ -149,7 +149,8 @@ class VerifyWork(CountWork):
                     ctx.problem("content-unreadable", exc.strerror, blobid=blobid, path=path)
                 ctx.counters.bytes_read += read or 0
                 ctx.tick()
-            if size_differs and digest is not None and catalogue.content_matches(blobid, digest, read):
+            sound = digest is not None and catalogue.content_matches(blobid, digest, read)
+            if size_differs and sound:
                 # The content is its ID's: the catalogue's size is what is wrong, and not relinker's to mend.
                 log.warning("%s: sound (its content is its blob ID's) with %d bytes, where the catalogue's "
                             "inodes of the blob say %s", display(path), size, sorted(sizes))
@@ -157,7 +158,7 @@ class VerifyWork(CountWork):
             if size_differs:
                 ctx.problem("size-mismatch", f"by-hash file has {size} bytes, catalogue says {sorted(sizes)}",
                             blobid=blobid, path=path)
-            if digest is not None and not catalogue.content_matches(blobid, digest, read):
+            if digest is not None and not sound:
                 ctx.problem("content-mismatch", "content does not hash to its blob ID", blobid=blobid, path=path)
         finally:
             if fd is not None:
