@@ -117,14 +117,6 @@ def without_dsn_pieces(reason: str) -> str:
 #: PostgreSQL's refusals of a session for want of a slot (sorry, too many clients already; remaining
 #: connection slots are reserved ...; too many connections for role or database).
 SERVER_FULL = re.compile(r"too many clients|remaining connection slots are reserved|too many connections for")
-#: A password in a libpq URI (user:password@) or key=value string, as libpq quotes a DSN it cannot parse.
-PASSWORD_IN_DSN = re.compile(r"(?P<uri>\b(?:postgres|postgresql)://[^\s/@:\"]*:)[^\s@\"]*@"
-                             r"|(?P<key>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s\"]+)")
-
-
-def without_passwords(text: str) -> str:
-    """``text`` with any password of a connection string in it replaced by ``***``."""
-    return PASSWORD_IN_DSN.sub(lambda m: f"{m['uri']}***@" if m["uri"] else f"{m['key']}***", text)
 
 
 class RangeConnection:
@@ -176,7 +168,7 @@ def first_line(exc: BaseException) -> str:
         if isinstance(exc.filename2, (str, bytes)):  # a rename's, a link's other end
             where += f" -> {display(os.fsencode(exc.filename2))}"
         return f"[Errno {exc.errno}] {exc.strerror}: {where}"
-    text = without_passwords(str(exc).strip())
+    text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
