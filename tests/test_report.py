@@ -5,6 +5,7 @@ import psycopg
 from relinker import report
 from relinker.checkpoint import Counters
 from relinker.report import ProgressBar, Summary, human_bytes
+from test_checkpoint import new_run
 
 
 def test_content_work_shows_bytes_against_the_planned_total(capsys):
@@ -105,12 +106,7 @@ def test_a_copy_dry_run_says_what_is_planned_not_what_a_copy_would_write():
 def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(world):
     """A range is at work while a session holds its lock and heartbeats within its lease: kill -9 frees
     the lock at once, a stuck worker stops heartbeating. With none at work there is no ETA."""
-    import psycopg
-
-    from relinker import checkpoint
-
-    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
-                                   checkpoint.split_blob_space(3))
+    run_id = new_run(world, 3)
     world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'stuck:1', attempts = 1, "
                        "lease_seconds = 60, claimed_at = now() - interval '10 minutes', "
                        "heartbeat_at = now() - interval '137 seconds' WHERE run_id = %s", (run_id,))
@@ -145,10 +141,7 @@ def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(wo
 def test_a_worker_between_two_ranges_is_at_work(world):
     """Between a range's commit and its next claim no range is held: the run is still being worked, and
     status must not tell the user to resume it."""
-    from relinker import checkpoint
-
-    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
-                                   checkpoint.split_blob_space(3))
+    run_id = new_run(world, 3)
     world.conn.execute("UPDATE relinker_range SET status = 'done', worker = 'alive:1', attempts = 1, "
                        "claimed_at = now() - interval '3 seconds', finished_at = now() - interval '1 second' "
                        "WHERE run_id = %s AND range_no = 0", (run_id,))
@@ -169,10 +162,7 @@ def test_a_worker_between_two_ranges_is_at_work(world):
 
 def test_a_heartbeat_newer_than_the_statement_is_no_negative_age(world):
     """A worker's heartbeat committed after the reading statement's now() (status polled as it beats)."""
-    from relinker import checkpoint
-
-    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
-                                   checkpoint.split_blob_space(1))
+    run_id = new_run(world, 1)
     world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'alive:1', attempts = 1, "
                        "heartbeat_at = now() + interval '10 milliseconds' WHERE run_id = %s", (run_id,))
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
@@ -181,10 +171,7 @@ def test_a_heartbeat_newer_than_the_statement_is_no_negative_age(world):
 
 
 def test_status_lists_running_ranges_first_and_says_how_many_it_leaves_out(world):
-    from relinker import checkpoint
-
-    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
-                                   checkpoint.split_blob_space(30))
+    run_id = new_run(world, 30)
     world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'stuck:1', attempts = 1, "
                        "heartbeat_at = now() - interval '1 hour' WHERE run_id = %s AND range_no = 27", (run_id,))
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
