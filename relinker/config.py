@@ -137,8 +137,9 @@ def config_files_from(argv: Sequence[str], environ=os.environ) -> list[str]:
         return []
     if os.path.isdir(path):
         raise UserError(f"config file {path} is a directory")
-    if not os.path.lexists(path):
-        raise UserError(f"config file not found: {path}")
+    if not os.path.exists(path):
+        dangling = " (a symbolic link whose target does not exist)" if os.path.lexists(path) else ""
+        raise UserError(f"config file not found: {path}{dangling}")
     if not os.path.isfile(path):
         raise UserError(f"config file {path} is not a regular file")
     return [path]
@@ -224,7 +225,7 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
     Keys of other commands are fine (one file serves every command). A
     verbosity above MAX_VERBOSITY is refused too, before it is expanded.
     """
-    known = {option.lstrip("-") for option in _long_options(parser)}
+    known = {option.removeprefix("--") for option in _long_options(parser)}
     for path in config_files:
         try:
             with open(path, encoding="utf-8") as stream:
@@ -241,7 +242,8 @@ def check_config_keys(parser: configargparse.ArgumentParser, config_files: list[
                 items = parser._config_file_parser.parse([line])
             except configargparse.ConfigFileParserException:
                 raise UserError(f"config file {path}: line {number} is not `key = value`: {line.strip()}") from None
-            for key, value in items.items():
+            for written, value in items.items():
+                key = written.removeprefix("--")  # the file's parser reads `--db-url x` as `db-url = x`
                 if isinstance(value, list) and not _json_list(line):
                     # The parser takes `[*]` for a list of `*`: scan's literal-star pattern, excluding all.
                     raise UserError(f"config file {path}: line {number}: a value in brackets is a list, and "

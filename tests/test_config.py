@@ -88,6 +88,27 @@ def test_a_config_file_a_user_can_get_wrong_is_one_line(tmp_path, capsys, text, 
     assert capsys.readouterr().err == f"relinker: error: config file {config}{message}\n"
 
 
+def test_a_config_line_may_name_its_key_as_the_command_line_does(tmp_path, capsys):
+    """The file's parser reads `--db-url x` as `db-url = x`: it was refused as an unknown key, and the
+    same key written both ways was not seen as given twice."""
+    config = tmp_path / "relinker.conf"
+    config.write_text("--db-url = from-file\n--workers 3\n")
+    args, settings = parse(["--config", str(config), "relink"])
+    assert (settings.db_url, args.workers) == ("from-file", 3)
+    config.write_text("db-url = one\n--db-url two\n")
+    assert main(["--config", str(config), "status"]) == 2
+    assert capsys.readouterr().err == (f"relinker: error: config file {config}: 'db-url' is given twice "
+                                       "(lines 1 and 2): keep the one meant\n")
+
+
+def test_a_config_file_that_is_a_dangling_link_is_not_found(tmp_path, capsys):
+    link = tmp_path / "relinker.conf"
+    link.symlink_to(tmp_path / "moved.conf")
+    assert main(["--config", str(link), "status"]) == 2
+    assert capsys.readouterr().err == (f"relinker: error: config file not found: {link} "
+                                       "(a symbolic link whose target does not exist)\n")
+
+
 def test_a_config_files_json_list_gives_an_option_given_more_than_once(tmp_path):
     config = tmp_path / "relinker.conf"
     config.write_text('exclude = ["*.tmp", "[*]"]  # the second: a file named *\n')
