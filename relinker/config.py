@@ -270,7 +270,7 @@ def refuse_abbreviations(parser: argparse.ArgumentParser, argv: Sequence[str]) -
                      if isinstance(action, argparse._SubParsersAction)), {})
     command = next((commands[arg] for arg in args if arg in commands), None)
     # The command's options (the global ones among them) and the top level's: no other command's.
-    known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    known = set(_long_options(parser, into_commands=False))
     known |= set(_long_options(command if command is not None else parser))
     for arg in args:
         name = arg.partition("=")[0]
@@ -288,10 +288,10 @@ def _json_list(line: str) -> bool:
         return False
 
 
-def _long_options(parser: argparse.ArgumentParser):
+def _long_options(parser: argparse.ArgumentParser, into_commands: bool = True):
     for action in parser._actions:
         yield from (option for option in action.option_strings if option.startswith("--"))
-        if isinstance(action, argparse._SubParsersAction):
+        if into_commands and isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
                 yield from _long_options(command)
 
