@@ -58,7 +58,7 @@ WHERE g.status <> 'done'
 -- interrupted on Friday and resumed on Monday did not work over the weekend,
 -- and its rate and ETA come from `working`, not from `elapsed`. No ETA while
 -- no worker is at work (`at_work`: no range at work, see relinker_open_ranges,
--- and none finished in the last 5 s).
+-- none finished in the last 5 s, and the run planned more than 5 s ago).
 CREATE VIEW relinker_run_progress AS
 SELECT r.run_id,
        r.mode,
@@ -134,9 +134,10 @@ CROSS JOIN LATERAL (
     WHERE w.run_id = r.run_id
 ) AS g
 CROSS JOIN LATERAL (
-    -- `at_work`: a range at work, or a worker between two ranges (one finished a moment ago)
+    -- `at_work`: a range at work, a worker between two ranges (one finished a moment ago), or workers
+    -- still starting in a run planned a moment ago
     SELECT at_work.ranges_at_work,
-           r.status = 'open' AND (at_work.ranges_at_work > 0 OR EXISTS (
+           r.status = 'open' AND (at_work.ranges_at_work > 0 OR r.started_at > now() - interval '5 seconds' OR EXISTS (
                SELECT 1 FROM relinker_range w
                WHERE w.run_id = r.run_id AND w.status = 'done'
                  AND w.finished_at > now() - interval '5 seconds')) AS at_work

@@ -9,9 +9,14 @@ import pytest
 from relinker import checkpoint, db
 
 
-def new_run(world, n_ranges):
-    return checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
-                                 checkpoint.split_blob_space(n_ranges))
+def new_run(world, n_ranges, planned_ago=None):
+    """A relink run of ``n_ranges`` pending ranges, planned now or ``planned_ago`` (an interval)."""
+    run_id = checkpoint.create_run(world.conn, "relink", world.by_hash_root, world.archive_root, {},
+                                   checkpoint.split_blob_space(n_ranges))
+    if planned_ago is not None:
+        world.conn.execute("UPDATE relinker_run SET started_at = now() - %s::interval WHERE run_id = %s",
+                           (planned_ago, run_id))
+    return run_id
 
 
 def store_for(world, run_id, name="worker:1"):

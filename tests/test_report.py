@@ -106,7 +106,7 @@ def test_a_copy_dry_run_says_what_is_planned_not_what_a_copy_would_write():
 def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(world):
     """A range is at work while a session holds its lock and heartbeats within its lease: kill -9 frees
     the lock at once, a stuck worker stops heartbeating. With none at work there is no ETA."""
-    run_id = new_run(world, 3)
+    run_id = new_run(world, 3, planned_ago="10 minutes")
     world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'stuck:1', attempts = 1, "
                        "lease_seconds = 60, claimed_at = now() - interval '10 minutes', "
                        "heartbeat_at = now() - interval '137 seconds' WHERE run_id = %s", (run_id,))
@@ -141,7 +141,7 @@ def test_status_tells_ranges_at_work_from_those_whose_worker_is_gone_or_stuck(wo
 def test_a_worker_between_two_ranges_is_at_work(world):
     """Between a range's commit and its next claim no range is held: the run is still being worked, and
     status must not tell the user to resume it."""
-    run_id = new_run(world, 3)
+    run_id = new_run(world, 3, planned_ago="1 minute")
     world.conn.execute("UPDATE relinker_range SET status = 'done', worker = 'alive:1', attempts = 1, "
                        "claimed_at = now() - interval '3 seconds', finished_at = now() - interval '1 second' "
                        "WHERE run_id = %s AND range_no = 0", (run_id,))
@@ -158,6 +158,19 @@ def test_a_worker_between_two_ranges_is_at_work(world):
     world.conn.execute("UPDATE relinker_run SET status = 'done', finished_at = now() WHERE run_id = %s", (run_id,))
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
     assert summary.at_work is False and summary.eta_seconds == 0 and summary.complete
+
+
+def test_a_run_planned_a_moment_ago_is_at_work_before_its_first_claim(world):
+    """Between planning and the first claim the workers are starting: status polled then told the user
+    to resume a run that was about to be worked."""
+    run_id = new_run(world, 3, planned_ago="1 second")
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert summary.ranges_at_work == 0 and summary.at_work
+    assert "no worker is at work" not in summary.as_text()
+    world.conn.execute("UPDATE relinker_run SET started_at = now() - interval '10 seconds' WHERE run_id = %s",
+                       (run_id,))
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert summary.at_work is False and "none: no worker is at work (resume the run)" in summary.as_text()
 
 
 def test_a_heartbeat_newer_than_the_statement_is_no_negative_age(world):
