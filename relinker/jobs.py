@@ -450,7 +450,8 @@ def replan_command(mode_name: str, run_options: dict, request: JobRequest) -> st
     """The command that plans anew the work a run was asked for (a superseded one), with what this
     invocation must say again (``--source-prefix``, the global options): shell-quoted."""
     words = ["relinker", mode_name]
-    for key, value in sorted(run_options.get(REQUESTED, {}).items()):
+    # A run planned before runs kept what they were asked keeps its medium by its hash, which --medium takes.
+    for key, value in sorted(run_options.get(REQUESTED, run_options).items()):
         if _given(value) is not None and key in REPLANNED:
             words += [_flag(key)] + ([] if value is True else [str(value)])
     return " ".join(map(_shell_word, words + request.resume_arguments))

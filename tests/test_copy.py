@@ -215,6 +215,22 @@ def test_a_rescan_supersedes_an_unfinished_copy_run_planned_over_the_former_inod
     assert "superseded by a scan" in status and "  range 1 failed" not in status  # its ranges are no one's
 
 
+def test_a_superseded_run_planned_before_runs_kept_their_request_is_replanned_for_its_medium(
+        world, capsys, tree, monkeypatch):
+    """Runs planned before runs kept what they were asked (`requested`) have their medium's hash among
+    their options: the replan command lost `--medium` and said to copy every medium."""
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    scan.scan_tree(world.conn, "other", os.fsencode(tree))
+    old_run = unfinished_copy(world, capsys, monkeypatch, "--medium", "disk")
+    world.conn.execute("UPDATE relinker_run SET options = options - 'requested' WHERE run_id = %s", (old_run,))
+    (medium,) = world.conn.execute("SELECT medium_hash FROM medium WHERE medium_human = 'disk'").fetchone()
+    assert main(world.argv("scan", "--medium", "disk", os.fsdecode(tree))) == 0
+    capsys.readouterr()
+    assert main(world.argv("copy", "--run", str(old_run), "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert f"run {old_run} was superseded" in err and f"`relinker copy --medium {medium} " in err, err
+
+
 def test_a_content_met_again_while_its_batch_syncs_is_stored_and_counted_once(world, capsys, tmp_path, monkeypatch):
     """Batches of two: inodes meet contents waiting in the batch being read and in the sealed one."""
     monkeypatch.setattr(relinker.store, "BATCH_FILES", 2)  # forked workers inherit it
