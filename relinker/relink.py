@@ -213,6 +213,10 @@ class RelinkWork:
         #: blobs of the range whose by-hash file could not be looked at (their links are not known)
         self.unexamined: set[str] = set()
 
+    #: Read the range's ``blobs`` rows before its walk, not after: a blob whose row came in between
+    #: would have its counts judged without its links looked at (verify would pass it).
+    RECORDED_BEFORE_WALK = False
+
     def connect(self) -> None:
         self.data.get()
 
@@ -235,6 +239,7 @@ class RelinkWork:
         self.unexamined = set()
         self.linker.new_range()
         self.linker.while_reading = ctx.tick
+        recorded = self._recorded(scope) if self.RECORDED_BEFORE_WALK else None
         # Streamed in chunks (libpq's chunked rows mode): the server keeps
         # producing rows while this process links, memory stays bounded for
         # any range, and psycopg's C loaders parse a chunk at a time.
@@ -257,14 +262,21 @@ class RelinkWork:
             self._walk_alone(blobid, ctx, tally, walker, linked, expected)
         _count_outcomes(counters, tally, walker)
         counters.blobs = len(expected)
-        recorded = self.data.get().execute(scope.recorded_counts(), scope.params).fetchall()
+        if recorded is None:
+            recorded = self._recorded(scope)
         if r.blobids is not None:
             # A blob some inode names is the catalogue's, with a blobs row or without.
-            unknown = set(r.blobids).difference(expected, (blobid for blobid, _, _ in recorded))
-            for blobid in sorted(unknown):
-                ctx.problem("unknown-blob", "no blobs row, and no inode names it", blobid=blobid)
+            self.unknown_blobs(ctx, set(r.blobids).difference(expected, (blobid for blobid, _, _ in recorded)))
         self.after_range(ctx, linked, expected, recorded)
         return self.finalize_step(ctx, scope, linked, expected, recorded)
+
+    def _recorded(self, scope: RangeScope) -> list[tuple[str, int | None, int | None]]:
+        return self.data.get().execute(scope.recorded_counts(), scope.params).fetchall()
+
+    def unknown_blobs(self, ctx: RangeContext, unknown: set[str]) -> None:
+        """Listed IDs the catalogue does not know: each a problem (a list of the user's names them)."""
+        for blobid in sorted(unknown):
+            ctx.problem("unknown-blob", "no blobs row, and no inode names it", blobid=blobid)
 
     def finalize_step(self, ctx: RangeContext, scope: RangeScope, linked: dict, expected: dict, recorded: list):
         """The range's catalogue writes: the changed n_hardlinks and expected_hardlinks.

@@ -104,6 +104,7 @@ class VerifyWork(CountWork):
     """Checks verify ranges in one worker process; writes only ``last_checked``."""
 
     SAYS_WHY = True
+    RECORDED_BEFORE_WALK = True
 
     def __init__(self, spec: WorkSpec):
         super().__init__(spec)
@@ -111,13 +112,26 @@ class VerifyWork(CountWork):
         self._sizes: dict[str, list[int]] = {}
         #: blobs of the range without a usable by-hash file (their links were not checked)
         self._unusable: set[str] = set()
+        #: chosen from the catalogue (--count, --mode): an ID it no longer has was removed since planning
+        self._chosen = spec.options.get("selection") in SELECTIONS
+        #: blobs of the range's selection the catalogue no longer has (neither checked nor failed)
+        self._gone: set[str] = set()
 
     def process(self, r, ctx: RangeContext):
         scope = RangeScope.of(r)
         query = sql.SQL(SQL_SIZES).format(scope=scope.where("i"))
         self._sizes = dict(self.data.get().execute(query, scope.params, prepare=False).fetchall())
         self._unusable = set()
+        self._gone = set()
         return super().process(r, ctx)
+
+    def unknown_blobs(self, ctx: RangeContext, unknown: set[str]) -> None:
+        if not self._chosen:
+            super().unknown_blobs(ctx, unknown)  # a list of the user's
+        elif unknown:
+            self._gone = unknown
+            log.info("%d blobs of the selection are gone from the catalogue since the run was planned: "
+                     "not checked", len(unknown))
 
     def _source(self, blobid: str, ctx: RangeContext):
         source = super()._source(blobid, ctx)
@@ -184,7 +198,7 @@ class VerifyWork(CountWork):
         """``last_checked`` for the range's blobs that passed; the failed ones into relinker_verify_failure."""
         known = {blobid for blobid, _, _ in recorded}
         # Blobs some inode names without a blobs row are checked (and may fail) all the same.
-        checked = known | expected.keys() | set(ctx.range.blobids or ())
+        checked = known | expected.keys() | (set(ctx.range.blobids or ()) - self._gone)
         failed = checked & ctx.problem_blobs
         ctx.counters.blobs = len(checked)
         ctx.counters.blobs_failed = len(failed)

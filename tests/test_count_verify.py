@@ -533,3 +533,64 @@ def test_the_resume_command_names_the_failed_ids_file_from_anywhere(linked, caps
     run_id = linked.conn.execute("SELECT max(run_id) FROM relinker_run").fetchone()[0]
     assert err.strip().splitlines()[-1].endswith(
         f"; resume with: {linked.resume('verify', run_id, '--failed-ids', str(tmp_path / 'failed.txt'))}"), err
+
+
+def test_a_blob_that_came_during_verifys_walk_is_not_passed_unlooked_at(linked, capsys, monkeypatch):
+    """A blob, its inode and a path committed while a range's paths were being read: the range's blobs
+    rows read after the walk held it, and it passed (last_checked) with its missing link never looked at."""
+    from relinker import relink
+
+    late = "e" * 64
+    linked.store_file(late, b"late")
+    real = relink.blobs_within
+
+    def a_blob_arrives_once_the_walk_has_begun(rows, *args, **kwargs):
+        def arriving():
+            for n, row in enumerate(rows):
+                yield row
+                if n == 0:
+                    with psycopg.connect(linked.dsn, autocommit=True) as other, other.transaction():
+                        other.execute("INSERT INTO blobs (blobid) VALUES (%s)", (late,))
+                        medium = other.execute("SELECT medium_hash FROM medium").fetchone()[0]
+                        other.execute("INSERT INTO inode (medium_hash, dev, ino, nlink, size, fs_type, blobid) "
+                                      "VALUES (%s, 1, 999, 1, 4, 'f', %s)", (medium, late))
+                        other.execute("INSERT INTO path (medium_hash, dev, ino, path, blobid) "
+                                      "VALUES (%s, 1, 999, '/late/never-linked', %s)", (medium, late))
+        return real(arriving(), *args, **kwargs)
+
+    monkeypatch.setattr(relink, "blobs_within", a_blob_arrives_once_the_walk_has_begun)  # forked workers inherit it
+    code, summary = run(linked, capsys, "verify", "--all", "--no-progress", "--workers", "1", "--ranges", "1")
+    assert code == 0 and summary["blobs"] == 3 and summary["blobs_failed"] == 0, summary
+    assert linked.conn.execute("SELECT last_checked FROM blobs WHERE blobid = %s", (late,)).fetchone() == (None,)
+    monkeypatch.setattr(relink, "blobs_within", real)
+    code, summary = run(linked, capsys, "verify", "--all", "--no-progress", "--workers", "1", "--new")
+    assert code == 1 and summary["problems_by_kind"] == {"link-missing": 1}, summary
+
+
+@pytest.mark.parametrize("selection", [["--count", "3", "--mode", "never"], ["--count", "3", "--mode", "random"]])
+def test_a_blob_removed_from_the_catalogue_after_verify_chose_it_is_no_failure(
+        linked, capsys, tmp_path, monkeypatch, selection):
+    """verify --count chose its blobs from the catalogue: one removed before the run was resumed is gone,
+    not an unknown blob failed and listed for relink --from-file, which would fail on it too."""
+    from relinker import checkpoint
+
+    def refused(self, conn):
+        raise psycopg.errors.TooManyConnections("sorry, too many clients already")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint.CheckpointStore, "_claim_once", refused)
+        assert main(linked.argv("verify", *selection, "--no-progress", "--retry-timeout", "1")) == 1
+    run_id = linked.last_run()
+    capsys.readouterr()
+    gone = linked.blobs["c"]
+    for table in ("path", "inode", "blobs"):
+        linked.conn.execute(f"DELETE FROM {table} WHERE blobid = %s", (gone,))
+    failed = tmp_path / "failed.txt"
+    code, summary = run(linked, capsys, "verify", "--run", str(run_id), "--no-progress", "--failed-ids", str(failed))
+    assert code == 0 and summary["blobs"] == 2 and summary["problems"] == 0, summary
+    assert bloblist.read_blob_ids(failed.read_text().splitlines()) == []
+    # a list of the user's is another matter: an ID no blob has is named
+    listed = tmp_path / "listed.txt"
+    listed.write_text(gone + "\n")
+    code, summary = run(linked, capsys, "verify", "--from-file", str(listed), "--no-progress")
+    assert code == 1 and summary["problems_by_kind"] == {"unknown-blob": 1}, summary
