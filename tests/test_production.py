@@ -254,11 +254,16 @@ def test_the_readmes_backfill_of_by_hash_created(production, capsys):
     p._ntt_inode(p.stored, 900001, [p.mount_path(p.stored, "a-link")], 0, fs_type="l", blobid=unseen)
     code, summary = run(p, capsys, "relink")
     assert code == 1 and summary["problems_by_kind"] == {"missing-by-hash": 1, "bad-by-hash": 1}
+    # stored after the run had begun (here: after it ended), its by-hash file already lost: never looked at
+    late = "e" * 64
+    p.conn.execute("INSERT INTO blobs (blobid) VALUES (%s)", (late,))
+    p._ntt_inode(p.stored, 900002, [p.mount_path(p.stored, "late")], 4, blobid=late)
     statement = readme_backfill().replace("'MEDIUM_HASH'", f"'{p.stored}'").replace("= 7", f"= {summary['run_id']}")
     p.conn.execute(statement)
     marked = dict(p.conn.execute("SELECT blobid, bool_and(by_hash_created) FROM inode WHERE medium_hash = %s "
                                  "AND blobid IS NOT NULL GROUP BY blobid", (p.stored,)))
     assert marked.pop(p.readme) is False and marked.pop(p.licence) is False and marked.pop(unseen) is False
+    assert marked.pop(late) is False
     assert marked and all(marked.values())
     assert p.conn.execute("SELECT count(*) FROM inode WHERE medium_hash = %s AND by_hash_created",
                           (p.fresh,)).fetchone() == (0,)
