@@ -45,6 +45,10 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10) ->
         dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=connect_timeout
     )
     conn.execute(SQL_SESSION_SETTINGS, {"client_encoding": client_encoding(conn)})
+    if conn.info.server_version >= 140000:
+        # A worker's control session speaks only at heartbeats: ended as idle, it would take the
+        # range's lock with it, and another worker would take over a range still being worked.
+        conn.execute("SELECT set_config('idle_session_timeout', '0', false)")
     if not autocommit:
         conn.commit()  # settings made in a transaction end with it
     adapt_to_encoding(conn)
@@ -56,10 +60,13 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10) ->
 # migrate builds indexes on millions of rows, for longer than any
 # statement_timeout meant for interactive use; the driver reads timestamps in
 # the ISO style only; what relinker stores must not depend on the client
-# encoding (see dbtext.client_encoding).
+# encoding (see dbtext.client_encoding); a bytea sent by COPY in text form is
+# escaped for standard strings (with them off, the server stored the text of
+# each path's hex form).
 SQL_SESSION_SETTINGS = """
 SELECT set_config('statement_timeout', '0', false), set_config('DateStyle', 'ISO', false),
-       set_config('client_encoding', %(client_encoding)s, false)
+       set_config('client_encoding', %(client_encoding)s, false),
+       set_config('standard_conforming_strings', 'on', false)
 """
 
 

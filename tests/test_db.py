@@ -1,5 +1,8 @@
 """Which database errors a worker retries: the ones that go away, never the ones that come back."""
 
+import os
+import time
+
 import psycopg
 import pytest
 
@@ -119,6 +122,45 @@ def test_a_roles_statement_timeout_and_date_style_do_not_reach_a_run(world, caps
     finally:
         world.conn.execute(f'ALTER DATABASE "{name}" RESET statement_timeout')
         world.conn.execute(f'ALTER DATABASE "{name}" RESET DateStyle')
+
+
+def test_a_databases_old_string_escapes_leave_paths_byte_for_byte(world, capsys, tmp_path):
+    """With standard_conforming_strings off (an old database's setting) a bytea sent by COPY in text
+    form was stored as the text of its hex form: every path a scan wrote, every problem's path."""
+    from relinker.cli import main
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    name = b"back\\slash caf\xe9"
+    with open(os.fsencode(tree) + b"/" + name, "wb") as f:
+        f.write(b"content")
+    medium = world.medium("disk")
+    world.inode(medium, [b"/d/x"], world.blob(b"linked"))
+    os.makedirs(world.archive_path(b"/d/x"))  # a directory where the link belongs: a problem with its path
+    database = world.conn.info.dbname
+    world.conn.execute(f'ALTER DATABASE "{database}" SET standard_conforming_strings = off')
+    try:
+        assert main(world.argv("scan", "--medium", "tree", str(tree))) == 0
+        assert main(world.argv("relink", "--no-progress", "--workers", "1")) == 1
+    finally:
+        world.conn.execute(f'ALTER DATABASE "{database}" RESET standard_conforming_strings')
+    scanned = [bytes(p) for (p,) in world.conn.execute("SELECT path FROM path WHERE medium_hash <> %s", (medium,))]
+    assert [p for p in scanned if p.endswith(b"/" + name)], scanned
+    problems = [bytes(p) for (p,) in world.conn.execute("SELECT path FROM relinker_problem")]
+    assert problems == [b"/d/x"], problems
+
+
+def test_a_databases_idle_session_timeout_ends_no_session_of_relinkers(world):
+    """A worker's control session speaks only at its heartbeats, every 10 s: ended as idle, it took the
+    range's lock with it, and the other worker took over a range still worked, back and forth."""
+    database = world.conn.info.dbname
+    world.conn.execute(f'ALTER DATABASE "{database}" SET idle_session_timeout = \'1s\'')
+    try:
+        with db.connect(world.dsn, autocommit=True) as conn:
+            time.sleep(1.5)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        world.conn.execute(f'ALTER DATABASE "{database}" RESET idle_session_timeout')
 
 
 def test_an_outage_is_one_warning_a_minute_per_process_not_one_per_retry(caplog, monkeypatch):
