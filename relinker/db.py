@@ -315,8 +315,31 @@ def missing_ntt_tables(conn: psycopg.Connection) -> list[str]:
     return [name for (name,) in rows]
 
 
+# Schemas outside this session's search_path that hold tables of these names.
+SQL_SCHEMAS_ELSEWHERE = """
+SELECT DISTINCT n.nspname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.relname = ANY(%(names)s::text[]) AND c.relkind IN ('r', 'p')
+  AND n.nspname <> ALL(current_schemas(true))
+ORDER BY 1
+"""
+
+
+def require_reachable_catalogue(conn: psycopg.Connection) -> None:
+    """Refuse a session whose search_path misses the catalogue's tables where another schema has them
+    (``migrate --base`` would make a second, empty catalogue)."""
+    missing = missing_ntt_tables(conn)
+    schemas = [s for (s,) in conn.execute(SQL_SCHEMAS_ELSEWHERE, {"names": missing})] if missing else []
+    if schemas:
+        path = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
+        raise UserError(
+            f"the catalogue's tables ({', '.join(missing)}) are in schema {', '.join(schemas)}, which this "
+            f"session's search_path ({path}) does not reach: add it (ALTER ROLE ... SET search_path, or "
+            "options=-csearch_path=... in the DSN)")
+
+
 def require_catalogue(conn: psycopg.Connection) -> None:
     """Refuse to work on a database that is not an NTT catalogue."""
+    require_reachable_catalogue(conn)
     missing = missing_ntt_tables(conn)
     if missing:
         raise UserError(

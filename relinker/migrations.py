@@ -164,9 +164,11 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
     ordinary migration gets its own transaction.
     """
     applied_now: list[str] = []
+    restore = None
     _wait_for_the_migrate_lock(conn)
     try:
         if base:
+            db.require_reachable_catalogue(conn)
             with conn.transaction():
                 conn.execute(_read(BASE_FILE))
             applied_now.append(BASE_FILE)
@@ -174,6 +176,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
         # Checked before anything is made, even with nothing to apply (relinker's views are made
         # anew): a table left by a role that could not finish would be in the way of the owner's.
         require_owner(conn, "migrate", ("inode", "path", "blobs"), "migrations change")
+        restore = _as_the_catalogue(conn)
         done = set(applied_versions(conn))
         refuse_newer(done)
         conn.execute(SQL_CREATE_MIGRATION_TABLE)
@@ -197,8 +200,46 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
     finally:
         # A session the server ended holds no lock, and the unlock's error would hide why it ended.
         if db.alive(conn):
+            if restore is not None:
+                conn.execute(restore)
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
     return applied_now
+
+
+# Who owns the catalogue, and whether this role may act as that owner, who may create beside it.
+SQL_CATALOGUE_OWNER = """
+SELECT pg_get_userbyid(c.relowner), current_user,
+       pg_has_role(current_user, c.relowner,
+                   CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'SET' ELSE 'MEMBER' END)
+       AND has_schema_privilege(c.relowner, c.relnamespace, 'CREATE')
+FROM pg_class AS c WHERE c.oid = to_regclass('blobs')
+"""
+# The catalogue's schema first in search_path (what is made goes there), if it is not first already.
+SQL_BESIDE_THE_CATALOGUE = """
+SELECT current_setting('search_path'),
+       set_config('search_path', quote_ident(n.nspname) || ', ' || current_setting('search_path'), false)
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass('blobs') AND n.nspname IS DISTINCT FROM current_schema()
+"""
+
+
+def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed | None:
+    """Make what migrate makes the catalogue owner's, beside its tables; return the statement that
+    undoes it (None: nothing to undo).
+
+    A member of the owner's role would otherwise own relinker's tables, and the owner could neither
+    migrate nor grant them again; a role with a schema of its own (``"$user"`` first in search_path)
+    would have them in its schema, where the roles that run find none.
+    """
+    owner, me, may_become = conn.execute(SQL_CATALOGUE_OWNER).fetchone()
+    undo = []
+    if owner != me and may_become:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
+        undo.append(sql.SQL("RESET ROLE"))
+    moved = conn.execute(SQL_BESIDE_THE_CATALOGUE).fetchone()
+    if moved is not None:
+        undo.insert(0, sql.SQL("SELECT set_config('search_path', {}, false)").format(sql.Literal(moved[0])))
+    return sql.SQL("; ").join(undo) if undo else None
 
 
 # Who owns relinker's views now, if not this role, and whether this role may give them back

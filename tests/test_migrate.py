@@ -219,6 +219,30 @@ def test_migrate_without_ntt_tables_says_what_to_do(db_url, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["migrate", "--base"], ["migrate"], ["status"], ["relink", "--no-progress"]])
+def test_a_search_path_that_misses_the_catalogue_says_so_and_makes_none(db_url, capsys, tmp_path, command):
+    """The catalogue in a schema of its own, the role's search_path without it: every command said "not
+    an NTT catalogue" and told the user to make one, and migrate --base made a second, empty one."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA ntt; SET search_path = ntt")
+        conn.execute(PRODUCTION_SHAPE)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "archive").mkdir()
+    roots = ["--by-hash-root", str(tmp_path / "store"), "--archive-root", str(tmp_path / "archive")]
+    roots = roots if command[0] == "relink" else []
+    assert main(["--db-url", db_url, *roots, *command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relinker: error: the catalogue's tables (medium, inode, path, blobs) are in schema ntt, "
+                          "which this session's search_path") and "migrate --base" not in err, err
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('public.blobs')").fetchone() == (None,)
+    # with the schema in its search_path, the same command works
+    reaching = make_conninfo(db_url, options="-csearch_path=ntt")
+    assert main(["--db-url", reaching, "migrate"]) == 0
+    # (relink ends with problems: the catalogue's blobs have no by-hash files)
+    assert main(["--db-url", reaching, *roots, *command]) == (1 if command[0] == "relink" else 0)
+
+
 def test_unreachable_database_is_one_line_exit_2(tmp_path, capsys):
     dsn = f"host={tmp_path} port=1 dbname=nothing connect_timeout=2"
     assert main(["--db-url", dsn, "migrate"]) == 2
@@ -486,16 +510,44 @@ def test_a_scan_by_a_member_of_the_owners_role_leaves_partitions_the_owners_migr
         assert main(["--db-url", as_owner, "migrate"]) == 0, capsys.readouterr().err
 
 
-def test_migrate_finds_the_catalogue_as_queries_find_it(db_url):
-    """A role with a schema of its own ("$user" first in search_path): the NTT tables are public's."""
+def test_migrate_finds_the_catalogue_as_queries_find_it_and_builds_beside_it(db_url):
+    """A role with a schema of its own ("$user" first in search_path): the NTT tables are public's, and
+    relinker's go beside them, where the roles that run find them (not in the migrating role's schema)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(PRODUCTION_SHAPE)
         conn.execute("CREATE SCHEMA AUTHORIZATION CURRENT_USER")
+        search_path = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
         assert conn.execute("SELECT current_schema() <> 'public'").fetchone() == (True,)
         migrations.migrate(conn)
+        assert conn.execute("SELECT current_setting('search_path')").fetchone() == (search_path,)
         assert conn.execute("SELECT pg_typeof(path)::text FROM relinker_path LIMIT 1").fetchone() == ("bytea",)
         from relinker import db
         assert db.column_type(conn, "path", "path") == "bytea"
+        schemas = {row[0] for row in conn.execute(
+            "SELECT DISTINCT relnamespace::regnamespace::text FROM pg_class WHERE relname LIKE 'relinker%'")}
+        assert schemas == {"public"}
+
+
+def test_a_member_of_the_owners_role_migrates_as_the_owner(db_url, capsys):
+    """An operator in the owning role runs migrate: relinker's tables were the operator's, and the owner
+    (and every other member) could neither migrate again nor grant what the roles that run need."""
+    suffix = os.getpid()
+    owner, member, other = f"owner7_{suffix}", f"member7_{suffix}", f"other7_{suffix}"
+    with login_roles(db_url, (owner, member, other), f"GRANT {owner} TO {member}", f"GRANT {owner} TO {other}",
+                     f"GRANT CREATE ON SCHEMA public TO {owner}"):
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)
+        assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 0
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            owners = {row[0] for row in conn.execute(
+                "SELECT DISTINCT relowner::regrole::text FROM pg_class WHERE relname LIKE 'relinker%'")}
+            assert owners == {owner}
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(f"GRANT SELECT ON relinker_run TO {other}")
+            conn.execute("DELETE FROM relinker_schema_migration WHERE version = 13")  # a later relinker's
+        capsys.readouterr()
+        assert main(["--db-url", make_conninfo(db_url, user=other), "migrate"]) == 0, capsys.readouterr().err
+        assert main(["--db-url", make_conninfo(db_url, user=owner), "migrate"]) == 0, capsys.readouterr().err
 
 
 def test_the_owner_keeps_its_views_when_a_member_of_it_migrates(db_url):
