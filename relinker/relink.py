@@ -72,7 +72,9 @@ ONLY_INCOMPLETE = """
 # A range's blobs: an interval of IDs, or the IDs of a list (--from-file).
 LOWER_BOUND = "{}.blobid >= %(lo)s"
 UPPER_BOUND = "AND {}.blobid < %(hi)s"
-LISTED = "{}.blobid = ANY(%(listed)s::text[])"
+# A list's first and last IDs bound it too: without them the server may match the list against
+# every row of a table (verify's sizes: every inode partition, for each range).
+LISTED = "{}.blobid = ANY(%(listed)s::text[]) AND {}.blobid BETWEEN %(first)s AND %(last)s"
 
 # What the catalogue says of the range's blobs, read once the range is worked:
 # a short scan of the primary key. Only blobs whose counts differ are then
@@ -121,14 +123,17 @@ class RangeScope:
     @classmethod
     def of(cls, r: Range) -> "RangeScope":
         if r.blobids is not None:
-            return cls(listed=True, bounded=False, params={"listed": db.text_array(r.blobids)})
+            # (hex IDs: every collation orders them as Python does)
+            first, last = (min(r.blobids), max(r.blobids)) if r.blobids else ("", "")
+            return cls(listed=True, bounded=False,
+                       params={"listed": db.text_array(r.blobids), "first": first, "last": last})
         return cls(listed=False, bounded=r.hi is not None, params={"lo": r.lo, "hi": r.hi})
 
     def where(self, alias: str) -> sql.Composable:
         """The condition on ``alias.blobid`` (composed from the constant fragments above)."""
         table = sql.Identifier(alias)
         if self.listed:
-            return sql.SQL(LISTED).format(table)
+            return sql.SQL(LISTED).format(table, table)
         parts = [sql.SQL(LOWER_BOUND).format(table)]
         if self.bounded:
             parts.append(sql.SQL(UPPER_BOUND).format(table))

@@ -9,6 +9,7 @@ import pytest
 
 from relinker import bloblist, verify as verify_module
 from relinker.catalogue import EMPTY_SHA256
+from relinker.checkpoint import Range
 from relinker.errors import UserError
 from relinker.cli import main
 from relinker.paths import by_hash_path, by_hash_relpath
@@ -594,3 +595,23 @@ def test_a_blob_removed_from_the_catalogue_after_verify_chose_it_is_no_failure(
     listed.write_text(gone + "\n")
     code, summary = run(linked, capsys, "verify", "--from-file", str(listed), "--no-progress")
     assert code == 1 and summary["problems_by_kind"] == {"unknown-blob": 1}, summary
+
+
+def test_verifys_sizes_of_a_listed_range_are_read_through_the_blobid_index(world):
+    """A range of listed IDs (--from-file, --count) matched against every inode partition row by row:
+    a sequential scan of the whole table for each range of 10,000 IDs."""
+    medium = world.medium("disk")
+    world.conn.execute("INSERT INTO inode (medium_hash, dev, ino, nlink, size, fs_type, blobid) "
+                       "SELECT %s, 1, n, 1, 100, 'f', encode(sha256(n::text::bytea), 'hex') "
+                       "FROM generate_series(1, 200000) AS n", (medium,))
+    world.conn.execute("VACUUM ANALYZE inode")
+    every = sorted(b for (b,) in world.conn.execute("SELECT blobid FROM inode"))
+    middle = verify_module.plan_list(every, 2, 20)[10]
+    listed = middle.blobids
+    scope = verify_module.RangeScope.of(Range.of(1, 10, middle))
+    query = verify_module.sql.SQL(verify_module.SQL_SIZES).format(scope=scope.where("i"))
+    plan = "\n".join(row[0] for row in world.conn.execute(
+        verify_module.sql.SQL("EXPLAIN (COSTS OFF) {}").format(query), scope.params))
+    assert "Seq Scan" not in plan, plan
+    sizes = dict(world.conn.execute(query, scope.params))
+    assert sizes.keys() == set(listed) and len(listed) == 10000
