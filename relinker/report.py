@@ -23,8 +23,10 @@ SELECT run_id, mode, status, ranges_total, ranges_done, ranges_running, ranges_p
 FROM relinker_run_progress WHERE run_id = %s
 """
 SQL_PROBLEM_KINDS = "SELECT kind, problems FROM relinker_problem_kinds WHERE run_id = %s ORDER BY problems DESC, kind"
+# In the order of relinker_problem_range_idx: ordered by problem_id alone, the server read every
+# older run's problems (or all of the run's) to find the first few.
 SQL_PROBLEM_SAMPLES = """
-SELECT kind, detail, blobid, path FROM relinker_problem WHERE run_id = %s ORDER BY problem_id LIMIT %s
+SELECT kind, detail, blobid, path FROM relinker_problem WHERE run_id = %s ORDER BY range_no, problem_id LIMIT %s
 """
 SQL_OPEN_RANGES = """
 SELECT range_no, status, lo, hi, worker, attempts, extract(epoch FROM heartbeat_age)::float8, last_error,

@@ -203,3 +203,24 @@ def test_status_text_breaks_problems_down_by_kind_and_names_failed_ranges():
                    problems_by_kind={"missing-by-hash": 2, "unsafe-path": 1}).as_text()
     assert "problems" in text and "3 (missing-by-hash 2, unsafe-path 1)" in text
     assert "2 of 4 done, 1 failed, 1 running" in text
+
+
+def rows_read(plan: dict) -> int:
+    """Rows the scans of a plan (EXPLAIN ANALYZE, JSON) read: those they gave and those they filtered out."""
+    own = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0) if "Scan" in plan["Node Type"] else 0
+    return own + sum(rows_read(child) for child in plan.get("Plans", ()))
+
+
+def test_a_runs_problem_samples_read_a_few_of_its_problems_not_all_nor_others(world):
+    """Every night's run records millions of problems (the empty content's links past the limit): taken
+    in problem_id order, status's samples read every problem of the run, or of every older run."""
+    older, newer = new_run(world, 1), new_run(world, 1)
+    for run_id in (older, newer):
+        world.conn.execute("INSERT INTO relinker_problem (run_id, range_no, kind) "
+                           "SELECT %s, n %% 100, 'too-many-links' FROM generate_series(1, 30000) AS n", (run_id,))
+    world.conn.execute("ANALYZE relinker_problem")
+    ((plan,),) = world.conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + report.SQL_PROBLEM_SAMPLES,
+                                    (newer, report.SAMPLE_LIMIT)).fetchone()
+    assert rows_read(plan["Plan"]) < 1000, plan
+    samples = Summary.from_run(world.conn, newer).problem_samples
+    assert len(samples) == report.SAMPLE_LIMIT and {p.kind for p in samples} == {"too-many-links"}
