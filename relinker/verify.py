@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import secrets
 
 import psycopg
@@ -63,16 +64,10 @@ SELECT blobid FROM (
 ) AS candidates
 ORDER BY checked NULLS FIRST, blobid LIMIT %(n)s
 """
-# One index probe per random start point: a uniform sample of uniformly
-# distributed IDs without sorting or scanning the table.
-SQL_RANDOM = """
-SELECT DISTINCT b.blobid
-FROM unnest(%(starts)s::text[]) AS s(start)
-CROSS JOIN LATERAL (SELECT blobid FROM blobs WHERE blobid >= s.start ORDER BY blobid LIMIT 1) AS b
-"""
-SQL_ANY_OTHERS = "SELECT blobid FROM blobs WHERE NOT (blobid = ANY(%s)) LIMIT %s"
-# How many blobs there are, counting no further than a sample's size: a sample of them all is them all.
-SQL_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM blobs LIMIT %(n)s) AS counted"
+# Each blob drawn on its own with the same chance: a uniform sample, for one
+# read of the table (the blob after each of many random IDs is no such sample:
+# a blob after a wide gap between IDs is drawn tens of times as often).
+SQL_BERNOULLI = "SELECT blobid FROM blobs TABLESAMPLE BERNOULLI (%(percent)s)"
 SQL_EVERY_BLOB = "SELECT blobid FROM blobs ORDER BY blobid"
 # The catalogue's sizes of the range's blobs (one blob's inodes should agree).
 SQL_SIZES = """
@@ -234,19 +229,16 @@ def select_blobs(conn: psycopg.Connection, selection: str, count: int) -> list[s
         return [b for (b,) in conn.execute(SQL_NEVER, {"n": count})]
     if selection == "oldest":
         return [b for (b,) in conn.execute(SQL_OLDEST, {"n": count})]
-    if conn.execute(SQL_UP_TO, {"n": count}).fetchone()[0] < count:
+    total = conn.execute(catalogue.SQL_COUNT_BLOBS).fetchone()[0]
+    if total <= count:
         return [b for (b,) in conn.execute(SQL_EVERY_BLOB)]
-    chosen: set[str] = set()
-    for _ in range(4):  # start points can land on the same blob; top up a few times
-        missing = count - len(chosen)
-        if missing <= 0:
-            break
-        starts = [secrets.token_hex(32) for _ in range(missing)]
-        chosen.update(b for (b,) in conn.execute(SQL_RANDOM, {"starts": starts}))
-    if len(chosen) < count:
-        # A sample close to the table's size: take the rest in whatever order.
-        chosen.update(b for (b,) in conn.execute(SQL_ANY_OTHERS, (list(chosen), count - len(chosen))))
-    return sorted(chosen)[:count]
+    # A few standard deviations over the count: one draw is nearly always enough. Draws, then a sample
+    # of what they drew, treat every blob alike: each is chosen with the same chance.
+    percent = min(100.0, 100.0 * (count + 4 * count ** 0.5 + 10) / total)
+    drawn: set[str] = set()
+    while len(drawn) < count:
+        drawn.update(b for (b,) in conn.execute(SQL_BERNOULLI, {"percent": percent}))
+    return sorted(random.SystemRandom().sample(sorted(drawn), count))
 
 
 def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, workers: int,

@@ -615,3 +615,17 @@ def test_verifys_sizes_of_a_listed_range_are_read_through_the_blobid_index(world
     assert "Seq Scan" not in plan, plan
     sizes = dict(world.conn.execute(query, scope.params))
     assert sizes.keys() == set(listed) and len(listed) == 10000
+
+
+def test_a_random_sample_gives_every_blob_the_same_chance(world):
+    """Blob IDs are hashes, but their gaps are uneven: the blob found after each random ID is drawn in
+    proportion to the gap before it. One blob after a gap of half the ID space was in every sample."""
+    world.conn.execute("INSERT INTO blobs (blobid) SELECT '00000000' || left(encode(sha256(n::text::bytea), 'hex'), 56) "
+                       "FROM generate_series(1, 999) AS n")
+    alone = "8" + "0" * 63
+    world.conn.execute("INSERT INTO blobs (blobid) VALUES (%s)", (alone,))
+    samples = [verify_module.select_blobs(world.conn, "random", 10) for _ in range(20)]
+    assert all(len(set(sample)) == 10 for sample in samples)
+    # one chance in a hundred each time: more than 5 of 20 is one chance in about 10**8
+    assert sum(alone in sample for sample in samples) <= 5
+    assert len(set().union(*samples)) > 150  # and not the same few each time
