@@ -378,7 +378,7 @@ def test_verify_hash_passes_a_sound_content_whose_catalogue_size_is_wrong(linked
     assert code == 0 and failures(result) == set()
     assert linked.conn.execute("SELECT last_checked IS NOT NULL FROM blobs WHERE blobid = %s",
                                (a,)).fetchone()[0]
-    assert f"sound (its content is its blob ID's) with 5 bytes, where the catalogue's inodes of the blob say [999]" \
+    assert "sound (its content is its blob ID's) with 5 bytes, where the catalogue's inodes of the blob say [999]" \
         in log_file.read_text()
 
 
