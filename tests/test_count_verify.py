@@ -629,3 +629,41 @@ def test_a_random_sample_gives_every_blob_the_same_chance(world):
     # one chance in a hundred each time: more than 5 of 20 is one chance in about 10**8
     assert sum(alone in sample for sample in samples) <= 5
     assert len(set().union(*samples)) > 150  # and not the same few each time
+
+
+def test_listed_ranges_select_their_blobs_in_a_collation_that_is_not_code_point_order(en_us_admin_dsn, tmp_path,
+                                                                                      capsys):
+    """A list's bounds were its first and last lines in Python's order: in en_US a stray line `-typo`
+    sorts as `typo`, past every hex ID, and no listed blob was found (relink linked none and called
+    every one unknown)."""
+    from conftest import create_database, drop_database
+    from relinker import migrations
+    from support import ArchiveWorld
+
+    admin = psycopg.conninfo.make_conninfo(en_us_admin_dsn, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        name = f"relinker_en_us_{os.getpid()}"
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE 'en_US.UTF-8' ENCODING 'UTF8'")
+    dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT '-typo' > 'f'").fetchone() == (True,)  # not code-point order
+            migrations.migrate(conn, base=True)
+        world = ArchiveWorld(dsn, tmp_path / "world")
+        try:
+            m = world.medium("disk")
+            blobs = [world.blob(b"content %d" % n) for n in range(4)]
+            for n, blobid in enumerate(blobs):
+                world.inode(m, [b"/d/%d" % n], blobid)
+            listed = tmp_path / "listed.txt"
+            listed.write_text("\n".join(blobs + ["-typo"]) + "\n")
+            code, summary = run(world, capsys, "relink", "--from-file", str(listed), "--no-progress")
+            assert code == 1 and summary["links_created"] == 4, summary
+            assert summary["problems_by_kind"] == {"unknown-blob": 1}, summary
+            code, summary = run(world, capsys, "verify", "--from-file", str(listed), "--no-progress")
+            assert summary["blobs_failed"] == 1 and summary["problems_by_kind"] == {"unknown-blob": 1}, summary
+        finally:
+            world.close()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
