@@ -45,10 +45,9 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10) ->
         dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=connect_timeout
     )
     conn.execute(SQL_SESSION_SETTINGS, {"client_encoding": client_encoding(conn)})
-    if conn.info.server_version >= 140000:
-        # A worker's control session speaks only at heartbeats: ended as idle, it would take the
-        # range's lock with it, and another worker would take over a range still being worked.
-        conn.execute("SELECT set_config('idle_session_timeout', '0', false)")
+    for name, since in SESSION_TIMEOUTS:
+        if conn.info.server_version >= since:
+            conn.execute("SELECT set_config(%s, '0', false)", (name,))
     if not autocommit:
         conn.commit()  # settings made in a transaction end with it
     adapt_to_encoding(conn)
@@ -68,6 +67,16 @@ SELECT set_config('statement_timeout', '0', false), set_config('DateStyle', 'ISO
        set_config('client_encoding', %(client_encoding)s, false),
        set_config('standard_conforming_strings', 'on', false)
 """
+
+
+#: Timeouts a role or database may set that relinker's sessions turn off, with the first server version
+#: that has each. A worker's control session speaks only at heartbeats: ended as idle, it would take
+#: its range's lock with it, and another worker would take over a range still being worked. A copy
+#: range's transaction stays open while its files sync, and a range's rows stream for as long as its
+#: links take: ended, they would be redone forever. relinker ends its own stalled sessions (see
+#: checkpoint.SQL_STALLED_ROW_HOLDERS).
+SESSION_TIMEOUTS = [("idle_in_transaction_session_timeout", 90600), ("idle_session_timeout", 140000),
+                    ("transaction_timeout", 170000)]
 
 
 #: Session settings of a worker's data connection, with why:
@@ -315,11 +324,12 @@ def missing_ntt_tables(conn: psycopg.Connection) -> list[str]:
     return [name for (name,) in rows]
 
 
-# Schemas outside this session's search_path that hold tables of these names.
+# Schemas outside this session's search_path that hold a table of each of these names.
 SQL_SCHEMAS_ELSEWHERE = """
-SELECT DISTINCT n.nspname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+SELECT n.nspname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE c.relname = ANY(%(names)s::text[]) AND c.relkind IN ('r', 'p')
   AND n.nspname <> ALL(current_schemas(true))
+GROUP BY n.nspname HAVING count(DISTINCT c.relname) = cardinality(%(names)s::text[])
 ORDER BY 1
 """
 

@@ -131,6 +131,7 @@ def applied_versions(conn: psycopg.Connection) -> list[int]:
 def require_migrated(conn: psycopg.Connection) -> None:
     """Refuse to run against a catalogue that lacks relinker's schema."""
     db.require_catalogue(conn)
+    refuse_hidden_tables(conn)
     try:
         applied = set(applied_versions(conn))
     except psycopg.errors.InsufficientPrivilege:
@@ -145,6 +146,31 @@ def require_migrated(conn: psycopg.Connection) -> None:
             "the catalogue is not migrated for this relinker version "
             f"(missing migrations {', '.join(map(str, missing))}): run `relinker migrate`"
         )
+
+
+# relinker's tables in a schema of this session's search_path other than the catalogue's, while the
+# catalogue's schema has them too: the first found hide the others (an earlier relinker made them
+# in the first schema of the migrating role's search_path, "$user" perhaps).
+SQL_HIDING_TABLES = """
+SELECT n.nspname, c.relnamespace = b.relnamespace
+FROM pg_class AS b, pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE b.oid = to_regclass('blobs') AND c.relname = 'relinker_schema_migration' AND c.relkind = 'r'
+  AND n.nspname = ANY(current_schemas(false))
+ORDER BY array_position(current_schemas(false), n.nspname)
+"""
+
+
+def refuse_hidden_tables(conn: psycopg.Connection) -> None:
+    """UserError where this session would find relinker's tables of another schema before (or beside)
+    those next to the catalogue: its runs and those of other roles would go to two sets."""
+    found = conn.execute(SQL_HIDING_TABLES).fetchall()
+    beside = [schema for schema, is_the_catalogues in found if is_the_catalogues]
+    elsewhere = [schema for schema, is_the_catalogues in found if not is_the_catalogues]
+    if beside and elsewhere:
+        raise UserError(f"relinker's tables are both beside the catalogue's (schema {beside[0]}) and in schema "
+                        f"{', '.join(elsewhere)}, which this role's search_path also reaches (an earlier relinker "
+                        f"made them there): keep the set with the runs you want, drop the other (DROP TABLE "
+                        f"relinker_schema_migration and relinker's other tables and views in it), migrate again")
 
 
 def refuse_newer(applied: set[int]) -> None:
@@ -173,10 +199,11 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                 conn.execute(_read(BASE_FILE))
             applied_now.append(BASE_FILE)
         db.require_catalogue(conn)
+        refuse_hidden_tables(conn)  # as this role's sessions find them
+        restore = _as_the_catalogue(conn)
         # Checked before anything is made, even with nothing to apply (relinker's views are made
         # anew): a table left by a role that could not finish would be in the way of the owner's.
         require_owner(conn, "migrate", ("inode", "path", "blobs"), "migrations change")
-        restore = _as_the_catalogue(conn)
         done = set(applied_versions(conn))
         refuse_newer(done)
         conn.execute(SQL_CREATE_MIGRATION_TABLE)
@@ -206,12 +233,14 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
     return applied_now
 
 
-# Who owns the catalogue, and whether this role may act as that owner, who may create beside it.
+# Who owns the catalogue, and whether this role is a member of that owner's, may act as it, and whether
+# the owner may create beside its tables.
 SQL_CATALOGUE_OWNER = """
-SELECT pg_get_userbyid(c.relowner), current_user,
+SELECT pg_get_userbyid(c.relowner), current_user, c.relnamespace::regnamespace::text,
+       pg_has_role(current_user, c.relowner, 'MEMBER'),
        pg_has_role(current_user, c.relowner,
-                   CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'SET' ELSE 'MEMBER' END)
-       AND has_schema_privilege(c.relowner, c.relnamespace, 'CREATE')
+                   CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'SET' ELSE 'MEMBER' END),
+       has_schema_privilege(c.relowner, c.relnamespace, 'CREATE')
 FROM pg_class AS c WHERE c.oid = to_regclass('blobs')
 """
 # The catalogue's schema first in search_path (what is made goes there), if it is not first already.
@@ -228,12 +257,20 @@ def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed | None:
     undoes it (None: nothing to undo).
 
     A member of the owner's role would otherwise own relinker's tables, and the owner could neither
-    migrate nor grant them again; a role with a schema of its own (``"$user"`` first in search_path)
-    would have them in its schema, where the roles that run find none.
+    migrate nor grant them again: a member that may not act as the owner, or an owner that may not
+    create beside its tables, is refused. A role with a schema of its own (``"$user"`` first in
+    search_path) would have them in its schema, where the roles that run find none.
     """
-    owner, me, may_become = conn.execute(SQL_CATALOGUE_OWNER).fetchone()
+    owner, me, schema, member, may_become, owner_creates = conn.execute(SQL_CATALOGUE_OWNER).fetchone()
     undo = []
-    if owner != me and may_become:
+    if owner != me and member:
+        made = f"what migrate makes must be {owner}'s, the owner of the catalogue's tables"
+        if not may_become:
+            raise UserError(f"role {me} may not SET ROLE to {owner}, and {made}: run `relinker migrate` as {owner}, "
+                            f"or GRANT {owner} TO {me} WITH SET TRUE")
+        if not owner_creates:
+            raise UserError(f"{owner} may not create in schema {schema}, and {made}: "
+                            f"GRANT CREATE ON SCHEMA {schema} TO {owner}")
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
         undo.append(sql.SQL("RESET ROLE"))
     moved = conn.execute(SQL_BESIDE_THE_CATALOGUE).fetchone()

@@ -150,17 +150,24 @@ def test_a_databases_old_string_escapes_leave_paths_byte_for_byte(world, capsys,
     assert problems == [b"/d/x"], problems
 
 
-def test_a_databases_idle_session_timeout_ends_no_session_of_relinkers(world):
+@pytest.mark.parametrize("timeout, in_a_transaction", [("idle_session_timeout", False),
+                                                        ("idle_in_transaction_session_timeout", True),
+                                                        ("transaction_timeout", True)])
+def test_a_databases_session_timeouts_end_no_session_of_relinkers(world, timeout, in_a_transaction):
     """A worker's control session speaks only at its heartbeats, every 10 s: ended as idle, it took the
-    range's lock with it, and the other worker took over a range still worked, back and forth."""
+    range's lock with it, and the other worker took over a range still worked, back and forth. A copy's
+    transaction waits for its files' sync: ended, the range is redone, forever on a slow disk."""
+    if timeout == "transaction_timeout" and world.conn.info.server_version < 170000:
+        pytest.skip("transaction_timeout is PostgreSQL 17's")
     database = world.conn.info.dbname
-    world.conn.execute(f'ALTER DATABASE "{database}" SET idle_session_timeout = \'1s\'')
+    world.conn.execute(f'ALTER DATABASE "{database}" SET {timeout} = \'1s\'')
     try:
-        with db.connect(world.dsn, autocommit=True) as conn:
+        with db.connect(world.dsn, autocommit=not in_a_transaction) as conn:
+            conn.execute("SELECT 1")
             time.sleep(1.5)
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.execute("SELECT 2").fetchone() == (2,)
     finally:
-        world.conn.execute(f'ALTER DATABASE "{database}" RESET idle_session_timeout')
+        world.conn.execute(f'ALTER DATABASE "{database}" RESET {timeout}')
 
 
 def test_an_outage_is_one_warning_a_minute_per_process_not_one_per_retry(caplog, monkeypatch):

@@ -243,6 +243,40 @@ def test_a_search_path_that_misses_the_catalogue_says_so_and_makes_none(db_url, 
     assert main(["--db-url", reaching, *roots, *command]) == (1 if command[0] == "relink" else 0)
 
 
+def test_a_table_of_an_ntt_name_in_another_schema_is_no_catalogue_out_of_reach(db_url, capsys):
+    """An application's own `path` table in its schema: the catalogue is not elsewhere, and
+    migrate --base makes it here."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app; CREATE TABLE app.path (id int)")
+    assert main(["--db-url", db_url, "status"]) == 2
+    assert "not an NTT catalogue (missing tables: medium, inode, path, blobs)" in capsys.readouterr().err
+    assert main(["--db-url", db_url, "migrate", "--base"]) == 0
+
+
+def test_relinkers_tables_an_earlier_migrate_put_in_a_roles_own_schema_are_named_not_doubled(db_url, capsys):
+    """An earlier relinker built its tables in the first schema of the migrating role's search_path
+    ("$user"); migrate now builds beside the catalogue, and the role's sessions would find the old set
+    first: runs split between two sets, status as the owner saying "no runs yet"."""
+    suffix = os.getpid()
+    owner, member = f"owner8_{suffix}", f"member8_{suffix}"
+    with login_roles(db_url, (owner, member), f"GRANT {owner} TO {member}", f"CREATE SCHEMA AUTHORIZATION {member}",
+                     f"GRANT CREATE ON SCHEMA public TO {owner}"):
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)
+            migrations.migrate(conn)
+        with psycopg.connect(make_conninfo(db_url, user=member), autocommit=True) as conn:
+            conn.execute("CREATE TABLE relinker_schema_migration (LIKE public.relinker_schema_migration)")
+            assert conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class "
+                                "WHERE oid = to_regclass('relinker_schema_migration')").fetchone() == (member,)
+        for command in (["migrate"], ["status"]):
+            assert main(["--db-url", make_conninfo(db_url, user=member), *command]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"relinker: error: relinker's tables are both beside the catalogue's (schema "
+                                  f"public) and in schema {member}, which this role's search_path also reaches"), err
+        assert main(["--db-url", make_conninfo(db_url, user=owner), "status"]) == 0  # its path reaches one
+        capsys.readouterr()
+
+
 def test_unreachable_database_is_one_line_exit_2(tmp_path, capsys):
     dsn = f"host={tmp_path} port=1 dbname=nothing connect_timeout=2"
     assert main(["--db-url", dsn, "migrate"]) == 2
@@ -574,9 +608,10 @@ def test_the_owner_keeps_its_views_when_a_member_of_it_migrates(db_url):
 
 
 @pytest.mark.parametrize("why", ["the owner may no longer create in the schema", "a member that may not SET ROLE"])
-def test_a_member_that_cannot_give_the_views_back_still_migrates(db_url, capsys, why):
-    """Giving a view back needs SET ROLE to its owner and the owner's CREATE on the schema: without them
-    migrate keeps the views its own and says so, instead of failing."""
+def test_a_member_that_cannot_act_as_the_owner_is_refused_before_anything_is_made(db_url, capsys, why):
+    """What migrate makes must be the owner's: a member's own views stopped the owner's next migrate
+    ("must be owner of view"). A member that may not SET ROLE to the owner, or an owner that may not
+    create in the schema, is refused, with the GRANT that lets it through; nothing is made."""
     suffix = os.getpid()
     owner, member = f"owner5_{suffix}", f"member5_{suffix}"
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -593,5 +628,31 @@ def test_a_member_that_cannot_give_the_views_back_still_migrates(db_url, capsys,
             conn.execute(f"GRANT CREATE ON SCHEMA public TO {member}")
             if why.startswith("the owner"):
                 conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {owner}")
+            before = conn.execute("SELECT relname, relowner::regrole::text FROM pg_class "
+                                  "WHERE relname LIKE 'relinker%' ORDER BY 1").fetchall()
+        assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 2
+        err = capsys.readouterr().err
+        grant = (f"GRANT {owner} TO {member} WITH SET TRUE" if why.startswith("a member")
+                 else f"GRANT CREATE ON SCHEMA public TO {owner}")
+        assert err.startswith("relinker: error: ") and err.rstrip().endswith(grant) and len(err.splitlines()) == 1
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            assert conn.execute("SELECT relname, relowner::regrole::text FROM pg_class "
+                                "WHERE relname LIKE 'relinker%' ORDER BY 1").fetchall() == before
+
+
+def test_a_member_that_may_act_as_the_owner_but_not_use_its_privileges_migrates_as_the_owner(db_url):
+    """GRANT owner TO member WITH INHERIT FALSE: the member has none of the owner's privileges until it
+    becomes the owner, which migrate does first (it was refused as a role that does not own the tables)."""
+    suffix = os.getpid()
+    owner, member = f"owner6_{suffix}", f"member6_{suffix}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        if conn.info.server_version < 160000:
+            pytest.skip("the INHERIT and SET options of a membership are PostgreSQL 16's")
+    with login_roles(db_url, (owner, member), f"GRANT {owner} TO {member} WITH INHERIT FALSE, SET TRUE",
+                     f"GRANT CREATE ON SCHEMA public TO {owner}"):
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)
         assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 0
-        assert "may not give it back (run migrate as" in capsys.readouterr().err
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            assert {row[0] for row in conn.execute(
+                "SELECT DISTINCT relowner::regrole::text FROM pg_class WHERE relname LIKE 'relinker%'")} == {owner}
