@@ -185,7 +185,12 @@ def first_line(exc: BaseException) -> str:
             where += f" -> {display(os.fsencode(exc.filename2))}"
         return f"[Errno {exc.errno}] {exc.strerror}: {where}"
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    hint = exc.diag.message_hint if isinstance(exc, psycopg.Error) and exc.diag is not None else None
+    if hint and (exc.sqlstate or "").startswith("53"):
+        # Insufficient resources: "out of shared memory" alone reads like RAM; the hint names the setting.
+        line += f" ({hint})"
+    return line
 
 
 #: SQLSTATEs that go away if the same work is tried again on a fresh

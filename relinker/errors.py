@@ -4,6 +4,7 @@ Every error a user can cause ends in one line on stderr and one of these exit
 codes, never a traceback (see README "Exit codes").
 """
 
+import errno
 import signal
 import threading
 
@@ -14,6 +15,10 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 #: Interrupted by SIGINT/SIGTERM; the run can be resumed.
 EXIT_INTERRUPTED = 3
+
+#: errno values that say this process (or the system) is out of a resource, not that a path is wrong:
+#: the range that meets one fails and is redone. Recorded against each path, every path would fail.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 class StopSignal(SystemExit):

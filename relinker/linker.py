@@ -46,6 +46,7 @@ import blake3
 
 from relinker.catalogue import content_matches
 from relinker.content import hash_fd
+from relinker.errors import OUT_OF_RESOURCES
 from relinker.fastroute import DirectoryListings, RangeWalker, fast_route, lstat_identity
 from relinker.paths import UnsafePath, display, split_archive_path
 
@@ -666,7 +667,8 @@ def directory_cache_size() -> int:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return DIRECTORY_CACHE
-    return max(16, min(DIRECTORY_CACHE, soft - FD_RESERVE))
+    # Below the reserve, a quarter of the limit: a fixed floor could take every descriptor left.
+    return max(4, min(DIRECTORY_CACHE, max(soft // 4, soft - FD_RESERVE)))
 
 
 def raise_open_file_limit(wanted: int = DIRECTORY_CACHE + FD_RESERVE) -> None:
@@ -685,6 +687,8 @@ def raise_open_file_limit(wanted: int = DIRECTORY_CACHE + FD_RESERVE) -> None:
 
 
 def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: bytes) -> LinkProblem:
+    if exc.errno in OUT_OF_RESOURCES:
+        raise exc
     location = display(where)
     if exc.errno in (errno.ENOTDIR, errno.ELOOP):
         try:
@@ -717,6 +721,8 @@ def filesystem_link_limit(path: bytes) -> int | None:
 
 
 def _link_problem(exc: OSError, source: bytes | None, stored: bytes) -> LinkProblem:
+    if exc.errno in OUT_OF_RESOURCES:
+        raise exc
     if exc.errno == errno.EMLINK:
         return LinkProblem("too-many-links", AT_LINK_LIMIT)
     if exc.errno == errno.ENAMETOOLONG:

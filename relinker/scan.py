@@ -20,7 +20,8 @@ import psycopg
 from psycopg import sql
 
 from relinker import checkpoint, db, dbtext, migrations
-from relinker.errors import UserError
+from relinker.errors import OUT_OF_RESOURCES, UserError
+from relinker.linker import raise_open_file_limit
 from relinker.paths import display
 from relinker.sources import open_beneath
 
@@ -155,6 +156,7 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
         raise UserError(f"{name!r} names another medium already ({namesake[0]}; copy --medium would not know "
                         "which): choose another name")
     ensure_medium_partitions(conn, result.medium_hash)
+    raise_open_file_limit()
     try:
         checkpoint.hold_mode(conn, "scan", SCAN_EXCLUDES)
     except checkpoint.ModeClash as clash:
@@ -271,7 +273,9 @@ def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: l
 
 def _skipped(result: ScanResult, exc: OSError, what: str) -> None:
     """Count and log an entry that could not be looked at: unreadable, or listed and gone or replaced
-    since (a directory listed, a symlink when opened beneath the root: ELOOP)."""
+    since (a directory listed, a symlink when opened beneath the root: ELOOP). UserError for this
+    process out of a resource: the medium's rows would lose what the process could not open."""
+    _refuse_out_of_resources(exc, what)
     if exc.errno in (errno.ENOENT, errno.ELOOP):
         result.changed += 1
         log.warning("skipped %s: %s while the tree was walked", what,
@@ -281,12 +285,20 @@ def _skipped(result: ScanResult, exc: OSError, what: str) -> None:
         log.warning("skipped %s: %s", what, exc.strerror)
 
 
+def _refuse_out_of_resources(exc: OSError, what: str) -> None:
+    if exc.errno in OUT_OF_RESOURCES:
+        hint = " (raise the open files limit: ulimit -n)" if exc.errno != errno.ENOMEM else ""
+        raise UserError(f"scan stopped at {what}, the medium's rows left as they were: {exc.strerror}{hint}") \
+            from None
+
+
 def _entries(fd: int, directory: bytes, below: bytes, device: int, result: ScanResult, exclude: list[bytes],
              pending: list):
     """The entries of one open directory, as _walk yields them; its subdirectories onto ``pending``."""
     try:
         entries = list(os.scandir(fd))
     except OSError as exc:
+        _refuse_out_of_resources(exc, f"directory {display(directory)}")
         result.unreadable += 1
         log.warning("skipped unreadable directory %s: %s", display(directory), exc.strerror)
         return

@@ -82,22 +82,27 @@ def open_beneath(dir_fd: int, below: bytes) -> int:
 
 
 def _open_component_by_component(dir_fd: int, below: bytes) -> int:
+    # One directory's descriptor at a time, not one per level: a tree thousands of levels deep would
+    # take every descriptor the process may have.
     *directories, name = below.split(b"/")
-    opened = []
+    current = None  # the last directory opened here (the caller's dir_fd is the caller's to close)
     try:
         for directory in directories:
+            at = dir_fd if current is None else current
             try:
-                dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                opened = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at)
             except NotADirectoryError:
                 # A symlink in a directory's place says ENOTDIR here: ELOOP, as openat2 says it.
-                if stat.S_ISLNK(os.stat(directory, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                if stat.S_ISLNK(os.stat(directory, dir_fd=at, follow_symlinks=False).st_mode):
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), below) from None
                 raise
-            opened.append(dir_fd)
-        return os.open(name, SOURCE_FLAGS, dir_fd=dir_fd)
+            if current is not None:
+                os.close(current)
+            current = opened
+        return os.open(name, SOURCE_FLAGS, dir_fd=dir_fd if current is None else current)
     finally:
-        for fd in opened:
-            os.close(fd)
+        if current is not None:
+            os.close(current)
 
 
 def source_path(top: bytes, below: bytes) -> bytes:

@@ -404,8 +404,9 @@ class _Syncer:
     def request(self) -> "_Sync":
         """A sync of the filesystem, begun after this call: everything written before it is covered."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="relinker-syncfs", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="relinker-syncfs", daemon=True)
+            thread.start()  # a thread that cannot start (the process limit) is no thread to stop
+            self._thread = thread
         sync = _Sync()
         self._requests.put(sync)
         return sync

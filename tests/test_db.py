@@ -202,3 +202,16 @@ def test_an_os_errors_path_is_shown_as_relinker_shows_paths():
     assert db.first_line(OSError(5, "Input/output error")) == "[Errno 5] Input/output error"
     assert db.first_line(OSError(2, "No such file or directory", b"/a", None, b"/b")) == \
         "[Errno 2] No such file or directory: /a -> /b"
+
+
+def test_a_server_out_of_a_resource_says_which_setting_its_hint_names(conn):
+    """"out of shared memory" alone reads like RAM: the server's hint names max_locks_per_transaction
+    (raised here as the lock manager raises it, with the same SQLSTATE and hint)."""
+    with pytest.raises(psycopg.Error) as raised:
+        conn.execute("""DO $$ BEGIN RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200',
+                        HINT = 'You might need to increase "max_locks_per_transaction".'; END $$""")
+    assert db.first_line(raised.value) == \
+        'out of shared memory (You might need to increase "max_locks_per_transaction".)'
+    with pytest.raises(psycopg.Error) as raised:  # another class's hint adds nothing to the line
+        conn.execute("DO $$ BEGIN RAISE EXCEPTION 'no such thing' USING HINT = 'a hint'; END $$")
+    assert db.first_line(raised.value) == "no such thing"
