@@ -636,7 +636,6 @@ def test_listed_ranges_select_their_blobs_in_a_collation_that_is_not_code_point_
     """A list's bounds were its first and last lines in Python's order: in en_US a stray line `-typo`
     sorts as `typo`, past every hex ID, and no listed blob was found (relink linked none and called
     every one unknown)."""
-    from conftest import create_database, drop_database
     from relinker import migrations
     from support import ArchiveWorld
 
