@@ -150,12 +150,15 @@ def require_migrated(conn: psycopg.Connection) -> None:
 
 # relinker's tables in a schema of this session's search_path other than the catalogue's, while the
 # catalogue's schema has them too: the first found hide the others (an earlier relinker made them
-# in the first schema of the migrating role's search_path, "$user" perhaps).
+# in the first schema of the migrating role's search_path, "$user" perhaps). A schema with a
+# catalogue of its own keeps its own relinker tables: those are that catalogue's.
 SQL_HIDING_TABLES = """
 SELECT n.nspname, c.relnamespace = b.relnamespace
 FROM pg_class AS b, pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE b.oid = to_regclass('blobs') AND c.relname = 'relinker_schema_migration' AND c.relkind = 'r'
   AND n.nspname = ANY(current_schemas(false))
+  AND (c.relnamespace = b.relnamespace OR NOT EXISTS (
+      SELECT 1 FROM pg_class AS other WHERE other.relnamespace = c.relnamespace AND other.relname = 'blobs'))
 ORDER BY array_position(current_schemas(false), n.nspname)
 """
 
@@ -263,14 +266,14 @@ def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed | None:
     """
     owner, me, schema, member, may_become, owner_creates = conn.execute(SQL_CATALOGUE_OWNER).fetchone()
     undo = []
+    made = f"what migrate makes must be {owner}'s, the owner of the catalogue's tables"
+    if (owner == me or member) and not owner_creates:
+        raise UserError(f"{owner} may not create in schema {schema}, and {made}: "
+                        f"GRANT CREATE ON SCHEMA {schema} TO {owner}")
     if owner != me and member:
-        made = f"what migrate makes must be {owner}'s, the owner of the catalogue's tables"
         if not may_become:
             raise UserError(f"role {me} may not SET ROLE to {owner}, and {made}: run `relinker migrate` as {owner}, "
                             f"or GRANT {owner} TO {me} WITH SET TRUE")
-        if not owner_creates:
-            raise UserError(f"{owner} may not create in schema {schema}, and {made}: "
-                            f"GRANT CREATE ON SCHEMA {schema} TO {owner}")
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
         undo.append(sql.SQL("RESET ROLE"))
     moved = conn.execute(SQL_BESIDE_THE_CATALOGUE).fetchone()

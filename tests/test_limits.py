@@ -129,3 +129,20 @@ def test_a_sync_thread_that_cannot_start_leaves_nothing_to_stop(tmp_path, monkey
         syncer.stop()
     finally:
         os.close(fd)
+
+
+def test_few_descriptors_keep_no_sound_copy_as_a_problem(world):
+    """A copy of a blob's content where its link belongs is compared with the by-hash file before it is
+    replaced: out of descriptors, the comparison said "cannot be read to compare (Too many open files)",
+    kept the copy as an existing-file problem, and the run ended complete with nothing to resume."""
+    world.bulk(400, paths_per_blob=3, media=3, directories=60)
+    assert run_limited(world, 1024, "relink")[0] == 0
+    for blobid, paths in world.expected().items():
+        world.replace_with_stale_copy(sorted(paths)[0])
+    for descriptors in (19, 20):
+        code, summary, err = run_limited(world, descriptors, "relink", "--new")
+        assert not summary.get("problems_by_kind"), (descriptors, summary, err)
+        assert code == 0 or summary["ranges_failed"] > 0, (descriptors, summary, err)
+    code, summary, err = run_limited(world, 1024, "relink", "--new")
+    assert code == 0 and not summary.get("problems_by_kind"), (summary, err)
+    world.assert_complete(summary["run_id"])

@@ -277,6 +277,39 @@ def test_relinkers_tables_an_earlier_migrate_put_in_a_roles_own_schema_are_named
         capsys.readouterr()
 
 
+def test_two_catalogues_in_two_schemas_each_keep_their_own_relinker_tables(db_url, capsys):
+    """A role whose search_path reaches a second catalogue's schema too: its relinker tables are that
+    catalogue's, not an earlier relinker's leftovers (every command was refused, told to drop them)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        conn.execute("CREATE SCHEMA second")
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    second = make_conninfo(db_url, options="-csearch_path=second")
+    with psycopg.connect(second, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+    assert main(["--db-url", second, "migrate"]) == 0
+    capsys.readouterr()
+    for path in ("second,public", "public,second"):
+        assert main(["--db-url", make_conninfo(db_url, options=f"-csearch_path={path}"), "status"]) == 0, \
+            capsys.readouterr().err
+
+
+def test_an_owner_that_may_not_create_beside_its_tables_is_told_the_grant(db_url, capsys):
+    """The owner itself, refused CREATE on its tables' schema since it made them, met a bare "permission
+    denied for schema" where a member was told the GRANT."""
+    suffix = os.getpid()
+    owner = f"owner9_{suffix}"
+    with login_roles(db_url, (owner,), f"GRANT CREATE ON SCHEMA public TO {owner}"):
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {owner}")
+        assert main(["--db-url", make_conninfo(db_url, user=owner), "migrate"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"relinker: error: {owner} may not create in schema public") and \
+            err.rstrip().endswith(f"GRANT CREATE ON SCHEMA public TO {owner}") and len(err.splitlines()) == 1, err
+
+
 def test_unreachable_database_is_one_line_exit_2(tmp_path, capsys):
     dsn = f"host={tmp_path} port=1 dbname=nothing connect_timeout=2"
     assert main(["--db-url", dsn, "migrate"]) == 2
