@@ -43,7 +43,7 @@ from psycopg import sql
 from relinker import catalogue, db
 from relinker.catalogue import InodeColumns
 from relinker.checkpoint import Bounds, Range
-from relinker.errors import OUT_OF_RESOURCES, UserError
+from relinker.errors import UserError, unless_out_of_resources
 from relinker.jobs import Mode
 from relinker.linker import ArchiveLinker, Outcome, new_tally
 from relinker.paths import UnsafePath, display, order_remaps
@@ -381,8 +381,7 @@ class CopyWork:
             try:
                 fd = sources.open(top, below)
             except OSError as exc:
-                if exc.errno in OUT_OF_RESOURCES:
-                    raise  # this process's trouble, not the file's: the range fails and is redone
+                unless_out_of_resources(exc)  # this process's trouble, not the file's: the range fails, redone
                 if exc.errno == errno.ENXIO:  # a socket (or a device node without its device) in its place
                     failures.append((source_path(top, below), "not a regular file"))
                     continue

@@ -21,6 +21,12 @@ EXIT_INTERRUPTED = 3
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
+def unless_out_of_resources(exc: OSError) -> None:
+    """Raise ``exc`` if it says this process is out of a resource: the range's trouble, no path's."""
+    if exc.errno in OUT_OF_RESOURCES:
+        raise exc
+
+
 class StopSignal(SystemExit):
     """A stop signal (SIGINT, SIGTERM, SIGHUP) arrived while a command ran: it stops where it is (exit 3).
 

@@ -46,7 +46,7 @@ import blake3
 
 from relinker.catalogue import content_matches
 from relinker.content import hash_fd
-from relinker.errors import OUT_OF_RESOURCES
+from relinker.errors import unless_out_of_resources
 from relinker.fastroute import DirectoryListings, RangeWalker, fast_route, lstat_identity
 from relinker.paths import UnsafePath, display, split_archive_path
 
@@ -498,13 +498,13 @@ class ArchiveLinker:
         try:
             theirs = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError as exc:
-            _unless_out_of_resources(exc)
+            unless_out_of_resources(exc)
             return f"it cannot be read to compare ({exc.strerror})"
         try:
             try:
                 ours = self.open_source(source)
             except OSError as exc:
-                _unless_out_of_resources(exc)
+                unless_out_of_resources(exc)
                 return f"the by-hash file cannot be read to compare ({exc.strerror})"
             try:
                 their_size, our_size = os.fstat(theirs).st_size, os.fstat(ours).st_size
@@ -519,7 +519,7 @@ class ArchiveLinker:
                     if self.while_reading is not None:
                         self.while_reading()
             except OSError as exc:
-                _unless_out_of_resources(exc)
+                unless_out_of_resources(exc)
                 return f"it cannot be compared with the by-hash file ({exc.strerror})"
             finally:
                 os.close(ours)
@@ -542,7 +542,7 @@ class ArchiveLinker:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                _unless_out_of_resources(exc)
+                unless_out_of_resources(exc)
                 verdict = f"the by-hash file cannot be read to check it ({exc.strerror})"
             else:
                 verdict = None if content_matches(blobid, digest, size) else "the by-hash file does not hash to its ID"
@@ -555,7 +555,7 @@ class ArchiveLinker:
             found = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
             ours = self.stat_source(source)
         except OSError as exc:
-            _unless_out_of_resources(exc)
+            unless_out_of_resources(exc)
             return False
         return stat.S_ISREG(found.st_mode) and (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino)
 
@@ -691,14 +691,8 @@ def raise_open_file_limit(wanted: int = DIRECTORY_CACHE + FD_RESERVE) -> None:
             pass
 
 
-def _unless_out_of_resources(exc: OSError) -> None:
-    """Raise ``exc`` if it says this process is out of a resource: the range's trouble, no path's."""
-    if exc.errno in OUT_OF_RESOURCES:
-        raise exc
-
-
 def _directory_problem(exc: OSError, parent_fd: int, name: bytes, where: bytes) -> LinkProblem:
-    _unless_out_of_resources(exc)
+    unless_out_of_resources(exc)
     location = display(where)
     if exc.errno in (errno.ENOTDIR, errno.ELOOP):
         try:
@@ -731,7 +725,7 @@ def filesystem_link_limit(path: bytes) -> int | None:
 
 
 def _link_problem(exc: OSError, source: bytes | None, stored: bytes) -> LinkProblem:
-    _unless_out_of_resources(exc)
+    unless_out_of_resources(exc)
     if exc.errno == errno.EMLINK:
         return LinkProblem("too-many-links", AT_LINK_LIMIT)
     if exc.errno == errno.ENAMETOOLONG:

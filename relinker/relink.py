@@ -22,7 +22,7 @@ from psycopg import sql
 
 from relinker import catalogue, db
 from relinker.checkpoint import Bounds, Range, default_range_count, split_blob_list, split_blob_space
-from relinker.errors import OUT_OF_RESOURCES
+from relinker.errors import unless_out_of_resources
 from relinker.jobs import Mode
 from relinker.fastroute import EVENT_PATH, EVENT_SOURCE
 from relinker.linker import ArchiveLinker, Outcome, new_tally
@@ -446,8 +446,7 @@ class RelinkWork:
         try:
             dev, ino, mode = self.linker.source_identity(relpath)
         except OSError as exc:
-            if exc.errno in OUT_OF_RESOURCES:
-                raise
+            unless_out_of_resources(exc)
             path = self.linker.source_path(relpath)
             missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
             ctx.problem("missing-by-hash" if missing else "os-error", exc.strerror, blobid=blobid, path=path)

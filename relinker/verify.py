@@ -32,7 +32,7 @@ from psycopg import sql
 
 from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
-from relinker.errors import OUT_OF_RESOURCES
+from relinker.errors import unless_out_of_resources
 from relinker.jobs import Mode
 from relinker.paths import by_hash_relpath, display
 from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
@@ -146,8 +146,7 @@ class VerifyWork(CountWork):
             fd = self.linker.open_source(relpath) if self.rehash else None
             size = (os.fstat(fd) if fd is not None else self.linker.stat_source(relpath)).st_size
         except OSError as exc:
-            if exc.errno in OUT_OF_RESOURCES:
-                raise
+            unless_out_of_resources(exc)
             ctx.problem("content-unreadable", exc.strerror, blobid=blobid, path=path)
             return
         try:
@@ -158,8 +157,7 @@ class VerifyWork(CountWork):
                 try:
                     digest, read = content.hash_fd(fd, ctx.tick)
                 except OSError as exc:
-                    if exc.errno in OUT_OF_RESOURCES:
-                        raise
+                    unless_out_of_resources(exc)
                     ctx.problem("content-unreadable", exc.strerror, blobid=blobid, path=path)
                 ctx.counters.bytes_read += read or 0
                 ctx.tick()
