@@ -148,31 +148,39 @@ def require_migrated(conn: psycopg.Connection) -> None:
         )
 
 
-# relinker's tables in a schema of this session's search_path other than the catalogue's, while the
-# catalogue's schema has them too: the first found hide the others (an earlier relinker made them
-# in the first schema of the migrating role's search_path, "$user" perhaps). A schema with a
-# catalogue of its own keeps its own relinker tables: those are that catalogue's.
-SQL_HIDING_TABLES = """
-SELECT n.nspname, c.relnamespace = b.relnamespace
+# relinker's tables (their migration table) in the schemas of this session's search_path, first found
+# first: beside the catalogue's or elsewhere, and whether that elsewhere holds a catalogue of its own.
+SQL_RELINKER_SETS = """
+SELECT n.nspname, c.relnamespace = b.relnamespace,
+       EXISTS (SELECT 1 FROM pg_class AS other WHERE other.relnamespace = c.relnamespace AND other.relname = 'blobs')
 FROM pg_class AS b, pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE b.oid = to_regclass('blobs') AND c.relname = 'relinker_schema_migration' AND c.relkind = 'r'
   AND n.nspname = ANY(current_schemas(false))
-  AND (c.relnamespace = b.relnamespace OR NOT EXISTS (
-      SELECT 1 FROM pg_class AS other WHERE other.relnamespace = c.relnamespace AND other.relname = 'blobs'))
 ORDER BY array_position(current_schemas(false), n.nspname)
 """
 
 
-def refuse_hidden_tables(conn: psycopg.Connection) -> None:
-    """UserError where this session would find relinker's tables of another schema before (or beside)
-    those next to the catalogue: its runs and those of other roles would go to two sets."""
-    found = conn.execute(SQL_HIDING_TABLES).fetchall()
-    beside = [schema for schema, is_the_catalogues in found if is_the_catalogues]
-    elsewhere = [schema for schema, is_the_catalogues in found if not is_the_catalogues]
-    if beside and elsewhere:
-        raise UserError(f"relinker's tables are both beside the catalogue's (schema {beside[0]}) and in schema "
-                        f"{', '.join(elsewhere)}, which this role's search_path also reaches (an earlier relinker "
-                        f"made them there): keep the set with the runs you want, drop the other (DROP TABLE "
+def refuse_hidden_tables(conn: psycopg.Connection, *, migrating: bool = False) -> None:
+    """UserError where this session would find relinker's tables other than those beside the catalogue
+    it finds: another catalogue's (its runs and views are not this one's), or a set an earlier relinker
+    made in the first schema of a migrating role's search_path ("$user", perhaps) beside a set next to
+    the catalogue (runs would go to two sets). ``migrating``: migrate builds beside the catalogue, so
+    another catalogue's set first is no matter, but a leftover set is (migrate would make a second)."""
+    found = conn.execute(SQL_RELINKER_SETS).fetchall()
+    catalogue = conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class "
+                             "WHERE oid = to_regclass('blobs')").fetchone()[0]
+    if found and not migrating and not found[0][1] and found[0][2]:
+        raise UserError(f"the catalogue this session finds is in schema {catalogue}, but the relinker tables it "
+                        f"finds first are those of the catalogue in schema {found[0][0]}: put {catalogue} first in "
+                        f"the search_path (or migrate it: `relinker migrate` builds beside it)")
+    beside = [schema for schema, is_the_catalogues, _ in found if is_the_catalogues]
+    leftover = [schema for schema, is_the_catalogues, own in found if not is_the_catalogues and not own]
+    if leftover and (beside or migrating):
+        where = f"both beside the catalogue's (schema {catalogue}) and" if beside else \
+            f"apart from the catalogue's (schema {catalogue}, where this relinker makes them),"
+        raise UserError(f"relinker's tables are {where} in schema {', '.join(leftover)}, which this role's "
+                        f"search_path also reaches (an earlier relinker made them there): keep the set with the "
+                        f"runs you want (beside the catalogue), drop the other (DROP TABLE "
                         f"relinker_schema_migration and relinker's other tables and views in it), migrate again")
 
 
@@ -202,7 +210,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
                 conn.execute(_read(BASE_FILE))
             applied_now.append(BASE_FILE)
         db.require_catalogue(conn)
-        refuse_hidden_tables(conn)  # as this role's sessions find them
+        refuse_hidden_tables(conn, migrating=True)  # as this role's sessions find them
         restore = _as_the_catalogue(conn)
         # Checked before anything is made, even with nothing to apply (relinker's views are made
         # anew): a table left by a role that could not finish would be in the way of the owner's.
@@ -246,12 +254,12 @@ SELECT pg_get_userbyid(c.relowner), current_user, c.relnamespace::regnamespace::
        has_schema_privilege(c.relowner, c.relnamespace, 'CREATE')
 FROM pg_class AS c WHERE c.oid = to_regclass('blobs')
 """
-# The catalogue's schema first in search_path (what is made goes there), if it is not first already.
+# The catalogue's schema alone in search_path: what is made goes there, and nothing migrate names
+# (a view it drops to make anew) is found in another schema, another catalogue's.
 SQL_BESIDE_THE_CATALOGUE = """
-SELECT current_setting('search_path'),
-       set_config('search_path', quote_ident(n.nspname) || ', ' || current_setting('search_path'), false)
+SELECT current_setting('search_path'), set_config('search_path', quote_ident(n.nspname), false)
 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-WHERE c.oid = to_regclass('blobs') AND n.nspname IS DISTINCT FROM current_schema()
+WHERE c.oid = to_regclass('blobs')
 """
 
 

@@ -275,6 +275,13 @@ def test_relinkers_tables_an_earlier_migrate_put_in_a_roles_own_schema_are_named
                                   f"public) and in schema {member}, which this role's search_path also reaches"), err
         assert main(["--db-url", make_conninfo(db_url, user=owner), "status"]) == 0  # its path reaches one
         capsys.readouterr()
+        # the old set alone, none beside the catalogue yet: migrate would make a second one
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute("DROP TABLE relinker_schema_migration CASCADE")
+        assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"relinker: error: relinker's tables are apart from the catalogue's (schema public, where this relinker "
+            f"makes them), in schema {member}")
 
 
 def test_two_catalogues_in_two_schemas_each_keep_their_own_relinker_tables(db_url, capsys):
@@ -292,6 +299,33 @@ def test_two_catalogues_in_two_schemas_each_keep_their_own_relinker_tables(db_ur
     for path in ("second,public", "public,second"):
         assert main(["--db-url", make_conninfo(db_url, options=f"-csearch_path={path}"), "status"]) == 0, \
             capsys.readouterr().err
+
+
+def test_a_catalogue_not_yet_migrated_beside_a_migrated_one_is_migrated_beside_itself(db_url, capsys):
+    """Two catalogues, the second migrated, a search_path reaching both with the first unmigrated one
+    first: commands found the second's tables (runs planned into its run table, ranges failing), and
+    migrate dropped the second's views to make its own."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+        conn.execute("CREATE SCHEMA second")
+    second = make_conninfo(db_url, options="-csearch_path=second")
+    with psycopg.connect(second, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+    assert main(["--db-url", second, "migrate"]) == 0
+    both = make_conninfo(db_url, options="-csearch_path=public,second")
+    capsys.readouterr()
+    assert main(["--db-url", both, "status"]) == 2
+    assert capsys.readouterr().err == ("relinker: error: the catalogue this session finds is in schema public, but "
+                                       "the relinker tables it finds first are those of the catalogue in schema "
+                                       "second: put public first in the search_path (or migrate it: `relinker "
+                                       "migrate` builds beside it)\n")
+    assert main(["--db-url", both, "migrate"]) == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        views = dict(conn.execute("SELECT relnamespace::regnamespace::text, count(*) FROM pg_class "
+                                  "WHERE relkind = 'v' AND relname LIKE 'relinker%' GROUP BY 1"))
+    assert views == {"public": 5, "second": 5}
+    for dsn in (both, second):
+        assert main(["--db-url", dsn, "status"]) == 0, capsys.readouterr().err
 
 
 def test_an_owner_that_may_not_create_beside_its_tables_is_told_the_grant(db_url, capsys):
