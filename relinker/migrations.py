@@ -254,18 +254,20 @@ SELECT pg_get_userbyid(c.relowner), current_user, c.relnamespace::regnamespace::
        has_schema_privilege(c.relowner, c.relnamespace, 'CREATE')
 FROM pg_class AS c WHERE c.oid = to_regclass('blobs')
 """
-# The catalogue's schema alone in search_path: what is made goes there, and nothing migrate names
-# (a view it drops to make anew) is found in another schema, another catalogue's.
+# The catalogue's schemas alone in search_path, blobs' first: what is made goes there, and nothing
+# migrate names (a view it drops to make anew) is found in another schema, another catalogue's.
 SQL_BESIDE_THE_CATALOGUE = """
-SELECT current_setting('search_path'), set_config('search_path', quote_ident(n.nspname), false)
-FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-WHERE c.oid = to_regclass('blobs')
+SELECT current_setting('search_path'), set_config('search_path', string_agg(quote_ident(schema), ', ' ORDER BY n), false)
+FROM (SELECT c.relnamespace::regnamespace::text AS schema, min(t.n) AS n
+      FROM unnest(ARRAY['blobs', 'inode', 'path', 'medium']) WITH ORDINALITY AS t(name, n)
+      JOIN pg_class AS c ON c.oid = to_regclass(t.name)
+      GROUP BY 1) AS schemas
 """
 
 
-def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed | None:
+def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed:
     """Make what migrate makes the catalogue owner's, beside its tables; return the statement that
-    undoes it (None: nothing to undo).
+    undoes it.
 
     A member of the owner's role would otherwise own relinker's tables, and the owner could neither
     migrate nor grant them again: a member that may not act as the owner, or an owner that may not
@@ -282,12 +284,13 @@ def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed | None:
         if not may_become:
             raise UserError(f"role {me} may not SET ROLE to {owner}, and {made}: run `relinker migrate` as {owner}, "
                             f"or GRANT {owner} TO {me} WITH SET TRUE")
+        # Back to the role the session had (one its caller set, perhaps), not always its login role.
+        acting = conn.execute("SELECT current_user <> session_user").fetchone()[0]
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
-        undo.append(sql.SQL("RESET ROLE"))
+        undo.append(sql.SQL("SET ROLE {}").format(sql.Identifier(me)) if acting else sql.SQL("RESET ROLE"))
     moved = conn.execute(SQL_BESIDE_THE_CATALOGUE).fetchone()
-    if moved is not None:
-        undo.insert(0, sql.SQL("SELECT set_config('search_path', {}, false)").format(sql.Literal(moved[0])))
-    return sql.SQL("; ").join(undo) if undo else None
+    undo.insert(0, sql.SQL("SELECT set_config('search_path', {}, false)").format(sql.Literal(moved[0])))
+    return sql.SQL("; ").join(undo)
 
 
 # Who owns relinker's views now, if not this role, and whether this role may give them back

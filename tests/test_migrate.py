@@ -11,6 +11,7 @@ from psycopg.conninfo import make_conninfo
 
 from relinker import migrations
 from relinker.cli import main
+from relinker.errors import UserError
 
 # An older NTT catalogue: no partitions, path.path as text, none of the seed's columns.
 OLD_SHAPE = """
@@ -326,6 +327,41 @@ def test_a_catalogue_not_yet_migrated_beside_a_migrated_one_is_migrated_beside_i
     assert views == {"public": 5, "second": 5}
     for dsn in (both, second):
         assert main(["--db-url", dsn, "status"]) == 0, capsys.readouterr().err
+
+
+def test_a_catalogue_whose_tables_lie_in_two_schemas_migrates(db_url, capsys):
+    """blobs in public, the rest in a schema of its own, a search_path reaching both: migrate, working with
+    blobs' schema alone in its search_path, no longer found inode and path."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA ntt; SET search_path = ntt")
+        conn.execute(PRODUCTION_SHAPE)
+        conn.execute("ALTER TABLE ntt.blobs SET SCHEMA public")
+    split = make_conninfo(db_url, options="-csearch_path=ntt,public")
+    for _ in range(2):
+        assert main(["--db-url", split, "migrate"]) == 0, capsys.readouterr().err
+    assert main(["--db-url", split, "status"]) == 0
+
+
+def test_migrate_gives_the_session_back_the_role_its_caller_set(db_url):
+    """A caller's own SET ROLE (a member of the owner's role) was undone with RESET ROLE, back to the
+    login role, on success and on refusal alike."""
+    suffix = os.getpid()
+    owner, middle, login = f"owner10_{suffix}", f"middle10_{suffix}", f"login10_{suffix}"
+    with login_roles(db_url, (owner, middle, login), f"GRANT {owner} TO {middle}", f"GRANT {middle} TO {login}",
+                     f"GRANT CREATE ON SCHEMA public TO {owner}"):
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute(PRODUCTION_SHAPE)
+        with psycopg.connect(make_conninfo(db_url, user=login), autocommit=True) as conn:
+            conn.execute(f"SET ROLE {middle}")
+            migrations.migrate(conn)
+            assert conn.execute("SELECT current_user").fetchone() == (middle,)
+        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+            conn.execute("INSERT INTO relinker_schema_migration (version, name) VALUES (999, 'a newer one')")
+        with psycopg.connect(make_conninfo(db_url, user=login), autocommit=True) as conn:
+            conn.execute(f"SET ROLE {middle}")
+            with pytest.raises(UserError):
+                migrations.migrate(conn)
+            assert conn.execute("SELECT current_user").fetchone() == (middle,)
 
 
 def test_an_owner_that_may_not_create_beside_its_tables_is_told_the_grant(db_url, capsys):
