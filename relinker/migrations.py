@@ -258,9 +258,10 @@ FROM pg_class AS c WHERE c.oid = to_regclass('blobs')
 # migrate names (a view it drops to make anew) is found in another schema, another catalogue's.
 SQL_BESIDE_THE_CATALOGUE = """
 SELECT current_setting('search_path'), set_config('search_path', string_agg(quote_ident(schema), ', ' ORDER BY n), false)
-FROM (SELECT c.relnamespace::regnamespace::text AS schema, min(t.n) AS n
+FROM (SELECT ns.nspname AS schema, min(t.n) AS n
       FROM unnest(ARRAY['blobs', 'inode', 'path', 'medium']) WITH ORDINALITY AS t(name, n)
       JOIN pg_class AS c ON c.oid = to_regclass(t.name)
+      JOIN pg_namespace AS ns ON ns.oid = c.relnamespace
       GROUP BY 1) AS schemas
 """
 

@@ -331,12 +331,13 @@ def test_a_catalogue_not_yet_migrated_beside_a_migrated_one_is_migrated_beside_i
 
 def test_a_catalogue_whose_tables_lie_in_two_schemas_migrates(db_url, capsys):
     """blobs in public, the rest in a schema of its own, a search_path reaching both: migrate, working with
-    blobs' schema alone in its search_path, no longer found inode and path."""
+    blobs' schema alone in its search_path, no longer found inode and path. (A schema's name that must be
+    quoted was quoted twice.)"""
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA ntt; SET search_path = ntt")
+        conn.execute('CREATE SCHEMA "Ntt Here"; SET search_path = "Ntt Here"')
         conn.execute(PRODUCTION_SHAPE)
-        conn.execute("ALTER TABLE ntt.blobs SET SCHEMA public")
-    split = make_conninfo(db_url, options="-csearch_path=ntt,public")
+        conn.execute('ALTER TABLE "Ntt Here".blobs SET SCHEMA public')
+    split = make_conninfo(db_url, options='-csearch_path="Ntt\\ Here",public')
     for _ in range(2):
         assert main(["--db-url", split, "migrate"]) == 0, capsys.readouterr().err
     assert main(["--db-url", split, "status"]) == 0
