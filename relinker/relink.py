@@ -208,6 +208,9 @@ class RelinkWork:
 
     #: Check links, never make them (count).
     PROBES = False
+    #: Read the range's ``blobs`` rows before its walk, not after: a blob whose row came in between
+    #: would have its counts judged without its links looked at (verify would pass it).
+    RECORDED_BEFORE_WALK = False
 
     def __init__(self, spec: WorkSpec):
         self.spec = spec
@@ -218,10 +221,6 @@ class RelinkWork:
         self.data = db.RangeConnection(spec.dsn)
         #: blobs of the range whose by-hash file could not be looked at (their links are not known)
         self.unexamined: set[str] = set()
-
-    #: Read the range's ``blobs`` rows before its walk, not after: a blob whose row came in between
-    #: would have its counts judged without its links looked at (verify would pass it).
-    RECORDED_BEFORE_WALK = False
 
     def connect(self) -> None:
         self.data.get()
