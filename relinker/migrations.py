@@ -149,10 +149,12 @@ def require_migrated(conn: psycopg.Connection) -> None:
 
 
 # relinker's tables (their migration table) in the schemas of this session's search_path, first found
-# first: beside the catalogue's or elsewhere, and whether that elsewhere holds a catalogue of its own.
+# first: beside the catalogue's or elsewhere, whether that elsewhere holds a catalogue of its own, and
+# the catalogue's schema.
 SQL_RELINKER_SETS = """
 SELECT n.nspname, c.relnamespace = b.relnamespace,
-       EXISTS (SELECT 1 FROM pg_class AS other WHERE other.relnamespace = c.relnamespace AND other.relname = 'blobs')
+       EXISTS (SELECT 1 FROM pg_class AS other WHERE other.relnamespace = c.relnamespace AND other.relname = 'blobs'),
+       b.relnamespace::regnamespace::text
 FROM pg_class AS b, pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE b.oid = to_regclass('blobs') AND c.relname = 'relinker_schema_migration' AND c.relkind = 'r'
   AND n.nspname = ANY(current_schemas(false))
@@ -167,14 +169,15 @@ def refuse_hidden_tables(conn: psycopg.Connection, *, migrating: bool = False) -
     the catalogue (runs would go to two sets). ``migrating``: migrate builds beside the catalogue, so
     another catalogue's set first is no matter, but a leftover set is (migrate would make a second)."""
     found = conn.execute(SQL_RELINKER_SETS).fetchall()
-    catalogue = conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class "
-                             "WHERE oid = to_regclass('blobs')").fetchone()[0]
-    if found and not migrating and not found[0][1] and found[0][2]:
+    if not found:
+        return
+    catalogue = found[0][3]
+    if not migrating and not found[0][1] and found[0][2]:
         raise UserError(f"the catalogue this session finds is in schema {catalogue}, but the relinker tables it "
                         f"finds first are those of the catalogue in schema {found[0][0]}: put {catalogue} first in "
                         f"the search_path (or migrate it: `relinker migrate` builds beside it)")
-    beside = [schema for schema, is_the_catalogues, _ in found if is_the_catalogues]
-    leftover = [schema for schema, is_the_catalogues, own in found if not is_the_catalogues and not own]
+    beside = [schema for schema, is_the_catalogues, _, _ in found if is_the_catalogues]
+    leftover = [schema for schema, is_the_catalogues, own, _ in found if not is_the_catalogues and not own]
     if leftover and (beside or migrating):
         where = f"both beside the catalogue's (schema {catalogue}) and" if beside else \
             f"apart from the catalogue's (schema {catalogue}, where this relinker makes them),"
