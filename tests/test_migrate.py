@@ -26,6 +26,11 @@ INSERT INTO medium VALUES ('m1', 'old disk', now());
 INSERT INTO path (medium_hash, dev, ino, path) VALUES ('m1', 1, 10, '/mnt/ntt/m1/Icon' || chr(13));
 """
 
+def connected_as(db_url: str, role: str) -> psycopg.Connection:
+    """A session of ``role`` (one of login_roles') on the test's database, in autocommit."""
+    return psycopg.connect(make_conninfo(db_url, user=role), autocommit=True)
+
+
 @contextlib.contextmanager
 def login_roles(db_url: str, names: tuple[str, ...], *setup: str):
     """Login roles ``names``, made by the test's superuser with the statements ``setup`` after them,
@@ -262,10 +267,10 @@ def test_relinkers_tables_an_earlier_migrate_put_in_a_roles_own_schema_are_named
     owner, member = f"owner8_{suffix}", f"member8_{suffix}"
     with login_roles(db_url, (owner, member), f"GRANT {owner} TO {member}", f"CREATE SCHEMA AUTHORIZATION {member}",
                      f"GRANT CREATE ON SCHEMA public TO {owner}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)
             migrations.migrate(conn)
-        with psycopg.connect(make_conninfo(db_url, user=member), autocommit=True) as conn:
+        with connected_as(db_url, member) as conn:
             conn.execute("CREATE TABLE relinker_schema_migration (LIKE public.relinker_schema_migration)")
             assert conn.execute("SELECT relnamespace::regnamespace::text FROM pg_class "
                                 "WHERE oid = to_regclass('relinker_schema_migration')").fetchone() == (member,)
@@ -277,7 +282,7 @@ def test_relinkers_tables_an_earlier_migrate_put_in_a_roles_own_schema_are_named
         assert main(["--db-url", make_conninfo(db_url, user=owner), "status"]) == 0  # its path reaches one
         capsys.readouterr()
         # the old set alone, none beside the catalogue yet: migrate would make a second one
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute("DROP TABLE relinker_schema_migration CASCADE")
         assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 2
         assert capsys.readouterr().err.startswith(
@@ -350,15 +355,15 @@ def test_migrate_gives_the_session_back_the_role_its_caller_set(db_url):
     owner, middle, login = f"owner10_{suffix}", f"middle10_{suffix}", f"login10_{suffix}"
     with login_roles(db_url, (owner, middle, login), f"GRANT {owner} TO {middle}", f"GRANT {middle} TO {login}",
                      f"GRANT CREATE ON SCHEMA public TO {owner}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)
-        with psycopg.connect(make_conninfo(db_url, user=login), autocommit=True) as conn:
+        with connected_as(db_url, login) as conn:
             conn.execute(f"SET ROLE {middle}")
             migrations.migrate(conn)
             assert conn.execute("SELECT current_user").fetchone() == (middle,)
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute("INSERT INTO relinker_schema_migration (version, name) VALUES (999, 'a newer one')")
-        with psycopg.connect(make_conninfo(db_url, user=login), autocommit=True) as conn:
+        with connected_as(db_url, login) as conn:
             conn.execute(f"SET ROLE {middle}")
             with pytest.raises(UserError):
                 migrations.migrate(conn)
@@ -371,7 +376,7 @@ def test_an_owner_that_may_not_create_beside_its_tables_is_told_the_grant(db_url
     suffix = os.getpid()
     owner = f"owner9_{suffix}"
     with login_roles(db_url, (owner,), f"GRANT CREATE ON SCHEMA public TO {owner}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {owner}")
@@ -580,7 +585,7 @@ def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_u
     suffix = os.getpid()
     owner, other = f"owner_{suffix}", f"other_{suffix}"
     with login_roles(db_url, (owner, other), f"GRANT CREATE ON SCHEMA public TO {owner}, {other}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)  # the catalogue's owner, no superuser
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {other}")
         assert main(["--db-url", make_conninfo(db_url, user=other), "migrate"]) == 2
@@ -592,7 +597,7 @@ def test_a_migrate_by_a_role_that_does_not_own_the_catalogue_leaves_nothing(db_u
         assert main(["--db-url", make_conninfo(db_url, user=other), "migrate"]) == 2
         assert capsys.readouterr().err == (f"relinker: error: role {other} does not own the catalogue's table inode, "
                                            f"which migrations change: run `relinker migrate` as {owner} (its owner)\n")
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {other}")
         assert main(["--db-url", make_conninfo(db_url, user=other), "scan", "--medium", "disk", str(tmp_path)]) == 2
         assert capsys.readouterr().err == (
@@ -673,14 +678,14 @@ def test_a_member_of_the_owners_role_migrates_as_the_owner(db_url, capsys):
     owner, member, other = f"owner7_{suffix}", f"member7_{suffix}", f"other7_{suffix}"
     with login_roles(db_url, (owner, member, other), f"GRANT {owner} TO {member}", f"GRANT {owner} TO {other}",
                      f"GRANT CREATE ON SCHEMA public TO {owner}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)
         assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 0
         with psycopg.connect(db_url, autocommit=True) as conn:
             owners = {row[0] for row in conn.execute(
                 "SELECT DISTINCT relowner::regrole::text FROM pg_class WHERE relname LIKE 'relinker%'")}
             assert owners == {owner}
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(f"GRANT SELECT ON relinker_run TO {other}")
             conn.execute("DELETE FROM relinker_schema_migration WHERE version = 13")  # a later relinker's
         capsys.readouterr()
@@ -694,7 +699,7 @@ def test_the_owner_keeps_its_views_when_a_member_of_it_migrates(db_url):
     owner, member = f"owner_{suffix}", f"member_{suffix}"
     with login_roles(db_url, (owner, member), f"GRANT {owner} TO {member}",
                      f"GRANT CREATE ON SCHEMA public TO {owner}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)
             migrations.migrate(conn)
             if conn.info.server_version >= 170000:
@@ -703,7 +708,7 @@ def test_the_owner_keeps_its_views_when_a_member_of_it_migrates(db_url):
             before = conn.execute("SELECT relname, relowner::regrole::text, relacl::text FROM pg_class "
                                   "WHERE relkind = 'v' AND relname LIKE 'relinker%' ORDER BY 1").fetchall()
         assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 0
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute("SELECT count(*) FROM relinker_path").fetchone()  # relink's work query reads it
         with psycopg.connect(db_url, autocommit=True) as conn:
             after = conn.execute("SELECT relname, relowner::regrole::text, relacl::text FROM pg_class "
@@ -725,7 +730,7 @@ def test_a_member_that_cannot_act_as_the_owner_is_refused_before_anything_is_mad
                      f"GRANT {owner} TO {member}" + (" WITH INHERIT TRUE, SET FALSE" if why.startswith("a member")
                                                      else ""),
                      f"GRANT CREATE ON SCHEMA public TO {owner}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)
             migrations.migrate(conn)
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -754,7 +759,7 @@ def test_a_member_that_may_act_as_the_owner_but_not_use_its_privileges_migrates_
             pytest.skip("the INHERIT and SET options of a membership are PostgreSQL 16's")
     with login_roles(db_url, (owner, member), f"GRANT {owner} TO {member} WITH INHERIT FALSE, SET TRUE",
                      f"GRANT CREATE ON SCHEMA public TO {owner}"):
-        with psycopg.connect(make_conninfo(db_url, user=owner), autocommit=True) as conn:
+        with connected_as(db_url, owner) as conn:
             conn.execute(PRODUCTION_SHAPE)
         assert main(["--db-url", make_conninfo(db_url, user=member), "migrate"]) == 0
         with psycopg.connect(db_url, autocommit=True) as conn:
