@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Callable, Iterable
 
 import psycopg
@@ -401,8 +402,23 @@ WHERE run_id = %(run_id)s AND status <> 'done'
 _MODE_LOCK_CLASS = 0x524C4E4B  # "RLNK"
 MODE_NUMBERS = {"relink": 1, "copy": 2, "count": 3, "verify": 4, "scan": 5}
 _MODES_GATE, _PLANNING_GATE = 0, 100
-# Gates are held for moments (or one planning): waited for whatever lock_timeout the role sets.
-SQL_GATE = "SELECT set_config('lock_timeout', '0', true), pg_advisory_xact_lock(%s)"
+# Gates are held for moments (or one planning), so they are polled for, whatever lock_timeout the role
+# sets; a waiter ends a relinker session stopped (SIGSTOP, Ctrl-Z, a paused VM) inside a gate's
+# transaction, which would otherwise keep every worker of every run from starting until it ended.
+SQL_TRY_GATE = "SELECT pg_try_advisory_xact_lock(%s)"
+SQL_STALLED_GATE_HOLDERS = """
+SELECT a.pid, extract(epoch FROM clock_timestamp() - a.state_change)::float8
+FROM pg_locks AS l
+JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid::bigint = %(lock_class)s AND l.objid::bigint = %(gate)s
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND a.application_name = %(application)s AND a.pid <> pg_backend_pid()
+  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+  AND a.state_change < clock_timestamp() - make_interval(secs => %(stalled_after)s)
+"""
+#: Seconds between two tries for a gate, at most.
+GATE_POLL = 0.25
 SQL_MODES_AT_WORK = """
 SELECT l.objid::bigint, l.pid FROM pg_locks AS l
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s
@@ -418,10 +434,26 @@ def _mode_key(number: int) -> int:
     return (_MODE_LOCK_CLASS << 32) | number
 
 
-def gate_planning(conn: psycopg.Connection) -> None:
+def gate_planning(conn: psycopg.Connection, stalled_after: float = DEFAULT_LEASE) -> None:
     """Inside a transaction: wait for other coordinators choosing or planning a run (the lock lasts
-    until the transaction ends)."""
-    conn.execute(SQL_GATE, (_mode_key(_PLANNING_GATE),))
+    until the transaction ends); see _take_gate for ``stalled_after``."""
+    _take_gate(conn, _PLANNING_GATE, stalled_after)
+
+
+def _take_gate(conn: psycopg.Connection, gate: int, stalled_after: float) -> None:
+    """Take a gate's lock for the rest of the transaction, waiting for whoever holds it; a relinker
+    session that holds it idle in its transaction for longer than ``stalled_after`` seconds is ended."""
+    pause = 0.01
+    while not conn.execute(SQL_TRY_GATE, (_mode_key(gate),)).fetchone()[0]:
+        for pid, idle in conn.execute(SQL_STALLED_GATE_HOLDERS, dict(
+                lock_class=_MODE_LOCK_CLASS, gate=gate, stalled_after=stalled_after,
+                application=db.APPLICATION_NAME)).fetchall():
+            log.warning("terminating stalled session %d: idle for %.0f s in a transaction that holds "
+                        "relinker's %s gate (longer than the %g s lease)", pid, idle,
+                        "planning" if gate == _PLANNING_GATE else "modes", stalled_after)
+            end_session(conn, pid)
+        time.sleep(pause)
+        pause = min(2 * pause, GATE_POLL)
 
 
 def modes_at_work(conn: psycopg.Connection) -> dict[str, list[int]]:
@@ -432,6 +464,15 @@ def modes_at_work(conn: psycopg.Connection) -> dict[str, list[int]]:
         if number in names:
             found.setdefault(names[number], []).append(pid)
     return found
+
+
+def end_session(conn: psycopg.Connection, pid: int) -> None:
+    """Terminate the database session ``pid`` (a warning if this role may not)."""
+    try:
+        with conn.transaction():
+            conn.execute(SQL_TERMINATE, (pid,))
+    except psycopg.Error as exc:
+        log.warning("cannot terminate session %d: %s", pid, db.first_line(exc))
 
 
 class ModeClash(Exception):
@@ -452,11 +493,12 @@ def clashing_modes(conn: psycopg.Connection, excludes: frozenset[str]) -> ModeCl
     return ModeClash(at_work) if at_work else None
 
 
-def hold_mode(conn: psycopg.Connection, mode: str, excludes: frozenset[str]) -> None:
+def hold_mode(conn: psycopg.Connection, mode: str, excludes: frozenset[str],
+              stalled_after: float = DEFAULT_LEASE) -> None:
     """Mark this session as working a run of ``mode`` until it ends or calls release_mode
-    (ModeClash if a mode of ``excludes`` is at work)."""
+    (ModeClash if a mode of ``excludes`` is at work); see _take_gate for ``stalled_after``."""
     with conn.transaction():
-        conn.execute(SQL_GATE, (_mode_key(_MODES_GATE),))
+        _take_gate(conn, _MODES_GATE, stalled_after)
         clash = clashing_modes(conn, excludes)
         if clash is not None:
             raise clash
@@ -536,7 +578,7 @@ class CheckpointStore:
                 # flush takes a disk sync off every claim, heartbeat and commit.
                 self._conn.execute("SET synchronous_commit = off")
                 if self.mode is not None:
-                    hold_mode(self._conn, self.mode, self.excludes)
+                    hold_mode(self._conn, self.mode, self.excludes, self.lease)
                 if self._held is not None:
                     self._relock(self._held)
             except BaseException:
@@ -636,7 +678,7 @@ class CheckpointStore:
         for (pid,) in conn.execute(SQL_LOCK_HOLDERS, (db.APPLICATION_NAME, self.run_id, range_no)).fetchall():
             log.warning("range %d: heartbeat older than its %g s lease, terminating stalled session %d",
                         range_no, lease, pid)
-            self._end(conn, pid)
+            end_session(conn, pid)
 
     def _end_stalled_row_holders(self, conn: psycopg.Connection) -> None:
         """End the relinker sessions stopped inside a transaction holding rows of relinker_range (the
@@ -645,15 +687,8 @@ class CheckpointStore:
                 lease=self.lease, application=db.APPLICATION_NAME)).fetchall():
             log.warning("terminating stalled session %d: idle for %.0f s in a transaction holding ranges "
                         "(longer than the %g s lease)", pid, idle, self.lease)
-            self._end(conn, pid)
+            end_session(conn, pid)
 
-    @staticmethod
-    def _end(conn: psycopg.Connection, pid: int) -> None:
-        try:
-            with conn.transaction():
-                conn.execute(SQL_TERMINATE, (pid,))
-        except psycopg.Error as exc:
-            log.warning("cannot terminate session %d: %s", pid, db.first_line(exc))
 
     def reassert(self, r: Range) -> None:
         """After a transient error, before ``r`` is redone: make sure we still own it (raises LostRange).

@@ -382,6 +382,55 @@ def test_a_lock_timeout_never_leaves_a_worker_without_its_mode_lock(world):
         gate.close()
 
 
+@pytest.mark.parametrize("gate", ["modes", "planning"])
+def test_a_session_stopped_holding_a_gate_is_ended_after_the_lease(world, gate):
+    """A worker stopped (Ctrl-Z, SIGSTOP, a paused VM) inside hold_mode's transaction, or a coordinator
+    inside its planning's, held the gate's lock: every worker of every run, or every coordinator, then
+    waited for it for as long as the stop lasted. Its session, idle in that transaction for longer than
+    the waiter's lease, is ended."""
+    run_id = new_run(world, 1)
+    key = checkpoint._mode_key(checkpoint._MODES_GATE if gate == "modes" else checkpoint._PLANNING_GATE)
+    stalled = db.connect(world.dsn)
+    try:
+        stalled.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        started = time.monotonic()
+        if gate == "modes":
+            store = checkpoint.CheckpointStore(world.dsn, run_id, worker="w:1", lease=1, retry_timeout=5,
+                                               since=world.conn.execute("SELECT now()").fetchone()[0],
+                                               mode="relink", excludes=frozenset({"count"}))
+            try:
+                assert store.claim() is not None
+            finally:
+                store.close()
+        else:
+            with db.connect(world.dsn) as coordinator:
+                checkpoint.gate_planning(coordinator, stalled_after=1)
+        assert 1 <= time.monotonic() - started < 10
+        assert not alive(world, stalled.info.backend_pid)
+    finally:
+        stalled.close()
+
+
+def test_another_programs_session_holding_a_gate_is_waited_for(world):
+    """Only relinker's own sessions are ended: another program's lock on the same key is its own."""
+    import threading
+
+    run_id = new_run(world, 1)
+    with psycopg.connect(world.dsn, application_name="another-program") as foreign:
+        foreign.execute("SELECT pg_advisory_xact_lock(%s)", (checkpoint._mode_key(checkpoint._MODES_GATE),))
+        timer = threading.Timer(2.5, foreign.commit)
+        timer.start()
+        store = checkpoint.CheckpointStore(world.dsn, run_id, worker="w:1", lease=1, retry_timeout=5,
+                                           since=world.conn.execute("SELECT now()").fetchone()[0],
+                                           mode="relink", excludes=frozenset({"count"}))
+        try:
+            assert store.claim() is not None
+            assert alive(world, foreign.info.backend_pid)
+        finally:
+            timer.join()
+            store.close()
+
+
 def test_a_worker_finding_a_clash_on_reconnecting_gives_its_range_back(world):
     """Its session lost mid-range, a relink worker reconnects to find a count run at work: it may not
     go on, and its range goes back to pending for the resume (not left running)."""
