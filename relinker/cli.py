@@ -577,16 +577,15 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         # A list of part of the run would pass for the whole one in a repair.
         log.warning("--failed-ids %s not written: run %d is not complete", args.failed_ids, summary.run_id)
     elif args.failed_ids and summary.run_id is not None:
-        with db.connect_for_user(settings.db_url, autocommit=True) as conn:
-            try:
-                written = verify.write_failed_ids(conn, summary.run_id, args.failed_ids)
-            except OSError as exc:
-                # The run is recorded: its summary still goes out, and the list can be written later.
-                log.error("--failed-ids %s: %s (the run is recorded: relinker verify --run %d --failed-ids "
-                          "FILE writes it)", args.failed_ids, exc.strerror, summary.run_id)
-                code = max(code, EXIT_PROBLEMS)
-            else:
-                log.info("wrote %d failed blob IDs to %s", written, args.failed_ids)
+        try:
+            written = verify.save_failed_ids(settings.db_url, summary.run_id, args.failed_ids)
+        except verify.FailedIdsNotWritten as exc:
+            # The run is recorded: its summary still goes out, and the list can be written later.
+            log.error("--failed-ids %s: %s (the run is recorded: relinker verify --run %d --failed-ids "
+                      "FILE writes it)", args.failed_ids, exc, summary.run_id)
+            code = max(code, EXIT_PROBLEMS)
+        else:
+            log.info("wrote %d failed blob IDs to %s", written, args.failed_ids)
     return report(summary, code, args.json, request)
 
 

@@ -32,7 +32,7 @@ from psycopg import sql
 
 from relinker import catalogue, content, db
 from relinker.checkpoint import Bounds, default_range_count, split_blob_space
-from relinker.errors import unless_out_of_resources
+from relinker.errors import UserError, unless_out_of_resources
 from relinker.jobs import Mode
 from relinker.paths import by_hash_relpath, display
 from relinker.pool import LIMIT_KINDS, RangeContext, WorkSpec
@@ -279,6 +279,24 @@ def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) ->
             os.unlink(temporary)
         raise
     return len(failed)
+
+
+class FailedIdsNotWritten(Exception):
+    """The list of a recorded run's failed blobs could not be written (the run stays recorded)."""
+
+
+def save_failed_ids(dsn: str, run_id: int, destination: str) -> int:
+    """write_failed_ids in a session of its own; whatever keeps the list from being written (the
+    database, the file) is a :class:`FailedIdsNotWritten` naming it. Returns how many IDs were written."""
+    try:
+        with db.connect_for_user(dsn, autocommit=True) as conn:
+            return write_failed_ids(conn, run_id, destination)
+    except OSError as exc:
+        raise FailedIdsNotWritten(exc.strerror or str(exc)) from None
+    except psycopg.Error as exc:
+        raise FailedIdsNotWritten(f"database error: {db.first_line(exc)}") from None
+    except UserError as exc:  # the session refused
+        raise FailedIdsNotWritten(str(exc)) from None
 
 
 def complete_options(options: dict) -> None:

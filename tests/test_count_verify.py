@@ -323,6 +323,22 @@ def test_verify_run_shows_in_the_progress_view(linked, capsys):
     assert row == ("verify", "done", 1, 3, 5, 1, 2, 1)
 
 
+def test_a_failed_ids_list_that_cannot_be_written_is_one_reason(linked, capsys, tmp_path):
+    """After a recorded run, the database out of reach or the file refused: one line naming why (the
+    run's summary still goes out, exit 1), never the database error's traceback or exit 2."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    code, result = run(linked, capsys, "verify", "--all", "--no-progress")
+    assert code == 0
+    gone = make_conninfo(linked.dsn, dbname=conninfo_to_dict(linked.dsn)["dbname"] + "_dropped")
+    with pytest.raises(verify_module.FailedIdsNotWritten, match="cannot connect to the catalogue database"):
+        verify_module.save_failed_ids(gone, result["run_id"], str(tmp_path / "failed"))
+    with pytest.raises(verify_module.FailedIdsNotWritten, match="No such file or directory"):
+        verify_module.save_failed_ids(linked.dsn, result["run_id"], str(tmp_path / "gone" / "failed"))
+    assert verify_module.save_failed_ids(linked.dsn, result["run_id"], str(tmp_path / "failed")) == 0
+    assert not (tmp_path / "gone").exists()
+
+
 def test_failed_ids_then_relink_from_file_is_a_two_line_repair(linked, capsys, tmp_path):
     """`verify ... --failed-ids F && relink --from-file F`: only the failed blobs are touched."""
     a, b, c = linked.blobs["a"], linked.blobs["b"], linked.blobs["c"]
