@@ -155,13 +155,14 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
     if namesake:
         raise UserError(f"{name!r} names another medium already ({namesake[0]}; copy --medium would not know "
                         "which): choose another name")
-    ensure_medium_partitions(conn, result.medium_hash)
     raise_open_file_limit()
     try:
         checkpoint.hold_mode(conn, "scan", SCAN_EXCLUDES)
     except checkpoint.ModeClash as clash:
         raise UserError(f"{clash}: a scan must not overlap it (run one after the other)") from None
     try:
+        # Only once no clashing run is at work: a partition locks its table against every reader.
+        ensure_medium_partitions(conn, result.medium_hash)
         _replace_medium(conn, name, root, root_stat, exclude, text_paths, result)
     finally:
         if db.alive(conn):

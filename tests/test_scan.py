@@ -321,6 +321,10 @@ def test_a_scan_and_the_runs_that_count_its_paths_never_overlap(conn, catalogue_
         checkpoint.hold_mode(worker, at_work, frozenset())
         with pytest.raises(UserError, match=f"a {at_work} run is at work on this catalogue .*: a scan must not"):
             scan.scan_tree(conn, "disk-1", tree)
+    # refused before anything: no partition made for the medium (its tables locked against the run's reads)
+    partitions = {table: conn.execute("SELECT to_regclass(%s)", (f"{table}_{scan.medium_hash_for('disk-1')}",))
+                  .fetchone()[0] for table in ("inode", "path")}
+    assert partitions == {"inode": None, "path": None}
     nothing_at_work()
     with psycopg.connect(catalogue_url, autocommit=True) as scanning:
         checkpoint.hold_mode(scanning, "scan", frozenset())
