@@ -110,15 +110,17 @@ def conn(catalogue_url):
         yield connection
 
 
-KEPT_ENVIRONMENT = {"RELINKER_TEST_DSN", "RELINKER_PURE_PYTHON", "RELINKER_REQUIRE_SPEEDUPS"}
+KEPT_ENVIRONMENT = {"RELINKER_TEST_DSN", "RELINKER_PURE_PYTHON", "RELINKER_REQUIRE_SPEEDUPS",
+                    # the credentials a RELINKER_TEST_DSN server may need
+                    "PGPASSWORD", "PGPASSFILE"}
 
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch):
-    # A developer's own RELINKER_* or PG* settings must not leak into tests;
-    # the test server and the choice of fast route are for the tests.
+    # A developer's own RELINKER_* or PG* settings (PGOPTIONS, PGDATABASE, ...) must not leak into
+    # tests; the test server and the choice of fast route are for the tests.
     for name in list(os.environ):
-        if name.startswith("RELINKER_") and name not in KEPT_ENVIRONMENT:
+        if name.startswith(("RELINKER_", "PG")) and name not in KEPT_ENVIRONMENT:
             monkeypatch.delenv(name)
 
 
@@ -128,7 +130,7 @@ def _no_outage_left():
     # the middle of an outage must not shorten the next test's retries.
     from relinker import db
 
-    db._Outage.since = None
+    db.outage_ended()
 
 
 @pytest.fixture(autouse=True)
