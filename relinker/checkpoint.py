@@ -768,7 +768,8 @@ class CheckpointStore:
             self._call(lambda conn: conn.execute(SQL_RANGE_FAILED, self._owned_params(r, error=error)))
         except LostRange:
             pass
-        self._release(r)
+        finally:
+            self._release(r)
 
     def open_ranges(self) -> int:
         """Ranges of the run still to be done by someone (pending, running, retryable)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import stat
 
+from relinker.errors import unless_out_of_resources
 from relinker.jobs import Mode
 from relinker.linker import AT_LINK_LIMIT, LinkProblem, filesystem_link_limit
 from relinker.paths import by_hash_relpath
@@ -81,7 +82,8 @@ class CountWork(RelinkWork):
             try:
                 found = self.linker.stat_source(source)
                 self._at_limit[source] = found.st_size if found.st_nlink >= self._link_max else None
-            except OSError:
+            except OSError as exc:
+                unless_out_of_resources(exc)  # this process's trouble: the range fails, redone
                 self._at_limit[source] = None
         return self._at_limit[source]
 

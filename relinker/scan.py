@@ -223,7 +223,12 @@ def _replace_medium(conn: psycopg.Connection, name: str, root: bytes, root_stat:
 
 
 # The relation that holds a medium's rows: its partition, or the table itself.
-SQL_HOLDER = "SELECT tableoid::regclass::text FROM {} WHERE medium_hash = %s LIMIT 1"
+SQL_HOLDER = """
+SELECT n.nspname, c.relname
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.oid = (SELECT tableoid FROM {} WHERE medium_hash = %s LIMIT 1)
+"""
+SQL_ANALYZE = "ANALYZE {}"
 
 
 def analyze_medium(conn: psycopg.Connection, medium_hash: str) -> None:
@@ -236,7 +241,7 @@ def analyze_medium(conn: psycopg.Connection, medium_hash: str) -> None:
     for table in ("inode", "path"):
         row = conn.execute(sql.SQL(SQL_HOLDER).format(sql.Identifier(table)), (medium_hash,)).fetchone()
         if row is not None:
-            conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(row[0])))
+            conn.execute(sql.SQL(SQL_ANALYZE).format(sql.Identifier(*row)))
 
 
 def _walk(root: bytes, root_stat: os.stat_result, result: ScanResult, exclude: list[bytes]):
