@@ -44,13 +44,17 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10) ->
     conn = psycopg.connect(
         dsn, autocommit=autocommit, application_name=APPLICATION_NAME, connect_timeout=connect_timeout
     )
-    conn.execute(SQL_SESSION_SETTINGS, {"client_encoding": client_encoding(conn)})
-    for name, since in SESSION_TIMEOUTS:
-        if conn.info.server_version >= since:
-            conn.execute("SELECT set_config(%s, '0', false)", (name,))
-    if not autocommit:
-        conn.commit()  # settings made in a transaction end with it
-    adapt_to_encoding(conn)
+    try:
+        conn.execute(SQL_SESSION_SETTINGS, {"client_encoding": client_encoding(conn)})
+        for name, since in SESSION_TIMEOUTS:
+            if conn.info.server_version >= since:
+                conn.execute(SQL_SET, (name, "0"))
+        if not autocommit:
+            conn.commit()  # settings made in a transaction end with it
+        adapt_to_encoding(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -67,6 +71,8 @@ SELECT set_config('statement_timeout', '0', false), set_config('DateStyle', 'ISO
        set_config('client_encoding', %(client_encoding)s, false),
        set_config('standard_conforming_strings', 'on', false)
 """
+
+SQL_SET = "SELECT set_config(%s, %s, false)"
 
 
 #: Timeouts a role or database may set that relinker's sessions turn off, with the first server version
@@ -87,8 +93,7 @@ RANGE_SESSION_SETTINGS = [
     ("max_parallel_workers_per_gather", "0", 90600),
     # The range query's estimate is inflated by its per-inode subquery (far
     # above jit_above_cost), so a server built with LLVM would compile every
-    # range's query: tens of milliseconds for a query that runs in about a
-    # hundred, and is never reused.
+    # range's query, a large share of its time, and never reuse it.
     ("jit", "off", 110000),
     # Each inode's paths are looked up once: a Memoize node only costs.
     ("enable_memoize", "off", 140000),
@@ -98,9 +103,13 @@ RANGE_SESSION_SETTINGS = [
 def connect_for_ranges(dsn: str) -> psycopg.Connection:
     """A worker's data connection, streaming one range at a time (see RANGE_SESSION_SETTINGS)."""
     conn = connect(dsn, autocommit=True)
-    for name, value, since in RANGE_SESSION_SETTINGS:
-        if conn.info.server_version >= since:
-            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+    try:
+        for name, value, since in RANGE_SESSION_SETTINGS:
+            if conn.info.server_version >= since:
+                conn.execute(SQL_SET, (name, value))
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

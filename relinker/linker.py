@@ -48,11 +48,10 @@ from relinker.catalogue import content_matches
 from relinker.content import hash_fd
 from relinker.errors import unless_out_of_resources
 from relinker.fastroute import DirectoryListings, RangeWalker, fast_route, lstat_identity
-from relinker.paths import UnsafePath, display, split_archive_path
+from relinker.paths import DIRECTORY_MODE, UnsafePath, display, split_archive_path
 
 # O_PATH: a handle for *at() calls only, cheaper to open and close.
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-DIRECTORY_MODE = 0o755
 #: The detail of a ``too-many-links`` problem (relink's, and verify's for the same paths).
 AT_LINK_LIMIT = "the by-hash file has as many links as the filesystem allows"
 #: What glibc's pathconf answers for a filesystem it has no figure for
@@ -628,7 +627,11 @@ class ArchiveLinker:
                 return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
             # fchmod needs a real descriptor, not an O_PATH one.
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-            os.fchmod(fd, DIRECTORY_MODE)  # whatever the umask, rwxr-xr-x
+            try:
+                os.fchmod(fd, DIRECTORY_MODE)  # whatever the umask, rwxr-xr-x
+            except BaseException:
+                os.close(fd)
+                raise
             return fd
         except OSError as exc:
             raise _directory_problem(exc, parent_fd, name, where) from None

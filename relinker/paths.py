@@ -11,6 +11,8 @@ import os
 import re
 
 BLOBID = re.compile(r"[0-9a-f]{64}")
+#: The mode of every directory relinker makes, in the store and in the archive, whatever the umask.
+DIRECTORY_MODE = 0o755
 
 
 class UnsafePath(ValueError):

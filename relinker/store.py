@@ -44,10 +44,9 @@ from typing import Callable
 
 from relinker import catalogue, content
 from relinker.catalogue import FAILED_PERMANENT, FAILED_RETRYABLE
-from relinker.paths import below_any, by_hash_relpath, display
+from relinker.paths import DIRECTORY_MODE, below_any, by_hash_relpath, display
 
 FILE_MODE = 0o444
-DIRECTORY_MODE = 0o755
 #: The workers' temporaries live below this directory of the store's root.
 TEMP_DIRECTORY = b".relinker-tmp"
 #: Contents at least this large are written with direct I/O (see relinker.content).
@@ -518,7 +517,12 @@ def _mkdir(path: bytes, fix_mode: bool = True, dir_fd: int | None = None) -> Non
     except FileExistsError:
         return
     if fix_mode:
-        os.chmod(path, DIRECTORY_MODE, dir_fd=dir_fd)
+        # Through a descriptor of the directory itself: never a symlink put in its place meanwhile.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, DIRECTORY_MODE)
+        finally:
+            os.close(fd)
 
 
 def _blocked_directory(final: bytes) -> ByHashProblem:
@@ -571,7 +575,11 @@ def _worker_directory(parent: bytes) -> tuple[bytes, int]:
     directory = b"%s/%s+%d+%s" % (parent, _host_name(), os.getpid(), secrets.token_hex(4).encode())
     os.mkdir(directory, 0o700)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
     return directory, fd
 
 
