@@ -203,6 +203,8 @@ def create_run(
 
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
+    """A run as relinker_run records it."""
+
     run_id: int
     mode: str
     status: str
@@ -238,10 +240,12 @@ def _run_info(row) -> RunInfo | None:
 
 
 def get_run(conn: psycopg.Connection, run_id: int) -> RunInfo | None:
+    """The run ``run_id``, or None if there is none."""
     return _run_info(conn.execute(SQL_RUN, (run_id,)).fetchone())
 
 
 def newest_run(conn: psycopg.Connection) -> RunInfo | None:
+    """The run planned last, of any mode (None before the first)."""
     return _run_info(conn.execute(SQL_NEWEST_RUN).fetchone())
 
 
@@ -367,9 +371,6 @@ UPDATE relinker_range
 SET status = 'done', finished_at = clock_timestamp(), heartbeat_at = clock_timestamp(), last_error = NULL,
     """ + _COUNTER_ASSIGNMENTS + """
 """ + _OWNED_WHERE
-# finished_at of a given-back range is when its worker stopped: the span it
-# worked counts in relinker_run_progress.working (its partial counters count
-# in the links).
 # The problems a range's last heartbeat recorded: a retry of a heartbeat whose
 # commit went through but whose reply was lost finds its own count there.
 SQL_PROBLEMS_RECORDED = "SELECT problems FROM relinker_range" + _OWNED_WHERE + "FOR UPDATE"
@@ -379,6 +380,9 @@ SELECT 1 FROM relinker_range
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'done'
   AND worker = %(worker)s AND attempts = %(attempt)s
 """
+# finished_at of a given-back range is when its worker stopped: the span it
+# worked counts in relinker_run_progress.working (its partial counters count
+# in the links).
 SQL_RANGE_GIVE_BACK = """
 UPDATE relinker_range SET status = 'pending', worker = NULL, heartbeat_at = NULL, finished_at = now()
 """ + _OWNED_WHERE

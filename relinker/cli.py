@@ -44,6 +44,7 @@ the environment, which beats the config file.
 
 
 def build_parser(config_files: list[str]) -> argparse.ArgumentParser:
+    """The command line's parser: every command and option, with ``config_files`` read for their defaults."""
     parser = new_parser(config_files, description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"relinker {__version__}")
     commands = new_subparsers(parser)
@@ -238,7 +239,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-#: The largest count the catalogue's bigint takes (--limit).
+#: The largest count the catalogue's bigint takes (--limit, verify --count).
 BIGINT_MAX = 2**63 - 1
 
 
@@ -316,6 +317,7 @@ def add_job_options(command: argparse.ArgumentParser, *,
 
 
 def job_request(args: argparse.Namespace, settings: Settings, options: dict) -> jobs.JobRequest:
+    """What a checkpointed command asks of the coordinator: the shared options parsed, ``options`` its mode's."""
     return jobs.JobRequest(
         settings=settings, options=options, resume_arguments=list(getattr(args, "resume_globals", [])),
         workers=args.workers, run_id=args.run_id, new=args.new,
@@ -421,7 +423,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``relinker`` console script; returns the exit code."""
+    """Run the command line ``argv`` (``sys.argv[1:]`` if None); returns the exit code (the console
+    script enters through relinker.entry, which makes the stop signals exit 3 from its first moment)."""
     argv = sys.argv[1:] if argv is None else argv
     _standard_descriptors_open()
     # SIGINT, SIGTERM and SIGHUP stop a command with exit 3 wherever they land
@@ -456,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker migrate`: bring the catalogue's relinker tables to this version; the exit code."""
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         applied = migrations.migrate(conn, base=args.base)
     # Every migration this relinker knows is applied now (a newer catalogue was refused); this role
@@ -468,6 +472,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker scan`: catalogue a tree as a medium; the exit code."""
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         result = scan.scan_tree(conn, args.medium, os.fsencode(args.directory),
                                 [os.fsencode(pattern) for pattern in args.exclude])
@@ -501,6 +506,7 @@ def listed_blobs(file_argument: str) -> list[str]:
 
 
 def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker relink`: a relink run, new or resumed; the exit code."""
     # A config file's trial --limit gives way to a list typed on the command line, and the other way round.
     prefer_typed(args, getattr(args, "typed", frozenset()), ("from_file",), ("limit",))
     options = {"on_conflict": args.on_conflict, "only_incomplete": args.only_incomplete, "limit": args.limit}
@@ -515,6 +521,7 @@ def cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker copy`: a copy run, new or resumed; the exit code."""
     from relinker.paths import parse_source_prefix
 
     # A resume may be typed in another directory: NEW as this one reads it.
@@ -534,6 +541,7 @@ def cmd_copy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_count(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker count`: a count run, new or resumed; the exit code."""
     request = job_request(args, settings, {"limit": args.limit})
     summary, code = jobs.run_job(count.MODE_SPEC, request)
     return report(summary, code, args.json, request)
@@ -546,6 +554,7 @@ def _absolute_target(option: str) -> str:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker verify`: a verify run, new or resumed, and its --failed-ids list; the exit code."""
     if args.failed_ids and args.dry_run:
         raise UserError("--failed-ids needs a recorded run: a --dry-run keeps no list of failures")
     if args.failed_ids:
@@ -590,6 +599,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker status`: a run's figures, read in one snapshot; the exit code."""
     with db.connect_for_user(settings.db_url) as conn:
         # One snapshot for every figure: the run's totals and its ranges' list of one moment.
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -608,6 +618,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """`relinker demo`: the whole job on a throwaway archive and embedded database; the exit code."""
     from relinker import demo
 
     return demo.run_demo(args.demo_dir, args.source, args.keep, settings, args.workers)

@@ -297,4 +297,5 @@ def _long_options(parser: argparse.ArgumentParser, into_commands: bool = True):
 
 
 def new_subparsers(parser: configargparse.ArgumentParser):
+    """The commands of ``parser``, each a parser that reads its options' defaults from the config files too."""
     return parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)

@@ -289,7 +289,7 @@ class CopyWork:
         """The range's statements, to run in its finishing transaction once ``names_synced`` has
         returned (``keep_alive`` meanwhile)."""
         statements = self.statements()
-        count_blobids = sorted(marked.paths)
+        count_blobids = sorted(marked.by_hash_paths)
         # Array literals, built once: the driver adapts a list element by element, for every statement.
         params = dict(medium=r.medium_hash, ino_lo=r.ino_lo, ino_hi=r.ino_hi,
                       inos=db.int_array(marked.inos), inode_blobids=db.text_array(marked.blobids),
@@ -298,7 +298,7 @@ class CopyWork:
         params["expected"] = db.int_array(expected[b] for b in count_blobids)
 
         def links(blobid: str) -> int:
-            return os.lstat(marked.paths[blobid]).st_nlink - 1
+            return os.lstat(marked.by_hash_paths[blobid]).st_nlink - 1
 
         def links_of_new(blobid: str) -> int:
             # A new row's count is capped at the range's paths: a blob with all
@@ -440,7 +440,7 @@ class StoredInodes:
         self.blobids: list[str] = []
         #: each inode's catalogued paths (a range is one medium: all distinct)
         self.n_paths: list[int] = []
-        self.paths: dict[str, bytes] = {}
+        self.by_hash_paths: dict[str, bytes] = {}
         #: paths of the range's inodes now correctly linked, per blob
         self.linked: dict[str, int] = {}
         #: blobs whose by-hash file was there before the range stored them
@@ -450,7 +450,7 @@ class StoredInodes:
         self.inos.append(ino)
         self.blobids.append(stored.blobid)
         self.n_paths.append(n_paths)
-        self.paths[stored.blobid] = stored.path
+        self.by_hash_paths[stored.blobid] = stored.path
         self.linked[stored.blobid] = self.linked.get(stored.blobid, 0) + linked
         if not stored.written:
             self.found.add(stored.blobid)

@@ -49,6 +49,8 @@ def default_source() -> str:
 
 @dataclasses.dataclass
 class Step:
+    """The demo's numbered headings: calling it prints the next one."""
+
     number: int = 0
     total: int = 7
 

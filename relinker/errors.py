@@ -13,7 +13,7 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 #: Usage, configuration or preflight error; nothing was done.
 EXIT_USAGE = 2
-#: Interrupted by SIGINT/SIGTERM; the run can be resumed.
+#: Interrupted by SIGINT, SIGTERM or SIGHUP; the run can be resumed.
 EXIT_INTERRUPTED = 3
 
 #: errno values that say this process (or the system) is out of a resource, not that a path is wrong:

@@ -1,6 +1,6 @@
 """The coordinator: preflight, pick or plan a run, run the pool, summarise.
 
-Shared by every checkpointed mode (relink, copy, count). A mode provides its
+Shared by every checkpointed mode (relink, copy, count, verify). A mode provides its
 name, its ``RangeWork`` class and a planner that splits its work into ranges.
 """
 
@@ -452,7 +452,7 @@ def replan_command(mode_name: str, run_options: dict, request: JobRequest) -> st
     words = ["relinker", mode_name]
     # A run planned before runs kept what they were asked keeps its medium by its hash, which --medium takes.
     for key, value in sorted(run_options.get(REQUESTED, run_options).items()):
-        if _given(value) is not None and key in REPLANNED:
+        if _given_value(value) is not None and key in REPLANNED:
             words += [_flag(key)] + ([] if value is True else [str(value)])
     return " ".join(map(_shell_word, words + request.resume_arguments))
 
@@ -610,7 +610,7 @@ def _changed_options(run: RunInfo, asked: dict, only: frozenset | None = None) -
 
 def given_options(options: dict) -> dict:
     """The options of ``options`` that were given (a value, a flag set), as a run keeps them."""
-    return {key: value for key, value in _as_stored(options).items() if _given(value) is not None}
+    return {key: value for key, value in _as_stored(options).items() if _given_value(value) is not None}
 
 
 def _conflicting_options(run: RunInfo, given: dict) -> str:
@@ -623,8 +623,8 @@ def _conflicting_options(run: RunInfo, given: dict) -> str:
 def _as_planned(run: RunInfo, planned_with: dict, key: str, value) -> bool:
     """Whether ``value`` of option ``key`` is what ``run`` was asked for, or what its planning made of
     that (a medium asked by name is planned by its hash)."""
-    resolved = _given(run.options.get(key))
-    return _given(value) == _given(planned_with.get(key)) or (resolved is not None and _given(value) == resolved)
+    resolved = _given_value(run.options.get(key))
+    return _given_value(value) == _given_value(planned_with.get(key)) or (resolved is not None and _given_value(value) == resolved)
 
 
 #: verify's selections as the options that ask for them.
@@ -641,7 +641,7 @@ def _as_typed(key: str, value) -> str:
     flag = _flag(key)
     if key == "selection":
         return SELECTION_TYPED.get(value) or (f"--mode {value}" if value else "no --mode")
-    if _given(value) is None:
+    if _given_value(value) is None:
         return f"no {flag}"
     if value is True:
         return flag
@@ -650,7 +650,7 @@ def _as_typed(key: str, value) -> str:
     return f"{flag} {value}"
 
 
-def _given(value):
+def _given_value(value):
     """An option's value, with "not given" and "off" as one (None)."""
     return None if value is None or value is False else value
 

@@ -81,6 +81,8 @@ LISTING_BUDGET = 4_000_000
 
 
 class Outcome(enum.Enum):
+    """What became of an archive path that is now a link of its blob's by-hash file."""
+
     CREATED = "created"
     PRESENT = "present"
     REPLACED = "replaced"

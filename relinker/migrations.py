@@ -86,12 +86,15 @@ WHERE h.inhparent = to_regclass(%(parent)s) AND i.indrelid = %(partition)s
 
 @dataclasses.dataclass(frozen=True)
 class Migration:
+    """One numbered file of sql/."""
+
     version: int
     name: str
     text: str
 
     @property
     def online(self) -> bool:
+        """Whether it builds its indexes online, outside a transaction (its first line says so)."""
         return self.text.lstrip().startswith(ONLINE_MARKER)
 
 

@@ -1,6 +1,6 @@
 """The coordinator's process pool: workers that claim ranges until none is left.
 
-Mode-agnostic: a mode (relink, copy, count) supplies a ``RangeWork`` class
+Mode-agnostic: a mode (relink, copy, count, verify) supplies a ``RangeWork`` class
 that processes one range; this module runs it in ``--workers`` processes,
 each with its own database connections, feeds the parent's progress bar,
 replaces workers that die, and turns the stop signals (SIGINT, SIGTERM, SIGHUP) into a clean stop (the
@@ -487,8 +487,10 @@ class _ForcedStop(Exception):
 
 
 class Progress(Protocol):
-    def update(self, paths_done: int, ranges_done: int, bytes_done: int = 0,
-               finished_work: tuple[int, int] | None = None) -> None: ...
+    """What run_pool tells of the work done as it goes (relinker.report.ProgressBar)."""
+
+    def update(self, paths_done: int, ranges_done: int, bytes_done: int, finished_work: tuple[int, int]) -> None:
+        """Work done this session; see ProgressBar.update."""
 
 
 def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> PoolOutcome:

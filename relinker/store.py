@@ -54,10 +54,10 @@ DIRECT_SIZE = 8 << 20
 #: A batch waits for its sync with at most this many temporaries (open descriptors; twice that
 #: while a sealed batch syncs; fewer where RLIMIT_NOFILE is low) ...
 BATCH_FILES = 128
-#: Descriptors a worker keeps for all but its batches (the linker's smallest cache, sockets, sources).
-BATCH_FD_RESERVE = 48
 #: ... and this much content.
 BATCH_BYTES = 256 << 20
+#: Descriptors a worker keeps for all but its batches (the linker's smallest cache, sockets, sources).
+BATCH_FD_RESERVE = 48
 #: The store's errors that concern one content's file or directories, not the store as a whole
 #: (as ENOSPC or EIO do): that content is a problem of its own, the rest of the range is stored.
 CONTENT_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EFBIG, errno.ELOOP, errno.ENAMETOOLONG})

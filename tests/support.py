@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: capability dropping, CLI runners, catalogue builders."""
+"""Helpers shared by the tests: capability dropping, a socket open to all, archive worlds and their catalogues."""
 
 from __future__ import annotations
 
