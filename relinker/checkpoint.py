@@ -351,6 +351,7 @@ RETURNING attempts
 """
 SQL_CLEAR_PROBLEMS = "DELETE FROM relinker_problem WHERE run_id = %s AND range_no = %s"
 SQL_SYNCHRONOUS_COMMIT = "SET LOCAL synchronous_commit = on"
+SQL_ASYNCHRONOUS_COMMIT = "SET synchronous_commit = off"
 _OWNED_WHERE = """
 WHERE run_id = %(run_id)s AND range_no = %(range_no)s AND status = 'running'
   AND worker = %(worker)s AND attempts = %(attempt)s
@@ -580,7 +581,7 @@ class CheckpointStore:
                 # Every write here is safe to redo: a commit lost in a server
                 # crash only means a range is done again. Not waiting for the WAL
                 # flush takes a disk sync off every claim, heartbeat and commit.
-                self._conn.execute("SET synchronous_commit = off")
+                self._conn.execute(SQL_ASYNCHRONOUS_COMMIT)
                 if self.mode is not None:
                     hold_mode(self._conn, self.mode, self.excludes, self.lease)
                 if self._held is not None:

@@ -488,6 +488,7 @@ class FailedInodes:
 
 
 COPY_OUT = "COPY ({}) TO STDOUT (FORMAT BINARY)"
+COUNT_OF = "SELECT count(*) FROM ({}) AS todo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,7 +519,7 @@ class CopyStatements:
             mark_inodes=sql.SQL(SQL_MARK_INODES).format(success=sql.SQL("".join(success))),
             inode_errors=sql.SQL(SQL_INODE_ERRORS).format(failure=sql.SQL("".join(failure))),
             plan=sql.SQL(COPY_OUT).format(selection),
-            plan_count=sql.SQL("SELECT count(*) FROM ({}) AS todo").format(selection),
+            plan_count=sql.SQL(COUNT_OF).format(selection),
         )
 
 

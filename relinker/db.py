@@ -348,13 +348,16 @@ ORDER BY 1
 """
 
 
+SQL_SEARCH_PATH = "SELECT current_setting('search_path')"
+
+
 def require_reachable_catalogue(conn: psycopg.Connection) -> None:
     """Refuse a session whose search_path misses the catalogue's tables where another schema has them
     (``migrate --base`` would make a second, empty catalogue)."""
     missing = missing_ntt_tables(conn)
     schemas = [s for (s,) in conn.execute(SQL_SCHEMAS_ELSEWHERE, {"names": missing})] if missing else []
     if schemas:
-        path = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
+        path = conn.execute(SQL_SEARCH_PATH).fetchone()[0]
         raise UserError(
             f"the catalogue's tables ({', '.join(missing)}) are in schema {', '.join(schemas)}, which this "
             f"session's search_path ({path}) does not reach: add it (ALTER ROLE ... SET search_path, or "

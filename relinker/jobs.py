@@ -40,6 +40,9 @@ SELECT count(*),
        sum(bytes_planned)::bigint
 FROM relinker_range WHERE run_id = %s
 """
+SQL_NOW = "SELECT now()"
+# A look at a run's progress while it works must not hold up the coordinator when the server is slow.
+SQL_QUICK_STATEMENTS = "SET statement_timeout = 2000"
 
 
 @dataclasses.dataclass
@@ -309,7 +312,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
                 run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
             spec.run_id = run.run_id
             spec.options = run.options
-            spec.since = conn.execute("SELECT now()").fetchone()[0]
+            spec.since = conn.execute(SQL_NOW).fetchone()[0]
             ranges_total, done_before, links_before, problems_before, bytes_before, bytes_total = conn.execute(
                 SQL_RANGES_SO_FAR, (run.run_id,)).fetchone()
             if run.status == "done":
@@ -479,7 +482,7 @@ def _run_so_far(dsn: str, run_id: int) -> tuple[int, int, int]:
     """(ranges, paths, bytes) of a run's finished ranges, on a session of its own, closed at once (the
     coordinator forks its workers: it holds no connection) and quick to give up on a database gone."""
     with db.connect(dsn, autocommit=True, connect_timeout=2) as conn:
-        conn.execute("SET statement_timeout = 2000")
+        conn.execute(SQL_QUICK_STATEMENTS)
         _, done, links, problems, bytes_read, _ = conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
     return done, links + problems, bytes_read
 

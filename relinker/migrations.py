@@ -39,6 +39,8 @@ ONLINE_INDEX = re.compile(
 )
 #: Serialises concurrent `relinker migrate` runs against one catalogue.
 MIGRATE_LOCK_KEY = 0x72656C69  # "reli"
+SQL_TRY_LOCK_MIGRATE = "SELECT pg_try_advisory_lock(%s)"
+SQL_UNLOCK_MIGRATE = "SELECT pg_advisory_unlock(%s)"
 
 SQL_CREATE_MIGRATION_TABLE = """
 CREATE TABLE IF NOT EXISTS relinker_schema_migration (
@@ -246,7 +248,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
         if db.alive(conn):
             if restore is not None:
                 conn.execute(restore)
-            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
+            conn.execute(SQL_UNLOCK_MIGRATE, (MIGRATE_LOCK_KEY,))
     return applied_now
 
 
@@ -270,6 +272,10 @@ FROM (SELECT ns.nspname AS schema, min(t.n) AS n
       JOIN pg_namespace AS ns ON ns.oid = c.relnamespace
       GROUP BY 1) AS schemas
 """
+SQL_ACTING_AS_ANOTHER = "SELECT current_user <> session_user"
+SQL_SET_ROLE = "SET ROLE {}"
+SQL_RESET_ROLE = "RESET ROLE"
+SQL_SEARCH_PATH_BACK = "SELECT set_config('search_path', {}, false)"
 
 
 def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed:
@@ -292,11 +298,11 @@ def _as_the_catalogue(conn: psycopg.Connection) -> sql.Composed:
             raise UserError(f"role {me} may not SET ROLE to {owner}, and {made}: run `relinker migrate` as {owner}, "
                             f"or GRANT {owner} TO {me} WITH SET TRUE")
         # Back to the role the session had (one its caller set, perhaps), not always its login role.
-        acting = conn.execute("SELECT current_user <> session_user").fetchone()[0]
-        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
-        undo.append(sql.SQL("SET ROLE {}").format(sql.Identifier(me)) if acting else sql.SQL("RESET ROLE"))
+        acting = conn.execute(SQL_ACTING_AS_ANOTHER).fetchone()[0]
+        conn.execute(sql.SQL(SQL_SET_ROLE).format(sql.Identifier(owner)))
+        undo.append(sql.SQL(SQL_SET_ROLE).format(sql.Identifier(me)) if acting else sql.SQL(SQL_RESET_ROLE))
     moved = conn.execute(SQL_BESIDE_THE_CATALOGUE).fetchone()
-    undo.insert(0, sql.SQL("SELECT set_config('search_path', {}, false)").format(sql.Literal(moved[0])))
+    undo.insert(0, sql.SQL(SQL_SEARCH_PATH_BACK).format(sql.Literal(moved[0])))
     return sql.SQL("; ").join(undo)
 
 
@@ -329,24 +335,27 @@ def _view_names(views_sql: str) -> list[str]:
     return sorted(set(re.findall(r"CREATE VIEW (\w+)", views_sql)))
 
 
+SQL_VIEW_OWNER = "ALTER VIEW {} OWNER TO {}"
+# The privilege is one of VIEW_PRIVILEGES (a keyword), the grantee PUBLIC or a role's identifier.
+SQL_GRANT_ON_VIEW = "GRANT {} ON {} TO {}{}"
+
+
 def _grants_of(conn: psycopg.Connection, views: list[str]) -> list[tuple[sql.Composed, None]]:
     """Statements that give ``views`` made again their owners and what others may do with them now
     (dropped with them). Column-level grants are not kept."""
     grants = []
     for view, owner, may_give_back in conn.execute(SQL_VIEW_OWNERS, {"views": views}):
         if may_give_back:
-            grants.append((sql.SQL("ALTER VIEW {} OWNER TO {}").format(sql.Identifier(view), sql.Identifier(owner)),
-                           None))
+            grants.append((sql.SQL(SQL_VIEW_OWNER).format(sql.Identifier(view), sql.Identifier(owner)), None))
         else:
             log.warning("view %s was %s's and is now %s's: this role may not give it back (run migrate as %s)",
                         view, owner, conn.info.user, owner)
     for view, privilege, grantee, grantable in conn.execute(SQL_VIEW_GRANTS, {"views": views}):
         if privilege not in VIEW_PRIVILEGES:
             continue
-        statement = sql.SQL("GRANT {} ON {} TO {}").format(
-            sql.SQL(privilege), sql.Identifier(view), sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee))
-        if grantable:
-            statement = sql.Composed([statement, sql.SQL(" WITH GRANT OPTION")])
+        statement = sql.SQL(SQL_GRANT_ON_VIEW).format(
+            sql.SQL(privilege), sql.Identifier(view), sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
+            sql.SQL(" WITH GRANT OPTION" if grantable else ""))
         grants.append((statement, None))
     return grants
 
@@ -380,7 +389,7 @@ def _wait_for_the_migrate_lock(conn: psycopg.Connection) -> None:
     # lock holds a snapshot, and the running migrate's CREATE INDEX
     # CONCURRENTLY waits for every snapshot older than its own: a deadlock.
     waiting = False
-    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK_KEY,)).fetchone()[0]:
+    while not conn.execute(SQL_TRY_LOCK_MIGRATE, (MIGRATE_LOCK_KEY,)).fetchone()[0]:
         if not waiting:
             log.warning("another relinker migrate is running: waiting for it")
             waiting = True
@@ -389,6 +398,7 @@ def _wait_for_the_migrate_lock(conn: psycopg.Connection) -> None:
 
 #: How long a statement that takes a strong lock waits for it (see briefly_locking).
 LOCK_TIMEOUT = "10s"
+SQL_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
 #: Tries of such a statement that can simply be run again (an index attach, the views) before migrate gives up.
 LOCK_ATTEMPTS = 3
 
@@ -411,7 +421,7 @@ def briefly_locking(conn: psycopg.Connection, statements, what: str, attempts: i
     for attempt in range(1, attempts + 1):
         try:
             with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+                conn.execute(SQL_LOCK_TIMEOUT, (LOCK_TIMEOUT,))
                 for query, params in statements:
                     conn.execute(query, params)
             return
@@ -437,6 +447,10 @@ def _apply_online(conn: psycopg.Connection, text: str) -> None:
         build_index_online(conn, name, table, columns, include, where_null=null_column)
 
 
+SQL_PARENT_INDEX = "CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}"
+SQL_ATTACH_INDEX = "ALTER INDEX {} ATTACH PARTITION {}"
+
+
 def build_index_online(conn: psycopg.Connection, name: str, table: str, columns: list[str],
                        include: list[str] = (), where_null: str | None = None) -> None:
     """Create an index without blocking writes, unless an equivalent one exists.
@@ -460,10 +474,10 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
     if db.relkind(conn, table) != "p":
         _build_concurrently(conn, name, sql.Identifier(table), cols)
         return
-    briefly_locking(conn, [(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(
+    briefly_locking(conn, [(sql.SQL(SQL_PARENT_INDEX).format(
         sql.Identifier(name), sql.Identifier(table), cols), None)], f"creating index {name} on {table}")
     def attach(child_index: sql.Identifier) -> None:
-        briefly_locking(conn, [(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+        briefly_locking(conn, [(sql.SQL(SQL_ATTACH_INDEX).format(
             sql.Identifier(name), child_index), None)], f"attaching the index of {partition} to {name}")
 
     for oid, schema, partition in conn.execute(SQL_PARTITIONS, (table,)).fetchall():
@@ -484,6 +498,10 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
         attach(_build_concurrently(conn, f"{name[:40]}_{oid}", qualified, cols, schema))
 
 
+SQL_DROP_INDEX = "DROP INDEX CONCURRENTLY IF EXISTS {}"
+SQL_BUILD_INDEX = "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}"
+
+
 def _build_concurrently(conn: psycopg.Connection, name: str, table: sql.Identifier, cols: sql.Composable,
                         schema: str | None = None) -> sql.Identifier:
     """Build index ``name`` of ``table`` (in ``schema``, the table's) concurrently; return its qualified name."""
@@ -492,8 +510,8 @@ def _build_concurrently(conn: psycopg.Connection, name: str, table: sql.Identifi
     # IF NOT EXISTS would happily keep: drop it and build again.
     state = conn.execute(SQL_INDEX_STATE, (qualified.as_string(conn),)).fetchone()
     if state and not state[0]:
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified))
+        conn.execute(sql.SQL(SQL_DROP_INDEX).format(qualified))
     # CREATE INDEX takes no schema for its index: it is made in the table's.
-    conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}").format(
+    conn.execute(sql.SQL(SQL_BUILD_INDEX).format(
         sql.Identifier(name), table, cols))
     return qualified

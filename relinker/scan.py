@@ -345,6 +345,10 @@ SELECT EXISTS (
 SQL_OWNER = "SELECT pg_get_userbyid(relowner), current_user FROM pg_class WHERE oid = to_regclass(%(table)s)"
 
 
+SQL_MEDIUM_PARTITION = "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})"
+SQL_SET_LOCAL_ROLE = "SET LOCAL ROLE {}"
+
+
 def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None:
     """Give a new medium its own partition of inode and path, as NTT does.
 
@@ -358,14 +362,14 @@ def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None
         if db.relkind(conn, table) != "p" or conn.execute(
                 SQL_HAS_PARTITION, {"table": table, "medium": medium_hash}).fetchone()[0]:
             continue
-        statement = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ({})").format(
+        statement = sql.SQL(SQL_MEDIUM_PARTITION).format(
             sql.Identifier(f"{table}_{medium_hash}"), sql.Identifier(table), sql.Literal(medium_hash)
         )
         # Made as the table's owner, not as the member of its role who scans: a partition of another
         # role's would stop the owner's next migrate at its indexes.
         owner, me = conn.execute(SQL_OWNER, {"table": table}).fetchone()
-        as_owner = [(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)), None)] if owner != me else []
-        back = [(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(me)), None)] if owner != me else []
+        as_owner = [(sql.SQL(SQL_SET_LOCAL_ROLE).format(sql.Identifier(owner)), None)] if owner != me else []
+        back = [(sql.SQL(SQL_SET_LOCAL_ROLE).format(sql.Identifier(me)), None)] if owner != me else []
         if not conn.autocommit:
             for step, _ in [*as_owner, (statement, None), *back]:
                 conn.execute(step)
