@@ -1211,8 +1211,10 @@ def test_two_coordinators_starting_at_once_plan_one_run(world, capsys, monkeypat
 
     def plan_while_another_starts(*args, **kwargs):
         second["job"] = start(world.argv("relink", "--json", "--no-progress", "--workers", "1"))
+        # the planning gate is polled for: the second's session tries it again and again
         wait_for(lambda: world.conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1"
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relinker' "
+            "AND query LIKE '%pg_try_advisory_xact_lock%' AND state = 'idle in transaction'"
         ).fetchone()[0] == 1, timeout=60, what="the second coordinator waiting for the first's planning")
         return real_create(*args, **kwargs)
 
