@@ -57,7 +57,7 @@ def main() -> int:
             timed("VACUUM ANALYZE blobs", lambda: conn.execute("VACUUM (ANALYZE) blobs") and "")
 
             def plan(options):
-                bounds = relink.plan(conn, options, {}, os.cpu_count() or 1, None)
+                bounds = relink.plan(conn, options, None, os.cpu_count() or 1, None)
                 run_id = checkpoint.create_run(conn, "relink", b"/by-hash", b"/archive", options, bounds)
                 return f"run {run_id}: {len(bounds):,} ranges"
 

@@ -50,7 +50,9 @@ def test_relink_bench_measures_every_row_on_the_same_data(pg_admin_dsn, tmp_path
 def test_plan_bench_plans_runs_over_many_blobs(pg_admin_dsn, tmp_path):
     done = run_script("plan_bench.py", "--blobs", 20000, "--db-url", pg_admin_dsn, "--workdir", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(" s ") >= 3
+    planned = [int(line.rsplit(": ", 1)[1].split()[0].replace(",", "")) for line in done.stdout.splitlines()
+               if line.startswith("plan a relink run")]
+    assert len(planned) == 3 and all(ranges > 0 for ranges in planned), done.stdout
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
