@@ -62,6 +62,13 @@ def stop_on_signals() -> dict:
     return {signum: signal.signal(signum, interrupt) for signum in stop_signals()}
 
 
+def ignore_stop_signals() -> None:
+    """Ignore the stop signals from now on (the command's outcome is decided). Main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in stop_signals():
+            signal.signal(signum, signal.SIG_IGN)
+
+
 class UserError(Exception):
     """Something the user can fix: bad DSN, missing root, unmigrated catalogue.
 

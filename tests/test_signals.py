@@ -172,6 +172,27 @@ def test_a_signal_while_the_command_is_still_loading_is_exit_3(signum, inherited
         assert err == "relinker: interrupted\n"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_once_the_outcome_is_told_changes_nothing(world, signum):
+    """A signal landing after the summary, as the interpreter shuts down, found the default action put
+    back and killed the process (exit 128 + signal, after "complete"): the exit code stays the outcome's."""
+    import subprocess
+    import sys
+
+    from processes import NEUTRAL_DIRECTORY
+
+    script = ("import os, signal, sys\n"
+              "from relinker import entry\n"
+              f"sys.argv = ['relinker', *{world.argv('status')!r}]\n"
+              "code = entry.main()\n"
+              f"os.kill(os.getpid(), {int(signum)})\n"
+              "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=NEUTRAL_DIRECTORY,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "no runs yet" and "Traceback" not in done.stderr
+
+
 def test_ctrl_c_in_the_middle_of_a_range_gives_that_range_back(busy):
     """One range of 60,000 links, interrupted while worked: back to pending, not left running nor finished."""
     job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "1"))
