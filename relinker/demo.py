@@ -33,7 +33,7 @@ DATABASE = "relinker_demo"
 SQL_DROP_DATABASE = "DROP DATABASE IF EXISTS {} WITH (FORCE)"
 SQL_CREATE_DATABASE = "CREATE DATABASE {}"
 MEDIUM = "python-stdlib"
-#: Installed packages are not the standard library (and can be huge).
+#: Installed packages are not the standard library (and can be huge); a tree given with --source is all read.
 EXCLUDE = [b"site-packages", b"dist-packages"]
 BROKEN_SHARE = 0.25
 #: Archive links replaced by orphaned copies (the same content, a file of its own).
@@ -73,6 +73,8 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
         raise UserError(f"the demo directory {display(os.fsencode(root))} has a space or a character a shell "
                         "reads: the embedded PostgreSQL cannot be started there (it is handed on unquoted); "
                         "choose another")
+    # A tree of one's own is catalogued whole, as a medium of its name.
+    medium, exclude = (MEDIUM, EXCLUDE) if source is None else (_medium_name(source), [])
     source = os.path.abspath(source or default_source())
     if not os.path.isdir(source):
         raise UserError(f"--source {source} is not a directory")
@@ -95,7 +97,7 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
     demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
                                archive_root=os.fsencode(archive))
     try:
-        code = _story(step, demo, source, workers, progress)
+        code = _story(step, demo, source, medium, exclude, workers, progress)
         _explain_psql(step, dsn, server, keep, root)
     finally:
         if not keep:
@@ -146,14 +148,21 @@ def _start_embedded(root: str, keep: bool):
     return server, make_conninfo(admin, dbname=DATABASE)
 
 
-def _story(step: Step, settings: Settings, source: str, workers: int, progress: bool) -> int:
+def _medium_name(source: str) -> str:
+    """The medium a --source tree is catalogued as: its directory's name."""
+    return os.path.basename(os.path.abspath(source).rstrip(os.sep)) or "source"
+
+
+def _story(step: Step, settings: Settings, source: str, medium: str, exclude: list[bytes], workers: int,
+           progress: bool) -> int:
     step("relinker migrate --base: the NTT tables, then relinker's columns, checkpoint tables and views")
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         applied = migrations.migrate(conn, base=True)
         emit(f"  applied: {', '.join(applied)}")
 
-        step(f"relinker scan --medium {MEDIUM} {source}  (metadata only; site-packages left out)")
-        result = scan.scan_tree(conn, MEDIUM, os.fsencode(source), EXCLUDE)
+        left_out = f"; {', '.join(map(os.fsdecode, exclude))} left out" if exclude else ""
+        step(f"relinker scan --medium {shlex.quote(medium)} {shlex.quote(source)}  (metadata only{left_out})")
+        result = scan.scan_tree(conn, medium, os.fsencode(source), exclude)
         emit(f"  {result.paths:,} paths, {result.inodes:,} inodes, {result.files:,} regular files")
         if result.files < MIN_FILES:  # symlinks and left-out files are no content to copy
             raise UserError(f"--source {source} has {result.files} regular files to copy: too few for the demo "

@@ -34,16 +34,25 @@ def test_demo_runs_twice_on_the_standard_library(tmp_path):
 
 
 def test_demo_on_another_tree_keeps_the_server_when_asked(tmp_path):
+    """A tree of one's own is catalogued whole (its site-packages too), as a medium of its name."""
     source = small_tree(tmp_path / "src")
+    (source / "site-packages").mkdir()
+    (source / "site-packages" / "mine.py").write_bytes(b"mine")
     result = demo(str(tmp_path / "d"), "--source", str(source), "--keep", "--workers", "1")
     try:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "the server keeps running; stop it with" in result.stdout
+        assert f"relinker scan --medium src {source}  (metadata only)" in result.stdout
         psql = [line for line in result.stdout.splitlines() if line.strip().split(" ")[0].endswith("psql")][0]
         binary, target = psql.strip().split(" ", 1)
         listed = subprocess.run([binary, target.strip('"'), "-Atc", "SELECT mode FROM relinker_run ORDER BY 1"],
                                 capture_output=True, text=True)
         assert listed.stdout.split() == ["copy", "relink", "verify"], listed.stderr
+        media = subprocess.run([binary, target.strip('"'), "-Atc", "SELECT medium_human FROM medium"],
+                               capture_output=True, text=True)
+        assert media.stdout.split() == ["src"], media.stderr
+        assert any(b"site-packages" in directory and b"mine.py" in names
+                   for directory, _dirs, names in os.walk(os.fsencode(tmp_path / "d" / "archive")))
     finally:
         stop = [line for line in result.stdout.splitlines() if "pg_ctl" in line]
         if stop:
@@ -116,7 +125,7 @@ def test_an_interrupted_step_stops_the_demo_with_exit_3(db_url, tmp_path, monkey
     archive = tmp_path / "archive"
     archive.mkdir()
     settings = Settings(db_url=db_url, by_hash_root=os.fsencode(tmp_path), archive_root=os.fsencode(archive))
-    code = demo_module._story(demo_module.Step(), settings, str(small_tree(tmp_path / "src")), 1, False)
+    code = demo_module._story(demo_module.Step(), settings, str(small_tree(tmp_path / "src")), "src", [], 1, False)
     assert code == EXIT_INTERRUPTED and asked == ["copy"]
     assert "break the archive" not in capsys.readouterr().out
 
@@ -162,5 +171,5 @@ def test_a_copy_with_problems_is_no_demo_success(db_url, tmp_path, monkeypatch, 
         (tmp_path / name).mkdir()
     settings = Settings(db_url=db_url, by_hash_root=os.fsencode(tmp_path / "by-hash"),
                         archive_root=os.fsencode(tmp_path / "archive"))
-    code = demo_module._story(demo_module.Step(), settings, str(small_tree(tmp_path / "src")), 1, False)
+    code = demo_module._story(demo_module.Step(), settings, str(small_tree(tmp_path / "src")), "src", [], 1, False)
     assert code == EXIT_PROBLEMS and "something did not add up" in capsys.readouterr().out
