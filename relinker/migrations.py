@@ -498,6 +498,14 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
         attach(_build_concurrently(conn, f"{name[:40]}_{oid}", qualified, cols, schema))
 
 
+# Sessions with a transaction open in this database: a concurrent index build waits for each to end.
+SQL_OPEN_TRANSACTIONS = """
+SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start)::float8
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+  AND backend_type = 'client backend'
+ORDER BY xact_start
+"""
 SQL_DROP_INDEX = "DROP INDEX CONCURRENTLY IF EXISTS {}"
 SQL_BUILD_INDEX = "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}"
 
@@ -511,7 +519,18 @@ def _build_concurrently(conn: psycopg.Connection, name: str, table: sql.Identifi
     state = conn.execute(SQL_INDEX_STATE, (qualified.as_string(conn),)).fetchone()
     if state and not state[0]:
         conn.execute(sql.SQL(SQL_DROP_INDEX).format(qualified))
+    _name_open_transactions(conn, name)
     # CREATE INDEX takes no schema for its index: it is made in the table's.
     conn.execute(sql.SQL(SQL_BUILD_INDEX).format(
         sql.Identifier(name), table, cols))
     return qualified
+
+
+def _name_open_transactions(conn: psycopg.Connection, index: str) -> None:
+    """Warn of the sessions whose open transactions the concurrent build of ``index`` will wait for."""
+    sessions = conn.execute(SQL_OPEN_TRANSACTIONS).fetchall()
+    if sessions:
+        pid, state, age = sessions[0]
+        log.warning("building index %s waits for the transactions open now to end: %d session%s (the oldest, "
+                    "%d, %s for %.0f s; see pg_stat_activity)", index, len(sessions), "s" if len(sessions) > 1 else "",
+                    pid, state, age)

@@ -210,6 +210,25 @@ def test_migrate_resumes_after_an_interrupted_concurrent_index_build(db_url):
         assert valid == (True,)
 
 
+def test_an_index_build_names_the_open_transactions_it_waits_for(db_url, capsys):
+    """A concurrent build waits for every transaction open when it starts, however long: migrate says
+    which sessions it waits for, and goes on once they end."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(PRODUCTION_SHAPE)
+    with psycopg.connect(db_url) as reader:  # a session of some other tool, idle in its transaction
+        reader.execute("SELECT count(*) FROM medium")
+        ended = threading.Timer(2.0, reader.commit)
+        ended.start()
+        try:
+            started = time.monotonic()
+            assert main(["--db-url", db_url, "migrate"]) == 0
+        finally:
+            ended.join()
+        assert time.monotonic() - started >= 1.5  # it did wait for the reader
+        warned = [line for line in capsys.readouterr().err.splitlines() if "waits for the transactions open now" in line]
+        assert warned and f"the oldest, {reader.info.backend_pid}, idle in transaction" in warned[0]
+
+
 def test_an_online_migration_relinker_cannot_read_is_refused(catalogue_url):
     """A CREATE INDEX the online builder does not understand fails the migration instead of being skipped."""
     text = "-- relinker: online\nCREATE INDEX CONCURRENTLY IF NOT EXISTS x ON path USING hash (ino);\n"
