@@ -26,6 +26,9 @@ EMPTY_BLAKE3 = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262
 #: Blob IDs that stand for the empty content, the one a catalogue prefers first.
 EMPTY_BLOB_IDS = (EMPTY_SHA256, EMPTY_BLAKE3)
 
+#: The largest value of the catalogue's bigint columns (a count, a limit, an ID).
+BIGINT_MAX = 2**63 - 1
+
 SQL_EMPTY_BLOBS_HELD = "SELECT blobid FROM blobs WHERE blobid = ANY(%s)"
 SQL_COUNT_BLOBS = "SELECT count(*) FROM blobs"
 SQL_INODE_COLUMNS = """

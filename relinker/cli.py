@@ -18,7 +18,8 @@ from typing import Sequence
 
 import psycopg
 
-from relinker import __version__, bloblist, checkpoint, copy, count, db, jobs, migrations, relink, scan, verify
+from relinker import (__version__, bloblist, catalogue, checkpoint, copy, count, db, jobs, migrations, relink, scan,
+                      verify)
 from relinker.config import (Settings, add_command, check_config_keys, check_verbosity, config_files_from, new_parser,
                              new_subparsers, options_of, path_argument, prefer_typed, refuse_abbreviations,
                              typed_options, unset)
@@ -240,7 +241,7 @@ def positive_int(text: str) -> int:
 
 
 #: The largest count the catalogue's bigint takes (--limit, verify --count).
-BIGINT_MAX = 2**63 - 1
+BIGINT_MAX = catalogue.BIGINT_MAX
 
 
 def non_negative_int(text: str) -> int:

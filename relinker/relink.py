@@ -496,7 +496,7 @@ def plan(conn: psycopg.Connection, options: dict, blobids: list[str] | None, wor
     if limit is not None:
         query = SQL_NTH_INCOMPLETE_BLOB if options.get("only_incomplete") else SQL_NTH_BLOB
         # N + 1 within a bigint: --limit takes any bigint
-        row = conn.execute(query, {"limit": limit, "first": min(limit + 1, 2**63 - 1)}).fetchone()
+        row = conn.execute(query, {"limit": limit, "first": min(limit + 1, catalogue.BIGINT_MAX)}).fetchone()
         upper = row[0] if row else None
         n_blobs = min(n_blobs, limit)
     options["upper"] = upper

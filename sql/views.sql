@@ -37,7 +37,7 @@ SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.in
        cardinality(g.blobids) AS listed_blobs, g.last_error, g.lease_seconds,
        held.held,
        g.status = 'running' AND held.held
-           AND g.heartbeat_at >= now() - make_interval(secs => coalesce(g.lease_seconds, 120)) AS at_work
+           AND g.heartbeat_at >= now() - make_interval(secs => coalesce(g.lease_seconds, 120 /* relinker.checkpoint.DEFAULT_LEASE */)) AS at_work
 FROM relinker_range g
 CROSS JOIN LATERAL (
     SELECT g.status = 'running' AND EXISTS (

@@ -218,7 +218,7 @@ class ProductionWorld(ArchiveWorld):
 
     # the fresh medium: enumerated, loaded, mounted, not copied ---------------
 
-    def _fresh_file(self, relatives: list[str], content: bytes, stored: list[bytes] | None = None) -> int:
+    def _fresh_file(self, relatives: list[str | bytes], content: bytes, stored: list[bytes] | None = None) -> int:
         """A file of the fresh medium on its mounted disk (hardlinked for several paths) and its rows.
 
         ``stored``: its paths as the catalogue holds them, if not in the mount form.
@@ -245,7 +245,7 @@ class ProductionWorld(ArchiveWorld):
         self._fresh_file(["new/relative.txt"], b"stored relative to the mount\n", stored=[b"/new/relative.txt"])
         mount_form = self.mount_path(self.fresh, "p5/partition.txt")
         self._fresh_file(["p5/partition.txt"], b"on partition 5\n", stored=[b"p5:" + mount_form])
-        self._fresh_file([os.fsdecode(b"new/caf\xe9\nlist")], b"a newline in the name\n",
+        self._fresh_file([b"new/caf\xe9\nlist"], b"a newline in the name\n",
                          stored=[self.mount_path(self.fresh, "new/") + b"caf\xe9\nlist"])
         self._ntt_inode(self.fresh, self._next_ino(), [self.mount_path(self.fresh, "new")], 4096, fs_type="d")
 

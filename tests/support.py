@@ -130,14 +130,17 @@ class ArchiveWorld:
         relink and count)."""
         from psycopg.conninfo import make_conninfo
 
-        limit = "" if connection_limit is None else f" CONNECTION LIMIT {connection_limit}"
-        self.conn.execute(f"CREATE ROLE {role} LOGIN{limit}; " + (grants or RELINK_GRANTS).format(role=role))
+        from psycopg import sql
+
+        limit = sql.SQL("" if connection_limit is None else " CONNECTION LIMIT {}").format(connection_limit)
+        self.conn.execute(sql.SQL("CREATE ROLE {} LOGIN{}").format(sql.Identifier(role), limit))
+        self.conn.execute((grants or RELINK_GRANTS).format(role=role))
         self.dsn, owner_dsn = make_conninfo(self.dsn, user=role), self.dsn
         try:
             yield role
         finally:
             self.dsn = owner_dsn
-            self.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+            self.conn.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
 
     def argv(self, *args: str) -> list[str]:
         """Global options pointing at this world, then ``args``."""
