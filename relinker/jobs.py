@@ -257,11 +257,8 @@ def _a_stored_file(by_hash_root: bytes) -> bytes | None:
 
 
 def _subdirectories(path: bytes) -> list[bytes]:
-    try:
-        with os.scandir(path) as entries:
-            return sorted(e.path for e in entries if e.is_dir(follow_symlinks=False) and len(e.name) == 2)
-    except OSError:
-        return []
+    """The shard directories of ``path`` (not symlinks to one), in name order."""
+    return [entry.path for entry in store.shard_entries(path) if entry.is_dir(follow_symlinks=False)]
 
 
 def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:

@@ -493,19 +493,21 @@ def symlinked_shards(root: bytes) -> frozenset[bytes]:
     the contents below them as problems.
     """
     found = set()
-    for level1 in _shard_entries(root):
+    for level1 in shard_entries(root):
         if level1.is_symlink():
             found.add(level1.name)
         elif level1.is_dir(follow_symlinks=False):
             found.update(level1.name + b"/" + level2.name
-                         for level2 in _shard_entries(level1.path) if level2.is_symlink())
+                         for level2 in shard_entries(level1.path) if level2.is_symlink())
     return frozenset(found)
 
 
-def _shard_entries(directory: bytes) -> list[os.DirEntry]:
+def shard_entries(directory: bytes) -> list[os.DirEntry]:
+    """The entries of ``directory`` (the store's root, or an ``ab``) named as a shard is, in name order;
+    none if it cannot be read."""
     try:
         with os.scandir(directory) as entries:
-            return [entry for entry in entries if len(entry.name) == 2]
+            return sorted((entry for entry in entries if len(entry.name) == 2), key=lambda entry: entry.name)
     except OSError:
         return []
 
