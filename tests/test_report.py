@@ -177,7 +177,7 @@ def test_a_heartbeat_newer_than_the_statement_is_no_negative_age(world):
     """A worker's heartbeat committed after the reading statement's now() (status polled as it beats)."""
     run_id = new_run(world, 1)
     world.conn.execute("UPDATE relinker_range SET status = 'running', worker = 'alive:1', attempts = 1, "
-                       "heartbeat_at = now() + interval '10 milliseconds' WHERE run_id = %s", (run_id,))
+                       "heartbeat_at = now() + interval '10 seconds' WHERE run_id = %s", (run_id,))
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
     assert summary.open_ranges[0]["heartbeat_age_seconds"] == 0
     assert "last heartbeat 0 s ago" in summary.as_text() and "-0 s" not in summary.as_text()
