@@ -24,6 +24,7 @@ import time
 from typing import Callable, Iterable
 
 import psycopg
+from psycopg import sql
 
 from relinker import db, dbtext
 
@@ -407,23 +408,44 @@ WHERE run_id = %(run_id)s AND status <> 'done'
 _MODE_LOCK_CLASS = 0x524C4E4B  # "RLNK"
 MODE_NUMBERS = {"relink": 1, "copy": 2, "count": 3, "verify": 4, "scan": 5}
 _MODES_GATE, _PLANNING_GATE = 0, 100
-# Gates are held for moments (or one planning), so they are polled for, whatever lock_timeout the role
-# sets; a waiter ends a relinker session stopped (SIGSTOP, Ctrl-Z, a paused VM) inside a gate's
-# transaction, which would otherwise keep every worker of every run from starting until it ended.
-SQL_TRY_GATE = "SELECT pg_try_advisory_xact_lock(%s)"
-SQL_STALLED_GATE_HOLDERS = """
-SELECT a.pid, extract(epoch FROM clock_timestamp() - a.state_change)::float8
-FROM pg_locks AS l
-JOIN pg_stat_activity AS a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.classid::bigint = %(lock_class)s AND l.objid::bigint = %(gate)s
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND a.application_name = %(application)s AND a.pid <> pg_backend_pid()
-  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
-  AND a.state_change < clock_timestamp() - make_interval(secs => %(stalled_after)s)
+# The modes gate is taken, checked and left in one statement the server runs from start to end: a
+# worker stopped (Ctrl-Z, SIGSTOP, a paused VM) between two statements of its own would otherwise
+# hold it, and every worker of every run would wait for as long as the stop lasted. Its wait is cut
+# into short ones, so that a worker told to stop meanwhile does. 'RLK01' carries the clash found.
+SQL_HOLD_MODE_GATED = """
+DO $relinker$
+DECLARE clash text;
+BEGIN
+    PERFORM set_config('lock_timeout', {wait}, true);
+    PERFORM pg_advisory_xact_lock({gate});
+    SELECT string_agg(l.objid::bigint || ':' || l.pid, ',' ORDER BY l.pid) INTO clash
+    FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = {lock_class}
+      AND l.objid::bigint = ANY({excluded}) AND l.pid <> pg_backend_pid()
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database());
+    IF clash IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'RLK01', MESSAGE = clash;
+    END IF;
+    PERFORM pg_advisory_lock_shared({mode});
+END
+$relinker$
 """
-#: Seconds between two tries for a gate, at most.
+SQLSTATE_MODE_CLASH = "RLK01"
+#: Milliseconds of one wait for the modes gate, between two looks at whether to stop.
+GATE_WAIT_MS = 1000
+# The planning gate lasts a coordinator's whole planning, statements and its own work between them:
+# it is polled for (a coordinator told to stop meanwhile does), and who holds it is named.
+SQL_TRY_GATE = "SELECT pg_try_advisory_xact_lock(%s)"
+SQL_GATE_HOLDERS = """
+SELECT l.pid FROM pg_locks AS l
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid::bigint = %(lock_class)s AND l.objid::bigint = %(gate)s AND l.pid <> pg_backend_pid()
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+#: Seconds between two tries for the planning gate, at most.
 GATE_POLL = 0.25
+#: Seconds of waiting for the planning gate before the wait is told.
+GATE_PATIENCE = 5.0
 SQL_MODES_AT_WORK = """
 SELECT l.objid::bigint, l.pid FROM pg_locks AS l
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s
@@ -431,7 +453,6 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bi
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 ORDER BY l.pid
 """
-SQL_HOLD_MODE = "SELECT pg_advisory_lock_shared(%s)"
 SQL_RELEASE_MODE = "SELECT pg_advisory_unlock_shared(%s)"
 
 
@@ -439,24 +460,18 @@ def _mode_key(number: int) -> int:
     return (_MODE_LOCK_CLASS << 32) | number
 
 
-def gate_planning(conn: psycopg.Connection, stalled_after: float = DEFAULT_LEASE) -> None:
+def gate_planning(conn: psycopg.Connection, patience: float = GATE_PATIENCE) -> None:
     """Inside a transaction: wait for other coordinators choosing or planning a run (the lock lasts
-    until the transaction ends); see _take_gate for ``stalled_after``."""
-    _take_gate(conn, _PLANNING_GATE, stalled_after)
-
-
-def _take_gate(conn: psycopg.Connection, gate: int, stalled_after: float) -> None:
-    """Take a gate's lock for the rest of the transaction, waiting for whoever holds it; a relinker
-    session that holds it idle in its transaction for longer than ``stalled_after`` seconds is ended."""
-    pause = 0.01
-    while not conn.execute(SQL_TRY_GATE, (_mode_key(gate),)).fetchone()[0]:
-        for pid, idle in conn.execute(SQL_STALLED_GATE_HOLDERS, dict(
-                lock_class=_MODE_LOCK_CLASS, gate=gate, stalled_after=stalled_after,
-                application=db.APPLICATION_NAME)).fetchall():
-            log.warning("terminating stalled session %d: idle for %.0f s in a transaction that holds "
-                        "relinker's %s gate (longer than the %g s lease)", pid, idle,
-                        "planning" if gate == _PLANNING_GATE else "modes", stalled_after)
-            end_session(conn, pid)
+    until the transaction ends). A wait longer than ``patience`` seconds is told, with who holds the gate."""
+    key, started, told, pause = _mode_key(_PLANNING_GATE), time.monotonic(), False, 0.01
+    while not conn.execute(SQL_TRY_GATE, (key,)).fetchone()[0]:
+        if not told and time.monotonic() - started >= patience:
+            holders = [pid for (pid,) in conn.execute(SQL_GATE_HOLDERS, dict(
+                lock_class=_MODE_LOCK_CLASS, gate=_PLANNING_GATE))]
+            log.warning("waiting for another coordinator choosing or planning a run (database session %s; "
+                        "one stopped meanwhile holds it up until its session ends)",
+                        ", ".join(map(str, holders)) or "gone")
+            told = True
         time.sleep(pause)
         pause = min(2 * pause, GATE_POLL)
 
@@ -499,15 +514,35 @@ def clashing_modes(conn: psycopg.Connection, excludes: frozenset[str]) -> ModeCl
 
 
 def hold_mode(conn: psycopg.Connection, mode: str, excludes: frozenset[str],
-              stalled_after: float = DEFAULT_LEASE) -> None:
+              while_waiting: Callable[[], None] | None = None) -> None:
     """Mark this session as working a run of ``mode`` until it ends or calls release_mode
-    (ModeClash if a mode of ``excludes`` is at work); see _take_gate for ``stalled_after``."""
-    with conn.transaction():
-        _take_gate(conn, _MODES_GATE, stalled_after)
-        clash = clashing_modes(conn, excludes)
-        if clash is not None:
-            raise clash
-        conn.execute(SQL_HOLD_MODE, (_mode_key(MODE_NUMBERS[mode]),))
+    (ModeClash if a mode of ``excludes`` is at work). ``while_waiting`` is called about every second
+    while another session holds the gate (whatever it raises ends the wait)."""
+    statement = sql.SQL(SQL_HOLD_MODE_GATED).format(
+        wait=sql.Literal(str(GATE_WAIT_MS)), gate=sql.Literal(_mode_key(_MODES_GATE)),
+        lock_class=sql.Literal(_MODE_LOCK_CLASS), mode=sql.Literal(_mode_key(MODE_NUMBERS[mode])),
+        excluded=sql.SQL("ARRAY[{}]::bigint[]").format(
+            sql.SQL(", ").join(sql.Literal(MODE_NUMBERS[name]) for name in sorted(excludes))))
+    while True:
+        try:
+            if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                conn.execute(statement)
+            else:
+                with conn.transaction():  # a savepoint: the caller's transaction survives a clash
+                    conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            if while_waiting is not None:
+                while_waiting()
+        except psycopg.Error as exc:
+            if exc.sqlstate != SQLSTATE_MODE_CLASH:
+                raise
+            names = {number: name for name, number in MODE_NUMBERS.items()}
+            at_work: dict[str, list[int]] = {}
+            for pair in exc.diag.message_primary.split(","):
+                number, pid = map(int, pair.split(":"))
+                at_work.setdefault(names[number], []).append(pid)
+            raise ModeClash(at_work) from None
 
 
 def release_mode(conn: psycopg.Connection, mode: str) -> None:
@@ -583,7 +618,7 @@ class CheckpointStore:
                 # flush takes a disk sync off every claim, heartbeat and commit.
                 self._conn.execute(SQL_ASYNCHRONOUS_COMMIT)
                 if self.mode is not None:
-                    hold_mode(self._conn, self.mode, self.excludes, self.lease)
+                    hold_mode(self._conn, self.mode, self.excludes, self.before_retry)
                 if self._held is not None:
                     self._relock(self._held)
             except BaseException:

@@ -305,7 +305,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
                                 "a session stuck in a stopped process holds it until it ends)")
             with conn.transaction():
                 if request.run_id is None:
-                    checkpoint.gate_planning(conn, request.lease)  # two coordinators starting at once: one plans, one resumes
+                    checkpoint.gate_planning(conn)  # two coordinators starting at once: one plans, one resumes
                 run = _select_run(conn, mode, request, spec, by_hash_root, archive_root)
             spec.run_id = run.run_id
             spec.options = run.options

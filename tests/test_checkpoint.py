@@ -382,33 +382,59 @@ def test_a_lock_timeout_never_leaves_a_worker_without_its_mode_lock(world):
         gate.close()
 
 
-@pytest.mark.parametrize("gate", ["modes", "planning"])
-def test_a_session_stopped_holding_a_gate_is_ended_after_the_lease(world, gate):
-    """A worker stopped (Ctrl-Z, SIGSTOP, a paused VM) inside hold_mode's transaction, or a coordinator
-    inside its planning's, held the gate's lock: every worker of every run, or every coordinator, then
-    waited for it for as long as the stop lasted. Its session, idle in that transaction for longer than
-    the waiter's lease, is ended."""
-    run_id = new_run(world, 1)
-    key = checkpoint._mode_key(checkpoint._MODES_GATE if gate == "modes" else checkpoint._PLANNING_GATE)
-    stalled = db.connect(world.dsn)
-    try:
-        stalled.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-        started = time.monotonic()
-        if gate == "modes":
-            store = checkpoint.CheckpointStore(world.dsn, run_id, worker="w:1", lease=1, retry_timeout=5,
-                                               since=world.conn.execute("SELECT now()").fetchone()[0],
-                                               mode="relink", excludes=frozenset({"count"}))
-            try:
-                assert store.claim() is not None
-            finally:
-                store.close()
-        else:
-            with db.connect(world.dsn) as coordinator:
-                checkpoint.gate_planning(coordinator, stalled_after=1)
-        assert 1 <= time.monotonic() - started < 10
-        assert not alive(world, stalled.info.backend_pid)
-    finally:
-        stalled.close()
+def test_the_modes_gate_is_one_statement_of_the_server(world, tmp_path):
+    """A worker stopped (Ctrl-Z, SIGSTOP, a paused VM) between two statements of its own inside the
+    modes gate held it, and every worker of every run waited for as long as the stop lasted: taking the
+    gate, checking for clashes and taking the mode's lock is one round trip, the gate released by the
+    server before the answer comes back."""
+    trace = tmp_path / "protocol"
+    with db.connect(world.dsn, autocommit=True) as conn, open(trace, "w") as out:
+        conn.pgconn.trace(out.fileno())
+        checkpoint.hold_mode(conn, "relink", frozenset({"count", "scan"}))
+        conn.pgconn.untrace()
+        assert set(checkpoint.modes_at_work(world.conn)) == {"relink"}
+    # libpq's trace: time, F (sent) or B (received), length, message (a statement's text may span lines)
+    messages = [line.split("\t") for line in trace.read_text().splitlines()]
+    sent = [fields[3] for fields in messages if len(fields) > 3 and fields[1] == "F"]
+    assert sent.count("Sync") + sent.count("Query") == 1, sent
+
+
+def test_a_worker_told_to_stop_while_another_holds_the_modes_gate_stops(world):
+    """Another program holding the gate is waited for; a worker told to stop meanwhile stops."""
+    class Stop(Exception):
+        pass
+
+    def told_to_stop():
+        raise Stop()
+
+    with psycopg.connect(world.dsn, application_name="another-program") as foreign:
+        foreign.execute("SELECT pg_advisory_xact_lock(%s)", (checkpoint._mode_key(checkpoint._MODES_GATE),))
+        with db.connect(world.dsn, autocommit=True) as worker:
+            started = time.monotonic()
+            with pytest.raises(Stop):
+                checkpoint.hold_mode(worker, "relink", frozenset(), while_waiting=told_to_stop)
+            assert time.monotonic() - started < 5
+            assert checkpoint.modes_at_work(world.conn) == {}
+        assert alive(world, foreign.info.backend_pid)
+
+
+def test_a_coordinator_waiting_for_anothers_planning_names_it(world, caplog):
+    """A coordinator stopped while it plans holds the planning gate until its session ends: whoever waits
+    for it says which session it waits for."""
+    import threading
+
+    with psycopg.connect(world.dsn) as planning:
+        holder = planning.info.backend_pid
+        planning.execute("SELECT pg_advisory_xact_lock(%s)", (checkpoint._mode_key(checkpoint._PLANNING_GATE),))
+        done = threading.Timer(1.5, planning.commit)
+        done.start()
+        try:
+            with db.connect(world.dsn) as waiting, caplog.at_level(logging.WARNING, logger="relinker.checkpoint"):
+                checkpoint.gate_planning(waiting, patience=0.3)
+        finally:
+            done.join()
+    told = [r.getMessage() for r in caplog.records if "waiting for another coordinator" in r.getMessage()]
+    assert len(told) == 1 and f"database session {holder}" in told[0]
 
 
 def test_another_programs_session_holding_a_gate_is_waited_for(world):
