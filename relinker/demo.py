@@ -149,8 +149,9 @@ def _start_embedded(root: str, keep: bool):
 
 
 def _medium_name(source: str) -> str:
-    """The medium a --source tree is catalogued as: its directory's name."""
-    return os.path.basename(os.path.abspath(source).rstrip(os.sep)) or "source"
+    """The medium a --source tree is catalogued as: its directory's name (as text: ``\\xNN`` for a byte
+    that is not UTF-8)."""
+    return display(os.path.basename(os.fsencode(os.path.abspath(source)).rstrip(b"/"))) or "source"
 
 
 def _story(step: Step, settings: Settings, source: str, medium: str, exclude: list[bytes], workers: int,
@@ -161,7 +162,8 @@ def _story(step: Step, settings: Settings, source: str, medium: str, exclude: li
         emit(f"  applied: {', '.join(applied)}")
 
         left_out = f"; {', '.join(map(os.fsdecode, exclude))} left out" if exclude else ""
-        step(f"relinker scan --medium {shlex.quote(medium)} {shlex.quote(source)}  (metadata only{left_out})")
+        step(f"relinker scan --medium {shlex.quote(medium)} {shlex.quote(display(os.fsencode(source)))}  "
+             f"(metadata only{left_out})")
         result = scan.scan_tree(conn, medium, os.fsencode(source), exclude)
         emit(f"  {result.paths:,} paths, {result.inodes:,} inodes, {result.files:,} regular files")
         if result.files < MIN_FILES:  # symlinks and left-out files are no content to copy

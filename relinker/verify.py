@@ -267,7 +267,8 @@ def write_failed_ids(conn: psycopg.Connection, run_id: int, destination: str) ->
     sees half a list. Returns how many IDs were written.
     """
     failed = [blobid for (blobid,) in conn.execute(SQL_FAILED_BLOBS, {"run_id": run_id, "limits": sorted(LIMIT_KINDS)})]
-    temporary = f"{destination}.relinker-{secrets.token_hex(4)}"
+    # Beside it, under a name of its own length: the list's own name may be as long as a name can be.
+    temporary = os.path.join(os.path.dirname(destination), f".relinker-failed-ids-{secrets.token_hex(4)}")
     try:
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(f"# blobs that failed relinker verify run {run_id}; relinker relink --from-file FILE repairs their "

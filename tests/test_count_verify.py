@@ -337,6 +337,11 @@ def test_a_failed_ids_list_that_cannot_be_written_is_one_reason(linked, capsys, 
         verify_module.save_failed_ids(linked.dsn, result["run_id"], str(tmp_path / "gone" / "failed"))
     assert verify_module.save_failed_ids(linked.dsn, result["run_id"], str(tmp_path / "failed")) == 0
     assert not (tmp_path / "gone").exists()
+    # a name as long as a name may be: checked before the run, so it must be writable after it
+    longest = tmp_path / ("f" * 255)
+    assert verify_module.save_failed_ids(linked.dsn, result["run_id"], str(longest)) == 0
+    assert longest.read_text().startswith("# blobs that failed")
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".relinker")]  # no temporary left
 
 
 def test_failed_ids_then_relink_from_file_is_a_two_line_repair(linked, capsys, tmp_path):

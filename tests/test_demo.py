@@ -33,6 +33,14 @@ def test_demo_runs_twice_on_the_standard_library(tmp_path):
     assert sorted(os.listdir(tmp_path / "demo")) == [".relinker-demo", "archive", "by-hash", "pgdata"]
 
 
+def test_demo_on_a_tree_whose_name_is_not_utf8(tmp_path):
+    """The medium takes the tree's name as text, a byte that is not UTF-8 as \\xNN: never a traceback."""
+    source = small_tree(tmp_path / os.fsdecode(b"src\xffbad"))
+    result = demo(str(tmp_path / "d"), "--source", str(source), "--workers", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--medium 'src\\xffbad'" in result.stdout and "Traceback" not in result.stderr
+
+
 def test_demo_on_another_tree_keeps_the_server_when_asked(tmp_path):
     """A tree of one's own is catalogued whole (its site-packages too), as a medium of its name."""
     source = small_tree(tmp_path / "src")
