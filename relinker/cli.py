@@ -24,7 +24,7 @@ from relinker.config import (Settings, add_command, check_config_keys, check_ver
                              new_subparsers, options_of, path_argument, prefer_typed, refuse_abbreviations,
                              typed_options, unset)
 from relinker.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, RunStopped, StopSignal,
-                             UserError, stop_on_signals)
+                             UserError, outcome_told, stop_on_signals)
 from relinker.logs import emit, in_log_file, say_and_log, setup_logging
 from relinker.report import Summary
 
@@ -368,6 +368,7 @@ def _resume_globals(argv: Sequence[str], args: argparse.Namespace, settings: Set
 
 def report(summary: Summary, exit_code: int, as_json: bool, request: jobs.JobRequest) -> int:
     """Print a run's summary, and how to resume it if it stopped short; return ``exit_code``."""
+    outcome_told()
     emit(summary.as_json() if as_json else summary.as_text())
     in_log_file(summary.as_text())
     resume_hint = jobs.resume_command(summary.mode, summary.run_id, request)
@@ -589,10 +590,11 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     elif args.failed_ids and summary.run_id is not None:
         try:
             written = verify.save_failed_ids(settings.db_url, summary.run_id, args.failed_ids)
-        except verify.FailedIdsNotWritten as exc:
+        except (verify.FailedIdsNotWritten, KeyboardInterrupt, StopSignal) as exc:
             # The run is recorded: its summary still goes out, and the list can be written later.
+            why = exc if isinstance(exc, verify.FailedIdsNotWritten) else "interrupted"
             log.error("--failed-ids %s: %s (the run is recorded: relinker verify --run %d --failed-ids "
-                      "FILE writes it)", args.failed_ids, exc, summary.run_id)
+                      "FILE writes it)", args.failed_ids, why, summary.run_id)
             code = max(code, EXIT_PROBLEMS)
         else:
             log.info("wrote %d failed blob IDs to %s", written, args.failed_ids)
@@ -614,6 +616,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if run is None:
             raise UserError(f"unknown run {args.run_id}")
         summary = Summary.from_run(conn, run.run_id, open_ranges=True)
+    outcome_told()
     emit(summary.as_json() if args.json else summary.as_text(), log=True)
     return EXIT_OK
 

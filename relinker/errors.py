@@ -40,9 +40,22 @@ class StopSignal(SystemExit):
         super().__init__(EXIT_INTERRUPTED)
 
 
+#: Set once the command's outcome is decided and being told (see outcome_told).
+_outcome_told = False
+
+
 def interrupt(signum, frame) -> None:
-    """The handler of the stop signals while a command runs: stop where it is (exit 3)."""
-    raise StopSignal()
+    """The handler of the stop signals while a command runs: stop where it is (exit 3), unless its
+    outcome is being told already."""
+    if not _outcome_told:
+        raise StopSignal()
+
+
+def outcome_told() -> None:
+    """The command's outcome is decided and being told: a stop signal from now on changes nothing (a
+    summary that says "complete" is never followed by "interrupted")."""
+    global _outcome_told
+    _outcome_told = True
 
 
 def stop_signals() -> set[int]:
@@ -57,8 +70,10 @@ def stop_signals() -> set[int]:
 def stop_on_signals() -> dict:
     """Make the stop signals raise StopSignal (SIGINT too where it was inherited ignored, as a script's
     background job has it); the handlers they had, to put back. Signals are the main thread's only."""
+    global _outcome_told
     if threading.current_thread() is not threading.main_thread():
         return {}
+    _outcome_told = False
     return {signum: signal.signal(signum, interrupt) for signum in stop_signals()}
 
 

@@ -193,6 +193,24 @@ def test_a_signal_once_the_outcome_is_told_changes_nothing(world, signum):
     assert done.stdout.strip() == "no runs yet" and "Traceback" not in done.stderr
 
 
+def test_a_signal_while_the_outcome_is_told_changes_nothing():
+    """Once a summary is being told (report, status), a stop signal neither cuts it short nor follows
+    "complete" with "interrupted" and exit 3."""
+    from relinker import errors
+
+    previous = errors.stop_on_signals()
+    try:
+        with pytest.raises(errors.StopSignal):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next instruction of this thread
+        errors.outcome_told()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_ctrl_c_in_the_middle_of_a_range_gives_that_range_back(busy):
     """One range of 60,000 links, interrupted while worked: back to pending, not left running nor finished."""
     job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "1"))
