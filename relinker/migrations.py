@@ -498,13 +498,19 @@ def build_index_online(conn: psycopg.Connection, name: str, table: str, columns:
         attach(_build_concurrently(conn, f"{name[:40]}_{oid}", qualified, cols, schema))
 
 
-# Sessions with a transaction open in this database: a concurrent index build waits for each to end.
-SQL_OPEN_TRANSACTIONS = """
-SELECT pid, state, extract(epoch FROM clock_timestamp() - xact_start)::float8
-FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
-  AND backend_type = 'client backend'
-ORDER BY xact_start
+# The sessions a concurrent index build of a table waits for: those that hold a lock on it that
+# conflicts with a share lock (a writer), and those that hold a snapshot. A session of another role
+# shows its locks but not its snapshot (unless this role may read all statistics).
+SQL_BUILD_WAITS_FOR = """
+SELECT a.pid, a.state, extract(epoch FROM clock_timestamp() - a.xact_start)::float8
+FROM pg_stat_activity AS a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+  AND (a.backend_xmin IS NOT NULL
+       OR EXISTS (SELECT 1 FROM pg_locks AS l
+                  WHERE l.pid = a.pid AND l.granted AND l.relation = to_regclass(%(table)s)
+                    AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock',
+                                   'ExclusiveLock', 'AccessExclusiveLock')))
+ORDER BY a.xact_start NULLS LAST
 """
 SQL_DROP_INDEX = "DROP INDEX CONCURRENTLY IF EXISTS {}"
 SQL_BUILD_INDEX = "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} {}"
@@ -519,18 +525,18 @@ def _build_concurrently(conn: psycopg.Connection, name: str, table: sql.Identifi
     state = conn.execute(SQL_INDEX_STATE, (qualified.as_string(conn),)).fetchone()
     if state and not state[0]:
         conn.execute(sql.SQL(SQL_DROP_INDEX).format(qualified))
-    _name_open_transactions(conn, name)
+    _name_open_transactions(conn, name, table.as_string(conn))
     # CREATE INDEX takes no schema for its index: it is made in the table's.
     conn.execute(sql.SQL(SQL_BUILD_INDEX).format(
         sql.Identifier(name), table, cols))
     return qualified
 
 
-def _name_open_transactions(conn: psycopg.Connection, index: str) -> None:
-    """Warn of the sessions whose open transactions the concurrent build of ``index`` will wait for."""
-    sessions = conn.execute(SQL_OPEN_TRANSACTIONS).fetchall()
+def _name_open_transactions(conn: psycopg.Connection, index: str, table: str) -> None:
+    """Warn of the sessions whose transactions the concurrent build of ``index`` on ``table`` waits for."""
+    sessions = conn.execute(SQL_BUILD_WAITS_FOR, {"table": table}).fetchall()
     if sessions:
         pid, state, age = sessions[0]
-        log.warning("building index %s waits for the transactions open now to end: %d session%s (the oldest, "
-                    "%d, %s for %.0f s; see pg_stat_activity)", index, len(sessions), "s" if len(sessions) > 1 else "",
-                    pid, state, age)
+        first = f"{pid}, {state} for {age:.0f} s" if state is not None else f"{pid}, of another role"
+        log.warning("building index %s waits for the transactions open now to end: %d session%s (the first, "
+                    "%s; see pg_stat_activity)", index, len(sessions), "s" if len(sessions) > 1 else "", first)

@@ -211,12 +211,15 @@ def test_migrate_resumes_after_an_interrupted_concurrent_index_build(db_url):
 
 
 def test_an_index_build_names_the_open_transactions_it_waits_for(db_url, capsys):
-    """A concurrent build waits for every transaction open when it starts, however long: migrate says
-    which sessions it waits for, and goes on once they end."""
+    """A concurrent build waits for the transactions that hold a snapshot (or wrote to the table),
+    however long they stay open: migrate says which sessions it waits for, and goes on once they end.
+    One idle in a transaction that holds no snapshot is no wait, and is not named."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(PRODUCTION_SHAPE)
-    with psycopg.connect(db_url) as reader:  # a session of some other tool, idle in its transaction
-        reader.execute("SELECT count(*) FROM medium")
+    with psycopg.connect(db_url) as reader, psycopg.connect(db_url) as idle:  # sessions of other tools
+        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        reader.execute("SELECT 1")  # its snapshot lasts until its transaction ends
+        idle.execute("SELECT 1")
         ended = threading.Timer(2.0, reader.commit)
         ended.start()
         try:
@@ -226,7 +229,8 @@ def test_an_index_build_names_the_open_transactions_it_waits_for(db_url, capsys)
             ended.join()
         assert time.monotonic() - started >= 1.5  # it did wait for the reader
         warned = [line for line in capsys.readouterr().err.splitlines() if "waits for the transactions open now" in line]
-        assert warned and f"the oldest, {reader.info.backend_pid}, idle in transaction" in warned[0]
+        assert warned and all("1 session (the first, " in line for line in warned)
+        assert f"the first, {reader.info.backend_pid}, idle in transaction for" in warned[0]
 
 
 def test_an_online_migration_relinker_cannot_read_is_refused(catalogue_url):
