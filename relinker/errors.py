@@ -51,6 +51,28 @@ def interrupt(signum, frame) -> None:
         raise StopSignal()
 
 
+class HeldStopSignals:
+    """While it lasts, the stop signals are only noted; ``release()`` afterwards raises StopSignal if one
+    came. For a step that must not be cut short: a server being started, whose process a signal
+    landing there would leave running without a handle on it to stop. Main thread only."""
+
+    def __enter__(self) -> "HeldStopSignals":
+        self.received: list[int] = []
+        self._previous = {} if threading.current_thread() is not threading.main_thread() else {
+            signum: signal.signal(signum, lambda signum, frame: self.received.append(signum))
+            for signum in stop_signals()}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def release(self) -> None:
+        """Raise StopSignal if a stop signal came while the signals were held."""
+        if self.received:
+            raise StopSignal()
+
+
 def outcome_told() -> None:
     """The command's outcome is decided and being told: a stop signal from now on changes nothing (a
     summary that says "complete" is never followed by "interrupted")."""

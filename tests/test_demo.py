@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import psycopg
 
@@ -114,6 +115,43 @@ def test_demo_on_a_tree_of_symlinks_says_it_has_too_few_files_to_copy(tmp_path):
     result = demo(str(tmp_path / "d"), "--source", str(source))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "has 2 regular files to copy: too few for the demo" in result.stderr
+
+
+def test_a_demo_interrupted_while_its_server_starts_leaves_no_server(tmp_path):
+    """Ctrl-C as the embedded PostgreSQL starts: exit 3, and the server stopped (not left running with
+    nothing to stop it)."""
+    import signal
+
+    import psutil
+
+    from processes import start, wait_for
+
+    def starting_the_server():
+        try:
+            return any(child.name() == "pg_ctl" for child in psutil.Process(job.pid).children())
+        except psutil.Error:
+            return False
+
+    def servers_left():
+        found = []
+        for process in psutil.process_iter(["name", "cmdline"]):
+            if process.info["name"] == "postgres" and str(pgdata) in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+        return found
+
+    pgdata = tmp_path / "d" / "pgdata"
+    job = start(["demo", str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src")), "--workers", "1"])
+    wait_for(starting_the_server, interval=0.001, what="pg_ctl to start the server")
+    job.send_signal(signal.SIGINT)
+    code = job.wait(timeout=120)
+    time.sleep(1)  # a server stopping takes a moment
+    left = servers_left()
+    try:
+        assert code == 3
+        assert not left, "the demo's server runs on"
+    finally:
+        for process in left:
+            process.send_signal(signal.SIGINT)
 
 
 def test_an_interrupted_step_stops_the_demo_with_exit_3(db_url, tmp_path, monkeypatch, capsys):
