@@ -1549,3 +1549,60 @@ def test_a_temporary_that_cannot_be_removed_leaves_the_store_usable(tmp_path):
             os.close(fd)
         store.close()
     assert temporaries(root) == []  # the worker's directory is removed with what was left in it
+
+
+def test_copy_adds_only_the_paths_of_inodes_it_marked(world, capsys, tmp_path, monkeypatch):
+    """An inode of the range stored by another tool meanwhile (under another blob): its paths are not
+    this blob's, and its expected_hardlinks does not count them."""
+    tree = tmp_path / "disk"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"same content")
+    (tree / "b").write_bytes(b"same content")
+    old = world.medium("old")  # the content stored and counted already, from another medium
+    blob = world.blob(b"same content")
+    world.inode(old, [b"/old-path"], blob)
+    assert main(world.argv("relink", "--no-progress", "--workers", "1")) == 0
+    assert world.conn.execute("SELECT expected_hardlinks FROM blobs WHERE blobid = %s", (blob,)).fetchone() == (1,)
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    other = world.blob(b"what b holds now")
+    real_process = copy_mode.CopyWork.process
+
+    def process_then_someone_stores_b(self, r, ctx):
+        finalize = real_process(self, r, ctx)
+        self.data.get().execute("UPDATE inode SET blobid = %s WHERE medium_hash = %s AND ino = %s",
+                                (other, r.medium_hash, os.stat(tree / "b").st_ino))
+        return finalize
+
+    monkeypatch.setattr(copy_mode.CopyWork, "process", process_then_someone_stores_b)
+    capsys.readouterr()
+    assert main(world.argv("copy", "--medium", "disk", "--no-progress", "--workers", "1")) == 0
+    counted = world.conn.execute("SELECT n_hardlinks, expected_hardlinks FROM blobs WHERE blobid = %s",
+                                 (blob,)).fetchone()
+    assert counted == (2, 2)  # /old-path and a: b is the other blob's
+
+
+def test_copy_never_counts_more_links_than_paths(world, capsys, tmp_path, monkeypatch):
+    """n_hardlinks comes from the by-hash file's link count, capped at the blob's catalogued paths: links
+    made outside the catalogue before the range commits never push it past them."""
+    tree = tmp_path / "disk"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"a content")
+    os.link(tree / "a", tree / "a2")
+    scan.scan_tree(world.conn, "disk", os.fsencode(tree))
+    os.makedirs(world.archive_path(os.fsencode(tree / "a2")))  # a directory in the way: one path not linked
+    blob = blake3.blake3(b"a content").hexdigest()
+    real_process = copy_mode.CopyWork.process
+
+    def process_then_links_outside(self, r, ctx):
+        finalize = real_process(self, r, ctx)
+        for n in range(2):
+            os.link(by_hash_path(world.by_hash_root, blob), tmp_path / f"outside-{n}")
+        return finalize
+
+    monkeypatch.setattr(copy_mode.CopyWork, "process", process_then_links_outside)
+    capsys.readouterr()
+    code = main(world.argv("copy", "--json", "--no-progress", "--workers", "1"))
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 1 and summary["problems_by_kind"] == {"is-a-directory": 1}, summary
+    assert world.conn.execute("SELECT n_hardlinks, expected_hardlinks FROM blobs WHERE blobid = %s",
+                              (blob,)).fetchone() == (2, 2)

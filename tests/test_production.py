@@ -575,3 +575,22 @@ def test_a_scan_into_partitions_with_the_ntt_foreign_key_writes_inodes_first_and
     assert sorted(what for (what,) in p.conn.execute("SELECT what FROM ntt_audit")) == [
         "DELETE on inode", "DELETE on path", "INSERT on inode", "INSERT on path"]
     assert p.conn.execute("SELECT count(*) FROM ntt_path_scanned").fetchone() == (5,)
+
+
+def test_a_source_that_refuses_to_open_fails_retryably(production, capsys):
+    """Permission denied is no proof the file is gone: failed_retryable, for a later run to try again."""
+    from support import obeying_file_permissions, socket_open_to_all
+
+    p = production
+    migrate(p, capsys)
+    refused = p.fresh_mount / "new" / "notes.txt"
+    os.chmod(refused, 0o000)
+    try:
+        with socket_open_to_all(p.dsn), obeying_file_permissions():
+            code, summary = run(p, capsys, "copy", "--source-prefix", p.source_prefix())
+    finally:
+        os.chmod(refused, 0o644)
+    assert code == 1 and summary["problems_by_kind"] == {"source-unreadable": 1}, summary
+    status = p.conn.execute("SELECT i.status, i.error_type FROM inode i JOIN path p USING (medium_hash, ino) "
+                            "WHERE p.path = %s", (p.mount_path(p.fresh, "new/notes.txt"),)).fetchone()
+    assert status == ("failed_retryable", "source-unreadable"), status

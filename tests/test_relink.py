@@ -1370,3 +1370,17 @@ def test_ctrl_c_stops_a_worker_waiting_for_its_control_session(world):
         took = time.monotonic() - stopped
     assert code == 3, err[-2000:]
     assert took < 15, took
+
+
+def test_three_media_sharing_one_path_count_it_once(world, capsys, worker_route):
+    """A path two media share counts once: three inodes of one blob, each two sharing a path the third
+    lacks, whatever order the server sends them in ([/x,/y], [/y,/z], [/z,/x]: three paths)."""
+    hello = world.blob(b"hello")
+    for name, paths in (("m1", [b"/x", b"/y"]), ("m2", [b"/y", b"/z"]), ("m3", [b"/z", b"/x"])):
+        world.inode(world.medium(name), paths, hello)
+    code, summary = relink(world, capsys, "--workers", "1", "--no-progress")
+    assert code == 0 and summary["links_created"] == 3, summary
+    world.assert_complete()
+    assert world.n_hardlinks()[hello] == 3
+    code, summary = relink(world, capsys, "--workers", "1", "--no-progress", "--dry-run", "--new")
+    assert code == 0 and (summary["links_created"], summary["links_present"]) == (0, 3), summary

@@ -367,3 +367,29 @@ def test_a_directory_swapped_for_a_symlink_while_the_tree_is_walked_is_never_wal
             os.symlink(elsewhere, tree / "victim")
     assert root + b"/victim" in seen and not any(b"secret" in path or b"inside" in path for path in seen)
     assert result.changed == 1 and result.unreadable == 0
+
+
+@pytest.fixture
+def mounted_inside(tmp_path):
+    """A tree with another filesystem (a tmpfs) mounted inside it."""
+    import subprocess
+
+    tree = tmp_path / "tree"
+    (tree / "mnt").mkdir(parents=True)
+    (tree / "own").write_bytes(b"own")
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tree / "mnt")], capture_output=True).returncode != 0:
+        pytest.skip("mounting needs privileges this machine does not give")
+    (tree / "mnt" / "foreign").write_bytes(b"on another filesystem")
+    yield tree
+    subprocess.run(["umount", str(tree / "mnt")], capture_output=True)
+
+
+def test_scan_stays_on_the_trees_filesystem(conn, catalogue_url, capsys, mounted_inside):
+    """Like find -xdev: a disk mounted below the tree is not the medium's, and the summary counts it."""
+    code = main(["--db-url", catalogue_url, "scan", "--medium", "disk", str(mounted_inside)])
+    out, err = capsys.readouterr()
+    assert code == 1, err  # what a scan leaves out is told, as a problem is
+    paths = {bytes(p) for (p,) in conn.execute("SELECT path FROM path")}
+    assert os.fsencode(mounted_inside / "own") in paths
+    assert os.fsencode(mounted_inside / "mnt" / "foreign") not in paths, sorted(paths)
+    assert "1 on other filesystems" in out + err, out + err
