@@ -414,7 +414,7 @@ _MODES_GATE, _PLANNING_GATE = 0, 100
 # into short ones, so that a worker told to stop meanwhile does. 'RLK01' carries the clash found.
 SQL_HOLD_MODE_GATED = """
 DO $relinker$
-DECLARE clash text;
+DECLARE clash text; caller_lock_timeout text := current_setting('lock_timeout');
 BEGIN
     PERFORM set_config('lock_timeout', {wait}, true);
     PERFORM pg_advisory_xact_lock({gate});
@@ -427,6 +427,8 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'RLK01', MESSAGE = clash;
     END IF;
     PERFORM pg_advisory_lock_shared({mode});
+    -- inside a caller's transaction, what follows waits as the caller's session would have
+    PERFORM set_config('lock_timeout', caller_lock_timeout, true);
 END
 $relinker$
 """

@@ -165,7 +165,9 @@ def scan_tree(conn: psycopg.Connection, name: str, root: bytes, exclude: list[by
         ensure_medium_partitions(conn, result.medium_hash)
         _replace_medium(conn, name, root, root_stat, exclude, text_paths, result)
     finally:
-        if db.alive(conn):
+        # In a caller's transaction that failed, the release would fail too and hide why: the mode's
+        # lock then lasts until the session ends.
+        if db.alive(conn) and conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
             checkpoint.release_mode(conn, "scan")
     return result
 

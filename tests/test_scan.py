@@ -338,10 +338,13 @@ def test_a_scan_and_the_runs_that_count_its_paths_never_overlap(conn, catalogue_
 
 def test_two_scans_in_one_transaction_of_the_caller(catalogue_url, tree):
     """scan_tree as a library call, twice on a connection that is not in autocommit: the second finds
-    nothing of the first in its way."""
+    nothing of the first in its way, and the caller's transaction keeps its own settings (the modes
+    gate's short lock waits are the gate's alone)."""
     with psycopg.connect(catalogue_url) as conn:  # one transaction until the end of the block
+        conn.execute("SET LOCAL lock_timeout = '7s'")
         scan.scan_tree(conn, "disk-1", tree)
         scan.scan_tree(conn, "disk-1", tree)
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("7s",)
         conn.commit()
         assert conn.execute("SELECT count(*) FROM inode WHERE medium_hash = %s",
                             (scan.medium_hash_for("disk-1"),)).fetchone() == (8,)
