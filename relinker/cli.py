@@ -464,6 +464,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     """`relinker migrate`: bring the catalogue's relinker tables to this version; the exit code."""
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         applied = migrations.migrate(conn, base=args.base)
+    outcome_told()
     # Every migration this relinker knows is applied now (a newer catalogue was refused); this role
     # may not read the table that says so (a member migrating as the owner, inheriting nothing).
     version = max(m.version for m in migrations.available())
@@ -478,6 +479,7 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     with db.connect_for_user(settings.db_url, autocommit=True) as conn:
         result = scan.scan_tree(conn, args.medium, os.fsencode(args.directory),
                                 [os.fsencode(pattern) for pattern in args.exclude])
+    outcome_told()
     skipped = result.unreadable + result.changed + result.other_filesystem + result.unrepresentable
     emit(
         f"medium {args.medium} ({result.medium_hash}): {result.paths} paths, "
@@ -611,6 +613,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         run = checkpoint.get_run(conn, args.run_id) if args.run_id is not None else checkpoint.newest_run(conn)
         if run is None and args.run_id is None:
             # A catalogue just migrated is no error: a monitoring script reads it as it is.
+            outcome_told()
             emit(json.dumps({"run_id": None}) if args.json else "no runs yet", log=True)
             return EXIT_OK
         if run is None:

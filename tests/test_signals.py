@@ -211,6 +211,30 @@ def test_a_signal_while_the_outcome_is_told_changes_nothing():
             signal.signal(signum, handler)
 
 
+@pytest.mark.parametrize("command", ["migrate", "scan", "status"])
+def test_a_signal_as_a_commands_result_is_printed_changes_nothing(catalogue_url, tmp_path, monkeypatch, capsys,
+                                                                   command):
+    """migrate, scan and status have done their work when they print it: a Ctrl-C then is no
+    "interrupted" and exit 3 (with no resume to offer)."""
+    from relinker import cli
+    from relinker.cli import main
+
+    real_emit = cli.emit
+
+    def emit_then_a_signal(*args, **kwargs):
+        real_emit(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, if it raises
+
+    monkeypatch.setattr(cli, "emit", emit_then_a_signal)
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "file").write_bytes(b"content")
+    argv = {"migrate": ["migrate"], "scan": ["scan", "--medium", "disk", str(tmp_path / "tree")],
+            "status": ["status"]}[command]
+    assert main(["--db-url", catalogue_url, *argv]) == 0
+    assert "interrupted" not in capsys.readouterr().err
+
+
 def test_ctrl_c_in_the_middle_of_a_range_gives_that_range_back(busy):
     """One range of 60,000 links, interrupted while worked: back to pending, not left running nor finished."""
     job = start(busy.argv("relink", "--no-progress", "--json", "--workers", "1", "--ranges", "1"))
