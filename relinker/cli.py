@@ -566,7 +566,13 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         directory = os.path.dirname(os.path.abspath(args.failed_ids))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
             raise UserError(f"--failed-ids {args.failed_ids}: cannot write into {directory}")
-        if os.path.lexists(args.failed_ids) and not os.path.isfile(args.failed_ids):
+        try:
+            there = os.lstat(args.failed_ids)
+        except FileNotFoundError:
+            there = None
+        except OSError as exc:  # a name too long for its filesystem, ...
+            raise UserError(f"--failed-ids {args.failed_ids}: {exc.strerror}") from None
+        if there is not None and not os.path.isfile(args.failed_ids):
             raise UserError(f"--failed-ids {args.failed_ids}: not a file (the list replaces a file, nothing else)")
     # A nightly config's --count and --mode give way to --all or a list typed, and the other way round.
     prefer_typed(args, getattr(args, "typed", frozenset()), ("all", "from_file"), ("count", "mode"))

@@ -425,6 +425,7 @@ def test_verify_dry_run_writes_nothing(linked, capsys):
     (["relink", "--from-file", "/nonexistent/list"], "--from-file /nonexistent/list: No such file"),
     # before the run, not after a night of it
     (["verify", "--all", "--failed-ids", "/nonexistent/dir/x"], "cannot write into /nonexistent/dir"),
+    (["verify", "--all", "--failed-ids", "/tmp/" + "x" * 256], "File name too long"),
     # no list, and endless: read whole, it was memory until the kernel killed relinker
     (["relink", "--from-file", "/dev/zero"], "--from-file /dev/zero: line 1 is longer than 4096 characters"),
 ])
