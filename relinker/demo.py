@@ -92,7 +92,13 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
         raise UserError(f"cannot make the demo directory {root}: {exc.strerror}") from None
     step = Step()
     with HeldStopSignals() as held:  # a server half started is never left running
-        server = _start_embedded(root, keep)
+        try:
+            server = _start_embedded(root, keep)
+        except Exception as exc:  # initdb or pg_ctl failed, or was stopped by the terminal's Ctrl-C with us
+            held.release()
+            raise UserError(f"cannot start the demo's embedded PostgreSQL: {str(exc).splitlines()[0]} "
+                            f"(its log: {os.path.join(root, 'pgdata', 'log')})") from None
+    told = False
     try:
         held.release()
         dsn = _fresh_database(server)
@@ -102,9 +108,12 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
                                    archive_root=os.fsencode(archive))
         code = _story(step, demo, source, medium, exclude, workers, progress)
         _explain_psql(step, dsn, server, keep, root)
+        told = True
     finally:
         if not keep:
             server.cleanup()
+        elif not told:
+            emit(f"the demo's server keeps running (--keep); stop it with:\n  {_stop_command(server, root)}")
     return code
 
 
@@ -159,7 +168,12 @@ def _fresh_database(server) -> str:
 def _medium_name(source: str) -> str:
     """The medium a --source tree is catalogued as: its directory's name (as text: ``\\xNN`` for a byte
     that is not UTF-8)."""
-    return display(os.path.basename(os.fsencode(os.path.abspath(source)).rstrip(b"/"))) or "source"
+    return _as_text(os.path.basename(os.fsencode(os.path.abspath(source)).rstrip(b"/"))) or "source"
+
+
+def _as_text(name: bytes) -> str:
+    """``name`` as it reads, but for a byte that is not UTF-8: ``\\xNN``."""
+    return name.decode("utf-8", "backslashreplace")
 
 
 def _story(step: Step, settings: Settings, source: str, medium: str, exclude: list[bytes], workers: int,
@@ -170,7 +184,7 @@ def _story(step: Step, settings: Settings, source: str, medium: str, exclude: li
         emit(f"  applied: {', '.join(applied)}")
 
         left_out = f"; {', '.join(map(os.fsdecode, exclude))} left out" if exclude else ""
-        step(f"relinker scan --medium {shlex.quote(medium)} {shlex.quote(display(os.fsencode(source)))}  "
+        step(f"relinker scan --medium {shlex.quote(medium)} {shlex.quote(_as_text(os.fsencode(source)))}  "
              f"(metadata only{left_out})")
         result = scan.scan_tree(conn, medium, os.fsencode(source), exclude)
         emit(f"  {result.paths:,} paths, {result.inodes:,} inodes, {result.files:,} regular files")
@@ -247,9 +261,14 @@ def _explain_psql(step: Step, dsn: str, server, keep: bool, root: str) -> None:
     if not keep:
         emit("  (the embedded server stops now; `relinker demo --keep` leaves it running for psql)")
         return
+    emit(f"  the server keeps running; stop it with:\n  {_stop_command(server, root)}")
+
+
+def _stop_command(server, root: str) -> str:
+    """The command that stops the demo's server."""
     as_user = f"runuser -u {server.system_user} -- " if server.system_user else ""
-    emit(f"  the server keeps running; stop it with:\n  {as_user}{shlex.quote(os.path.join(bin_dir, 'pg_ctl'))} "
-          f"-D {shlex.quote(os.path.join(root, 'pgdata'))} stop")
+    return (f"{as_user}{shlex.quote(os.path.join(_server_bin_dir(), 'pg_ctl'))} "
+            f"-D {shlex.quote(os.path.join(root, 'pgdata'))} stop")
 
 
 def _server_bin_dir() -> str:

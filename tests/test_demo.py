@@ -6,6 +6,7 @@ import sys
 import time
 
 import psycopg
+import pytest
 
 from processes import NEUTRAL_DIRECTORY
 
@@ -34,12 +35,14 @@ def test_demo_runs_twice_on_the_standard_library(tmp_path):
     assert sorted(os.listdir(tmp_path / "demo")) == [".relinker-demo", "archive", "by-hash", "pgdata"]
 
 
-def test_demo_on_a_tree_whose_name_is_not_utf8(tmp_path):
-    """The medium takes the tree's name as text, a byte that is not UTF-8 as \\xNN: never a traceback."""
-    source = small_tree(tmp_path / os.fsdecode(b"src\xffbad"))
+@pytest.mark.parametrize("name, medium", [(b"src\xffbad", "src\\xffbad"), (b"a\\b", "a\\b")],
+                         ids=["not-utf8", "backslash"])
+def test_demo_on_a_tree_with_an_odd_name(tmp_path, name, medium):
+    """The medium takes the tree's name as it reads (a byte that is not UTF-8 as \\xNN): never a traceback."""
+    source = small_tree(tmp_path / os.fsdecode(name))
     result = demo(str(tmp_path / "d"), "--source", str(source), "--workers", "1")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "--medium 'src\\xffbad'" in result.stdout and "Traceback" not in result.stderr
+    assert f"--medium '{medium}' " in result.stdout and "Traceback" not in result.stderr
 
 
 def test_demo_on_another_tree_keeps_the_server_when_asked(tmp_path):
@@ -117,9 +120,12 @@ def test_demo_on_a_tree_of_symlinks_says_it_has_too_few_files_to_copy(tmp_path):
     assert "has 2 regular files to copy: too few for the demo" in result.stderr
 
 
-def test_a_demo_interrupted_while_its_server_starts_leaves_no_server(tmp_path):
-    """Ctrl-C as the embedded PostgreSQL starts: exit 3, and the server stopped (not left running with
-    nothing to stop it)."""
+@pytest.mark.parametrize("to_group, keep", [(False, False), (True, False), (False, True)],
+                         ids=["kill", "terminal-ctrl-c", "kill-keep"])
+def test_a_demo_interrupted_while_its_server_starts(tmp_path, to_group, keep):
+    """Ctrl-C as the embedded PostgreSQL starts: exit 3, one line, and the server stopped (not left
+    running with nothing to stop it); with --keep, left running with the command that stops it. A
+    terminal's Ctrl-C reaches initdb and pg_ctl too, which then fail."""
     import signal
 
     import psutil
@@ -128,27 +134,32 @@ def test_a_demo_interrupted_while_its_server_starts_leaves_no_server(tmp_path):
 
     def starting_the_server():
         try:
-            return any(child.name() == "pg_ctl" for child in psutil.Process(job.pid).children())
+            return any(child.name() in ("initdb", "pg_ctl") for child in psutil.Process(job.pid).children())
         except psutil.Error:
             return False
 
     def servers_left():
-        found = []
-        for process in psutil.process_iter(["name", "cmdline"]):
-            if process.info["name"] == "postgres" and str(pgdata) in " ".join(process.info["cmdline"] or []):
-                found.append(process)
-        return found
+        return [process for process in psutil.process_iter(["name", "cmdline"])
+                if process.info["name"] == "postgres" and str(pgdata) in " ".join(process.info["cmdline"] or [])]
 
     pgdata = tmp_path / "d" / "pgdata"
-    job = start(["demo", str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src")), "--workers", "1"])
-    wait_for(starting_the_server, interval=0.001, what="pg_ctl to start the server")
-    job.send_signal(signal.SIGINT)
-    code = job.wait(timeout=120)
+    job = start(["demo", str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src")), "--workers", "1",
+                 *(["--keep"] if keep else [])])
+    wait_for(starting_the_server, interval=0.001, what="the server to start")
+    if to_group:
+        os.killpg(job.pid, signal.SIGINT)
+    else:
+        job.send_signal(signal.SIGINT)
+    out, err = (stream.decode() for stream in job.communicate(timeout=120))
     time.sleep(1)  # a server stopping takes a moment
     left = servers_left()
     try:
-        assert code == 3
-        assert not left, "the demo's server runs on"
+        assert job.returncode == 3, out + err
+        assert err.strip().endswith("relinker: interrupted") and "Traceback" not in err
+        if keep and left:
+            assert "stop it with:" in out
+        else:
+            assert not left, "the demo's server runs on"
     finally:
         for process in left:
             process.send_signal(signal.SIGINT)
