@@ -358,7 +358,9 @@ def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None
     medium yet (one NTT made under its own name is fine). Creating one locks
     its table against every reader: on an autocommit connection each is
     made in a short transaction of its own, waiting for that lock no longer
-    than migrate's statements do; in a caller's transaction, inside it.
+    than migrate's statements do; in a caller's transaction, inside it, in a
+    savepoint (a failure leaves that transaction usable) and waiting as the
+    caller's other statements do.
     """
     for table in ("inode", "path"):
         if db.relkind(conn, table) != "p" or conn.execute(
@@ -372,9 +374,10 @@ def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None
         owner, me = conn.execute(SQL_OWNER, {"table": table}).fetchone()
         as_owner = [(sql.SQL(SQL_SET_LOCAL_ROLE).format(sql.Identifier(owner)), None)] if owner != me else []
         back = [(sql.SQL(SQL_SET_LOCAL_ROLE).format(sql.Identifier(me)), None)] if owner != me else []
-        if not conn.autocommit:
-            for step, _ in [*as_owner, (statement, None), *back]:
-                conn.execute(step)
+        if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with conn.transaction():
+                for step, _ in [*as_owner, (statement, None), *back]:
+                    conn.execute(step)
             continue
         try:
             migrations.briefly_locking(conn, [*as_owner, (statement, None)],

@@ -336,6 +336,32 @@ def test_a_scan_and_the_runs_that_count_its_paths_never_overlap(conn, catalogue_
         assert checkpoint.modes_at_work(other) == {}
 
 
+def test_a_scan_in_an_autocommit_callers_transaction_keeps_its_settings(catalogue_url, tree):
+    """An autocommit session inside its own transaction block: the scan's partitions are made in that
+    transaction, and the caller's lock_timeout is what it was after it."""
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '7s'")
+            scan.scan_tree(conn, "disk-1", tree)
+            assert conn.execute("SHOW lock_timeout").fetchone() == ("7s",)
+
+
+def test_a_scan_failing_in_a_callers_transaction_leaves_it_usable_and_nothing_at_work(catalogue_url, tree):
+    """The medium's partition cannot be made in time (a reader holds inode): the scan fails, the caller's
+    transaction is still usable, and no scan is left "at work" to refuse the runs that follow."""
+    from relinker import checkpoint
+
+    with psycopg.connect(catalogue_url) as reader, psycopg.connect(catalogue_url) as conn, \
+            psycopg.connect(catalogue_url, autocommit=True) as other:
+        reader.execute("SELECT count(*) FROM inode")  # its lock lasts until it ends its transaction
+        conn.execute("SET LOCAL lock_timeout = '200ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            scan.scan_tree(conn, "disk-1", tree)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert checkpoint.modes_at_work(other) == {}
+        conn.rollback()
+
+
 def test_two_scans_in_one_transaction_of_the_caller(catalogue_url, tree):
     """scan_tree as a library call, twice on a connection that is not in autocommit: the second finds
     nothing of the first in its way, and the caller's transaction keeps its own settings (the modes
