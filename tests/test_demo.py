@@ -45,6 +45,38 @@ def test_demo_on_a_tree_with_an_odd_name(tmp_path, name, medium):
     assert f"--medium '{medium}' " in result.stdout and "Traceback" not in result.stderr
 
 
+def test_a_server_that_cannot_start_is_one_line(tmp_path):
+    """A demo directory whose pgdata holds something but no cluster: initdb refuses it, and the demo says
+    why in one line (not the server library's dump of initdb's output)."""
+    (tmp_path / "d" / "pgdata").mkdir(parents=True)
+    (tmp_path / "d" / ".relinker-demo").write_text("")
+    (tmp_path / "d" / "pgdata" / "junk").write_text("")
+    result = demo(str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src")), "--workers", "1")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("relinker: error: cannot start the demo's embedded PostgreSQL: initdb: error: ")
+
+
+def test_a_ctrl_c_as_the_demo_stops_its_server_changes_nothing(tmp_path):
+    """Everything done and told: stopping the server is no step a Ctrl-C makes "interrupted"."""
+    import signal
+
+    from processes import start
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    job = start(["demo", str(tmp_path / "d"), "--source", str(small_tree(tmp_path / "src")), "--workers", "1"],
+                env=env)
+    out = b""
+    while b"server stops now" not in out:
+        line = job.stdout.readline()
+        assert line, "the demo ended before it stopped its server"
+        out += line
+    job.send_signal(signal.SIGINT)
+    rest, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    assert b"interrupted" not in err
+
+
 def test_demo_on_another_tree_keeps_the_server_when_asked(tmp_path):
     """A tree of one's own is catalogued whole (its site-packages too), as a medium of its name."""
     source = small_tree(tmp_path / "src")
