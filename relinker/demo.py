@@ -97,8 +97,8 @@ def run_demo(directory: str, source: str | None, keep: bool, settings: Settings,
             server = _start_embedded(root, keep)
         except Exception as exc:  # initdb or pg_ctl failed, or was stopped by the terminal's Ctrl-C with us
             held.release()
-            raise UserError(f"cannot start the demo's embedded PostgreSQL: {library.reason() or exc or type(exc).__name__}"
-                            ) from None
+            why = library.reason() or (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"cannot start the demo's embedded PostgreSQL: {why}") from None
     told = False
     try:
         held.release()
