@@ -480,9 +480,14 @@ def gate_planning(conn: psycopg.Connection, patience: float = GATE_PATIENCE) -> 
 
 def modes_at_work(conn: psycopg.Connection) -> dict[str, list[int]]:
     """The modes whose runs other sessions of this database are working now, with those sessions' pids."""
+    return _by_mode(conn.execute(SQL_MODES_AT_WORK, (_MODE_LOCK_CLASS,)))
+
+
+def _by_mode(held: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
+    """(mode number, pid) pairs of the modes' locks as {mode: [pids]}; numbers of no mode left out."""
     names = {number: name for name, number in MODE_NUMBERS.items()}
     found: dict[str, list[int]] = {}
-    for number, pid in conn.execute(SQL_MODES_AT_WORK, (_MODE_LOCK_CLASS,)):
+    for number, pid in held:
         if number in names:
             found.setdefault(names[number], []).append(pid)
     return found
@@ -527,11 +532,11 @@ def hold_mode(conn: psycopg.Connection, mode: str, excludes: frozenset[str],
             sql.SQL(", ").join(sql.Literal(MODE_NUMBERS[name]) for name in sorted(excludes))))
     while True:
         try:
-            if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-                conn.execute(statement)
-            else:
+            if db.in_callers_transaction(conn):
                 with conn.transaction():  # a savepoint: the caller's transaction survives a clash
                     conn.execute(statement)
+            else:
+                conn.execute(statement)
             return
         except psycopg.errors.LockNotAvailable:
             if while_waiting is not None:
@@ -539,12 +544,8 @@ def hold_mode(conn: psycopg.Connection, mode: str, excludes: frozenset[str],
         except psycopg.Error as exc:
             if exc.sqlstate != SQLSTATE_MODE_CLASH:
                 raise
-            names = {number: name for name, number in MODE_NUMBERS.items()}
-            at_work: dict[str, list[int]] = {}
-            for pair in exc.diag.message_primary.split(","):
-                number, pid = map(int, pair.split(":"))
-                at_work.setdefault(names[number], []).append(pid)
-            raise ModeClash(at_work) from None
+            pairs = (map(int, pair.split(":")) for pair in exc.diag.message_primary.split(","))
+            raise ModeClash(_by_mode(pairs)) from None
 
 
 def release_mode(conn: psycopg.Connection, mode: str) -> None:
@@ -730,7 +731,6 @@ class CheckpointStore:
             log.warning("terminating stalled session %d: idle for %.0f s in a transaction holding ranges "
                         "(longer than the %g s lease)", pid, idle, self.lease)
             end_session(conn, pid)
-
 
     def reassert(self, r: Range) -> None:
         """After a transient error, before ``r`` is redone: make sure we still own it (raises LostRange).

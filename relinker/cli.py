@@ -164,7 +164,7 @@ exit codes: 0 every blob passed; 1 some failed, or paths over the filesystem's l
     which_blobs = verify_cmd.add_mutually_exclusive_group()
     which_blobs.add_argument("--all", action="store_true", help="every blob of the catalogue")
     which_blobs.add_argument("--from-file", metavar="FILE", type=path_argument, help="the blob IDs listed in FILE ('-': stdin)")
-    verify_cmd.add_argument("--count", type=at_most(BIGINT_MAX), metavar="N",
+    verify_cmd.add_argument("--count", type=at_most(catalogue.BIGINT_MAX), metavar="N",
                             help=f"how many blobs (default {verify.DEFAULT_COUNT})")
     verify_cmd.add_argument("--mode", choices=verify.SELECTIONS,
                             help="never checked (default), least recently checked, or a random sample")
@@ -240,17 +240,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-#: The largest count the catalogue's bigint takes (--limit, verify --count).
-BIGINT_MAX = catalogue.BIGINT_MAX
-
-
 def non_negative_int(text: str) -> int:
     """An argparse type: a whole number, 0 or more (and a bigint)."""
     value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    if value > BIGINT_MAX:
-        raise argparse.ArgumentTypeError(f"must be at most {BIGINT_MAX}, not {value}")
+    if value > catalogue.BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {catalogue.BIGINT_MAX}, not {value}")
     return value
 
 

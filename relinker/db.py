@@ -181,6 +181,12 @@ def bool_array(values) -> str:
     return "{" + ",".join("t" if value else "f" for value in values) + "}"
 
 
+def in_callers_transaction(conn: psycopg.Connection) -> bool:
+    """Whether a statement on ``conn`` would run inside a transaction its caller has open (or will
+    commit): not an autocommit session outside any transaction block."""
+    return not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+
 def alive(conn: psycopg.Connection | None) -> bool:
     """Whether ``conn`` is a session still there: not closed here, not lost to the server."""
     return conn is not None and not conn.closed and not conn.broken

@@ -624,7 +624,8 @@ def _as_planned(run: RunInfo, planned_with: dict, key: str, value) -> bool:
     """Whether ``value`` of option ``key`` is what ``run`` was asked for, or what its planning made of
     that (a medium asked by name is planned by its hash)."""
     resolved = _given_value(run.options.get(key))
-    return _given_value(value) == _given_value(planned_with.get(key)) or (resolved is not None and _given_value(value) == resolved)
+    given = _given_value(value)
+    return given == _given_value(planned_with.get(key)) or (resolved is not None and given == resolved)
 
 
 #: verify's selections as the options that ask for them.

@@ -265,7 +265,8 @@ FROM pg_class AS c WHERE c.oid = to_regclass('blobs')
 # The catalogue's schemas alone in search_path, blobs' first: what is made goes there, and nothing
 # migrate names (a view it drops to make anew) is found in another schema, another catalogue's.
 SQL_BESIDE_THE_CATALOGUE = """
-SELECT current_setting('search_path'), set_config('search_path', string_agg(quote_ident(schema), ', ' ORDER BY n), false)
+SELECT current_setting('search_path'),
+       set_config('search_path', string_agg(quote_ident(schema), ', ' ORDER BY n), false)
 FROM (SELECT ns.nspname AS schema, min(t.n) AS n
       FROM unnest(ARRAY['blobs', 'inode', 'path', 'medium']) WITH ORDINALITY AS t(name, n)
       JOIN pg_class AS c ON c.oid = to_regclass(t.name)
@@ -525,14 +526,14 @@ def _build_concurrently(conn: psycopg.Connection, name: str, table: sql.Identifi
     state = conn.execute(SQL_INDEX_STATE, (qualified.as_string(conn),)).fetchone()
     if state and not state[0]:
         conn.execute(sql.SQL(SQL_DROP_INDEX).format(qualified))
-    _name_open_transactions(conn, name, table.as_string(conn))
+    _name_sessions_waited_for(conn, name, table.as_string(conn))
     # CREATE INDEX takes no schema for its index: it is made in the table's.
     conn.execute(sql.SQL(SQL_BUILD_INDEX).format(
         sql.Identifier(name), table, cols))
     return qualified
 
 
-def _name_open_transactions(conn: psycopg.Connection, index: str, table: str) -> None:
+def _name_sessions_waited_for(conn: psycopg.Connection, index: str, table: str) -> None:
     """Warn of the sessions whose transactions the concurrent build of ``index`` on ``table`` waits for."""
     sessions = conn.execute(SQL_BUILD_WAITS_FOR, {"table": table}).fetchall()
     if sessions:

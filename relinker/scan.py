@@ -374,7 +374,7 @@ def ensure_medium_partitions(conn: psycopg.Connection, medium_hash: str) -> None
         owner, me = conn.execute(SQL_OWNER, {"table": table}).fetchone()
         as_owner = [(sql.SQL(SQL_SET_LOCAL_ROLE).format(sql.Identifier(owner)), None)] if owner != me else []
         back = [(sql.SQL(SQL_SET_LOCAL_ROLE).format(sql.Identifier(me)), None)] if owner != me else []
-        if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        if db.in_callers_transaction(conn):
             with conn.transaction():
                 for step, _ in [*as_owner, (statement, None), *back]:
                     conn.execute(step)
