@@ -498,24 +498,24 @@ def test_two_mounts_of_one_filesystem_are_a_preflight_error(small, capsys, bind_
 
 def test_a_mode_that_writes_the_store_probes_with_its_own_file_and_lists_nothing(small, monkeypatch):
     """copy links a probe file of its own: a store of 65,536 mostly empty ab/cd/ is never listed."""
-    from relinker import jobs
+    from relinker import preflight
     from relinker.config import Settings
 
     def listing(by_hash_root):
         raise AssertionError("the store was listed")
 
-    monkeypatch.setattr(jobs, "_a_stored_file", listing)
+    monkeypatch.setattr(preflight, "_a_stored_file", listing)
     settings = Settings(db_url=small.dsn, by_hash_root=small.by_hash_root, archive_root=small.archive_root)
     before = sorted(os.listdir(small.by_hash)), sorted(os.listdir(small.archive))
-    assert jobs.check_roots(settings, frozenset({"archive", "by-hash"})) == (small.by_hash_root, small.archive_root)
+    assert preflight.check_roots(settings, frozenset({"archive", "by-hash"})) == (small.by_hash_root, small.archive_root)
     assert (sorted(os.listdir(small.by_hash)), sorted(os.listdir(small.archive))) == before  # the probe is gone
     with pytest.raises(AssertionError, match="listed"):
-        jobs.check_roots(settings, frozenset({"archive"}))  # relink looks for a stored file to link
+        preflight.check_roots(settings, frozenset({"archive"}))  # relink looks for a stored file to link
 
 
 def test_modes_that_write_nothing_accept_read_only_roots(small, tmp_path):
     """verify, count and any --dry-run read the archive and the store: they need no write access."""
-    from relinker import jobs
+    from relinker import preflight
     from relinker.config import Settings
     from support import obeying_file_permissions
 
@@ -524,15 +524,15 @@ def test_modes_that_write_nothing_accept_read_only_roots(small, tmp_path):
     os.chmod(small.by_hash, 0o555)
     try:
         with obeying_file_permissions():
-            assert jobs.check_roots(settings) == (small.by_hash_root, small.archive_root)
+            assert preflight.check_roots(settings) == (small.by_hash_root, small.archive_root)
             with pytest.raises(UserError, match="--archive-root .* is not writable"):
-                jobs.check_roots(settings, frozenset({"archive"}))
+                preflight.check_roots(settings, frozenset({"archive"}))
             with pytest.raises(UserError, match="--by-hash-root .* is not writable"):
-                jobs.check_roots(settings, frozenset({"by-hash"}))
+                preflight.check_roots(settings, frozenset({"by-hash"}))
             # ... but they must read them: refused in one line, not workers dying at their start.
             os.chmod(small.archive, 0)
             with pytest.raises(UserError, match="--archive-root .* is not readable"):
-                jobs.check_roots(settings)
+                preflight.check_roots(settings)
     finally:
         os.chmod(small.archive, 0o755)
         os.chmod(small.by_hash, 0o755)
@@ -540,7 +540,7 @@ def test_modes_that_write_nothing_accept_read_only_roots(small, tmp_path):
 
 def test_an_unreadable_store_directory_is_no_reason_to_refuse_the_roots(small):
     """The link probe looks for a stored file: an ab/cd/ it cannot list is passed over, not a link failure."""
-    from relinker import jobs
+    from relinker import preflight
     from relinker.config import Settings
     from support import obeying_file_permissions
 
@@ -549,7 +549,7 @@ def test_an_unreadable_store_directory_is_no_reason_to_refuse_the_roots(small):
     os.chmod(level2s[0], 0)
     try:
         with obeying_file_permissions():
-            assert jobs.check_roots(settings, frozenset({"archive"})) == (small.by_hash_root, small.archive_root)
+            assert preflight.check_roots(settings, frozenset({"archive"})) == (small.by_hash_root, small.archive_root)
     finally:
         os.chmod(level2s[0], 0o755)
 
