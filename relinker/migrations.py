@@ -13,6 +13,7 @@ re-applied on every migrate.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import logging
 import pathlib
@@ -51,6 +52,10 @@ CREATE TABLE IF NOT EXISTS relinker_schema_migration (
 """
 SQL_APPLIED_VERSIONS = "SELECT version FROM relinker_schema_migration ORDER BY version"
 SQL_RECORD_MIGRATION = "INSERT INTO relinker_schema_migration (version, name) VALUES (%s, %s)"
+# relinker's views are made anew by every migrate, from its own views.sql; the comment of one says
+# which: another version's migrate (one before relinker refused newer catalogues) leaves them its own.
+SQL_MARK_VIEWS = "COMMENT ON VIEW relinker_run_progress IS {}"
+SQL_VIEWS_MARK = "SELECT obj_description(to_regclass('relinker_run_progress'), 'pg_class')"
 
 # An index whose key starts with the wanted columns, in order, that also
 # holds the wanted included columns (as key or INCLUDE columns), with no
@@ -151,6 +156,15 @@ def require_migrated(conn: psycopg.Connection) -> None:
             "the catalogue is not migrated for this relinker version "
             f"(missing migrations {', '.join(map(str, missing))}): run `relinker migrate`"
         )
+    if conn.execute(SQL_VIEWS_MARK).fetchone()[0] != views_mark():
+        raise UserError("relinker's views in the catalogue are not this relinker version's (another version's "
+                        "`relinker migrate` made them, or they were dropped): run `relinker migrate`")
+
+
+def views_mark() -> str:
+    """What the comment of relinker's views says when this version's views.sql made them."""
+    digest = hashlib.sha256(_read(VIEWS_FILE).encode("utf-8")).hexdigest()[:16]
+    return f"made by relinker migrate from views.sql {digest}"
 
 
 # relinker's tables (their migration table) in the schemas of this session's search_path, first found
@@ -238,7 +252,8 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
             applied_now.append(f"{migration.version:04d}_{migration.name}")
         try:
             views = _read(VIEWS_FILE)
-            briefly_locking(conn, [(views, None), *_grants_of(conn, _view_names(views))],
+            mark = sql.SQL(SQL_MARK_VIEWS).format(sql.Literal(views_mark()))
+            briefly_locking(conn, [(views, None), (mark, None), *_grants_of(conn, _view_names(views))],
                             "re-creating relinker's views")
         except psycopg.errors.DependentObjectsStillExist as exc:
             raise UserError(f"re-creating relinker's views: {db.first_line(exc)} (a view of yours built on one "

@@ -479,6 +479,31 @@ def test_a_catalogue_a_newer_relinker_migrated_is_refused_and_keeps_its_views(db
         assert conn.execute("SELECT count(*) FROM relinker_run").fetchone()[0] == 0
 
 
+def test_views_another_versions_migrate_made_are_refused_until_this_one_migrates(db_url, capsys, tmp_path):
+    """A relinker from before the refusal of newer catalogues migrates one of ours: it finds nothing to
+    apply and makes its own, older views. Every command says to migrate, not a column it cannot find."""
+    assert main(["--db-url", db_url, "migrate", "--base"]) == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # an older version's views.sql, as it re-made them: a column this version reads is missing
+        conn.execute("DROP VIEW relinker_run_progress")
+        conn.execute("CREATE VIEW relinker_run_progress AS SELECT run_id, mode, status FROM relinker_run")
+    capsys.readouterr()
+    (tmp_path / "by-hash").mkdir()
+    (tmp_path / "archive").mkdir()
+    roots = ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive")]
+    for argv in ([*roots, "relink", "--no-progress"], ["status"], [*roots, "verify", "--all", "--no-progress"]):
+        assert main(["--db-url", db_url, *argv]) == 2
+        assert capsys.readouterr().err == (
+            "relinker: error: relinker's views in the catalogue are not this relinker version's (another "
+            "version's `relinker migrate` made them, or they were dropped): run `relinker migrate`\n")
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM relinker_run").fetchone()[0] == 0  # nothing was started
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    assert main(["--db-url", db_url, "status"]) == 0
+    with psycopg.connect(db_url) as conn:
+        assert "at_work" in columns(conn, "relinker_run_progress")
+
+
 def test_migrations_load_from_the_installed_package():
     found = migrations.available()
     assert [m.version for m in found] == sorted({m.version for m in found})
