@@ -1,3 +1,3 @@
 """relinker: rebuild lost archive hardlinks from an NTT catalogue without reading file content."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
