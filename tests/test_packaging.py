@@ -1,0 +1,26 @@
+"""What a source distribution carries: enough to install relinker, run its tests and read its benchmarks."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def test_the_source_distribution_holds_the_sql_the_tests_helpers_the_benchmarks_and_the_licence(tmp_path):
+    # egg_info goes to tmp_path too: building leaves nothing in the checkout but build/ (ignored)
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+                    "sdist", "--dist-dir", str(tmp_path)], cwd=CHECKOUT, check=True, capture_output=True)
+    (archive,) = tmp_path.glob("relinker-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.partition("/")[2] for name in tar.getnames()}
+    wanted = {"LICENSE", "README.md", "setup.cfg", "setup.py", "pyproject.toml", "tox.ini", ".ci/run", ".ci/asan",
+              "relinker/_speedups.c", "sql/views.sql", "sql/ntt_base.sql", "config/relinker.conf.example",
+              "benchmarks/README.md", "benchmarks/benchlib.py"}
+    wanted |= {f"sql/{name}" for name in os.listdir(CHECKOUT / "sql") if name.endswith(".sql")}
+    # every module of the tests: test_*.py need conftest and the worlds they import
+    wanted |= {f"tests/{name}" for name in os.listdir(CHECKOUT / "tests") if name.endswith(".py")}
+    assert wanted - names == set()
+    assert not [name for name in names if name.endswith((".so", ".pyc"))]  # nothing built for this machine
