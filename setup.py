@@ -4,6 +4,25 @@
 relinker runs its pure-Python fast route (same behaviour, slower re-checks).
 """
 
-from setuptools import Extension, setup
+import os
 
-setup(ext_modules=[Extension("relinker._speedups", ["relinker/_speedups.c"], optional=True)])
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExtOrNone(build_ext):
+    """A failed build leaves no extension at all: not one an earlier build left in build/ (or in place),
+    which would be installed as if built from these sources."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception:
+            stale = self.get_ext_fullpath(ext.name)
+            if os.path.exists(stale):
+                os.remove(stale)
+            raise
+
+
+setup(ext_modules=[Extension("relinker._speedups", ["relinker/_speedups.c"], optional=True)],
+      cmdclass={"build_ext": BuildExtOrNone})

@@ -24,3 +24,26 @@ def test_the_source_distribution_holds_the_sql_the_tests_helpers_the_benchmarks_
     wanted |= {f"tests/{name}" for name in os.listdir(CHECKOUT / "tests") if name.endswith(".py")}
     assert wanted - names == set()
     assert not [name for name in names if name.endswith((".so", ".pyc"))]  # nothing built for this machine
+
+
+def test_a_build_without_a_compiler_leaves_no_extension_an_earlier_build_made(tmp_path):
+    """pip builds in the checkout's build/: a compile that fails must not install the .so built before
+    from other sources, where README promises the pure-Python route and a warning."""
+    sources = tmp_path / "src"
+    sources.mkdir()
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        (sources / name).write_bytes((CHECKOUT / name).read_bytes())
+    (sources / "relinker").mkdir()
+    for name in ("__init__.py", "_speedups.c"):
+        (sources / "relinker" / name).write_bytes((CHECKOUT / "relinker" / name).read_bytes())
+    lib = tmp_path / "lib"
+    build = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp", str(tmp_path / "tmp")]
+    subprocess.run(build, cwd=sources, check=True, capture_output=True)
+    (built,) = (lib / "relinker").glob("_speedups*.so")
+    later = built.stat().st_mtime + 10
+    os.utime(sources / "relinker" / "_speedups.c", (later, later))  # the sources changed since
+    env = {**os.environ, "CC": "/bin/false", "LDSHARED": "/bin/false"}
+    done = subprocess.run(build, cwd=sources, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # optional: the build goes on
+    assert "failed" in done.stderr
+    assert not built.exists()
