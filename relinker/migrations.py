@@ -106,15 +106,13 @@ class Migration:
 
 
 def _sql_files():
-    """The SQL directory: ``relinker.sql`` when installed, ``sql/`` when run from a checkout."""
-    try:
-        return importlib.resources.files(SQL_PACKAGE)
-    except ModuleNotFoundError:
-        # `python -m relinker` in a source checkout: sql/ sits beside the package.
-        checkout = pathlib.Path(__file__).resolve().parent.parent / "sql"
-        if checkout.is_dir():
-            return checkout
-        raise
+    """The SQL directory: ``sql/`` when run from a checkout, ``relinker.sql`` when installed."""
+    # A checkout's own first: run from one (PYTHONPATH) where an editable install of another
+    # exists, relinker.sql is found as that install maps it, the other checkout's SQL.
+    checkout = pathlib.Path(__file__).resolve().parent.parent / "sql"
+    if (checkout / VIEWS_FILE).is_file() and (checkout / BASE_FILE).is_file():
+        return checkout
+    return importlib.resources.files(SQL_PACKAGE)
 
 
 def _read(name: str) -> str:

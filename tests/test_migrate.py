@@ -2,8 +2,12 @@
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -502,6 +506,20 @@ def test_views_another_versions_migrate_made_are_refused_until_this_one_migrates
     assert main(["--db-url", db_url, "status"]) == 0
     with psycopg.connect(db_url) as conn:
         assert "at_work" in columns(conn, "relinker_run_progress")
+
+
+def test_a_checkout_run_by_its_path_reads_its_own_sql(tmp_path):
+    """A checkout put on PYTHONPATH migrates with its own sql/, even where an editable install of
+    another maps relinker.sql elsewhere (as a developer comparing two versions has it)."""
+    checkout = Path(__file__).resolve().parent.parent
+    shutil.copytree(checkout / "relinker", tmp_path / "relinker", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(checkout / "sql", tmp_path / "sql", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "sql" / "views.sql", "a", encoding="utf-8") as f:
+        f.write("-- this checkout's own\n")
+    read = subprocess.run([sys.executable, "-c", "from relinker import migrations; print(migrations._read('views.sql'))"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                          check=True)
+    assert read.stdout.rstrip().endswith("-- this checkout's own")
 
 
 def test_migrations_load_from_the_installed_package():
