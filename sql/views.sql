@@ -30,8 +30,9 @@ $$;
 CREATE VIEW relinker_open_ranges AS
 SELECT g.run_id, g.range_no, g.status, g.lo, g.hi, g.medium_hash, g.ino_lo, g.ino_hi,
        g.worker, g.attempts, g.claimed_at, g.heartbeat_at,
-       -- a heartbeat committed after this statement's now() is no negative age
-       greatest(now() - g.heartbeat_at, interval '0') AS heartbeat_age,
+       -- a heartbeat committed after this statement's now() is no negative age; no heartbeat
+       -- (never claimed, given back) none (greatest() would pass over the NULL)
+       CASE WHEN g.heartbeat_at IS NOT NULL THEN greatest(now() - g.heartbeat_at, interval '0') END AS heartbeat_age,
        g.blobs, g.links_created, g.links_present, g.links_replaced, g.problems,
        g.links_missing, g.files_copied, g.bytes_copied, g.bytes_read, g.bytes_planned, g.blobs_failed,
        cardinality(g.blobids) AS listed_blobs, g.last_error, g.lease_seconds,
@@ -81,7 +82,9 @@ SELECT r.run_id,
        g.bytes_read,
        g.blobs_failed,
        g.bytes_planned,
-       round(100.0 * g.ranges_done / greatest(g.ranges_total, 1), 1) AS percent_done,
+       -- a run with nothing to do has no ranges, and is done all the same
+       CASE WHEN r.status = 'done' THEN 100.0
+            ELSE round(100.0 * g.ranges_done / greatest(g.ranges_total, 1), 1) END AS percent_done,
        coalesce(r.finished_at, now()) - r.started_at AS elapsed,
        coalesce(busy.working, interval '0') AS working,
        round((g.links_created + g.links_present + g.links_replaced)

@@ -2,7 +2,7 @@
 
 import psycopg
 
-from relinker import report
+from relinker import checkpoint, report
 from relinker.checkpoint import Counters
 from relinker.report import ProgressBar, Summary, human_bytes
 from test_checkpoint import new_run
@@ -181,6 +181,28 @@ def test_a_heartbeat_newer_than_the_statement_is_no_negative_age(world):
     summary = Summary.from_run(world.conn, run_id, open_ranges=True)
     assert summary.open_ranges[0]["heartbeat_age_seconds"] == 0
     assert "last heartbeat 0 s ago" in summary.as_text() and "-0 s" not in summary.as_text()
+
+
+def test_a_range_without_a_heartbeat_has_no_heartbeat_age(world):
+    """Never claimed, or given back: nobody's heartbeat, not one "just now" (greatest() passes over NULL)."""
+    run_id = new_run(world, 2)
+    world.conn.execute("UPDATE relinker_range SET attempts = 1, claimed_at = now() - interval '1 minute' "
+                       "WHERE run_id = %s AND range_no = 0", (run_id,))  # given back: heartbeat_at NULL
+    ages = world.conn.execute("SELECT heartbeat_age FROM relinker_open_ranges WHERE run_id = %s ORDER BY range_no",
+                              (run_id,)).fetchall()
+    assert ages == [(None,), (None,)]
+    summary = Summary.from_run(world.conn, run_id, open_ranges=True)
+    assert [r["heartbeat_age_seconds"] for r in summary.open_ranges] == [None, None]
+
+
+def test_a_run_done_with_nothing_to_do_is_all_done(world):
+    """A copy with nothing left to store plans no range, and is done: 100 %, not 0."""
+    run_id = checkpoint.create_run(world.conn, "copy", world.by_hash_root, world.archive_root, {}, [])
+    assert world.conn.execute("SELECT percent_done FROM relinker_run_progress WHERE run_id = %s",
+                              (run_id,)).fetchone()[0] == 0
+    world.conn.execute("UPDATE relinker_run SET status = 'done', finished_at = now() WHERE run_id = %s", (run_id,))
+    assert world.conn.execute("SELECT percent_done FROM relinker_run_progress WHERE run_id = %s",
+                              (run_id,)).fetchone()[0] == 100
 
 
 def test_status_lists_running_ranges_first_and_says_how_many_it_leaves_out(world):
