@@ -107,6 +107,11 @@ class Counters:
         """Paths looked at, problems included."""
         return self.links + self.problems
 
+    def looked_at(self, missing_apart: bool) -> int:
+        """Paths looked at, where ``missing_apart``: a mode that counts a path not linked as missing,
+        not as a problem (count)."""
+        return self.paths + (self.links_missing if missing_apart else 0)
+
     def add(self, other: "Counters") -> None:
         for field in dataclasses.fields(self):
             setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))

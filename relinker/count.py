@@ -119,4 +119,4 @@ class CountWork(RelinkWork):
 
 
 MODE_SPEC = Mode(name=MODE, work=CountWork, plan=plan, writes=frozenset(),  # the catalogue only
-                 excludes=frozenset({"relink", "copy", "scan"}))
+                 excludes=frozenset({"relink", "copy", "scan"}), missing_apart=True)

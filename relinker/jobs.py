@@ -36,7 +36,8 @@ SELECT count(*),
        coalesce(sum(links_created + links_present + links_replaced) FILTER (WHERE status = 'done'), 0)::bigint,
        coalesce(sum(problems) FILTER (WHERE status = 'done'), 0)::bigint,
        coalesce(sum(bytes_read) FILTER (WHERE status = 'done'), 0)::bigint,
-       sum(bytes_planned)::bigint
+       sum(bytes_planned)::bigint,
+       coalesce(sum(links_missing) FILTER (WHERE status = 'done'), 0)::bigint
 FROM relinker_range WHERE run_id = %s
 """
 SQL_NOW = "SELECT now()"
@@ -58,6 +59,9 @@ class Mode:
     writes: frozenset = frozenset({"archive"})
     #: Whether a run with these options is content work, measured in bytes (copy, verify --hash).
     in_bytes: Callable[[dict], bool] = lambda options: False
+    #: Whether a path not linked is counted as missing alone, no problem of its own (count): its
+    #: progress and rate count those too.
+    missing_apart: bool = False
     #: The catalogue's tables a run writes, how (as has_table_privilege names it) and which columns
     #: (a role granted those columns alone may run it; a column the catalogue lacks is not asked for).
     catalogue_writes: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -122,7 +126,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             work=mode.work, dsn=settings.db_url, by_hash_root=by_hash_root, archive_root=archive_root,
             options=dict(request.options), local=request.local, lease=request.lease, retry_timeout=request.retry_timeout,
             verbose=settings.verbose, symlinked_shards=store.symlinked_shards(by_hash_root),
-            mode=mode.name, excludes=mode.excludes,
+            mode=mode.name, excludes=mode.excludes, missing_apart=mode.missing_apart,
         )
         if spec.symlinked_shards:
             log.warning("%d directories of the store are symlinks (%s): relinker does not follow them, "
@@ -137,7 +141,7 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             else:
                 bounds = mode.plan(conn, spec.options, request.blobids, request.workers, request.ranges)
                 spec.dry_ranges = [Range.of(None, n, b) for n, b in enumerate(bounds)]
-            ranges_total, done_before, links_before, problems_before, bytes_before = len(spec.dry_ranges), 0, 0, 0, 0
+            ranges_total, done_before, paths_before, bytes_before = len(spec.dry_ranges), 0, 0, 0
             bytes_total = sum(r.bytes_planned or 0 for r in spec.dry_ranges)
         else:
             clash = checkpoint.clashing_modes(conn, mode.excludes)
@@ -151,8 +155,9 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             spec.run_id = run.run_id
             spec.options = run.options
             spec.since = conn.execute(SQL_NOW).fetchone()[0]
-            ranges_total, done_before, links_before, problems_before, bytes_before, bytes_total = conn.execute(
-                SQL_RANGES_SO_FAR, (run.run_id,)).fetchone()
+            ranges_total, done_before, links_before, problems_before, bytes_before, bytes_total, missing_before = \
+                conn.execute(SQL_RANGES_SO_FAR, (run.run_id,)).fetchone()
+            paths_before = links_before + problems_before + (missing_before if mode.missing_apart else 0)
             if run.status == "done":
                 summary = Summary.from_run(conn, run.run_id)
                 return summary, _exit_code(summary)
@@ -161,10 +166,10 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
     # Planned. The workers are forked from this process: a list of millions
     # of IDs would count in every worker's memory.
     request.blobids = None
-    bar = ProgressBar(ranges_total, done_before, links_before + problems_before, enabled=request.progress,
+    bar = ProgressBar(ranges_total, done_before, paths_before, enabled=request.progress,
                       bytes_done_before=bytes_before, in_bytes=mode.in_bytes(spec.options), bytes_total=bytes_total,
                       run_so_far=None if request.dry_run else functools.partial(
-                          _run_so_far, settings.db_url, spec.run_id),
+                          _run_so_far, settings.db_url, spec.run_id, mode.missing_apart),
                       # other hosts join the run by its ID
                       description=f"{mode.name} (dry run)" if request.dry_run else f"{mode.name} run {spec.run_id}")
     try:
@@ -226,6 +231,7 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
             options=spec.options,
         )
         summary.links_this_session = outcome.counters.links
+        summary.paths_this_session = outcome.counters.looked_at(mode.missing_apart)
         summary.bytes_this_session = outcome.counters.bytes_read
         summary.bytes_planned = bytes_total or None
     else:
@@ -270,6 +276,7 @@ def _close_run(mode: Mode, request: JobRequest, spec: WorkSpec, outcome, ranges_
             summary.at_work, summary.eta_seconds = False, None
         # What this coordinator's workers finished: another host on the same run has a rate of its own.
         summary.links_this_session = outcome.counters.links
+        summary.paths_this_session = outcome.counters.looked_at(mode.missing_apart)
         summary.bytes_this_session = outcome.counters.bytes_read
     return summary
 
@@ -316,13 +323,14 @@ def _shell_word(argument: str) -> str:
     return "$'" + "".join(chr(b) if 0x20 <= b < 0x7f and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
 
 
-def _run_so_far(dsn: str, run_id: int) -> tuple[int, int, int]:
+def _run_so_far(dsn: str, run_id: int, missing_apart: bool = False) -> tuple[int, int, int]:
     """(ranges, paths, bytes) of a run's finished ranges, on a session of its own, closed at once (the
-    coordinator forks its workers: it holds no connection) and quick to give up on a database gone."""
+    coordinator forks its workers: it holds no connection) and quick to give up on a database gone.
+    ``missing_apart``: as Mode's."""
     with db.connect(dsn, autocommit=True, connect_timeout=2) as conn:
         conn.execute(SQL_QUICK_STATEMENTS)
-        _, done, links, problems, bytes_read, _ = conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
-    return done, links + problems, bytes_read
+        _, done, links, problems, bytes_read, _, missing = conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
+    return done, links + problems + (missing if missing_apart else 0), bytes_read
 
 
 def _database_gone(request: JobRequest) -> str:

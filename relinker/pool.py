@@ -78,6 +78,8 @@ class WorkSpec:
     #: the run's mode, and the modes whose runs it must not overlap (see checkpoint.hold_mode)
     mode: str | None = None
     excludes: frozenset = frozenset()
+    #: the mode counts a path not linked as missing alone (see jobs.Mode)
+    missing_apart: bool = False
     lease: float = DEFAULT_LEASE
     retry_timeout: float = db.DEFAULT_RETRY_TIMEOUT
     verbose: int = 0
@@ -158,7 +160,8 @@ class RangeContext:
             return
         self._next_check = now + PROGRESS_INTERVAL
         self._worker.check_stop()
-        self._worker.send("progress", self.range.range_no, self.counters.paths, self.counters.bytes_read)
+        self._worker.send("progress", self.range.range_no, self.counters.looked_at(self._worker.spec.missing_apart),
+                          self.counters.bytes_read)
         self._worker.maybe_heartbeat(self, now)
 
 
@@ -601,7 +604,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     counters, kinds, samples = rest
                     in_flight.pop(range_no, None)
                     done = Counters(**counters)
-                    finished_paths += done.paths
+                    finished_paths += done.looked_at(spec.missing_apart)
                     finished_bytes += done.bytes_read
                     ranges_done += 1
                     outcome.counters.add(done)

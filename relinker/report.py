@@ -63,6 +63,8 @@ class Summary:
     #: of a run read back from the catalogue: the time its ranges were worked (the rate's divisor)
     working_seconds: float | None = None
     links_this_session: int = 0
+    #: paths looked at this session: count's rate (most of what it looks at may be missing)
+    paths_this_session: int = 0
     eta_seconds: float | None = None
     #: content the run's ranges hold (copy plans it), None where not planned
     bytes_planned: int | None = None
@@ -112,6 +114,7 @@ class Summary:
             options=options or {},
         )
         summary.links_this_session = summary.counters.links
+        summary.paths_this_session = summary.counters.looked_at(summary.mode == "count")
         summary.bytes_this_session = summary.counters.bytes_read
         if open_ranges:
             summary.open_ranges = [
@@ -215,6 +218,9 @@ class Summary:
             rows.append(("content read",
                          f"{human_bytes(c.bytes_read)}{planned} ({own}{self.mb_per_second:,.1f} MB/s)"))
         rate = f"{own}{self.links_per_second:,.0f} links/s"
+        if self.mode == "count":  # what it looked at, present or not
+            paths_per_second = self.paths_this_session / self._seconds if self._seconds > 0 else 0.0
+            rate = f"{own}{paths_per_second:,.0f} paths/s"
         if self.working_seconds is not None and self.working_seconds < 0.9 * self.elapsed_seconds:
             # interrupted and resumed: the rate is over the time it worked
             rows.append(("elapsed", f"{self.elapsed_seconds:,.1f} s, {self.working_seconds:,.1f} s of it working "

@@ -585,6 +585,23 @@ def test_progress_bar_counts_paths(small, capsys):
     assert jobs._run_so_far(small.dsn, summary.run_id) == (summary.ranges_total, 5, 0)
 
 
+def test_counts_bar_and_rate_count_the_paths_it_finds_missing(small, capsys):
+    """count is run where links were lost: a path not linked is counted missing (no problem of its own),
+    and its bar and rate count it as looked at all the same."""
+    from relinker import count as count_mode, jobs
+    from relinker.config import Settings
+
+    settings = Settings(small.dsn, small.by_hash_root, small.archive_root)
+    request = jobs.JobRequest(settings=settings, options={}, workers=1, progress=True)
+    summary, code = jobs.run_job(count_mode.MODE_SPEC, request)
+    assert code == 0 and (summary.counters.links_present, summary.counters.links_missing) == (0, 5)
+    bar = capsys.readouterr().err
+    assert "100%" in bar and "5.00/5.00" in bar
+    assert jobs._run_so_far(small.dsn, summary.run_id, missing_apart=True) == (summary.ranges_total, 5, 0)
+    assert re.search(r"elapsed .*\([\d,]+ paths/s\)", summary.as_text())
+    assert summary.paths_this_session == 5
+
+
 def relink_stopped_at(world, monkeypatch, step: str):
     """An in-process relink with its bar shown, a Ctrl-C arriving as ``jobs.<step>`` is called, with a
     range of the run left to do (another host's, given back): what it raised (RunStopped, if the run ends
