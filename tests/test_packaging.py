@@ -6,6 +6,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +41,9 @@ def test_a_build_without_a_compiler_leaves_no_extension_an_earlier_build_made(tm
     lib = tmp_path / "lib"
     build = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp", str(tmp_path / "tmp")]
     subprocess.run(build, cwd=sources, check=True, capture_output=True)
-    (built,) = (lib / "relinker").glob("_speedups*.so")
+    built = next((lib / "relinker").glob("_speedups*.so"), None)
+    if built is None:
+        pytest.skip("no C compiler here: nothing built to be left behind")
     later = built.stat().st_mtime + 10
     os.utime(sources / "relinker" / "_speedups.c", (later, later))  # the sources changed since
     env = {**os.environ, "CC": "/bin/false", "LDSHARED": "/bin/false"}
