@@ -114,7 +114,7 @@ class Summary:
             options=options or {},
         )
         summary.links_this_session = summary.counters.links
-        summary.paths_this_session = summary.counters.looked_at(summary.mode == "count")
+        summary.paths_this_session = summary.counters.looked_at(summary.mode == "count")  # see Mode.missing_apart
         summary.bytes_this_session = summary.counters.bytes_read
         if open_ranges:
             summary.open_ranges = [
@@ -211,8 +211,9 @@ class Summary:
         if self.mode == "copy" and not self.dry_run:
             rows.append(("by-hash files written", f"{c.files_copied:,} ({human_bytes(c.bytes_copied)})"))
         # A run resumed, or worked by other hosts too: its figures are the run's, the rates this session's.
-        own = ("this session: " if not self.dry_run and (self.links_this_session, self.bytes_this_session)
-               != (c.links, c.bytes_read) else "")
+        earlier = ((self.links_this_session, self.bytes_this_session) != (c.links, c.bytes_read)
+                   or (self.mode == "count" and self.paths_this_session != c.looked_at(True)))
+        own = "this session: " if not self.dry_run and earlier else ""
         if (c.bytes_read or self.bytes_planned) and not copy_planned:
             planned = f" of {human_bytes(self.bytes_planned)}" if self.bytes_planned else ""
             rows.append(("content read",

@@ -246,3 +246,15 @@ def test_a_runs_problem_samples_read_a_few_of_its_problems_not_all_nor_others(wo
     assert rows_read(plan["Plan"]) < 1000, plan
     samples = Summary.from_run(world.conn, newer).problem_samples
     assert len(samples) == report.SAMPLE_LIMIT and {p.kind for p in samples} == {"too-many-links"}
+
+
+def test_counts_rate_is_this_sessions_when_the_run_looked_at_more_before():
+    """A count resumed where every link was lost: no link either time, and its paths/s is this session's."""
+    resumed = Summary(mode="count", run_id=2, status="done", elapsed_seconds=2.0, ranges_total=2, ranges_done=2,
+                      counters=Counters(links_missing=1000))
+    resumed.paths_this_session = 400
+    assert "(this session: 200 paths/s)" in resumed.as_text()
+    whole = Summary(mode="count", run_id=2, status="done", elapsed_seconds=2.0, ranges_total=2, ranges_done=2,
+                    counters=Counters(links_missing=1000))
+    whole.paths_this_session = 1000
+    assert "(500 paths/s)" in whole.as_text()
