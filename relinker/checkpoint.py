@@ -108,9 +108,10 @@ class Counters:
         return self.links + self.problems
 
     def looked_at(self, missing_apart: bool) -> int:
-        """Paths looked at, where ``missing_apart``: a mode that counts a path not linked as missing,
-        not as a problem (count)."""
-        return self.paths + (self.links_missing if missing_apart else 0)
+        """Paths looked at. ``missing_apart``: a mode that counts a path not linked as missing, not as a
+        problem (count), whose problems are a blob's (count-mismatch) or a missing path's reason
+        (too-many-links): its linked and missing paths."""
+        return self.links + self.links_missing if missing_apart else self.paths
 
     def add(self, other: "Counters") -> None:
         for field in dataclasses.fields(self):

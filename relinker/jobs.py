@@ -20,7 +20,7 @@ import psycopg
 
 from relinker import checkpoint, db, dbtext, fastroute, migrations, store
 from relinker.preflight import check_privileges, check_roots
-from relinker.checkpoint import Bounds, Range, RunInfo
+from relinker.checkpoint import Bounds, Counters, Range, RunInfo
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, StopSignal, UserError
 from relinker.paths import display
@@ -157,7 +157,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             spec.since = conn.execute(SQL_NOW).fetchone()[0]
             ranges_total, done_before, links_before, problems_before, bytes_before, bytes_total, missing_before = \
                 conn.execute(SQL_RANGES_SO_FAR, (run.run_id,)).fetchone()
-            paths_before = links_before + problems_before + (missing_before if mode.missing_apart else 0)
+            paths_before = Counters(links_present=links_before, problems=problems_before,
+                                    links_missing=missing_before).looked_at(mode.missing_apart)
             if run.status == "done":
                 summary = Summary.from_run(conn, run.run_id)
                 return summary, _exit_code(summary)
@@ -330,7 +331,8 @@ def _run_so_far(dsn: str, run_id: int, missing_apart: bool = False) -> tuple[int
     with db.connect(dsn, autocommit=True, connect_timeout=2) as conn:
         conn.execute(SQL_QUICK_STATEMENTS)
         _, done, links, problems, bytes_read, _, missing = conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
-    return done, links + problems + (missing if missing_apart else 0), bytes_read
+    paths = Counters(links_present=links, problems=problems, links_missing=missing).looked_at(missing_apart)
+    return done, paths, bytes_read
 
 
 def _database_gone(request: JobRequest) -> str:

@@ -258,3 +258,11 @@ def test_counts_rate_is_this_sessions_when_the_run_looked_at_more_before():
                     counters=Counters(links_missing=1000))
     whole.paths_this_session = 1000
     assert "(500 paths/s)" in whole.as_text()
+
+
+def test_count_looks_at_its_linked_and_missing_paths_and_its_problems_add_none():
+    """count's problems are a blob's (count-mismatch) or a missing path's reason (too-many-links, also
+    counted missing): counted as paths they would count a path at the link limit twice."""
+    at_the_limit = Counters(links_present=65000, links_missing=10, problems=10 + 1)
+    assert at_the_limit.looked_at(missing_apart=True) == 65010
+    assert at_the_limit.looked_at(missing_apart=False) == 65011  # relink, copy, verify: linked, or a problem
