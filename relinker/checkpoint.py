@@ -788,6 +788,10 @@ class CheckpointStore:
                 finalize(conn)
                 if conn.execute(SQL_RANGE_DONE, self._owned_params(r, **counters.as_dict())).rowcount != 1:
                     raise LostRange(f"range {r.range_no} was taken over")
+                # The run is over with its last range, whatever its coordinator is waiting for (a stopped
+                # worker whose range was taken over). Two last ranges committed at once leave it open:
+                # the coordinator closes it as its pool ends.
+                finish_run_if_complete(conn, r.run_id)
         self._call(commit)
         problems.clear()
         self._release(r)

@@ -312,6 +312,25 @@ def test_the_keep_alive_connection_lasts_one_range(catalogue_url):
             store.close()
 
 
+def test_the_commit_of_a_runs_last_range_marks_the_run_done(world):
+    """A run is over with its last range, not when its coordinator gets there: one waiting for a stopped
+    worker (whose range another took over) leaves no complete run 'open' meanwhile."""
+    run_id = new_run(world, 2)
+    store = store_for(world, run_id)
+
+    def status():
+        return world.conn.execute("SELECT status, finished_at IS NOT NULL FROM relinker_run WHERE run_id = %s",
+                                  (run_id,)).fetchone()
+
+    try:
+        store.finish(store.claim(), checkpoint.Counters(), [], lambda conn: None)
+        assert status() == ("open", False)
+        store.finish(store.claim(), checkpoint.Counters(), [], lambda conn: None)
+        assert status() == ("done", True)
+    finally:
+        store.close()
+
+
 def test_a_heartbeat_carrying_problems_is_durable_when_it_returns(world, monkeypatch):
     """The control session commits without waiting for the WAL flush, but the rows of problems a
     heartbeat writes leave the worker's buffer for good: a crash must not lose that commit."""
