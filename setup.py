@@ -11,17 +11,24 @@ from setuptools.command.build_ext import build_ext
 
 
 class BuildExtOrNone(build_ext):
-    """A failed build leaves no extension at all: not one an earlier build left in build/ (or in place),
-    which would be installed as if built from these sources."""
+    """A failed build leaves no extension at all: not one an earlier build left in build/, nor one
+    built in place (an editable install's), which would be loaded as if built from these sources."""
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception:
-            stale = self.get_ext_fullpath(ext.name)
-            if os.path.exists(stale):
-                os.remove(stale)
+            for stale in (self.get_ext_fullpath(ext.name), self._in_place(ext)):
+                if os.path.exists(stale):
+                    os.remove(stale)
             raise
+
+    def _in_place(self, ext) -> str:
+        """Where an in-place build puts the extension, beside its package's sources."""
+        fullname = self.get_ext_fullname(ext.name)
+        package = ".".join(fullname.split(".")[:-1])
+        package_dir = os.path.abspath(self.get_finalized_command("build_py").get_package_dir(package))
+        return os.path.join(package_dir, os.path.basename(self.get_ext_filename(fullname)))
 
 
 setup(ext_modules=[Extension("relinker._speedups", ["relinker/_speedups.c"], optional=True)],

@@ -28,9 +28,10 @@ def test_the_source_distribution_holds_the_sql_the_tests_helpers_the_benchmarks_
     assert not [name for name in names if name.endswith((".so", ".pyc"))]  # nothing built for this machine
 
 
-def test_a_build_without_a_compiler_leaves_no_extension_an_earlier_build_made(tmp_path):
-    """pip builds in the checkout's build/: a compile that fails must not install the .so built before
-    from other sources, where README promises the pure-Python route and a warning."""
+@pytest.mark.parametrize("in_place", [False, True], ids=["into build", "in place"])
+def test_a_build_without_a_compiler_leaves_no_extension_an_earlier_build_made(tmp_path, in_place):
+    """pip builds in the checkout's build/, an editable install in place: a compile that fails must leave
+    no .so built before from other sources, where README promises the pure-Python route and a warning."""
     sources = tmp_path / "src"
     sources.mkdir()
     for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
@@ -40,8 +41,10 @@ def test_a_build_without_a_compiler_leaves_no_extension_an_earlier_build_made(tm
         (sources / "relinker" / name).write_bytes((CHECKOUT / "relinker" / name).read_bytes())
     lib = tmp_path / "lib"
     build = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp", str(tmp_path / "tmp")]
+    if in_place:
+        build.append("--inplace")
     subprocess.run(build, cwd=sources, check=True, capture_output=True)
-    built = next((lib / "relinker").glob("_speedups*.so"), None)
+    built = next(((sources if in_place else lib) / "relinker").glob("_speedups*.so"), None)
     if built is None:
         pytest.skip("no C compiler here: nothing built to be left behind")
     later = built.stat().st_mtime + 10
@@ -51,3 +54,4 @@ def test_a_build_without_a_compiler_leaves_no_extension_an_earlier_build_made(tm
     assert done.returncode == 0, done.stderr  # optional: the build goes on
     assert "failed" in done.stderr
     assert not built.exists()
+    assert not list(sources.rglob("_speedups*.so")) and not list(lib.rglob("_speedups*.so"))
