@@ -55,7 +55,10 @@ SQL_RECORD_MIGRATION = "INSERT INTO relinker_schema_migration (version, name) VA
 # relinker's views are made anew by every migrate, from its own views.sql; the comment of one says
 # which: another version's migrate (one before relinker refused newer catalogues) leaves them its own.
 SQL_MARK_VIEWS = "COMMENT ON VIEW relinker_run_progress IS {}"
-SQL_VIEWS_MARK = "SELECT obj_description(to_regclass('relinker_run_progress'), 'pg_class')"
+SQL_VIEWS_MARK = """
+SELECT obj_description(to_regclass('relinker_run_progress'), 'pg_class') = %(mark)s
+       AND NOT EXISTS (SELECT 1 FROM unnest(%(views)s::text[]) AS v WHERE to_regclass(v) IS NULL)
+"""
 
 # An index whose key starts with the wanted columns, in order, that also
 # holds the wanted included columns (as key or INCLUDE columns), with no
@@ -154,7 +157,8 @@ def require_migrated(conn: psycopg.Connection) -> None:
             "the catalogue is not migrated for this relinker version "
             f"(missing migrations {', '.join(map(str, missing))}): run `relinker migrate`"
         )
-    if conn.execute(SQL_VIEWS_MARK).fetchone()[0] != views_mark():
+    views = _view_names(_read(VIEWS_FILE))
+    if not conn.execute(SQL_VIEWS_MARK, {"mark": views_mark(), "views": views}).fetchone()[0]:
         raise UserError("relinker's views in the catalogue are not this relinker version's (another version's "
                         "`relinker migrate` made them, or they were dropped): run `relinker migrate`")
 

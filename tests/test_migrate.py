@@ -508,6 +508,18 @@ def test_views_another_versions_migrate_made_are_refused_until_this_one_migrates
         assert "at_work" in columns(conn, "relinker_run_progress")
 
 
+def test_a_view_of_relinkers_dropped_is_a_migrate_to_run_not_a_database_error(catalogue_url, capsys, tmp_path):
+    with psycopg.connect(catalogue_url, autocommit=True) as conn:
+        conn.execute("DROP VIEW relinker_path")
+    (tmp_path / "by-hash").mkdir()
+    (tmp_path / "archive").mkdir()
+    roots = ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive")]
+    assert main(["--db-url", catalogue_url, *roots, "relink", "--no-progress"]) == 2
+    assert "run `relinker migrate`" in capsys.readouterr().err
+    assert main(["--db-url", catalogue_url, "migrate"]) == 0
+    assert main(["--db-url", catalogue_url, *roots, "relink", "--no-progress"]) == 0
+
+
 def test_a_checkout_run_by_its_path_reads_its_own_sql(tmp_path):
     """A checkout put on PYTHONPATH migrates with its own sql/, even where an editable install of
     another maps relinker.sql elsewhere (as a developer comparing two versions has it)."""
