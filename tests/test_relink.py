@@ -602,6 +602,13 @@ def test_counts_bar_and_rate_count_the_paths_it_finds_missing(small, capsys):
     assert summary.paths_this_session == 5
 
 
+def reopen_with_a_range_left(world):
+    """As if another host's range had been given back before this coordinator's last range was done:
+    the run is open, range 0 pending."""
+    world.conn.execute("UPDATE relinker_range SET status = 'pending' WHERE range_no = 0")
+    world.conn.execute("UPDATE relinker_run SET status = 'open', finished_at = NULL")
+
+
 def relink_stopped_at(world, monkeypatch, step: str):
     """An in-process relink with its bar shown, a Ctrl-C arriving as ``jobs.<step>`` is called, with a
     range of the run left to do (another host's, given back): what it raised (RunStopped, if the run ends
@@ -612,7 +619,7 @@ def relink_stopped_at(world, monkeypatch, step: str):
     from relinker.errors import RunStopped, StopSignal
 
     def ctrl_c(*args):
-        world.conn.execute("UPDATE relinker_range SET status = 'pending' WHERE range_no = 0")
+        reopen_with_a_range_left(world)
         raise StopSignal()
 
     monkeypatch.setattr(jobs, step, ctrl_c)
@@ -1121,7 +1128,7 @@ def test_a_signal_as_a_run_ends_says_complete_if_the_catalogue_has_it_so(small, 
     def signal_at_the_last_look(bar, look=True):
         if look:
             if not last_range_done:
-                small.conn.execute("UPDATE relinker_range SET status = 'pending' WHERE range_no = 0")
+                reopen_with_a_range_left(small)
             raise StopSignal()
         real_close(bar, look=look)
 
