@@ -282,9 +282,9 @@ WHERE run_id = %(run_id)s AND status = 'open'
 """
 
 
-def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> None:
-    """Mark the run done once every one of its ranges is done."""
-    conn.execute(SQL_FINISH_RUN, {"run_id": run_id})
+def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> bool:
+    """Mark the run done once every one of its ranges is done; whether this marked it."""
+    return conn.execute(SQL_FINISH_RUN, {"run_id": run_id}).rowcount == 1
 
 
 # --- claims (worker side) ---------------------------------------------------
@@ -791,7 +791,9 @@ class CheckpointStore:
                 # The run is over with its last range, whatever its coordinator is waiting for (a stopped
                 # worker whose range was taken over). Two last ranges committed at once leave it open:
                 # the coordinator closes it as its pool ends.
-                finish_run_if_complete(conn, r.run_id)
+                if finish_run_if_complete(conn, r.run_id):
+                    # "complete" is said once this commits: durable, and every range's commit before it
+                    conn.execute(SQL_SYNCHRONOUS_COMMIT)
         self._call(commit)
         problems.clear()
         self._release(r)

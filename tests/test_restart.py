@@ -162,3 +162,22 @@ def test_a_server_gone_as_the_last_range_ends_is_waited_for(world, own_server, c
     code = main(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "4"))
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["complete"] and summary["status"] == "done", summary
+
+
+def test_a_run_said_complete_is_complete_after_a_server_crash(world, own_server):
+    """Range commits are asynchronous (a lost one is a range done again), but "complete" must outlive a crash
+    right after it is said: the commit that marks the run done waits for the WAL, and takes every range's
+    commit before it along."""
+    with psycopg.connect(world.dsn, autocommit=True) as conn:
+        # asynchronous commits reach the disk only at the WAL writer's rounds: a long round, a wide window
+        conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        conn.execute("SELECT pg_reload_conf()")
+    code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--workers", "2",
+                                             "--ranges", "8")))
+    assert code == 0 and json.loads(out)["complete"], err
+    world.conn.close()
+    pg_ctl(own_server, "-w", "-m", "immediate", "stop")  # a crash: no shutdown checkpoint
+    start_again(own_server)
+    world.conn = psycopg.connect(world.dsn, autocommit=True)
+    world.assert_complete(json.loads(out)["run_id"])
+    assert world.conn.execute("SELECT status FROM relinker_run").fetchall() == [("done",)]
