@@ -23,7 +23,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from relinker import db
+from relinker import __version__, db
 from relinker.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -214,8 +214,8 @@ def refuse_newer(applied: set[int]) -> None:
     known = max(m.version for m in available())
     newer = sorted(v for v in applied if v > known)
     if newer:
-        raise UserError(f"the catalogue was migrated by a newer relinker (migration {newer[-1]}; this one "
-                        f"knows up to {known}): run that version")
+        raise UserError(f"the catalogue was migrated by a newer relinker (migration {newer[-1]}; this one, "
+                        f"{__version__}, knows up to {known}): run that version")
 
 
 def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:

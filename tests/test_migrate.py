@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+import relinker
 from relinker import migrations
 from relinker.cli import main
 from relinker.errors import UserError
@@ -477,7 +478,7 @@ def test_a_catalogue_a_newer_relinker_migrated_is_refused_and_keeps_its_views(db
         assert main(["--db-url", db_url, *argv]) == 2
         err = capsys.readouterr().err
         assert err == (f"relinker: error: the catalogue was migrated by a newer relinker (migration {newer}; "
-                       f"this one knows up to {newer - 1}): run that version\n")
+                       f"this one, {relinker.__version__}, knows up to {newer - 1}): run that version\n")
     with psycopg.connect(db_url) as conn:
         assert columns(conn, "relinker_problem_kinds") == {"future_column"}
         assert conn.execute("SELECT count(*) FROM relinker_run").fetchone()[0] == 0

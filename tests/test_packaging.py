@@ -1,4 +1,4 @@
-"""What a source distribution carries: enough to install relinker, run its tests and read its benchmarks."""
+"""Packaging: what a source distribution carries, how the C extension builds, and when the version changes."""
 
 import os
 import subprocess
@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
+import relinker
+from relinker import migrations
+
 CHECKOUT = Path(__file__).resolve().parent.parent
+#: The newest migration of each version: one that adds a migration is a new version (pip replaces an
+#: installed wheel only with another version; a refusal of a newer catalogue names versions).
+NEWEST_MIGRATION_OF = {"0.2.0": 13}
 
 
 def test_the_source_distribution_holds_the_sql_the_tests_helpers_the_benchmarks_and_the_licence(tmp_path):
@@ -55,3 +61,10 @@ def test_a_build_without_a_compiler_leaves_no_extension_an_earlier_build_made(tm
     assert "failed" in done.stderr
     assert not built.exists()
     assert not list(sources.rglob("_speedups*.so")) and not list(lib.rglob("_speedups*.so"))
+
+
+def test_a_new_migration_comes_with_a_new_version():
+    newest = max(m.version for m in migrations.available())
+    assert NEWEST_MIGRATION_OF.get(relinker.__version__) == newest, (
+        f"relinker {relinker.__version__} ships migration {newest}: raise relinker.__version__ and record the "
+        "new version in NEWEST_MIGRATION_OF")
