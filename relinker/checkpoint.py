@@ -283,8 +283,16 @@ WHERE run_id = %(run_id)s AND status = 'open'
 
 
 def finish_run_if_complete(conn: psycopg.Connection, run_id: int) -> bool:
-    """Mark the run done once every one of its ranges is done; whether this marked it."""
-    return conn.execute(SQL_FINISH_RUN, {"run_id": run_id}).rowcount == 1
+    """Mark the run done once every one of its ranges is done; whether this marked it.
+
+    Inside a transaction: one that marks the run commits synchronously, whatever the session's
+    synchronous_commit, since "complete" is said once it has committed (durable, and every range's
+    commit before it with it).
+    """
+    if conn.execute(SQL_FINISH_RUN, {"run_id": run_id}).rowcount != 1:
+        return False
+    conn.execute(SQL_SYNCHRONOUS_COMMIT)
+    return True
 
 
 # --- claims (worker side) ---------------------------------------------------
@@ -791,9 +799,7 @@ class CheckpointStore:
                 # The run is over with its last range, whatever its coordinator is waiting for (a stopped
                 # worker whose range was taken over). Two last ranges committed at once leave it open:
                 # the coordinator closes it as its pool ends.
-                if finish_run_if_complete(conn, r.run_id):
-                    # "complete" is said once this commits: durable, and every range's commit before it
-                    conn.execute(SQL_SYNCHRONOUS_COMMIT)
+                finish_run_if_complete(conn, r.run_id)
         self._call(commit)
         problems.clear()
         self._release(r)

@@ -201,7 +201,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
 def _closing_figures(db_url: str, run_id: int) -> Summary:
     """A run's figures as its pool has ended: marked done first if every range is."""
     with db.connect(db_url, autocommit=True) as conn:
-        checkpoint.finish_run_if_complete(conn, run_id)
+        with conn.transaction():
+            checkpoint.finish_run_if_complete(conn, run_id)
         return Summary.from_run(conn, run_id, open_ranges=True)
 
 

@@ -181,3 +181,28 @@ def test_a_run_said_complete_is_complete_after_a_server_crash(world, own_server)
     world.conn = psycopg.connect(world.dsn, autocommit=True)
     world.assert_complete(json.loads(out)["run_id"])
     assert world.conn.execute("SELECT status FROM relinker_run").fetchall() == [("done",)]
+
+
+def test_a_run_its_coordinator_marks_done_stays_done_where_commits_are_asynchronous(world, own_server):
+    """Two last ranges committed at once leave the run to the coordinator's closing: its commit is durable
+    too, where the database makes every commit asynchronous (ALTER DATABASE ... SET synchronous_commit)."""
+    from relinker import jobs
+
+    dbname = world.conn.info.dbname
+    with psycopg.connect(world.dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
+        conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        conn.execute("SELECT pg_reload_conf()")
+    code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--workers", "2",
+                                             "--ranges", "8")))
+    assert code == 0, err
+    run_id = json.loads(out)["run_id"]
+    world.conn.execute("CHECKPOINT")  # the run as its ranges left it, on disk
+    world.conn.execute("UPDATE relinker_run SET status = 'open', finished_at = NULL")  # as two last ranges leave it
+    world.conn.execute("CHECKPOINT")
+    assert jobs._closing_figures(world.dsn, run_id).complete
+    world.conn.close()
+    pg_ctl(own_server, "-w", "-m", "immediate", "stop")  # a crash: no shutdown checkpoint
+    start_again(own_server)
+    world.conn = psycopg.connect(world.dsn, autocommit=True)
+    assert world.conn.execute("SELECT status FROM relinker_run").fetchall() == [("done",)]
