@@ -102,16 +102,11 @@ class Counters:
         """Paths now correctly linked (created, already there, or replaced)."""
         return self.links_created + self.links_present + self.links_replaced
 
-    @property
-    def paths(self) -> int:
-        """Paths looked at, problems included."""
-        return self.links + self.problems
-
     def looked_at(self, missing_apart: bool) -> int:
-        """Paths looked at. ``missing_apart``: a mode that counts a path not linked as missing, not as a
-        problem (count), whose problems are a blob's (count-mismatch) or a missing path's reason
-        (too-many-links): its linked and missing paths."""
-        return self.links + self.links_missing if missing_apart else self.paths
+        """Paths looked at: linked, or a problem. ``missing_apart``: a mode that counts a path not linked
+        as missing, not as a problem (count), whose problems are a blob's (count-mismatch) or a missing
+        path's reason (too-many-links): linked, or missing."""
+        return self.links + (self.links_missing if missing_apart else self.problems)
 
     def add(self, other: "Counters") -> None:
         for field in dataclasses.fields(self):

@@ -19,12 +19,12 @@ from typing import Callable
 import psycopg
 
 from relinker import checkpoint, db, dbtext, fastroute, migrations, store
-from relinker.preflight import check_privileges, check_roots
 from relinker.checkpoint import Bounds, Counters, Range, RunInfo
 from relinker.config import Settings
 from relinker.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, RunStopped, StopSignal, UserError
 from relinker.paths import display
 from relinker.pool import STOP_PATIENCE, WorkSpec, run_pool
+from relinker.preflight import check_privileges, check_roots
 from relinker.report import ProgressBar, Summary
 
 log = logging.getLogger(__name__)

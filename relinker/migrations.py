@@ -157,15 +157,15 @@ def require_migrated(conn: psycopg.Connection) -> None:
             "the catalogue is not migrated for this relinker version "
             f"(missing migrations {', '.join(map(str, missing))}): run `relinker migrate`"
         )
-    views = _view_names(_read(VIEWS_FILE))
-    if not conn.execute(SQL_VIEWS_MARK, {"mark": views_mark(), "views": views}).fetchone()[0]:
+    views = _read(VIEWS_FILE)
+    if not conn.execute(SQL_VIEWS_MARK, {"mark": views_mark(views), "views": _view_names(views)}).fetchone()[0]:
         raise UserError("relinker's views in the catalogue are not this relinker version's (another version's "
                         "`relinker migrate` made them, or they were dropped): run `relinker migrate`")
 
 
-def views_mark() -> str:
-    """What the comment of relinker's views says when this version's views.sql made them."""
-    digest = hashlib.sha256(_read(VIEWS_FILE).encode("utf-8")).hexdigest()[:16]
+def views_mark(views_sql: str) -> str:
+    """What the comment of relinker's views says when ``views_sql`` (this version's views.sql) made them."""
+    digest = hashlib.sha256(views_sql.encode("utf-8")).hexdigest()[:16]
     return f"made by relinker migrate from views.sql {digest}"
 
 
@@ -254,7 +254,7 @@ def migrate(conn: psycopg.Connection, *, base: bool = False) -> list[str]:
             applied_now.append(f"{migration.version:04d}_{migration.name}")
         try:
             views = _read(VIEWS_FILE)
-            mark = sql.SQL(SQL_MARK_VIEWS).format(sql.Literal(views_mark()))
+            mark = sql.SQL(SQL_MARK_VIEWS).format(sql.Literal(views_mark(views)))
             briefly_locking(conn, [(views, None), (mark, None), *_grants_of(conn, _view_names(views))],
                             "re-creating relinker's views")
         except psycopg.errors.DependentObjectsStillExist as exc:

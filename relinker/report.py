@@ -82,6 +82,11 @@ class Summary:
         return self.status == "done"
 
     @property
+    def missing_apart(self) -> bool:
+        """Whether the run's mode counts a path not linked as missing alone (count; jobs.Mode.missing_apart)."""
+        return self.mode == "count"
+
+    @property
     def _seconds(self) -> float:
         return self.elapsed_seconds if self.working_seconds is None else self.working_seconds
 
@@ -114,7 +119,7 @@ class Summary:
             options=options or {},
         )
         summary.links_this_session = summary.counters.links
-        summary.paths_this_session = summary.counters.looked_at(summary.mode == "count")  # see Mode.missing_apart
+        summary.paths_this_session = summary.counters.looked_at(summary.missing_apart)
         summary.bytes_this_session = summary.counters.bytes_read
         if open_ranges:
             summary.open_ranges = [
@@ -212,14 +217,14 @@ class Summary:
             rows.append(("by-hash files written", f"{c.files_copied:,} ({human_bytes(c.bytes_copied)})"))
         # A run resumed, or worked by other hosts too: its figures are the run's, the rates this session's.
         earlier = ((self.links_this_session, self.bytes_this_session) != (c.links, c.bytes_read)
-                   or (self.mode == "count" and self.paths_this_session != c.looked_at(True)))
+                   or (self.missing_apart and self.paths_this_session != c.looked_at(True)))
         own = "this session: " if not self.dry_run and earlier else ""
         if (c.bytes_read or self.bytes_planned) and not copy_planned:
             planned = f" of {human_bytes(self.bytes_planned)}" if self.bytes_planned else ""
             rows.append(("content read",
                          f"{human_bytes(c.bytes_read)}{planned} ({own}{self.mb_per_second:,.1f} MB/s)"))
         rate = f"{own}{self.links_per_second:,.0f} links/s"
-        if self.mode == "count":  # what it looked at, present or not
+        if self.missing_apart:  # what it looked at, present or not
             paths_per_second = self.paths_this_session / self._seconds if self._seconds > 0 else 0.0
             rate = f"{own}{paths_per_second:,.0f} paths/s"
         if self.working_seconds is not None and self.working_seconds < 0.9 * self.elapsed_seconds:
