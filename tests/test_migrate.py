@@ -31,6 +31,13 @@ INSERT INTO medium VALUES ('m1', 'old disk', now());
 INSERT INTO path (medium_hash, dev, ino, path) VALUES ('m1', 1, 10, '/mnt/ntt/m1/Icon' || chr(13));
 """
 
+def empty_roots(tmp_path) -> list[str]:
+    """An empty store and archive under ``tmp_path``, as the command line's options."""
+    (tmp_path / "by-hash").mkdir()
+    (tmp_path / "archive").mkdir()
+    return ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive")]
+
+
 def connected_as(db_url: str, role: str) -> psycopg.Connection:
     """A session of ``role`` (one of login_roles') on the test's database, in autocommit."""
     return psycopg.connect(make_conninfo(db_url, user=role), autocommit=True)
@@ -260,9 +267,7 @@ def test_a_search_path_that_misses_the_catalogue_says_so_and_makes_none(db_url, 
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA ntt; SET search_path = ntt")
         conn.execute(PRODUCTION_SHAPE)
-    (tmp_path / "store").mkdir()
-    (tmp_path / "archive").mkdir()
-    roots = ["--by-hash-root", str(tmp_path / "store"), "--archive-root", str(tmp_path / "archive")]
+    roots = empty_roots(tmp_path)
     roots = roots if command[0] == "relink" else []
     assert main(["--db-url", db_url, *roots, *command]) == 2
     err = capsys.readouterr().err
@@ -471,9 +476,7 @@ def test_a_catalogue_a_newer_relinker_migrated_is_refused_and_keeps_its_views(db
         conn.execute("DROP VIEW relinker_problem_kinds")
         conn.execute("CREATE VIEW relinker_problem_kinds AS SELECT 1 AS future_column")
     capsys.readouterr()
-    (tmp_path / "by-hash").mkdir()
-    (tmp_path / "archive").mkdir()
-    roots = ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive")]
+    roots = empty_roots(tmp_path)
     for argv in (["migrate"], [*roots, "relink", "--no-progress"], ["status"]):
         assert main(["--db-url", db_url, *argv]) == 2
         err = capsys.readouterr().err
@@ -493,9 +496,7 @@ def test_views_another_versions_migrate_made_are_refused_until_this_one_migrates
         conn.execute("DROP VIEW relinker_run_progress")
         conn.execute("CREATE VIEW relinker_run_progress AS SELECT run_id, mode, status FROM relinker_run")
     capsys.readouterr()
-    (tmp_path / "by-hash").mkdir()
-    (tmp_path / "archive").mkdir()
-    roots = ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive")]
+    roots = empty_roots(tmp_path)
     for argv in ([*roots, "relink", "--no-progress"], ["status"], [*roots, "verify", "--all", "--no-progress"]):
         assert main(["--db-url", db_url, *argv]) == 2
         assert capsys.readouterr().err == (
@@ -512,9 +513,7 @@ def test_views_another_versions_migrate_made_are_refused_until_this_one_migrates
 def test_a_view_of_relinkers_dropped_is_a_migrate_to_run_not_a_database_error(catalogue_url, capsys, tmp_path):
     with psycopg.connect(catalogue_url, autocommit=True) as conn:
         conn.execute("DROP VIEW relinker_path")
-    (tmp_path / "by-hash").mkdir()
-    (tmp_path / "archive").mkdir()
-    roots = ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive")]
+    roots = empty_roots(tmp_path)
     assert main(["--db-url", catalogue_url, *roots, "relink", "--no-progress"]) == 2
     assert "run `relinker migrate`" in capsys.readouterr().err
     assert main(["--db-url", catalogue_url, "migrate"]) == 0
