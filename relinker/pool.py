@@ -518,6 +518,10 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     respawns_left = 2 * workers + 5
     lost_to_outage = 0  # workers that gave up on the database, not replaced while it seems gone
     stopping = False
+    # A worker ends on its own (exit 0) only once the run has nothing left for anyone: from then on,
+    # one still there after a lease is stopped or hung, its range long taken over.
+    ran_out_at: float | None = None
+    killed: set[int] = set()
 
     def start_worker() -> None:
         reader, writer = context.Pipe(duplex=True)  # the parent answers "idle" with "wake"
@@ -570,6 +574,10 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     parents_ends.pop(reader, None)
                     process.join()
                     reader.close()
+                    if process.pid in killed:
+                        continue
+                    if process.exitcode == 0 and not stopping and ran_out_at is None:
+                        ran_out_at = time.monotonic()
                     if process.exitcode == EXIT_DATABASE_GONE:
                         if not outcome.database_gone:
                             log.warning("the database stayed out of reach for --retry-timeout (%.0f s): "
@@ -618,6 +626,13 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                         with contextlib.suppress(OSError):
                             waiting.send(("wake",))
                     idle.clear()
+            if ran_out_at is not None and not stopping and time.monotonic() - ran_out_at > spec.lease:
+                for process in live.values():
+                    if process.pid not in killed:
+                        log.warning("worker %d has not ended %.0f s after the run ran out of work (stopped or "
+                                    "hung; another worker did its range): killed", process.pid, spec.lease)
+                        process.kill()
+                        killed.add(process.pid)
             if progress is not None:
                 progress.update(finished_paths + sum(p for p, _ in in_flight.values()), ranges_done,
                                 finished_bytes + sum(b for _, b in in_flight.values()),

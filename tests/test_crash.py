@@ -1,10 +1,12 @@
 """Kill and resume: workers and whole jobs killed mid-run, two coordinators on one run."""
 
+import contextlib
 import json
 import os
 import random
 import signal
 
+import psutil
 import pytest
 
 from processes import finish, kill_group, range_states, running_worker_pids, start, wait_for
@@ -107,6 +109,24 @@ def test_stalled_worker_loses_its_range_after_the_lease(busy):
     assert code == 0, err
     busy.assert_complete(1)
     assert "taken over" in err or "locked by another worker" in err
+
+
+def test_a_stopped_worker_is_killed_a_lease_after_its_run_ran_out_of_work(busy):
+    """A worker stopped mid-range (SIGSTOP) and never continued: the other worker takes its range over after
+    the lease and finishes the run; the coordinator waits one more lease for it, then kills it and ends."""
+    job = start(relink_argv(busy, "--ranges", "6", "--lease", "1.5"))
+    victim = wait_for(lambda: running_worker_pids(busy.conn), what="a running range")[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        code, out, err = finish(job, timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    assert code == 0, err
+    busy.assert_complete(json.loads(out)["run_id"])
+    assert f"worker {victim} has not ended 2 s after the run ran out of work" in err
+    assert f"worker {victim} exited" not in err  # killed on purpose: neither reported again nor replaced
+    assert not psutil.pid_exists(victim)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
