@@ -519,7 +519,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
     lost_to_outage = 0  # workers that gave up on the database, not replaced while it seems gone
     stopping = False
     # A worker ends on its own (exit 0) only once the run has nothing left for anyone: from then on,
-    # one still there after a lease is stopped or hung, its range long taken over.
+    # one still there after a lease is stopped or hung, its range long taken over. (In a dry run it
+    # ends once nothing is left to claim, while others may still work theirs.)
     ran_out_at: float | None = None
     killed: set[int] = set()
 
@@ -576,7 +577,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                     reader.close()
                     if process.pid in killed:
                         continue
-                    if process.exitcode == 0 and not stopping and ran_out_at is None:
+                    if process.exitcode == 0 and not stopping and not spec.dry_run and ran_out_at is None:
                         ran_out_at = time.monotonic()
                     if process.exitcode == EXIT_DATABASE_GONE:
                         if not outcome.database_gone:

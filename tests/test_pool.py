@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from relinker import checkpoint, linker, pool
-from relinker.checkpoint import split_blob_space
+from relinker.checkpoint import Range, split_blob_space
 from relinker.pool import WorkSpec, _collector_paused
 
 
@@ -99,6 +99,19 @@ def test_an_idle_worker_leaves_as_soon_as_the_last_range_ends_not_at_its_next_po
     with psycopg.connect(catalogue_url) as conn:
         assert conn.execute("SELECT array_agg(DISTINCT status) FROM relinker_range WHERE run_id = %s",
                             (spec.run_id,)).fetchone()[0] == ["done"]
+
+
+def test_a_dry_run_worker_at_its_range_outlives_a_lease_after_another_found_nothing_to_claim(catalogue_url,
+                                                                                               tmp_path):
+    # In a dry run a worker ends once nothing is left to claim, while others may still work theirs:
+    # that is no sign of a stuck worker, whatever the lease.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    spec = WorkSpec(work=_SlowRangeZero, dsn=catalogue_url, by_hash_root=b"/nowhere", archive_root=b"/nowhere",
+                    options={}, local={"notes": str(notes)}, lease=0.2,
+                    dry_ranges=[Range.of(None, n, b) for n, b in enumerate(split_blob_space(2))])
+    outcome = pool.run_pool(spec, workers=2)
+    assert not outcome.interrupted and outcome.ranges_done == 2
 
 
 def test_workers_run_with_stop_signals_let_in_and_the_coordinator_gets_its_mask_back(catalogue_url, tmp_path):
