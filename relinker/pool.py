@@ -627,7 +627,8 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                         with contextlib.suppress(OSError):
                             waiting.send(("wake",))
                     idle.clear()
-            if ran_out_at is not None and not stopping and time.monotonic() - ran_out_at > spec.lease:
+            # A stop signal after that changes nothing: a stopped worker would never give anything back.
+            if ran_out_at is not None and time.monotonic() - ran_out_at > spec.lease:
                 for process in live.values():
                     if process.pid not in killed:
                         log.warning("worker %d has not ended %.0f s after the run ran out of work (stopped or "

@@ -9,7 +9,7 @@ import signal
 import psutil
 import pytest
 
-from processes import finish, kill_group, range_states, running_worker_pids, start, wait_for
+from processes import children, finish, kill_group, range_states, running_worker_pids, start, wait_for
 
 pytestmark = pytest.mark.reliability
 
@@ -111,13 +111,18 @@ def test_stalled_worker_loses_its_range_after_the_lease(busy):
     assert "taken over" in err or "locked by another worker" in err
 
 
-def test_a_stopped_worker_is_killed_a_lease_after_its_run_ran_out_of_work(busy):
+@pytest.mark.parametrize("ctrl_c_meanwhile", [False, True])
+def test_a_stopped_worker_is_killed_a_lease_after_its_run_ran_out_of_work(busy, ctrl_c_meanwhile):
     """A worker stopped mid-range (SIGSTOP) and never continued: the other worker takes its range over after
-    the lease and finishes the run; the coordinator waits one more lease for it, then kills it and ends."""
+    the lease and finishes the run; the coordinator waits one more lease for it, then kills it and ends (a
+    Ctrl-C meanwhile changes nothing: the stopped worker would never give anything back)."""
     job = start(relink_argv(busy, "--ranges", "6", "--lease", "1.5"))
     victim = wait_for(lambda: running_worker_pids(busy.conn), what="a running range")[0]
     os.kill(victim, signal.SIGSTOP)
     try:
+        if ctrl_c_meanwhile:
+            wait_for(lambda: children(job) == [victim], what="the other worker to end")
+            os.kill(job.pid, signal.SIGINT)
         code, out, err = finish(job, timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
