@@ -150,16 +150,20 @@ def test_a_server_gone_as_the_last_range_ends_is_waited_for(world, own_server, c
     from relinker.cli import main
 
     real_pool = jobs.run_pool
+    timer = threading.Timer(2, start_again, (own_server,))
 
     def pool_then_outage(*args, **kwargs):
         outcome = real_pool(*args, **kwargs)
         world.conn.close()
         pg_ctl(own_server, "-w", "-m", "fast", "stop")
-        threading.Timer(2, start_again, (own_server,)).start()
+        timer.start()
         return outcome
 
     monkeypatch.setattr(jobs, "run_pool", pool_then_outage)
     code = main(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "4"))
+    # relinker may reach the server before `pg_ctl start -w` has seen it ready: stopping it at the
+    # test's end meanwhile would make that start fail
+    timer.join()
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["complete"] and summary["status"] == "done", summary
 
