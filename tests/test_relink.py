@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from processes import finish, start
+from support import RELINK_GRANTS
 from relinker import checkpoint, db, linker
 from relinker.checkpoint import Counters, Range
 from relinker.cli import main
@@ -872,6 +873,44 @@ def test_a_role_that_may_only_read_is_refused_before_any_work(small, capsys):
         assert capsys.readouterr().err == (f"relinker: error: the catalogue database is read-only for role {role} "
                                            "(a standby, or default_transaction_read_only): a run writes its "
                                            "checkpoints\n")
+    finally:
+        small.conn.execute(f"DROP OWNED BY {role}")
+        small.conn.execute(f"DROP ROLE {role}")
+
+
+#: What README's "The role that runs" says every run writes of its checkpoints, one privilege at a time,
+#: and the GRANT each refusal names.
+CHECKPOINT_GRANTS = [
+    ("INSERT ON relinker_run", "GRANT INSERT ON relinker_run"),
+    ("UPDATE ON relinker_run", "GRANT UPDATE ON relinker_run"),
+    ("INSERT ON relinker_range", "GRANT INSERT ON relinker_range"),
+    ("UPDATE ON relinker_range", "GRANT UPDATE ON relinker_range"),
+    ("INSERT ON relinker_problem", "GRANT INSERT ON relinker_problem"),
+    ("DELETE ON relinker_problem", "GRANT DELETE ON relinker_problem"),
+    ("USAGE ON SEQUENCE relinker_run_run_id_seq", "GRANT USAGE ON SEQUENCE public.relinker_run_run_id_seq"),
+    ("USAGE ON SEQUENCE relinker_problem_problem_id_seq",
+     "GRANT USAGE ON SEQUENCE public.relinker_problem_problem_id_seq"),
+]
+
+
+@pytest.mark.parametrize("withheld, grant", CHECKPOINT_GRANTS, ids=[w for w, _ in CHECKPOINT_GRANTS])
+def test_a_role_missing_any_one_checkpoint_grant_is_refused_before_any_work(small, capsys, withheld, grant):
+    """Each is a statement every run makes (a claim clears the range's problems, a problem takes a key):
+    a role without one is told the GRANT at the start, not left with workers dying at their first claim."""
+    from psycopg.conninfo import make_conninfo
+
+    role = "relinker_short_%d" % os.getpid()
+    small.conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        small.conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        for statement in RELINK_GRANTS.format(role=role).strip().split(";"):
+            small.conn.execute(statement)
+        small.conn.execute(f"REVOKE {withheld} FROM {role}")
+        argv = ["--db-url", make_conninfo(small.dsn, user=role), "--by-hash-root", str(small.by_hash),
+                "--archive-root", str(small.archive)]
+        assert main([*argv, "count", "--workers", "1", "--no-progress"]) == 2
+        assert f"({grant} TO {role})" in capsys.readouterr().err
+        assert small.conn.execute("SELECT count(*) FROM relinker_run").fetchone()[0] == 0
     finally:
         small.conn.execute(f"DROP OWNED BY {role}")
         small.conn.execute(f"DROP ROLE {role}")
