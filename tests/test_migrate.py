@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 import pytest
 from psycopg.conninfo import make_conninfo
 
@@ -508,6 +509,21 @@ def test_views_another_versions_migrate_made_are_refused_until_this_one_migrates
     assert main(["--db-url", db_url, "status"]) == 0
     with psycopg.connect(db_url) as conn:
         assert "at_work" in columns(conn, "relinker_run_progress")
+
+
+def test_views_marked_as_made_from_another_views_sql_are_refused_until_this_one_migrates(db_url, capsys):
+    """Two versions with the same migrations may differ in their views: the mark names the views.sql
+    that made them, not only that some relinker did."""
+    assert main(["--db-url", db_url, "migrate", "--base"]) == 0
+    another = migrations.views_mark(migrations._read(migrations.VIEWS_FILE) + "\n-- another version's view\n")
+    assert another != migrations.views_mark(migrations._read(migrations.VIEWS_FILE))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL(migrations.SQL_MARK_VIEWS).format(psycopg.sql.Literal(another)))
+    capsys.readouterr()
+    assert main(["--db-url", db_url, "status"]) == 2
+    assert "relinker's views in the catalogue are not this relinker version's" in capsys.readouterr().err
+    assert main(["--db-url", db_url, "migrate"]) == 0
+    assert main(["--db-url", db_url, "status"]) == 0
 
 
 def test_a_view_of_relinkers_dropped_is_a_migrate_to_run_not_a_database_error(catalogue_url, capsys, tmp_path):
