@@ -481,6 +481,31 @@ def test_failed_ids_that_cannot_be_a_file_are_refused_before_the_run(linked, cap
     assert linked.conn.execute("SELECT count(*) FROM relinker_run WHERE mode = 'verify'").fetchone() == (0,)
 
 
+@pytest.mark.parametrize("trouble", ["not written", "ctrl-c"])
+def test_a_list_not_written_after_a_complete_verify_leaves_its_summary_and_exit_1(linked, capsys, tmp_path,
+                                                                                 monkeypatch, trouble):
+    """The run is recorded and complete whatever becomes of its list: the summary goes out, and the exit
+    code says the list is missing (a nightly `verify --failed-ids F && relink --from-file F` stops there),
+    a Ctrl-C while it is written included."""
+    import signal
+    import time
+
+    def save(dsn, run_id, destination):
+        if trouble == "ctrl-c":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+        raise verify_module.FailedIdsNotWritten("No space left on device")
+
+    monkeypatch.setattr(verify_module, "save_failed_ids", save)
+    failed = tmp_path / "failed.txt"
+    code = main(linked.argv("verify", "--json", "--all", "--no-progress", "--failed-ids", str(failed)))
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert code == 1 and result["complete"] and result["failed"] == 0
+    why = "interrupted" if trouble == "ctrl-c" else "No space left on device"
+    assert f"--failed-ids {failed}: {why} (the run is recorded: relinker verify --run {result['run_id']} " in err
+
+
 def test_a_failed_ids_list_that_cannot_be_written_leaves_no_temporary(linked, tmp_path, monkeypatch):
     def refused(source, destination):
         raise PermissionError(13, "Permission denied", destination)
