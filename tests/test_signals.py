@@ -211,11 +211,11 @@ def test_a_signal_while_the_outcome_is_told_changes_nothing():
             signal.signal(signum, handler)
 
 
-@pytest.mark.parametrize("command", ["migrate", "scan", "status"])
+@pytest.mark.parametrize("command", ["migrate", "scan", "status", "relink"])
 def test_a_signal_as_a_commands_result_is_printed_changes_nothing(catalogue_url, tmp_path, monkeypatch, capsys,
                                                                    command):
-    """migrate, scan and status have done their work when they print it: a Ctrl-C then is no
-    "interrupted" and exit 3 (with no resume to offer)."""
+    """migrate, scan, status and a run's summary have done their work when they print it: a Ctrl-C then
+    is no "interrupted" and exit 3 (with no resume to offer)."""
     from relinker import cli
     from relinker.cli import main
 
@@ -229,8 +229,12 @@ def test_a_signal_as_a_commands_result_is_printed_changes_nothing(catalogue_url,
     monkeypatch.setattr(cli, "emit", emit_then_a_signal)
     (tmp_path / "tree").mkdir()
     (tmp_path / "tree" / "file").write_bytes(b"content")
+    (tmp_path / "by-hash").mkdir()
+    (tmp_path / "archive").mkdir()
     argv = {"migrate": ["migrate"], "scan": ["scan", "--medium", "disk", str(tmp_path / "tree")],
-            "status": ["status"]}[command]
+            "status": ["status"],
+            "relink": ["--by-hash-root", str(tmp_path / "by-hash"), "--archive-root", str(tmp_path / "archive"),
+                       "relink", "--no-progress"]}[command]
     assert main(["--db-url", catalogue_url, *argv]) == 0
     assert "interrupted" not in capsys.readouterr().err
 
