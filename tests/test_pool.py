@@ -114,6 +114,31 @@ def test_a_dry_run_worker_at_its_range_outlives_a_lease_after_another_found_noth
     assert not outcome.interrupted and outcome.ranges_done == 2
 
 
+class _SlowToEnd(_SlowRangeZero):
+    """As _SlowRangeZero, and the worker of range 0 takes a while to end once the run is over."""
+
+    worked_range_zero = False
+
+    def process(self, r, ctx):
+        self.worked_range_zero = self.worked_range_zero or r.range_no == 0
+        return super().process(r, ctx)
+
+    def close(self):
+        if self.worked_range_zero:
+            time.sleep(1.5)
+
+
+def test_a_worker_slow_to_end_after_the_run_is_given_its_lease_before_it_is_killed(catalogue_url, tmp_path,
+                                                                                   caplog):
+    # The other worker ends as the last range does; the one that worked it, later, well inside the lease.
+    spec, _ = _pool_run(catalogue_url, tmp_path, 2)
+    spec.work, spec.lease = _SlowToEnd, 10.0
+    with caplog.at_level(logging.WARNING, logger="relinker.pool"):
+        outcome = pool.run_pool(spec, workers=2)
+    assert not outcome.interrupted and outcome.ranges_done == 2
+    assert not [r.getMessage() for r in caplog.records if "has not ended" in r.getMessage()]
+
+
 def test_workers_run_with_stop_signals_let_in_and_the_coordinator_gets_its_mask_back(catalogue_url, tmp_path):
     # The stop signals are blocked across the fork (a worker must not run
     # the coordinator's handler): blocked in no worker afterwards, nor in
