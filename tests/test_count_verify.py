@@ -323,6 +323,40 @@ def test_verify_run_shows_in_the_progress_view(linked, capsys):
     assert row == ("verify", "done", 1, 3, 5, 1, 2, 1)
 
 
+def test_a_resumed_counts_bar_starts_from_the_paths_of_its_done_ranges_missing_ones_included(linked, capsys,
+                                                                                                monkeypatch):
+    """count's bar counts the paths it looked at, present or missing; resumed, it starts from what its
+    done ranges hold, not from the partial counts a range given back kept."""
+    from relinker import jobs
+    from relinker.report import ProgressBar
+
+    break_archive(linked)
+    os.unlink(linked.archive_path(b"/d/a1"))  # a: two links missing, one problem (its count)
+    code, summary = run(linked, capsys, "count", "--no-progress", "--ranges", "16")
+    assert summary["links_present"] == 3 and summary["links_missing"] == 3
+    run_id = summary["run_id"]
+    # b's range goes back to pending, its counts as a worker that died left them
+    linked.conn.execute("UPDATE relinker_range SET status = 'pending', finished_at = NULL WHERE run_id = %s "
+                        "AND %s >= lo AND (hi IS NULL OR %s < hi)", (run_id, linked.blobs["b"], linked.blobs["b"]))
+    linked.conn.execute("UPDATE relinker_run SET status = 'open', finished_at = NULL WHERE run_id = %s",
+                        (run_id,))
+    done_paths, done_present_or_problem = linked.conn.execute(
+        "SELECT sum(links_present + links_missing), sum(links_present + problems) FROM relinker_range "
+        "WHERE run_id = %s AND status = 'done'", (run_id,)).fetchone()
+    assert done_paths != done_present_or_problem  # a's range: its missing paths are no problems of their own
+    started_from = []
+
+    class Recorded(ProgressBar):
+        def __init__(self, ranges_total, ranges_done_before, paths_done_before, **kwargs):
+            started_from.append(paths_done_before)
+            super().__init__(ranges_total, ranges_done_before, paths_done_before, **kwargs)
+
+    monkeypatch.setattr(jobs, "ProgressBar", Recorded)
+    code, summary = run(linked, capsys, "count", "--no-progress", "--run", str(run_id))
+    assert summary["complete"] and summary["links_present"] == 3 and summary["links_missing"] == 3
+    assert started_from == [done_paths] and 0 < done_paths < 6
+
+
 def test_a_failed_ids_list_that_cannot_be_written_is_one_reason(linked, capsys, tmp_path):
     """After a recorded run, the database out of reach or the file refused: one line naming why (the
     run's summary still goes out, exit 1), never the database error's traceback or exit 2."""
