@@ -632,7 +632,7 @@ def run_pool(spec: WorkSpec, workers: int, progress: Progress | None = None) -> 
                 for process in live.values():
                     if process.pid not in killed:
                         log.warning("worker %d has not ended %.0f s after the run ran out of work (stopped or "
-                                    "hung; another worker did its range): killed", process.pid, spec.lease)
+                                    "hung; nothing is left for it to do): killed", process.pid, spec.lease)
                         process.kill()
                         killed.add(process.pid)
             if progress is not None:
