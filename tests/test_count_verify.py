@@ -323,12 +323,12 @@ def test_verify_run_shows_in_the_progress_view(linked, capsys):
     assert row == ("verify", "done", 1, 3, 5, 1, 2, 1)
 
 
-def test_a_resumed_counts_bar_starts_from_the_paths_of_its_done_ranges_missing_ones_included(linked, capsys,
-                                                                                                monkeypatch):
+def test_a_resumed_counts_bar_and_rate_count_the_paths_its_ranges_looked_at(linked, capsys, monkeypatch):
     """count's bar counts the paths it looked at, present or missing; resumed, it starts from what its
-    done ranges hold, not from the partial counts a range given back kept."""
+    done ranges hold, not from the partial counts a range given back kept, and its rate is over the
+    paths of this session's ranges."""
     from relinker import jobs
-    from relinker.report import ProgressBar
+    from relinker.report import ProgressBar, Summary
 
     break_archive(linked)
     os.unlink(linked.archive_path(b"/d/a1"))  # a: two links missing, one problem (its count)
@@ -341,7 +341,7 @@ def test_a_resumed_counts_bar_starts_from_the_paths_of_its_done_ranges_missing_o
     linked.conn.execute("UPDATE relinker_run SET status = 'open', finished_at = NULL WHERE run_id = %s",
                         (run_id,))
     done_paths, done_present_or_problem = linked.conn.execute(
-        "SELECT sum(links_present + links_missing), sum(links_present + problems) FROM relinker_range "
+        "SELECT sum(links_present + links_missing)::int, sum(links_present + problems)::int FROM relinker_range "
         "WHERE run_id = %s AND status = 'done'", (run_id,)).fetchone()
     assert done_paths != done_present_or_problem  # a's range: its missing paths are no problems of their own
     started_from = []
@@ -351,10 +351,19 @@ def test_a_resumed_counts_bar_starts_from_the_paths_of_its_done_ranges_missing_o
             started_from.append(paths_done_before)
             super().__init__(ranges_total, ranges_done_before, paths_done_before, **kwargs)
 
+    told, real_as_text = [], Summary.as_text
+
+    def as_text(summary):
+        told.append(summary.paths_this_session)
+        return real_as_text(summary)
+
     monkeypatch.setattr(jobs, "ProgressBar", Recorded)
-    code, summary = run(linked, capsys, "count", "--no-progress", "--run", str(run_id))
-    assert summary["complete"] and summary["links_present"] == 3 and summary["links_missing"] == 3
+    monkeypatch.setattr(Summary, "as_text", as_text)
+    assert main(linked.argv("count", "--no-progress", "--run", str(run_id))) == 1
+    assert "(this session: " in capsys.readouterr().out
     assert started_from == [done_paths] and 0 < done_paths < 6
+    # the summary's rate is over this session's paths (those of b's range), not the run's
+    assert told and set(told) == {6 - done_paths}
 
 
 def test_a_failed_ids_list_that_cannot_be_written_is_one_reason(linked, capsys, tmp_path):
