@@ -35,6 +35,7 @@ def rows(conn, medium_hash):
 
 
 def test_scan_catalogues_a_real_tree(conn, catalogue_url, tree, capsys):
+    os.utime(tree + b"/a.txt", (1_000_000_000, 1_234_567_890))  # a modification time long before its change time
     assert main(["--db-url", catalogue_url, "scan", "--medium", "disk-1", os.fsdecode(tree)]) == 0
     medium_hash = scan.medium_hash_for("disk-1")
     assert f"({medium_hash}): 9 paths" in capsys.readouterr().out
@@ -44,6 +45,8 @@ def test_scan_catalogues_a_real_tree(conn, catalogue_url, tree, capsys):
     # hardlinks: two paths, one inode row with nlink 2
     assert paths[tree + b"/a.txt"] == paths[tree + b"/sub/b.txt"]
     assert inodes[paths[tree + b"/a.txt"]] == ("f", 2, 5)
+    assert conn.execute("SELECT dev, mtime FROM inode WHERE medium_hash = %s AND ino = %s",
+                        (medium_hash, paths[tree + b"/a.txt"])).fetchone() == (os.stat(tree).st_dev, 1_234_567_890)
     assert inodes[paths[tree + b"/link"]][0] == "l"
     assert inodes[paths[tree + b"/dirlink"]][0] == "l"  # not followed
     assert inodes[paths[tree + b"/sub"]][0] == "d"
