@@ -350,6 +350,7 @@ def test_where_each_path_form_is_read_beneath_its_medium():
     mount = b"/mnt/ntt/" + m.encode()
     assert source_location(mount + b"/p5/f", m) == (mount, b"p5/f")
     assert source_location(b"p5:" + mount + b"/p5/f", m) == (mount, b"p5/f")  # legacy prefix dropped
+    assert source_location(b"p12:" + mount + b"/p12/f", m) == (mount, b"p12/f")  # a disk of many partitions
     assert source_location(b"p5:/f", m) == (mount, b"f") and source_location(b"/p5:/f", m) == (mount, b"p5:/f")
     # another medium whose hash starts with this one's is not under this mount
     assert source_location(mount + b"ff/f", m) == (mount, mount[1:] + b"ff/f")
