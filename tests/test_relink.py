@@ -405,6 +405,11 @@ def test_rate_and_eta_of_a_resumed_run_leave_out_the_time_it_was_stopped(small, 
         assert 0 < working < 60 and 0 < eta < 60  # two ranges worked in seconds: two more take about as long
         assert main(small.argv("status", str(run_id))) == 0
         assert "of it working" in capsys.readouterr().out
+        assert main(small.argv("status", str(run_id), "--json")) == 0
+        told = json.loads(capsys.readouterr().out)
+        links = told["links_created"] + told["links_present"] + told["links_replaced"]
+        assert told["working_seconds"] < 60 < told["elapsed_seconds"]
+        assert told["links_per_second"] >= links / 60  # over the time it worked: not the weekend's links/s
         # A range worked for a while, then given back (Ctrl-C): its time counts, as its partial counters do.
         time.sleep(0.5)
         store.heartbeat(r, Counters(links_present=1), [])
