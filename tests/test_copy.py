@@ -1167,8 +1167,28 @@ def test_the_eta_of_content_work_goes_by_bytes_when_ranges_hold_unequal_bytes(wo
     assert eta.total_seconds() == pytest.approx(90, abs=5)
 
 
-def test_a_large_content_written_directly_reads_back_byte_for_byte(tmp_path):
-    """Large contents bypass the page cache on the way in; the tail that is no whole block goes through it."""
+class _DirectWritesRefused:
+    """The os module as content.py sees it on a device whose blocks are larger than relinker's: a write
+    to a descriptor opened with O_DIRECT is refused with EINVAL."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd, data):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return os.write(fd, data)
+
+
+@pytest.mark.parametrize("direct_refused", [False, True])
+def test_a_large_content_written_directly_reads_back_byte_for_byte(tmp_path, monkeypatch, direct_refused):
+    """Large contents bypass the page cache on the way in; the tail that is no whole block goes through it,
+    and so does all of it where the device refuses direct writes."""
+    if direct_refused:
+        monkeypatch.setattr(relinker.content, "os", _DirectWritesRefused())
     root = tmp_path / "by-hash"
     root.mkdir()
     content = os.urandom(relinker.store.DIRECT_SIZE + (1 << 20) + 5)
