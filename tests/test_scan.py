@@ -401,6 +401,44 @@ def test_a_directory_swapped_for_a_symlink_while_the_tree_is_walked_is_never_wal
     assert result.changed == 1 and result.unreadable == 0
 
 
+def test_a_directory_replaced_by_another_while_the_tree_is_walked_is_never_walked_into(tmp_path):
+    """Listed, then replaced by another directory (no symlink on the way: only its identity tells):
+    skipped, and nothing of the other catalogued."""
+    tree = tmp_path / "tree"
+    (tree / "victim").mkdir(parents=True)
+    (tree / "victim" / "inside").write_bytes(b"v")
+    (tree / "z").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "secret").write_bytes(b"s")
+    result = scan.ScanResult(medium_hash="m")
+    root = os.fsencode(tree)
+    seen = []
+    for path, _st in scan._walk(root, os.lstat(tree), result, []):
+        seen.append(path)
+        if path == root + b"/z":  # victim was listed (and waits on the stack): replace it now
+            os.rename(tree / "victim", tmp_path / "victim.old")
+            os.rename(tmp_path / "other", tree / "victim")
+    assert root + b"/victim" in seen and not any(b"secret" in path or b"inside" in path for path in seen)
+    assert result.changed == 1
+
+
+def test_a_root_swapped_for_a_symlink_after_it_was_looked_at_is_never_walked_into(tmp_path):
+    """The root is opened by its path, which follows symlinks: only the identity its lstat saw keeps a root
+    swapped for a symlink meanwhile from being walked."""
+    tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    tree.mkdir()
+    (tree / "own").write_bytes(b"o")
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_bytes(b"s")
+    looked_at = os.lstat(tree)
+    os.rename(tree, tmp_path / "tree.old")
+    os.symlink(elsewhere, tree)
+    result = scan.ScanResult(medium_hash="m")
+    root = os.fsencode(tree)
+    seen = [path for path, _st in scan._walk(root, looked_at, result, [])]
+    assert seen == [root] and result.changed == 1
+
+
 @pytest.fixture
 def mounted_inside(tmp_path):
     """A tree with another filesystem (a tmpfs) mounted inside it."""
