@@ -155,10 +155,8 @@ def run_job(mode: Mode, request: JobRequest) -> tuple[Summary, int]:
             spec.run_id = run.run_id
             spec.options = run.options
             spec.since = conn.execute(SQL_NOW).fetchone()[0]
-            ranges_total, done_before, links_before, problems_before, bytes_before, bytes_total, missing_before = \
-                conn.execute(SQL_RANGES_SO_FAR, (run.run_id,)).fetchone()
-            paths_before = Counters(links_present=links_before, problems=problems_before,
-                                    links_missing=missing_before).looked_at(mode.missing_apart)
+            ranges_total, done_before, paths_before, bytes_before, bytes_total = \
+                _ranges_so_far(conn, run.run_id, mode.missing_apart)
             if run.status == "done":
                 summary = Summary.from_run(conn, run.run_id)
                 return summary, _exit_code(summary)
@@ -331,9 +329,18 @@ def _run_so_far(dsn: str, run_id: int, missing_apart: bool = False) -> tuple[int
     ``missing_apart``: as Mode's."""
     with db.connect(dsn, autocommit=True, connect_timeout=2) as conn:
         conn.execute(SQL_QUICK_STATEMENTS)
-        _, done, links, problems, bytes_read, _, missing = conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
-    paths = Counters(links_present=links, problems=problems, links_missing=missing).looked_at(missing_apart)
+        _, done, paths, bytes_read, _ = _ranges_so_far(conn, run_id, missing_apart)
     return done, paths, bytes_read
+
+
+def _ranges_so_far(conn: psycopg.Connection, run_id: int,
+                   missing_apart: bool) -> tuple[int, int, int, int, int | None]:
+    """(ranges, ranges done, paths, bytes read, bytes planned) of a run: paths and bytes of its done ranges
+    only (a range given back keeps partial counts). ``missing_apart``: as Mode's."""
+    ranges, done, links, problems, bytes_read, bytes_planned, missing = \
+        conn.execute(SQL_RANGES_SO_FAR, (run_id,)).fetchone()
+    paths = Counters(links_present=links, problems=problems, links_missing=missing).looked_at(missing_apart)
+    return ranges, done, paths, bytes_read, bytes_planned
 
 
 def _database_gone(request: JobRequest) -> str:
