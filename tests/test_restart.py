@@ -53,6 +53,20 @@ def world(own_server, tmp_path):
     w.close()
 
 
+def commit_lazily(conn):
+    """Asynchronous commits reach the disk only at the WAL writer's rounds: a long round, a wide window."""
+    conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+    conn.execute("SELECT pg_reload_conf()")
+
+
+def crash_and_restart(world, server):
+    """Stop the server as a crash does (no shutdown checkpoint), start it again, and reconnect the world."""
+    world.conn.close()
+    pg_ctl(server, "-w", "-m", "immediate", "stop")
+    start_again(server)
+    world.conn = psycopg.connect(world.dsn, autocommit=True)
+
+
 def test_run_survives_a_server_restart(world, own_server):
     job = start(world.argv("relink", "--no-progress", "--json", "--workers", "2", "--ranges", "40"))
     wait_for(lambda: range_states(world.conn).get("done", 0) >= 3, what="some ranges done")
@@ -172,17 +186,11 @@ def test_a_run_said_complete_is_complete_after_a_server_crash(world, own_server)
     """Range commits are asynchronous (a lost one is a range done again), but "complete" must outlive a crash
     right after it is said: the commit that marks the run done waits for the WAL, and takes every range's
     commit before it along."""
-    with psycopg.connect(world.dsn, autocommit=True) as conn:
-        # asynchronous commits reach the disk only at the WAL writer's rounds: a long round, a wide window
-        conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
-        conn.execute("SELECT pg_reload_conf()")
+    commit_lazily(world.conn)
     code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--workers", "2",
                                              "--ranges", "8")))
     assert code == 0 and json.loads(out)["complete"], err
-    world.conn.close()
-    pg_ctl(own_server, "-w", "-m", "immediate", "stop")  # a crash: no shutdown checkpoint
-    start_again(own_server)
-    world.conn = psycopg.connect(world.dsn, autocommit=True)
+    crash_and_restart(world, own_server)
     world.assert_complete(json.loads(out)["run_id"])
     assert world.conn.execute("SELECT status FROM relinker_run").fetchall() == [("done",)]
 
@@ -193,10 +201,8 @@ def test_a_run_its_coordinator_marks_done_stays_done_where_commits_are_asynchron
     from relinker import jobs
 
     dbname = world.conn.info.dbname
-    with psycopg.connect(world.dsn, autocommit=True) as conn:
-        conn.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
-        conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
-        conn.execute("SELECT pg_reload_conf()")
+    world.conn.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
+    commit_lazily(world.conn)
     code, out, err = finish(start(world.argv("relink", "--no-progress", "--json", "--workers", "2",
                                              "--ranges", "8")))
     assert code == 0, err
@@ -205,8 +211,5 @@ def test_a_run_its_coordinator_marks_done_stays_done_where_commits_are_asynchron
     world.conn.execute("UPDATE relinker_run SET status = 'open', finished_at = NULL")  # as two last ranges leave it
     world.conn.execute("CHECKPOINT")
     assert jobs._closing_figures(world.dsn, run_id).complete
-    world.conn.close()
-    pg_ctl(own_server, "-w", "-m", "immediate", "stop")  # a crash: no shutdown checkpoint
-    start_again(own_server)
-    world.conn = psycopg.connect(world.dsn, autocommit=True)
+    crash_and_restart(world, own_server)
     assert world.conn.execute("SELECT status FROM relinker_run").fetchall() == [("done",)]
